@@ -1,0 +1,283 @@
+//! Manifests: small numbered blobs; the newest one says where the volume's
+//! head is, which snapshots exist and who holds the writer claim.
+
+use crate::wire::Reader;
+use crate::{
+    Entry, FormatError, Result, FORMAT_VERSION, MAX_BLOCK_SIZE, MAX_SEGMENT_SIZE, MIN_BLOCK_SIZE,
+    MIN_SEGMENT_SIZE,
+};
+
+pub const MANIFEST_MAGIC: [u8; 4] = *b"HLMF";
+/// Snapshot names and host names are at most this many bytes.
+pub const MAX_NAME_LEN: usize = 255;
+const MAX_SNAPSHOTS: usize = 1 << 20;
+const FLAG_WRITER_OPEN: u16 = 1;
+const SNAP_AUTOMATIC: u32 = 1;
+
+/// Who is writing the volume, if anyone.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct WriterClaim {
+    pub host: String,
+    pub pid: u32,
+    pub since_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotEntry {
+    pub name: String,
+    /// The checkpoint record holding the snapshot's map root.
+    pub checkpoint: Entry,
+    /// LSN of that checkpoint: the snapshot holds every record before it.
+    pub lsn: u64,
+    pub created_ms: u64,
+    /// Taken by the engine (e.g. the head abandoned by a rollback).
+    pub automatic: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    pub volume: [u8; 16],
+    /// Equals the number in the blob's name.
+    pub seq: u64,
+    pub written_ms: u64,
+    pub volume_created_ms: u64,
+    pub block_size: u32,
+    pub segment_size: u64,
+    /// Logical size at the head checkpoint (replayed Resize records may have
+    /// grown it since).
+    pub size: u64,
+    /// The head's checkpoint record; empty for a volume never sealed.
+    pub checkpoint: Entry,
+    /// Recovery replays records from this segment and LSN on.
+    pub replay_from_seg: u32,
+    pub replay_from_lsn: u64,
+    /// Segment ids below this one have been handed out.
+    pub next_seg: u32,
+    pub writer: Option<WriterClaim>,
+    pub snapshots: Vec<SnapshotEntry>,
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn get_str(r: &mut Reader<'_>) -> Result<String> {
+    let len = r.u16()? as usize;
+    if len > MAX_NAME_LEN {
+        return Err(FormatError::Invalid("name length"));
+    }
+    String::from_utf8(r.bytes(len)?.to_vec()).map_err(|_| FormatError::Invalid("name is not UTF-8"))
+}
+
+impl Manifest {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128 + self.snapshots.len() * 64);
+        out.extend_from_slice(&MANIFEST_MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        let flags = if self.writer.is_some() {
+            FLAG_WRITER_OPEN
+        } else {
+            0
+        };
+        out.extend_from_slice(&flags.to_le_bytes());
+        out.extend_from_slice(&self.volume);
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&self.written_ms.to_le_bytes());
+        out.extend_from_slice(&self.volume_created_ms.to_le_bytes());
+        out.extend_from_slice(&self.block_size.to_le_bytes());
+        out.extend_from_slice(&self.segment_size.to_le_bytes());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        self.checkpoint.encode(&mut out);
+        out.extend_from_slice(&self.replay_from_seg.to_le_bytes());
+        out.extend_from_slice(&self.replay_from_lsn.to_le_bytes());
+        out.extend_from_slice(&self.next_seg.to_le_bytes());
+        let writer = self.writer.clone().unwrap_or_default();
+        put_str(&mut out, &writer.host);
+        out.extend_from_slice(&writer.pid.to_le_bytes());
+        out.extend_from_slice(&writer.since_ms.to_le_bytes());
+        out.extend_from_slice(&(self.snapshots.len() as u32).to_le_bytes());
+        for s in &self.snapshots {
+            put_str(&mut out, &s.name);
+            s.checkpoint.encode(&mut out);
+            out.extend_from_slice(&s.lsn.to_le_bytes());
+            out.extend_from_slice(&s.created_ms.to_le_bytes());
+            let flags = if s.automatic { SNAP_AUTOMATIC } else { 0 };
+            out.extend_from_slice(&flags.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Manifest> {
+        if bytes.len() < 8 {
+            return Err(FormatError::Truncated {
+                need: 8,
+                have: bytes.len(),
+            });
+        }
+        if bytes[0..4] != MANIFEST_MAGIC {
+            return Err(FormatError::BadMagic);
+        }
+        let (body, crc_bytes) = bytes.split_at(bytes.len() - 4);
+        let stored = u32::from_le_bytes(crc_bytes.try_into().expect("4 bytes"));
+        let computed = crc32c::crc32c(body);
+        if stored != computed {
+            return Err(FormatError::BadChecksum { stored, computed });
+        }
+        let mut r = Reader::new(body);
+        r.bytes(4)?;
+        let version = r.u16()?;
+        if version != FORMAT_VERSION {
+            return Err(FormatError::UnsupportedVersion(version));
+        }
+        let flags = r.u16()?;
+        if flags & !FLAG_WRITER_OPEN != 0 {
+            return Err(FormatError::Invalid("unknown manifest flags"));
+        }
+        let volume = r.uuid()?;
+        let seq = r.u64()?;
+        let written_ms = r.u64()?;
+        let volume_created_ms = r.u64()?;
+        let block_size = r.u32()?;
+        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
+        {
+            return Err(FormatError::Invalid("block size"));
+        }
+        let segment_size = r.u64()?;
+        if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&segment_size) {
+            return Err(FormatError::Invalid("segment size"));
+        }
+        let size = r.u64()?;
+        let checkpoint = Entry::decode(&mut r)?;
+        let replay_from_seg = r.u32()?;
+        let replay_from_lsn = r.u64()?;
+        let next_seg = r.u32()?;
+        if replay_from_seg == 0 || replay_from_lsn == 0 || next_seg < replay_from_seg {
+            return Err(FormatError::Invalid("replay position"));
+        }
+        let host = get_str(&mut r)?;
+        let pid = r.u32()?;
+        let since_ms = r.u64()?;
+        let writer = (flags & FLAG_WRITER_OPEN != 0).then_some(WriterClaim {
+            host,
+            pid,
+            since_ms,
+        });
+        let count = r.u32()? as usize;
+        // Each snapshot takes at least 34 bytes: refuse counts the input cannot hold.
+        if count > MAX_SNAPSHOTS || count > body.len() / 34 {
+            return Err(FormatError::Invalid("snapshot count"));
+        }
+        let mut snapshots = Vec::with_capacity(count);
+        for _ in 0..count {
+            let name = get_str(&mut r)?;
+            let checkpoint = Entry::decode(&mut r)?;
+            let lsn = r.u64()?;
+            let created_ms = r.u64()?;
+            let flags = r.u32()?;
+            if flags & !SNAP_AUTOMATIC != 0 || name.is_empty() || checkpoint.is_empty() {
+                return Err(FormatError::Invalid("snapshot entry"));
+            }
+            snapshots.push(SnapshotEntry {
+                name,
+                checkpoint,
+                lsn,
+                created_ms,
+                automatic: flags & SNAP_AUTOMATIC != 0,
+            });
+        }
+        r.finish()?;
+        Ok(Manifest {
+            volume,
+            seq,
+            written_ms,
+            volume_created_ms,
+            block_size,
+            segment_size,
+            size,
+            checkpoint,
+            replay_from_seg,
+            replay_from_lsn,
+            next_seg,
+            writer,
+            snapshots,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            volume: [3; 16],
+            seq: 42,
+            written_ms: 1000,
+            volume_created_ms: 900,
+            block_size: 4096,
+            segment_size: 64 << 20,
+            size: 1 << 40,
+            checkpoint: Entry {
+                seg: 5,
+                off: 77,
+                crc: 1,
+            },
+            replay_from_seg: 6,
+            replay_from_lsn: 1234,
+            next_seg: 7,
+            writer: Some(WriterClaim {
+                host: "h".into(),
+                pid: 9,
+                since_ms: 5,
+            }),
+            snapshots: vec![SnapshotEntry {
+                name: "before-upgrade".into(),
+                checkpoint: Entry {
+                    seg: 4,
+                    off: 8,
+                    crc: 2,
+                },
+                lsn: 1000,
+                created_ms: 950,
+                automatic: true,
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trip_and_every_flip_detected() {
+        let m = sample();
+        let bytes = m.encode();
+        assert_eq!(Manifest::decode(&bytes).unwrap(), m);
+        for pos in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[pos] ^= 0x01;
+            assert!(
+                Manifest::decode(&bad).is_err(),
+                "flip at {pos} not detected"
+            );
+        }
+        for len in 0..bytes.len() {
+            assert!(Manifest::decode(&bytes[..len]).is_err());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = Manifest::decode(&bytes);
+        }
+
+        #[test]
+        fn decode_with_valid_crc_never_panics(mut body in proptest::collection::vec(any::<u8>(), 4..400)) {
+            body[0..4].copy_from_slice(&MANIFEST_MAGIC);
+            let crc = crc32c::crc32c(&body);
+            body.extend_from_slice(&crc.to_le_bytes());
+            let _ = Manifest::decode(&body);
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Storage for HLFS volumes.
+//!
+//! Two kinds of storage sit under a volume:
+//!
+//! * a [`BlobStore`]: immutable named blobs (sealed segments, manifests). A
+//!   backend only has to create a blob atomically and never modify it, which is
+//!   what lets the same engine run on a local directory, on S3 and on HDFS;
+//! * a [`JournalDir`]: the local, appendable area where the open segment is
+//!   written and made durable with `fdatasync` before it is sealed into the store.
+//!
+//! [`LocalStore`]/[`LocalJournal`] are the embedded default. [`MemEnv`] holds an
+//! in-memory store and journal that can inject errors and latency and can
+//! "crash", keeping only what was durable, for tests.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+mod local;
+mod mem;
+
+pub mod conformance;
+
+pub use local::{LocalJournal, LocalStore};
+pub use mem::{CrashMode, Fault, FaultOp, MemEnv, MemJournal, MemStore};
+
+/// Errors of every store. The variants are what the engine reacts to; the
+/// text is what a user sees.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("read of {name} at offset {offset} length {len} is past its end ({size} bytes)")]
+    OutOfRange {
+        name: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("I/O error on {name}: {source}")]
+    Io {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("injected fault on {0}")]
+    Injected(String),
+    #[error("the store has crashed (test fault injection)")]
+    Crashed,
+    #[error("{name} is locked by another writer")]
+    Locked { name: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+impl StoreError {
+    pub fn io(name: impl Into<String>, source: std::io::Error) -> Self {
+        StoreError::Io {
+            name: name.into(),
+            source,
+        }
+    }
+}
+
+/// A blob's name and size, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobMeta {
+    pub name: String,
+    pub size: u64,
+}
+
+/// Immutable named blobs. Names are `/`-separated relative paths such as
+/// `manifest/00000000000000000042` or `segments/0000000007`.
+#[async_trait]
+pub trait BlobStore: Send + Sync + fmt::Debug {
+    /// Where the store is, for messages (never contains credentials).
+    fn describe(&self) -> String;
+
+    /// Atomically create `name` with `data`; fails with `AlreadyExists` if the
+    /// name exists. When it returns Ok the blob is durable.
+    async fn put_if_absent(&self, name: &str, data: Bytes) -> Result<()>;
+
+    /// Like `put_if_absent`, with the bytes in a local file the caller will
+    /// delete afterwards. Stores on the same filesystem link it instead of
+    /// copying.
+    async fn put_file_if_absent(&self, name: &str, path: &Path) -> Result<()> {
+        let data = tokio::fs::read(path)
+            .await
+            .map_err(|e| StoreError::io(path.display().to_string(), e))?;
+        self.put_if_absent(name, Bytes::from(data)).await
+    }
+
+    /// Exactly `len` bytes at `offset`; `OutOfRange` if the blob is shorter.
+    async fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Bytes>;
+
+    /// The whole blob.
+    async fn get(&self, name: &str) -> Result<Bytes> {
+        let size = self
+            .head(name)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        self.get_range(name, 0, size).await
+    }
+
+    /// The blob's size, or None if it does not exist.
+    async fn head(&self, name: &str) -> Result<Option<u64>>;
+
+    /// Every blob whose name starts with `prefix`, sorted by name.
+    async fn list(&self, prefix: &str) -> Result<Vec<BlobMeta>>;
+
+    /// Remove a blob. Removing a missing blob is not an error.
+    async fn delete(&self, name: &str) -> Result<()>;
+
+    /// A handle for many ranged reads of one blob (the local store keeps the
+    /// file open).
+    async fn open_reader(self: Arc<Self>, name: &str) -> Result<Arc<dyn BlobReader>>
+    where
+        // The default reader holds the store; `dyn BlobStore` is 'static.
+        Self: 'static,
+    {
+        let size = self
+            .head(name)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        Ok(Arc::new(RangeReader {
+            store: self,
+            name: name.to_string(),
+            size,
+        }))
+    }
+}
+
+/// Ranged reads of one blob.
+#[async_trait]
+pub trait BlobReader: Send + Sync {
+    /// Exactly `len` bytes at `offset`.
+    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes>;
+    fn size(&self) -> u64;
+}
+
+struct RangeReader<S: ?Sized> {
+    store: Arc<S>,
+    name: String,
+    size: u64,
+}
+
+#[async_trait]
+impl<S: BlobStore + ?Sized> BlobReader for RangeReader<S> {
+    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
+        self.store.get_range(&self.name, offset, len as u64).await
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// The local area holding the open segment(s) of a volume. Calls are blocking
+/// and short except `JournalFile::sync`, which callers run off the async
+/// executor.
+pub trait JournalDir: Send + Sync + fmt::Debug {
+    /// Create a new empty file; its directory entry is durable on return.
+    /// Fails with `AlreadyExists` if it exists.
+    fn create(&self, name: &str) -> Result<Arc<dyn JournalFile>>;
+    /// Open an existing file for reading and appending.
+    fn open(&self, name: &str) -> Result<Arc<dyn JournalFile>>;
+    /// Names of the files present, sorted.
+    fn list(&self) -> Result<Vec<String>>;
+    /// Remove a file (durably). Removing a missing file is not an error.
+    fn remove(&self, name: &str) -> Result<()>;
+    /// The file's path if it is a real local file (lets a local store link it).
+    fn local_path(&self, name: &str) -> Option<PathBuf>;
+    /// Take the exclusive writer lock of this journal area. Held until the
+    /// guard is dropped; `Locked` if someone else holds it.
+    fn lock(&self) -> Result<JournalLock>;
+}
+
+/// Proof of holding a [`JournalDir`]'s writer lock; releases it on drop.
+pub struct JournalLock {
+    _release: Box<dyn Send + Sync>,
+}
+
+impl JournalLock {
+    pub fn new(release: Box<dyn Send + Sync>) -> Self {
+        JournalLock { _release: release }
+    }
+}
+
+impl fmt::Debug for JournalLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("JournalLock")
+    }
+}
+
+/// One append-only journal file.
+pub trait JournalFile: Send + Sync {
+    /// Write `data` at `offset` (the engine only ever writes at the end).
+    /// Not durable until `sync`.
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Up to `len` bytes at `offset`; shorter only at the end of the file.
+    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>>;
+    fn len(&self) -> Result<u64>;
+    fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Make everything written so far durable (fdatasync).
+    fn sync(&self) -> Result<()>;
+    /// Cut the file to `len` bytes, durably.
+    fn truncate(&self, len: u64) -> Result<()>;
+}
+
+/// Check that `name` is a valid blob name: a relative, `/`-separated path of
+/// non-empty components none of which starts with `.`. That rules out `..`
+/// (escaping a local root) and the stores' own hidden entries such as `.tmp`.
+/// Every backend applies the same rule so that a volume can move between
+/// them.
+pub fn validate_blob_name(name: &str) -> Result<()> {
+    let invalid = |why: &str| Err(StoreError::Other(format!("invalid blob name {name:?}: {why}")));
+    if name.is_empty() {
+        return invalid("it is empty");
+    }
+    if name.starts_with('/') {
+        return invalid("it must be relative");
+    }
+    if name.contains('\0') {
+        return invalid("it contains a NUL byte");
+    }
+    for component in name.split('/') {
+        if component.is_empty() {
+            return invalid("it has an empty path component");
+        }
+        if component == ".." {
+            return invalid("it must not contain `..`");
+        }
+        if component.starts_with('.') {
+            return invalid("its components must not start with `.`");
+        }
+    }
+    Ok(())
+}
+
+/// Journal file names are single path components; `LOCK` is the lock file and
+/// names starting with `.` are left to the filesystem and tools.
+pub(crate) fn validate_journal_name(name: &str) -> Result<()> {
+    let invalid = |why: &str| {
+        Err(StoreError::Other(format!(
+            "invalid journal file name {name:?}: {why}"
+        )))
+    };
+    if name.is_empty() {
+        return invalid("it is empty");
+    }
+    if name.contains(['/', '\0']) {
+        return invalid("it must be a single path component");
+    }
+    if name.starts_with('.') {
+        return invalid("it must not start with `.`");
+    }
+    if name == JOURNAL_LOCK_NAME {
+        return invalid("that name is reserved for the lock file");
+    }
+    Ok(())
+}
+
+/// The file in a journal directory that carries the writer lock.
+pub(crate) const JOURNAL_LOCK_NAME: &str = "LOCK";

@@ -1,0 +1,248 @@
+//! Offline verification: every manifest, every record of every segment, and
+//! every map page and data block reachable from the head and the snapshots.
+
+use std::collections::HashSet;
+
+use hlfs_format::{
+    manifest_name, parse_journal_name, parse_manifest_name, parse_segment_name, segment_name,
+    Entry, Manifest, MAP_FANOUT, MAP_SHIFT,
+};
+use hlfs_store::StoreError;
+
+use crate::backend::Backend;
+use crate::error::{Result, VolumeError};
+use crate::segments::{ScanSource, ScanStop, Scanner, Segments};
+use crate::volume::{read_checkpoint, read_page, OpenOptions, View, Volume};
+
+/// What `check` found.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    /// Damage: each names where it is.
+    pub problems: Vec<String>,
+    /// Not damage, but worth knowing (e.g. a torn journal tail a crash left).
+    pub warnings: Vec<String>,
+    pub manifests: u64,
+    pub segments: u64,
+    pub records: u64,
+    pub map_pages: u64,
+    pub blocks: u64,
+}
+
+impl CheckReport {
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Checks the volume at `backend` without changing it. Errors only if there
+/// is no volume or the store fails; damage goes in the report.
+pub async fn check(backend: Backend) -> Result<CheckReport> {
+    let mut report = CheckReport::default();
+    let store = backend.store.clone();
+
+    let mut newest: Option<Manifest> = None;
+    let listed = match store.list("manifest/").await {
+        Ok(l) => l,
+        Err(StoreError::NotFound(_)) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let mut seqs: Vec<u64> = listed
+        .iter()
+        .filter_map(|b| parse_manifest_name(&b.name))
+        .collect();
+    seqs.sort_unstable();
+    if seqs.is_empty() {
+        return Err(VolumeError::NotFound(backend.location.clone()));
+    }
+    for &seq in &seqs {
+        let name = manifest_name(seq);
+        report.manifests += 1;
+        match Manifest::decode(&store.get(&name).await?) {
+            Ok(m) if m.seq == seq => newest = Some(m),
+            Ok(m) => report
+                .problems
+                .push(format!("{name}: says it is manifest {}", m.seq)),
+            Err(e) => report.problems.push(format!("{name}: {e}")),
+        }
+    }
+    let newest_seq = *seqs.last().expect("not empty");
+    let Some(manifest) = newest else {
+        report.problems.push("no readable manifest".into());
+        return Ok(report);
+    };
+    if manifest.seq != newest_seq {
+        report.problems.push(format!(
+            "the newest manifest ({}) is unreadable",
+            manifest_name(newest_seq)
+        ));
+    }
+    let uuid = manifest.volume;
+
+    // Every record of every sealed segment, then the journals.
+    let mut last_lsn = 0u64;
+    for blob in store.list("segments/").await? {
+        let Some(id) = parse_segment_name(&blob.name) else {
+            continue;
+        };
+        report.segments += 1;
+        let reader = store.clone().open_reader(&blob.name).await?;
+        let mut scan = Scanner::new(ScanSource::Store(reader), blob.size);
+        let mut prev: Option<u64> = None;
+        loop {
+            match scan.next(&uuid).await? {
+                Ok((off, h, _)) => {
+                    report.records += 1;
+                    if prev.is_some_and(|p| h.lsn != p + 1) || (prev.is_none() && h.lsn <= last_lsn)
+                    {
+                        report.problems.push(format!(
+                            "{} offset {off}: LSN {} out of order",
+                            blob.name, h.lsn
+                        ));
+                    }
+                    prev = Some(h.lsn);
+                }
+                Err(ScanStop::End) => break,
+                Err(ScanStop::Invalid { offset, reason }) => {
+                    report
+                        .problems
+                        .push(format!("{} offset {offset}: {reason}", segment_name(id)));
+                    break;
+                }
+            }
+        }
+        last_lsn = last_lsn.max(prev.unwrap_or(0));
+    }
+    for name in backend.journal.list()? {
+        if parse_journal_name(&name).is_none() {
+            continue;
+        }
+        let file = backend.journal.open(&name)?;
+        let len = file.len()?;
+        let mut scan = Scanner::new(ScanSource::Journal(file), len);
+        loop {
+            match scan.next(&uuid).await? {
+                Ok(_) => report.records += 1,
+                Err(ScanStop::End) => break,
+                Err(ScanStop::Invalid { offset, reason }) => {
+                    report.warnings.push(format!(
+                        "journal {name}: the log ends at offset {offset} ({reason}); what follows will be dropped at the next open, as after a crash"
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+
+    // The map trees of the head checkpoint and of every snapshot.
+    let segments = Segments::new(store.clone());
+    let mut seen_pages = HashSet::new();
+    let mut roots = vec![("head".to_string(), manifest.checkpoint)];
+    roots.extend(
+        manifest
+            .snapshots
+            .iter()
+            .map(|s| (format!("snapshot {:?}", s.name), s.checkpoint)),
+    );
+    for (what, at) in roots {
+        if at.is_empty() {
+            continue;
+        }
+        let cp = match read_checkpoint(&segments, at, &uuid).await {
+            Ok((cp, _)) => cp,
+            Err(e) => {
+                report.problems.push(format!("{what}: {e}"));
+                continue;
+            }
+        };
+        let mut allocated = 0u64;
+        let complete = walk_tree(
+            &segments,
+            &uuid,
+            cp.root,
+            cp.depth,
+            manifest.block_size,
+            &mut seen_pages,
+            &mut allocated,
+            &mut report,
+            &what,
+        )
+        .await?;
+        if complete && allocated != cp.allocated_blocks {
+            report.problems.push(format!(
+                "{what}: the map holds {allocated} blocks but its checkpoint says {}",
+                cp.allocated_blocks
+            ));
+        }
+    }
+
+    // Finally, the head as an open would see it, unsealed writes included.
+    if let Err(e) = Volume::open_read_only(backend, &OpenOptions::default(), View::Head).await {
+        report.problems.push(format!("opening the head: {e}"));
+    }
+    Ok(report)
+}
+
+/// Verifies every page and data block under `root`. Pages already checked
+/// (shared with another snapshot) are counted but not read again. Returns
+/// false if some page could not be read, so counts are partial.
+#[allow(clippy::too_many_arguments)]
+async fn walk_tree(
+    segments: &Segments,
+    uuid: &[u8; 16],
+    root: Entry,
+    depth: u32,
+    block_size: u32,
+    seen: &mut HashSet<Entry>,
+    allocated: &mut u64,
+    report: &mut CheckReport,
+    what: &str,
+) -> Result<bool> {
+    let bs = block_size as u64;
+    let mut complete = true;
+    // (level, node index, location)
+    let mut stack = vec![(depth - 1, 0u64, root)];
+    while let Some((level, index, at)) = stack.pop() {
+        if at.is_empty() {
+            continue;
+        }
+        let page = match read_page(segments, at, uuid).await {
+            Ok(p) => p,
+            Err(e) => {
+                report.problems.push(format!("{what}: {e}"));
+                complete = false;
+                continue;
+            }
+        };
+        let fresh = seen.insert(at);
+        if fresh {
+            report.map_pages += 1;
+        }
+        if level > 0 {
+            for (slot, child) in page.entries.iter().enumerate() {
+                stack.push((level - 1, index * MAP_FANOUT as u64 + slot as u64, *child));
+            }
+            continue;
+        }
+        *allocated += page.used() as u64;
+        if !fresh {
+            continue;
+        }
+        for (slot, e) in page.entries.iter().enumerate() {
+            if e.is_empty() {
+                continue;
+            }
+            let lba = (index << MAP_SHIFT) + slot as u64;
+            report.blocks += 1;
+            match segments.read(e.seg, e.off as u64, bs as usize).await {
+                Ok(data) if crc32c::crc32c(&data) == e.crc => {}
+                Ok(_) => report.problems.push(format!(
+                    "{what}: block {lba} ({} offset {}): checksum mismatch",
+                    segment_name(e.seg),
+                    e.off
+                )),
+                Err(err) => report.problems.push(format!("{what}: block {lba}: {err}")),
+            }
+        }
+    }
+    Ok(complete)
+}

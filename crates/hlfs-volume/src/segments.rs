@@ -1,0 +1,209 @@
+//! Reading segments, wherever they are: still in the local journal (open or
+//! being sealed) or sealed in the blob store.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hlfs_format::{decode_header, segment_name, verify_record, RecordHeader, HEADER_LEN};
+use hlfs_store::{BlobReader, BlobStore, JournalFile, StoreError};
+use lru::LruCache;
+use parking_lot::Mutex;
+
+use crate::error::{Result, VolumeError};
+
+/// Open store readers kept at most (each may hold a file descriptor).
+const READER_CACHE: usize = 256;
+
+pub struct Segments {
+    store: Arc<dyn BlobStore>,
+    journals: Mutex<HashMap<u32, Arc<dyn JournalFile>>>,
+    readers: Mutex<LruCache<u32, Arc<dyn BlobReader>>>,
+}
+
+impl Segments {
+    pub fn new(store: Arc<dyn BlobStore>) -> Self {
+        Segments {
+            store,
+            journals: Mutex::new(HashMap::new()),
+            readers: Mutex::new(LruCache::new(
+                NonZeroUsize::new(READER_CACHE).expect("nonzero"),
+            )),
+        }
+    }
+
+    /// Segment `seg` is (still) a journal file.
+    pub fn add_journal(&self, seg: u32, file: Arc<dyn JournalFile>) {
+        self.journals.lock().insert(seg, file);
+    }
+
+    /// Segment `seg` is now sealed in the store. Readers already holding
+    /// the journal file keep reading it.
+    pub fn sealed(&self, seg: u32) {
+        self.journals.lock().remove(&seg);
+    }
+
+    async fn reader(&self, seg: u32) -> Result<Arc<dyn BlobReader>> {
+        if let Some(r) = self.readers.lock().get(&seg) {
+            return Ok(r.clone());
+        }
+        let reader = self.store.clone().open_reader(&segment_name(seg)).await?;
+        self.readers.lock().put(seg, reader.clone());
+        Ok(reader)
+    }
+
+    /// Exactly `len` bytes of segment `seg` at `off`.
+    pub async fn read(&self, seg: u32, off: u64, len: usize) -> Result<Bytes> {
+        let journal = self.journals.lock().get(&seg).cloned();
+        if let Some(file) = journal {
+            // The journal is a local file and the bytes were written moments
+            // ago: a page-cache read, done inline.
+            let data = file.read_at(off, len)?;
+            if data.len() != len {
+                return Err(VolumeError::corrupt(format!(
+                    "segment {seg}: read of {len} bytes at offset {off} went past the end of the journal"
+                )));
+            }
+            return Ok(Bytes::from(data));
+        }
+        let reader = self.reader(seg).await?;
+        match reader.read_at(off, len).await {
+            Ok(b) => Ok(b),
+            Err(StoreError::OutOfRange { .. }) => Err(VolumeError::corrupt(format!(
+                "segment {seg}: read of {len} bytes at offset {off} is past its end"
+            ))),
+            Err(StoreError::NotFound(name)) => {
+                Err(VolumeError::corrupt(format!("{name} is missing")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads and verifies the record whose header is at `off`.
+    pub async fn read_record(
+        &self,
+        seg: u32,
+        off: u64,
+        volume: &[u8; 16],
+    ) -> Result<(RecordHeader, Bytes)> {
+        let head = self.read(seg, off, HEADER_LEN).await?;
+        let header = decode_header(&head).map_err(|e| {
+            VolumeError::corrupt(format!(
+                "segment {seg} offset {off}: bad record header: {e}"
+            ))
+        })?;
+        let payload = self
+            .read(seg, off + HEADER_LEN as u64, header.payload_len as usize)
+            .await?;
+        verify_record(&header, &head, &payload, volume)
+            .map_err(|e| VolumeError::corrupt(format!("segment {seg} offset {off}: {e}")))?;
+        Ok((header, payload))
+    }
+}
+
+/// Where a scanned segment's bytes come from.
+pub enum ScanSource {
+    Journal(Arc<dyn JournalFile>),
+    Store(Arc<dyn BlobReader>),
+}
+
+impl ScanSource {
+    async fn read(&self, off: u64, len: usize) -> Result<Vec<u8>> {
+        match self {
+            ScanSource::Journal(f) => Ok(f.read_at(off, len)?),
+            ScanSource::Store(r) => Ok(r.read_at(off, len).await?.to_vec()),
+        }
+    }
+}
+
+/// Why a scan stopped before the end of a segment.
+#[derive(Debug)]
+pub enum ScanStop {
+    /// Clean end of the segment.
+    End,
+    /// The bytes at `offset` are not a valid record (torn or corrupt tail).
+    Invalid { offset: u64, reason: String },
+}
+
+/// Reads a segment's records in order, through a large buffer so that a
+/// remote store sees a few big reads rather than one per record.
+pub struct Scanner {
+    source: ScanSource,
+    size: u64,
+    pos: u64,
+    buf: Vec<u8>,
+    buf_start: u64,
+}
+
+const SCAN_CHUNK: usize = 8 << 20;
+
+impl Scanner {
+    pub fn new(source: ScanSource, size: u64) -> Self {
+        Scanner {
+            source,
+            size,
+            pos: 0,
+            buf: Vec::new(),
+            buf_start: 0,
+        }
+    }
+
+    /// Makes `pos..pos + len` available in the buffer (or returns false at
+    /// the end of the segment).
+    async fn fill(&mut self, len: usize) -> Result<bool> {
+        if self.pos + len as u64 > self.size {
+            return Ok(false);
+        }
+        let have_end = self.buf_start + self.buf.len() as u64;
+        if self.pos >= self.buf_start && self.pos + len as u64 <= have_end {
+            return Ok(true);
+        }
+        let want = (len.max(SCAN_CHUNK) as u64).min(self.size - self.pos) as usize;
+        let data = self.source.read(self.pos, want).await?;
+        self.buf_start = self.pos;
+        self.buf = data;
+        Ok(self.buf.len() >= len)
+    }
+
+    fn slice(&self, len: usize) -> &[u8] {
+        let start = (self.pos - self.buf_start) as usize;
+        &self.buf[start..start + len]
+    }
+
+    /// The next valid record, with its offset, or why there is none.
+    pub async fn next(
+        &mut self,
+        volume: &[u8; 16],
+    ) -> Result<std::result::Result<(u64, RecordHeader, Vec<u8>), ScanStop>> {
+        let offset = self.pos;
+        if offset == self.size {
+            return Ok(Err(ScanStop::End));
+        }
+        let invalid = |reason: String| Ok(Err(ScanStop::Invalid { offset, reason }));
+        if !self.fill(HEADER_LEN).await? {
+            return invalid("truncated record header".into());
+        }
+        let head = self.slice(HEADER_LEN).to_vec();
+        let header = match decode_header(&head) {
+            Ok(h) => h,
+            Err(e) => return invalid(format!("bad record header: {e}")),
+        };
+        let total = HEADER_LEN + header.payload_len as usize;
+        if !self.fill(total).await? {
+            return invalid("truncated record".into());
+        }
+        let record = self.slice(total);
+        if let Err(e) = verify_record(
+            &header,
+            &record[..HEADER_LEN],
+            &record[HEADER_LEN..],
+            volume,
+        ) {
+            return invalid(e.to_string());
+        }
+        let payload = record[HEADER_LEN..].to_vec();
+        self.pos += total as u64;
+        Ok(Ok((offset, header, payload)))
+    }
+}

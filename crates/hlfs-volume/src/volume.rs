@@ -1,0 +1,1462 @@
+//! The volume: a thin virtual disk kept as a log of records.
+//!
+//! Writes append records to the open segment (a journal file) under the
+//! writer lock and update the map; reads only take the map lock for the
+//! lookup, so they are never queued behind writes. FLUSH syncs the journal
+//! once for every write that arrived before it (group commit). A full segment
+//! is sealed: dirty map pages and a checkpoint are appended, the file is
+//! synced and handed to the store, and a new manifest points at the
+//! checkpoint.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hlfs_format::{
+    encode_header, encode_record, journal_name, manifest_name, parse_journal_name,
+    parse_manifest_name, parse_segment_name, segment_name, Checkpoint, Entry, Manifest, MapPage,
+    RecordKind, SnapshotEntry, WriterClaim, FORMAT_VERSION, HEADER_LEN, MAX_BLOCK_SIZE,
+    MAX_NAME_LEN, MAX_SEGMENT_SIZE, MIN_BLOCK_SIZE, MIN_SEGMENT_SIZE,
+};
+use hlfs_store::{JournalFile, JournalLock, StoreError};
+use parking_lot::Mutex;
+
+use crate::backend::Backend;
+use crate::error::{Result, VolumeError};
+use crate::map::{depth_for, MapResult, MapState, Missing, Pins, PAGE_COST};
+use crate::segments::{ScanSource, ScanStop, Scanner, Segments};
+
+/// Parameters fixed when a volume is created.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    /// Logical size in bytes.
+    pub size: u64,
+    /// A power of two from 512 B to 64 KiB.
+    pub block_size: u32,
+    /// Target size of a sealed segment.
+    pub segment_size: u64,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: 0,
+            block_size: 4096,
+            segment_size: 64 << 20,
+        }
+    }
+}
+
+/// Settings of one open.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Memory the block map may use for cached and dirty pages.
+    pub map_budget: u64,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            map_budget: 512 << 20,
+        }
+    }
+}
+
+/// Which image a read-only open shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum View {
+    /// The latest state, including unsealed writes.
+    Head,
+    /// A snapshot by name.
+    Snapshot(String),
+    /// The newest snapshot taken at or before this time (ms since the epoch).
+    AsOf(u64),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub created_ms: u64,
+    pub lsn: u64,
+    pub automatic: bool,
+}
+
+impl From<&SnapshotEntry> for SnapshotInfo {
+    fn from(s: &SnapshotEntry) -> Self {
+        SnapshotInfo {
+            name: s.name.clone(),
+            created_ms: s.created_ms,
+            lsn: s.lsn,
+            automatic: s.automatic,
+        }
+    }
+}
+
+/// A run of the volume that is either all data or all hole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    pub data: bool,
+}
+
+/// What `hlfs info` shows.
+#[derive(Clone, Debug)]
+pub struct VolumeInfo {
+    pub uuid: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub segment_size: u64,
+    pub allocated_bytes: u64,
+    pub stored_bytes: u64,
+    pub format_version: u16,
+    pub snapshots: Vec<SnapshotInfo>,
+    pub writer: Option<String>,
+    pub created_ms: u64,
+}
+
+/// Blocks per data record at most; larger writes become several records.
+const MAX_RECORD_BYTES: usize = 4 << 20;
+
+struct Writer {
+    seg: u32,
+    file: Option<Arc<dyn JournalFile>>,
+    pos: u64,
+    next_lsn: u64,
+    /// Content changed since the head checkpoint.
+    changed: bool,
+    closed: bool,
+}
+
+struct Inner {
+    backend: Backend,
+    uuid: [u8; 16],
+    block_size: u32,
+    shift: u32,
+    segment_size: u64,
+    read_only: bool,
+    size: AtomicU64,
+    map: Mutex<MapState>,
+    segments: Segments,
+    writer: tokio::sync::Mutex<Writer>,
+    /// The journal file being appended to, for FLUSH.
+    current: Mutex<Option<Arc<dyn JournalFile>>>,
+    sync_lock: tokio::sync::Mutex<()>,
+    written_lsn: AtomicU64,
+    durable_lsn: AtomicU64,
+    failed: Mutex<Option<String>>,
+    manifest: Mutex<Manifest>,
+    lock: Mutex<Option<JournalLock>>,
+    closed: AtomicBool,
+}
+
+/// An open volume. Cheap to clone; every clone is the same volume, and all
+/// methods may be called from many tasks at once.
+#[derive(Clone)]
+pub struct Volume {
+    inner: Arc<Inner>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // or truncates within it.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn fmt_time(ms: u64) -> String {
+    format!("{}s after the epoch", ms / 1000)
+}
+
+/// Checks a snapshot name: printable, no separators the CLI or export names use.
+pub fn validate_snapshot_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:+".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(VolumeError::InvalidArgument(format!(
+            "invalid snapshot name {name:?}: use 1 to {MAX_NAME_LEN} characters from A-Z a-z 0-9 - _ . : + (not starting with -)"
+        )))
+    }
+}
+
+/// Reads the newest manifest of the volume.
+async fn latest_manifest(backend: &Backend) -> Result<Manifest> {
+    let list = match backend.store.list("manifest/").await {
+        Ok(l) => l,
+        Err(StoreError::NotFound(_)) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let newest = list
+        .iter()
+        .filter_map(|b| parse_manifest_name(&b.name))
+        .max();
+    let Some(seq) = newest else {
+        return Err(VolumeError::NotFound(backend.location.clone()));
+    };
+    let name = manifest_name(seq);
+    let bytes = backend.store.get(&name).await?;
+    let m = Manifest::decode(&bytes).map_err(|e| VolumeError::corrupt(format!("{name}: {e}")))?;
+    if m.seq != seq {
+        return Err(VolumeError::corrupt(format!(
+            "{name}: says it is manifest {}",
+            m.seq
+        )));
+    }
+    Ok(m)
+}
+
+impl Volume {
+    /// Creates an empty volume.
+    pub async fn create(backend: &Backend, opts: &CreateOptions) -> Result<()> {
+        let bs = opts.block_size;
+        if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
+            return Err(VolumeError::InvalidArgument(format!(
+                "block size {bs} must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
+            )));
+        }
+        if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&opts.segment_size) {
+            return Err(VolumeError::InvalidArgument(format!(
+                "segment size {} must be from {MIN_SEGMENT_SIZE} to {MAX_SEGMENT_SIZE} bytes",
+                opts.segment_size
+            )));
+        }
+        if opts.segment_size < 4 * bs as u64 {
+            return Err(VolumeError::InvalidArgument(
+                "segment size must hold at least 4 blocks".into(),
+            ));
+        }
+        if opts.size > i64::MAX as u64 {
+            return Err(VolumeError::InvalidArgument(format!(
+                "size {} is too large",
+                opts.size
+            )));
+        }
+        match latest_manifest(backend).await {
+            Err(VolumeError::NotFound(_)) => {}
+            Ok(_) | Err(VolumeError::Corrupt(_)) => {
+                return Err(VolumeError::AlreadyExists(backend.location.clone()))
+            }
+            Err(e) => return Err(e),
+        }
+        let now = now_ms();
+        let m = Manifest {
+            volume: *uuid::Uuid::new_v4().as_bytes(),
+            seq: 1,
+            written_ms: now,
+            volume_created_ms: now,
+            block_size: bs,
+            segment_size: opts.segment_size,
+            size: opts.size,
+            checkpoint: Entry::EMPTY,
+            replay_from_seg: 1,
+            replay_from_lsn: 1,
+            next_seg: 1,
+            writer: None,
+            snapshots: Vec::new(),
+        };
+        match backend
+            .store
+            .put_if_absent(&manifest_name(1), m.encode().into())
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(StoreError::AlreadyExists(_)) => {
+                Err(VolumeError::AlreadyExists(backend.location.clone()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Opens the volume for writing. Recovers from a crash if needed; fails
+    /// with `Busy` if another writer holds it.
+    pub async fn open(backend: Backend, opts: &OpenOptions) -> Result<Volume> {
+        let lock = backend.journal.lock().map_err(|e| match e {
+            StoreError::Locked { .. } => VolumeError::Busy(format!(
+                "{} is already open for writing by another process on this host",
+                backend.location
+            )),
+            e => e.into(),
+        })?;
+        let manifest = latest_manifest(&backend).await?;
+        if let Some(w) = &manifest.writer {
+            if w.host != hostname() {
+                return Err(VolumeError::Busy(format!(
+                    "{} is open for writing by process {} on host {} (since {}); stop that writer first",
+                    backend.location,
+                    w.pid,
+                    w.host,
+                    fmt_time(w.since_ms)
+                )));
+            }
+            // Same host and we hold the journal lock: that writer is gone.
+            tracing::warn!(volume = %backend.location, pid = w.pid, "taking over from a writer that did not close the volume");
+        }
+        let vol = Volume::load(backend, manifest, false, opts).await?;
+        vol.recover().await?;
+        *vol.inner.lock.lock() = Some(lock);
+        let claim = WriterClaim {
+            host: hostname(),
+            pid: std::process::id(),
+            since_ms: now_ms(),
+        };
+        let next_seg = vol.inner.writer.lock().await.seg + 1;
+        vol.update_manifest(|m| {
+            m.writer = Some(claim);
+            m.next_seg = m.next_seg.max(next_seg);
+        })
+        .await?;
+        Ok(vol)
+    }
+
+    /// Opens an image read-only: the head (replaying unsealed writes in
+    /// memory, writing nothing) or a snapshot.
+    pub async fn open_read_only(
+        backend: Backend,
+        opts: &OpenOptions,
+        view: View,
+    ) -> Result<Volume> {
+        let mut manifest = latest_manifest(&backend).await?;
+        let snap = match &view {
+            View::Head => None,
+            View::Snapshot(name) => Some(
+                manifest
+                    .snapshots
+                    .iter()
+                    .find(|s| &s.name == name)
+                    .cloned()
+                    .ok_or_else(|| VolumeError::SnapshotNotFound(name.clone()))?,
+            ),
+            View::AsOf(t) => Some(
+                manifest
+                    .snapshots
+                    .iter()
+                    .filter(|s| s.created_ms <= *t)
+                    .max_by_key(|s| (s.created_ms, s.lsn))
+                    .cloned()
+                    .ok_or_else(|| {
+                        VolumeError::SnapshotNotFound(format!(
+                            "(none taken at or before {})",
+                            fmt_time(*t)
+                        ))
+                    })?,
+            ),
+        };
+        if let Some(s) = &snap {
+            manifest.checkpoint = s.checkpoint;
+        }
+        let vol = Volume::load(backend, manifest, true, opts).await?;
+        if snap.is_none() {
+            vol.recover().await?;
+        }
+        Ok(vol)
+    }
+
+    /// Builds the in-memory volume from a manifest and its checkpoint.
+    async fn load(
+        backend: Backend,
+        manifest: Manifest,
+        read_only: bool,
+        opts: &OpenOptions,
+    ) -> Result<Volume> {
+        let segments = Segments::new(backend.store.clone());
+        let uuid = manifest.volume;
+        let (cp, cp_lsn) = if manifest.checkpoint.is_empty() {
+            (
+                Checkpoint {
+                    root: Entry::EMPTY,
+                    depth: depth_for(manifest.size.div_ceil(manifest.block_size as u64)),
+                    size: manifest.size,
+                    allocated_blocks: 0,
+                    usage: Vec::new(),
+                },
+                0,
+            )
+        } else {
+            read_checkpoint(&segments, manifest.checkpoint, &uuid).await?
+        };
+        let mut map = MapState::new(cp.root, cp.depth, opts.map_budget, manifest.block_size);
+        map.set_accounting(cp.allocated_blocks, &cp.usage);
+        let inner = Inner {
+            uuid,
+            block_size: manifest.block_size,
+            shift: manifest.block_size.trailing_zeros(),
+            segment_size: manifest.segment_size,
+            read_only,
+            size: AtomicU64::new(cp.size),
+            map: Mutex::new(map),
+            segments,
+            writer: tokio::sync::Mutex::new(Writer {
+                seg: manifest.next_seg,
+                file: None,
+                pos: 0,
+                next_lsn: manifest.replay_from_lsn.max(cp_lsn + 1),
+                changed: false,
+                closed: read_only,
+            }),
+            current: Mutex::new(None),
+            sync_lock: tokio::sync::Mutex::new(()),
+            written_lsn: AtomicU64::new(0),
+            durable_lsn: AtomicU64::new(0),
+            failed: Mutex::new(None),
+            manifest: Mutex::new(manifest),
+            lock: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            backend,
+        };
+        Ok(Volume {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Replays the log after the head checkpoint. Writable opens then seal
+    /// recovered journals and open one to append to.
+    async fn recover(&self) -> Result<()> {
+        let inner = &self.inner;
+        let m = inner.manifest.lock().clone();
+        let store_segs: Vec<(u32, u64)> = inner
+            .backend
+            .store
+            .list("segments/")
+            .await?
+            .into_iter()
+            .filter_map(|b| parse_segment_name(&b.name).map(|id| (id, b.size)))
+            .collect();
+        let mut journals: Vec<u32> = inner
+            .backend
+            .journal
+            .list()?
+            .iter()
+            .filter_map(|n| parse_journal_name(n))
+            .collect();
+        journals.sort_unstable();
+        let in_store = |id: u32| store_segs.iter().any(|(s, _)| *s == id);
+        let max_seen = store_segs
+            .iter()
+            .map(|(s, _)| *s)
+            .chain(journals.iter().copied())
+            .max()
+            .unwrap_or(0);
+
+        let mut w = inner.writer.lock().await;
+        let from_lsn = m.replay_from_lsn;
+        let mut expected = w.next_lsn;
+        // Sealed segments first: they must be whole.
+        for &(id, size) in store_segs.iter().filter(|(id, _)| *id >= m.replay_from_seg) {
+            let reader = inner
+                .backend
+                .store
+                .clone()
+                .open_reader(&segment_name(id))
+                .await?;
+            let mut scan = Scanner::new(ScanSource::Store(reader), size);
+            loop {
+                match scan.next(&inner.uuid).await? {
+                    Ok((off, h, payload)) => {
+                        if h.lsn < from_lsn {
+                            continue;
+                        }
+                        if h.lsn != expected {
+                            return Err(VolumeError::corrupt(format!(
+                                "{} offset {off}: record LSN {} where {expected} was expected",
+                                segment_name(id),
+                                h.lsn
+                            )));
+                        }
+                        self.apply(id, off, &h, &payload).await?;
+                        expected += 1;
+                    }
+                    Err(ScanStop::End) => break,
+                    Err(ScanStop::Invalid { offset, reason }) => {
+                        return Err(VolumeError::corrupt(format!(
+                            "{} offset {offset}: {reason}",
+                            segment_name(id)
+                        )));
+                    }
+                }
+            }
+        }
+        // Then journals: a torn or corrupt tail ends the log.
+        let mut live_journals: Vec<(u32, Arc<dyn JournalFile>, u64)> = Vec::new();
+        let mut ended = false;
+        for &id in &journals {
+            let name = journal_name(id);
+            if in_store(id) {
+                // Sealed already; the crash came before the journal was removed.
+                if !inner.read_only {
+                    inner.backend.journal.remove(&name)?;
+                }
+                continue;
+            }
+            let file = inner.backend.journal.open(&name)?;
+            if ended || id < m.replay_from_seg {
+                if !inner.read_only {
+                    tracing::warn!(journal = %name, "dropping journal beyond the end of the recovered log");
+                    inner.backend.journal.remove(&name)?;
+                }
+                continue;
+            }
+            inner.segments.add_journal(id, file.clone());
+            let len = file.len()?;
+            let mut scan = Scanner::new(ScanSource::Journal(file.clone()), len);
+            let valid_len = loop {
+                match scan.next(&inner.uuid).await? {
+                    Ok((off, h, payload)) => {
+                        if h.lsn < from_lsn {
+                            continue;
+                        }
+                        if h.lsn != expected {
+                            ended = true;
+                            break off;
+                        }
+                        self.apply(id, off, &h, &payload).await?;
+                        expected += 1;
+                    }
+                    Err(ScanStop::End) => break len,
+                    Err(ScanStop::Invalid { offset, reason }) => {
+                        tracing::warn!(journal = %name, offset, %reason, "log ends at a torn or corrupt record");
+                        ended = true;
+                        break offset;
+                    }
+                }
+            };
+            live_journals.push((id, file, valid_len));
+        }
+        w.next_lsn = expected;
+        inner.written_lsn.store(expected - 1, Ordering::SeqCst);
+        inner.durable_lsn.store(expected - 1, Ordering::SeqCst);
+        if inner.read_only {
+            return Ok(());
+        }
+        // Keep appending to the last journal; seal any before it.
+        let last = live_journals.pop();
+        for (id, file, valid_len) in live_journals {
+            file.truncate(valid_len)?;
+            self.hand_to_store(id, &file).await?;
+            inner.segments.sealed(id);
+            inner.backend.journal.remove(&journal_name(id))?;
+        }
+        match last {
+            Some((id, file, valid_len)) => {
+                if file.len()? != valid_len {
+                    file.truncate(valid_len)?;
+                }
+                w.seg = id;
+                w.pos = valid_len;
+                w.file = Some(file.clone());
+                *inner.current.lock() = Some(file);
+            }
+            None => {
+                let id = m.next_seg.max(max_seen + 1);
+                self.start_journal(&mut w, id)?;
+            }
+        }
+        w.changed = expected > from_lsn;
+        Ok(())
+    }
+
+    fn start_journal(&self, w: &mut Writer, id: u32) -> Result<()> {
+        let file = self.inner.backend.journal.create(&journal_name(id))?;
+        self.inner.segments.add_journal(id, file.clone());
+        w.seg = id;
+        w.pos = 0;
+        w.file = Some(file.clone());
+        *self.inner.current.lock() = Some(file);
+        Ok(())
+    }
+
+    /// Applies one replayed record to the map.
+    async fn apply(
+        &self,
+        seg: u32,
+        off: u64,
+        h: &hlfs_format::RecordHeader,
+        payload: &[u8],
+    ) -> Result<()> {
+        let bs = self.inner.block_size as u64;
+        let blocks = self.size().div_ceil(bs);
+        let at = || format!("{} offset {off}", segment_name(seg));
+        match h.kind {
+            RecordKind::Data => {
+                if h.payload_len as u64 != h.arg1.saturating_mul(bs) || h.arg0 + h.arg1 > blocks {
+                    return Err(VolumeError::corrupt(format!(
+                        "{}: data record does not fit the volume",
+                        at()
+                    )));
+                }
+                let base = off + HEADER_LEN as u64;
+                let entries: Vec<Entry> = payload
+                    .chunks(bs as usize)
+                    .enumerate()
+                    .map(|(i, block)| Entry {
+                        seg,
+                        off: (base + i as u64 * bs) as u32,
+                        crc: crc32c::crc32c(block),
+                    })
+                    .collect();
+                self.map_op(|m, pins| m.set(h.arg0, &entries, pins)).await
+            }
+            RecordKind::Zero => {
+                if h.arg0 + h.arg1 > blocks {
+                    return Err(VolumeError::corrupt(format!(
+                        "{}: zero record beyond the volume",
+                        at()
+                    )));
+                }
+                self.map_op(|m, pins| m.zero(h.arg0, h.arg0 + h.arg1, pins))
+                    .await
+            }
+            RecordKind::Resize => {
+                if h.arg0 < self.size() || h.arg0 > i64::MAX as u64 {
+                    return Err(VolumeError::corrupt(format!(
+                        "{}: resize record shrinks the volume",
+                        at()
+                    )));
+                }
+                self.inner.size.store(h.arg0, Ordering::SeqCst);
+                self.inner.map.lock().grow_to(h.arg0.div_ceil(bs));
+                Ok(())
+            }
+            RecordKind::MapPage | RecordKind::Checkpoint => Ok(()),
+        }
+    }
+
+    /// Runs a map operation, loading the clean pages it finds missing.
+    async fn map_op<T>(
+        &self,
+        mut op: impl FnMut(&mut MapState, &Pins) -> MapResult<T>,
+    ) -> Result<T> {
+        let mut pins = Pins::new();
+        loop {
+            let result = op(&mut self.inner.map.lock(), &pins);
+            match result {
+                Ok(v) => return Ok(v),
+                Err(Missing(at)) => {
+                    let page =
+                        Arc::new(read_page(&self.inner.segments, at, &self.inner.uuid).await?);
+                    self.inner.map.lock().insert_clean(at, page.clone());
+                    pins.insert(at, page);
+                }
+            }
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.inner.size.load(Ordering::SeqCst)
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.inner.block_size
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.inner.read_only
+    }
+
+    pub fn location(&self) -> &str {
+        &self.inner.backend.location
+    }
+
+    pub fn allocated_bytes(&self) -> u64 {
+        self.inner.map.lock().allocated_blocks() * self.inner.block_size as u64
+    }
+
+    /// Map pages in memory now and the most allowed.
+    pub fn map_pages(&self) -> (usize, usize) {
+        let m = self.inner.map.lock();
+        (m.cached_pages(), m.budget_pages())
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(VolumeError::OutOfRange { offset, len, size });
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.inner.read_only {
+            return Err(VolumeError::ReadOnly);
+        }
+        if let Some(why) = self.inner.failed.lock().clone() {
+            return Err(VolumeError::Failed(why));
+        }
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(VolumeError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Stops all further writes after an error that leaves the journal's
+    /// state unknown.
+    fn fail(&self, err: VolumeError) -> VolumeError {
+        let mut failed = self.inner.failed.lock();
+        if failed.is_none() {
+            tracing::error!(volume = %self.location(), error = %err, "volume failed; refusing further writes");
+            *failed = Some(err.to_string());
+        }
+        err
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let shift = self.inner.shift;
+        let bs = self.inner.block_size as u64;
+        let first = offset >> shift;
+        let end = offset + buf.len() as u64;
+        let last = (end - 1) >> shift;
+        let mut entries = vec![Entry::EMPTY; (last - first + 1) as usize];
+        self.map_op(|m, pins| m.lookup(first, &mut entries, pins))
+            .await?;
+        let mut i = 0;
+        while i < entries.len() {
+            // One read per run of blocks stored back to back.
+            let e = entries[i];
+            let mut n = 1;
+            while i + n < entries.len()
+                && !e.is_empty()
+                && entries[i + n].seg == e.seg
+                && entries[i + n].off as u64 == e.off as u64 + n as u64 * bs
+            {
+                n += 1;
+            }
+            let run_start = (first + i as u64) * bs;
+            let lo = run_start.max(offset);
+            let hi = (run_start + n as u64 * bs).min(end);
+            let dst = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
+            if e.is_empty() {
+                dst.fill(0);
+            } else {
+                let data = self
+                    .inner
+                    .segments
+                    .read(e.seg, e.off as u64, n * bs as usize)
+                    .await?;
+                for (k, block) in data.chunks(bs as usize).enumerate() {
+                    let want = entries[i + k].crc;
+                    let got = crc32c::crc32c(block);
+                    if got != want {
+                        return Err(VolumeError::corrupt(format!(
+                            "block {} ({} offset {}): checksum mismatch",
+                            first + (i + k) as u64,
+                            segment_name(e.seg),
+                            e.off as u64 + k as u64 * bs
+                        )));
+                    }
+                }
+                let skip = (lo - run_start) as usize;
+                dst.copy_from_slice(&data[skip..skip + dst.len()]);
+            }
+            i += n;
+        }
+        Ok(())
+    }
+
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.read_into(offset, &mut buf).await?;
+        Ok(buf)
+    }
+
+    /// Which parts of `offset..offset+len` hold data and which are holes,
+    /// merged into maximal runs.
+    pub async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_range(offset, len)?;
+        let mut out: Vec<Extent> = Vec::new();
+        if len == 0 {
+            return Ok(out);
+        }
+        let bs = self.inner.block_size as u64;
+        let end = offset + len;
+        let first = offset >> self.inner.shift;
+        let last = (end - 1) >> self.inner.shift;
+        // Look up a leaf's worth at a time to bound memory on huge ranges.
+        let mut lba = first;
+        let mut entries = vec![Entry::EMPTY; 512];
+        while lba <= last {
+            let n = (512 - (lba % 512)).min(last - lba + 1) as usize;
+            self.map_op(|m, pins| m.lookup(lba, &mut entries[..n], pins))
+                .await?;
+            for (k, e) in entries[..n].iter().enumerate() {
+                let b = lba + k as u64;
+                let lo = (b * bs).max(offset);
+                let hi = ((b + 1) * bs).min(end);
+                let data = !e.is_empty();
+                match out.last_mut() {
+                    Some(x) if x.data == data && x.offset + x.len == lo => x.len += hi - lo,
+                    _ => out.push(Extent {
+                        offset: lo,
+                        len: hi - lo,
+                        data,
+                    }),
+                }
+            }
+            lba += n as u64;
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` at `offset`.
+    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut w = self.inner.writer.lock().await;
+        self.check_writable()?;
+        let bs = self.inner.block_size as u64;
+        let end = offset + data.len() as u64;
+        let per_record = (MAX_RECORD_BYTES as u64 / bs).max(1);
+        let mut block = offset / bs;
+        let end_block = end.div_ceil(bs);
+        while block < end_block {
+            let n = per_record.min(end_block - block);
+            let lo = (block * bs).max(offset);
+            let hi = ((block + n) * bs).min(end);
+            let src = &data[(lo - offset) as usize..(hi - offset) as usize];
+            self.write_blocks(&mut w, block, n, lo - block * bs, src)
+                .await?;
+            block += n;
+        }
+        self.after_append(&mut w).await
+    }
+
+    /// Writes and returns only once the data is durable.
+    pub async fn write_fua(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write(offset, data).await?;
+        self.flush().await
+    }
+
+    /// Appends one data record for blocks `first..first+n`, whose bytes from
+    /// `skip` on are `src` and the rest are kept from what is there now.
+    async fn write_blocks(
+        &self,
+        w: &mut Writer,
+        first: u64,
+        n: u64,
+        skip: u64,
+        src: &[u8],
+    ) -> Result<()> {
+        let bs = self.inner.block_size as usize;
+        let len = n as usize * bs;
+        let mut buf = vec![0u8; HEADER_LEN + len];
+        let payload = &mut buf[HEADER_LEN..];
+        let tail = skip as usize + src.len();
+        if skip > 0 {
+            self.read_old_block(first, &mut payload[..bs]).await?;
+        }
+        if tail < len && !(n == 1 && skip > 0) {
+            self.read_old_block(first + n - 1, &mut payload[len - bs..])
+                .await?;
+        }
+        payload[skip as usize..tail].copy_from_slice(src);
+        let crcs: Vec<u32> = payload.chunks(bs).map(crc32c::crc32c).collect();
+        let payload_crc = crcs
+            .iter()
+            .fold(None, |acc: Option<u32>, &c| {
+                Some(match acc {
+                    None => c,
+                    Some(a) => crc32c::crc32c_combine(a, c, bs),
+                })
+            })
+            .unwrap_or(0);
+        let lsn = w.next_lsn;
+        let header = encode_header(
+            RecordKind::Data,
+            &self.inner.uuid,
+            lsn,
+            first,
+            n,
+            len,
+            payload_crc,
+        );
+        buf[..HEADER_LEN].copy_from_slice(&header);
+        let at = self.append(w, &buf)?;
+        let base = at + HEADER_LEN as u64;
+        let seg = w.seg;
+        let entries: Vec<Entry> = crcs
+            .iter()
+            .enumerate()
+            .map(|(i, &crc)| Entry {
+                seg,
+                off: (base + (i * bs) as u64) as u32,
+                crc,
+            })
+            .collect();
+        w.changed = true;
+        self.map_op(|m, pins| m.set(first, &entries, pins)).await
+    }
+
+    /// The current contents of one block, for read-modify-write. Only the
+    /// part inside the volume is read; the rest of a last partial block
+    /// stays zero.
+    async fn read_old_block(&self, block: u64, dst: &mut [u8]) -> Result<()> {
+        let start = block * self.inner.block_size as u64;
+        let readable = (self.size() - start).min(dst.len() as u64) as usize;
+        self.read_into(start, &mut dst[..readable]).await
+    }
+
+    /// Appends a complete record at the end of the open segment.
+    fn append(&self, w: &mut Writer, record: &[u8]) -> Result<u64> {
+        let file = w.file.as_ref().ok_or(VolumeError::Closed)?;
+        let at = w.pos;
+        if at + record.len() as u64 > u32::MAX as u64 {
+            return Err(VolumeError::InvalidArgument("segment overflow".into()));
+        }
+        file.write_at(at, record).map_err(|e| self.fail(e.into()))?;
+        w.pos += record.len() as u64;
+        self.inner.written_lsn.store(w.next_lsn, Ordering::SeqCst);
+        w.next_lsn += 1;
+        Ok(at)
+    }
+
+    /// Housekeeping after appending: write back map pages under memory
+    /// pressure, seal a full segment.
+    async fn after_append(&self, w: &mut Writer) -> Result<()> {
+        if self.inner.map.lock().needs_writeback() {
+            self.write_back(w, true).await?;
+        }
+        if w.pos >= self.inner.segment_size {
+            self.seal(w, true, |_, _, _| {}).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes dirty map pages to the log: leaves down to a quarter of the
+    /// budget under pressure, or every page (bottom-up) for a checkpoint.
+    async fn write_back(&self, w: &mut Writer, pressure: bool) -> Result<()> {
+        loop {
+            let next = {
+                let m = self.inner.map.lock();
+                if pressure && m.dirty_pages() <= m.budget_pages() / 4 {
+                    return Ok(());
+                }
+                m.next_dirty(pressure)
+            };
+            let Some((level, index, page)) = next else {
+                return Ok(());
+            };
+            let at = if page.is_empty() {
+                Entry::EMPTY
+            } else {
+                let record = encode_record(
+                    RecordKind::MapPage,
+                    &self.inner.uuid,
+                    w.next_lsn,
+                    level as u64,
+                    index,
+                    &page.encode(),
+                );
+                let crc = u32::from_le_bytes(record[52..56].try_into().expect("4 bytes"));
+                let off = self.append(w, &record)?;
+                Entry {
+                    seg: w.seg,
+                    off: off as u32,
+                    crc,
+                }
+            };
+            self.inner.map.lock().written_back(level, index, at);
+        }
+    }
+
+    /// Seals the open segment: checkpoint, sync, hand to the store, new
+    /// manifest (adjusted by `edit`, which gets the checkpoint's place and
+    /// LSN). Starts a new journal unless `reopen` is false.
+    async fn seal(
+        &self,
+        w: &mut Writer,
+        reopen: bool,
+        edit: impl FnOnce(&mut Manifest, Entry, u64),
+    ) -> Result<()> {
+        self.write_back(w, false).await?;
+        let cp = {
+            let m = self.inner.map.lock();
+            Checkpoint {
+                root: m.root(),
+                depth: m.depth(),
+                size: self.size(),
+                allocated_blocks: m.allocated_blocks(),
+                usage: m.usage(),
+            }
+        };
+        let cp_lsn = w.next_lsn;
+        let record = encode_record(
+            RecordKind::Checkpoint,
+            &self.inner.uuid,
+            cp_lsn,
+            0,
+            0,
+            &cp.encode(),
+        );
+        let crc = u32::from_le_bytes(record[52..56].try_into().expect("4 bytes"));
+        let off = self.append(w, &record)?;
+        let cp_at = Entry {
+            seg: w.seg,
+            off: off as u32,
+            crc,
+        };
+        let file = w.file.clone().ok_or(VolumeError::Closed)?;
+        let sealed = w.seg;
+        {
+            let f = file.clone();
+            tokio::task::spawn_blocking(move || f.sync())
+                .await
+                .map_err(|e| VolumeError::Failed(e.to_string()))?
+                .map_err(|e| self.fail(e.into()))?;
+        }
+        self.inner.durable_lsn.fetch_max(cp_lsn, Ordering::SeqCst);
+        self.hand_to_store(sealed, &file)
+            .await
+            .map_err(|e| self.fail(e))?;
+        self.inner.segments.sealed(sealed);
+        let next = sealed + 1;
+        if reopen {
+            self.start_journal(w, next).map_err(|e| self.fail(e))?;
+        } else {
+            w.file = None;
+            w.seg = next;
+            w.pos = 0;
+            *self.inner.current.lock() = None;
+        }
+        let next_lsn = w.next_lsn;
+        self.update_manifest(|m| {
+            m.checkpoint = cp_at;
+            m.size = cp.size;
+            m.replay_from_seg = next;
+            m.replay_from_lsn = next_lsn;
+            m.next_seg = m.next_seg.max(next + 1);
+            edit(m, cp_at, cp_lsn);
+        })
+        .await?;
+        self.inner.backend.journal.remove(&journal_name(sealed))?;
+        w.changed = false;
+        Ok(())
+    }
+
+    /// Puts a synced journal file into the store as a sealed segment.
+    async fn hand_to_store(&self, id: u32, file: &Arc<dyn JournalFile>) -> Result<()> {
+        let name = segment_name(id);
+        let put = match self.inner.backend.journal.local_path(&journal_name(id)) {
+            Some(path) => {
+                self.inner
+                    .backend
+                    .store
+                    .put_file_if_absent(&name, &path)
+                    .await
+            }
+            None => {
+                let len = file.len()?;
+                let data = file.read_at(0, len as usize)?;
+                self.inner
+                    .backend
+                    .store
+                    .put_if_absent(&name, data.into())
+                    .await
+            }
+        };
+        match put {
+            Ok(()) => Ok(()),
+            Err(StoreError::AlreadyExists(_)) => Err(VolumeError::Fenced(format!(
+                "{name} already exists in {}: another writer has taken over the volume",
+                self.location()
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes the next manifest: the current one changed by `edit`. Fails
+    /// (and stops the volume) if another writer wrote one first.
+    async fn update_manifest(&self, edit: impl FnOnce(&mut Manifest)) -> Result<()> {
+        let mut m = self.inner.manifest.lock().clone();
+        edit(&mut m);
+        m.seq += 1;
+        m.written_ms = now_ms();
+        let name = manifest_name(m.seq);
+        match self
+            .inner
+            .backend
+            .store
+            .put_if_absent(&name, m.encode().into())
+            .await
+        {
+            Ok(()) => {
+                *self.inner.manifest.lock() = m;
+                Ok(())
+            }
+            Err(StoreError::AlreadyExists(_)) => Err(self.fail(VolumeError::Fenced(format!(
+                "{name} was written by another writer: {} has been taken over",
+                self.location()
+            )))),
+            Err(e) => Err(self.fail(e.into())),
+        }
+    }
+
+    /// Makes every acknowledged write durable. One journal sync serves every
+    /// write that was appended before it started.
+    pub async fn flush(&self) -> Result<()> {
+        if self.inner.read_only {
+            return Ok(());
+        }
+        if let Some(why) = self.inner.failed.lock().clone() {
+            return Err(VolumeError::Failed(why));
+        }
+        let target = self.inner.written_lsn.load(Ordering::SeqCst);
+        if self.inner.durable_lsn.load(Ordering::SeqCst) >= target {
+            return Ok(());
+        }
+        let _turn = self.inner.sync_lock.lock().await;
+        if self.inner.durable_lsn.load(Ordering::SeqCst) >= target {
+            return Ok(());
+        }
+        // Read the LSN before taking the file: every record up to it is in
+        // this file or in an earlier one, which sealing already synced.
+        let upto = self.inner.written_lsn.load(Ordering::SeqCst);
+        let file = self.inner.current.lock().clone();
+        if let Some(file) = file {
+            tokio::task::spawn_blocking(move || file.sync())
+                .await
+                .map_err(|e| VolumeError::Failed(e.to_string()))?
+                .map_err(|e| self.fail(e.into()))?;
+        }
+        self.inner.durable_lsn.fetch_max(upto, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Makes `offset..offset+len` read as zeros and releases its space.
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = self.inner.block_size as u64;
+        let size = self.size();
+        let end = offset + len;
+        // The volume's last partial block counts as whole: nothing past the
+        // end is visible.
+        let full_end = if end == size {
+            end.div_ceil(bs)
+        } else {
+            end / bs
+        };
+        let full_start = offset.div_ceil(bs);
+        let mut w = self.inner.writer.lock().await;
+        self.check_writable()?;
+        if full_start < full_end {
+            let head_end = (full_start * bs).min(end);
+            if offset < head_end {
+                self.write_zero_bytes(&mut w, offset, head_end).await?;
+            }
+            let tail_start = full_end * bs;
+            if tail_start < end {
+                self.write_zero_bytes(&mut w, tail_start, end).await?;
+            }
+            let lsn = w.next_lsn;
+            let header = encode_header(
+                RecordKind::Zero,
+                &self.inner.uuid,
+                lsn,
+                full_start,
+                full_end - full_start,
+                0,
+                0,
+            );
+            self.append(&mut w, &header)?;
+            w.changed = true;
+            self.map_op(|m, pins| m.zero(full_start, full_end, pins))
+                .await?;
+        } else {
+            self.write_zero_bytes(&mut w, offset, end).await?;
+        }
+        self.after_append(&mut w).await
+    }
+
+    /// Trim: the range reads as zeros afterwards and holds no space.
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len).await
+    }
+
+    /// Zeros within at most two partial blocks, by read-modify-write.
+    async fn write_zero_bytes(&self, w: &mut Writer, lo: u64, hi: u64) -> Result<()> {
+        let bs = self.inner.block_size as u64;
+        let zeros = vec![0u8; (hi - lo) as usize];
+        let mut block = lo / bs;
+        while block * bs < hi {
+            let b_lo = (block * bs).max(lo);
+            let b_hi = ((block + 1) * bs).min(hi);
+            self.write_blocks(
+                w,
+                block,
+                1,
+                b_lo - block * bs,
+                &zeros[(b_lo - lo) as usize..(b_hi - lo) as usize],
+            )
+            .await?;
+            block += 1;
+        }
+        Ok(())
+    }
+
+    /// Grows the volume to `new_size` bytes; the new space reads as zeros.
+    pub async fn resize(&self, new_size: u64) -> Result<()> {
+        self.check_writable()?;
+        let mut w = self.inner.writer.lock().await;
+        self.check_writable()?;
+        let size = self.size();
+        if new_size < size {
+            return Err(VolumeError::InvalidArgument(format!(
+                "cannot shrink the volume from {size} to {new_size} bytes"
+            )));
+        }
+        if new_size > i64::MAX as u64 {
+            return Err(VolumeError::InvalidArgument(format!(
+                "size {new_size} is too large"
+            )));
+        }
+        if new_size == size {
+            return Ok(());
+        }
+        let lsn = w.next_lsn;
+        let header = encode_header(RecordKind::Resize, &self.inner.uuid, lsn, new_size, 0, 0, 0);
+        self.append(&mut w, &header)?;
+        w.changed = true;
+        self.inner.size.store(new_size, Ordering::SeqCst);
+        self.inner
+            .map
+            .lock()
+            .grow_to(new_size.div_ceil(self.inner.block_size as u64));
+        self.after_append(&mut w).await
+    }
+
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        self.inner
+            .manifest
+            .lock()
+            .snapshots
+            .iter()
+            .map(SnapshotInfo::from)
+            .collect()
+    }
+
+    /// Takes a snapshot holding every write acknowledged before the call.
+    pub async fn snapshot_create(&self, name: &str) -> Result<SnapshotInfo> {
+        validate_snapshot_name(name)?;
+        self.check_writable()?;
+        let mut w = self.inner.writer.lock().await;
+        self.check_writable()?;
+        if self
+            .inner
+            .manifest
+            .lock()
+            .snapshots
+            .iter()
+            .any(|s| s.name == name)
+        {
+            return Err(VolumeError::SnapshotExists(name.to_string()));
+        }
+        let mut taken = None;
+        self.seal(&mut w, true, |m, at, lsn| {
+            let s = SnapshotEntry {
+                name: name.to_string(),
+                checkpoint: at,
+                lsn,
+                created_ms: now_ms(),
+                automatic: false,
+            };
+            taken = Some(SnapshotInfo::from(&s));
+            m.snapshots.push(s);
+        })
+        .await?;
+        Ok(taken.expect("seal ran the edit"))
+    }
+
+    pub async fn snapshot_delete(&self, name: &str) -> Result<()> {
+        self.check_writable()?;
+        let _w = self.inner.writer.lock().await;
+        self.check_writable()?;
+        if !self
+            .inner
+            .manifest
+            .lock()
+            .snapshots
+            .iter()
+            .any(|s| s.name == name)
+        {
+            return Err(VolumeError::SnapshotNotFound(name.to_string()));
+        }
+        self.update_manifest(|m| m.snapshots.retain(|s| s.name != name))
+            .await
+    }
+
+    /// Makes the head equal to snapshot `name`. The abandoned head is kept
+    /// as an automatic snapshot, whose name is returned.
+    pub async fn rollback(&self, name: &str) -> Result<String> {
+        self.check_writable()?;
+        let mut w = self.inner.writer.lock().await;
+        self.check_writable()?;
+        let target = self
+            .inner
+            .manifest
+            .lock()
+            .snapshots
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .ok_or_else(|| VolumeError::SnapshotNotFound(name.to_string()))?;
+        let (cp, _) =
+            read_checkpoint(&self.inner.segments, target.checkpoint, &self.inner.uuid).await?;
+        let auto_name = {
+            let m = self.inner.manifest.lock();
+            let base: String = format!("before-rollback-to-{name}")
+                .chars()
+                .take(MAX_NAME_LEN - 24)
+                .collect();
+            let stamp = now_ms();
+            let mut candidate = format!("{base}-{stamp}");
+            let mut k = 1;
+            while m.snapshots.iter().any(|s| s.name == candidate) {
+                candidate = format!("{base}-{stamp}-{k}");
+                k += 1;
+            }
+            candidate
+        };
+        self.seal(&mut w, true, |m, at, lsn| {
+            m.snapshots.push(SnapshotEntry {
+                name: auto_name.clone(),
+                checkpoint: at,
+                lsn,
+                created_ms: now_ms(),
+                automatic: true,
+            });
+            m.checkpoint = target.checkpoint;
+            m.size = cp.size;
+        })
+        .await?;
+        // Now the manifest's head is the snapshot: switch memory to it.
+        {
+            let mut map = self.inner.map.lock();
+            let budget = (map.budget_pages() * PAGE_COST) as u64;
+            *map = MapState::new(cp.root, cp.depth, budget, self.inner.block_size);
+            map.set_accounting(cp.allocated_blocks, &cp.usage);
+        }
+        self.inner.size.store(cp.size, Ordering::SeqCst);
+        Ok(auto_name)
+    }
+
+    /// Summary for `hlfs info`.
+    pub async fn info(&self) -> Result<VolumeInfo> {
+        let store = &self.inner.backend.store;
+        let mut stored = 0;
+        for prefix in ["segments/", "manifest/"] {
+            stored += store
+                .list(prefix)
+                .await?
+                .iter()
+                .map(|b| b.size)
+                .sum::<u64>();
+        }
+        for name in self.inner.backend.journal.list()? {
+            if let Ok(f) = self.inner.backend.journal.open(&name) {
+                stored += f.len().unwrap_or(0);
+            }
+        }
+        let m = self.inner.manifest.lock().clone();
+        Ok(VolumeInfo {
+            uuid: uuid::Uuid::from_bytes(self.inner.uuid).to_string(),
+            size: self.size(),
+            block_size: self.inner.block_size,
+            segment_size: self.inner.segment_size,
+            allocated_bytes: self.allocated_bytes(),
+            stored_bytes: stored,
+            format_version: FORMAT_VERSION,
+            snapshots: m.snapshots.iter().map(SnapshotInfo::from).collect(),
+            writer: m.writer.map(|w| format!("process {} on {}", w.pid, w.host)),
+            created_ms: m.volume_created_ms,
+        })
+    }
+
+    /// Seals what is unsealed and releases the writer claim. Writes after
+    /// close fail; a volume dropped without close is recovered on next open.
+    pub async fn close(&self) -> Result<()> {
+        if self.inner.read_only {
+            self.inner.closed.store(true, Ordering::SeqCst);
+            return Ok(());
+        }
+        let mut w = self.inner.writer.lock().await;
+        if w.closed {
+            return Ok(());
+        }
+        if let Some(why) = self.inner.failed.lock().clone() {
+            return Err(VolumeError::Failed(why));
+        }
+        if w.pos > 0 || w.changed {
+            self.seal(&mut w, false, |m, _, _| m.writer = None).await?;
+        } else {
+            if let Some(file) = w.file.take() {
+                drop(file);
+                self.inner.backend.journal.remove(&journal_name(w.seg))?;
+                *self.inner.current.lock() = None;
+            }
+            self.update_manifest(|m| m.writer = None).await?;
+        }
+        w.closed = true;
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.lock.lock().take();
+        Ok(())
+    }
+}
+
+/// Reads and decodes the checkpoint record at `at`, returning it and its LSN.
+pub(crate) async fn read_checkpoint(
+    segments: &Segments,
+    at: Entry,
+    uuid: &[u8; 16],
+) -> Result<(Checkpoint, u64)> {
+    let (h, payload) = segments.read_record(at.seg, at.off as u64, uuid).await?;
+    let where_ = || format!("checkpoint at {} offset {}", segment_name(at.seg), at.off);
+    if h.kind != RecordKind::Checkpoint || h.crc != at.crc {
+        return Err(VolumeError::corrupt(format!(
+            "{}: not the expected record",
+            where_()
+        )));
+    }
+    let cp = Checkpoint::decode(&payload)
+        .map_err(|e| VolumeError::corrupt(format!("{}: {e}", where_())))?;
+    Ok((cp, h.lsn))
+}
+
+/// Reads and decodes the map page record at `at`.
+pub(crate) async fn read_page(segments: &Segments, at: Entry, uuid: &[u8; 16]) -> Result<MapPage> {
+    let (h, payload) = segments.read_record(at.seg, at.off as u64, uuid).await?;
+    let where_ = || format!("map page at {} offset {}", segment_name(at.seg), at.off);
+    if h.kind != RecordKind::MapPage || h.crc != at.crc {
+        return Err(VolumeError::corrupt(format!(
+            "{}: not the expected record",
+            where_()
+        )));
+    }
+    MapPage::decode(&payload).map_err(|e| VolumeError::corrupt(format!("{}: {e}", where_())))
+}

@@ -1,0 +1,320 @@
+//! Reference-model property test: random interleavings of write, read, trim,
+//! write-zeroes, flush, FUA, grow, snapshot create/delete/rollback/read,
+//! reopen and crash, on volumes of odd sizes and every block size. Every read
+//! is compared with a plain model of the disk; after a crash the recovered
+//! image must be one of the states between the last durable point and the
+//! last write (a prefix of the writes, in order).
+//!
+//! `PROPTEST_CASES` sets the number of cases (default 256 per test binary
+//! run; CI raises it, and `scripts/model-soak.sh` runs millions).
+
+mod common;
+
+use common::{Image, SECTOR};
+use hlfs_store::{CrashMode, MemEnv};
+use hlfs_volume::{Backend, CreateOptions, OpenOptions, View, Volume};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+struct Pos {
+    hot: u8,
+    delta: u32,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { at: Pos, len: u32, seed: u8, fua: bool },
+    Read { at: Pos, len: u32 },
+    Trim { at: Pos, len: u32 },
+    Zeroes { at: Pos, len: u32 },
+    Flush,
+    Grow { extra: u32 },
+    Snapshot,
+    DeleteSnapshot(u8),
+    Rollback(u8),
+    ReadSnapshot { which: u8, at: Pos, len: u32 },
+    Reopen,
+    Crash { mode: u8, seed: u64 },
+}
+
+#[derive(Debug, Clone)]
+struct Config {
+    block_shift: u32,
+    size: u64,
+    segment_blocks: u64,
+    tiny_budget: bool,
+    hot_spots: Vec<u64>,
+}
+
+fn config() -> impl Strategy<Value = Config> {
+    (
+        9u32..=16,
+        prop_oneof![1u64..(3 << 20), (1u64 << 30)..(64u64 << 30)],
+        prop_oneof![Just(8u64), 16u64..64],
+        any::<bool>(),
+        proptest::collection::vec(any::<u64>(), 1..5),
+    )
+        .prop_map(|(block_shift, size, segment_blocks, tiny_budget, spots)| Config {
+            block_shift,
+            size,
+            segment_blocks,
+            tiny_budget,
+            hot_spots: spots.into_iter().map(|s| s % size).collect(),
+        })
+}
+
+fn pos() -> impl Strategy<Value = Pos> {
+    (any::<u8>(), 0u32..200_000).prop_map(|(hot, delta)| Pos { hot, delta })
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (pos(), 1u32..150_000, any::<u8>(), proptest::bool::weighted(0.1))
+            .prop_map(|(at, len, seed, fua)| Op::Write { at, len, seed, fua }),
+        4 => (pos(), 1u32..150_000).prop_map(|(at, len)| Op::Read { at, len }),
+        2 => (pos(), 1u32..300_000).prop_map(|(at, len)| Op::Trim { at, len }),
+        2 => (pos(), 1u32..300_000).prop_map(|(at, len)| Op::Zeroes { at, len }),
+        2 => Just(Op::Flush),
+        1 => (0u32..100_000).prop_map(|extra| Op::Grow { extra }),
+        1 => Just(Op::Snapshot),
+        1 => any::<u8>().prop_map(Op::DeleteSnapshot),
+        1 => any::<u8>().prop_map(Op::Rollback),
+        2 => (any::<u8>(), pos(), 1u32..100_000).prop_map(|(which, at, len)| Op::ReadSnapshot { which, at, len }),
+        1 => Just(Op::Reopen),
+        1 => (0u8..3, any::<u64>()).prop_map(|(mode, seed)| Op::Crash { mode, seed }),
+    ]
+}
+
+/// Resolves a position and length against the current size.
+fn place(cfg: &Config, at: &Pos, len: u32, size: u64) -> (u64, u64) {
+    if size == 0 {
+        return (0, 0);
+    }
+    let base = cfg.hot_spots[at.hot as usize % cfg.hot_spots.len()];
+    let len = (len as u64).min(size);
+    let off = (base + at.delta as u64).min(size - len);
+    (off, len)
+}
+
+fn budget(cfg: &Config) -> OpenOptions {
+    OpenOptions {
+        // The smallest budget the map allows, so write-back and eviction run all the time.
+        map_budget: if cfg.tiny_budget { 1 } else { 64 << 20 },
+    }
+}
+
+struct Harness {
+    cfg: Config,
+    env: MemEnv,
+    vol: Volume,
+    model: Image,
+    /// States since the last durable point; the first is durable.
+    history: Vec<Image>,
+    snapshots: Vec<(String, Image)>,
+    next_snap: u32,
+}
+
+impl Harness {
+    fn changed(&mut self) {
+        self.history.push(self.model.clone());
+    }
+
+    fn durable(&mut self) {
+        self.history = vec![self.model.clone()];
+    }
+
+    async fn open(&mut self) {
+        self.vol = Volume::open(Backend::memory(&self.env), &budget(&self.cfg))
+            .await
+            .expect("reopen");
+    }
+
+    async fn run(&mut self, op: &Op) {
+        let size = self.model.size;
+        match op {
+            Op::Write { at, len, seed, fua } => {
+                let (off, len) = place(&self.cfg, at, *len, size);
+                let data = common::pattern(len as usize, *seed);
+                if *fua {
+                    self.vol.write_fua(off, &data).await.expect("write_fua");
+                } else {
+                    self.vol.write(off, &data).await.expect("write");
+                }
+                self.model.write(off, &data);
+                self.changed();
+                if *fua {
+                    // FUA makes this write durable, and with it every write before it.
+                    self.durable();
+                }
+            }
+            Op::Read { at, len } => {
+                let (off, len) = place(&self.cfg, at, *len, size);
+                let got = self.vol.read(off, len as usize).await.expect("read");
+                assert!(got == self.model.read(off, len), "read {off}+{len} differs from the model");
+            }
+            Op::Trim { at, len } | Op::Zeroes { at, len } => {
+                let (off, len) = place(&self.cfg, at, *len, size);
+                if matches!(op, Op::Trim { .. }) {
+                    self.vol.trim(off, len).await.expect("trim");
+                } else {
+                    self.vol.write_zeroes(off, len).await.expect("write_zeroes");
+                }
+                // Applied as up to three records (partial head, partial
+                // tail, whole blocks); a crash may keep any prefix of them.
+                for (o, l) in common::zero_steps(off, len, 1 << self.cfg.block_shift, size) {
+                    self.model.zero(o, l);
+                    self.changed();
+                }
+            }
+            Op::Flush => {
+                self.vol.flush().await.expect("flush");
+                self.durable();
+            }
+            Op::Grow { extra } => {
+                let new_size = size + *extra as u64;
+                self.vol.resize(new_size).await.expect("resize");
+                self.model.size = new_size;
+                self.changed();
+            }
+            Op::Snapshot => {
+                let name = format!("s{}", self.next_snap);
+                self.next_snap += 1;
+                self.vol.snapshot_create(&name).await.expect("snapshot");
+                self.snapshots.push((name, self.model.clone()));
+                self.durable();
+            }
+            Op::DeleteSnapshot(i) => {
+                if self.snapshots.is_empty() {
+                    return;
+                }
+                let (name, _) = self.snapshots.remove(*i as usize % self.snapshots.len());
+                self.vol.snapshot_delete(&name).await.expect("delete snapshot");
+            }
+            Op::Rollback(i) => {
+                if self.snapshots.is_empty() {
+                    return;
+                }
+                let (name, image) = self.snapshots[*i as usize % self.snapshots.len()].clone();
+                let auto = self.vol.rollback(&name).await.expect("rollback");
+                self.snapshots.push((auto, self.model.clone()));
+                self.model = image;
+                self.durable();
+            }
+            Op::ReadSnapshot { which, at, len } => {
+                if self.snapshots.is_empty() {
+                    return;
+                }
+                let (name, image) = &self.snapshots[*which as usize % self.snapshots.len()];
+                let snap = Volume::open_read_only(
+                    Backend::memory(&self.env),
+                    &budget(&self.cfg),
+                    View::Snapshot(name.clone()),
+                )
+                .await
+                .expect("open snapshot");
+                assert_eq!(snap.size(), image.size, "snapshot {name} size");
+                let (off, len) = place(&self.cfg, at, *len, image.size);
+                let got = snap.read(off, len as usize).await.expect("read snapshot");
+                assert!(got == image.read(off, len), "snapshot {name} read {off}+{len} differs");
+                assert!(snap.write(off, &[1]).await.is_err(), "snapshot must be read-only");
+            }
+            Op::Reopen => {
+                self.vol.close().await.expect("close");
+                self.open().await;
+                self.durable();
+                self.verify_all().await;
+            }
+            Op::Crash { mode, seed } => {
+                let mode = match mode {
+                    0 => CrashMode::DropUnsynced,
+                    1 => CrashMode::KeepRandomPrefix { seed: *seed },
+                    _ => CrashMode::TornSectors { seed: *seed },
+                };
+                self.env = self.env.crash(mode);
+                self.open().await;
+                let recovered = self.recovered_state().await;
+                self.model = self.history[recovered].clone();
+                self.durable();
+            }
+        }
+    }
+
+    /// Which history state the reopened volume holds; panics if none.
+    async fn recovered_state(&self) -> usize {
+        let size = self.vol.size();
+        let ranges = common::touched_ranges(self.history.iter(), size);
+        let mut contents = Vec::new();
+        for &(off, len) in &ranges {
+            contents.push(self.vol.read(off, len as usize).await.expect("read after crash"));
+        }
+        let matches = |img: &Image| {
+            img.size == size && ranges.iter().zip(&contents).all(|(&(off, len), got)| *got == img.read(off, len))
+        };
+        // Several states can read the same (e.g. zeroing zeros); the latest
+        // one has touched the most, which keeps the allocation check exact.
+        match self.history.iter().rposition(matches) {
+            Some(i) => i,
+            None => panic!(
+                "after a crash the volume (size {size}) matches none of the {} states since the last flush",
+                self.history.len()
+            ),
+        }
+    }
+
+    /// Every written range and the allocation agree with the model.
+    async fn verify_all(&self) {
+        assert_eq!(self.vol.size(), self.model.size);
+        for (off, len) in common::touched_ranges(std::iter::once(&self.model), self.model.size) {
+            let got = self.vol.read(off, len as usize).await.expect("verify read");
+            assert!(got == self.model.read(off, len), "range {off}+{len} differs after reopen");
+        }
+        let allocated = self.vol.allocated_bytes();
+        let bs = 1u64 << self.cfg.block_shift;
+        let touched_blocks = self.model.touched_blocks(bs);
+        assert!(
+            allocated <= touched_blocks * bs,
+            "{allocated} bytes allocated but only {touched_blocks} blocks were ever written"
+        );
+    }
+}
+
+async fn run_case(cfg: Config, ops: Vec<Op>) {
+    let env = MemEnv::new();
+    let bs = 1u32 << cfg.block_shift;
+    let create = CreateOptions {
+        size: cfg.size,
+        block_size: bs,
+        segment_size: (cfg.segment_blocks * bs as u64).max(64 << 10),
+    };
+    Volume::create(&Backend::memory(&env), &create).await.expect("create");
+    let vol = Volume::open(Backend::memory(&env), &budget(&cfg)).await.expect("open");
+    let model = Image::new(cfg.size);
+    let mut h = Harness {
+        cfg,
+        env,
+        vol,
+        history: vec![model.clone()],
+        model,
+        snapshots: Vec::new(),
+        next_snap: 0,
+    };
+    for op in &ops {
+        h.run(op).await;
+    }
+    h.verify_all().await;
+    h.vol.close().await.expect("final close");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: common::cases(256), ..ProptestConfig::default() })]
+    #[test]
+    fn volume_matches_model(cfg in config(), ops in proptest::collection::vec(op(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(run_case(cfg, ops));
+    }
+}
+
+#[test]
+fn sector_size_matches_min_block() {
+    assert_eq!(SECTOR as u32, hlfs_format::MIN_BLOCK_SIZE);
+}
