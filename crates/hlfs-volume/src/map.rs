@@ -353,13 +353,10 @@ impl MapState {
         }
     }
 
-    /// Takes the next dirty page to write back: leaves first, and a parent
-    /// only once its children are clean. `leaves_only` stops after leaves.
-    pub fn next_dirty(&self, leaves_only: bool) -> Option<(u32, u64, Arc<MapPage>)> {
+    /// The next dirty page to write back: leaves first, and a parent only
+    /// once its children are clean (keys sort by level).
+    pub fn next_dirty(&self) -> Option<(u32, u64, Arc<MapPage>)> {
         let ((level, index), page) = self.dirty.iter().next()?;
-        if leaves_only && *level > 0 {
-            return None;
-        }
         Some((*level, *index, page.clone()))
     }
 

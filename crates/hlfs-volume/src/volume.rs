@@ -937,7 +937,7 @@ impl Volume {
     /// pressure, seal a full segment.
     async fn after_append(&self, w: &mut Writer) -> Result<()> {
         if self.inner.map.lock().needs_writeback() {
-            self.write_back(w, true).await?;
+            self.write_back(w).await?;
         }
         if w.pos >= self.inner.segment_size {
             self.seal(w, true, |_, _, _| {}).await?;
@@ -945,17 +945,12 @@ impl Volume {
         Ok(())
     }
 
-    /// Writes dirty map pages to the log: leaves down to a quarter of the
-    /// budget under pressure, or every page (bottom-up) for a checkpoint.
-    async fn write_back(&self, w: &mut Writer, pressure: bool) -> Result<()> {
+    /// Writes every dirty map page to the log, bottom-up. Under memory
+    /// pressure this is what bounds the map: scattered writes dirty about as
+    /// many inner pages as leaves, so writing back leaves alone would not.
+    async fn write_back(&self, w: &mut Writer) -> Result<()> {
         loop {
-            let next = {
-                let m = self.inner.map.lock();
-                if pressure && m.dirty_pages() <= m.budget_pages() / 4 {
-                    return Ok(());
-                }
-                m.next_dirty(pressure)
-            };
+            let next = self.inner.map.lock().next_dirty();
             let Some((level, index, page)) = next else {
                 return Ok(());
             };
@@ -991,7 +986,7 @@ impl Volume {
         reopen: bool,
         edit: impl FnOnce(&mut Manifest, Entry, u64),
     ) -> Result<()> {
-        self.write_back(w, false).await?;
+        self.write_back(w).await?;
         let cp = {
             let m = self.inner.map.lock();
             Checkpoint {

@@ -1,0 +1,233 @@
+//! Crash tests: scripted scenarios are cut off at every durable operation of
+//! the store (journal syncs, segment puts, manifest puts, file creates and
+//! removes), under each crash mode (unsynced data dropped, a random prefix of
+//! it kept, or random sectors of it kept). Every crash image must open, hold
+//! every acknowledged flush, equal a prefix of the writes in order, keep every
+//! acknowledged snapshot intact, and pass `check`.
+
+mod common;
+
+use common::{pattern, zero_steps, Image};
+use hlfs_store::{CrashMode, MemEnv};
+use hlfs_volume::{check, Backend, CreateOptions, OpenOptions, View, Volume, VolumeError};
+
+#[derive(Clone, Debug)]
+enum Step {
+    Write(u64, usize, u8),
+    Fua(u64, usize, u8),
+    Zero(u64, u64),
+    Flush,
+    Snapshot(&'static str),
+    Grow(u64),
+    Rollback(&'static str),
+    Reopen,
+}
+
+const BS: u32 = 4096;
+const SIZE: u64 = 5 << 20;
+
+fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
+    use Step::*;
+    vec![
+        (
+            "writes, flushes and a sealed segment",
+            vec![
+                Write(0, 4096, 1),
+                Write(10_000, 3000, 2),
+                Flush,
+                Write(4096 * 3, 8192, 3),
+                Fua(100_000, 70_000, 4),
+                // 128 KiB of writes fill the 64 KiB segments: seals.
+                Write(1 << 20, 130_000, 5),
+                Write(5, 10, 6),
+                Flush,
+                Write(2 << 20, 4096, 7),
+            ],
+        ),
+        (
+            "snapshot, zeroes, grow, rollback and reopen",
+            vec![
+                Write(0, 50_000, 1),
+                Snapshot("a"),
+                Zero(1000, 30_000),
+                Write(40_000, 9_000, 2),
+                Grow(SIZE + 12_345),
+                Write(SIZE, 12_345, 3),
+                Flush,
+                Rollback("a"),
+                Write(8192, 4096, 4),
+                Reopen,
+                Write(3 << 20, 100_000, 5),
+                Zero(0, SIZE),
+            ],
+        ),
+    ]
+}
+
+/// Model of what the run acknowledged.
+struct Expect {
+    model: Image,
+    history: Vec<Image>,
+    snapshots: Vec<(String, Image)>,
+}
+
+impl Expect {
+    fn changed(&mut self) {
+        self.history.push(self.model.clone());
+    }
+    fn durable(&mut self) {
+        self.history = vec![self.model.clone()];
+    }
+}
+
+fn options() -> OpenOptions {
+    // The smallest map budget, so map pages are written back as the run goes.
+    OpenOptions { map_budget: 1 }
+}
+
+/// Runs `steps` until the store dies; returns what must survive.
+async fn run(env: &MemEnv, steps: &[Step]) -> Expect {
+    let mut e = Expect {
+        model: Image::new(SIZE),
+        history: vec![Image::new(SIZE)],
+        snapshots: Vec::new(),
+    };
+    let Ok(mut vol) = Volume::open(Backend::memory(env), &options()).await else {
+        return e;
+    };
+    for step in steps {
+        // What the state is if this step lands, whether or not it is acknowledged.
+        let mut after = e.model.clone();
+        let result: Result<(), VolumeError> = match step {
+            Step::Write(off, len, seed) | Step::Fua(off, len, seed) => {
+                let data = pattern(*len, *seed);
+                after.write(*off, &data);
+                e.history.push(after.clone());
+                if matches!(step, Step::Fua(..)) {
+                    vol.write_fua(*off, &data).await
+                } else {
+                    vol.write(*off, &data).await
+                }
+            }
+            Step::Zero(off, len) => {
+                for (o, l) in zero_steps(*off, *len, BS as u64, after.size) {
+                    after.zero(o, l);
+                    e.history.push(after.clone());
+                }
+                vol.write_zeroes(*off, *len).await
+            }
+            Step::Flush => vol.flush().await,
+            Step::Snapshot(name) => vol.snapshot_create(name).await.map(|_| ()),
+            Step::Grow(size) => {
+                after.size = *size;
+                e.history.push(after.clone());
+                vol.resize(*size).await
+            }
+            Step::Rollback(name) => {
+                let target = e.snapshots.iter().find(|(n, _)| n == name).expect("scripted").1.clone();
+                after = target;
+                e.history.push(after.clone());
+                vol.rollback(name).await.map(|_| ())
+            }
+            Step::Reopen => match vol.close().await {
+                Ok(()) => match Volume::open(Backend::memory(env), &options()).await {
+                    Ok(v) => {
+                        vol = v;
+                        Ok(())
+                    }
+                    Err(err) => Err(err),
+                },
+                Err(err) => Err(err),
+            },
+        };
+        if result.is_err() {
+            // Not acknowledged: it may or may not have landed (its state is
+            // already in the history), and nothing after it ran.
+            return e;
+        }
+        e.model = after;
+        match step {
+            Step::Fua(..) | Step::Flush | Step::Reopen | Step::Rollback(_) => e.durable(),
+            Step::Snapshot(name) => {
+                e.snapshots.push((name.to_string(), e.model.clone()));
+                e.durable();
+            }
+            _ => e.changed(),
+        }
+    }
+    e
+}
+
+async fn verify(env: MemEnv, e: &Expect, what: &str) {
+    let vol = Volume::open(Backend::memory(&env), &options())
+        .await
+        .unwrap_or_else(|err| panic!("{what}: crash image does not open: {err}"));
+    let size = vol.size();
+    let ranges = common::touched_ranges(e.history.iter(), size);
+    let mut got = Vec::new();
+    for &(off, len) in &ranges {
+        got.push(vol.read(off, len as usize).await.expect("read"));
+    }
+    let matches = |img: &Image| {
+        img.size == size
+            && ranges
+                .iter()
+                .zip(&got)
+                .all(|(&(off, len), data)| *data == img.read(off, len))
+    };
+    assert!(
+        e.history.iter().any(matches),
+        "{what}: recovered image (size {size}) is not a prefix of the writes after the last flush"
+    );
+    for (name, image) in &e.snapshots {
+        let snap = Volume::open_read_only(Backend::memory(&env), &options(), View::Snapshot(name.clone()))
+            .await
+            .unwrap_or_else(|err| panic!("{what}: snapshot {name} lost: {err}"));
+        for (off, len) in common::touched_ranges(std::iter::once(image), image.size) {
+            assert!(
+                snap.read(off, len as usize).await.expect("read snapshot") == image.read(off, len),
+                "{what}: snapshot {name} changed"
+            );
+        }
+    }
+    vol.close().await.expect("close after recovery");
+    let report = check(Backend::memory(&env)).await.expect("check");
+    assert!(report.is_ok(), "{what}: check found {:?}", report.problems);
+}
+
+#[tokio::test]
+async fn crash_at_every_sync_point() {
+    for (name, steps) in scenarios() {
+        // Count the durable operations a full run makes.
+        let env = MemEnv::new();
+        let create = CreateOptions {
+            size: SIZE,
+            block_size: BS,
+            segment_size: 64 << 10,
+        };
+        Volume::create(&Backend::memory(&env), &create).await.unwrap();
+        let base = env.durable_ops();
+        let e = run(&env, &steps).await;
+        assert!(e.snapshots.len() == steps.iter().filter(|s| matches!(s, Step::Snapshot(_))).count());
+        let total = env.durable_ops() - base;
+        assert!(total > 10, "{name}: only {total} sync points");
+        eprintln!("{name}: {total} sync points");
+        for n in 0..=total {
+            for (k, mode) in [
+                CrashMode::DropUnsynced,
+                CrashMode::KeepRandomPrefix { seed: n },
+                CrashMode::TornSectors { seed: n * 7 + 1 },
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let env = MemEnv::new();
+                Volume::create(&Backend::memory(&env), &create).await.unwrap();
+                env.crash_after(base + n);
+                let e = run(&env, &steps).await;
+                let image = env.crash(mode);
+                verify(image, &e, &format!("{name}: crash after sync point {n} (mode {k})")).await;
+            }
+        }
+    }
+}

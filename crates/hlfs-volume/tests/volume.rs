@@ -1,0 +1,304 @@
+//! Engine behaviour through the public API: concurrency, the single-writer
+//! rule, snapshots, bounded map memory, group commit and damage handling.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::pattern;
+use hlfs_format::{manifest_name, Manifest, WriterClaim};
+use hlfs_store::{BlobStore, MemEnv};
+use hlfs_volume::{check, Backend, CreateOptions, OpenOptions, View, Volume, VolumeError};
+
+async fn mem_volume(env: &MemEnv, size: u64) -> Volume {
+    let create = CreateOptions {
+        size,
+        block_size: 4096,
+        segment_size: 1 << 20,
+    };
+    Volume::create(&Backend::memory(env), &create).await.unwrap();
+    Volume::open(Backend::memory(env), &OpenOptions::default()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_tasks_read_and_write_at_once() {
+    let env = MemEnv::new();
+    let vol = mem_volume(&env, 64 << 20).await;
+    // Each task owns a stripe; readers check the stripe holds one whole write.
+    let mut tasks = Vec::new();
+    for t in 0..16u64 {
+        let v = vol.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..50u8 {
+                let off = t * (4 << 20) + (round as u64 % 7) * 12_345;
+                let data = pattern(20_000, round.wrapping_add(t as u8));
+                v.write(off, &data).await.unwrap();
+                assert_eq!(v.read(off, data.len()).await.unwrap(), data);
+                if round % 10 == 0 {
+                    v.flush().await.unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    vol.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn second_writer_is_refused() {
+    let env = MemEnv::new();
+    let vol = mem_volume(&env, 1 << 20).await;
+    match Volume::open(Backend::memory(&env), &OpenOptions::default()).await {
+        Err(e @ VolumeError::Busy(_)) => assert!(e.to_string().contains("memory"), "{e}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a second writer was let in"),
+    }
+    // Readers of snapshots and of the head are welcome alongside.
+    vol.write(0, b"hello").await.unwrap();
+    vol.snapshot_create("s").await.unwrap();
+    let snap = Volume::open_read_only(Backend::memory(&env), &OpenOptions::default(), View::Snapshot("s".into()))
+        .await
+        .unwrap();
+    assert_eq!(snap.read(0, 5).await.unwrap(), b"hello");
+    vol.close().await.unwrap();
+    // Closed: the next writer gets in.
+    Volume::open(Backend::memory(&env), &OpenOptions::default())
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn writer_on_another_host_is_refused_through_the_manifest() {
+    let env = MemEnv::new();
+    mem_volume(&env, 1 << 20).await.close().await.unwrap();
+    // Another host claims the volume: a newer manifest names it as writer.
+    let store = env.store();
+    let names = store.list("manifest/").await.unwrap();
+    let last = names.last().unwrap();
+    let mut m = Manifest::decode(&store.get(&last.name).await.unwrap()).unwrap();
+    m.seq += 1;
+    m.writer = Some(WriterClaim {
+        host: "other-host.example".into(),
+        pid: 4242,
+        since_ms: 1,
+    });
+    store.put_if_absent(&manifest_name(m.seq), m.encode().into()).await.unwrap();
+    let err = Volume::open(Backend::memory(&env), &OpenOptions::default())
+        .await
+        .err()
+        .expect("refused");
+    let text = err.to_string();
+    assert!(matches!(err, VolumeError::Busy(_)), "{text}");
+    assert!(text.contains("other-host.example") && text.contains("4242"), "{text}");
+}
+
+#[tokio::test]
+async fn a_fenced_writer_stops_instead_of_forking_history() {
+    let env = MemEnv::new();
+    let vol = mem_volume(&env, 4 << 20).await;
+    vol.write(0, &pattern(8192, 1)).await.unwrap();
+    // Someone else advances the manifest behind our back.
+    let store = env.store();
+    let last = store.list("manifest/").await.unwrap().last().unwrap().name.clone();
+    let mut m = Manifest::decode(&store.get(&last).await.unwrap()).unwrap();
+    m.seq += 1;
+    store.put_if_absent(&manifest_name(m.seq), m.encode().into()).await.unwrap();
+    let err = vol.snapshot_create("x").await.err().expect("fenced");
+    assert!(matches!(err, VolumeError::Fenced(_)), "{err}");
+    assert!(vol.write(0, b"more").await.is_err(), "a fenced writer must stop writing");
+}
+
+#[tokio::test]
+async fn snapshot_cost_does_not_grow_with_volume_size() {
+    let mut costs = Vec::new();
+    for size in [1u64 << 30, 1 << 40] {
+        let env = MemEnv::new();
+        let vol = mem_volume(&env, size).await;
+        for i in 0..64u64 {
+            vol.write(i * 7 * 4096, &pattern(4096, i as u8)).await.unwrap();
+        }
+        vol.snapshot_create("warm").await.unwrap();
+        vol.write(0, &pattern(4096, 9)).await.unwrap();
+        let ops = env.durable_ops();
+        let bytes: u64 = env.store().list("").await.unwrap().iter().map(|b| b.size).sum();
+        let start = Instant::now();
+        vol.snapshot_create("s").await.unwrap();
+        let elapsed = start.elapsed();
+        let bytes_after: u64 = env.store().list("").await.unwrap().iter().map(|b| b.size).sum();
+        costs.push((env.durable_ops() - ops, bytes_after - bytes, elapsed));
+    }
+    let (small, big) = (costs[0], costs[1]);
+    assert_eq!(small.0, big.0, "durable operations per snapshot");
+    // A deeper tree has one more page per path: allow a few hundred bytes.
+    assert!(
+        big.1 <= small.1 + 512,
+        "1 TiB snapshot wrote {} bytes, 1 GiB wrote {}",
+        big.1,
+        small.1
+    );
+    assert!(big.2 < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn snapshots_by_name_and_as_of_time_and_rollback_keeps_the_head() {
+    let env = MemEnv::new();
+    let vol = mem_volume(&env, 1 << 20).await;
+    vol.write(0, b"one").await.unwrap();
+    let s1 = vol.snapshot_create("one").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    vol.write(0, b"two").await.unwrap();
+    let s2 = vol.snapshot_create("two").await.unwrap();
+    vol.write(0, b"three").await.unwrap();
+    assert!(vol.snapshot_create("two").await.is_err(), "duplicate name");
+    assert!(vol.snapshot_create("bad/name").await.is_err());
+
+    let opts = OpenOptions::default();
+    let open = |view| Volume::open_read_only(Backend::memory(&env), &opts, view);
+    assert_eq!(open(View::AsOf(s1.created_ms)).await.unwrap().read(0, 3).await.unwrap(), b"one");
+    assert_eq!(open(View::AsOf(s2.created_ms + 1000)).await.unwrap().read(0, 3).await.unwrap(), b"two");
+    assert!(matches!(
+        open(View::AsOf(s1.created_ms - 1)).await.err(),
+        Some(VolumeError::SnapshotNotFound(_))
+    ));
+
+    let kept = vol.rollback("one").await.unwrap();
+    assert_eq!(vol.read(0, 5).await.unwrap(), b"one\0\0");
+    let names: Vec<_> = vol.snapshots().into_iter().map(|s| (s.name, s.automatic)).collect();
+    assert!(names.contains(&(kept.clone(), true)), "{names:?}");
+    assert_eq!(open(View::Snapshot(kept)).await.unwrap().read(0, 5).await.unwrap(), b"three");
+    vol.snapshot_delete("two").await.unwrap();
+    assert!(vol.snapshot_delete("two").await.is_err());
+    vol.close().await.unwrap();
+    let vol = Volume::open(Backend::memory(&env), &OpenOptions::default()).await.unwrap();
+    assert_eq!(vol.read(0, 5).await.unwrap(), b"one\0\0");
+    assert_eq!(vol.snapshots().len(), 2);
+}
+
+#[tokio::test]
+async fn group_commit_shares_syncs_between_concurrent_flushes() {
+    let env = MemEnv::new();
+    env.set_latency(Duration::from_millis(1));
+    let vol = mem_volume(&env, 16 << 20).await;
+    let before = env.durable_ops();
+    let mut tasks = Vec::new();
+    for t in 0..64u64 {
+        let v = vol.clone();
+        tasks.push(tokio::spawn(async move {
+            v.write(t * 4096, &pattern(4096, t as u8)).await.unwrap();
+            v.flush().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let syncs = env.durable_ops() - before;
+    assert!(syncs >= 1 && syncs < 64, "{syncs} syncs for 64 flushes");
+}
+
+#[tokio::test]
+async fn huge_thin_volume_stays_within_the_map_budget() {
+    let env = MemEnv::new();
+    let create = CreateOptions {
+        size: 16 << 40,
+        block_size: 4096,
+        segment_size: 4 << 20,
+    };
+    Volume::create(&Backend::memory(&env), &create).await.unwrap();
+    let budget = OpenOptions { map_budget: 1 << 20 };
+    let vol = Volume::open(Backend::memory(&env), &budget).await.unwrap();
+    let blocks = (16u64 << 40) / 4096;
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut written = Vec::new();
+    let mut peak = 0;
+    for i in 0..3000u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let block = x % blocks;
+        vol.write(block * 4096, &i.to_le_bytes()).await.unwrap();
+        written.push((block, i));
+        peak = peak.max(vol.map_pages().0);
+    }
+    let (_, limit) = vol.map_pages();
+    assert!(peak <= limit, "{peak} map pages in memory, budget {limit}");
+    vol.close().await.unwrap();
+    let vol = Volume::open(Backend::memory(&env), &budget).await.unwrap();
+    let mut last = std::collections::HashMap::new();
+    for (b, i) in &written {
+        last.insert(*b, *i);
+    }
+    for (b, i) in last {
+        assert_eq!(vol.read(b * 4096, 8).await.unwrap(), i.to_le_bytes());
+    }
+    assert!(vol.map_pages().0 <= limit);
+    assert_eq!(vol.allocated_bytes(), written.iter().map(|w| w.0).collect::<std::collections::HashSet<_>>().len() as u64 * 4096);
+}
+
+#[tokio::test]
+async fn bad_requests_get_errors_not_panics() {
+    let env = MemEnv::new();
+    let vol = mem_volume(&env, 10_000).await;
+    assert!(matches!(vol.read(9_000, 2_000).await, Err(VolumeError::OutOfRange { .. })));
+    assert!(matches!(vol.write(u64::MAX, b"x").await, Err(VolumeError::OutOfRange { .. })));
+    assert!(matches!(vol.trim(10_001, 0).await, Err(VolumeError::OutOfRange { .. })));
+    assert!(vol.resize(5).await.is_err(), "shrinking");
+    // The last partial block works like any other.
+    vol.write(9_990, &[7; 10]).await.unwrap();
+    assert_eq!(vol.read(9_985, 15).await.unwrap(), [&[0u8; 5][..], &[7; 10]].concat());
+    vol.resize(20_000).await.unwrap();
+    assert_eq!(vol.read(9_990, 20).await.unwrap(), [&[7u8; 10][..], &[0; 10]].concat());
+    for bs in [0u32, 100, 256, 1 << 17] {
+        let create = CreateOptions {
+            size: 1 << 20,
+            block_size: bs,
+            segment_size: 1 << 20,
+        };
+        let e = Volume::create(&Backend::memory(&MemEnv::new()), &create).await;
+        assert!(matches!(e, Err(VolumeError::InvalidArgument(_))), "block size {bs}");
+    }
+    vol.close().await.unwrap();
+    assert!(matches!(vol.write(0, b"x").await, Err(VolumeError::Closed)));
+}
+
+#[tokio::test]
+async fn store_errors_fail_the_request_and_keep_acknowledged_data() {
+    use hlfs_store::{Fault, FaultOp};
+    let env = MemEnv::new();
+    let vol = mem_volume(&env, 4 << 20).await;
+    vol.write(0, &pattern(4096, 3)).await.unwrap();
+    vol.flush().await.unwrap();
+    env.inject(Fault {
+        op: FaultOp::JournalSync,
+        name_prefix: String::new(),
+        remaining: Some(1),
+    });
+    vol.write(8192, &pattern(4096, 4)).await.unwrap();
+    let err = vol.flush().await.err().expect("sync failure surfaces");
+    assert_eq!(err.errno(), libc_eio());
+    // A failed sync leaves the journal's state unknown: writes stop.
+    assert!(matches!(vol.write(0, b"x").await, Err(VolumeError::Failed(_))));
+    drop(vol);
+    let vol = Volume::open(Backend::memory(&env), &OpenOptions::default()).await.unwrap();
+    assert_eq!(vol.read(0, 4096).await.unwrap(), pattern(4096, 3));
+    vol.close().await.unwrap();
+    assert!(check(Backend::memory(&env)).await.unwrap().is_ok());
+}
+
+fn libc_eio() -> i32 {
+    5
+}
+
+#[tokio::test]
+async fn arc_volume_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>(_: &T) {}
+    let env = MemEnv::new();
+    let vol = Arc::new(mem_volume(&env, 1 << 20).await);
+    assert_send_sync(&vol);
+    vol.close().await.unwrap();
+}
