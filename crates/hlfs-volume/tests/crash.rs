@@ -124,7 +124,13 @@ async fn run(env: &MemEnv, steps: &[Step]) -> Expect {
                 vol.resize(*size).await
             }
             Step::Rollback(name) => {
-                let target = e.snapshots.iter().find(|(n, _)| n == name).expect("scripted").1.clone();
+                let target = e
+                    .snapshots
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .expect("scripted")
+                    .1
+                    .clone();
                 after = target;
                 e.history.push(after.clone());
                 vol.rollback(name).await.map(|_| ())
@@ -180,9 +186,13 @@ async fn verify(env: MemEnv, e: &Expect, what: &str) {
         "{what}: recovered image (size {size}) is not a prefix of the writes after the last flush"
     );
     for (name, image) in &e.snapshots {
-        let snap = Volume::open_read_only(Backend::memory(&env), &options(), View::Snapshot(name.clone()))
-            .await
-            .unwrap_or_else(|err| panic!("{what}: snapshot {name} lost: {err}"));
+        let snap = Volume::open_read_only(
+            Backend::memory(&env),
+            &options(),
+            View::Snapshot(name.clone()),
+        )
+        .await
+        .unwrap_or_else(|err| panic!("{what}: snapshot {name} lost: {err}"));
         for (off, len) in common::touched_ranges(std::iter::once(image), image.size) {
             assert!(
                 snap.read(off, len as usize).await.expect("read snapshot") == image.read(off, len),
@@ -205,10 +215,18 @@ async fn crash_at_every_sync_point() {
             block_size: BS,
             segment_size: 64 << 10,
         };
-        Volume::create(&Backend::memory(&env), &create).await.unwrap();
+        Volume::create(&Backend::memory(&env), &create)
+            .await
+            .unwrap();
         let base = env.durable_ops();
         let e = run(&env, &steps).await;
-        assert!(e.snapshots.len() == steps.iter().filter(|s| matches!(s, Step::Snapshot(_))).count());
+        assert!(
+            e.snapshots.len()
+                == steps
+                    .iter()
+                    .filter(|s| matches!(s, Step::Snapshot(_)))
+                    .count()
+        );
         let total = env.durable_ops() - base;
         assert!(total > 10, "{name}: only {total} sync points");
         eprintln!("{name}: {total} sync points");
@@ -222,11 +240,18 @@ async fn crash_at_every_sync_point() {
             .enumerate()
             {
                 let env = MemEnv::new();
-                Volume::create(&Backend::memory(&env), &create).await.unwrap();
+                Volume::create(&Backend::memory(&env), &create)
+                    .await
+                    .unwrap();
                 env.crash_after(base + n);
                 let e = run(&env, &steps).await;
                 let image = env.crash(mode);
-                verify(image, &e, &format!("{name}: crash after sync point {n} (mode {k})")).await;
+                verify(
+                    image,
+                    &e,
+                    &format!("{name}: crash after sync point {n} (mode {k})"),
+                )
+                .await;
             }
         }
     }

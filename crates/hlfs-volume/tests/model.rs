@@ -23,18 +23,41 @@ struct Pos {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { at: Pos, len: u32, seed: u8, fua: bool },
-    Read { at: Pos, len: u32 },
-    Trim { at: Pos, len: u32 },
-    Zeroes { at: Pos, len: u32 },
+    Write {
+        at: Pos,
+        len: u32,
+        seed: u8,
+        fua: bool,
+    },
+    Read {
+        at: Pos,
+        len: u32,
+    },
+    Trim {
+        at: Pos,
+        len: u32,
+    },
+    Zeroes {
+        at: Pos,
+        len: u32,
+    },
     Flush,
-    Grow { extra: u32 },
+    Grow {
+        extra: u32,
+    },
     Snapshot,
     DeleteSnapshot(u8),
     Rollback(u8),
-    ReadSnapshot { which: u8, at: Pos, len: u32 },
+    ReadSnapshot {
+        which: u8,
+        at: Pos,
+        len: u32,
+    },
     Reopen,
-    Crash { mode: u8, seed: u64 },
+    Crash {
+        mode: u8,
+        seed: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -54,13 +77,15 @@ fn config() -> impl Strategy<Value = Config> {
         any::<bool>(),
         proptest::collection::vec(any::<u64>(), 1..5),
     )
-        .prop_map(|(block_shift, size, segment_blocks, tiny_budget, spots)| Config {
-            block_shift,
-            size,
-            segment_blocks,
-            tiny_budget,
-            hot_spots: spots.into_iter().map(|s| s % size).collect(),
-        })
+        .prop_map(
+            |(block_shift, size, segment_blocks, tiny_budget, spots)| Config {
+                block_shift,
+                size,
+                segment_blocks,
+                tiny_budget,
+                hot_spots: spots.into_iter().map(|s| s % size).collect(),
+            },
+        )
 }
 
 fn pos() -> impl Strategy<Value = Pos> {
@@ -150,7 +175,10 @@ impl Harness {
             Op::Read { at, len } => {
                 let (off, len) = place(&self.cfg, at, *len, size);
                 let got = self.vol.read(off, len as usize).await.expect("read");
-                assert!(got == self.model.read(off, len), "read {off}+{len} differs from the model");
+                assert!(
+                    got == self.model.read(off, len),
+                    "read {off}+{len} differs from the model"
+                );
             }
             Op::Trim { at, len } | Op::Zeroes { at, len } => {
                 let (off, len) = place(&self.cfg, at, *len, size);
@@ -188,7 +216,10 @@ impl Harness {
                     return;
                 }
                 let (name, _) = self.snapshots.remove(*i as usize % self.snapshots.len());
-                self.vol.snapshot_delete(&name).await.expect("delete snapshot");
+                self.vol
+                    .snapshot_delete(&name)
+                    .await
+                    .expect("delete snapshot");
             }
             Op::Rollback(i) => {
                 if self.snapshots.is_empty() {
@@ -215,8 +246,14 @@ impl Harness {
                 assert_eq!(snap.size(), image.size, "snapshot {name} size");
                 let (off, len) = place(&self.cfg, at, *len, image.size);
                 let got = snap.read(off, len as usize).await.expect("read snapshot");
-                assert!(got == image.read(off, len), "snapshot {name} read {off}+{len} differs");
-                assert!(snap.write(off, &[1]).await.is_err(), "snapshot must be read-only");
+                assert!(
+                    got == image.read(off, len),
+                    "snapshot {name} read {off}+{len} differs"
+                );
+                assert!(
+                    snap.write(off, &[1]).await.is_err(),
+                    "snapshot must be read-only"
+                );
             }
             Op::Reopen => {
                 self.vol.close().await.expect("close");
@@ -245,10 +282,19 @@ impl Harness {
         let ranges = common::touched_ranges(self.history.iter(), size);
         let mut contents = Vec::new();
         for &(off, len) in &ranges {
-            contents.push(self.vol.read(off, len as usize).await.expect("read after crash"));
+            contents.push(
+                self.vol
+                    .read(off, len as usize)
+                    .await
+                    .expect("read after crash"),
+            );
         }
         let matches = |img: &Image| {
-            img.size == size && ranges.iter().zip(&contents).all(|(&(off, len), got)| *got == img.read(off, len))
+            img.size == size
+                && ranges
+                    .iter()
+                    .zip(&contents)
+                    .all(|(&(off, len), got)| *got == img.read(off, len))
         };
         // Several states can read the same (e.g. zeroing zeros); the latest
         // one has touched the most, which keeps the allocation check exact.
@@ -266,7 +312,10 @@ impl Harness {
         assert_eq!(self.vol.size(), self.model.size);
         for (off, len) in common::touched_ranges(std::iter::once(&self.model), self.model.size) {
             let got = self.vol.read(off, len as usize).await.expect("verify read");
-            assert!(got == self.model.read(off, len), "range {off}+{len} differs after reopen");
+            assert!(
+                got == self.model.read(off, len),
+                "range {off}+{len} differs after reopen"
+            );
         }
         let allocated = self.vol.allocated_bytes();
         let bs = 1u64 << self.cfg.block_shift;
@@ -286,8 +335,12 @@ async fn run_case(cfg: Config, ops: Vec<Op>) {
         block_size: bs,
         segment_size: (cfg.segment_blocks * bs as u64).max(64 << 10),
     };
-    Volume::create(&Backend::memory(&env), &create).await.expect("create");
-    let vol = Volume::open(Backend::memory(&env), &budget(&cfg)).await.expect("open");
+    Volume::create(&Backend::memory(&env), &create)
+        .await
+        .expect("create");
+    let vol = Volume::open(Backend::memory(&env), &budget(&cfg))
+        .await
+        .expect("open");
     let model = Image::new(cfg.size);
     let mut h = Harness {
         cfg,

@@ -17,8 +17,12 @@ async fn mem_volume(env: &MemEnv, size: u64) -> Volume {
         block_size: 4096,
         segment_size: 1 << 20,
     };
-    Volume::create(&Backend::memory(env), &create).await.unwrap();
-    Volume::open(Backend::memory(env), &OpenOptions::default()).await.unwrap()
+    Volume::create(&Backend::memory(env), &create)
+        .await
+        .unwrap();
+    Volume::open(Backend::memory(env), &OpenOptions::default())
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -59,9 +63,13 @@ async fn second_writer_is_refused() {
     // Readers of snapshots and of the head are welcome alongside.
     vol.write(0, b"hello").await.unwrap();
     vol.snapshot_create("s").await.unwrap();
-    let snap = Volume::open_read_only(Backend::memory(&env), &OpenOptions::default(), View::Snapshot("s".into()))
-        .await
-        .unwrap();
+    let snap = Volume::open_read_only(
+        Backend::memory(&env),
+        &OpenOptions::default(),
+        View::Snapshot("s".into()),
+    )
+    .await
+    .unwrap();
     assert_eq!(snap.read(0, 5).await.unwrap(), b"hello");
     vol.close().await.unwrap();
     // Closed: the next writer gets in.
@@ -88,14 +96,20 @@ async fn writer_on_another_host_is_refused_through_the_manifest() {
         pid: 4242,
         since_ms: 1,
     });
-    store.put_if_absent(&manifest_name(m.seq), m.encode().into()).await.unwrap();
+    store
+        .put_if_absent(&manifest_name(m.seq), m.encode().into())
+        .await
+        .unwrap();
     let err = Volume::open(Backend::memory(&env), &OpenOptions::default())
         .await
         .err()
         .expect("refused");
     let text = err.to_string();
     assert!(matches!(err, VolumeError::Busy(_)), "{text}");
-    assert!(text.contains("other-host.example") && text.contains("4242"), "{text}");
+    assert!(
+        text.contains("other-host.example") && text.contains("4242"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -105,13 +119,26 @@ async fn a_fenced_writer_stops_instead_of_forking_history() {
     vol.write(0, &pattern(8192, 1)).await.unwrap();
     // Someone else advances the manifest behind our back.
     let store = env.store();
-    let last = store.list("manifest/").await.unwrap().last().unwrap().name.clone();
+    let last = store
+        .list("manifest/")
+        .await
+        .unwrap()
+        .last()
+        .unwrap()
+        .name
+        .clone();
     let mut m = Manifest::decode(&store.get(&last).await.unwrap()).unwrap();
     m.seq += 1;
-    store.put_if_absent(&manifest_name(m.seq), m.encode().into()).await.unwrap();
+    store
+        .put_if_absent(&manifest_name(m.seq), m.encode().into())
+        .await
+        .unwrap();
     let err = vol.snapshot_create("x").await.err().expect("fenced");
     assert!(matches!(err, VolumeError::Fenced(_)), "{err}");
-    assert!(vol.write(0, b"more").await.is_err(), "a fenced writer must stop writing");
+    assert!(
+        vol.write(0, b"more").await.is_err(),
+        "a fenced writer must stop writing"
+    );
 }
 
 #[tokio::test]
@@ -121,16 +148,32 @@ async fn snapshot_cost_does_not_grow_with_volume_size() {
         let env = MemEnv::new();
         let vol = mem_volume(&env, size).await;
         for i in 0..64u64 {
-            vol.write(i * 7 * 4096, &pattern(4096, i as u8)).await.unwrap();
+            vol.write(i * 7 * 4096, &pattern(4096, i as u8))
+                .await
+                .unwrap();
         }
         vol.snapshot_create("warm").await.unwrap();
         vol.write(0, &pattern(4096, 9)).await.unwrap();
         let ops = env.durable_ops();
-        let bytes: u64 = env.store().list("").await.unwrap().iter().map(|b| b.size).sum();
+        let bytes: u64 = env
+            .store()
+            .list("")
+            .await
+            .unwrap()
+            .iter()
+            .map(|b| b.size)
+            .sum();
         let start = Instant::now();
         vol.snapshot_create("s").await.unwrap();
         let elapsed = start.elapsed();
-        let bytes_after: u64 = env.store().list("").await.unwrap().iter().map(|b| b.size).sum();
+        let bytes_after: u64 = env
+            .store()
+            .list("")
+            .await
+            .unwrap()
+            .iter()
+            .map(|b| b.size)
+            .sum();
         costs.push((env.durable_ops() - ops, bytes_after - bytes, elapsed));
     }
     let (small, big) = (costs[0], costs[1]);
@@ -160,8 +203,24 @@ async fn snapshots_by_name_and_as_of_time_and_rollback_keeps_the_head() {
 
     let opts = OpenOptions::default();
     let open = |view| Volume::open_read_only(Backend::memory(&env), &opts, view);
-    assert_eq!(open(View::AsOf(s1.created_ms)).await.unwrap().read(0, 3).await.unwrap(), b"one");
-    assert_eq!(open(View::AsOf(s2.created_ms + 1000)).await.unwrap().read(0, 3).await.unwrap(), b"two");
+    assert_eq!(
+        open(View::AsOf(s1.created_ms))
+            .await
+            .unwrap()
+            .read(0, 3)
+            .await
+            .unwrap(),
+        b"one"
+    );
+    assert_eq!(
+        open(View::AsOf(s2.created_ms + 1000))
+            .await
+            .unwrap()
+            .read(0, 3)
+            .await
+            .unwrap(),
+        b"two"
+    );
     assert!(matches!(
         open(View::AsOf(s1.created_ms - 1)).await.err(),
         Some(VolumeError::SnapshotNotFound(_))
@@ -169,13 +228,27 @@ async fn snapshots_by_name_and_as_of_time_and_rollback_keeps_the_head() {
 
     let kept = vol.rollback("one").await.unwrap();
     assert_eq!(vol.read(0, 5).await.unwrap(), b"one\0\0");
-    let names: Vec<_> = vol.snapshots().into_iter().map(|s| (s.name, s.automatic)).collect();
+    let names: Vec<_> = vol
+        .snapshots()
+        .into_iter()
+        .map(|s| (s.name, s.automatic))
+        .collect();
     assert!(names.contains(&(kept.clone(), true)), "{names:?}");
-    assert_eq!(open(View::Snapshot(kept)).await.unwrap().read(0, 5).await.unwrap(), b"three");
+    assert_eq!(
+        open(View::Snapshot(kept))
+            .await
+            .unwrap()
+            .read(0, 5)
+            .await
+            .unwrap(),
+        b"three"
+    );
     vol.snapshot_delete("two").await.unwrap();
     assert!(vol.snapshot_delete("two").await.is_err());
     vol.close().await.unwrap();
-    let vol = Volume::open(Backend::memory(&env), &OpenOptions::default()).await.unwrap();
+    let vol = Volume::open(Backend::memory(&env), &OpenOptions::default())
+        .await
+        .unwrap();
     assert_eq!(vol.read(0, 5).await.unwrap(), b"one\0\0");
     assert_eq!(vol.snapshots().len(), 2);
 }
@@ -209,8 +282,12 @@ async fn huge_thin_volume_stays_within_the_map_budget() {
         block_size: 4096,
         segment_size: 4 << 20,
     };
-    Volume::create(&Backend::memory(&env), &create).await.unwrap();
-    let budget = OpenOptions { map_budget: 1 << 20 };
+    Volume::create(&Backend::memory(&env), &create)
+        .await
+        .unwrap();
+    let budget = OpenOptions {
+        map_budget: 1 << 20,
+    };
     let vol = Volume::open(Backend::memory(&env), &budget).await.unwrap();
     let blocks = (16u64 << 40) / 4096;
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
@@ -237,22 +314,45 @@ async fn huge_thin_volume_stays_within_the_map_budget() {
         assert_eq!(vol.read(b * 4096, 8).await.unwrap(), i.to_le_bytes());
     }
     assert!(vol.map_pages().0 <= limit);
-    assert_eq!(vol.allocated_bytes(), written.iter().map(|w| w.0).collect::<std::collections::HashSet<_>>().len() as u64 * 4096);
+    assert_eq!(
+        vol.allocated_bytes(),
+        written
+            .iter()
+            .map(|w| w.0)
+            .collect::<std::collections::HashSet<_>>()
+            .len() as u64
+            * 4096
+    );
 }
 
 #[tokio::test]
 async fn bad_requests_get_errors_not_panics() {
     let env = MemEnv::new();
     let vol = mem_volume(&env, 10_000).await;
-    assert!(matches!(vol.read(9_000, 2_000).await, Err(VolumeError::OutOfRange { .. })));
-    assert!(matches!(vol.write(u64::MAX, b"x").await, Err(VolumeError::OutOfRange { .. })));
-    assert!(matches!(vol.trim(10_001, 0).await, Err(VolumeError::OutOfRange { .. })));
+    assert!(matches!(
+        vol.read(9_000, 2_000).await,
+        Err(VolumeError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        vol.write(u64::MAX, b"x").await,
+        Err(VolumeError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        vol.trim(10_001, 0).await,
+        Err(VolumeError::OutOfRange { .. })
+    ));
     assert!(vol.resize(5).await.is_err(), "shrinking");
     // The last partial block works like any other.
     vol.write(9_990, &[7; 10]).await.unwrap();
-    assert_eq!(vol.read(9_985, 15).await.unwrap(), [&[0u8; 5][..], &[7; 10]].concat());
+    assert_eq!(
+        vol.read(9_985, 15).await.unwrap(),
+        [&[0u8; 5][..], &[7; 10]].concat()
+    );
     vol.resize(20_000).await.unwrap();
-    assert_eq!(vol.read(9_990, 20).await.unwrap(), [&[7u8; 10][..], &[0; 10]].concat());
+    assert_eq!(
+        vol.read(9_990, 20).await.unwrap(),
+        [&[7u8; 10][..], &[0; 10]].concat()
+    );
     for bs in [0u32, 100, 256, 1 << 17] {
         let create = CreateOptions {
             size: 1 << 20,
@@ -260,7 +360,10 @@ async fn bad_requests_get_errors_not_panics() {
             segment_size: 1 << 20,
         };
         let e = Volume::create(&Backend::memory(&MemEnv::new()), &create).await;
-        assert!(matches!(e, Err(VolumeError::InvalidArgument(_))), "block size {bs}");
+        assert!(
+            matches!(e, Err(VolumeError::InvalidArgument(_))),
+            "block size {bs}"
+        );
     }
     vol.close().await.unwrap();
     assert!(matches!(vol.write(0, b"x").await, Err(VolumeError::Closed)));
@@ -282,9 +385,14 @@ async fn store_errors_fail_the_request_and_keep_acknowledged_data() {
     let err = vol.flush().await.err().expect("sync failure surfaces");
     assert_eq!(err.errno(), libc_eio());
     // A failed sync leaves the journal's state unknown: writes stop.
-    assert!(matches!(vol.write(0, b"x").await, Err(VolumeError::Failed(_))));
+    assert!(matches!(
+        vol.write(0, b"x").await,
+        Err(VolumeError::Failed(_))
+    ));
     drop(vol);
-    let vol = Volume::open(Backend::memory(&env), &OpenOptions::default()).await.unwrap();
+    let vol = Volume::open(Backend::memory(&env), &OpenOptions::default())
+        .await
+        .unwrap();
     assert_eq!(vol.read(0, 4096).await.unwrap(), pattern(4096, 3));
     vol.close().await.unwrap();
     assert!(check(Backend::memory(&env)).await.unwrap().is_ok());

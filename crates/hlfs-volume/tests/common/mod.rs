@@ -27,7 +27,10 @@ impl Image {
             let sector = pos / SECTOR;
             let within = (pos % SECTOR) as usize;
             let n = (SECTOR as usize - within).min(data.len() - done);
-            let s = self.sectors.entry(sector).or_insert_with(|| Box::new([0; SECTOR as usize]));
+            let s = self
+                .sectors
+                .entry(sector)
+                .or_insert_with(|| Box::new([0; SECTOR as usize]));
             s[within..within + n].copy_from_slice(&data[done..done + n]);
             done += n;
         }
@@ -46,8 +49,9 @@ impl Image {
         for (&sector, s) in self.sectors.range(off / SECTOR..end.div_ceil(SECTOR)) {
             let lo = (sector * SECTOR).max(off);
             let hi = ((sector + 1) * SECTOR).min(end);
-            out[(lo - off) as usize..(hi - off) as usize]
-                .copy_from_slice(&s[(lo - sector * SECTOR) as usize..(hi - sector * SECTOR) as usize]);
+            out[(lo - off) as usize..(hi - off) as usize].copy_from_slice(
+                &s[(lo - sector * SECTOR) as usize..(hi - sector * SECTOR) as usize],
+            );
         }
         out
     }
@@ -94,7 +98,11 @@ pub fn zero_steps(off: u64, len: u64, bs: u64, size: u64) -> Vec<(u64, u64)> {
         return Vec::new();
     }
     let end = off + len;
-    let full_end = if end == size { end.div_ceil(bs) } else { end / bs };
+    let full_end = if end == size {
+        end.div_ceil(bs)
+    } else {
+        end / bs
+    };
     let full_start = off.div_ceil(bs);
     let mut steps = Vec::new();
     if full_start < full_end {

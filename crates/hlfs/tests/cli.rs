@@ -1,0 +1,332 @@
+//! The `hlfs` command as a user runs it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
+
+use hlfs_format::{decode_header, RecordKind, HEADER_LEN};
+use rand::{RngCore, SeedableRng};
+use sha2::{Digest, Sha256};
+
+fn hlfs(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hlfs"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run hlfs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = hlfs(args);
+    assert!(
+        out.status.success(),
+        "hlfs {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Fails with a clean error message, never a panic: status 1 for errors,
+/// 2 for command-line usage errors (clap's convention).
+fn fails(args: &[&str]) -> String {
+    let out = hlfs(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        matches!(out.status.code(), Some(1 | 2)),
+        "hlfs {args:?} should fail: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.starts_with("hlfs: error: ") || stderr.starts_with("error: "),
+        "{stderr}"
+    );
+    stderr
+}
+
+fn sha256(path: &Path) -> String {
+    let mut h = Sha256::new();
+    let mut f = std::fs::File::open(path).unwrap();
+    std::io::copy(&mut f, &mut h).unwrap();
+    format!("{:x}", h.finalize())
+}
+
+fn random_file(path: &Path, len: usize, seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        rng.fill_bytes(&mut buf[..n]);
+        f.write_all(&buf[..n]).unwrap();
+        left -= n;
+    }
+}
+
+fn du(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in walk(path) {
+        total += std::fs::metadata(&entry)
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0);
+    }
+    total
+}
+
+fn walk(path: &Path) -> Vec<PathBuf> {
+    let mut out = vec![path.to_path_buf()];
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).unwrap() {
+            out.extend(walk(&e.unwrap().path()));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_one_tib_thin_volume_is_created_and_described_fast_and_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("big.hlfs");
+    let v = vol.to_str().unwrap();
+    let start = Instant::now();
+    ok(&["create", v, "--size", "1T"]);
+    let json = ok(&["info", v, "--json"]);
+    let elapsed = start.elapsed();
+    let info: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(info["size"], 1u64 << 40);
+    assert_eq!(info["block_size"], 4096);
+    assert_eq!(info["allocated_bytes"], 0);
+    assert_eq!(info["format_version"], 1);
+    assert!(info["stored_bytes"].as_u64().unwrap() < 4096);
+    assert_eq!(info["snapshots"], serde_json::json!([]));
+    assert!(
+        elapsed.as_secs_f64() < 1.0,
+        "create + info took {elapsed:?}"
+    );
+    assert!(du(&vol) < 1 << 20, "{} bytes on disk", du(&vol));
+}
+
+#[test]
+fn import_and_export_of_a_1_gib_random_image_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    random_file(&img, 1 << 30, 1);
+    let vol = dir.path().join("vm.hlfs");
+    let out = dir.path().join("out.img");
+    ok(&[
+        "import",
+        img.to_str().unwrap(),
+        vol.to_str().unwrap(),
+        "--create",
+    ]);
+    ok(&["export", vol.to_str().unwrap(), out.to_str().unwrap()]);
+    assert_eq!(sha256(&img), sha256(&out));
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&["info", vol.to_str().unwrap(), "--json"])).unwrap();
+    assert_eq!(info["size"], 1u64 << 30);
+    assert_eq!(info["allocated_bytes"], 1u64 << 30);
+}
+
+#[test]
+fn import_from_stdin_skips_zeros_and_grows_the_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("s.hlfs");
+    let v = vol.to_str().unwrap();
+    // 1 MiB data, 8 MiB zeros, 100 bytes of data: odd size, mostly holes.
+    let mut image = vec![0u8; (9 << 20) + 100];
+    rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut image[..1 << 20]);
+    image[(9 << 20)..].fill(0xAB);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hlfs"))
+        .args(["import", "-", v, "--create"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&image).unwrap();
+    assert!(child.wait().unwrap().success());
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info", v, "--json"])).unwrap();
+    assert_eq!(info["size"], image.len() as u64);
+    assert_eq!(info["allocated_bytes"], (1 << 20) + 4096);
+    let out = Command::new(env!("CARGO_BIN_EXE_hlfs"))
+        .args(["export", v, "-"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(out.stdout == image, "stdout export differs");
+    let file = dir.path().join("sparse.img");
+    ok(&["export", v, file.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&file).unwrap(), image);
+    assert!(
+        du(&file) < 2 << 20,
+        "export should keep holes: {} bytes",
+        du(&file)
+    );
+}
+
+#[test]
+fn snapshots_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    random_file(&a, 3 << 20, 1);
+    random_file(&b, 3 << 20, 2);
+    let vol = dir.path().join("v.hlfs");
+    let v = vol.to_str().unwrap();
+    ok(&["import", a.to_str().unwrap(), v, "--create"]);
+    ok(&["snapshot", "create", v, "first"]);
+    ok(&["import", b.to_str().unwrap(), v]);
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&["snapshot", "list", v, "--json"])).unwrap();
+    assert_eq!(list[0]["name"], "first");
+    let snap_out = dir.path().join("snap.img");
+    ok(&["export", &format!("{v}@first"), snap_out.to_str().unwrap()]);
+    assert_eq!(sha256(&snap_out), sha256(&a));
+    let said = ok(&["snapshot", "rollback", v, "first"]);
+    let kept = said
+        .split("kept as snapshot ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string();
+    let head = dir.path().join("head.img");
+    ok(&["export", v, head.to_str().unwrap()]);
+    assert_eq!(sha256(&head), sha256(&a));
+    ok(&["export", &format!("{v}@{kept}"), head.to_str().unwrap()]);
+    assert_eq!(
+        sha256(&head),
+        sha256(&b),
+        "rollback must keep the abandoned head"
+    );
+    ok(&["snapshot", "delete", v, "first"]);
+    fails(&["snapshot", "delete", v, "first"]);
+    fails(&["export", &format!("{v}@first"), head.to_str().unwrap()]);
+    fails(&["snapshot", "create", v, "no/slashes"]);
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info", v, "--json"])).unwrap();
+    assert_eq!(info["snapshots"], serde_json::json!([kept]));
+    ok(&["check", v]);
+}
+
+#[test]
+fn errors_are_one_line_and_exit_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = dir.path().join("v.hlfs");
+    let v = v.to_str().unwrap();
+    fails(&["info", "/nonexistent/volume"]);
+    fails(&["create", v, "--size", "lots"]);
+    fails(&["create", v, "--size", "1G", "--block-size", "3000"]);
+    ok(&["create", v, "--size", "1M"]);
+    fails(&["create", v, "--size", "1G"]);
+    fails(&["resize", v, "--size", "512K"]);
+    fails(&["import", "/nonexistent/file", v]);
+    let big = dir.path().join("big.img");
+    random_file(&big, 2 << 20, 3);
+    let e = fails(&["import", big.to_str().unwrap(), v]);
+    assert!(e.contains("resize"), "{e}");
+    fails(&["info", "s3://bucket/vol"]);
+    ok(&["resize", v, "--size", "2M"]);
+    ok(&["import", big.to_str().unwrap(), v]);
+}
+
+/// Offsets of the records of one kind in a segment file.
+fn records_of(kind: RecordKind, segment: &Path) -> Vec<usize> {
+    let bytes = std::fs::read(segment).unwrap();
+    let mut at = 0;
+    let mut out = Vec::new();
+    while at + HEADER_LEN <= bytes.len() {
+        let h = decode_header(&bytes[at..]).unwrap();
+        if h.kind == kind {
+            out.push(at);
+        }
+        at += h.record_len() as usize;
+    }
+    out
+}
+
+fn flip(path: &Path, at: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at] ^= 0x40;
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn damaged_volume(dir: &Path) -> (PathBuf, PathBuf) {
+    let img = dir.join("d.img");
+    random_file(&img, 2 << 20, 9);
+    let vol = dir.join("d.hlfs");
+    ok(&[
+        "import",
+        img.to_str().unwrap(),
+        vol.to_str().unwrap(),
+        "--create",
+    ]);
+    ok(&["check", vol.to_str().unwrap()]);
+    let seg = std::fs::read_dir(vol.join("segments"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    (vol, seg)
+}
+
+#[test]
+fn check_finds_a_flipped_data_byte_and_reads_refuse_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vol, seg) = damaged_volume(dir.path());
+    let at = records_of(RecordKind::Data, &seg)[0];
+    flip(&seg, at + HEADER_LEN + 5000);
+    let out = hlfs(&["check", vol.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("segments/0000000001 offset"), "{said}");
+    assert!(said.contains("checksum mismatch"), "{said}");
+    let e = fails(&[
+        "export",
+        vol.to_str().unwrap(),
+        dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("corrupt") && e.contains("checksum mismatch"),
+        "{e}"
+    );
+}
+
+#[test]
+fn check_finds_a_flipped_map_page_byte_and_opens_refuse_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vol, seg) = damaged_volume(dir.path());
+    let at = *records_of(RecordKind::MapPage, &seg).last().unwrap();
+    flip(&seg, at + HEADER_LEN + 3);
+    let out = hlfs(&["check", vol.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("segments/0000000001 offset"), "{said}");
+    let e = fails(&[
+        "export",
+        vol.to_str().unwrap(),
+        dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(e.contains("corrupt"), "{e}");
+}
+
+#[test]
+fn check_finds_a_flipped_manifest_byte_and_opens_refuse_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vol, _) = damaged_volume(dir.path());
+    let mut manifests: Vec<_> = std::fs::read_dir(vol.join("manifest"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    manifests.sort();
+    flip(manifests.last().unwrap(), 30);
+    let out = hlfs(&["check", vol.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("manifest/0000"), "{said}");
+    let e = fails(&["info", vol.to_str().unwrap()]);
+    assert!(e.contains("corrupt") && e.contains("manifest/"), "{e}");
+}
