@@ -410,3 +410,44 @@ async fn arc_volume_is_send_and_sync() {
     assert_send_sync(&vol);
     vol.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_torn_journal_tail_is_dropped_on_the_local_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.hlfs");
+    let create = CreateOptions {
+        size: 1 << 20,
+        ..CreateOptions::default()
+    };
+    Volume::create(&Backend::local(&path, true).unwrap(), &create).await.unwrap();
+    let vol = Volume::open(Backend::local(&path, false).unwrap(), &OpenOptions::default()).await.unwrap();
+    vol.write(0, &pattern(4096, 1)).await.unwrap();
+    vol.flush().await.unwrap();
+    vol.write(4096, &pattern(4096, 2)).await.unwrap();
+    drop(vol); // the process dies: no close
+
+    // Damage the last record (the unflushed write) and add garbage after it.
+    let journal_dir = path.join(hlfs_volume::LOCAL_JOURNAL_DIR);
+    let journal = std::fs::read_dir(&journal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "journal"))
+        .unwrap();
+    let mut bytes = std::fs::read(&journal).unwrap();
+    let len = bytes.len();
+    bytes[len - 100] ^= 1;
+    bytes.extend_from_slice(&[0xAA; 300]);
+    std::fs::write(&journal, bytes).unwrap();
+
+    let report = check(Backend::local(&path, false).unwrap()).await.unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert!(!report.warnings.is_empty(), "a torn tail deserves a warning");
+
+    let vol = Volume::open(Backend::local(&path, false).unwrap(), &OpenOptions::default()).await.unwrap();
+    assert_eq!(vol.read(0, 4096).await.unwrap(), pattern(4096, 1), "flushed write kept");
+    assert_eq!(vol.read(4096, 4096).await.unwrap(), vec![0; 4096], "torn write dropped");
+    vol.write(8192, &pattern(4096, 3)).await.unwrap();
+    vol.close().await.unwrap();
+    let report = check(Backend::local(&path, false).unwrap()).await.unwrap();
+    assert!(report.is_ok() && report.warnings.is_empty(), "{report:?}");
+}
