@@ -79,7 +79,9 @@ impl BlobSuite {
     async fn expect_head(&self, name: &str, want: Option<u64>) {
         match self.store.head(name).await {
             Ok(got) if got == want => {}
-            other => self.fail(&format!("head({name}): expected Ok({want:?}), got {other:?}")),
+            other => self.fail(&format!(
+                "head({name}): expected Ok({want:?}), got {other:?}"
+            )),
         }
     }
 
@@ -144,7 +146,8 @@ impl BlobSuite {
         self.expect_out_of_range(&name, 12, 0).await;
         self.expect_out_of_range(&name, u64::MAX, 1).await;
         self.expect_not_found(&self.name("basic/missing")).await;
-        self.expect_not_found(&self.name("no-such-dir/missing")).await;
+        self.expect_not_found(&self.name("no-such-dir/missing"))
+            .await;
     }
 
     async fn put_existing_fails(&self) {
@@ -264,9 +267,7 @@ impl BlobSuite {
         for (prefix, want) in cases {
             let got = self.list(&prefix).await;
             if got != want {
-                self.fail(&format!(
-                    "list({prefix:?}): expected {want:?}, got {got:?}"
-                ));
+                self.fail(&format!("list({prefix:?}): expected {want:?}, got {got:?}"));
             }
         }
         let all = self.list(&format!("{}/", self.base)).await;
@@ -286,10 +287,14 @@ impl BlobSuite {
             self.fail(&format!("{name} is still listed after delete"));
         }
         if let Err(e) = self.store.delete(&name).await {
-            self.fail(&format!("delete({name}) of a missing blob: expected Ok, got {e}"));
+            self.fail(&format!(
+                "delete({name}) of a missing blob: expected Ok, got {e}"
+            ));
         }
         if let Err(e) = self.store.delete(&self.name("never/existed")).await {
-            self.fail(&format!("delete of a never-created blob: expected Ok, got {e}"));
+            self.fail(&format!(
+                "delete of a never-created blob: expected Ok, got {e}"
+            ));
         }
         self.put(&name, &b"reborn"[..]).await;
         self.expect_content(&name, b"reborn").await;
@@ -303,7 +308,12 @@ impl BlobSuite {
         self.expect_range(&name, 0, 0, b"").await;
         self.expect_out_of_range(&name, 0, 1).await;
         let listed = self.list(&name).await;
-        if listed != [BlobMeta { name: name.clone(), size: 0 }] {
+        if listed
+            != [BlobMeta {
+                name: name.clone(),
+                size: 0,
+            }]
+        {
             self.fail(&format!("list of an empty blob: got {listed:?}"));
         }
     }
@@ -322,8 +332,13 @@ impl BlobSuite {
         self.expect_head(&name, Some(SIZE as u64)).await;
         self.expect_content(&name, &data).await;
         let mid = 1_234_567;
-        self.expect_range(&name, mid, 100_000, &data[mid as usize..mid as usize + 100_000])
-            .await;
+        self.expect_range(
+            &name,
+            mid,
+            100_000,
+            &data[mid as usize..mid as usize + 100_000],
+        )
+        .await;
         self.expect_range(&name, SIZE as u64 - 10, 10, &data[SIZE - 10..])
             .await;
         self.expect_out_of_range(&name, SIZE as u64 - 10, 11).await;
@@ -355,9 +370,16 @@ impl BlobSuite {
                 outcome(&got)
             ));
         }
-        match self.store.clone().open_reader(&self.name("large/missing")).await {
+        match self
+            .store
+            .clone()
+            .open_reader(&self.name("large/missing"))
+            .await
+        {
             Err(StoreError::NotFound(_)) => {}
-            Err(e) => self.fail(&format!("open_reader of a missing blob: expected NotFound, got {e}")),
+            Err(e) => self.fail(&format!(
+                "open_reader of a missing blob: expected NotFound, got {e}"
+            )),
             Ok(_) => self.fail("open_reader of a missing blob: expected NotFound, got a reader"),
         }
     }
@@ -365,10 +387,8 @@ impl BlobSuite {
     async fn put_file(&self) {
         let name = self.name("file/blob");
         let data = b"from a local file".repeat(1000);
-        let path = std::env::temp_dir().join(format!(
-            "hlfs-conformance-{:016x}",
-            rand::random::<u64>()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("hlfs-conformance-{:016x}", rand::random::<u64>()));
         std::fs::write(&path, &data).expect("write a temporary source file");
         let first = self.store.put_file_if_absent(&name, &path).await;
         let second = self.store.put_file_if_absent(&name, &path).await;
@@ -470,7 +490,9 @@ impl JournalSuite {
         }
         match self.dir.create(&name) {
             Err(StoreError::AlreadyExists(_)) => {}
-            Err(e) => self.fail(&format!("create of an existing file: expected AlreadyExists, got {e}")),
+            Err(e) => self.fail(&format!(
+                "create of an existing file: expected AlreadyExists, got {e}"
+            )),
             Ok(_) => self.fail("create of an existing file: expected AlreadyExists, got Ok"),
         }
 
@@ -520,11 +542,15 @@ impl JournalSuite {
         self.ok("remove", self.dir.remove(&a));
         let listed = self.list();
         if listed != [b.clone()] {
-            self.fail(&format!("list after removing {a}: expected [{b}], got {listed:?}"));
+            self.fail(&format!(
+                "list after removing {a}: expected [{b}], got {listed:?}"
+            ));
         }
         match self.dir.open(&a) {
             Err(StoreError::NotFound(_)) => {}
-            Err(e) => self.fail(&format!("open of a removed file: expected NotFound, got {e}")),
+            Err(e) => self.fail(&format!(
+                "open of a removed file: expected NotFound, got {e}"
+            )),
             Ok(_) => self.fail("open of a removed file: expected NotFound, got Ok"),
         }
         self.ok("remove of a missing file", self.dir.remove(&a));
@@ -534,7 +560,9 @@ impl JournalSuite {
         }
         match self.dir.open(&self.name("never")) {
             Err(StoreError::NotFound(_)) => {}
-            Err(e) => self.fail(&format!("open of a missing file: expected NotFound, got {e}")),
+            Err(e) => self.fail(&format!(
+                "open of a missing file: expected NotFound, got {e}"
+            )),
             Ok(_) => self.fail("open of a missing file: expected NotFound, got Ok"),
         }
     }
@@ -551,7 +579,9 @@ impl JournalSuite {
         drop(self.ok("create", self.dir.create(&name)));
         let listed = self.list();
         if listed != [name.clone()] {
-            self.fail(&format!("list while locked: expected [{name}], got {listed:?}"));
+            self.fail(&format!(
+                "list while locked: expected [{name}], got {listed:?}"
+            ));
         }
         let all = self.ok("list", self.dir.list());
         if all.iter().any(|n| n == crate::JOURNAL_LOCK_NAME) {

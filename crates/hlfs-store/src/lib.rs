@@ -221,7 +221,11 @@ pub trait JournalFile: Send + Sync {
 /// Every backend applies the same rule so that a volume can move between
 /// them.
 pub fn validate_blob_name(name: &str) -> Result<()> {
-    let invalid = |why: &str| Err(StoreError::Other(format!("invalid blob name {name:?}: {why}")));
+    let invalid = |why: &str| {
+        Err(StoreError::Other(format!(
+            "invalid blob name {name:?}: {why}"
+        )))
+    };
     if name.is_empty() {
         return invalid("it is empty");
     }

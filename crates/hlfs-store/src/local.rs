@@ -410,7 +410,8 @@ fn cannot_link(e: &io::Error) -> bool {
         libc::EOPNOTSUPP,
         libc::ENOSYS,
     ];
-    e.raw_os_error().is_some_and(|code| CANNOT_LINK.contains(&code))
+    e.raw_os_error()
+        .is_some_and(|code| CANNOT_LINK.contains(&code))
 }
 
 /// NotFound, or a path component that is a file rather than a directory: in
@@ -439,7 +440,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     match tokio::task::spawn_blocking(f).await {
         Ok(result) => result,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => Err(StoreError::Other(format!("blocking store task failed: {e}"))),
+        Err(e) => Err(StoreError::Other(format!(
+            "blocking store task failed: {e}"
+        ))),
     }
 }
 
@@ -607,7 +610,10 @@ impl JournalFile for LocalJournalFile {
         let mut buf = vec![0; want];
         let mut filled = 0;
         while filled < want {
-            match self.file.read_at(&mut buf[filled..], offset + filled as u64) {
+            match self
+                .file
+                .read_at(&mut buf[filled..], offset + filled as u64)
+            {
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

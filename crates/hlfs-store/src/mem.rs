@@ -125,13 +125,21 @@ impl State {
         Err(StoreError::Injected(name.to_string()))
     }
 
-    /// Count a successful durable operation; it may be the one the env was
-    /// told to die after.
-    fn durable_done(&mut self) {
-        self.durable_ops += 1;
+    /// The checks a durable operation starts with: if the crash point has
+    /// been reached, the process dies now, before this operation lands, and
+    /// everything written since the last durable operation is still there
+    /// (unsynced) for the crash image.
+    fn begin_durable(&mut self, op: FaultOp, name: &str) -> Result<()> {
+        self.begin(op, name)?;
         if self.crash_after.is_some_and(|n| self.durable_ops >= n) {
             self.dead = true;
+            return Err(StoreError::Crashed);
         }
+        Ok(())
+    }
+
+    fn durable_done(&mut self) {
+        self.durable_ops += 1;
     }
 }
 
@@ -157,15 +165,13 @@ impl MemEnv {
         self.state.lock().durable_ops
     }
 
-    /// Die right after the `n`-th durable operation (now, if that many have
-    /// already completed): every later operation fails with `Crashed` and the
-    /// state is frozen for [`MemEnv::crash`].
+    /// Die when a durable operation is attempted after `n` have completed:
+    /// that operation and every later one fail with `Crashed`, and the state
+    /// (including what was written but not synced since the `n`-th) is
+    /// frozen for [`MemEnv::crash`]. This is a power cut just before a sync
+    /// point, the moment with the most unsynced data at stake.
     pub fn crash_after(&self, n: u64) {
-        let mut state = self.state.lock();
-        state.crash_after = Some(n);
-        if state.durable_ops >= n {
-            state.dead = true;
-        }
+        self.state.lock().crash_after = Some(n);
     }
 
     pub fn is_dead(&self) -> bool {
@@ -222,8 +228,17 @@ impl MemEnv {
         self.state.lock().latency = latency;
     }
 
+    /// Sleep for the configured latency. A dead env answers at once: waiting
+    /// to report `Crashed` only slows crash tests down.
     async fn delay(&self) {
-        let latency = self.state.lock().latency;
+        let latency = {
+            let state = self.state.lock();
+            if state.dead {
+                Duration::ZERO
+            } else {
+                state.latency
+            }
+        };
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
@@ -294,7 +309,7 @@ impl BlobStore for MemStore {
         validate_blob_name(name)?;
         self.env.delay().await;
         let mut state = self.env.state.lock();
-        state.begin(FaultOp::Put, name)?;
+        state.begin_durable(FaultOp::Put, name)?;
         if state.blobs.contains_key(name) {
             return Err(StoreError::AlreadyExists(name.to_string()));
         }
@@ -351,7 +366,7 @@ impl BlobStore for MemStore {
         validate_blob_name(name)?;
         self.env.delay().await;
         let mut state = self.env.state.lock();
-        state.begin(FaultOp::Delete, name)?;
+        state.begin_durable(FaultOp::Delete, name)?;
         state.blobs.remove(name);
         state.durable_done();
         Ok(())
@@ -365,7 +380,9 @@ pub struct MemJournal {
 
 impl fmt::Debug for MemJournal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MemJournal").field("env", &self.env).finish()
+        f.debug_struct("MemJournal")
+            .field("env", &self.env)
+            .finish()
     }
 }
 
@@ -383,7 +400,7 @@ impl JournalDir for MemJournal {
     fn create(&self, name: &str) -> Result<Arc<dyn JournalFile>> {
         validate_journal_name(name)?;
         let mut state = self.env.state.lock();
-        state.begin(FaultOp::JournalCreate, name)?;
+        state.begin_durable(FaultOp::JournalCreate, name)?;
         if state.files.contains_key(name) {
             return Err(StoreError::AlreadyExists(name.to_string()));
         }
@@ -414,7 +431,7 @@ impl JournalDir for MemJournal {
     fn remove(&self, name: &str) -> Result<()> {
         validate_journal_name(name)?;
         let mut state = self.env.state.lock();
-        state.begin(FaultOp::JournalRemove, name)?;
+        state.begin_durable(FaultOp::JournalRemove, name)?;
         state.files.remove(name);
         state.durable_done();
         Ok(())
@@ -460,7 +477,11 @@ impl MemJournalFile {
     /// is held throughout so that a crash sees each operation whole.
     fn with<T>(&self, op: FaultOp, f: impl FnOnce(&mut State, &mut MemFile) -> T) -> Result<T> {
         let mut state = self.env.state.lock();
-        state.begin(op, &self.name)?;
+        if op == FaultOp::JournalSync {
+            state.begin_durable(op, &self.name)?;
+        } else {
+            state.begin(op, &self.name)?;
+        }
         let mut file = self.file.lock();
         Ok(f(&mut state, &mut file))
     }

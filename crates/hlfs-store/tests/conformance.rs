@@ -27,7 +27,9 @@ async fn mem_store_with_latency() {
 #[test]
 fn local_journal() {
     let dir = tempfile::tempdir().unwrap();
-    run_journal_suite(Arc::new(LocalJournal::new(dir.path().join("journal")).unwrap()));
+    run_journal_suite(Arc::new(
+        LocalJournal::new(dir.path().join("journal")).unwrap(),
+    ));
 }
 
 #[test]

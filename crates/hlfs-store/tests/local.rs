@@ -18,7 +18,10 @@ async fn put_file_links_instead_of_copying() {
     let src = journal.local_path("open-segment").unwrap();
     let src_inode = std::fs::metadata(&src).unwrap().ino();
 
-    store.put_file_if_absent("segments/0001", &src).await.unwrap();
+    store
+        .put_file_if_absent("segments/0001", &src)
+        .await
+        .unwrap();
     let blob = dir.path().join("store/segments/0001");
     assert_eq!(std::fs::metadata(&blob).unwrap().ino(), src_inode);
 
@@ -27,9 +30,15 @@ async fn put_file_links_instead_of_copying() {
         Err(StoreError::AlreadyExists(name)) if name == "segments/0001"
     ));
     journal.remove("open-segment").unwrap();
-    assert_eq!(store.get("segments/0001").await.unwrap(), &b"segment bytes"[..]);
+    assert_eq!(
+        store.get("segments/0001").await.unwrap(),
+        &b"segment bytes"[..]
+    );
     // Nothing is left behind in the staging area.
-    assert_eq!(std::fs::read_dir(dir.path().join("store")).unwrap().count(), 1);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("store")).unwrap().count(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -48,9 +57,17 @@ async fn put_file_of_a_missing_source_is_an_io_error() {
 async fn put_leaves_no_temporary_files() {
     let dir = tempfile::tempdir().unwrap();
     let store = LocalStore::new(dir.path());
-    store.put_if_absent("a/b", Bytes::from_static(b"1")).await.unwrap();
-    store.put_if_absent("a/b", Bytes::from_static(b"2")).await.unwrap_err();
-    let tmp: Vec<_> = std::fs::read_dir(dir.path().join(".tmp")).unwrap().collect();
+    store
+        .put_if_absent("a/b", Bytes::from_static(b"1"))
+        .await
+        .unwrap();
+    store
+        .put_if_absent("a/b", Bytes::from_static(b"2"))
+        .await
+        .unwrap_err();
+    let tmp: Vec<_> = std::fs::read_dir(dir.path().join(".tmp"))
+        .unwrap()
+        .collect();
     assert!(tmp.is_empty(), "{tmp:?}");
     assert_eq!(std::fs::read(dir.path().join("a/b")).unwrap(), b"1");
 }
@@ -59,18 +76,44 @@ async fn put_leaves_no_temporary_files() {
 async fn bad_names_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let store = LocalStore::new(dir.path().join("store"));
-    for name in ["", "/abs", "../escape", "a/../b", "a/..", ".tmp/x", "a/.hidden", "a//b", "a/", "."] {
+    for name in [
+        "",
+        "/abs",
+        "../escape",
+        "a/../b",
+        "a/..",
+        ".tmp/x",
+        "a/.hidden",
+        "a//b",
+        "a/",
+        ".",
+    ] {
         let put = store.put_if_absent(name, Bytes::from_static(b"x")).await;
-        assert!(matches!(put, Err(StoreError::Other(_))), "put {name:?}: {put:?}");
+        assert!(
+            matches!(put, Err(StoreError::Other(_))),
+            "put {name:?}: {put:?}"
+        );
         let get = store.get_range(name, 0, 0).await;
-        assert!(matches!(get, Err(StoreError::Other(_))), "get {name:?}: {get:?}");
+        assert!(
+            matches!(get, Err(StoreError::Other(_))),
+            "get {name:?}: {get:?}"
+        );
         let head = store.head(name).await;
-        assert!(matches!(head, Err(StoreError::Other(_))), "head {name:?}: {head:?}");
+        assert!(
+            matches!(head, Err(StoreError::Other(_))),
+            "head {name:?}: {head:?}"
+        );
         let delete = store.delete(name).await;
-        assert!(matches!(delete, Err(StoreError::Other(_))), "delete {name:?}: {delete:?}");
+        assert!(
+            matches!(delete, Err(StoreError::Other(_))),
+            "delete {name:?}: {delete:?}"
+        );
     }
     let message = store.head("../x").await.unwrap_err().to_string();
-    assert!(message.contains("..") && message.contains("invalid blob name"), "{message}");
+    assert!(
+        message.contains("..") && message.contains("invalid blob name"),
+        "{message}"
+    );
     assert!(!dir.path().join("escape").exists());
     // A prefix no valid name can start with lists nothing, and walks nothing.
     assert!(store.list("../").await.unwrap().is_empty());
@@ -80,10 +123,19 @@ async fn bad_names_are_rejected() {
 async fn list_skips_the_staging_area_and_foreign_dotfiles() {
     let dir = tempfile::tempdir().unwrap();
     let store = LocalStore::new(dir.path());
-    store.put_if_absent("a", Bytes::from_static(b"1")).await.unwrap();
+    store
+        .put_if_absent("a", Bytes::from_static(b"1"))
+        .await
+        .unwrap();
     std::fs::write(dir.path().join(".tmp/123.0.stale"), b"junk").unwrap();
     std::fs::write(dir.path().join(".DS_Store"), b"junk").unwrap();
-    let names: Vec<_> = store.list("").await.unwrap().into_iter().map(|m| m.name).collect();
+    let names: Vec<_> = store
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
     assert_eq!(names, ["a"]);
 }
 
@@ -94,8 +146,14 @@ async fn missing_root_is_an_empty_store() {
     assert!(store.list("").await.unwrap().is_empty());
     assert_eq!(store.head("a").await.unwrap(), None);
     store.delete("a").await.unwrap();
-    assert!(matches!(store.clone().open_reader("a").await, Err(StoreError::NotFound(_))));
-    assert_eq!(store.describe(), dir.path().join("not-yet").display().to_string());
+    assert!(matches!(
+        store.clone().open_reader("a").await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        store.describe(),
+        dir.path().join("not-yet").display().to_string()
+    );
 }
 
 #[test]

@@ -3,9 +3,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hlfs_store::{
-    BlobStore, CrashMode, Fault, FaultOp, JournalDir, JournalFile, MemEnv, StoreError,
-};
+use hlfs_store::{BlobStore, CrashMode, Fault, FaultOp, JournalDir, MemEnv, StoreError};
 
 const ALL_MODES: [CrashMode; 3] = [
     CrashMode::DropUnsynced,
@@ -38,7 +36,11 @@ fn synced_data_survives_every_mode() {
         let after = env.crash(mode);
         let data = journal_contents(&after, "seg");
         assert!(data.len() >= synced.len(), "{mode:?} lost synced bytes");
-        assert_eq!(data[..synced.len()], synced[..], "{mode:?} changed synced bytes");
+        assert_eq!(
+            data[..synced.len()],
+            synced[..],
+            "{mode:?} changed synced bytes"
+        );
     }
 }
 
@@ -61,7 +63,10 @@ fn keep_random_prefix_keeps_a_prefix() {
         assert!(whole.starts_with(&data), "seed {seed}: not a prefix");
         lengths.insert(data.len());
     }
-    assert!(lengths.len() > 10, "prefix lengths hardly vary: {lengths:?}");
+    assert!(
+        lengths.len() > 10,
+        "prefix lengths hardly vary: {lengths:?}"
+    );
 }
 
 #[test]
@@ -120,8 +125,14 @@ fn torn_sectors_loses_whole_sectors() {
 async fn crash_keeps_blobs_and_resets_the_env() {
     let env = MemEnv::new();
     let store = env.store();
-    store.put_if_absent("a/1", Bytes::from_static(b"one")).await.unwrap();
-    store.put_if_absent("a/2", Bytes::from_static(b"two")).await.unwrap();
+    store
+        .put_if_absent("a/1", Bytes::from_static(b"one"))
+        .await
+        .unwrap();
+    store
+        .put_if_absent("a/2", Bytes::from_static(b"two"))
+        .await
+        .unwrap();
     store.delete("a/1").await.unwrap();
     let _held = env.journal().lock().unwrap();
     env.inject(Fault {
@@ -147,7 +158,7 @@ async fn crash_keeps_blobs_and_resets_the_env() {
 }
 
 #[tokio::test]
-async fn crash_after_freezes_at_the_nth_durable_op() {
+async fn crash_after_dies_at_the_next_durable_op() {
     let env = MemEnv::new();
     let store = env.store();
     let journal = env.journal();
@@ -155,13 +166,27 @@ async fn crash_after_freezes_at_the_nth_durable_op() {
     file.write_at(0, b"synced").unwrap();
     file.sync().unwrap(); // 2
     env.crash_after(4);
-    assert!(!env.is_dead());
-    store.put_if_absent("b/1", Bytes::from_static(b"x")).await.unwrap(); // 3
-    // Failed operations are not durable operations.
-    store.put_if_absent("b/1", Bytes::from_static(b"y")).await.unwrap_err();
+    store
+        .put_if_absent("b/1", Bytes::from_static(b"x"))
+        .await
+        .unwrap(); // 3
+                   // Failed operations are not durable operations.
+    store
+        .put_if_absent("b/1", Bytes::from_static(b"y"))
+        .await
+        .unwrap_err();
     file.write_at(6, b" pending").unwrap();
     assert_eq!(env.durable_ops(), 3);
-    store.put_if_absent("b/2", Bytes::from_static(b"x")).await.unwrap(); // 4
+    store
+        .put_if_absent("b/2", Bytes::from_static(b"x"))
+        .await
+        .unwrap(); // 4
+                   // Past the crash point but alive: writes that need no sync still land.
+    assert!(!env.is_dead());
+    file.write_at(14, b" more").unwrap();
+    assert_eq!(file.read_at(0, 100).unwrap(), b"synced pending more");
+    // The next durable operation is where the power goes out.
+    assert!(matches!(file.sync(), Err(StoreError::Crashed)));
     assert!(env.is_dead());
     assert_eq!(env.durable_ops(), 4);
 
@@ -173,9 +198,11 @@ async fn crash_after_freezes_at_the_nth_durable_op() {
     assert!(matches!(store.get("b/1").await, Err(StoreError::Crashed)));
     assert!(matches!(store.list("").await, Err(StoreError::Crashed)));
     assert!(matches!(store.head("b/1").await, Err(StoreError::Crashed)));
-    assert!(matches!(file.write_at(14, b"late"), Err(StoreError::Crashed)));
+    assert!(matches!(
+        file.write_at(19, b"late"),
+        Err(StoreError::Crashed)
+    ));
     assert!(matches!(file.read_at(0, 5), Err(StoreError::Crashed)));
-    assert!(matches!(file.sync(), Err(StoreError::Crashed)));
     assert!(matches!(journal.list(), Err(StoreError::Crashed)));
     assert!(matches!(journal.create("other"), Err(StoreError::Crashed)));
     assert_eq!(env.durable_ops(), 4);
@@ -192,24 +219,33 @@ async fn crash_after_freezes_at_the_nth_durable_op() {
         .collect();
     assert_eq!(blobs, ["b/1", "b/2"]);
     let data = journal_contents(&kept, "seg");
-    assert!(b"synced pending".starts_with(&data) && data.len() >= 6, "{data:?}");
+    assert!(
+        b"synced pending more".starts_with(&data) && data.len() >= 6,
+        "{data:?}"
+    );
     let full = (0..100)
         .map(|seed| journal_contents(&env.crash(CrashMode::KeepRandomPrefix { seed }), "seg"))
-        .any(|data| data == b"synced pending");
-    assert!(full, "the write before the crash point never survived");
+        .any(|data| data == b"synced pending more");
+    assert!(full, "the writes before the crash point never survived");
+    let dropped = journal_contents(&env.crash(CrashMode::DropUnsynced), "seg");
+    assert_eq!(dropped, b"synced");
 }
 
 #[test]
-fn crash_after_a_past_count_dies_now() {
+fn crash_after_a_past_count_dies_at_the_next_durable_op() {
     let env = MemEnv::new();
     let journal = env.journal();
     journal.create("a").unwrap();
     journal.create("b").unwrap();
     env.crash_after(1);
+    assert!(!env.is_dead());
+    journal.open("a").unwrap();
+    assert!(matches!(journal.create("c"), Err(StoreError::Crashed)));
     assert!(env.is_dead());
-    assert!(matches!(journal.open("a"), Err(StoreError::Crashed)));
-    // Frozen now, not at the first op: both files were made.
-    assert_eq!(env.crash(CrashMode::DropUnsynced).journal().list().unwrap(), ["a", "b"]);
+    assert_eq!(
+        env.crash(CrashMode::DropUnsynced).journal().list().unwrap(),
+        ["a", "b"]
+    );
 }
 
 #[test]
@@ -262,7 +298,12 @@ fn removed_files_stay_usable_through_open_handles() {
     file.write_at(0, b"still here").unwrap();
     assert_eq!(file.read_at(0, 100).unwrap(), b"still here");
     assert!(journal.list().unwrap().is_empty());
-    assert!(env.crash(CrashMode::KeepRandomPrefix { seed: 0 }).journal().list().unwrap().is_empty());
+    assert!(env
+        .crash(CrashMode::KeepRandomPrefix { seed: 0 })
+        .journal()
+        .list()
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]
@@ -281,9 +322,15 @@ async fn faults_fail_matching_ops_the_given_number_of_times() {
         }
     }
     // Other names and other ops are untouched; the third put goes through.
-    store.put_if_absent("manifest/1", Bytes::new()).await.unwrap();
+    store
+        .put_if_absent("manifest/1", Bytes::new())
+        .await
+        .unwrap();
     store.head("segments/1").await.unwrap();
-    store.put_if_absent("segments/1", Bytes::new()).await.unwrap();
+    store
+        .put_if_absent("segments/1", Bytes::new())
+        .await
+        .unwrap();
     assert_eq!(env.durable_ops(), 2);
 
     env.inject(Fault {
@@ -305,7 +352,10 @@ async fn faults_fail_matching_ops_the_given_number_of_times() {
         name_prefix: "seg".to_string(),
         remaining: Some(1),
     });
-    assert!(matches!(store.list("segments/").await, Err(StoreError::Injected(_))));
+    assert!(matches!(
+        store.list("segments/").await,
+        Err(StoreError::Injected(_))
+    ));
     assert!(store.list("manifest/").await.is_ok());
     assert_eq!(store.list("segments/").await.unwrap().len(), 1);
 }
@@ -355,22 +405,25 @@ fn journal_faults() {
 async fn latency_delays_store_ops() {
     let env = MemEnv::new();
     let store = env.store();
-    env.set_latency(Duration::from_millis(50));
+    env.set_latency(Duration::from_millis(100));
     let start = Instant::now();
     store.put_if_absent("a", Bytes::new()).await.unwrap();
     store.head("a").await.unwrap();
-    assert!(start.elapsed() >= Duration::from_millis(100));
+    assert!(start.elapsed() >= Duration::from_millis(200));
     env.set_latency(Duration::ZERO);
     let start = Instant::now();
     store.head("a").await.unwrap();
-    assert!(start.elapsed() < Duration::from_millis(50));
+    assert!(start.elapsed() < Duration::from_millis(100));
 }
 
 #[test]
 fn mem_lock_is_shared_by_journal_handles() {
     let env = MemEnv::new();
     let held = env.journal().lock().unwrap();
-    assert!(matches!(env.journal().lock(), Err(StoreError::Locked { .. })));
+    assert!(matches!(
+        env.journal().lock(),
+        Err(StoreError::Locked { .. })
+    ));
     drop(held);
     env.journal().lock().unwrap();
 }

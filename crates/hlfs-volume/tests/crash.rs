@@ -229,7 +229,6 @@ async fn crash_at_every_sync_point() {
         );
         let total = env.durable_ops() - base;
         assert!(total > 10, "{name}: only {total} sync points");
-        eprintln!("{name}: {total} sync points");
         for n in 0..=total {
             for (k, mode) in [
                 CrashMode::DropUnsynced,
