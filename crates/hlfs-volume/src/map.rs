@@ -105,10 +105,6 @@ impl MapState {
         v
     }
 
-    pub fn dirty_pages(&self) -> usize {
-        self.dirty.len()
-    }
-
     pub fn cached_pages(&self) -> usize {
         self.dirty.len() + self.clean.len()
     }

@@ -133,7 +133,7 @@ async fn a_fenced_writer_stops_instead_of_forking_history() {
         .put_if_absent(&manifest_name(m.seq), m.encode().into())
         .await
         .unwrap();
-    let err = vol.snapshot_create("x").await.err().expect("fenced");
+    let err = vol.snapshot_create("x").await.expect_err("fenced");
     assert!(matches!(err, VolumeError::Fenced(_)), "{err}");
     assert!(
         vol.write(0, b"more").await.is_err(),
@@ -271,7 +271,7 @@ async fn group_commit_shares_syncs_between_concurrent_flushes() {
         t.await.unwrap();
     }
     let syncs = env.durable_ops() - before;
-    assert!(syncs >= 1 && syncs < 64, "{syncs} syncs for 64 flushes");
+    assert!((1..64).contains(&syncs), "{syncs} syncs for 64 flushes");
 }
 
 #[tokio::test]
@@ -382,7 +382,7 @@ async fn store_errors_fail_the_request_and_keep_acknowledged_data() {
         remaining: Some(1),
     });
     vol.write(8192, &pattern(4096, 4)).await.unwrap();
-    let err = vol.flush().await.err().expect("sync failure surfaces");
+    let err = vol.flush().await.expect_err("sync failure surfaces");
     assert_eq!(err.errno(), libc_eio());
     // A failed sync leaves the journal's state unknown: writes stop.
     assert!(matches!(
@@ -419,8 +419,15 @@ async fn a_torn_journal_tail_is_dropped_on_the_local_backend() {
         size: 1 << 20,
         ..CreateOptions::default()
     };
-    Volume::create(&Backend::local(&path, true).unwrap(), &create).await.unwrap();
-    let vol = Volume::open(Backend::local(&path, false).unwrap(), &OpenOptions::default()).await.unwrap();
+    Volume::create(&Backend::local(&path, true).unwrap(), &create)
+        .await
+        .unwrap();
+    let vol = Volume::open(
+        Backend::local(&path, false).unwrap(),
+        &OpenOptions::default(),
+    )
+    .await
+    .unwrap();
     vol.write(0, &pattern(4096, 1)).await.unwrap();
     vol.flush().await.unwrap();
     vol.write(4096, &pattern(4096, 2)).await.unwrap();
@@ -441,11 +448,27 @@ async fn a_torn_journal_tail_is_dropped_on_the_local_backend() {
 
     let report = check(Backend::local(&path, false).unwrap()).await.unwrap();
     assert!(report.is_ok(), "{:?}", report.problems);
-    assert!(!report.warnings.is_empty(), "a torn tail deserves a warning");
+    assert!(
+        !report.warnings.is_empty(),
+        "a torn tail deserves a warning"
+    );
 
-    let vol = Volume::open(Backend::local(&path, false).unwrap(), &OpenOptions::default()).await.unwrap();
-    assert_eq!(vol.read(0, 4096).await.unwrap(), pattern(4096, 1), "flushed write kept");
-    assert_eq!(vol.read(4096, 4096).await.unwrap(), vec![0; 4096], "torn write dropped");
+    let vol = Volume::open(
+        Backend::local(&path, false).unwrap(),
+        &OpenOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        vol.read(0, 4096).await.unwrap(),
+        pattern(4096, 1),
+        "flushed write kept"
+    );
+    assert_eq!(
+        vol.read(4096, 4096).await.unwrap(),
+        vec![0; 4096],
+        "torn write dropped"
+    );
     vol.write(8192, &pattern(4096, 3)).await.unwrap();
     vol.close().await.unwrap();
     let report = check(Backend::local(&path, false).unwrap()).await.unwrap();
