@@ -115,8 +115,14 @@ pub struct VolumeInfo {
     pub created_ms: u64,
 }
 
-/// Blocks per data record at most; larger writes become several records.
+/// Bytes per data record at most; larger writes become several records.
 const MAX_RECORD_BYTES: usize = 4 << 20;
+
+/// A full segment is sealed alone, and every this many segments with a
+/// checkpoint: writing every dirty map page at each seal would cost nearly
+/// as much as the data under dense random writes, while recovery only
+/// replays the segments since the last checkpoint.
+const CHECKPOINT_EVERY: u32 = 4;
 
 struct Writer {
     seg: u32,
@@ -125,6 +131,8 @@ struct Writer {
     next_lsn: u64,
     /// Content changed since the head checkpoint.
     changed: bool,
+    /// Segments sealed since the head checkpoint: recovery replays them.
+    sealed_since_checkpoint: u32,
     closed: bool,
 }
 
@@ -409,6 +417,7 @@ impl Volume {
                 pos: 0,
                 next_lsn: manifest.replay_from_lsn.max(cp_lsn + 1),
                 changed: false,
+                sealed_since_checkpoint: 0,
                 closed: read_only,
             }),
             current: Mutex::new(None),
@@ -458,6 +467,10 @@ impl Volume {
         let mut w = inner.writer.lock().await;
         let from_lsn = m.replay_from_lsn;
         let mut expected = w.next_lsn;
+        w.sealed_since_checkpoint = store_segs
+            .iter()
+            .filter(|(id, _)| *id >= m.replay_from_seg)
+            .count() as u32;
         // Sealed segments first: they must be whole.
         for &(id, size) in store_segs.iter().filter(|(id, _)| *id >= m.replay_from_seg) {
             let reader = inner
@@ -940,7 +953,11 @@ impl Volume {
             self.write_back(w).await?;
         }
         if w.pos >= self.inner.segment_size {
-            self.seal(w, true, |_, _, _| {}).await?;
+            if w.sealed_since_checkpoint + 1 >= CHECKPOINT_EVERY {
+                self.checkpoint(w, true, |_, _, _| {}).await?;
+            } else {
+                self.seal_segment(w, true).await?;
+            }
         }
         Ok(())
     }
@@ -977,10 +994,11 @@ impl Volume {
         }
     }
 
-    /// Seals the open segment: checkpoint, sync, hand to the store, new
-    /// manifest (adjusted by `edit`, which gets the checkpoint's place and
-    /// LSN). Starts a new journal unless `reopen` is false.
-    async fn seal(
+    /// Writes a checkpoint and seals the open segment with it, then writes
+    /// the manifest that makes the checkpoint the head (changed by `edit`,
+    /// which gets the checkpoint's place and LSN). Starts a new journal
+    /// unless `reopen` is false.
+    async fn checkpoint(
         &self,
         w: &mut Writer,
         reopen: bool,
@@ -1013,30 +1031,8 @@ impl Volume {
             off: off as u32,
             crc,
         };
-        let file = w.file.clone().ok_or(VolumeError::Closed)?;
-        let sealed = w.seg;
-        {
-            let f = file.clone();
-            tokio::task::spawn_blocking(move || f.sync())
-                .await
-                .map_err(|e| VolumeError::Failed(e.to_string()))?
-                .map_err(|e| self.fail(e.into()))?;
-        }
-        self.inner.durable_lsn.fetch_max(cp_lsn, Ordering::SeqCst);
-        self.hand_to_store(sealed, &file)
-            .await
-            .map_err(|e| self.fail(e))?;
-        self.inner.segments.sealed(sealed);
-        let next = sealed + 1;
-        if reopen {
-            self.start_journal(w, next).map_err(|e| self.fail(e))?;
-        } else {
-            w.file = None;
-            w.seg = next;
-            w.pos = 0;
-            *self.inner.current.lock() = None;
-        }
-        let next_lsn = w.next_lsn;
+        self.seal_segment(w, reopen).await?;
+        let (next, next_lsn) = (w.seg, w.next_lsn);
         self.update_manifest(|m| {
             m.checkpoint = cp_at;
             m.size = cp.size;
@@ -1046,8 +1042,40 @@ impl Volume {
             edit(m, cp_at, cp_lsn);
         })
         .await?;
-        self.inner.backend.journal.remove(&journal_name(sealed))?;
         w.changed = false;
+        w.sealed_since_checkpoint = 0;
+        Ok(())
+    }
+
+    /// Syncs the open segment, hands it to the store and (if `reopen`)
+    /// starts the next one. Without a checkpoint, recovery replays it.
+    async fn seal_segment(&self, w: &mut Writer, reopen: bool) -> Result<()> {
+        let file = w.file.clone().ok_or(VolumeError::Closed)?;
+        let sealed = w.seg;
+        let last_lsn = w.next_lsn - 1;
+        {
+            let f = file.clone();
+            tokio::task::spawn_blocking(move || f.sync())
+                .await
+                .map_err(|e| VolumeError::Failed(e.to_string()))?
+                .map_err(|e| self.fail(e.into()))?;
+        }
+        self.inner.durable_lsn.fetch_max(last_lsn, Ordering::SeqCst);
+        self.hand_to_store(sealed, &file)
+            .await
+            .map_err(|e| self.fail(e))?;
+        self.inner.segments.sealed(sealed);
+        if reopen {
+            self.start_journal(w, sealed + 1)
+                .map_err(|e| self.fail(e))?;
+        } else {
+            w.file = None;
+            w.seg = sealed + 1;
+            w.pos = 0;
+            *self.inner.current.lock() = None;
+        }
+        self.inner.backend.journal.remove(&journal_name(sealed))?;
+        w.sealed_since_checkpoint += 1;
         Ok(())
     }
 
@@ -1273,7 +1301,7 @@ impl Volume {
             return Err(VolumeError::SnapshotExists(name.to_string()));
         }
         let mut taken = None;
-        self.seal(&mut w, true, |m, at, lsn| {
+        self.checkpoint(&mut w, true, |m, at, lsn| {
             let s = SnapshotEntry {
                 name: name.to_string(),
                 checkpoint: at,
@@ -1338,7 +1366,7 @@ impl Volume {
             }
             candidate
         };
-        self.seal(&mut w, true, |m, at, lsn| {
+        self.checkpoint(&mut w, true, |m, at, lsn| {
             m.snapshots.push(SnapshotEntry {
                 name: auto_name.clone(),
                 checkpoint: at,
@@ -1408,7 +1436,8 @@ impl Volume {
             return Err(VolumeError::Failed(why));
         }
         if w.pos > 0 || w.changed {
-            self.seal(&mut w, false, |m, _, _| m.writer = None).await?;
+            self.checkpoint(&mut w, false, |m, _, _| m.writer = None)
+                .await?;
         } else {
             if let Some(file) = w.file.take() {
                 drop(file);
