@@ -81,30 +81,27 @@ fn header_prefix(
     h
 }
 
-/// The CRC32C a record must carry: over the header's first 52 bytes, then the
-/// payload. `payload_crc` is `crc32c(payload)`, so callers that already hold
-/// per-block checksums can combine instead of rereading the data.
-pub fn record_crc(header_prefix: &[u8], payload_crc: u32, payload_len: usize) -> u32 {
-    let head = crc32c::crc32c(&header_prefix[..CRC_OFFSET]);
-    crc32c::crc32c_combine(head, payload_crc, payload_len)
+/// The CRC32C a record must carry: over the header's first 52 bytes, then
+/// the payload, in one streaming pass.
+pub fn record_crc(header_prefix: &[u8], payload: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&header_prefix[..CRC_OFFSET]), payload)
 }
 
-/// A complete header for `payload` whose CRC32C is `payload_crc`.
+/// A complete header for `payload`.
 pub fn encode_header(
     kind: RecordKind,
     volume: &[u8; 16],
     lsn: u64,
     arg0: u64,
     arg1: u64,
-    payload_len: usize,
-    payload_crc: u32,
+    payload: &[u8],
 ) -> [u8; HEADER_LEN] {
     assert!(
-        payload_len <= MAX_PAYLOAD_LEN as usize,
+        payload.len() <= MAX_PAYLOAD_LEN as usize,
         "record payload too large"
     );
-    let mut h = header_prefix(kind, volume, lsn, arg0, arg1, payload_len as u32);
-    let crc = record_crc(&h, payload_crc, payload_len);
+    let mut h = header_prefix(kind, volume, lsn, arg0, arg1, payload.len() as u32);
+    let crc = record_crc(&h, payload);
     h[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
     h
 }
@@ -118,15 +115,7 @@ pub fn encode_record(
     arg1: u64,
     payload: &[u8],
 ) -> Vec<u8> {
-    let header = encode_header(
-        kind,
-        volume,
-        lsn,
-        arg0,
-        arg1,
-        payload.len(),
-        crc32c::crc32c(payload),
-    );
+    let header = encode_header(kind, volume, lsn, arg0, arg1, payload);
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&header);
     out.extend_from_slice(payload);
@@ -194,7 +183,7 @@ pub fn verify_record(
             have: header_bytes.len().min(HEADER_LEN) + payload.len(),
         });
     }
-    let computed = record_crc(header_bytes, crc32c::crc32c(payload), payload.len());
+    let computed = record_crc(header_bytes, payload);
     if computed != header.crc {
         return Err(FormatError::BadChecksum {
             stored: header.crc,

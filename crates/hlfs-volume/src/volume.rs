@@ -731,6 +731,10 @@ impl Volume {
 
     /// Reads `buf.len()` bytes at `offset`.
     pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        // Cached data is read inline without awaiting anything, so a task
+        // looping on reads would never give its thread to others: yield
+        // once the task's cooperative budget is spent.
+        tokio::task::coop::consume_budget().await;
         self.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
@@ -833,6 +837,7 @@ impl Volume {
 
     /// Writes `data` at `offset`.
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        tokio::task::coop::consume_budget().await;
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
         if data.is_empty() {
@@ -887,15 +892,6 @@ impl Volume {
         }
         payload[skip as usize..tail].copy_from_slice(src);
         let crcs: Vec<u32> = payload.chunks(bs).map(crc32c::crc32c).collect();
-        let payload_crc = crcs
-            .iter()
-            .fold(None, |acc: Option<u32>, &c| {
-                Some(match acc {
-                    None => c,
-                    Some(a) => crc32c::crc32c_combine(a, c, bs),
-                })
-            })
-            .unwrap_or(0);
         let lsn = w.next_lsn;
         let header = encode_header(
             RecordKind::Data,
@@ -903,8 +899,7 @@ impl Volume {
             lsn,
             first,
             n,
-            len,
-            payload_crc,
+            &buf[HEADER_LEN..],
         );
         buf[..HEADER_LEN].copy_from_slice(&header);
         let at = self.append(w, &buf)?;
@@ -1204,8 +1199,7 @@ impl Volume {
                 lsn,
                 full_start,
                 full_end - full_start,
-                0,
-                0,
+                &[],
             );
             self.append(&mut w, &header)?;
             w.changed = true;
@@ -1263,7 +1257,7 @@ impl Volume {
             return Ok(());
         }
         let lsn = w.next_lsn;
-        let header = encode_header(RecordKind::Resize, &self.inner.uuid, lsn, new_size, 0, 0, 0);
+        let header = encode_header(RecordKind::Resize, &self.inner.uuid, lsn, new_size, 0, &[]);
         self.append(&mut w, &header)?;
         w.changed = true;
         self.inner.size.store(new_size, Ordering::SeqCst);

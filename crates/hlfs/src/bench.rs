@@ -220,8 +220,13 @@ fn proc_status_bytes(field: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Peak resident memory. The kernel updates VmHWM lazily, so it can lag the
+/// current VmRSS a little; take whichever is larger.
 fn peak_rss() -> Option<u64> {
-    proc_status_bytes("VmHWM")
+    match (proc_status_bytes("VmHWM"), rss()) {
+        (Some(h), Some(r)) => Some(h.max(r)),
+        (h, r) => h.or(r),
+    }
 }
 
 fn rss() -> Option<u64> {
