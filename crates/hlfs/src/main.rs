@@ -7,7 +7,24 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// One malloc arena. Map pages are allocated on one runtime thread and freed
+/// on another; with glibc's per-thread arenas the freed pages fragment, and
+/// a 128 MiB map budget measured 263 MiB resident against 142 MiB with one
+/// arena (which was also faster on this 2-core machine). MALLOC_ARENA_MAX
+/// overrides it.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only changes allocator tuning; called before any
+        // other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let args = cli::Cli::parse();
     let filter = if args.verbose {
         "hlfs=debug,info"
