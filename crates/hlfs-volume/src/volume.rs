@@ -1278,20 +1278,18 @@ impl Volume {
             .collect()
     }
 
+    fn find_snapshot(&self, name: &str) -> Option<SnapshotEntry> {
+        let manifest = self.inner.manifest.lock();
+        manifest.snapshots.iter().find(|s| s.name == name).cloned()
+    }
+
     /// Takes a snapshot holding every write acknowledged before the call.
     pub async fn snapshot_create(&self, name: &str) -> Result<SnapshotInfo> {
         validate_snapshot_name(name)?;
         self.check_writable()?;
         let mut w = self.inner.writer.lock().await;
         self.check_writable()?;
-        if self
-            .inner
-            .manifest
-            .lock()
-            .snapshots
-            .iter()
-            .any(|s| s.name == name)
-        {
+        if self.find_snapshot(name).is_some() {
             return Err(VolumeError::SnapshotExists(name.to_string()));
         }
         let mut taken = None;
@@ -1314,14 +1312,7 @@ impl Volume {
         self.check_writable()?;
         let _w = self.inner.writer.lock().await;
         self.check_writable()?;
-        if !self
-            .inner
-            .manifest
-            .lock()
-            .snapshots
-            .iter()
-            .any(|s| s.name == name)
-        {
+        if self.find_snapshot(name).is_none() {
             return Err(VolumeError::SnapshotNotFound(name.to_string()));
         }
         self.update_manifest(|m| m.snapshots.retain(|s| s.name != name))
@@ -1335,13 +1326,7 @@ impl Volume {
         let mut w = self.inner.writer.lock().await;
         self.check_writable()?;
         let target = self
-            .inner
-            .manifest
-            .lock()
-            .snapshots
-            .iter()
-            .find(|s| s.name == name)
-            .cloned()
+            .find_snapshot(name)
             .ok_or_else(|| VolumeError::SnapshotNotFound(name.to_string()))?;
         let (cp, _) =
             read_checkpoint(&self.inner.segments, target.checkpoint, &self.inner.uuid).await?;

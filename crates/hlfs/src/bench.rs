@@ -10,6 +10,7 @@
 //!
 //! Everything runs in this process through the `hlfs-volume` API; no NBD.
 
+use crate::cli::{human, parse_size};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -94,7 +95,7 @@ pub struct BenchArgs {
 
     /// Volume size, e.g. 4G, 16T [default: engine 4G, scatter 16T,
     /// recovery 2 x --gib GiB].
-    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     size: Option<u64>,
 
     /// engine: time limit of each phase, in seconds.
@@ -110,9 +111,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 1_000_000)]
     writes: u64,
 
-    /// Memory budget of the block map (OpenOptions.map_budget), e.g. 512M.
-    #[arg(long, value_name = "SIZE", value_parser = parse_bytes, default_value = "512M")]
-    map_budget: u64,
+    /// Set from the global --map-budget.
+    #[arg(skip)]
+    pub map_budget: u64,
 
     /// recovery: GiB of random 4 KiB writes before the crash.
     #[arg(long, value_name = "G", default_value_t = 10)]
@@ -125,13 +126,6 @@ pub struct BenchArgs {
     /// Print one JSON object with every number instead of a table.
     #[arg(long)]
     json: bool,
-}
-
-fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
-    parse_size::Config::new()
-        .with_binary()
-        .parse_size(s)
-        .map_err(|e| format!("{s:?}: {e} (use e.g. 512M, 4G, 16T)"))
 }
 
 pub async fn run(args: BenchArgs) -> Result<()> {
@@ -248,23 +242,8 @@ fn du(dir: &Path) -> u64 {
         .sum()
 }
 
-fn fmt_bytes(b: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 fn fmt_opt_bytes(b: Option<u64>) -> String {
-    b.map(fmt_bytes).unwrap_or_else(|| "n/a".into())
+    b.map(human).unwrap_or_else(|| "n/a".into())
 }
 
 fn secs(d: Duration) -> f64 {
@@ -461,7 +440,7 @@ async fn create_and_open(dir: &Path, size: u64, map_budget: u64) -> Result<Volum
     let backend = Backend::local(dir, true)?;
     Volume::create(&backend, &create_options(size))
         .await
-        .with_context(|| format!("creating a {} volume in {}", fmt_bytes(size), dir.display()))?;
+        .with_context(|| format!("creating a {} volume in {}", human(size), dir.display()))?;
     open(dir, map_budget).await
 }
 
@@ -479,8 +458,8 @@ fn block_size_of(size: u64, min: u64, what: &str) -> Result<u64> {
     if size < min {
         bail!(
             "{what}: volume size must be at least {} (got {})",
-            fmt_bytes(min),
-            fmt_bytes(size)
+            human(min),
+            human(size)
         );
     }
     Ok(size)
@@ -556,8 +535,8 @@ impl EngineReport {
     fn table(&self) -> String {
         let mut s = format!(
             "hlfs bench engine: {} volume, 4 KiB blocks, map budget {}, phases of at most {} s, in {}\n",
-            fmt_bytes(self.size),
-            fmt_bytes(self.map_budget),
+            human(self.size),
+            human(self.map_budget),
             self.seconds_per_phase,
             self.dir
         );
@@ -567,12 +546,12 @@ impl EngineReport {
         }
         s += &format!(
             "  reads over   {} written by seq-write\n",
-            fmt_bytes(self.read_range_bytes)
+            human(self.read_range_bytes)
         );
         s += &format!(
             "  allocated    {}, on disk {} (no GC ran)\n",
-            fmt_bytes(self.allocated_bytes),
-            fmt_bytes(self.on_disk_bytes)
+            human(self.allocated_bytes),
+            human(self.on_disk_bytes)
         );
         s += &format!(
             "  map pages    {} cached of {} budget\n",
@@ -844,9 +823,9 @@ impl ScatterReport {
         let mut s = format!(
             "hlfs bench scatter: {} random 4 KiB writes over a {} thin volume, QD {}, map budget {}, in {}\n",
             self.writes,
-            fmt_bytes(self.size),
+            human(self.size),
             self.qd,
-            fmt_bytes(self.map_budget),
+            human(self.map_budget),
             self.dir
         );
         s += &Phase::header();
@@ -860,8 +839,8 @@ impl ScatterReport {
         );
         s += &format!(
             "  allocated    {}, on disk {}\n",
-            fmt_bytes(self.allocated_bytes),
-            fmt_bytes(self.on_disk_bytes)
+            human(self.allocated_bytes),
+            human(self.on_disk_bytes)
         );
         s += &format!(
             "  map pages    {} after writes, {} after verify, budget {}\n",
@@ -1116,10 +1095,10 @@ impl RecoveryReport {
     fn table(&self) -> String {
         let mut s = format!(
             "hlfs bench recovery: {} of random 4 KiB writes on a {} volume, QD {}, map budget {}, in {}\n",
-            fmt_bytes(self.written_bytes),
-            fmt_bytes(self.size),
+            human(self.written_bytes),
+            human(self.size),
             self.qd,
-            fmt_bytes(self.map_budget),
+            human(self.map_budget),
             self.dir
         );
         s += &Phase::header();
@@ -1127,8 +1106,8 @@ impl RecoveryReport {
         s += &format!(
             "  at crash     {} distinct blocks; {} in the journal, {} on disk\n",
             self.distinct_blocks,
-            fmt_bytes(self.journal_bytes_at_crash),
-            fmt_bytes(self.on_disk_bytes_at_crash)
+            human(self.journal_bytes_at_crash),
+            human(self.on_disk_bytes_at_crash)
         );
         s += &format!("  recovery     open took {:.1} ms\n", self.recovery_open_ms);
         s += &format!(
@@ -1320,14 +1299,6 @@ async fn recovery(args: &BenchArgs, dir: &Path) -> Result<Report> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_as_binary_units() {
-        assert_eq!(parse_bytes("4G").unwrap(), 4 << 30);
-        assert_eq!(parse_bytes("16T").unwrap(), 16 << 40);
-        assert_eq!(parse_bytes("512M").unwrap(), 512 << 20);
-        assert!(parse_bytes("lots").is_err());
-    }
 
     #[test]
     fn below_stays_in_range() {

@@ -104,7 +104,7 @@ pub enum SnapshotCommand {
     Rollback { volume: String, name: String },
 }
 
-fn parse_size(s: &str) -> std::result::Result<u64, String> {
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     parse_size::Config::new()
         .with_binary()
         .parse_size(s)
@@ -179,7 +179,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Snapshot(cmd) => snapshot(cmd, &opts).await?,
         Command::Check { volume } => return check_cmd(&volume).await,
-        Command::Bench(args) => bench::run(args).await?,
+        Command::Bench(mut args) => {
+            args.map_budget = cli.map_budget;
+            bench::run(args).await?
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
