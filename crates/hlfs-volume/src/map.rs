@@ -290,7 +290,7 @@ impl MapState {
 
     /// First block of the first existing leaf holding blocks at or after
     /// `from`, skipping empty subtrees.
-    fn next_present(&mut self, from: u64, pins: &Pins) -> MapResult<Option<u64>> {
+    pub fn next_present(&mut self, from: u64, pins: &Pins) -> MapResult<Option<u64>> {
         let top = self.depth - 1;
         let root = self.root;
         self.search(top, 0, root, from, pins)

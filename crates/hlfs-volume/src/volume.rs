@@ -797,9 +797,11 @@ impl Volume {
         Ok(buf)
     }
 
-    /// Which parts of `offset..offset+len` hold data and which are holes,
-    /// merged into maximal runs.
-    pub async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+    /// Which parts of the volume from `offset` hold data and which are holes,
+    /// as maximal runs covering at most `len` bytes. The answer stops early
+    /// once it has `limit` runs; ask again from where it ends. Empty
+    /// subtrees of the map are skipped whole, so a huge hole costs one step.
+    pub async fn extents(&self, offset: u64, len: u64, limit: usize) -> Result<Vec<Extent>> {
         self.check_range(offset, len)?;
         let mut out: Vec<Extent> = Vec::new();
         if len == 0 {
@@ -807,30 +809,47 @@ impl Volume {
         }
         let bs = self.inner.block_size as u64;
         let end = offset + len;
-        let first = offset >> self.inner.shift;
-        let last = (end - 1) >> self.inner.shift;
-        // Look up a leaf's worth at a time to bound memory on huge ranges.
-        let mut lba = first;
+        let end_block = end.div_ceil(bs);
+        // Blocks first..last_excl as a run, clipped to the asked range.
+        let push = |out: &mut Vec<Extent>, first: u64, last_excl: u64, data: bool| {
+            let lo = (first * bs).max(offset);
+            let hi = (last_excl * bs).min(end);
+            match out.last_mut() {
+                Some(x) if x.data == data && x.offset + x.len == lo => x.len += hi - lo,
+                _ => out.push(Extent {
+                    offset: lo,
+                    len: hi - lo,
+                    data,
+                }),
+            }
+        };
+        let mut lba = offset / bs;
         let mut entries = vec![Entry::EMPTY; 512];
-        while lba <= last {
-            let n = (512 - (lba % 512)).min(last - lba + 1) as usize;
-            self.map_op(|m, pins| m.lookup(lba, &mut entries[..n], pins))
+        let mut runs = 0;
+        while lba < end_block && runs < limit {
+            let next = self.map_op(|m, pins| m.next_present(lba, pins)).await?;
+            let Some(leaf_start) = next.filter(|&s| s < end_block) else {
+                push(&mut out, lba, end_block, false);
+                break;
+            };
+            let start = leaf_start.max(lba);
+            if start > lba {
+                push(&mut out, lba, start, false);
+            }
+            let stop = ((start / 512 + 1) * 512).min(end_block);
+            let n = (stop - start) as usize;
+            self.map_op(|m, pins| m.lookup(start, &mut entries[..n], pins))
                 .await?;
             for (k, e) in entries[..n].iter().enumerate() {
-                let b = lba + k as u64;
-                let lo = (b * bs).max(offset);
-                let hi = ((b + 1) * bs).min(end);
-                let data = !e.is_empty();
-                match out.last_mut() {
-                    Some(x) if x.data == data && x.offset + x.len == lo => x.len += hi - lo,
-                    _ => out.push(Extent {
-                        offset: lo,
-                        len: hi - lo,
-                        data,
-                    }),
-                }
+                push(
+                    &mut out,
+                    start + k as u64,
+                    start + k as u64 + 1,
+                    !e.is_empty(),
+                );
             }
-            lba += n as u64;
+            lba = stop;
+            runs = out.len();
         }
         Ok(out)
     }

@@ -83,6 +83,9 @@ pub enum Command {
     /// Verify every record's checksum, every map page and every block;
     /// exits non-zero and says where if anything is damaged.
     Check { volume: String },
+    /// Serve volumes and snapshots over NBD (to QEMU, nbd-client, libnbd,
+    /// fio) until SIGINT or SIGTERM, then flush, seal and exit.
+    Serve(crate::serve::ServeArgs),
     /// Benchmark the engine on the local backend.
     Bench(bench::BenchArgs),
 }
@@ -111,7 +114,7 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .map_err(|e| format!("{s:?} is not a size ({e}); use e.g. 512M, 10G, 1T"))
 }
 
-fn backend(volume: &str, create: bool) -> Result<Backend> {
+pub fn backend(volume: &str, create: bool) -> Result<Backend> {
     Ok(Backend::parse(volume, create)?)
 }
 
@@ -122,7 +125,7 @@ fn open_options(cli_budget: u64) -> OpenOptions {
 }
 
 /// Splits VOLUME@SNAPSHOT; a path that exists as given is never split.
-fn split_snapshot(arg: &str) -> (&str, Option<&str>) {
+pub fn split_snapshot(arg: &str) -> (&str, Option<&str>) {
     if Path::new(arg).exists() {
         return (arg, None);
     }
@@ -179,6 +182,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Snapshot(cmd) => snapshot(cmd, &opts).await?,
         Command::Check { volume } => return check_cmd(&volume).await,
+        Command::Serve(args) => crate::serve::run(args, &opts).await?,
         Command::Bench(mut args) => {
             args.map_budget = cli.map_budget;
             bench::run(args).await?
@@ -500,14 +504,15 @@ async fn export(arg: &str, file: &str, opts: &OpenOptions) -> Result<()> {
         let mut off = 0;
         // Holes stay holes in the output file.
         while off < size {
-            let span = (size - off).min(256 * CHUNK as u64);
-            for ext in vol.extents(off, span).await? {
+            for ext in vol.extents(off, size - off, 4096).await? {
+                off = ext.offset + ext.len;
                 if !ext.data {
+                    bar.set_position(off);
                     continue;
                 }
                 let mut p = ext.offset;
-                while p < ext.offset + ext.len {
-                    let n = (ext.offset + ext.len - p).min(CHUNK as u64) as usize;
+                while p < off {
+                    let n = (off - p).min(CHUNK as u64) as usize;
                     vol.read_into(p, &mut buf[..n]).await?;
                     out.seek(SeekFrom::Start(p))
                         .and_then(|_| out.write_all(&buf[..n]))
@@ -516,8 +521,6 @@ async fn export(arg: &str, file: &str, opts: &OpenOptions) -> Result<()> {
                     bar.set_position(p);
                 }
             }
-            off += span;
-            bar.set_position(off);
         }
         out.sync_all().with_context(|| format!("writing {file}"))?;
     }

@@ -1,0 +1,282 @@
+//! `hlfs serve`: volumes and snapshots over NBD.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use async_trait::async_trait;
+use hlfs_nbd::proto::{EINVAL, EIO, EPERM};
+use hlfs_nbd::{BlockDevice, DeviceError, DeviceExtent, DeviceResult, Export, Server};
+use hlfs_volume::{CreateOptions, OpenOptions, View, Volume, VolumeError};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+
+use crate::cli::{backend, split_snapshot};
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Volumes to serve; VOLUME@SNAPSHOT serves a snapshot read-only. The
+    /// export name is the volume's file name (plus @SNAPSHOT).
+    #[arg(required = true, value_name = "VOLUME[@SNAPSHOT]")]
+    volumes: Vec<String>,
+    /// TCP address to listen on (the default when --socket is not given).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
+    /// Unix socket to listen on.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Create a volume that does not exist yet (needs --size).
+    #[arg(long, requires = "size")]
+    create: bool,
+    /// Size of a volume made with --create.
+    #[arg(long, value_parser = crate::cli::parse_size)]
+    size: Option<u64>,
+}
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+
+/// A volume as an NBD block device.
+struct VolumeDevice {
+    vol: Volume,
+}
+
+fn device_error(e: VolumeError) -> DeviceError {
+    let errno = match e {
+        VolumeError::OutOfRange { .. } | VolumeError::InvalidArgument(_) => EINVAL,
+        VolumeError::ReadOnly => EPERM,
+        _ => EIO,
+    };
+    DeviceError::new(errno, e.to_string())
+}
+
+/// Zeros written as data at most this much at a time (NO_HOLE zeroing).
+const ZERO_CHUNK: u64 = 1 << 20;
+
+#[async_trait]
+impl BlockDevice for VolumeDevice {
+    fn size(&self) -> u64 {
+        self.vol.size()
+    }
+    fn read_only(&self) -> bool {
+        self.vol.is_read_only()
+    }
+    fn block_size(&self) -> u32 {
+        self.vol.block_size()
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> DeviceResult<()> {
+        self.vol.read_into(offset, buf).await.map_err(device_error)
+    }
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> DeviceResult<()> {
+        let r = if fua {
+            self.vol.write_fua(offset, data).await
+        } else {
+            self.vol.write(offset, data).await
+        };
+        r.map_err(device_error)
+    }
+    async fn flush(&self) -> DeviceResult<()> {
+        self.vol.flush().await.map_err(device_error)
+    }
+    async fn trim(&self, offset: u64, len: u64) -> DeviceResult<()> {
+        self.vol.trim(offset, len).await.map_err(device_error)
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> DeviceResult<()> {
+        if !no_hole {
+            return self
+                .vol
+                .write_zeroes(offset, len)
+                .await
+                .map_err(device_error);
+        }
+        // The client wants the space kept: write zeros as data.
+        let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(ZERO_CHUNK) as usize;
+            self.vol
+                .write(at, &zeros[..n])
+                .await
+                .map_err(device_error)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+    async fn extents(&self, offset: u64, len: u64) -> DeviceResult<Vec<DeviceExtent>> {
+        let runs = self
+            .vol
+            .extents(offset, len, 1024)
+            .await
+            .map_err(device_error)?;
+        Ok(runs
+            .into_iter()
+            .map(|x| DeviceExtent {
+                len: x.len,
+                allocated: x.data,
+            })
+            .collect())
+    }
+}
+
+/// The export name of a volume address: its last path component.
+fn export_name(volume: &str) -> String {
+    let path = volume.strip_prefix("file://").unwrap_or(volume);
+    Path::new(path.trim_end_matches('/'))
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.to_string())
+}
+
+/// A listening unix socket, removing a stale one a crashed server left.
+fn bind_unix(path: &Path) -> Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("{} is in use by another server", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+}
+
+async fn open_exports(args: &ServeArgs, opts: &OpenOptions) -> Result<(Vec<Export>, Vec<Volume>)> {
+    let mut exports: Vec<Export> = Vec::new();
+    let mut volumes = Vec::new();
+    for arg in &args.volumes {
+        let (volume, snap) = split_snapshot(arg);
+        let vol = match snap {
+            Some(s) => {
+                Volume::open_read_only(backend(volume, false)?, opts, View::Snapshot(s.to_string()))
+                    .await
+                    .with_context(|| format!("opening {arg}"))?
+            }
+            None => {
+                let exists = Path::new(volume.strip_prefix("file://").unwrap_or(volume)).exists();
+                if args.create && !exists {
+                    let create = CreateOptions {
+                        size: args.size.expect("clap requires --size with --create"),
+                        ..CreateOptions::default()
+                    };
+                    Volume::create(&backend(volume, true)?, &create).await?;
+                    eprintln!("created {volume}");
+                }
+                Volume::open(backend(volume, false)?, opts)
+                    .await
+                    .with_context(|| format!("opening {volume}"))?
+            }
+        };
+        let name = match snap {
+            Some(s) => format!("{}@{s}", export_name(volume)),
+            None => export_name(volume),
+        };
+        if exports.iter().any(|e| e.name == name) {
+            bail!("two volumes would both be exported as {name:?}");
+        }
+        let description = format!(
+            "HLFS volume {volume}{}",
+            if snap.is_some() {
+                " (snapshot, read-only)"
+            } else {
+                ""
+            }
+        );
+        exports.push(Export {
+            name,
+            description,
+            device: Arc::new(VolumeDevice { vol: vol.clone() }),
+        });
+        volumes.push(vol);
+    }
+    Ok((exports, volumes))
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn stop_signal() -> Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+pub async fn run(args: ServeArgs, opts: &OpenOptions) -> Result<()> {
+    let (exports, volumes) = match open_exports(&args, opts).await {
+        Ok(x) => x,
+        Err(e) => return Err(e),
+    };
+    let names: Vec<String> = exports.iter().map(|e| e.name.clone()).collect();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = Server::new(exports, stop_rx);
+    let mut tasks = tokio::task::JoinSet::new();
+    let listen = match (&args.listen, &args.socket) {
+        (Some(l), _) => Some(l.clone()),
+        (None, None) => Some(DEFAULT_LISTEN.to_string()),
+        (None, Some(_)) => None,
+    };
+    let mut uris = Vec::new();
+    if let Some(addr) = &listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        let host = match local {
+            std::net::SocketAddr::V6(a) => format!("[{}]", a.ip()),
+            std::net::SocketAddr::V4(a) => a.ip().to_string(),
+        };
+        for n in &names {
+            uris.push(format!("nbd://{host}:{}/{n}", local.port()));
+        }
+        tasks.spawn(server.clone().serve_tcp(listener));
+    }
+    if let Some(path) = &args.socket {
+        let listener = bind_unix(path)?;
+        for n in &names {
+            uris.push(format!("nbd+unix:///{n}?socket={}", path.display()));
+        }
+        tasks.spawn(server.clone().serve_unix(listener));
+    }
+    for uri in &uris {
+        println!("{uri}");
+    }
+    use std::io::Write;
+    std::io::stdout().flush().ok();
+    tracing::info!(exports = ?names, "serving; stop with SIGINT or SIGTERM");
+
+    let outcome = tokio::select! {
+        sig = stop_signal() => sig.map(|s| tracing::info!("{s}: draining in-flight requests")),
+        Some(done) = tasks.join_next() => match done {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::Error::new(e).context("the listener failed")),
+            Err(e) => Err(anyhow::anyhow!("the listener stopped: {e}")),
+        },
+    };
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    if let Some(path) = &args.socket {
+        let _ = std::fs::remove_file(path);
+    }
+    // Flush, seal and release every writer claim, even after a failure.
+    let mut closed = Ok(());
+    for vol in volumes {
+        if let Err(e) = vol.close().await {
+            closed = Err(anyhow::Error::new(e).context(format!("closing {}", vol.location())));
+        }
+    }
+    outcome?;
+    closed?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_names_are_file_names() {
+        assert_eq!(export_name("./vm1.hlfs"), "vm1.hlfs");
+        assert_eq!(export_name("/var/lib/hlfs/vm2/"), "vm2");
+        assert_eq!(export_name("file:///srv/disk"), "disk");
+    }
+}
