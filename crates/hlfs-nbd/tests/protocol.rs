@@ -1,0 +1,601 @@
+//! The server byte for byte, with a raw client over in-memory streams and an
+//! in-memory device: option haggling, replies out of order, errors as the
+//! protocol defines them, hostile input, draining on shutdown.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hlfs_nbd::proto::*;
+use hlfs_nbd::{BlockDevice, DeviceError, DeviceExtent, DeviceResult, Export, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::sync::{watch, Mutex};
+
+const BS: u64 = 4096;
+
+/// A RAM disk; reads of offsets with bit 20 set sleep a little so replies
+/// come back out of order; `fail` makes every request fail with EIO.
+struct MemDevice {
+    size: u64,
+    data: Mutex<Vec<u8>>,
+    read_only: bool,
+    fail: AtomicBool,
+}
+
+impl MemDevice {
+    fn new(size: usize, read_only: bool) -> Arc<Self> {
+        Arc::new(MemDevice {
+            size: size as u64,
+            data: Mutex::new(vec![0; size]),
+            read_only,
+            fail: AtomicBool::new(false),
+        })
+    }
+    fn check(&self) -> DeviceResult<()> {
+        if self.fail.load(Ordering::SeqCst) {
+            Err(DeviceError::new(EIO, "injected failure"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl BlockDevice for MemDevice {
+    fn size(&self) -> u64 {
+        self.data
+            .try_lock()
+            .map(|d| d.len() as u64)
+            .unwrap_or(8 << 20)
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+    fn block_size(&self) -> u32 {
+        BS as u32
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> DeviceResult<()> {
+        self.check()?;
+        if offset & (1 << 20) != 0 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let d = self.data.lock().await;
+        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    async fn write(&self, offset: u64, data: &[u8], _fua: bool) -> DeviceResult<()> {
+        self.check()?;
+        let mut d = self.data.lock().await;
+        d[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    async fn flush(&self) -> DeviceResult<()> {
+        self.check()
+    }
+    async fn trim(&self, offset: u64, len: u64) -> DeviceResult<()> {
+        self.write_zeroes(offset, len, false).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, _no_hole: bool) -> DeviceResult<()> {
+        self.check()?;
+        let mut d = self.data.lock().await;
+        d[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+    /// All-zero blocks are holes.
+    async fn extents(&self, offset: u64, len: u64) -> DeviceResult<Vec<DeviceExtent>> {
+        self.check()?;
+        let d = self.data.lock().await;
+        let mut out: Vec<DeviceExtent> = Vec::new();
+        let mut at = offset;
+        while at < offset + len {
+            let n = (BS - at % BS).min(offset + len - at);
+            let allocated = d[at as usize..(at + n) as usize].iter().any(|&b| b != 0);
+            match out.last_mut() {
+                Some(x) if x.allocated == allocated => x.len += n,
+                _ => out.push(DeviceExtent { len: n, allocated }),
+            }
+            at += n;
+        }
+        Ok(out)
+    }
+}
+
+struct Harness {
+    server: Arc<Server>,
+    stop: watch::Sender<bool>,
+    rw: Arc<MemDevice>,
+    ro: Arc<MemDevice>,
+}
+
+fn harness() -> Harness {
+    let rw = MemDevice::new(8 << 20, false);
+    let ro = MemDevice::new(1 << 20, true);
+    let (stop, stop_rx) = watch::channel(false);
+    let exports = vec![
+        Export {
+            name: "disk".into(),
+            description: "a RAM disk".into(),
+            device: rw.clone(),
+        },
+        Export {
+            name: "disk@snap".into(),
+            description: "read-only".into(),
+            device: ro.clone(),
+        },
+    ];
+    Harness {
+        server: Server::new(exports, stop_rx),
+        stop,
+        rw,
+        ro,
+    }
+}
+
+impl Harness {
+    /// A client stream connected to a new server connection.
+    fn connect(&self) -> (DuplexStream, tokio::task::JoinHandle<()>) {
+        let (client, server_side) = tokio::io::duplex(1 << 20);
+        let task = tokio::spawn(self.server.clone().connection(server_side, "test".into()));
+        (client, task)
+    }
+}
+
+async fn greet(c: &mut DuplexStream, client_flags: u32) {
+    assert_eq!(c.read_u64().await.unwrap(), NBD_MAGIC);
+    assert_eq!(c.read_u64().await.unwrap(), IHAVEOPT);
+    let flags = c.read_u16().await.unwrap();
+    assert_eq!(flags, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    c.write_u32(client_flags).await.unwrap();
+}
+
+async fn send_option(c: &mut DuplexStream, option: u32, data: &[u8]) {
+    c.write_u64(IHAVEOPT).await.unwrap();
+    c.write_u32(option).await.unwrap();
+    c.write_u32(data.len() as u32).await.unwrap();
+    c.write_all(data).await.unwrap();
+}
+
+/// (option, reply type, payload)
+async fn option_reply(c: &mut DuplexStream) -> (u32, u32, Vec<u8>) {
+    assert_eq!(c.read_u64().await.unwrap(), OPTION_REPLY_MAGIC);
+    let option = c.read_u32().await.unwrap();
+    let kind = c.read_u32().await.unwrap();
+    let len = c.read_u32().await.unwrap();
+    let mut data = vec![0; len as usize];
+    c.read_exact(&mut data).await.unwrap();
+    (option, kind, data)
+}
+
+fn name_request(name: &str, infos: &[u16]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    for i in infos {
+        d.extend_from_slice(&i.to_be_bytes());
+    }
+    d
+}
+
+fn meta_request(export: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = (export.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    d
+}
+
+/// Handshake with structured replies and base:allocation, then GO.
+/// Returns the transmission flags.
+async fn go(c: &mut DuplexStream, export: &str) -> u16 {
+    greet(c, CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).await;
+    send_option(c, OPT_STRUCTURED_REPLY, &[]).await;
+    assert_eq!(option_reply(c).await.1, REP_ACK);
+    send_option(
+        c,
+        OPT_SET_META_CONTEXT,
+        &meta_request(export, &[BASE_ALLOCATION]),
+    )
+    .await;
+    let (_, kind, data) = option_reply(c).await;
+    assert_eq!(kind, REP_META_CONTEXT);
+    assert_eq!(&data[4..], BASE_ALLOCATION.as_bytes());
+    assert_eq!(option_reply(c).await.1, REP_ACK);
+    send_option(c, OPT_GO, &name_request(export, &[])).await;
+    let (_, kind, info) = option_reply(c).await;
+    assert_eq!(kind, REP_INFO);
+    assert_eq!(u16::from_be_bytes([info[0], info[1]]), INFO_EXPORT);
+    let flags = u16::from_be_bytes([info[10], info[11]]);
+    loop {
+        let (_, kind, _) = option_reply(c).await;
+        if kind == REP_ACK {
+            return flags;
+        }
+        assert_eq!(kind, REP_INFO);
+    }
+}
+
+async fn request(
+    c: &mut DuplexStream,
+    command: u16,
+    flags: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+) {
+    let r = Request {
+        flags,
+        command,
+        cookie,
+        offset,
+        len,
+    };
+    c.write_all(&encode_request(&r)).await.unwrap();
+}
+
+/// A simple reply: (error, cookie).
+async fn simple(c: &mut DuplexStream) -> (u32, u64) {
+    assert_eq!(c.read_u32().await.unwrap(), SIMPLE_REPLY_MAGIC);
+    (c.read_u32().await.unwrap(), c.read_u64().await.unwrap())
+}
+
+/// A structured chunk: (flags, type, cookie, payload).
+async fn chunk(c: &mut DuplexStream) -> (u16, u16, u64, Vec<u8>) {
+    assert_eq!(c.read_u32().await.unwrap(), STRUCTURED_REPLY_MAGIC);
+    let flags = c.read_u16().await.unwrap();
+    let kind = c.read_u16().await.unwrap();
+    let cookie = c.read_u64().await.unwrap();
+    let len = c.read_u32().await.unwrap();
+    let mut data = vec![0; len as usize];
+    c.read_exact(&mut data).await.unwrap();
+    (flags, kind, cookie, data)
+}
+
+/// Reads a whole structured READ reply into `out` (positioned at `base`).
+async fn structured_read(c: &mut DuplexStream, base: u64, out: &mut [u8]) -> (u64, Vec<u16>) {
+    let mut kinds = Vec::new();
+    loop {
+        let (flags, kind, cookie, data) = chunk(c).await;
+        kinds.push(kind);
+        match kind {
+            REPLY_TYPE_OFFSET_DATA => {
+                let at = u64::from_be_bytes(data[..8].try_into().unwrap()) - base;
+                out[at as usize..at as usize + data.len() - 8].copy_from_slice(&data[8..]);
+            }
+            REPLY_TYPE_OFFSET_HOLE => {
+                let at = u64::from_be_bytes(data[..8].try_into().unwrap()) - base;
+                let len = u32::from_be_bytes(data[8..12].try_into().unwrap());
+                out[at as usize..(at + len as u64) as usize].fill(0);
+            }
+            REPLY_TYPE_ERROR => panic!("error chunk {:?}", &data[..4]),
+            other => panic!("unexpected chunk type {other}"),
+        }
+        if flags & REPLY_FLAG_DONE != 0 {
+            return (cookie, kinds);
+        }
+    }
+}
+
+#[tokio::test]
+async fn haggling_goes_on_after_unknown_options_and_lists_exports() {
+    let h = harness();
+    let (mut c, _task) = h.connect();
+    greet(&mut c, CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).await;
+    send_option(&mut c, 99, b"whatever").await;
+    let (opt, kind, _) = option_reply(&mut c).await;
+    assert_eq!((opt, kind), (99, REP_ERR_UNSUP));
+    send_option(&mut c, OPT_STARTTLS, &[]).await;
+    assert_eq!(option_reply(&mut c).await.1, REP_ERR_POLICY);
+    send_option(&mut c, OPT_LIST, &[]).await;
+    let mut names = Vec::new();
+    loop {
+        let (_, kind, data) = option_reply(&mut c).await;
+        if kind == REP_ACK {
+            break;
+        }
+        assert_eq!(kind, REP_SERVER);
+        names.push(String::from_utf8(data[4..].to_vec()).unwrap());
+    }
+    assert_eq!(names, ["disk", "disk@snap"]);
+    send_option(&mut c, OPT_INFO, &name_request("nope", &[])).await;
+    assert_eq!(option_reply(&mut c).await.1, REP_ERR_UNKNOWN);
+    send_option(&mut c, OPT_INFO, &[1, 2, 3]).await;
+    assert_eq!(option_reply(&mut c).await.1, REP_ERR_INVALID);
+    // SET_META_CONTEXT before structured replies is refused; LIST is fine.
+    send_option(
+        &mut c,
+        OPT_SET_META_CONTEXT,
+        &meta_request("disk", &[BASE_ALLOCATION]),
+    )
+    .await;
+    assert_eq!(option_reply(&mut c).await.1, REP_ERR_INVALID);
+    send_option(&mut c, OPT_LIST_META_CONTEXT, &meta_request("disk", &[])).await;
+    assert_eq!(option_reply(&mut c).await.1, REP_META_CONTEXT);
+    assert_eq!(option_reply(&mut c).await.1, REP_ACK);
+    send_option(
+        &mut c,
+        OPT_INFO,
+        &name_request("disk@snap", &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]),
+    )
+    .await;
+    let mut infos = Vec::new();
+    loop {
+        let (_, kind, data) = option_reply(&mut c).await;
+        if kind == REP_ACK {
+            break;
+        }
+        let info = u16::from_be_bytes([data[0], data[1]]);
+        if info == INFO_EXPORT {
+            assert_eq!(u64::from_be_bytes(data[2..10].try_into().unwrap()), 1 << 20);
+            assert!(u16::from_be_bytes([data[10], data[11]]) & TF_READ_ONLY != 0);
+        }
+        infos.push(info);
+    }
+    assert_eq!(
+        infos,
+        [INFO_EXPORT, INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]
+    );
+    send_option(&mut c, OPT_ABORT, &[]).await;
+    assert_eq!(option_reply(&mut c).await.1, REP_ACK);
+}
+
+#[tokio::test]
+async fn export_name_option_sends_zero_padding_unless_declined() {
+    let h = harness();
+    let (mut c, _task) = h.connect();
+    greet(&mut c, CLIENT_FIXED_NEWSTYLE).await;
+    send_option(&mut c, OPT_EXPORT_NAME, b"disk").await;
+    assert_eq!(c.read_u64().await.unwrap(), 8 << 20);
+    let flags = c.read_u16().await.unwrap();
+    assert!(flags & TF_SEND_FLUSH != 0 && flags & TF_CAN_MULTI_CONN != 0);
+    let mut zeros = [1u8; 124];
+    c.read_exact(&mut zeros).await.unwrap();
+    assert_eq!(zeros, [0; 124]);
+    // Simple replies without structured negotiation.
+    request(&mut c, CMD_WRITE, 0, 5, 0, 4).await;
+    c.write_all(b"abcd").await.unwrap();
+    assert_eq!(simple(&mut c).await, (0, 5));
+    request(&mut c, CMD_READ, 0, 6, 0, 4).await;
+    assert_eq!(simple(&mut c).await, (0, 6));
+    let mut data = [0u8; 4];
+    c.read_exact(&mut data).await.unwrap();
+    assert_eq!(&data, b"abcd");
+}
+
+#[tokio::test]
+async fn many_requests_in_flight_are_answered_out_of_order() {
+    let h = harness();
+    let (mut c, _task) = h.connect();
+    go(&mut c, "disk").await;
+    // Slow reads (offset with bit 20 set) first, fast ones after.
+    for i in 0..8u64 {
+        let offset = if i < 4 { (1 << 20) + i * BS } else { i * BS };
+        request(&mut c, CMD_READ, CMD_FLAG_DF, i, offset, BS as u32).await;
+    }
+    let mut order = Vec::new();
+    for _ in 0..8 {
+        let (flags, kind, cookie, _) = chunk(&mut c).await;
+        assert_eq!(
+            (flags & REPLY_FLAG_DONE, kind),
+            (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA)
+        );
+        order.push(cookie);
+    }
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..8).collect::<Vec<_>>());
+    assert!(
+        order[..4].iter().all(|&c| c >= 4),
+        "fast replies should overtake slow ones: {order:?}"
+    );
+}
+
+#[tokio::test]
+async fn errors_follow_the_protocol() {
+    let h = harness();
+    let (mut c, _task) = h.connect();
+    go(&mut c, "disk").await;
+    let size = 8u64 << 20;
+    request(&mut c, CMD_READ, 0, 1, size - 10, 20).await;
+    let (_, kind, cookie, data) = chunk(&mut c).await;
+    assert_eq!((kind, cookie), (REPLY_TYPE_ERROR, 1));
+    assert_eq!(u32::from_be_bytes(data[..4].try_into().unwrap()), EINVAL);
+    request(&mut c, CMD_WRITE, 0, 2, size - 2, 4).await;
+    c.write_all(b"wxyz").await.unwrap();
+    assert_eq!(simple(&mut c).await, (ENOSPC, 2));
+    request(&mut c, CMD_TRIM, 0, 3, size, 1).await;
+    assert_eq!(simple(&mut c).await, (ENOSPC, 3));
+    request(&mut c, 77, 0, 4, 0, 0).await;
+    assert_eq!(simple(&mut c).await, (EINVAL, 4));
+    h.rw.fail.store(true, Ordering::SeqCst);
+    request(&mut c, CMD_FLUSH, 0, 5, 0, 0).await;
+    assert_eq!(simple(&mut c).await, (EIO, 5));
+    h.rw.fail.store(false, Ordering::SeqCst);
+    request(&mut c, CMD_FLUSH, 0, 6, 0, 0).await;
+    assert_eq!(simple(&mut c).await, (0, 6));
+
+    let (mut r, _task) = h.connect();
+    let flags = go(&mut r, "disk@snap").await;
+    assert!(flags & TF_READ_ONLY != 0 && flags & TF_SEND_TRIM == 0);
+    request(&mut r, CMD_WRITE, 0, 7, 0, 2).await;
+    r.write_all(b"no").await.unwrap();
+    assert_eq!(simple(&mut r).await, (EPERM, 7));
+    request(&mut r, CMD_WRITE_ZEROES, 0, 8, 0, 4096).await;
+    assert_eq!(simple(&mut r).await, (EPERM, 8));
+    assert!(h.ro.data.lock().await.iter().all(|&b| b == 0));
+}
+
+#[tokio::test]
+async fn sparse_reads_and_block_status_report_holes() {
+    let h = harness();
+    let (mut c, _task) = h.connect();
+    go(&mut c, "disk").await;
+    // Data at [64K, 72K) only.
+    request(&mut c, CMD_WRITE, CMD_FLAG_FUA, 1, 65536, 8192).await;
+    c.write_all(&[0x5a; 8192]).await.unwrap();
+    assert_eq!(simple(&mut c).await, (0, 1));
+    let mut out = vec![0xffu8; 256 * 1024];
+    request(&mut c, CMD_READ, 0, 2, 0, out.len() as u32).await;
+    let (cookie, kinds) = structured_read(&mut c, 0, &mut out).await;
+    assert_eq!(cookie, 2);
+    assert_eq!(
+        kinds,
+        [
+            REPLY_TYPE_OFFSET_HOLE,
+            REPLY_TYPE_OFFSET_DATA,
+            REPLY_TYPE_OFFSET_HOLE
+        ]
+    );
+    assert!(out[..65536].iter().all(|&b| b == 0));
+    assert!(out[65536..73728].iter().all(|&b| b == 0x5a));
+    assert!(out[73728..].iter().all(|&b| b == 0));
+
+    request(&mut c, CMD_BLOCK_STATUS, 0, 3, 0, 1 << 20).await;
+    let (flags, kind, _, data) = chunk(&mut c).await;
+    assert_eq!((flags, kind), (REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS));
+    assert_eq!(
+        u32::from_be_bytes(data[..4].try_into().unwrap()),
+        BASE_ALLOCATION_ID
+    );
+    let descs: Vec<(u32, u32)> = data[4..]
+        .chunks(8)
+        .map(|d| {
+            (
+                u32::from_be_bytes(d[..4].try_into().unwrap()),
+                u32::from_be_bytes(d[4..].try_into().unwrap()),
+            )
+        })
+        .collect();
+    let hz = STATE_HOLE | STATE_ZERO;
+    assert_eq!(descs, [(65536, hz), (8192, 0), ((1 << 20) - 73728, hz)]);
+    request(
+        &mut c,
+        CMD_BLOCK_STATUS,
+        CMD_FLAG_REQ_ONE,
+        4,
+        65536,
+        1 << 20,
+    )
+    .await;
+    let (_, _, _, data) = chunk(&mut c).await;
+    assert_eq!(data.len(), 12, "REQ_ONE gives one descriptor");
+
+    request(&mut c, CMD_WRITE_ZEROES, 0, 5, 65536, 8192).await;
+    assert_eq!(simple(&mut c).await, (0, 5));
+    request(&mut c, CMD_CACHE, 0, 6, 0, 4096).await;
+    assert_eq!(simple(&mut c).await, (0, 6));
+    request(&mut c, CMD_DISC, 0, 7, 0, 0).await;
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "nothing after DISC");
+}
+
+/// Hostile and broken clients: each one's connection ends, the server and
+/// the other clients carry on.
+#[tokio::test]
+async fn hostile_input_closes_only_that_connection() {
+    let h = harness();
+    let hostile: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        vec![0xff; 4],                                       // bad client flags
+        [1u32.to_be_bytes().to_vec(), vec![0; 16]].concat(), // bad option magic
+        [
+            3u32.to_be_bytes().to_vec(),
+            IHAVEOPT.to_be_bytes().to_vec(),
+            OPT_GO.to_be_bytes().to_vec(),
+            u32::MAX.to_be_bytes().to_vec(), // absurd option length
+        ]
+        .concat(),
+        [
+            3u32.to_be_bytes().to_vec(),
+            IHAVEOPT.to_be_bytes().to_vec(),
+            OPT_EXPORT_NAME.to_be_bytes().to_vec(),
+            4u32.to_be_bytes().to_vec(),
+            b"nope".to_vec(), // unknown export, old style
+        ]
+        .concat(),
+        (0..5000u32).map(|i| (i * 7919 % 251) as u8).collect(), // noise
+    ];
+    let mut tasks = Vec::new();
+    for bytes in hostile {
+        let (mut c, task) = h.connect();
+        let mut greeting = [0u8; 18];
+        c.read_exact(&mut greeting).await.unwrap();
+        let _ = c.write_all(&bytes).await;
+        tasks.push((c, task));
+    }
+    // In transmission: bad request magic, an absurd write, a write cut off.
+    for kind in 0..3 {
+        let (mut c, task) = h.connect();
+        go(&mut c, "disk").await;
+        match kind {
+            0 => c.write_all(&[0xAB; 28]).await.unwrap(),
+            1 => request(&mut c, CMD_WRITE, 0, 1, 0, u32::MAX).await,
+            _ => {
+                request(&mut c, CMD_WRITE, 0, 1, 0, 1 << 20).await;
+                c.write_all(&[1; 1000]).await.unwrap();
+            }
+        }
+        tasks.push((c, task));
+    }
+    for (c, task) in tasks {
+        drop(c); // the client vanishes
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("a hostile connection must end promptly")
+            .unwrap();
+    }
+    // A well-behaved client is served as before.
+    let (mut c, _task) = h.connect();
+    go(&mut c, "disk").await;
+    request(&mut c, CMD_WRITE, 0, 9, 4096, 3).await;
+    c.write_all(b"ok!").await.unwrap();
+    assert_eq!(simple(&mut c).await, (0, 9));
+    assert_eq!(&h.rw.data.lock().await[4096..4099], b"ok!");
+    assert!(
+        h.rw.data.lock().await[..4096].iter().all(|&b| b == 0),
+        "the cut-off write must not land"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_drains_requests_already_read() {
+    let h = harness();
+    let (mut c, task) = h.connect();
+    go(&mut c, "disk").await;
+    for i in 0..16u64 {
+        request(
+            &mut c,
+            CMD_READ,
+            CMD_FLAG_DF,
+            i,
+            (1 << 20) + i * BS,
+            BS as u32,
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    h.stop.send(true).unwrap();
+    let mut answered = 0;
+    let mut rest = Vec::new();
+    while let Ok(Ok(magic)) = tokio::time::timeout(Duration::from_secs(5), c.read_u32()).await {
+        assert_eq!(magic, STRUCTURED_REPLY_MAGIC);
+        let mut head = [0u8; 16];
+        c.read_exact(&mut head).await.unwrap();
+        let len = u32::from_be_bytes(head[12..16].try_into().unwrap());
+        rest.resize(len as usize, 0);
+        c.read_exact(&mut rest).await.unwrap();
+        answered += 1;
+    }
+    assert_eq!(
+        answered, 16,
+        "every request read before shutdown is answered"
+    );
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
+}
