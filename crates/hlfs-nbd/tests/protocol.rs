@@ -44,10 +44,7 @@ impl MemDevice {
 #[async_trait]
 impl BlockDevice for MemDevice {
     fn size(&self) -> u64 {
-        self.data
-            .try_lock()
-            .map(|d| d.len() as u64)
-            .unwrap_or(8 << 20)
+        self.size
     }
     fn read_only(&self) -> bool {
         self.read_only
