@@ -51,6 +51,7 @@ fuzz_target!(|data: &[u8]| {
         let (_stop, stop_rx) = tokio::sync::watch::channel(false);
         let server = Server::new(
             vec![Export { name: "d".into(), description: String::new(), device: Arc::new(Zeros) }],
+            None,
             stop_rx,
         );
         let (client, server_side) = tokio::io::duplex(64 * 1024);

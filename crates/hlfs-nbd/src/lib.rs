@@ -56,3 +56,5 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// least one byte), as a client asks again for the rest.
     async fn extents(&self, offset: u64, len: u64) -> DeviceResult<Vec<DeviceExtent>>;
 }
+
+pub mod tls;

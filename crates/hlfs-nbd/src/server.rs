@@ -9,6 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
 use crate::proto::*;
 use crate::{BlockDevice, DeviceError, DeviceExtent};
@@ -24,6 +25,8 @@ pub struct Export {
 /// Serves a set of exports until told to shut down.
 pub struct Server {
     exports: BTreeMap<String, Export>,
+    /// When set, clients must upgrade with STARTTLS before anything else.
+    tls: Option<TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -54,9 +57,14 @@ impl Server {
     /// `shutdown` flips to true when the server should stop: it then stops
     /// accepting, lets every connection finish the requests it has read, and
     /// returns.
-    pub fn new(exports: Vec<Export>, shutdown: watch::Receiver<bool>) -> Arc<Server> {
+    pub fn new(
+        exports: Vec<Export>,
+        tls: Option<TlsAcceptor>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<Server> {
         Arc::new(Server {
             exports: exports.into_iter().map(|e| (e.name.clone(), e)).collect(),
+            tls,
             shutdown,
         })
     }
@@ -101,26 +109,98 @@ impl Server {
     /// Serves one client on any byte stream.
     pub async fn connection<S>(self: Arc<Self>, stream: S, peer: String)
     where
-        S: AsyncRead + AsyncWrite + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         tracing::info!(%peer, "client connected");
-        let (rd, wr) = tokio::io::split(stream);
-        let mut rd = BufReader::with_capacity(256 * 1024, rd);
-        let mut wr = BufWriter::with_capacity(256 * 1024, wr);
-        let result = match self.handshake(&mut rd, &mut wr).await {
-            Ok(Some((export, structured, meta))) => {
-                tracing::info!(%peer, export = %export.name, "client chose export");
-                transmission(rd, wr, export, structured, meta, self.shutdown.clone()).await
-            }
-            Ok(None) => Ok(()),
-            Err(e) => Err(e),
-        };
-        match result {
+        match self.run_connection(stream, &peer).await {
             Ok(()) => tracing::info!(%peer, "client disconnected"),
             Err(ConnError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 tracing::info!(%peer, "client went away")
             }
             Err(e) => tracing::warn!(%peer, error = %e, "connection closed"),
+        }
+    }
+
+    async fn run_connection<S>(&self, mut stream: S, peer: &str) -> Result<(), ConnError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        stream.write_all(&NBD_MAGIC.to_be_bytes()).await?;
+        stream.write_all(&IHAVEOPT.to_be_bytes()).await?;
+        stream
+            .write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
+            .await?;
+        stream.flush().await?;
+        let client_flags = stream.read_u32().await?;
+        if client_flags & CLIENT_FIXED_NEWSTYLE == 0
+            || client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0
+        {
+            return Err(ConnError::Protocol(format!(
+                "unsupported client flags {client_flags:#x}"
+            )));
+        }
+        let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+        let Some(acceptor) = &self.tls else {
+            return self
+                .negotiate_and_serve(stream, no_zeroes, false, peer)
+                .await;
+        };
+        // Until the client upgrades, only STARTTLS and ABORT are answered.
+        loop {
+            let (opt, data) = read_option(&mut stream).await?;
+            let reply = |kind: u32, payload: &[u8]| option_reply(opt.option, kind, payload);
+            match opt.option {
+                OPT_STARTTLS if data.is_empty() => {
+                    stream.write_all(&reply(REP_ACK, &[])).await?;
+                    stream.flush().await?;
+                    let tls = acceptor.accept(stream).await?;
+                    tracing::info!(%peer, "TLS established");
+                    return self.negotiate_and_serve(tls, no_zeroes, true, peer).await;
+                }
+                OPT_ABORT => {
+                    let _ = stream.write_all(&reply(REP_ACK, &[])).await;
+                    let _ = stream.flush().await;
+                    return Ok(());
+                }
+                OPT_EXPORT_NAME => {
+                    return Err(ConnError::Protocol(
+                        "export requested before STARTTLS on a TLS-only server".into(),
+                    ))
+                }
+                OPT_STARTTLS => {
+                    stream
+                        .write_all(&reply(REP_ERR_INVALID, b"STARTTLS takes no data"))
+                        .await?
+                }
+                _ => {
+                    stream
+                        .write_all(&reply(REP_ERR_TLS_REQD, b"this server requires TLS"))
+                        .await?
+                }
+            }
+            stream.flush().await?;
+        }
+    }
+
+    async fn negotiate_and_serve<S>(
+        &self,
+        stream: S,
+        no_zeroes: bool,
+        tls: bool,
+        peer: &str,
+    ) -> Result<(), ConnError>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (rd, wr) = tokio::io::split(stream);
+        let mut rd = BufReader::with_capacity(256 * 1024, rd);
+        let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+        match self.haggle(&mut rd, &mut wr, no_zeroes, tls).await? {
+            Some((export, structured, meta)) => {
+                tracing::info!(%peer, export = %export.name, "client chose export");
+                transmission(rd, wr, export, structured, meta, self.shutdown.clone()).await
+            }
+            None => Ok(()),
         }
     }
 
@@ -140,29 +220,17 @@ impl Server {
     }
 
     /// Haggles options until the client picks an export (Some) or leaves.
-    async fn handshake<R, W>(
+    async fn haggle<R, W>(
         &self,
         rd: &mut R,
         wr: &mut W,
+        no_zeroes: bool,
+        tls: bool,
     ) -> Result<Option<(Export, bool, bool)>, ConnError>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        wr.write_all(&NBD_MAGIC.to_be_bytes()).await?;
-        wr.write_all(&IHAVEOPT.to_be_bytes()).await?;
-        wr.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
-            .await?;
-        wr.flush().await?;
-        let client_flags = rd.read_u32().await?;
-        if client_flags & CLIENT_FIXED_NEWSTYLE == 0
-            || client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0
-        {
-            return Err(ConnError::Protocol(format!(
-                "unsupported client flags {client_flags:#x}"
-            )));
-        }
-        let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
         let mut structured = false;
         let mut meta = false;
         loop {
@@ -211,6 +279,10 @@ impl Server {
                         }
                         wr.write_all(&reply(REP_ACK, &[])).await?;
                     }
+                }
+                OPT_STARTTLS if tls => {
+                    wr.write_all(&reply(REP_ERR_INVALID, b"TLS is already on"))
+                        .await?;
                 }
                 OPT_STARTTLS => {
                     wr.write_all(&reply(REP_ERR_POLICY, b"TLS is not enabled on this server"))
@@ -312,6 +384,24 @@ impl Server {
             wr.flush().await?;
         }
     }
+}
+
+/// Reads one option: its header and its data.
+async fn read_option<R: AsyncRead + Unpin>(
+    rd: &mut R,
+) -> Result<(OptionHeader, Vec<u8>), ConnError> {
+    let mut head = [0u8; 16];
+    rd.read_exact(&mut head).await?;
+    let opt = decode_option_header(&head)?;
+    if opt.len > MAX_OPTION_LEN {
+        return Err(ConnError::Protocol(format!(
+            "option {} of {} bytes is too long",
+            opt.option, opt.len
+        )));
+    }
+    let mut data = vec![0u8; opt.len as usize];
+    rd.read_exact(&mut data).await?;
+    Ok((opt, data))
 }
 
 /// The transmission phase: read requests, run each in its own task, send

@@ -122,7 +122,7 @@ fn harness() -> Harness {
         },
     ];
     Harness {
-        server: Server::new(exports, stop_rx),
+        server: Server::new(exports, None, stop_rx),
         stop,
         rw,
         ro,

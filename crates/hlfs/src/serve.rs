@@ -31,6 +31,14 @@ pub struct ServeArgs {
     /// Size of a volume made with --create.
     #[arg(long, value_parser = crate::cli::parse_size)]
     size: Option<u64>,
+    /// Require TLS, with the certificates in DIR: ca-cert.pem,
+    /// server-cert.pem and server-key.pem (QEMU's tls-creds-x509 layout).
+    #[arg(long, value_name = "DIR")]
+    tls_certs: Option<PathBuf>,
+    /// With --tls-certs: clients must present a certificate signed by
+    /// ca-cert.pem.
+    #[arg(long, requires = "tls_certs")]
+    tls_verify_clients: bool,
 }
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -206,8 +214,16 @@ pub async fn run(args: ServeArgs, opts: &OpenOptions) -> Result<()> {
         Err(e) => return Err(e),
     };
     let names: Vec<String> = exports.iter().map(|e| e.name.clone()).collect();
+    let tls = match &args.tls_certs {
+        Some(dir) => Some(
+            hlfs_nbd::tls::acceptor_from_dir(dir, args.tls_verify_clients)
+                .map_err(|e| anyhow::anyhow!("TLS: {e}"))?,
+        ),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "nbds" } else { "nbd" };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let server = Server::new(exports, stop_rx);
+    let server = Server::new(exports, tls, stop_rx);
     let mut tasks = tokio::task::JoinSet::new();
     let listen = match (&args.listen, &args.socket) {
         (Some(l), _) => Some(l.clone()),
@@ -225,14 +241,14 @@ pub async fn run(args: ServeArgs, opts: &OpenOptions) -> Result<()> {
             std::net::SocketAddr::V4(a) => a.ip().to_string(),
         };
         for n in &names {
-            uris.push(format!("nbd://{host}:{}/{n}", local.port()));
+            uris.push(format!("{scheme}://{host}:{}/{n}", local.port()));
         }
         tasks.spawn(server.clone().serve_tcp(listener));
     }
     if let Some(path) = &args.socket {
         let listener = bind_unix(path)?;
         for n in &names {
-            uris.push(format!("nbd+unix:///{n}?socket={}", path.display()));
+            uris.push(format!("{scheme}+unix:///{n}?socket={}", path.display()));
         }
         tasks.spawn(server.clone().serve_unix(listener));
     }
