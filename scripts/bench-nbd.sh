@@ -179,6 +179,7 @@ fi
 
 server_pid=
 server_name=
+fio_pid=
 stop_server() {
     # stop_server -> sets server_rc; SIGTERM, wait up to 60 s, then SIGKILL.
     server_rc=
@@ -204,6 +205,10 @@ stop_server() {
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
+    if [[ -n $fio_pid ]]; then
+        kill -TERM "$fio_pid" 2>/dev/null || true
+        wait "$fio_pid" 2>/dev/null || true
+    fi
     stop_server || true
     if ((keep)); then
         log "kept $run (images, volume, fio JSON in results/, server logs)"
@@ -305,9 +310,15 @@ run_fio() { # run_fio SERVER WORKLOAD URI DATA_PATH LIMIT_S FIO_ARGS...
     log "$srv: $wl ($*)"
     c0=$(cpu_ticks "$server_pid")
     t0=$(now)
-    if ! timeout -k 10 "$limit" fio --output-format=json --output="$res/$out" \
+    # In the background so that a signal to this script is handled at once.
+    timeout -k 10 "$limit" fio --output-format=json --output="$res/$out" \
         --name="$wl" --ioengine=nbd --uri="$uri" --group_reporting "$@" \
-        >"$res/$srv.$wl.fio.log" 2>&1; then
+        >"$res/$srv.$wl.fio.log" 2>&1 &
+    fio_pid=$!
+    local fio_rc=0
+    wait "$fio_pid" || fio_rc=$?
+    fio_pid=
+    if ((fio_rc != 0)); then
         status=failed
         log "$srv: fio $wl failed or timed out after ${limit}s:"
         sed 's/^/  | /' "$res/$srv.$wl.fio.log" >&2 || true

@@ -78,7 +78,6 @@ def fio_metrics(path):
         "p99_us": pct(side.get("clat_ns"), "99.000000"),
         "p999_us": pct(side.get("clat_ns"), "99.900000"),
         "fio_errors": j.get("error", 0),
-        "fio_runtime_ms": j.get("job_runtime", side.get("runtime")),
         "fio_client_cpu_pct": (j.get("usr_cpu", 0.0) + j.get("sys_cpu", 0.0)),
     }
     sync = j.get("sync", {})
