@@ -78,7 +78,9 @@ pub async fn check(backend: Backend) -> Result<CheckReport> {
     }
     let uuid = manifest.volume;
 
-    // Every record of every sealed segment, then the journals.
+    // Every record of every sealed segment, then the journals. Journals are
+    // listed first: one a writer seals meanwhile is then in the store list.
+    let journals = backend.journal.list()?;
     let mut last_lsn = 0u64;
     for blob in store.list("segments/").await? {
         let Some(id) = parse_segment_name(&blob.name) else {
@@ -112,11 +114,16 @@ pub async fn check(backend: Backend) -> Result<CheckReport> {
         }
         last_lsn = last_lsn.max(prev.unwrap_or(0));
     }
-    for name in backend.journal.list()? {
+    for name in journals {
         if parse_journal_name(&name).is_none() {
             continue;
         }
-        let file = backend.journal.open(&name)?;
+        let file = match backend.journal.open(&name) {
+            Ok(f) => f,
+            // Sealed by a running writer since the listing; a later check covers it.
+            Err(StoreError::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
         let len = file.len()?;
         let mut scan = Scanner::new(ScanSource::Journal(file), len);
         loop {

@@ -115,6 +115,9 @@ pub struct VolumeInfo {
     pub created_ms: u64,
 }
 
+/// Tries at a read-only open of a head that a writer keeps changing.
+const HEAD_OPEN_ATTEMPTS: u32 = 10;
+
 /// Bytes per data record at most; larger writes become several records.
 const MAX_RECORD_BYTES: usize = 4 << 20;
 
@@ -370,11 +373,25 @@ impl Volume {
         if let Some(s) = &snap {
             manifest.checkpoint = s.checkpoint;
         }
-        let vol = Volume::load(backend, manifest, true, opts).await?;
-        if snap.is_none() {
-            vol.recover().await?;
+        if snap.is_some() {
+            return Volume::load(backend, manifest, true, opts).await;
         }
-        Ok(vol)
+        // The head of a volume a writer is using: its journal can be sealed
+        // and removed while we read it. Start again from the newer manifest.
+        let mut attempt = 1;
+        loop {
+            let vol = Volume::load(backend.clone(), manifest, true, opts).await?;
+            match vol.recover().await {
+                Err(VolumeError::Store(StoreError::NotFound(what)))
+                    if attempt < HEAD_OPEN_ATTEMPTS =>
+                {
+                    tracing::debug!(%what, attempt, "the writer sealed a journal while we read it; retrying");
+                    attempt += 1;
+                    manifest = latest_manifest(&backend).await?;
+                }
+                result => return result.map(|()| vol),
+            }
+        }
     }
 
     /// Builds the in-memory volume from a manifest and its checkpoint.
@@ -440,14 +457,9 @@ impl Volume {
     async fn recover(&self) -> Result<()> {
         let inner = &self.inner;
         let m = inner.manifest.lock().clone();
-        let store_segs: Vec<(u32, u64)> = inner
-            .backend
-            .store
-            .list("segments/")
-            .await?
-            .into_iter()
-            .filter_map(|b| parse_segment_name(&b.name).map(|id| (id, b.size)))
-            .collect();
+        // Journals first: a writer sealing meanwhile puts the segment in
+        // the store before removing its journal, so it shows up in one list
+        // or the other (or both), never in neither.
         let mut journals: Vec<u32> = inner
             .backend
             .journal
@@ -456,6 +468,14 @@ impl Volume {
             .filter_map(|n| parse_journal_name(n))
             .collect();
         journals.sort_unstable();
+        let store_segs: Vec<(u32, u64)> = inner
+            .backend
+            .store
+            .list("segments/")
+            .await?
+            .into_iter()
+            .filter_map(|b| parse_segment_name(&b.name).map(|id| (id, b.size)))
+            .collect();
         let in_store = |id: u32| store_segs.iter().any(|(s, _)| *s == id);
         let max_seen = store_segs
             .iter()

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use hlfs_nbd::proto::{EINVAL, EIO, EPERM};
 use hlfs_nbd::{BlockDevice, DeviceError, DeviceExtent, DeviceResult, Export, Server};
 use hlfs_volume::{CreateOptions, OpenOptions, View, Volume, VolumeError};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
@@ -197,22 +198,62 @@ async fn open_exports(args: &ServeArgs, opts: &OpenOptions) -> Result<(Vec<Expor
     Ok((exports, volumes))
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn stop_signal() -> Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// SIGINT and SIGTERM, listened for from creation on: a signal that
+/// arrives before the server is ready still stops it cleanly.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Characters left as they are in a URI path segment (the export name).
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'@')
+    .remove(b':');
+/// Characters left as they are in a query value (the socket path).
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+
+/// The NBD URI of `export` on a TCP address or a unix socket.
+fn uri(scheme: &str, export: &str, tcp: Option<(&str, u16)>, socket: Option<&Path>) -> String {
+    let name = utf8_percent_encode(export, PATH_SEGMENT);
+    match (tcp, socket) {
+        (Some((host, port)), _) => format!("{scheme}://{host}:{port}/{name}"),
+        (None, Some(path)) => {
+            let path = utf8_percent_encode(&path.to_string_lossy(), QUERY_VALUE).to_string();
+            format!("{scheme}+unix:///{name}?socket={path}")
+        }
+        (None, None) => unreachable!("a URI needs a TCP address or a socket"),
+    }
 }
 
 pub async fn run(args: ServeArgs, opts: &OpenOptions) -> Result<()> {
-    let (exports, volumes) = match open_exports(&args, opts).await {
-        Ok(x) => x,
-        Err(e) => return Err(e),
-    };
+    let mut signals = StopSignals::install()?;
+    let (exports, volumes) = open_exports(&args, opts).await?;
     let names: Vec<String> = exports.iter().map(|e| e.name.clone()).collect();
     let tls = match &args.tls_certs {
         Some(dir) => Some(
@@ -241,14 +282,14 @@ pub async fn run(args: ServeArgs, opts: &OpenOptions) -> Result<()> {
             std::net::SocketAddr::V4(a) => a.ip().to_string(),
         };
         for n in &names {
-            uris.push(format!("{scheme}://{host}:{}/{n}", local.port()));
+            uris.push(uri(scheme, n, Some((&host, local.port())), None));
         }
         tasks.spawn(server.clone().serve_tcp(listener));
     }
     if let Some(path) = &args.socket {
         let listener = bind_unix(path)?;
         for n in &names {
-            uris.push(format!("{scheme}+unix:///{n}?socket={}", path.display()));
+            uris.push(uri(scheme, n, None, Some(path)));
         }
         tasks.spawn(server.clone().serve_unix(listener));
     }
@@ -260,7 +301,10 @@ pub async fn run(args: ServeArgs, opts: &OpenOptions) -> Result<()> {
     tracing::info!(exports = ?names, "serving; stop with SIGINT or SIGTERM");
 
     let outcome = tokio::select! {
-        sig = stop_signal() => sig.map(|s| tracing::info!("{s}: draining in-flight requests")),
+        sig = signals.recv() => {
+            tracing::info!("{sig}: draining in-flight requests");
+            Ok(())
+        }
         Some(done) = tasks.join_next() => match done {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(anyhow::Error::new(e).context("the listener failed")),
@@ -288,6 +332,18 @@ pub async fn run(args: ServeArgs, opts: &OpenOptions) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uris_are_percent_encoded() {
+        assert_eq!(
+            uri("nbd", "my vm@s1", Some(("127.0.0.1", 10809)), None),
+            "nbd://127.0.0.1:10809/my%20vm@s1"
+        );
+        assert_eq!(
+            uri("nbds", "a%b", None, Some(Path::new("/tmp/x y/s.sock"))),
+            "nbds+unix:///a%25b?socket=/tmp/x%20y/s.sock"
+        );
+    }
 
     #[test]
     fn export_names_are_file_names() {

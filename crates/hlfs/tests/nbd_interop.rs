@@ -1,0 +1,1457 @@
+//! `hlfs serve` driven by real NBD clients: qemu-img, qemu-io, nbdinfo,
+//! nbdcopy and fio's nbd engine talk to the real server binary.
+//!
+//! Every external command runs in its own process group with a time limit;
+//! a guard kills (SIGKILL) whatever a test started if it is still running
+//! when the test ends, passes or fails. Each test has its own temporary
+//! directory and unix socket, so the tests run in parallel.
+//!
+//! A missing client tool skips the test with a loud message, except under
+//! `CI=true`, where it fails naming the Debian package to install
+//! (`.ci/run` installs them).
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use rand::{RngCore, SeedableRng};
+use sha2::{Digest, Sha256};
+
+const HLFS: &str = env!("CARGO_BIN_EXE_hlfs");
+
+/// Longest any one client command may run.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest the server may take to print its URIs.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest the server may take to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+const MIB: u64 = 1 << 20;
+
+// ---------------------------------------------------------------------------
+// External tools
+
+fn on_path(tool: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths).any(|dir| {
+                std::fs::metadata(dir.join(tool))
+                    .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                    .unwrap_or(false)
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Whether `tool` is installed. Under CI=true a missing tool is a failure;
+/// elsewhere it skips the test, loudly.
+fn have(tool: &str, package: &str) -> bool {
+    if on_path(tool) {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!(
+            "{tool} is not installed: CI must install the Debian package {package} (see .ci/run)"
+        );
+    }
+    // Straight to fd 2: the test harness captures eprintln! of passing
+    // tests, and a skip must not go unnoticed.
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\n******** SKIPPED: {tool} not installed (apt-get install {package}) ********\n"
+    );
+    false
+}
+
+/// Returns from the test unless every tool is installed.
+macro_rules! require {
+    ($($tool:literal => $pkg:literal),+ $(,)?) => {
+        let found = [$(have($tool, $pkg)),+];
+        if !found.iter().all(|f| *f) {
+            return;
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+/// A child process in its own process group; dropping it kills the group
+/// (SIGKILL) if the child has not been reaped yet.
+struct Proc {
+    child: Child,
+    what: String,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Proc {
+        let what = describe(cmd);
+        cmd.process_group(0).env_remove("RUST_LOG");
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        Proc {
+            child,
+            what,
+            status: None,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends `sig` to the child alone.
+    fn signal(&mut self, sig: i32) {
+        if self.poll().is_none() {
+            // SAFETY: plain kill(2) on a child we have not reaped.
+            unsafe { libc::kill(self.pid(), sig) };
+        }
+    }
+
+    /// SIGKILL to the whole process group, then reap.
+    fn kill(&mut self) -> ExitStatus {
+        if self.poll().is_none() {
+            // SAFETY: the group leader is our unreaped child, so the group
+            // id cannot have been reused.
+            unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
+        }
+        self.wait()
+    }
+
+    fn poll(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait");
+        }
+        self.status
+    }
+
+    fn wait(&mut self) -> ExitStatus {
+        if self.status.is_none() {
+            self.status = Some(self.child.wait().expect("wait"));
+        }
+        self.status.unwrap()
+    }
+
+    /// The exit status, or None if it still runs after `timeout`.
+    fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.poll() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.poll().is_none() {
+            unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// What a finished command printed.
+struct Out {
+    what: String,
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    #[track_caller]
+    fn ok(self) -> Out {
+        assert!(self.status.success(), "{self}");
+        self
+    }
+
+    /// stdout and stderr together.
+    fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+impl std::fmt::Display for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` exited with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.what, self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+fn reader<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut r) = r {
+            let _ = r.read_to_end(&mut buf);
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+/// Runs `cmd` to completion, capturing its output; kills it and fails the
+/// test if it takes longer than `timeout`.
+#[track_caller]
+fn run_cmd(cmd: &mut Command, timeout: Duration) -> Out {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut p = Proc::spawn(cmd);
+    let stdout = reader(p.child.stdout.take());
+    let stderr = reader(p.child.stderr.take());
+    let status = p.wait_timeout(timeout);
+    let timed_out = status.is_none();
+    let status = status.unwrap_or_else(|| p.kill());
+    let out = Out {
+        what: p.what.clone(),
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    };
+    assert!(!timed_out, "timed out after {timeout:?} and killed: {out}");
+    out
+}
+
+#[track_caller]
+fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Out {
+    run_cmd(Command::new(program).args(args), CLIENT_TIMEOUT)
+}
+
+#[track_caller]
+fn hlfs<S: AsRef<OsStr>>(args: &[S]) -> Out {
+    run(HLFS, args)
+}
+
+/// A client started in the background with its output going to a file.
+fn spawn_logged<S: AsRef<OsStr>>(dir: &Path, program: &str, args: &[S]) -> (Proc, PathBuf) {
+    let log = dir.join(format!("{program}-{}.log", next_id()));
+    let f = std::fs::File::create(&log).unwrap();
+    let p = Proc::spawn(
+        Command::new(program)
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f),
+    );
+    (p, log)
+}
+
+fn next_id() -> usize {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+// ---------------------------------------------------------------------------
+// The server
+
+/// A running `hlfs serve`. Dropping it kills the server if still running.
+struct Server {
+    proc: Proc,
+    uris: Vec<String>,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `hlfs serve ARGS` and reads one URI line per export.
+    fn try_start(dir: &Path, args: &[&str], exports: usize) -> Result<Server, String> {
+        let log = dir.join(format!("serve-{}.log", next_id()));
+        let f = std::fs::File::create(&log).unwrap();
+        let mut proc = Proc::spawn(
+            Command::new(HLFS)
+                .arg("serve")
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(f),
+        );
+        let stdout = proc.child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut uris = Vec::new();
+        while uris.len() < exports {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => uris.push(line.trim().to_string()),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    proc.kill();
+                    return Err(format!(
+                        "{} printed {} of {exports} URIs within {START_TIMEOUT:?}: {uris:?}\n{}",
+                        proc.what,
+                        uris.len(),
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    ));
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = proc.wait();
+                    return Err(format!(
+                        "{} exited ({status}) after printing {uris:?}\n{}",
+                        proc.what,
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        Ok(Server { proc, uris, log })
+    }
+
+    #[track_caller]
+    fn start(dir: &Path, args: &[&str], exports: usize) -> Server {
+        Server::try_start(dir, args, exports).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `hlfs serve VOLUMES --socket DIR/nbd.sock`, one URI per volume.
+    #[track_caller]
+    fn unix(dir: &Path, volumes: &[&str], extra: &[&str]) -> Server {
+        let sock = path_str(&dir.join("nbd.sock"));
+        let mut args: Vec<&str> = volumes.to_vec();
+        args.extend(["--socket", &sock]);
+        args.extend(extra);
+        Server::start(dir, &args, volumes.len())
+    }
+
+    fn uri(&self) -> &str {
+        &self.uris[0]
+    }
+
+    /// The URI of the export whose name is `name`.
+    fn uri_of(&self, name: &str) -> &str {
+        self.uris
+            .iter()
+            .find(|u| export_of(u) == name)
+            .unwrap_or_else(|| panic!("no export {name} in {:?}", self.uris))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM; the server must exit within STOP_TIMEOUT.
+    #[track_caller]
+    fn stop(mut self) -> ExitStatus {
+        self.proc.signal(libc::SIGTERM);
+        self.wait_stopped()
+    }
+
+    /// Waits (at most STOP_TIMEOUT) for a server told to stop to exit.
+    #[track_caller]
+    fn wait_stopped(mut self) -> ExitStatus {
+        match self.proc.wait_timeout(STOP_TIMEOUT) {
+            Some(s) => s,
+            None => {
+                self.proc.kill();
+                panic!(
+                    "server did not exit within {STOP_TIMEOUT:?} of SIGTERM\n{}",
+                    self.log()
+                );
+            }
+        }
+    }
+
+    /// SIGTERM; the server must exit 0.
+    #[track_caller]
+    fn stop_ok(self) {
+        let log = self.log.clone();
+        let status = self.stop();
+        assert!(
+            status.success(),
+            "server exited with {status} after SIGTERM\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+
+    /// SIGKILL: a crash.
+    fn crash(mut self) {
+        self.proc.kill();
+    }
+}
+
+/// The export name in an NBD URI (between the authority and the query).
+fn export_of(uri: &str) -> &str {
+    let rest = uri.split_once("://").map(|x| x.1).unwrap_or(uri);
+    let path = rest.split_once('/').map(|x| x.1).unwrap_or("");
+    path.split('?').next().unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// Files and clients
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("hlfs-nbd-")
+        .tempdir()
+        .unwrap()
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_str().expect("utf-8 path").to_string()
+}
+
+/// Writes `len` bytes from a seeded PRNG to `path`; returns their sha256.
+fn random_file(path: &Path, len: u64, seed: u64) -> String {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; MIB as usize];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(MIB) as usize;
+        rng.fill_bytes(&mut buf[..n]);
+        h.update(&buf[..n]);
+        f.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+    format!("{:x}", h.finalize())
+}
+
+fn sha256(path: &Path) -> String {
+    let mut h = Sha256::new();
+    let mut f = std::fs::File::open(path).unwrap();
+    std::io::copy(&mut f, &mut h).unwrap();
+    format!("{:x}", h.finalize())
+}
+
+/// qemu-io on an NBD URI with the commands given; `-r` opens read-only.
+fn qemu_io(uri: &str, read_only: bool, cmds: &[&str]) -> Out {
+    let mut args: Vec<&str> = vec!["-f", "raw"];
+    if read_only {
+        args.push("-r");
+    }
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(uri);
+    run("qemu-io", &args)
+}
+
+/// qemu-io that must succeed with every pattern verified.
+#[track_caller]
+fn qemu_io_ok(uri: &str, read_only: bool, cmds: &[&str]) -> Out {
+    let out = qemu_io(uri, read_only, cmds).ok();
+    let text = out.text();
+    assert!(
+        !text.contains("Pattern verification failed")
+            && !text.contains("failed")
+            && !text.contains("error"),
+        "{out}"
+    );
+    out
+}
+
+fn nbdinfo_json(uri: &str) -> serde_json::Value {
+    let out = run("nbdinfo", &["--json", uri]).ok();
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"))
+}
+
+/// One export's entry in `nbdinfo --json`.
+fn export_info(uri: &str) -> serde_json::Value {
+    let v = nbdinfo_json(uri);
+    let exports = v["exports"].as_array().expect("exports array");
+    assert_eq!(exports.len(), 1, "{v}");
+    exports[0].clone()
+}
+
+/// `nbdinfo --map`: (offset, length, type, description), adjacent extents
+/// of the same type merged.
+fn nbd_map(uri: &str) -> Vec<(u64, u64, u32, String)> {
+    let out = run("nbdinfo", &["--map=base:allocation", uri]).ok();
+    let mut map: Vec<(u64, u64, u32, String)> = Vec::new();
+    for line in out.stdout.lines().filter(|l| !l.trim().is_empty()) {
+        let mut cols = line.split_whitespace();
+        let mut num = || -> u64 {
+            cols.next()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_else(|| panic!("bad map line {line:?}: {out}"))
+        };
+        let (offset, len, kind) = (num(), num(), num() as u32);
+        let desc = line
+            .split_whitespace()
+            .skip(3)
+            .collect::<Vec<_>>()
+            .join(" ");
+        match map.last_mut() {
+            Some(last) if last.2 == kind && last.0 + last.1 == offset => last.1 += len,
+            _ => map.push((offset, len, kind, desc)),
+        }
+    }
+    map
+}
+
+#[track_caller]
+fn check_volume(vol: &str) {
+    let out = hlfs(&["check", vol]).ok();
+    assert!(out.stdout.contains("no damage found"), "{out}");
+}
+
+/// `hlfs info --json`.
+fn info_of(vol: &str) -> serde_json::Value {
+    let out = hlfs(&["info", "--json", vol]).ok();
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"))
+}
+
+/// Waits (at most 20 s) until `jobs` fio jobs say they are connected, so a
+/// loaded machine does not turn "mid-workload" into "before the start".
+fn wait_for_fio(log: &Path, jobs: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.matches("connected to NBD server").count() >= jobs {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("fio did not report {jobs} connections within 20 s; going on");
+}
+
+/// fio's nbd engine, in one process (--thread), as a command line.
+fn fio_args(uri: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "--name=interop".to_string(),
+        "--ioengine=nbd".to_string(),
+        format!("--uri={uri}"),
+        "--thread".to_string(),
+        "--group_reporting".to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+// ---------------------------------------------------------------------------
+// A minimal NBD client, to see the server's own answer to a request that
+// the real clients refuse to send.
+
+struct RawNbd {
+    sock: std::os::unix::net::UnixStream,
+    flags: u16,
+}
+
+impl RawNbd {
+    /// Fixed-newstyle handshake with NBD_OPT_GO; simple replies only.
+    fn connect(socket: &str, export: &str) -> RawNbd {
+        let mut sock = std::os::unix::net::UnixStream::connect(socket).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        sock.set_write_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut hello = [0u8; 18];
+        sock.read_exact(&mut hello).unwrap();
+        assert_eq!(&hello[..16], b"NBDMAGICIHAVEOPT");
+        let server_flags = u16::from_be_bytes([hello[16], hello[17]]);
+        assert!(server_flags & 1 != 0, "not fixed newstyle");
+        let no_zeroes = server_flags & 2 != 0;
+        sock.write_all(&(1u32 | if no_zeroes { 2 } else { 0 }).to_be_bytes())
+            .unwrap();
+        let mut opt = Vec::new();
+        opt.extend_from_slice(b"IHAVEOPT");
+        opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+        opt.extend_from_slice(&(4 + export.len() as u32 + 2).to_be_bytes());
+        opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        opt.extend_from_slice(export.as_bytes());
+        opt.extend_from_slice(&0u16.to_be_bytes());
+        sock.write_all(&opt).unwrap();
+        let mut flags = None;
+        loop {
+            let mut head = [0u8; 20];
+            sock.read_exact(&mut head).unwrap();
+            assert_eq!(
+                u64::from_be_bytes(head[..8].try_into().unwrap()),
+                0x3e889045565a9
+            );
+            let kind = u32::from_be_bytes(head[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(head[16..20].try_into().unwrap());
+            let mut data = vec![0u8; len as usize];
+            sock.read_exact(&mut data).unwrap();
+            match kind {
+                1 => break, // NBD_REP_ACK
+                3 if data.len() >= 12 && data[..2] == [0, 0] => {
+                    // NBD_INFO_EXPORT: size u64, transmission flags u16
+                    flags = Some(u16::from_be_bytes([data[10], data[11]]));
+                }
+                3 => {}
+                k => panic!("NBD_OPT_GO for {export} answered with reply type {k:#x}"),
+            }
+        }
+        RawNbd {
+            sock,
+            flags: flags.expect("no NBD_INFO_EXPORT"),
+        }
+    }
+
+    fn request(&mut self, kind: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
+        let mut req = Vec::with_capacity(28 + payload.len());
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&kind.to_be_bytes());
+        req.extend_from_slice(&cookie.to_be_bytes());
+        req.extend_from_slice(&offset.to_be_bytes());
+        req.extend_from_slice(&len.to_be_bytes());
+        req.extend_from_slice(payload);
+        self.sock.write_all(&req).unwrap();
+    }
+
+    /// A simple reply: the error code (0 = success).
+    fn reply(&mut self, cookie: u64) -> u32 {
+        let mut r = [0u8; 16];
+        self.sock.read_exact(&mut r).unwrap();
+        assert_eq!(u32::from_be_bytes(r[..4].try_into().unwrap()), 0x6744_6698);
+        assert_eq!(u64::from_be_bytes(r[8..].try_into().unwrap()), cookie);
+        u32::from_be_bytes(r[4..8].try_into().unwrap())
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> u32 {
+        self.request(1, 0xa1, offset, data.len() as u32, data);
+        self.reply(0xa1)
+    }
+
+    fn read(&mut self, offset: u64, len: u32) -> Vec<u8> {
+        self.request(0, 0xb2, offset, len, &[]);
+        let err = self.reply(0xb2);
+        assert_eq!(err, 0, "NBD_CMD_READ failed");
+        let mut buf = vec![0u8; len as usize];
+        self.sock.read_exact(&mut buf).unwrap();
+        buf
+    }
+
+    fn disconnect(mut self) {
+        self.request(2, 0xc3, 0, 0, &[]);
+    }
+
+    /// The next simple reply as (cookie, error), or None at end of stream.
+    fn next_reply(&mut self) -> Option<(u64, u32)> {
+        let mut r = [0u8; 16];
+        match self.sock.read_exact(&mut r) {
+            Ok(()) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::UnexpectedEof
+                    || e.kind() == std::io::ErrorKind::ConnectionReset =>
+            {
+                return None
+            }
+            Err(e) => panic!("reading a reply: {e}"),
+        }
+        assert_eq!(u32::from_be_bytes(r[..4].try_into().unwrap()), 0x6744_6698);
+        let cookie = u64::from_be_bytes(r[8..].try_into().unwrap());
+        Some((cookie, u32::from_be_bytes(r[4..8].try_into().unwrap())))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The tests
+
+/// 256 MiB of random data through qemu-img convert, in and out.
+#[test]
+fn qemu_img_convert_round_trip() {
+    require!("qemu-img" => "qemu-utils");
+    let dir = tempdir();
+    let img = dir.path().join("in.img");
+    let want = random_file(&img, 256 * MIB, 1);
+    let vol = path_str(&dir.path().join("vm.hlfs"));
+    let srv = Server::unix(dir.path(), &[&vol], &["--create", "--size", "256M"]);
+    let uri = srv.uri().to_string();
+    assert!(uri.starts_with("nbd+unix:///vm.hlfs?socket="), "{uri}");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &path_str(&img),
+            &uri,
+        ],
+    )
+    .ok();
+    let out = path_str(&dir.path().join("out.img"));
+    run(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &uri, &out],
+    )
+    .ok();
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), 256 * MIB);
+    assert_eq!(
+        sha256(Path::new(&out)),
+        want,
+        "image changed on its way through NBD"
+    );
+    srv.stop_ok();
+}
+
+/// Byte patterns at unaligned offsets, across block boundaries, with
+/// discard and write-zeroes (with and without unmap) in between.
+#[test]
+fn qemu_io_unaligned_patterns() {
+    require!("qemu-io" => "qemu-utils");
+    let dir = tempdir();
+    let vol = path_str(&dir.path().join("vm.hlfs"));
+    let srv = Server::unix(dir.path(), &[&vol], &["--create", "--size", "64M"]);
+    let uri = srv.uri();
+    let session1 = [
+        // Unaligned write inside fresh space; the zeros around it stay.
+        "write -P 0xab 1000 5000",
+        "read -P 0xab 1000 5000",
+        "read -P 0 0 1000",
+        "read -P 0 6000 10000",
+        // Three bytes straddling the 4K block boundary.
+        "write -P 0xcd 4095 3",
+        "read -P 0xab 1000 3095",
+        "read -P 0xcd 4095 3",
+        "read -P 0xab 4098 1902",
+        // A large write that starts one byte before 1 MiB and ends
+        // mid-block.
+        "write -P 0x11 1048575 131073",
+        "read -P 0x11 1048575 131073",
+        // An unaligned discard in the middle reads back as zeros.
+        "discard 1050000 70000",
+        "read -P 0x11 1048575 1425",
+        "read -P 0 1050000 70000",
+        "read -P 0x11 1120000 59648",
+        // Write-zeroes keeping the allocation (NO_HOLE)...
+        "write -P 0x22 2097152 65536",
+        "write -z 2097252 10000",
+        "read -P 0x22 2097152 100",
+        "read -P 0 2097252 10000",
+        "read -P 0x22 2107252 55436",
+        // ...and allowing the unmap.
+        "write -z -u 2110000 20000",
+        "read -P 0x22 2107252 2748",
+        "read -P 0 2110000 20000",
+        "read -P 0x22 2130000 32688",
+        // The last bytes of the disk.
+        "write -P 0xee 67108861 3",
+        "read -P 0xee 67108861 3",
+        "read -P 0 67100000 8861",
+        "flush",
+    ];
+    qemu_io_ok(uri, false, &session1);
+    // A second connection sees the same bytes.
+    qemu_io_ok(
+        uri,
+        true,
+        &[
+            "read -P 0 0 1000",
+            "read -P 0xab 1000 3095",
+            "read -P 0xcd 4095 3",
+            "read -P 0xab 4098 1902",
+            "read -P 0 6000 1042575",
+            "read -P 0x11 1048575 1425",
+            "read -P 0 1050000 70000",
+            "read -P 0x11 1120000 59648",
+            "read -P 0x22 2097152 100",
+            "read -P 0 2097252 10000",
+            "read -P 0x22 2107252 2748",
+            "read -P 0 2110000 20000",
+            "read -P 0x22 2130000 32688",
+            "read -P 0xee 67108861 3",
+        ],
+    );
+    // Reads past the end fail cleanly, and the server keeps serving.
+    let past = qemu_io(uri, true, &["read 67108860 8"]);
+    assert!(
+        !past.status.success()
+            || past.text().contains("error")
+            || past.text().contains("Input/output"),
+        "a read past the end succeeded: {past}"
+    );
+    qemu_io_ok(uri, true, &["read -P 0xee 67108861 3"]);
+    srv.stop_ok();
+    check_volume(&vol);
+}
+
+/// Block status tells holes from data: fresh, written, discarded.
+#[test]
+fn nbdinfo_map_tracks_allocation() {
+    require!("nbdinfo" => "libnbd-bin", "qemu-io" => "qemu-utils");
+    let dir = tempdir();
+    let vol = path_str(&dir.path().join("vm.hlfs"));
+    let srv = Server::unix(dir.path(), &[&vol], &["--create", "--size", "64M"]);
+    let uri = srv.uri();
+    let size = 64 * MIB;
+
+    let map = nbd_map(uri);
+    assert_eq!(
+        map,
+        vec![(0, size, 3, "hole,zero".to_string())],
+        "fresh volume"
+    );
+
+    qemu_io_ok(uri, false, &["write -P 0x42 0 1M", "flush"]);
+    let map = nbd_map(uri);
+    assert_eq!(
+        map,
+        vec![
+            (0, MIB, 0, "data".to_string()),
+            (MIB, size - MIB, 3, "hole,zero".to_string())
+        ],
+        "after writing [0, 1M)"
+    );
+
+    qemu_io_ok(uri, false, &["discard 0 1M", "flush"]);
+    let map = nbd_map(uri);
+    assert_eq!(
+        map,
+        vec![(0, size, 3, "hole,zero".to_string())],
+        "after discard"
+    );
+    qemu_io_ok(uri, true, &["read -P 0 0 1M"]);
+    srv.stop_ok();
+}
+
+/// nbdcopy out of an imported volume, and into it, checked by sha256
+/// against `hlfs export`.
+#[test]
+fn nbdcopy_round_trip() {
+    require!("nbdcopy" => "libnbd-bin");
+    let dir = tempdir();
+    let d = dir.path();
+    let input = d.join("in.img");
+    let want = random_file(&input, 64 * MIB, 2);
+    let vol = path_str(&d.join("vm.hlfs"));
+    hlfs(&["import", &path_str(&input), &vol, "--create"]).ok();
+
+    let srv = Server::unix(d, &[&vol], &[]);
+    let uri = srv.uri().to_string();
+    let out = d.join("out.img");
+    run("nbdcopy", &[uri.as_str(), &path_str(&out)]).ok();
+    assert_eq!(sha256(&out), want, "nbdcopy out of the volume");
+
+    let input2 = d.join("in2.img");
+    let want2 = random_file(&input2, 64 * MIB, 3);
+    run("nbdcopy", &[path_str(&input2).as_str(), &uri]).ok();
+    srv.stop_ok();
+
+    let exported = d.join("exported.img");
+    hlfs(&["export", &vol, &path_str(&exported)]).ok();
+    assert_eq!(sha256(&exported), want2, "nbdcopy into the volume");
+    check_volume(&vol);
+}
+
+/// fio's nbd engine with several jobs and many requests in flight,
+/// verifying every block it wrote.
+#[test]
+fn fio_verify() {
+    require!("fio" => "fio");
+    let dir = tempdir();
+    let vol = path_str(&dir.path().join("vm.hlfs"));
+    let srv = Server::unix(dir.path(), &[&vol], &["--create", "--size", "128M"]);
+    let uri = srv.uri();
+    let common = [
+        "--iodepth=16",
+        "--numjobs=4",
+        "--size=16M",
+        "--offset_increment=32M",
+        "--verify=crc32c",
+        "--do_verify=1",
+    ];
+    let mut randwrite = vec!["--rw=randwrite", "--bs=4k"];
+    randwrite.extend(common);
+    let mut randrw = vec!["--rw=randrw", "--bssplit=4k/50:16k/30:64k/20"];
+    randrw.extend(common);
+    for extra in [randwrite, randrw] {
+        let out = run_cmd(
+            Command::new("fio")
+                .args(fio_args(uri, &extra))
+                .current_dir(dir.path()),
+            CLIENT_TIMEOUT,
+        )
+        .ok();
+        let text = out.text();
+        assert!(text.contains("err= 0"), "{out}");
+        assert!(
+            !text.contains("verify: bad") && !text.contains("verify failed"),
+            "{out}"
+        );
+    }
+    srv.stop_ok();
+    check_volume(&vol);
+}
+
+/// A snapshot served next to its volume is read-only, keeps its content,
+/// and the volume stays writable.
+#[test]
+fn snapshot_export_is_read_only() {
+    require!("nbdinfo" => "libnbd-bin", "qemu-io" => "qemu-utils");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = path_str(&d.join("vm.hlfs"));
+    hlfs(&["create", &vol, "--size", "16M"]).ok();
+    let srv = Server::unix(d, &[&vol], &[]);
+    qemu_io_ok(
+        srv.uri(),
+        false,
+        &["write -P 0x5a 0 64K", "write -P 0x5b 1M 4096", "flush"],
+    );
+    srv.stop_ok();
+    hlfs(&["snapshot", "create", &vol, "snap1"]).ok();
+
+    let snap_arg = format!("{vol}@snap1");
+    let srv = Server::unix(d, &[&vol, &snap_arg], &[]);
+    let head = srv.uri_of("vm.hlfs").to_string();
+    let snap = srv.uri_of("vm.hlfs@snap1").to_string();
+
+    let info = export_info(&snap);
+    assert_eq!(info["is_read_only"], true, "{info}");
+    assert_eq!(info["export-size"], 16 * MIB, "{info}");
+    let info = export_info(&head);
+    assert_eq!(info["is_read_only"], false, "{info}");
+    // NBD_OPT_LIST names both exports.
+    let out = run("nbdinfo", &["--list", "--json", head.as_str()]).ok();
+    let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let mut names: Vec<&str> = list["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["export-name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["vm.hlfs", "vm.hlfs@snap1"], "{out}");
+
+    // qemu-io refuses or fails the write; it never reports it written.
+    let w = qemu_io(&snap, false, &["write -P 0x99 0 4096"]);
+    let text = w.text();
+    assert!(
+        !w.status.success()
+            || text.contains("Operation not permitted")
+            || text.contains("Permission denied")
+            || text.contains("read-only")
+            || text.contains("read only"),
+        "a write to the snapshot export was accepted: {w}"
+    );
+    assert!(!text.contains("wrote 4096/4096"), "{w}");
+
+    // The server itself refuses a WRITE on the snapshot with EPERM and
+    // keeps the connection usable.
+    let sock = path_str(&d.join("nbd.sock"));
+    let mut raw = RawNbd::connect(&sock, "vm.hlfs@snap1");
+    assert!(
+        raw.flags & 2 != 0,
+        "NBD_FLAG_READ_ONLY not set: {:#x}",
+        raw.flags
+    );
+    let err = raw.write(0, &[0x99; 4096]);
+    assert_eq!(
+        err, 1,
+        "WRITE to a read-only export: want EPERM (1), got {err}"
+    );
+    assert_eq!(raw.read(0, 4096), vec![0x5a; 4096]);
+    raw.disconnect();
+
+    // The head export is still writable while the snapshot is served.
+    qemu_io_ok(
+        &head,
+        false,
+        &["write -P 0x6b 0 64K", "read -P 0x6b 0 64K", "flush"],
+    );
+    qemu_io_ok(
+        &snap,
+        true,
+        &[
+            "read -P 0x5a 0 64K",
+            "read -P 0 64K 960K",
+            "read -P 0x5b 1M 4096",
+        ],
+    );
+    qemu_io_ok(&head, true, &["read -P 0x6b 0 64K", "read -P 0x5b 1M 4096"]);
+    srv.stop_ok();
+    check_volume(&vol);
+}
+
+/// SIGTERM while a client is writing: the server drains, exits 0, and
+/// leaves a clean volume with the writer claim released.
+#[test]
+fn sigterm_with_client_connected() {
+    require!("fio" => "fio", "nbdinfo" => "libnbd-bin");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = path_str(&d.join("vm.hlfs"));
+    let srv = Server::unix(d, &[&vol], &["--create", "--size", "64M"]);
+    let args = fio_args(
+        srv.uri(),
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--numjobs=2",
+            "--size=32M",
+            "--time_based",
+            "--runtime=60",
+        ],
+    );
+    let (mut fio, fio_log) = spawn_logged(d, "fio", &args);
+    wait_for_fio(&fio_log, 2);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        fio.poll().is_none(),
+        "fio stopped early: {}",
+        std::fs::read_to_string(&fio_log).unwrap_or_default()
+    );
+
+    let t0 = Instant::now();
+    let log = srv.log.clone();
+    let status = srv.stop();
+    let took = t0.elapsed();
+    assert!(
+        status.success(),
+        "server exited with {status} after SIGTERM with a client connected\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    eprintln!("server stopped {took:?} after SIGTERM with fio connected");
+    // The client loses its connection and ends on its own.
+    let fio_status = fio.wait_timeout(Duration::from_secs(30));
+    assert!(
+        fio_status.is_some(),
+        "fio still runs 30 s after the server exited: {}",
+        std::fs::read_to_string(&fio_log).unwrap_or_default()
+    );
+
+    // `hlfs info` and `hlfs check` are only run once the server is gone:
+    // run while a server writes, they can fail with "NNN.journal not found"
+    // when the writer seals its journal under them.
+    check_volume(&vol);
+    let info = info_of(&vol);
+    assert!(
+        info["writer"].is_null(),
+        "writer claim not released: {info}"
+    );
+    assert!(
+        info["allocated_bytes"].as_u64().unwrap() > 0,
+        "fio wrote nothing before the SIGTERM: {info}"
+    );
+    let srv = Server::unix(d, &[&vol], &[]);
+    let info = export_info(srv.uri());
+    assert_eq!(info["export-size"], 64 * MIB, "{info}");
+    srv.stop_ok();
+    check_volume(&vol);
+}
+
+/// A client killed in the middle of writing does not hurt the server or
+/// the volume.
+#[test]
+fn client_killed_mid_write() {
+    require!("fio" => "fio", "nbdinfo" => "libnbd-bin", "qemu-io" => "qemu-utils");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = path_str(&d.join("vm.hlfs"));
+    let srv = Server::unix(d, &[&vol], &["--create", "--size", "64M"]);
+    let args = fio_args(
+        srv.uri(),
+        &[
+            "--rw=randwrite",
+            "--bssplit=4k/50:64k/50",
+            "--iodepth=32",
+            "--numjobs=2",
+            "--size=32M",
+            "--time_based",
+            "--runtime=60",
+        ],
+    );
+    let (mut fio, fio_log) = spawn_logged(d, "fio", &args);
+    wait_for_fio(&fio_log, 2);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        fio.poll().is_none(),
+        "fio stopped early: {}",
+        std::fs::read_to_string(&fio_log).unwrap_or_default()
+    );
+    fio.kill();
+
+    let info = export_info(srv.uri());
+    assert_eq!(info["export-size"], 64 * MIB, "{info}");
+    qemu_io_ok(
+        srv.uri(),
+        false,
+        &["write -P 0x77 4000 9000", "read -P 0x77 4000 9000", "flush"],
+    );
+    srv.stop_ok();
+    check_volume(&vol);
+    let info = info_of(&vol);
+    assert!(
+        info["writer"].is_null(),
+        "writer claim not released: {info}"
+    );
+    assert!(
+        info["allocated_bytes"].as_u64().unwrap() > 64 * 1024,
+        "fio wrote nothing before it was killed: {info}"
+    );
+}
+
+/// SIGTERM with writes still in flight on a connection: every write the
+/// server acknowledged is in the volume after it exits, and the rest are
+/// all-or-nothing per block.
+#[test]
+fn sigterm_keeps_acknowledged_writes() {
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = path_str(&d.join("vm.hlfs"));
+    let srv = Server::unix(d, &[&vol], &["--create", "--size", "16M"]);
+    // The server installs its SIGTERM handler only after printing its
+    // URIs; give it that moment (see sigterm_right_after_start_is_clean).
+    std::thread::sleep(Duration::from_millis(300));
+    let sock = path_str(&d.join("nbd.sock"));
+    let mut raw = RawNbd::connect(&sock, "vm.hlfs");
+    const N: u64 = 128;
+    const LEN: u64 = 64 * 1024;
+    // A sender thread streams the writes while this thread reads replies
+    // and sends SIGTERM at the first one: requests keep arriving while the
+    // server drains. Once the server hangs up the sender just stops.
+    let mut tx = raw.sock.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut sent = 0u64;
+        for i in 0..N {
+            let mut req = Vec::with_capacity(28 + LEN as usize);
+            req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+            req.extend_from_slice(&0u16.to_be_bytes());
+            req.extend_from_slice(&1u16.to_be_bytes()); // NBD_CMD_WRITE
+            req.extend_from_slice(&i.to_be_bytes());
+            req.extend_from_slice(&(i * LEN).to_be_bytes());
+            req.extend_from_slice(&(LEN as u32).to_be_bytes());
+            req.resize(req.len() + LEN as usize, i as u8 + 1);
+            if tx.write_all(&req).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    let log = srv.log.clone();
+    let mut srv = srv;
+    let mut acked = vec![false; N as usize];
+    let mut replies = 0;
+    let mut signalled = false;
+    while let Some((cookie, err)) = raw.next_reply() {
+        assert!(cookie < N, "reply for unknown cookie {cookie}");
+        assert!(!acked[cookie as usize], "two replies for cookie {cookie}");
+        replies += 1;
+        if err == 0 {
+            acked[cookie as usize] = true;
+        }
+        // SIGTERM after the first reply, while later writes are in flight.
+        if !signalled {
+            srv.proc.signal(libc::SIGTERM);
+            signalled = true;
+        }
+    }
+    let status = srv.wait_stopped();
+    assert!(
+        status.success(),
+        "server exited with {status} after SIGTERM\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let sent = sender.join().unwrap();
+    let n_acked = acked.iter().filter(|a| **a).count();
+    eprintln!(
+        "{sent} writes sent, {replies} replies, {n_acked} acknowledged before the server stopped"
+    );
+    assert!(n_acked > 0);
+
+    let img = d.join("out.img");
+    hlfs(&["export", &vol, &path_str(&img)]).ok();
+    let bytes = std::fs::read(&img).unwrap();
+    for i in 0..N as usize {
+        let region = &bytes[i * LEN as usize..(i + 1) * LEN as usize];
+        let pat = i as u8 + 1;
+        if acked[i] {
+            assert!(
+                region.iter().all(|b| *b == pat),
+                "acknowledged write {i} is not in the volume after SIGTERM"
+            );
+        } else {
+            for block in region.chunks(4096) {
+                assert!(
+                    block.iter().all(|b| *b == pat) || block.iter().all(|b| *b == 0),
+                    "unacknowledged write {i} left a torn block"
+                );
+            }
+        }
+    }
+    check_volume(&vol);
+}
+
+/// Two volumes behind one server, four clients at once, each checking its
+/// own region; the regions of the others stay intact.
+#[test]
+fn many_clients_two_exports() {
+    require!("qemu-io" => "qemu-utils", "nbdcopy" => "libnbd-bin");
+    let dir = tempdir();
+    let d = dir.path();
+    let a = path_str(&d.join("a.hlfs"));
+    let b = path_str(&d.join("b.hlfs"));
+    for v in [&a, &b] {
+        hlfs(&["create", v, "--size", "32M"]).ok();
+    }
+    let srv = Server::unix(d, &[&a, &b], &[]);
+    let uris = [
+        srv.uri_of("a.hlfs").to_string(),
+        srv.uri_of("b.hlfs").to_string(),
+    ];
+    const REGION: u64 = 8 * MIB;
+    const CHUNK: u64 = 256 * 1024;
+    // Client i writes export i % 2, region i / 2, pattern 0x30 + i; each
+    // chunk starts 1000 bytes in so nothing is aligned.
+    let client = |i: usize| {
+        let base = (i / 2) as u64 * REGION;
+        let pat = 0x30 + i;
+        let mut cmds = Vec::new();
+        for k in 0..16 {
+            let off = base + k * CHUNK + 1000;
+            cmds.push(format!("write -P {pat:#x} {off} {}", CHUNK - 2000));
+            cmds.push(format!("read -P {pat:#x} {off} {}", CHUNK - 2000));
+        }
+        for k in 0..16 {
+            let off = base + k * CHUNK + 1000;
+            cmds.push(format!("read -P {pat:#x} {off} {}", CHUNK - 2000));
+        }
+        cmds.push("flush".to_string());
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        qemu_io_ok(&uris[i % 2], false, &cmds);
+    };
+    std::thread::scope(|s| {
+        let clients: Vec<_> = (0..4).map(|i| s.spawn(move || client(i))).collect();
+        for c in clients {
+            c.join().expect("client failed");
+        }
+    });
+
+    // Whole images over nbdcopy: every region as its client left it.
+    for (e, uri) in uris.iter().enumerate() {
+        let img = d.join(format!("copy{e}.img"));
+        run("nbdcopy", &[uri.as_str(), &path_str(&img)]).ok();
+        let bytes = std::fs::read(&img).unwrap();
+        assert_eq!(bytes.len() as u64, 32 * MIB);
+        let mut want = vec![0u8; 32 * MIB as usize];
+        for i in (e..4).step_by(2) {
+            let base = (i / 2) as u64 * REGION;
+            for k in 0..16 {
+                let off = (base + k * CHUNK + 1000) as usize;
+                want[off..off + (CHUNK - 2000) as usize].fill(0x30 + i as u8);
+            }
+        }
+        let bad = bytes.iter().zip(&want).position(|(x, y)| x != y);
+        assert!(bad.is_none(), "export {uri}: first wrong byte at {bad:?}");
+    }
+    srv.stop_ok();
+    check_volume(&a);
+    check_volume(&b);
+}
+
+/// `--listen 127.0.0.1:PORT` serves over TCP.
+#[test]
+fn tcp_listen() {
+    require!("nbdinfo" => "libnbd-bin");
+    let dir = tempdir();
+    let vol = path_str(&dir.path().join("vm.hlfs"));
+    let mut tries = 0;
+    let (srv, port) = loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let args = [
+            vol.as_str(),
+            "--listen",
+            &listen,
+            "--create",
+            "--size",
+            "8M",
+        ];
+        match Server::try_start(dir.path(), &args, 1) {
+            Ok(s) => break (s, port),
+            // Someone else took the port between our probe and the bind.
+            Err(e) if tries < 5 && e.contains("cannot listen") => tries += 1,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(srv.uri(), format!("nbd://127.0.0.1:{port}/vm.hlfs"));
+    let info = export_info(srv.uri());
+    assert_eq!(info["export-size"], 8 * MIB, "{info}");
+    assert_eq!(info["export-name"], "vm.hlfs", "{info}");
+    assert_eq!(info["is_read_only"], false, "{info}");
+    srv.stop_ok();
+}
+
+/// SIGKILL of the server after a flush: a restarted server takes over the
+/// stale claim and serves every flushed byte.
+#[test]
+fn server_crash_recovery() {
+    require!("qemu-io" => "qemu-utils");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = path_str(&d.join("vm.hlfs"));
+    let srv = Server::unix(d, &[&vol], &["--create", "--size", "32M"]);
+    qemu_io_ok(
+        srv.uri(),
+        false,
+        &[
+            "write -P 0x3c 0 1M",
+            "write -P 0x3d 5000000 12345",
+            "write -P 0x3e 33550000 4432",
+            "flush",
+        ],
+    );
+    srv.crash();
+    assert!(
+        info_of(&vol)["writer"].is_string(),
+        "a crashed server leaves its claim"
+    );
+
+    // Same socket path: the stale socket file is replaced too.
+    let srv = Server::unix(d, &[&vol], &[]);
+    qemu_io_ok(
+        srv.uri(),
+        true,
+        &[
+            "read -P 0x3c 0 1M",
+            "read -P 0 1M 3951424",
+            "read -P 0x3d 5000000 12345",
+            "read -P 0 5012345 1000",
+            "read -P 0x3e 33550000 4432",
+        ],
+    );
+    // And it writes.
+    qemu_io_ok(
+        srv.uri(),
+        false,
+        &["write -P 0x3f 1M 4096", "read -P 0x3f 1M 4096", "flush"],
+    );
+    srv.stop_ok();
+    check_volume(&vol);
+    assert!(
+        info_of(&vol)["writer"].is_null(),
+        "writer claim not released"
+    );
+}
+
+/// The URIs the server prints must work for export names that need
+/// percent-encoding in a URI.
+///
+/// Ignored: a known server bug. `hlfs serve "my vm.hlfs"` prints
+/// `nbd+unix:///my vm.hlfs?socket=...` (not a URI: libnbd says "unable to
+/// parse URI"), and `hlfs serve a%20b` prints `nbd+unix:///a%20b?...`,
+/// which names the export "a b" and gets "No such file or directory".
+/// The export name (and the socket path in the query) should be
+/// percent-encoded. Remove the ignore when that is fixed.
+#[test]
+fn printed_uris_are_percent_encoded() {
+    require!("nbdinfo" => "libnbd-bin");
+    let dir = tempdir();
+    let d = dir.path();
+    let spaced = path_str(&d.join("my vm.hlfs"));
+    let percent = path_str(&d.join("a%20b"));
+    let srv = Server::unix(d, &[&spaced, &percent], &["--create", "--size", "8M"]);
+    for (uri, name) in srv.uris.iter().zip(["my vm.hlfs", "a%20b"]) {
+        let info = export_info(uri);
+        assert_eq!(info["export-name"], name, "{uri}: {info}");
+    }
+    srv.stop_ok();
+}
+
+/// SIGTERM as soon as the server has printed its URIs (and so accepts
+/// clients) must still stop it cleanly.
+///
+/// Ignored: a known server bug. `hlfs serve` prints the URIs and starts
+/// the listeners before it installs its SIGTERM/SIGINT handlers (they are
+/// registered when `stop_signal()` is first polled in the `select!` that
+/// follows), so a SIGTERM in that window kills it with the default action:
+/// status 143 / "signal: 15", no flush, no seal, the writer claim left
+/// behind. Seen in about 1 of 15 starts here. Installing the handlers
+/// before binding fixes it; remove the ignore then.
+#[test]
+fn sigterm_right_after_start_is_clean() {
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = path_str(&d.join("vm.hlfs"));
+    hlfs(&["create", &vol, "--size", "8M"]).ok();
+    for i in 0..40 {
+        let srv = Server::unix(d, &[&vol], &[]);
+        let log = srv.log.clone();
+        let status = srv.stop();
+        assert!(
+            status.success(),
+            "start {i}: server exited with {status} on an early SIGTERM\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    assert!(info_of(&vol)["writer"].is_null());
+}
+
+/// `hlfs info` and `hlfs check` need no writer claim (README), so they
+/// must work on a volume a server is writing.
+///
+/// Ignored: a known bug (engine read-only open, not the NBD layer). While
+/// fio writes through `hlfs serve`, about 1 in 10 of these fail: `hlfs
+/// info` with "storage error: 0000000004.journal not found" (exit 1), and
+/// `hlfs check` with "damaged: opening the head: storage error:
+/// 0000000034.journal not found" / "1 problems found" (exit 1) on a volume
+/// that checks clean once the server stops. The reader lists the journal
+/// and the writer seals (renames) it before the reader opens it.
+#[test]
+fn info_and_check_while_serving() {
+    require!("fio" => "fio");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = path_str(&d.join("vm.hlfs"));
+    // Small segments, so the writer seals journals while info and check read.
+    hlfs(&["create", &vol, "--size", "64M", "--segment-size", "256K"]).ok();
+    let srv = Server::unix(d, &[&vol], &[]);
+    let args = fio_args(
+        srv.uri(),
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--numjobs=2",
+            "--size=32M",
+            "--time_based",
+            "--runtime=60",
+            // Enough to seal segments now and then, not so much that each
+            // check has gigabytes of segments to read.
+            "--rate_iops=1000",
+        ],
+    );
+    let (mut fio, fio_log) = spawn_logged(d, "fio", &args);
+    wait_for_fio(&fio_log, 2);
+    for _ in 0..10 {
+        let info = info_of(&vol);
+        assert!(info["writer"].is_string(), "{info}");
+        check_volume(&vol);
+    }
+    fio.kill();
+    srv.stop_ok();
+    check_volume(&vol);
+}
