@@ -363,6 +363,23 @@ impl BlobSuite {
                 )),
             }
         }
+        let mut into = vec![0u8; 65_536];
+        match reader.read_into(mid, &mut into).await {
+            Ok(()) if into[..] == data[mid as usize..mid as usize + 65_536] => {}
+            Ok(()) => self.fail(&format!(
+                "reader of {name}: read_into({mid}) returned other bytes"
+            )),
+            Err(e) => self.fail(&format!("reader of {name}: read_into({mid}): {e}")),
+        }
+        let mut two = [0u8; 2];
+        if !matches!(
+            reader.read_into(SIZE as u64 - 1, &mut two).await,
+            Err(StoreError::OutOfRange { .. })
+        ) {
+            self.fail(&format!(
+                "reader of {name}: read_into past the end: expected OutOfRange"
+            ));
+        }
         let got = reader.read_at(SIZE as u64 - 1, 2).await;
         if !matches!(got, Err(StoreError::OutOfRange { .. })) {
             self.fail(&format!(
@@ -453,6 +470,26 @@ impl JournalSuite {
     }
 
     fn expect_read(&self, file: &dyn JournalFile, offset: u64, len: usize, want: &[u8]) {
+        // Exact reads agree with read_at wherever the whole range exists.
+        if want.len() == len {
+            let mut exact = vec![0u8; len];
+            self.ok("read_exact_into", file.read_exact_into(offset, &mut exact));
+            if exact != want {
+                self.fail(&format!(
+                    "read_exact_into({offset}, {len}) returned other bytes"
+                ));
+            }
+        } else {
+            let mut exact = vec![0u8; len];
+            if !matches!(
+                file.read_exact_into(offset, &mut exact),
+                Err(StoreError::OutOfRange { .. })
+            ) {
+                self.fail(&format!(
+                    "read_exact_into({offset}, {len}) past the end: expected OutOfRange"
+                ));
+            }
+        }
         let got = self.ok("read_at", file.read_at(offset, len));
         if got != want {
             self.fail(&format!(

@@ -142,6 +142,13 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
 pub trait BlobReader: Send + Sync {
     /// Exactly `len` bytes at `offset`.
     async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes>;
+    /// Exactly `buf.len()` bytes at `offset`, into `buf` (a local store
+    /// reads straight into it).
+    async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let data = self.read_at(offset, buf.len()).await?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
     fn size(&self) -> u64;
 }
 
@@ -205,6 +212,13 @@ pub trait JournalFile: Send + Sync {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
     /// Up to `len` bytes at `offset`; shorter only at the end of the file.
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>>;
+    /// Exactly `buf.len()` bytes at `offset`; `OutOfRange` past the end.
+    fn read_exact_into(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Starts writing `offset..offset+len` to disk without waiting, so that
+    /// a later `sync` has less left to do. Only a hint.
+    fn start_writeback(&self, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
     fn len(&self) -> Result<u64>;
     fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)

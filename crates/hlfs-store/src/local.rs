@@ -325,6 +325,10 @@ impl BlobReader for LocalReader {
         read_range(&self.file, &self.name, offset, len as u64, self.size)
     }
 
+    async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        read_exact(&self.file, &self.name, offset, buf, self.size)
+    }
+
     fn size(&self) -> u64 {
         self.size
     }
@@ -346,6 +350,21 @@ fn open_blob(path: &Path, name: &str) -> Result<(File, u64)> {
 }
 
 fn read_range(file: &File, name: &str, offset: u64, len: u64, size: u64) -> Result<Bytes> {
+    let len = usize::try_from(len).map_err(|_| StoreError::OutOfRange {
+        name: name.to_string(),
+        offset,
+        len,
+        size,
+    })?;
+    let mut buf = vec![0; len];
+    read_exact(file, name, offset, &mut buf, size)?;
+    Ok(Bytes::from(buf))
+}
+
+/// Fills `buf` from `offset`; `OutOfRange` if the file (of `size` bytes, or
+/// shorter than it) ends first.
+fn read_exact(file: &File, name: &str, offset: u64, buf: &mut [u8], size: u64) -> Result<()> {
+    let len = buf.len() as u64;
     let out_of_range = || StoreError::OutOfRange {
         name: name.to_string(),
         offset,
@@ -355,9 +374,8 @@ fn read_range(file: &File, name: &str, offset: u64, len: u64, size: u64) -> Resu
     if offset.checked_add(len).is_none_or(|end| end > size) {
         return Err(out_of_range());
     }
-    let mut buf = vec![0; usize::try_from(len).map_err(|_| out_of_range())?];
-    match file.read_exact_at(&mut buf, offset) {
-        Ok(()) => Ok(Bytes::from(buf)),
+    match file.read_exact_at(buf, offset) {
+        Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(out_of_range()),
         Err(e) => Err(StoreError::io(name, e)),
     }
@@ -624,12 +642,33 @@ impl JournalFile for LocalJournalFile {
         Ok(buf)
     }
 
+    fn read_exact_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        read_exact(&self.file, &self.name, offset, buf, u64::MAX)
+    }
+
     fn len(&self) -> Result<u64> {
         Ok(self.file.metadata().map_err(|e| self.io_err(e))?.len())
     }
 
     fn sync(&self) -> Result<()> {
         self.file.sync_data().map_err(|e| self.io_err(e))
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on a descriptor this struct owns.
+        let rc = unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if rc != 0 {
+            return Err(self.io_err(io::Error::last_os_error()));
+        }
+        Ok(())
     }
 
     fn truncate(&self, len: u64) -> Result<()> {

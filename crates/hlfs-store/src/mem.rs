@@ -517,6 +517,28 @@ impl JournalFile for MemJournalFile {
         })
     }
 
+    fn read_exact_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let name = self.name.clone();
+        self.with(FaultOp::JournalRead, |_, file| {
+            let size = file.data.len();
+            let start = usize::try_from(offset)
+                .ok()
+                .filter(|s| s + buf.len() <= size);
+            match start {
+                Some(start) => {
+                    buf.copy_from_slice(&file.data[start..start + buf.len()]);
+                    Ok(())
+                }
+                None => Err(StoreError::OutOfRange {
+                    name,
+                    offset,
+                    len: buf.len() as u64,
+                    size: size as u64,
+                }),
+            }
+        })?
+    }
+
     fn len(&self) -> Result<u64> {
         self.with(FaultOp::JournalRead, |_, file| file.data.len() as u64)
     }

@@ -55,24 +55,29 @@ impl Segments {
 
     /// Exactly `len` bytes of segment `seg` at `off`.
     pub async fn read(&self, seg: u32, off: u64, len: usize) -> Result<Bytes> {
+        let mut buf = vec![0u8; len];
+        self.read_into(seg, off, &mut buf).await?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// Fills `buf` from segment `seg` at `off`.
+    pub async fn read_into(&self, seg: u32, off: u64, buf: &mut [u8]) -> Result<()> {
+        let len = buf.len();
+        let past_end = || {
+            VolumeError::corrupt(format!(
+                "segment {seg}: read of {len} bytes at offset {off} is past its end"
+            ))
+        };
         let journal = self.journals.lock().get(&seg).cloned();
-        if let Some(file) = journal {
+        let result = match journal {
             // The journal is a local file and the bytes were written moments
             // ago: a page-cache read, done inline.
-            let data = file.read_at(off, len)?;
-            if data.len() != len {
-                return Err(VolumeError::corrupt(format!(
-                    "segment {seg}: read of {len} bytes at offset {off} went past the end of the journal"
-                )));
-            }
-            return Ok(Bytes::from(data));
-        }
-        let reader = self.reader(seg).await?;
-        match reader.read_at(off, len).await {
-            Ok(b) => Ok(b),
-            Err(StoreError::OutOfRange { .. }) => Err(VolumeError::corrupt(format!(
-                "segment {seg}: read of {len} bytes at offset {off} is past its end"
-            ))),
+            Some(file) => file.read_exact_into(off, buf),
+            None => self.reader(seg).await?.read_into(off, buf).await,
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(StoreError::OutOfRange { .. }) => Err(past_end()),
             Err(StoreError::NotFound(name)) => {
                 Err(VolumeError::corrupt(format!("{name} is missing")))
             }

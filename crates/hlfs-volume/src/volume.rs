@@ -115,6 +115,11 @@ pub struct VolumeInfo {
     pub created_ms: u64,
 }
 
+/// Journal bytes are pushed towards the disk in chunks this large as they
+/// are appended, so the sync when a segment is sealed finds little left to
+/// write and stalls writers for less time.
+const WRITEBACK_CHUNK: u64 = 8 << 20;
+
 /// Tries at a read-only open of a head that a writer keeps changing.
 const HEAD_OPEN_ATTEMPTS: u32 = 10;
 
@@ -786,15 +791,24 @@ impl Volume {
             if e.is_empty() {
                 dst.fill(0);
             } else {
-                let data = self
-                    .inner
+                let run_len = n * bs as usize;
+                let aligned = lo == run_start && dst.len() == run_len;
+                // Whole blocks are read straight into the caller's buffer;
+                // a partial first or last block goes through a bounce buffer.
+                let mut bounce = Vec::new();
+                let data: &mut [u8] = if aligned {
+                    dst
+                } else {
+                    bounce.resize(run_len, 0);
+                    &mut bounce
+                };
+                self.inner
                     .segments
-                    .read(e.seg, e.off as u64, n * bs as usize)
+                    .read_into(e.seg, e.off as u64, data)
                     .await?;
                 for (k, block) in data.chunks(bs as usize).enumerate() {
                     let want = entries[i + k].crc;
-                    let got = crc32c::crc32c(block);
-                    if got != want {
+                    if crc32c::crc32c(block) != want {
                         return Err(VolumeError::corrupt(format!(
                             "block {} ({} offset {}): checksum mismatch",
                             first + (i + k) as u64,
@@ -803,8 +817,10 @@ impl Volume {
                         )));
                     }
                 }
-                let skip = (lo - run_start) as usize;
-                dst.copy_from_slice(&data[skip..skip + dst.len()]);
+                if !aligned {
+                    let skip = (lo - run_start) as usize;
+                    dst.copy_from_slice(&bounce[skip..skip + dst.len()]);
+                }
             }
             i += n;
         }
@@ -975,6 +991,12 @@ impl Volume {
         }
         file.write_at(at, record).map_err(|e| self.fail(e.into()))?;
         w.pos += record.len() as u64;
+        if at / WRITEBACK_CHUNK != w.pos / WRITEBACK_CHUNK {
+            let chunk = w.pos / WRITEBACK_CHUNK - 1;
+            if let Err(e) = file.start_writeback(chunk * WRITEBACK_CHUNK, WRITEBACK_CHUNK) {
+                tracing::debug!(error = %e, "early writeback hint failed");
+            }
+        }
         self.inner.written_lsn.store(w.next_lsn, Ordering::SeqCst);
         w.next_lsn += 1;
         Ok(at)
