@@ -141,7 +141,51 @@ struct Writer {
     changed: bool,
     /// Segments sealed since the head checkpoint: recovery replays them.
     sealed_since_checkpoint: u32,
+    /// The seal running in the background, if any.
+    sealing: Option<tokio::task::JoinHandle<Result<()>>>,
     closed: bool,
+}
+
+/// Journal files not yet sealed: the one appended to and those being sealed.
+#[derive(Default)]
+struct OpenFiles {
+    current: Option<Arc<dyn JournalFile>>,
+    retiring: Vec<Arc<dyn JournalFile>>,
+}
+
+impl OpenFiles {
+    fn in_log_order(&self) -> Vec<Arc<dyn JournalFile>> {
+        self.retiring
+            .iter()
+            .cloned()
+            .chain(self.current.clone())
+            .collect()
+    }
+}
+
+/// A retired journal file on its way into the store.
+struct Sealing {
+    seg: u32,
+    file: Arc<dyn JournalFile>,
+    last_lsn: u64,
+}
+
+/// What a checkpoint changes in the manifest.
+struct HeadUpdate {
+    checkpoint: Entry,
+    size: u64,
+    replay_from_seg: u32,
+    replay_from_lsn: u64,
+}
+
+impl HeadUpdate {
+    fn apply(&self, m: &mut Manifest) {
+        m.checkpoint = self.checkpoint;
+        m.size = self.size;
+        m.replay_from_seg = self.replay_from_seg;
+        m.replay_from_lsn = self.replay_from_lsn;
+        m.next_seg = m.next_seg.max(self.replay_from_seg + 1);
+    }
 }
 
 struct Inner {
@@ -155,8 +199,10 @@ struct Inner {
     map: Mutex<MapState>,
     segments: Segments,
     writer: tokio::sync::Mutex<Writer>,
-    /// The journal file being appended to, for FLUSH.
-    current: Mutex<Option<Arc<dyn JournalFile>>>,
+    /// The journal files FLUSH must sync.
+    files: Mutex<OpenFiles>,
+    /// Taken while writing a manifest, so that two never race for a number.
+    manifest_turn: tokio::sync::Mutex<()>,
     sync_lock: tokio::sync::Mutex<()>,
     written_lsn: AtomicU64,
     durable_lsn: AtomicU64,
@@ -440,9 +486,11 @@ impl Volume {
                 next_lsn: manifest.replay_from_lsn.max(cp_lsn + 1),
                 changed: false,
                 sealed_since_checkpoint: 0,
+                sealing: None,
                 closed: read_only,
             }),
-            current: Mutex::new(None),
+            files: Mutex::new(OpenFiles::default()),
+            manifest_turn: tokio::sync::Mutex::new(()),
             sync_lock: tokio::sync::Mutex::new(()),
             written_lsn: AtomicU64::new(0),
             durable_lsn: AtomicU64::new(0),
@@ -599,7 +647,7 @@ impl Volume {
                 w.seg = id;
                 w.pos = valid_len;
                 w.file = Some(file.clone());
-                *inner.current.lock() = Some(file);
+                inner.files.lock().current = Some(file);
             }
             None => {
                 let id = m.next_seg.max(max_seen + 1);
@@ -616,7 +664,7 @@ impl Volume {
         w.seg = id;
         w.pos = 0;
         w.file = Some(file.clone());
-        *self.inner.current.lock() = Some(file);
+        self.inner.files.lock().current = Some(file);
         Ok(())
     }
 
@@ -1009,11 +1057,7 @@ impl Volume {
             self.write_back(w).await?;
         }
         if w.pos >= self.inner.segment_size {
-            if w.sealed_since_checkpoint + 1 >= CHECKPOINT_EVERY {
-                self.checkpoint(w, true, |_, _, _| {}).await?;
-            } else {
-                self.seal_segment(w, true).await?;
-            }
+            self.seal_in_background(w).await?;
         }
         Ok(())
     }
@@ -1050,16 +1094,9 @@ impl Volume {
         }
     }
 
-    /// Writes a checkpoint and seals the open segment with it, then writes
-    /// the manifest that makes the checkpoint the head (changed by `edit`,
-    /// which gets the checkpoint's place and LSN). Starts a new journal
-    /// unless `reopen` is false.
-    async fn checkpoint(
-        &self,
-        w: &mut Writer,
-        reopen: bool,
-        edit: impl FnOnce(&mut Manifest, Entry, u64),
-    ) -> Result<()> {
+    /// Appends every dirty map page and a checkpoint record describing the
+    /// map now; returns where the checkpoint is, its LSN and its contents.
+    async fn append_checkpoint(&self, w: &mut Writer) -> Result<(Entry, u64, Checkpoint)> {
         self.write_back(w).await?;
         let cp = {
             let m = self.inner.map.lock();
@@ -1082,19 +1119,36 @@ impl Volume {
         );
         let crc = u32::from_le_bytes(record[52..56].try_into().expect("4 bytes"));
         let off = self.append(w, &record)?;
-        let cp_at = Entry {
+        let at = Entry {
             seg: w.seg,
             off: off as u32,
             crc,
         };
-        self.seal_segment(w, reopen).await?;
-        let (next, next_lsn) = (w.seg, w.next_lsn);
+        Ok((at, cp_lsn, cp))
+    }
+
+    /// Writes a checkpoint and seals the open segment with it, then writes
+    /// the manifest that makes the checkpoint the head (changed by `edit`,
+    /// which gets the checkpoint's place and LSN), all before returning.
+    /// Starts a new journal unless `reopen` is false.
+    async fn checkpoint(
+        &self,
+        w: &mut Writer,
+        reopen: bool,
+        edit: impl FnOnce(&mut Manifest, Entry, u64),
+    ) -> Result<()> {
+        self.wait_sealed(w).await?;
+        let (cp_at, cp_lsn, cp) = self.append_checkpoint(w).await?;
+        let sealing = self.rotate(w, reopen)?;
+        self.finish_seal(sealing).await?;
+        let head = HeadUpdate {
+            checkpoint: cp_at,
+            size: cp.size,
+            replay_from_seg: w.seg,
+            replay_from_lsn: w.next_lsn,
+        };
         self.update_manifest(|m| {
-            m.checkpoint = cp_at;
-            m.size = cp.size;
-            m.replay_from_seg = next;
-            m.replay_from_lsn = next_lsn;
-            m.next_seg = m.next_seg.max(next + 1);
+            head.apply(m);
             edit(m, cp_at, cp_lsn);
         })
         .await?;
@@ -1103,35 +1157,98 @@ impl Volume {
         Ok(())
     }
 
-    /// Syncs the open segment, hands it to the store and (if `reopen`)
-    /// starts the next one. Without a checkpoint, recovery replays it.
-    async fn seal_segment(&self, w: &mut Writer, reopen: bool) -> Result<()> {
-        let file = w.file.clone().ok_or(VolumeError::Closed)?;
-        let sealed = w.seg;
-        let last_lsn = w.next_lsn - 1;
-        {
-            let f = file.clone();
-            tokio::task::spawn_blocking(move || f.sync())
-                .await
-                .map_err(|e| VolumeError::Failed(e.to_string()))?
-                .map_err(|e| self.fail(e.into()))?;
+    /// Seals a full segment without stopping writes for long: the segment is
+    /// switched for a new journal here, and synced, handed to the store and
+    /// (every few segments) checkpointed in the background. At most one seal
+    /// runs at a time, which keeps writers from outrunning the disk.
+    async fn seal_in_background(&self, w: &mut Writer) -> Result<()> {
+        self.wait_sealed(w).await?;
+        let head = if w.sealed_since_checkpoint + 1 >= CHECKPOINT_EVERY {
+            let (cp_at, _, cp) = self.append_checkpoint(w).await?;
+            Some((cp_at, cp.size))
+        } else {
+            None
+        };
+        let sealing = self.rotate(w, true)?;
+        let head = head.map(|(checkpoint, size)| HeadUpdate {
+            checkpoint,
+            size,
+            replay_from_seg: w.seg,
+            replay_from_lsn: w.next_lsn,
+        });
+        if head.is_some() {
+            w.changed = false;
+            w.sealed_since_checkpoint = 0;
         }
-        self.inner.durable_lsn.fetch_max(last_lsn, Ordering::SeqCst);
-        self.hand_to_store(sealed, &file)
-            .await
-            .map_err(|e| self.fail(e))?;
-        self.inner.segments.sealed(sealed);
+        let vol = self.clone();
+        w.sealing = Some(tokio::spawn(async move {
+            vol.finish_seal(sealing).await?;
+            if let Some(head) = head {
+                vol.update_manifest(|m| head.apply(m)).await?;
+            }
+            Ok(())
+        }));
+        Ok(())
+    }
+
+    /// Waits for the background seal, if one runs, and reports its failure.
+    async fn wait_sealed(&self, w: &mut Writer) -> Result<()> {
+        match w.sealing.take() {
+            Some(task) => task
+                .await
+                .map_err(|e| self.fail(VolumeError::Failed(format!("sealing stopped: {e}"))))?,
+            None => Ok(()),
+        }
+    }
+
+    /// Retires the open journal file (it stays readable, and FLUSH keeps
+    /// syncing it until it is sealed) and opens the next one unless `reopen`
+    /// is false.
+    fn rotate(&self, w: &mut Writer, reopen: bool) -> Result<Sealing> {
+        let file = w.file.take().ok_or(VolumeError::Closed)?;
+        let sealing = Sealing {
+            seg: w.seg,
+            file: file.clone(),
+            last_lsn: w.next_lsn - 1,
+        };
+        self.inner.files.lock().retiring.push(file);
         if reopen {
-            self.start_journal(w, sealed + 1)
+            self.start_journal(w, sealing.seg + 1)
                 .map_err(|e| self.fail(e))?;
         } else {
-            w.file = None;
-            w.seg = sealed + 1;
+            w.seg = sealing.seg + 1;
             w.pos = 0;
-            *self.inner.current.lock() = None;
+            self.inner.files.lock().current = None;
         }
-        self.inner.backend.journal.remove(&journal_name(sealed))?;
         w.sealed_since_checkpoint += 1;
+        Ok(sealing)
+    }
+
+    /// Syncs a retired journal file, hands it to the store as a sealed
+    /// segment and removes the journal file.
+    async fn finish_seal(&self, sealing: Sealing) -> Result<()> {
+        let Sealing {
+            seg,
+            file,
+            last_lsn,
+        } = sealing;
+        let f = file.clone();
+        tokio::task::spawn_blocking(move || f.sync())
+            .await
+            .map_err(|e| self.fail(VolumeError::Failed(e.to_string())))?
+            .map_err(|e| self.fail(e.into()))?;
+        // Earlier segments were sealed (and synced) before this one.
+        self.inner.durable_lsn.fetch_max(last_lsn, Ordering::SeqCst);
+        self.hand_to_store(seg, &file)
+            .await
+            .map_err(|e| self.fail(e))?;
+        self.inner.segments.sealed(seg);
+        self.inner
+            .files
+            .lock()
+            .retiring
+            .retain(|f| !Arc::ptr_eq(f, &file));
+        self.inner.backend.journal.remove(&journal_name(seg))?;
         Ok(())
     }
 
@@ -1169,6 +1286,8 @@ impl Volume {
     /// Writes the next manifest: the current one changed by `edit`. Fails
     /// (and stops the volume) if another writer wrote one first.
     async fn update_manifest(&self, edit: impl FnOnce(&mut Manifest)) -> Result<()> {
+        // A background seal and a snapshot command may both write one.
+        let _turn = self.inner.manifest_turn.lock().await;
         let mut m = self.inner.manifest.lock().clone();
         edit(&mut m);
         m.seq += 1;
@@ -1210,11 +1329,12 @@ impl Volume {
         if self.inner.durable_lsn.load(Ordering::SeqCst) >= target {
             return Ok(());
         }
-        // Read the LSN before taking the file: every record up to it is in
-        // this file or in an earlier one, which sealing already synced.
+        // Read the LSN before taking the files: every record up to it is in
+        // one of them, or in a segment whose sealing already synced it.
         let upto = self.inner.written_lsn.load(Ordering::SeqCst);
-        let file = self.inner.current.lock().clone();
-        if let Some(file) = file {
+        let files = self.inner.files.lock().in_log_order();
+        // Older files first, so what is durable is always a prefix.
+        for file in files {
             tokio::task::spawn_blocking(move || file.sync())
                 .await
                 .map_err(|e| VolumeError::Failed(e.to_string()))?
@@ -1475,6 +1595,7 @@ impl Volume {
         if let Some(why) = self.inner.failed.lock().clone() {
             return Err(VolumeError::Failed(why));
         }
+        self.wait_sealed(&mut w).await?;
         if w.pos > 0 || w.changed {
             self.checkpoint(&mut w, false, |m, _, _| m.writer = None)
                 .await?;
@@ -1482,7 +1603,7 @@ impl Volume {
             if let Some(file) = w.file.take() {
                 drop(file);
                 self.inner.backend.journal.remove(&journal_name(w.seg))?;
-                *self.inner.current.lock() = None;
+                self.inner.files.lock().current = None;
             }
             self.update_manifest(|m| m.writer = None).await?;
         }
