@@ -463,9 +463,17 @@ where
                     req.len
                 )));
             }
-            payload = vec![0u8; req.len as usize];
-            if let Err(e) = rd.read_exact(&mut payload).await {
-                break Err(e.into());
+            // Read into spare capacity: no zero-filling of a buffer that is
+            // about to be overwritten.
+            payload = Vec::with_capacity(req.len as usize);
+            match (&mut rd)
+                .take(req.len as u64)
+                .read_to_end(&mut payload)
+                .await
+            {
+                Ok(n) if n == req.len as usize => {}
+                Ok(_) => break Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+                Err(e) => break Err(e.into()),
             }
         }
         let permit = slots

@@ -564,6 +564,15 @@ impl JournalSuite {
         self.expect_read(&*file, 12, big.len(), &big);
         self.expect_read(&*file, 12 + 4095, 10_000, &big[4095..14_095]);
 
+        // Several parts land back to back, as one record would.
+        let end = 12 + big.len() as u64;
+        let parts: [&[u8]; 3] = [b"head|", &big[..70_000], b"|tail"];
+        self.ok("write_parts_at", file.write_parts_at(end, &parts));
+        self.expect_len(&*file, end + 70_010);
+        self.expect_read(&*file, end, 5, b"head|");
+        self.expect_read(&*file, end + 5, 70_000, &big[..70_000]);
+        self.expect_read(&*file, end + 70_005, 5, b"|tail");
+
         drop((file, other));
         let reopened = self.ok("open", self.dir.open(&name));
         self.expect_read(&*reopened, 0, 12, b"hello, again");

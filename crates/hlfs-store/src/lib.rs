@@ -210,6 +210,17 @@ pub trait JournalFile: Send + Sync {
     /// Write `data` at `offset` (the engine only ever writes at the end).
     /// Not durable until `sync`.
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Writes `parts` one after another from `offset`, as one write where
+    /// the backend can (a record's header and its data, without copying
+    /// them together first).
+    fn write_parts_at(&self, offset: u64, parts: &[&[u8]]) -> Result<()> {
+        let mut at = offset;
+        for part in parts {
+            self.write_at(at, part)?;
+            at += part.len() as u64;
+        }
+        Ok(())
+    }
     /// Up to `len` bytes at `offset`; shorter only at the end of the file.
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>>;
     /// Exactly `buf.len()` bytes at `offset`; `OutOfRange` past the end.

@@ -646,6 +646,38 @@ impl JournalFile for LocalJournalFile {
         read_exact(&self.file, &self.name, offset, buf, u64::MAX)
     }
 
+    fn write_parts_at(&self, offset: u64, parts: &[&[u8]]) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let mut slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+        let mut bufs = &mut slices[..];
+        let mut at = offset;
+        while !bufs.is_empty() {
+            // SAFETY: IoSlice is ABI-compatible with iovec, and the slices
+            // outlive the call.
+            let n = unsafe {
+                libc::pwritev(
+                    self.file.as_raw_fd(),
+                    bufs.as_ptr().cast(),
+                    bufs.len().min(1024) as libc::c_int,
+                    at as libc::off64_t,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(self.io_err(e));
+            }
+            if n == 0 {
+                return Err(self.io_err(io::ErrorKind::WriteZero.into()));
+            }
+            at += n as u64;
+            io::IoSlice::advance_slices(&mut bufs, n as usize);
+        }
+        Ok(())
+    }
+
     fn len(&self) -> Result<u64> {
         Ok(self.file.metadata().map_err(|e| self.io_err(e))?.len())
     }

@@ -983,29 +983,34 @@ impl Volume {
     ) -> Result<()> {
         let bs = self.inner.block_size as usize;
         let len = n as usize * bs;
-        let mut buf = vec![0u8; HEADER_LEN + len];
-        let payload = &mut buf[HEADER_LEN..];
         let tail = skip as usize + src.len();
-        if skip > 0 {
-            self.read_old_block(first, &mut payload[..bs]).await?;
-        }
-        if tail < len && !(n == 1 && skip > 0) {
-            self.read_old_block(first + n - 1, &mut payload[len - bs..])
-                .await?;
-        }
-        payload[skip as usize..tail].copy_from_slice(src);
+        // Whole blocks are written as they came; partial ones are merged
+        // with what is there now.
+        let mut merged = Vec::new();
+        let payload: &[u8] = if skip == 0 && src.len() == len {
+            src
+        } else {
+            merged.resize(len, 0);
+            if skip > 0 {
+                self.read_old_block(first, &mut merged[..bs]).await?;
+            }
+            if tail < len && !(n == 1 && skip > 0) {
+                self.read_old_block(first + n - 1, &mut merged[len - bs..])
+                    .await?;
+            }
+            merged[skip as usize..tail].copy_from_slice(src);
+            &merged
+        };
         let crcs: Vec<u32> = payload.chunks(bs).map(crc32c::crc32c).collect();
-        let lsn = w.next_lsn;
         let header = encode_header(
             RecordKind::Data,
             &self.inner.uuid,
-            lsn,
+            w.next_lsn,
             first,
             n,
-            &buf[HEADER_LEN..],
+            payload,
         );
-        buf[..HEADER_LEN].copy_from_slice(&header);
-        let at = self.append(w, &buf)?;
+        let at = self.append(w, &[&header, payload])?;
         let base = at + HEADER_LEN as u64;
         let seg = w.seg;
         let entries: Vec<Entry> = crcs
@@ -1030,15 +1035,18 @@ impl Volume {
         self.read_into(start, &mut dst[..readable]).await
     }
 
-    /// Appends a complete record at the end of the open segment.
-    fn append(&self, w: &mut Writer, record: &[u8]) -> Result<u64> {
+    /// Appends a complete record, given in parts (header, payload), at the
+    /// end of the open segment.
+    fn append(&self, w: &mut Writer, parts: &[&[u8]]) -> Result<u64> {
         let file = w.file.as_ref().ok_or(VolumeError::Closed)?;
         let at = w.pos;
-        if at + record.len() as u64 > u32::MAX as u64 {
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        if at + len > u32::MAX as u64 {
             return Err(VolumeError::InvalidArgument("segment overflow".into()));
         }
-        file.write_at(at, record).map_err(|e| self.fail(e.into()))?;
-        w.pos += record.len() as u64;
+        file.write_parts_at(at, parts)
+            .map_err(|e| self.fail(e.into()))?;
+        w.pos += len;
         if at / WRITEBACK_CHUNK != w.pos / WRITEBACK_CHUNK {
             let chunk = w.pos / WRITEBACK_CHUNK - 1;
             if let Err(e) = file.start_writeback(chunk * WRITEBACK_CHUNK, WRITEBACK_CHUNK) {
@@ -1083,7 +1091,7 @@ impl Volume {
                     &page.encode(),
                 );
                 let crc = u32::from_le_bytes(record[52..56].try_into().expect("4 bytes"));
-                let off = self.append(w, &record)?;
+                let off = self.append(w, &[&record])?;
                 Entry {
                     seg: w.seg,
                     off: off as u32,
@@ -1118,7 +1126,7 @@ impl Volume {
             &cp.encode(),
         );
         let crc = u32::from_le_bytes(record[52..56].try_into().expect("4 bytes"));
-        let off = self.append(w, &record)?;
+        let off = self.append(w, &[&record])?;
         let at = Entry {
             seg: w.seg,
             off: off as u32,
@@ -1382,7 +1390,7 @@ impl Volume {
                 full_end - full_start,
                 &[],
             );
-            self.append(&mut w, &header)?;
+            self.append(&mut w, &[&header])?;
             w.changed = true;
             self.map_op(|m, pins| m.zero(full_start, full_end, pins))
                 .await?;
@@ -1439,7 +1447,7 @@ impl Volume {
         }
         let lsn = w.next_lsn;
         let header = encode_header(RecordKind::Resize, &self.inner.uuid, lsn, new_size, 0, &[]);
-        self.append(&mut w, &header)?;
+        self.append(&mut w, &[&header])?;
         w.changed = true;
         self.inner.size.store(new_size, Ordering::SeqCst);
         self.inner
