@@ -1455,3 +1455,50 @@ fn info_and_check_while_serving() {
     srv.stop_ok();
     check_volume(&vol);
 }
+
+/// Hostile byte streams sent to the live server over its socket: each such
+/// connection is closed, and the server, its volume and other clients carry
+/// on.
+#[test]
+fn hostile_streams_against_the_live_server() {
+    require!("qemu-io" => "qemu-utils", "nbdinfo" => "libnbd-bin");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = path_str(&d.join("vm.hlfs"));
+    let srv = Server::unix(d, &[&vol], &["--create", "--size", "64M"]);
+    qemu_io_ok(srv.uri(), false, &["write -P 0x5c 0 64k"]);
+    let socket = d.join("nbd.sock");
+    let mut opt_go_huge = 3u32.to_be_bytes().to_vec();
+    opt_go_huge.extend_from_slice(b"IHAVEOPT");
+    opt_go_huge.extend_from_slice(&7u32.to_be_bytes());
+    opt_go_huge.extend_from_slice(&u32::MAX.to_be_bytes());
+    let streams: Vec<Vec<u8>> = vec![
+        Vec::new(),                                    // connects and leaves
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), // wrong protocol
+        vec![0xff; 64],                                // bad client flags
+        opt_go_huge,                                   // absurd option length
+        (0..20_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect(),
+    ];
+    for bytes in &streams {
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).unwrap();
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        // The server must hang up rather than wait forever.
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+    let info = export_info(srv.uri());
+    assert_eq!(info["export-size"], 64u64 << 20, "{info}");
+    qemu_io_ok(
+        srv.uri(),
+        false,
+        &["read -P 0x5c 0 64k", "write -P 0x5d 64k 4k"],
+    );
+    srv.stop_ok();
+    check_volume(&vol);
+}
