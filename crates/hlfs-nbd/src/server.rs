@@ -234,17 +234,7 @@ impl Server {
         let mut structured = false;
         let mut meta = false;
         loop {
-            let mut head = [0u8; 16];
-            rd.read_exact(&mut head).await?;
-            let opt = decode_option_header(&head)?;
-            if opt.len > MAX_OPTION_LEN {
-                return Err(ConnError::Protocol(format!(
-                    "option {} of {} bytes is too long",
-                    opt.option, opt.len
-                )));
-            }
-            let mut data = vec![0u8; opt.len as usize];
-            rd.read_exact(&mut data).await?;
+            let (opt, data) = read_option(rd).await?;
             let reply = |kind: u32, payload: &[u8]| option_reply(opt.option, kind, payload);
             match opt.option {
                 OPT_EXPORT_NAME => {

@@ -267,6 +267,31 @@ fn next_id() -> usize {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
+/// fio writing at random through `uri` in the background (2 jobs, up to a
+/// minute), returned once both jobs are connected, with its log.
+fn background_fio(d: &Path, uri: &str, shape: &[&str]) -> (Proc, PathBuf) {
+    let mut opts = vec![
+        "--rw=randwrite",
+        "--numjobs=2",
+        "--size=32M",
+        "--time_based",
+        "--runtime=60",
+    ];
+    opts.extend_from_slice(shape);
+    let (fio, log) = spawn_logged(d, "fio", &fio_args(uri, &opts));
+    wait_for_fio(&log, 2);
+    (fio, log)
+}
+
+/// Fails if fio has already stopped: the test needs it mid-workload.
+fn assert_fio_running(fio: &mut Proc, log: &Path) {
+    assert!(
+        fio.poll().is_none(),
+        "fio stopped early: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
 // ---------------------------------------------------------------------------
 // The server
 
@@ -999,26 +1024,9 @@ fn sigterm_with_client_connected() {
     let d = dir.path();
     let vol = path_str(&d.join("vm.hlfs"));
     let srv = Server::unix(d, &[&vol], &["--create", "--size", "64M"]);
-    let args = fio_args(
-        srv.uri(),
-        &[
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            "--numjobs=2",
-            "--size=32M",
-            "--time_based",
-            "--runtime=60",
-        ],
-    );
-    let (mut fio, fio_log) = spawn_logged(d, "fio", &args);
-    wait_for_fio(&fio_log, 2);
+    let (mut fio, fio_log) = background_fio(d, srv.uri(), &["--bs=4k", "--iodepth=16"]);
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        fio.poll().is_none(),
-        "fio stopped early: {}",
-        std::fs::read_to_string(&fio_log).unwrap_or_default()
-    );
+    assert_fio_running(&mut fio, &fio_log);
 
     let t0 = Instant::now();
     let log = srv.log.clone();
@@ -1067,26 +1075,10 @@ fn client_killed_mid_write() {
     let d = dir.path();
     let vol = path_str(&d.join("vm.hlfs"));
     let srv = Server::unix(d, &[&vol], &["--create", "--size", "64M"]);
-    let args = fio_args(
-        srv.uri(),
-        &[
-            "--rw=randwrite",
-            "--bssplit=4k/50:64k/50",
-            "--iodepth=32",
-            "--numjobs=2",
-            "--size=32M",
-            "--time_based",
-            "--runtime=60",
-        ],
-    );
-    let (mut fio, fio_log) = spawn_logged(d, "fio", &args);
-    wait_for_fio(&fio_log, 2);
+    let (mut fio, fio_log) =
+        background_fio(d, srv.uri(), &["--bssplit=4k/50:64k/50", "--iodepth=32"]);
     std::thread::sleep(Duration::from_millis(1000));
-    assert!(
-        fio.poll().is_none(),
-        "fio stopped early: {}",
-        std::fs::read_to_string(&fio_log).unwrap_or_default()
-    );
+    assert_fio_running(&mut fio, &fio_log);
     fio.kill();
 
     let info = export_info(srv.uri());
@@ -1429,23 +1421,13 @@ fn info_and_check_while_serving() {
     // Small segments, so the writer seals journals while info and check read.
     hlfs(&["create", &vol, "--size", "64M", "--segment-size", "256K"]).ok();
     let srv = Server::unix(d, &[&vol], &[]);
-    let args = fio_args(
+    // Enough to seal segments now and then, not so much that each check
+    // has gigabytes of segments to read.
+    let (mut fio, _) = background_fio(
+        d,
         srv.uri(),
-        &[
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            "--numjobs=2",
-            "--size=32M",
-            "--time_based",
-            "--runtime=60",
-            // Enough to seal segments now and then, not so much that each
-            // check has gigabytes of segments to read.
-            "--rate_iops=1000",
-        ],
+        &["--bs=4k", "--iodepth=16", "--rate_iops=1000"],
     );
-    let (mut fio, fio_log) = spawn_logged(d, "fio", &args);
-    wait_for_fio(&fio_log, 2);
     for _ in 0..10 {
         let info = info_of(&vol);
         assert!(info["writer"].is_string(), "{info}");
