@@ -1484,3 +1484,36 @@ fn hostile_streams_against_the_live_server() {
     srv.stop_ok();
     check_volume(&vol);
 }
+
+/// CAN_MULTI_CONN: a FLUSH on one connection covers the writes completed on
+/// another. The server is killed right after the flush, with no chance to
+/// seal or close, and the data must be there after a restart. (A killed
+/// process keeps its page cache; loss of unsynced data at a power cut is
+/// what the engine's crash tests check.)
+#[test]
+fn flush_on_one_connection_covers_writes_of_another() {
+    require!("qemu-io" => "qemu-utils");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = path_str(&d.join("vm.hlfs"));
+    let srv = Server::unix(d, &[&vol], &["--create", "--size", "16M"]);
+    let socket = path_str(&d.join("nbd.sock"));
+    let mut writer = RawNbd::connect(&socket, "vm.hlfs");
+    let mut flusher = RawNbd::connect(&socket, "vm.hlfs");
+    let data: Vec<u8> = (0..65_536u32).map(|i| (i * 31 % 251) as u8 | 1).collect();
+    assert_eq!(writer.write(12_345, &data), 0);
+    flusher.request(3, 0xf1, 0, 0, &[]);
+    assert_eq!(flusher.reply(0xf1), 0, "FLUSH failed");
+    srv.crash();
+    drop((writer, flusher));
+
+    let srv = Server::unix(d, &[&vol], &[]);
+    let mut reader = RawNbd::connect(&socket, "vm.hlfs");
+    assert!(
+        reader.read(12_345, data.len() as u32) == data,
+        "a flushed write was lost"
+    );
+    reader.disconnect();
+    srv.stop_ok();
+    check_volume(&vol);
+}
