@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
@@ -33,6 +34,8 @@ pub struct Server {
 /// Requests of one connection being worked on at once; the reader waits when
 /// this many are in flight, which bounds a connection's memory.
 const MAX_IN_FLIGHT: usize = 128;
+/// How long shutdown waits for connections to finish their requests.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
 /// Reads at least this large are answered sparsely (holes as hole chunks).
 const SPARSE_READ_MIN: u32 = 64 * 1024;
 
@@ -53,6 +56,38 @@ impl From<ProtoError> for ConnError {
 
 type Reply = Vec<u8>;
 
+/// A source of client connections: a stream and a name for the log.
+trait Listener: Send {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(
+        &mut self,
+    ) -> impl std::future::Future<Output = io::Result<(Self::Stream, String)>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept(&mut self) -> io::Result<(Self::Stream, String)> {
+        let (stream, peer) = TcpListener::accept(self).await?;
+        let _ = stream.set_nodelay(true);
+        Ok((stream, peer.to_string()))
+    }
+}
+
+/// Unix clients have no address: they are numbered.
+struct UnixConnections {
+    listener: UnixListener,
+    next: u64,
+}
+
+impl Listener for UnixConnections {
+    type Stream = tokio::net::UnixStream;
+    async fn accept(&mut self) -> io::Result<(Self::Stream, String)> {
+        let (stream, _) = self.listener.accept().await?;
+        self.next += 1;
+        Ok((stream, format!("unix#{}", self.next)))
+    }
+}
+
 impl Server {
     /// `shutdown` flips to true when the server should stop: it then stops
     /// accepting, lets every connection finish the requests it has read, and
@@ -70,39 +105,50 @@ impl Server {
     }
 
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) -> io::Result<()> {
-        let mut shutdown = self.shutdown.clone();
-        let mut conns = JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let (stream, peer) = accepted?;
-                    let _ = stream.set_nodelay(true);
-                    conns.spawn(self.clone().connection(stream, peer.to_string()));
-                }
-                _ = shutdown.wait_for(|stop| *stop) => break,
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            }
-        }
-        while conns.join_next().await.is_some() {}
-        Ok(())
+        self.serve(listener).await
     }
 
     pub async fn serve_unix(self: Arc<Self>, listener: UnixListener) -> io::Result<()> {
+        self.serve(UnixConnections { listener, next: 0 }).await
+    }
+
+    /// Accepts clients until shutdown, then lets connections finish what
+    /// they have read, for at most `DRAIN_DEADLINE`.
+    async fn serve<L: Listener>(self: Arc<Self>, mut listener: L) -> io::Result<()> {
         let mut shutdown = self.shutdown.clone();
         let mut conns = JoinSet::new();
-        let mut next = 0u64;
         loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let (stream, _) = accepted?;
-                    next += 1;
-                    conns.spawn(self.clone().connection(stream, format!("unix#{next}")));
-                }
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
                 _ = shutdown.wait_for(|stop| *stop) => break,
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    conns.spawn(self.clone().connection(stream, peer));
+                }
+                Err(e) => {
+                    // Out of descriptors, a connection reset before it was
+                    // accepted...: the server itself is fine.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
-        while conns.join_next().await.is_some() {}
+        let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            // A client stalled mid-request must not keep the volumes from
+            // being flushed and closed.
+            tracing::warn!(
+                "{} connections still busy after {:?}; closing them",
+                conns.len(),
+                DRAIN_DEADLINE
+            );
+            conns.shutdown().await;
+        }
         Ok(())
     }
 
@@ -572,6 +618,13 @@ impl Ctx {
                     self.check_writable()?;
                     self.check_range(&req, true)?;
                     let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
+                    if no_hole && req.flags & CMD_FLAG_FAST_ZERO != 0 {
+                        // Zeros kept allocated are written as data: not fast.
+                        return Err(DeviceError::new(
+                            ENOTSUP,
+                            "zeroing without holes is not fast",
+                        ));
+                    }
                     self.dev()
                         .write_zeroes(req.offset, req.len as u64, no_hole)
                         .await?;
@@ -726,7 +779,8 @@ impl Ctx {
                 break;
             }
             // Descriptor lengths are 32-bit: stay block aligned below 4 GiB.
-            let len = x.len.min(left).min(0xFFFF_F000);
+            let whole = x.len.min(left);
+            let len = whole.min(0xFFFF_F000);
             if len == 0 {
                 continue;
             }
@@ -738,7 +792,9 @@ impl Ctx {
             descriptors.extend_from_slice(&(len as u32).to_be_bytes());
             descriptors.extend_from_slice(&flags.to_be_bytes());
             left -= len;
-            if req.flags & CMD_FLAG_REQ_ONE != 0 || descriptors.len() >= 8 * 1024 {
+            // A clamped run must end the answer: the next device extent
+            // does not start where the clamp stopped.
+            if len < whole || req.flags & CMD_FLAG_REQ_ONE != 0 || descriptors.len() >= 8 * 1024 {
                 break;
             }
         }

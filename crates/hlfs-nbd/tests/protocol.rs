@@ -405,6 +405,17 @@ async fn errors_follow_the_protocol() {
     assert_eq!(simple(&mut c).await, (ENOSPC, 2));
     request(&mut c, CMD_TRIM, 0, 3, size, 1).await;
     assert_eq!(simple(&mut c).await, (ENOSPC, 3));
+    // Zeros that must stay allocated are written as data: not fast.
+    request(
+        &mut c,
+        CMD_WRITE_ZEROES,
+        CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        33,
+        0,
+        4096,
+    )
+    .await;
+    assert_eq!(simple(&mut c).await, (ENOTSUP, 33));
     request(&mut c, 77, 0, 4, 0, 0).await;
     assert_eq!(simple(&mut c).await, (EINVAL, 4));
     h.rw.fail.store(true, Ordering::SeqCst);
@@ -595,4 +606,86 @@ async fn shutdown_drains_requests_already_read() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// A device larger than a block-status descriptor can describe: data for
+/// the first 0xFFFF_F800 bytes, then a hole.
+struct Huge;
+
+const HUGE_DATA: u64 = 0xFFFF_F800;
+
+#[async_trait]
+impl BlockDevice for Huge {
+    fn size(&self) -> u64 {
+        16 << 30
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn block_size(&self) -> u32 {
+        BS as u32
+    }
+    async fn read(&self, _: u64, buf: &mut [u8]) -> DeviceResult<()> {
+        buf.fill(1);
+        Ok(())
+    }
+    async fn write(&self, _: u64, _: &[u8], _: bool) -> DeviceResult<()> {
+        Err(DeviceError::new(EPERM, "read-only"))
+    }
+    async fn flush(&self) -> DeviceResult<()> {
+        Ok(())
+    }
+    async fn trim(&self, _: u64, _: u64) -> DeviceResult<()> {
+        Err(DeviceError::new(EPERM, "read-only"))
+    }
+    async fn write_zeroes(&self, _: u64, _: u64, _: bool) -> DeviceResult<()> {
+        Err(DeviceError::new(EPERM, "read-only"))
+    }
+    async fn extents(&self, offset: u64, len: u64) -> DeviceResult<Vec<DeviceExtent>> {
+        let end = offset + len;
+        let mut out = Vec::new();
+        if offset < HUGE_DATA {
+            out.push(DeviceExtent {
+                len: HUGE_DATA.min(end) - offset,
+                allocated: true,
+            });
+        }
+        if end > HUGE_DATA {
+            out.push(DeviceExtent {
+                len: end - HUGE_DATA.max(offset),
+                allocated: false,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[tokio::test]
+async fn block_status_never_calls_data_a_hole_when_a_run_is_too_long_for_one_descriptor() {
+    let (_stop, stop_rx) = watch::channel(false);
+    let export = Export {
+        name: "huge".into(),
+        description: String::new(),
+        device: Arc::new(Huge),
+    };
+    let server = Server::new(vec![export], None, stop_rx);
+    let (mut c, server_side) = tokio::io::duplex(1 << 20);
+    tokio::spawn(server.connection(server_side, "test".into()));
+    go(&mut c, "huge").await;
+    request(&mut c, CMD_BLOCK_STATUS, 0, 1, 0, u32::MAX).await;
+    let (_, kind, _, data) = chunk(&mut c).await;
+    assert_eq!(kind, REPLY_TYPE_BLOCK_STATUS);
+    let mut at = 0u64;
+    for d in data[4..].chunks(8) {
+        let len = u32::from_be_bytes(d[..4].try_into().unwrap()) as u64;
+        let flags = u32::from_be_bytes(d[4..].try_into().unwrap());
+        if flags & STATE_HOLE != 0 {
+            assert!(
+                at >= HUGE_DATA,
+                "bytes from {at} reported as a hole, but data runs to {HUGE_DATA}"
+            );
+        }
+        at += len;
+    }
+    assert!(at > 0);
 }

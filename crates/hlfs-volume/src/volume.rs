@@ -641,8 +641,12 @@ impl Volume {
         }
         match last {
             Some((id, file, valid_len)) => {
+                // Replayed writes may have been acknowledged but never
+                // flushed: make them durable before anyone relies on that.
                 if file.len()? != valid_len {
                     file.truncate(valid_len)?;
+                } else {
+                    file.sync()?;
                 }
                 w.seg = id;
                 w.pos = valid_len;
@@ -948,6 +952,8 @@ impl Volume {
         }
         let mut w = self.inner.writer.lock().await;
         self.check_writable()?;
+        // Again under the lock: a rollback may have shrunk the volume.
+        self.check_range(offset, data.len() as u64)?;
         let bs = self.inner.block_size as u64;
         let end = offset + data.len() as u64;
         let per_record = (MAX_RECORD_BYTES as u64 / bs).max(1);
@@ -1201,10 +1207,19 @@ impl Volume {
 
     /// Waits for the background seal, if one runs, and reports its failure.
     async fn wait_sealed(&self, w: &mut Writer) -> Result<()> {
-        match w.sealing.take() {
-            Some(task) => task
-                .await
-                .map_err(|e| self.fail(VolumeError::Failed(format!("sealing stopped: {e}"))))?,
+        // Await the task where it is: if this future is dropped midway the
+        // handle stays, and the next caller waits for the same seal.
+        let Some(task) = w.sealing.as_mut() else {
+            return Ok(());
+        };
+        let result = task.await;
+        w.sealing = None;
+        result.map_err(|e| self.fail(VolumeError::Failed(format!("sealing stopped: {e}"))))?
+    }
+
+    fn check_not_failed(&self) -> Result<()> {
+        match self.inner.failed.lock().clone() {
+            Some(why) => Err(VolumeError::Failed(why)),
             None => Ok(()),
         }
     }
@@ -1240,13 +1255,20 @@ impl Volume {
             file,
             last_lsn,
         } = sealing;
-        let f = file.clone();
-        tokio::task::spawn_blocking(move || f.sync())
-            .await
-            .map_err(|e| self.fail(VolumeError::Failed(e.to_string())))?
-            .map_err(|e| self.fail(e.into()))?;
-        // Earlier segments were sealed (and synced) before this one.
-        self.inner.durable_lsn.fetch_max(last_lsn, Ordering::SeqCst);
+        {
+            // Syncs of one file take turns with FLUSH: the kernel reports a
+            // writeback error to one fsync only, and whoever sees it must
+            // stop the volume before the other can report success.
+            let _turn = self.inner.sync_lock.lock().await;
+            self.check_not_failed()?;
+            let f = file.clone();
+            tokio::task::spawn_blocking(move || f.sync())
+                .await
+                .map_err(|e| self.fail(VolumeError::Failed(e.to_string())))?
+                .map_err(|e| self.fail(e.into()))?;
+            // Earlier segments were sealed (and synced) before this one.
+            self.inner.durable_lsn.fetch_max(last_lsn, Ordering::SeqCst);
+        }
         self.hand_to_store(seg, &file)
             .await
             .map_err(|e| self.fail(e))?;
@@ -1256,7 +1278,11 @@ impl Volume {
             .lock()
             .retiring
             .retain(|f| !Arc::ptr_eq(f, &file));
-        self.inner.backend.journal.remove(&journal_name(seg))?;
+        // The segment is safe in the store; a leftover journal file is
+        // removed by the next recovery.
+        if let Err(e) = self.inner.backend.journal.remove(&journal_name(seg)) {
+            tracing::warn!(error = %e, "could not remove the journal of a sealed segment");
+        }
         Ok(())
     }
 
@@ -1296,6 +1322,7 @@ impl Volume {
     async fn update_manifest(&self, edit: impl FnOnce(&mut Manifest)) -> Result<()> {
         // A background seal and a snapshot command may both write one.
         let _turn = self.inner.manifest_turn.lock().await;
+        self.check_not_failed()?;
         let mut m = self.inner.manifest.lock().clone();
         edit(&mut m);
         m.seq += 1;
@@ -1334,6 +1361,7 @@ impl Volume {
             return Ok(());
         }
         let _turn = self.inner.sync_lock.lock().await;
+        self.check_not_failed()?;
         if self.inner.durable_lsn.load(Ordering::SeqCst) >= target {
             return Ok(());
         }
@@ -1359,6 +1387,10 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
+        let mut w = self.inner.writer.lock().await;
+        self.check_writable()?;
+        // Again under the lock: a rollback may have shrunk the volume.
+        self.check_range(offset, len)?;
         let bs = self.inner.block_size as u64;
         let size = self.size();
         let end = offset + len;
@@ -1370,8 +1402,6 @@ impl Volume {
             end / bs
         };
         let full_start = offset.div_ceil(bs);
-        let mut w = self.inner.writer.lock().await;
-        self.check_writable()?;
         if full_start < full_end {
             let head_end = (full_start * bs).min(end);
             if offset < head_end {

@@ -147,9 +147,14 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
     UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
 }
 
-async fn open_exports(args: &ServeArgs, opts: &OpenOptions) -> Result<(Vec<Export>, Vec<Volume>)> {
+/// Opens every export; the volumes opened go into `volumes` as they open,
+/// so the caller can close them if a later one fails.
+async fn open_exports(
+    args: &ServeArgs,
+    opts: &OpenOptions,
+    volumes: &mut Vec<Volume>,
+) -> Result<Vec<Export>> {
     let mut exports: Vec<Export> = Vec::new();
-    let mut volumes = Vec::new();
     for arg in &args.volumes {
         let (volume, snap) = split_snapshot(arg);
         let vol = match snap {
@@ -195,7 +200,7 @@ async fn open_exports(args: &ServeArgs, opts: &OpenOptions) -> Result<(Vec<Expor
         });
         volumes.push(vol);
     }
-    Ok((exports, volumes))
+    Ok(exports)
 }
 
 /// SIGINT and SIGTERM, listened for from creation on: a signal that
@@ -253,7 +258,17 @@ fn uri(scheme: &str, export: &str, tcp: Option<(&str, u16)>, socket: Option<&Pat
 
 pub async fn run(args: ServeArgs, opts: &OpenOptions) -> Result<()> {
     let mut signals = StopSignals::install()?;
-    let (exports, volumes) = open_exports(&args, opts).await?;
+    let mut volumes = Vec::new();
+    let exports = match open_exports(&args, opts, &mut volumes).await {
+        Ok(exports) => exports,
+        Err(e) => {
+            // Release the writer claims of those already opened.
+            for vol in &volumes {
+                let _ = vol.close().await;
+            }
+            return Err(e);
+        }
+    };
     let names: Vec<String> = exports.iter().map(|e| e.name.clone()).collect();
     let tls = match &args.tls_certs {
         Some(dir) => Some(
