@@ -21,11 +21,13 @@ use bytes::Bytes;
 
 mod local;
 mod mem;
+mod s3;
 
 pub mod conformance;
 
 pub use local::{LocalJournal, LocalStore};
 pub use mem::{CrashMode, Fault, FaultOp, MemEnv, MemJournal, MemStore};
+pub use s3::S3Store;
 
 /// Errors of every store. The variants are what the engine reacts to; the
 /// text is what a user sees.

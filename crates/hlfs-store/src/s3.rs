@@ -1,0 +1,200 @@
+//! Blobs in an S3-compatible object store (AWS S3, Ceph RGW, MinIO).
+//!
+//! Atomic create is a conditional PUT (`If-None-Match: *`). Endpoint,
+//! region and credentials come from the environment as the AWS tools read
+//! them (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, ...); they are never printed. Requests use
+//! path-style addressing, which every S3-compatible engine understands.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::{validate_blob_name, BlobMeta, BlobStore, Result, StoreError};
+
+/// A bucket and a key prefix, e.g. `s3://bucket/volumes/vm1`.
+pub struct S3Store {
+    client: AmazonS3,
+    bucket: String,
+    /// Key prefix without leading or trailing slashes; may be empty.
+    prefix: String,
+}
+
+impl fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+fn other(what: &str, e: object_store::Error) -> StoreError {
+    StoreError::Other(format!("{what}: {e}"))
+}
+
+impl S3Store {
+    /// Parses `s3://BUCKET[/PREFIX]` and builds a client from the
+    /// environment.
+    pub fn from_uri(uri: &str) -> Result<S3Store> {
+        let rest = uri
+            .strip_prefix("s3://")
+            .ok_or_else(|| StoreError::Other(format!("{uri:?} is not an s3:// address")))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(StoreError::Other(format!("{uri:?} names no bucket")));
+        }
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_virtual_hosted_style_request(false)
+            .with_conditional_put(S3ConditionalPut::ETagMatch);
+        let endpoint = std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT"));
+        if let Ok(endpoint) = endpoint {
+            builder = builder
+                .with_allow_http(endpoint.starts_with("http://"))
+                .with_endpoint(endpoint);
+        }
+        let client = builder.build().map_err(|e| other("configuring S3", e))?;
+        Ok(S3Store {
+            client,
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+        })
+    }
+
+    fn key(&self, name: &str) -> ObjectPath {
+        if self.prefix.is_empty() {
+            ObjectPath::from(name)
+        } else {
+            ObjectPath::from(format!("{}/{name}", self.prefix))
+        }
+    }
+
+    /// The store-relative name of a listed key.
+    fn name_of(&self, key: &ObjectPath) -> Option<String> {
+        let key = key.as_ref();
+        if self.prefix.is_empty() {
+            return Some(key.to_string());
+        }
+        key.strip_prefix(&self.prefix)?
+            .strip_prefix('/')
+            .map(str::to_string)
+    }
+
+    fn map_err(&self, name: &str, e: object_store::Error) -> StoreError {
+        match e {
+            object_store::Error::NotFound { .. } => StoreError::NotFound(name.to_string()),
+            object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. } => {
+                StoreError::AlreadyExists(name.to_string())
+            }
+            e => other(&format!("s3://{}/{}", self.bucket, self.key(name)), e),
+        }
+    }
+}
+
+#[async_trait]
+impl BlobStore for S3Store {
+    fn describe(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+
+    async fn put_if_absent(&self, name: &str, data: Bytes) -> Result<()> {
+        validate_blob_name(name)?;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        self.client
+            .put_opts(&self.key(name), PutPayload::from_bytes(data), opts)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.map_err(name, e))
+    }
+
+    async fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Bytes> {
+        validate_blob_name(name)?;
+        let size = self
+            .head(name)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        let out_of_range = || StoreError::OutOfRange {
+            name: name.to_string(),
+            offset,
+            len,
+            size,
+        };
+        let end = offset
+            .checked_add(len)
+            .filter(|&end| end <= size)
+            .ok_or_else(out_of_range)?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let data = self
+            .client
+            .get_range(&self.key(name), offset..end)
+            .await
+            .map_err(|e| self.map_err(name, e))?;
+        if data.len() as u64 != len {
+            return Err(out_of_range());
+        }
+        Ok(data)
+    }
+
+    async fn head(&self, name: &str) -> Result<Option<u64>> {
+        validate_blob_name(name)?;
+        match self.client.head(&self.key(name)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.map_err(name, e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<BlobMeta>> {
+        // Keys are listed by directory; a prefix ending mid-name lists its
+        // directory and filters.
+        let dir = match prefix.rfind('/') {
+            Some(i) => &prefix[..i],
+            None => "",
+        };
+        let dir_key = match (self.prefix.is_empty(), dir.is_empty()) {
+            (true, true) => None,
+            (true, false) => Some(ObjectPath::from(dir)),
+            (false, true) => Some(ObjectPath::from(self.prefix.as_str())),
+            (false, false) => Some(ObjectPath::from(format!("{}/{dir}", self.prefix))),
+        };
+        let listed: Vec<_> = self
+            .client
+            .list(dir_key.as_ref())
+            .try_collect()
+            .await
+            .map_err(|e| other(&format!("listing {}/{prefix}", self.describe()), e))?;
+        let mut out: Vec<BlobMeta> = listed
+            .into_iter()
+            .filter_map(|meta| {
+                let name = self.name_of(&meta.location)?;
+                name.starts_with(prefix).then_some(BlobMeta {
+                    name,
+                    size: meta.size,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn delete(&self, name: &str) -> Result<()> {
+        validate_blob_name(name)?;
+        match self.client.delete(&self.key(name)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.map_err(name, e)),
+        }
+    }
+}
