@@ -7,15 +7,21 @@
 //! path-style addressing, which every S3-compatible engine understands.
 
 use std::fmt;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
 
 use crate::{validate_blob_name, BlobMeta, BlobStore, Result, StoreError};
+
+/// Retries of a failed request (throttling, 5xx, lost connections), with
+/// backoff and jitter, within this budget; then the error surfaces.
+const RETRIES: usize = 8;
+const RETRY_BUDGET: Duration = Duration::from_secs(30);
 
 /// A bucket and a key prefix, e.g. `s3://bucket/volumes/vm1`.
 pub struct S3Store {
@@ -49,7 +55,12 @@ impl S3Store {
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
             .with_virtual_hosted_style_request(false)
-            .with_conditional_put(S3ConditionalPut::ETagMatch);
+            .with_conditional_put(S3ConditionalPut::ETagMatch)
+            .with_retry(RetryConfig {
+                max_retries: RETRIES,
+                retry_timeout: RETRY_BUDGET,
+                ..RetryConfig::default()
+            });
         let endpoint = std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT"));
         if let Ok(endpoint) = endpoint {
             builder = builder

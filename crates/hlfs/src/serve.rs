@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use hlfs_nbd::proto::{EINVAL, EIO, EPERM};
 use hlfs_nbd::{BlockDevice, DeviceError, DeviceExtent, DeviceResult, Export, Server};
-use hlfs_volume::{CreateOptions, OpenOptions, View, Volume, VolumeError};
+use hlfs_volume::{Backend, CreateOptions, OpenOptions, View, Volume, VolumeError};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
@@ -164,18 +164,24 @@ async fn open_exports(
                     .with_context(|| format!("opening {arg}"))?
             }
             None => {
-                let exists = Path::new(volume.strip_prefix("file://").unwrap_or(volume)).exists();
-                if args.create && !exists {
-                    let create = CreateOptions {
-                        size: args.size.expect("clap requires --size with --create"),
-                        ..CreateOptions::default()
-                    };
-                    Volume::create(&backend(volume, true)?, &create).await?;
-                    eprintln!("created {volume}");
+                let opened = match Backend::parse(volume, false) {
+                    Ok(b) => Volume::open(b, opts).await,
+                    Err(e) => Err(e),
+                };
+                match opened {
+                    Err(VolumeError::NotFound(_)) if args.create => {
+                        let create = CreateOptions {
+                            size: args.size.expect("clap requires --size with --create"),
+                            ..CreateOptions::default()
+                        };
+                        Volume::create(&backend(volume, true)?, &create).await?;
+                        eprintln!("created {volume}");
+                        Volume::open(backend(volume, false)?, opts)
+                            .await
+                            .with_context(|| format!("opening {volume}"))?
+                    }
+                    opened => opened.with_context(|| format!("opening {volume}"))?,
                 }
-                Volume::open(backend(volume, false)?, opts)
-                    .await
-                    .with_context(|| format!("opening {volume}"))?
             }
         };
         let name = match snap {

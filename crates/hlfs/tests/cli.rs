@@ -227,7 +227,7 @@ fn errors_are_one_line_and_exit_non_zero() {
     random_file(&big, 2 << 20, 3);
     let e = fails(&["import", big.to_str().unwrap(), v]);
     assert!(e.contains("resize"), "{e}");
-    fails(&["info", "s3://bucket/vol"]);
+    fails(&["info", "hdfs://namenode:8020/vol"]);
     ok(&["resize", v, "--size", "2M"]);
     ok(&["import", big.to_str().unwrap(), v]);
 }
