@@ -37,13 +37,4 @@ impl VolumeError {
     pub fn corrupt(what: impl Into<String>) -> Self {
         VolumeError::Corrupt(what.into())
     }
-
-    /// The errno a block-device client should see.
-    pub fn errno(&self) -> i32 {
-        match self {
-            VolumeError::OutOfRange { .. } | VolumeError::InvalidArgument(_) => libc::EINVAL,
-            VolumeError::ReadOnly => libc::EPERM,
-            _ => libc::EIO,
-        }
-    }
 }
