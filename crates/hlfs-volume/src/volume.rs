@@ -1630,13 +1630,21 @@ impl Volume {
         if w.closed {
             return Ok(());
         }
-        if let Some(why) = self.inner.failed.lock().clone() {
-            return Err(VolumeError::Failed(why));
-        }
-        self.wait_sealed(&mut w).await?;
+        let closed = self.close_locked(&mut w).await;
+        // Whatever happened, this process is done writing: let the next
+        // writer in (recovery sorts out what was durable).
+        w.closed = true;
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.lock.lock().take();
+        closed
+    }
+
+    async fn close_locked(&self, w: &mut Writer) -> Result<()> {
+        let sealed = self.wait_sealed(w).await;
+        self.check_not_failed()?;
+        sealed?;
         if w.pos > 0 || w.changed {
-            self.checkpoint(&mut w, false, |m, _, _| m.writer = None)
-                .await?;
+            self.checkpoint(w, false, |m, _, _| m.writer = None).await?;
         } else {
             if let Some(file) = w.file.take() {
                 drop(file);
@@ -1645,9 +1653,6 @@ impl Volume {
             }
             self.update_manifest(|m| m.writer = None).await?;
         }
-        w.closed = true;
-        self.inner.closed.store(true, Ordering::SeqCst);
-        self.inner.lock.lock().take();
         Ok(())
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::pattern;
 use hlfs_format::{manifest_name, Manifest, WriterClaim};
-use hlfs_store::{BlobStore, MemEnv};
+use hlfs_store::{BlobStore, CrashMode, MemEnv};
 use hlfs_volume::{check, Backend, CreateOptions, OpenOptions, View, Volume, VolumeError};
 
 async fn mem_volume(env: &MemEnv, size: u64) -> Volume {
@@ -467,4 +467,96 @@ async fn a_torn_journal_tail_is_dropped_on_the_local_backend() {
     vol.close().await.unwrap();
     let report = check(Backend::local(&path, false).unwrap()).await.unwrap();
     assert!(report.is_ok() && report.warnings.is_empty(), "{report:?}");
+}
+
+#[tokio::test]
+async fn trim_and_write_zeroes_release_space() {
+    let env = MemEnv::new();
+    let vol = mem_volume(&env, 8 << 20).await;
+    vol.write(0, &pattern(2 << 20, 1)).await.unwrap();
+    vol.write(4 << 20, &pattern(1 << 20, 2)).await.unwrap();
+    assert_eq!(vol.allocated_bytes(), 3 << 20);
+    vol.trim(0, 2 << 20).await.unwrap();
+    assert_eq!(vol.allocated_bytes(), 1 << 20, "trim releases whole blocks");
+    vol.write_zeroes(4 << 20, 1 << 20).await.unwrap();
+    assert_eq!(
+        vol.allocated_bytes(),
+        0,
+        "write-zeroes releases whole blocks"
+    );
+    let holes = vol.extents(0, 8 << 20, 100).await.unwrap();
+    assert_eq!(holes.len(), 1);
+    assert!(!holes[0].data && holes[0].len == 8 << 20, "{holes:?}");
+    vol.close().await.unwrap();
+    let vol = Volume::open(Backend::memory(&env), &OpenOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(vol.allocated_bytes(), 0, "after reopen too");
+    vol.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_sync_while_sealing_stops_the_volume() {
+    use hlfs_store::{Fault, FaultOp};
+    let env = MemEnv::new();
+    let vol = mem_volume(&env, 8 << 20).await;
+    vol.write(0, &pattern(4096, 1)).await.unwrap();
+    vol.flush().await.unwrap();
+    // The next sync fails, whoever makes it: the background seal of the
+    // full segment or the flush.
+    env.inject(Fault {
+        op: FaultOp::JournalSync,
+        name_prefix: String::new(),
+        remaining: Some(1),
+    });
+    // 1.5 MiB fills the 1 MiB segment: a seal starts in the background.
+    let _ = vol.write(4096, &pattern(3 << 19, 2)).await;
+    // Let the seal run first, so that it is the one to see the error: the
+    // flush after it must not report success on its own clean sync.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        vol.flush().await.is_err(),
+        "a lost sync must not be reported as durable"
+    );
+    assert!(
+        vol.write(0, b"x").await.is_err(),
+        "the volume stops taking writes"
+    );
+    assert!(vol.close().await.is_err(), "close reports the failure");
+    // ...and releases the volume for the next writer.
+    let vol = Volume::open(Backend::memory(&env), &OpenOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        vol.read(0, 4096).await.unwrap(),
+        pattern(4096, 1),
+        "flushed data kept"
+    );
+    vol.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn recovery_makes_the_writes_it_replays_durable() {
+    let env = MemEnv::new();
+    let vol = mem_volume(&env, 1 << 20).await;
+    vol.write(0, &pattern(8192, 3)).await.unwrap();
+    // The process dies without a flush but the machine stays up: the
+    // journal still holds the write, unsynced.
+    drop(vol);
+    let vol = Volume::open(Backend::memory(&env), &OpenOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(vol.read(0, 8192).await.unwrap(), pattern(8192, 3));
+    // A client sees the write and flushes; then the power goes.
+    vol.flush().await.unwrap();
+    let after = env.crash(CrashMode::DropUnsynced);
+    drop(vol);
+    let vol = Volume::open(Backend::memory(&after), &OpenOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        vol.read(0, 8192).await.unwrap(),
+        pattern(8192, 3),
+        "a write seen after recovery was lost"
+    );
 }
