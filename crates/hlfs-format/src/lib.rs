@@ -13,8 +13,8 @@ pub mod wire;
 
 pub use manifest::{Manifest, SnapshotEntry, WriterClaim, MAX_NAME_LEN};
 pub use record::{
-    decode_header, encode_header, encode_record, record_crc, verify_record, Checkpoint,
-    RecordHeader, RecordKind, HEADER_LEN, MAX_DEPTH, MAX_PAYLOAD_LEN, RECORD_MAGIC,
+    crc_of_record, decode_header, encode_header, encode_record, record_crc, verify_record,
+    Checkpoint, RecordHeader, RecordKind, HEADER_LEN, MAX_DEPTH, MAX_PAYLOAD_LEN, RECORD_MAGIC,
 };
 
 /// The on-store format version this code writes and reads.

@@ -122,6 +122,15 @@ pub fn encode_record(
     out
 }
 
+/// The CRC a complete encoded record carries (as `encode_record` made it).
+pub fn crc_of_record(record: &[u8]) -> u32 {
+    u32::from_le_bytes(
+        record[CRC_OFFSET..HEADER_LEN]
+            .try_into()
+            .expect("a whole header"),
+    )
+}
+
 /// Decodes and sanity-checks a header. The CRC cannot be checked until the
 /// payload is read: see [`verify_record`].
 pub fn decode_header(bytes: &[u8]) -> Result<RecordHeader> {

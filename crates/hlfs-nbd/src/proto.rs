@@ -38,7 +38,6 @@ pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
-pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
 
 // Info types.
 pub const INFO_EXPORT: u16 = 0;
@@ -77,7 +76,6 @@ pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 // Structured reply chunk types and flags.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
-pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
@@ -94,12 +92,9 @@ pub const BASE_ALLOCATION_ID: u32 = 1;
 // errno values on the wire (fixed by the protocol, not the host).
 pub const EPERM: u32 = 1;
 pub const EIO: u32 = 5;
-pub const ENOMEM: u32 = 12;
 pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
-pub const EOVERFLOW: u32 = 75;
 pub const ENOTSUP: u32 = 95;
-pub const ESHUTDOWN: u32 = 108;
 
 /// Longest option payload accepted; longer ones are refused unread only if
 /// they cannot fit, else read and answered with an error.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hlfs_format::{
-    encode_header, encode_record, journal_name, manifest_name, parse_journal_name,
+    crc_of_record, encode_header, encode_record, journal_name, manifest_name, parse_journal_name,
     parse_manifest_name, parse_segment_name, segment_name, Checkpoint, Entry, Manifest, MapPage,
     RecordKind, SnapshotEntry, WriterClaim, FORMAT_VERSION, HEADER_LEN, MAX_BLOCK_SIZE,
     MAX_NAME_LEN, MAX_SEGMENT_SIZE, MIN_BLOCK_SIZE, MIN_SEGMENT_SIZE,
@@ -1096,7 +1096,7 @@ impl Volume {
                     index,
                     &page.encode(),
                 );
-                let crc = u32::from_le_bytes(record[52..56].try_into().expect("4 bytes"));
+                let crc = crc_of_record(&record);
                 let off = self.append(w, &[&record])?;
                 Entry {
                     seg: w.seg,
@@ -1131,7 +1131,7 @@ impl Volume {
             0,
             &cp.encode(),
         );
-        let crc = u32::from_le_bytes(record[52..56].try_into().expect("4 bytes"));
+        let crc = crc_of_record(&record);
         let off = self.append(w, &[&record])?;
         let at = Entry {
             seg: w.seg,
