@@ -14,14 +14,16 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
+use object_store::{
+    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+};
 
 use crate::{validate_blob_name, BlobMeta, BlobStore, Result, StoreError};
 
 /// Retries of a failed request (throttling, 5xx, lost connections), with
-/// backoff and jitter, within this budget; then the error surfaces.
-const RETRIES: usize = 8;
-const RETRY_BUDGET: Duration = Duration::from_secs(30);
+/// backoff and jitter, at most; the caller gives the time budget, after
+/// which the error surfaces.
+const RETRIES: usize = 10;
 
 /// A bucket and a key prefix, e.g. `s3://bucket/volumes/vm1`.
 pub struct S3Store {
@@ -43,8 +45,8 @@ fn other(what: &str, e: object_store::Error) -> StoreError {
 
 impl S3Store {
     /// Parses `s3://BUCKET[/PREFIX]` and builds a client from the
-    /// environment.
-    pub fn from_uri(uri: &str) -> Result<S3Store> {
+    /// environment, whose requests are retried for at most `retry_budget`.
+    pub fn from_uri(uri: &str, retry_budget: Duration) -> Result<S3Store> {
         let rest = uri
             .strip_prefix("s3://")
             .ok_or_else(|| StoreError::Other(format!("{uri:?} is not an s3:// address")))?;
@@ -58,7 +60,7 @@ impl S3Store {
             .with_conditional_put(S3ConditionalPut::ETagMatch)
             .with_retry(RetryConfig {
                 max_retries: RETRIES,
-                retry_timeout: RETRY_BUDGET,
+                retry_timeout: retry_budget,
                 ..RetryConfig::default()
             });
         let endpoint = std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT"));
@@ -131,30 +133,49 @@ impl BlobStore for S3Store {
 
     async fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Bytes> {
         validate_blob_name(name)?;
-        let size = self
-            .head(name)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
-        let out_of_range = || StoreError::OutOfRange {
+        let out_of_range = |size| StoreError::OutOfRange {
             name: name.to_string(),
             offset,
             len,
             size,
         };
-        let end = offset
-            .checked_add(len)
-            .filter(|&end| end <= size)
-            .ok_or_else(out_of_range)?;
+        let end = offset.checked_add(len).ok_or_else(|| out_of_range(0))?;
         if len == 0 {
-            return Ok(Bytes::new());
+            // Still an error for a missing blob or an offset past its end.
+            let size = self
+                .head(name)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+            return if offset <= size {
+                Ok(Bytes::new())
+            } else {
+                Err(out_of_range(size))
+            };
         }
-        let data = self
-            .client
-            .get_range(&self.key(name), offset..end)
-            .await
-            .map_err(|e| self.map_err(name, e))?;
+        // One request: the answer says how big the object is, and a range
+        // running past its end comes back short.
+        let opts = GetOptions {
+            range: Some(GetRange::Bounded(offset..end)),
+            ..GetOptions::default()
+        };
+        let got = match self.client.get_opts(&self.key(name), opts).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(StoreError::NotFound(name.to_string()))
+            }
+            // A range starting past the end is refused: say so if that is it.
+            Err(e) => {
+                return match self.head(name).await? {
+                    Some(size) if end > size => Err(out_of_range(size)),
+                    None => Err(StoreError::NotFound(name.to_string())),
+                    Some(_) => Err(self.map_err(name, e)),
+                }
+            }
+        };
+        let size = got.meta.size;
+        let data = got.bytes().await.map_err(|e| self.map_err(name, e))?;
         if data.len() as u64 != len {
-            return Err(out_of_range());
+            return Err(out_of_range(size));
         }
         Ok(data)
     }

@@ -3,9 +3,11 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use hlfs_store::{BlobStore, JournalDir, LocalJournal, LocalStore, MemEnv, S3Store};
 
+use crate::cache::ReadCache;
 use crate::error::{Result, VolumeError};
 
 #[derive(Clone, Debug)]
@@ -14,6 +16,52 @@ pub struct Backend {
     pub journal: Arc<dyn JournalDir>,
     /// How the user named the volume, for messages.
     pub location: String,
+    /// The store is across a network: uploads may stall, so more sealed
+    /// segments may wait for theirs.
+    pub remote: bool,
+    /// Local copies of sealed segments' bytes, for a remote store.
+    pub cache: Option<Arc<ReadCache>>,
+    /// Who writes through this backend, as recorded in the writer claim: a
+    /// writer with the same site holds the same journal's lock, so it may
+    /// take over a claim left by one that did not close.
+    pub writer_site: String,
+}
+
+/// Settings for volumes whose store is remote.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Holds remote volumes' journals and the read cache. Default:
+    /// `HLFS_CACHE_DIR`, else `~/.cache/hlfs`.
+    pub cache_dir: Option<PathBuf>,
+    /// Bytes the read cache may hold.
+    pub cache_size: u64,
+    /// How long a store request is retried (with backoff and jitter) before
+    /// it fails.
+    pub retry_budget: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            cache_dir: None,
+            cache_size: 10 << 30,
+            retry_budget: Duration::from_secs(30),
+        }
+    }
+}
+
+impl StoreOptions {
+    fn cache_dir(&self) -> Result<PathBuf> {
+        self.cache_dir
+            .clone()
+            .or_else(|| std::env::var_os("HLFS_CACHE_DIR").map(PathBuf::from))
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hlfs")))
+            .ok_or_else(|| {
+                VolumeError::InvalidArgument(
+                    "no cache directory for the local journal: pass --cache-dir or set HLFS_CACHE_DIR or HOME".into(),
+                )
+            })
+    }
 }
 
 /// Subdirectory of a local volume holding its journal.
@@ -36,24 +84,27 @@ impl Backend {
             store: Arc::new(LocalStore::new(path)),
             journal: Arc::new(journal),
             location,
+            remote: false,
+            cache: None,
+            writer_site: hostname(),
         })
     }
 
-    /// A volume in an S3 bucket. Its open segment is journalled locally,
-    /// under `HLFS_CACHE_DIR` (default `~/.cache/hlfs`), in a directory named
-    /// after the address; sealed segments and manifests go to the bucket.
-    pub fn s3(address: &str) -> Result<Backend> {
-        let store = S3Store::from_uri(address)?;
-        let cache = std::env::var_os("HLFS_CACHE_DIR")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hlfs")))
-            .ok_or_else(|| {
-                VolumeError::InvalidArgument(
-                    "set HLFS_CACHE_DIR or HOME for the local journal".into(),
-                )
-            })?;
-        let rel: String = address
-            .trim_start_matches("s3://")
+    /// A volume in an S3 bucket. Its open segment is journalled locally, in
+    /// the cache directory, in a directory named after the address; sealed
+    /// segments and manifests go to the bucket, and ranges read from them
+    /// are kept in the cache directory's read cache.
+    pub fn s3(address: &str, opts: &StoreOptions) -> Result<Backend> {
+        let store = S3Store::from_uri(address, opts.retry_budget)?;
+        Backend::remote(address, Arc::new(store), opts)
+    }
+
+    /// A volume in a remote store, with its journal and read cache under
+    /// the cache directory.
+    fn remote(address: &str, store: Arc<dyn BlobStore>, opts: &StoreOptions) -> Result<Backend> {
+        let cache_dir = opts.cache_dir()?;
+        let (scheme, rest) = address.split_once("://").unwrap_or(("", address));
+        let rel: String = rest
             .trim_end_matches('/')
             .chars()
             .map(|c| {
@@ -64,12 +115,24 @@ impl Backend {
                 }
             })
             .collect();
-        let journal = LocalJournal::new(cache.join("s3").join(rel).join(LOCAL_JOURNAL_DIR))?;
+        let journal_dir = cache_dir.join(scheme).join(rel).join(LOCAL_JOURNAL_DIR);
+        let journal = LocalJournal::new(&journal_dir)?;
+        let cache = ReadCache::shared(&cache_dir.join("segments"), opts.cache_size)?;
         Ok(Backend {
-            store: Arc::new(store),
+            store,
             journal: Arc::new(journal),
             location: address.to_string(),
+            remote: true,
+            cache,
+            writer_site: format!("{}:{}", hostname(), journal_dir.display()),
         })
+    }
+
+    /// The same volume without its read cache: every read goes to the
+    /// store (what `check` verifies).
+    pub fn uncached(mut self) -> Backend {
+        self.cache = None;
+        self
     }
 
     /// A volume in a test environment.
@@ -78,23 +141,38 @@ impl Backend {
             store: env.store(),
             journal: env.journal(),
             location: "memory".into(),
+            remote: false,
+            cache: None,
+            writer_site: hostname(),
         }
     }
 
     /// Parses a volume address: a path, a `file://` URI, or an `s3://`
     /// URI (whose journal lives in the local cache directory).
-    pub fn parse(address: &str, create: bool) -> Result<Backend> {
+    pub fn parse(address: &str, create: bool, opts: &StoreOptions) -> Result<Backend> {
         if let Some(path) = address.strip_prefix("file://") {
             return Backend::local(&PathBuf::from(path), create);
         }
         if address.starts_with("s3://") {
-            return Backend::s3(address);
+            return Backend::s3(address, opts);
         }
         if let Some((scheme, _)) = address.split_once("://") {
             return Err(VolumeError::InvalidArgument(format!(
-                "volume address {address:?}: the {scheme}:// backend is not available in this build; use a local path or file://"
+                "volume address {address:?}: the {scheme}:// backend is not available in this build; use a local path, file:// or s3://"
             )));
         }
         Backend::local(Path::new(address), create)
     }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // or truncates within it.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }

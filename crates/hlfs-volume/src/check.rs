@@ -141,7 +141,7 @@ pub async fn check(backend: Backend) -> Result<CheckReport> {
     }
 
     // The map trees of the head checkpoint and of every snapshot.
-    let segments = Segments::new(store.clone());
+    let segments = Segments::new(store.clone(), None, uuid);
     let mut seen_pages = HashSet::new();
     let mut roots = vec![("head".to_string(), manifest.checkpoint)];
     roots.extend(

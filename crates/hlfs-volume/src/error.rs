@@ -27,6 +27,10 @@ pub enum VolumeError {
     SnapshotExists(String),
     #[error("the volume stopped accepting writes after an earlier I/O error: {0}")]
     Failed(String),
+    /// The store did not take data in time; nothing acknowledged is lost,
+    /// and the operation can be tried again.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     #[error("the volume is closed")]
     Closed,
 }

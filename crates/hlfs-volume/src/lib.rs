@@ -5,16 +5,18 @@
 //! docs/ARCHITECTURE.md explains the design; docs/FORMAT.md the bytes.
 
 mod backend;
+mod cache;
 mod check;
 mod error;
 mod map;
 mod segments;
 mod volume;
 
-pub use backend::{Backend, LOCAL_JOURNAL_DIR};
+pub use backend::{Backend, StoreOptions, LOCAL_JOURNAL_DIR};
+pub use cache::ReadCache;
 pub use check::{check, CheckReport};
 pub use error::{Result, VolumeError};
 pub use volume::{
-    validate_snapshot_name, CreateOptions, Extent, OpenOptions, SnapshotInfo, View, Volume,
+    validate_snapshot_name, CreateOptions, Durability, Extent, OpenOptions, SnapshotInfo, View, Volume,
     VolumeInfo,
 };

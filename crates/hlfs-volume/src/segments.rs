@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -11,6 +12,7 @@ use hlfs_store::{BlobReader, BlobStore, JournalFile, StoreError};
 use lru::LruCache;
 use parking_lot::Mutex;
 
+use crate::cache::{ReadCache, SegmentKey};
 use crate::error::{Result, VolumeError};
 
 /// Open store readers kept at most (each may hold a file descriptor).
@@ -18,18 +20,31 @@ const READER_CACHE: usize = 256;
 
 pub struct Segments {
     store: Arc<dyn BlobStore>,
+    /// The read cache, if the store is remote, and the volume's UUID that
+    /// keys its entries.
+    cache: Option<Arc<ReadCache>>,
+    volume: [u8; 16],
     journals: Mutex<HashMap<u32, Arc<dyn JournalFile>>>,
     readers: Mutex<LruCache<u32, Arc<dyn BlobReader>>>,
 }
 
 impl Segments {
-    pub fn new(store: Arc<dyn BlobStore>) -> Self {
+    pub fn new(store: Arc<dyn BlobStore>, cache: Option<Arc<ReadCache>>, volume: [u8; 16]) -> Self {
         Segments {
             store,
+            cache,
+            volume,
             journals: Mutex::new(HashMap::new()),
             readers: Mutex::new(LruCache::new(
                 NonZeroUsize::new(READER_CACHE).expect("nonzero"),
             )),
+        }
+    }
+
+    fn key(&self, seg: u32) -> SegmentKey {
+        SegmentKey {
+            volume: self.volume,
+            seg,
         }
     }
 
@@ -42,6 +57,15 @@ impl Segments {
     /// the journal file keep reading it.
     pub fn sealed(&self, seg: u32) {
         self.journals.lock().remove(&seg);
+    }
+
+    /// Moves the local file holding all of stored segment `seg` into the
+    /// read cache; false if there is no cache or it would not take it.
+    pub fn adopt(&self, seg: u32, path: &Path, len: u64) -> bool {
+        match &self.cache {
+            Some(cache) => cache.adopt(self.key(seg), path, len),
+            None => false,
+        }
     }
 
     async fn reader(&self, seg: u32) -> Result<Arc<dyn BlobReader>> {
@@ -69,11 +93,16 @@ impl Segments {
             ))
         };
         let journal = self.journals.lock().get(&seg).cloned();
-        let result = match journal {
+        let result = match (journal, &self.cache) {
             // The journal is a local file and the bytes were written moments
             // ago: a page-cache read, done inline.
-            Some(file) => file.read_exact_into(off, buf),
-            None => self.reader(seg).await?.read_into(off, buf).await,
+            (Some(file), _) => file.read_exact_into(off, buf),
+            (None, Some(cache)) => {
+                cache
+                    .read_into(self.key(seg), &self.store, &segment_name(seg), off, buf)
+                    .await
+            }
+            (None, None) => self.reader(seg).await?.read_into(off, buf).await,
         };
         match result {
             Ok(()) => Ok(()),
@@ -85,8 +114,55 @@ impl Segments {
         }
     }
 
+    /// Like `read_into`, then `verify`. Bytes from the read cache that fail
+    /// it (a cache file damaged behind our back) are dropped from the cache
+    /// and read again from the store.
+    pub async fn read_verified(
+        &self,
+        seg: u32,
+        off: u64,
+        buf: &mut [u8],
+        verify: impl Fn(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.read_into(seg, off, buf).await?;
+        match verify(buf) {
+            Err(VolumeError::Corrupt(why)) if self.forget_cached(seg) => {
+                tracing::warn!(segment = seg, %why, "cached copy damaged; reading from the store");
+                self.read_into(seg, off, buf).await?;
+                verify(buf)
+            }
+            result => result,
+        }
+    }
+
+    /// Drops the cached copy of `seg`, if its reads come from one.
+    fn forget_cached(&self, seg: u32) -> bool {
+        if self.journals.lock().contains_key(&seg) {
+            return false;
+        }
+        match &self.cache {
+            Some(cache) => cache.forget(self.key(seg)),
+            None => false,
+        }
+    }
+
     /// Reads and verifies the record whose header is at `off`.
     pub async fn read_record(
+        &self,
+        seg: u32,
+        off: u64,
+        volume: &[u8; 16],
+    ) -> Result<(RecordHeader, Bytes)> {
+        match self.read_record_once(seg, off, volume).await {
+            Err(VolumeError::Corrupt(why)) if self.forget_cached(seg) => {
+                tracing::warn!(segment = seg, %why, "cached copy damaged; reading from the store");
+                self.read_record_once(seg, off, volume).await
+            }
+            result => result,
+        }
+    }
+
+    async fn read_record_once(
         &self,
         seg: u32,
         off: u64,

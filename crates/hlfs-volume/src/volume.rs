@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hlfs_format::{
     crc_of_record, encode_header, encode_record, journal_name, manifest_name, parse_journal_name,
@@ -20,6 +20,7 @@ use hlfs_format::{
 };
 use hlfs_store::{JournalFile, JournalLock, StoreError};
 use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::Backend;
 use crate::error::{Result, VolumeError};
@@ -52,14 +53,36 @@ impl Default for CreateOptions {
 pub struct OpenOptions {
     /// Memory the block map may use for cached and dirty pages.
     pub map_budget: u64,
+    /// What FLUSH waits for.
+    pub durability: Durability,
+    /// How long a write or flush waits for a store that is not accepting
+    /// uploads before it fails with an I/O error (the data stays safe in
+    /// the local journal, and uploads go on in the background).
+    pub store_wait: Duration,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             map_budget: 512 << 20,
+            durability: Durability::Local,
+            store_wait: Duration::from_secs(30),
         }
     }
+}
+
+/// Where a write is once FLUSH (or FUA) has returned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// In the local journal, synced; sealed segments reach the store in the
+    /// background. A crash of the process loses nothing; losing the local
+    /// disk loses what was not uploaded yet.
+    #[default]
+    Local,
+    /// In the store: FLUSH seals the open segment and waits for its upload.
+    /// For hosts whose local disk is not trusted; every FLUSH costs a store
+    /// request.
+    Remote,
 }
 
 /// Which image a read-only open shows.
@@ -126,11 +149,27 @@ const HEAD_OPEN_ATTEMPTS: u32 = 10;
 /// Bytes per data record at most; larger writes become several records.
 const MAX_RECORD_BYTES: usize = 4 << 20;
 
-/// A full segment is sealed alone, and every this many segments with a
-/// checkpoint: writing every dirty map page at each seal would cost nearly
-/// as much as the data under dense random writes, while recovery only
-/// replays the segments since the last checkpoint.
-const CHECKPOINT_EVERY: u32 = 4;
+/// A full segment is sealed alone, and with a checkpoint once this many
+/// segments' worth of log has been sealed since the last one: writing every
+/// dirty map page at each seal would cost nearly as much as the data under
+/// dense random writes, while recovery only replays the log since the last
+/// checkpoint.
+const CHECKPOINT_EVERY: u64 = 4;
+
+/// Segments sealed since the last checkpoint, at most. FLUSH with remote
+/// durability seals short segments; this bounds how many recovery reads.
+const MAX_SEGMENTS_BETWEEN_CHECKPOINTS: u32 = 64;
+
+/// Sealed segments waiting for their upload, at most, before writers wait:
+/// what bounds the local journal when the store is slow or away. A local
+/// store takes a segment as fast as it is synced, so one is enough there.
+const UPLOAD_BACKLOG_REMOTE: usize = 4;
+const UPLOAD_BACKLOG_LOCAL: usize = 1;
+
+/// Pauses between attempts at an upload the store refused, growing up to
+/// the maximum (with jitter).
+const UPLOAD_RETRY_FIRST: Duration = Duration::from_millis(100);
+const UPLOAD_RETRY_MAX: Duration = Duration::from_secs(5);
 
 struct Writer {
     seg: u32,
@@ -139,10 +178,12 @@ struct Writer {
     next_lsn: u64,
     /// Content changed since the head checkpoint.
     changed: bool,
-    /// Segments sealed since the head checkpoint: recovery replays them.
+    /// Segments sealed since the head checkpoint, and their bytes: recovery
+    /// replays them.
     sealed_since_checkpoint: u32,
-    /// The seal running in the background, if any.
-    sealing: Option<tokio::task::JoinHandle<Result<()>>>,
+    bytes_since_checkpoint: u64,
+    /// The last LSN in a sealed (retired) journal file.
+    sealed_lsn: u64,
     closed: bool,
 }
 
@@ -168,6 +209,23 @@ struct Sealing {
     seg: u32,
     file: Arc<dyn JournalFile>,
     last_lsn: u64,
+    /// The checkpoint it ends with, to make the head once it is stored.
+    head: Option<HeadUpdate>,
+    /// Its place in the upload backlog.
+    _slot: OwnedSemaphorePermit,
+}
+
+/// The background task that syncs sealed segments and puts them in the
+/// store, in order, retrying while the store refuses them.
+struct Uploads {
+    queue: Mutex<Option<mpsc::UnboundedSender<Sealing>>>,
+    /// Taken before a segment is sealed, released once it is stored.
+    backlog: Arc<Semaphore>,
+    /// Every record up to this LSN is in the store.
+    stored_lsn: watch::Sender<u64>,
+    /// Why uploads are failing, while they are.
+    stalled: Mutex<Option<String>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// What a checkpoint changes in the manifest.
@@ -201,6 +259,11 @@ struct Inner {
     writer: tokio::sync::Mutex<Writer>,
     /// The journal files FLUSH must sync.
     files: Mutex<OpenFiles>,
+    uploads: Uploads,
+    durability: Durability,
+    store_wait: Duration,
+    /// This writer's claim, once the manifest carries it.
+    claim: Mutex<Option<WriterClaim>>,
     /// Taken while writing a manifest, so that two never race for a number.
     manifest_turn: tokio::sync::Mutex<()>,
     sync_lock: tokio::sync::Mutex<()>,
@@ -224,18 +287,6 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
-    // or truncates within it.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "unknown".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 fn fmt_time(ms: u64) -> String {
@@ -358,8 +409,9 @@ impl Volume {
             e => e.into(),
         })?;
         let manifest = latest_manifest(&backend).await?;
+        let site = backend.writer_site.clone();
         if let Some(w) = &manifest.writer {
-            if w.host != hostname() {
+            if w.host != site {
                 return Err(VolumeError::Busy(format!(
                     "{} is open for writing by process {} on host {} (since {}); stop that writer first",
                     backend.location,
@@ -375,16 +427,18 @@ impl Volume {
         vol.recover().await?;
         *vol.inner.lock.lock() = Some(lock);
         let claim = WriterClaim {
-            host: hostname(),
+            host: site,
             pid: std::process::id(),
             since_ms: now_ms(),
         };
+        *vol.inner.claim.lock() = Some(claim.clone());
         let next_seg = vol.inner.writer.lock().await.seg + 1;
         vol.update_manifest(|m| {
             m.writer = Some(claim);
             m.next_seg = m.next_seg.max(next_seg);
         })
         .await?;
+        vol.start_uploads();
         Ok(vol)
     }
 
@@ -452,8 +506,8 @@ impl Volume {
         read_only: bool,
         opts: &OpenOptions,
     ) -> Result<Volume> {
-        let segments = Segments::new(backend.store.clone());
         let uuid = manifest.volume;
+        let segments = Segments::new(backend.store.clone(), backend.cache.clone(), uuid);
         let (cp, cp_lsn) = if manifest.checkpoint.is_empty() {
             (
                 Checkpoint {
@@ -486,10 +540,25 @@ impl Volume {
                 next_lsn: manifest.replay_from_lsn.max(cp_lsn + 1),
                 changed: false,
                 sealed_since_checkpoint: 0,
-                sealing: None,
+                bytes_since_checkpoint: 0,
+                sealed_lsn: 0,
                 closed: read_only,
             }),
             files: Mutex::new(OpenFiles::default()),
+            uploads: Uploads {
+                queue: Mutex::new(None),
+                backlog: Arc::new(Semaphore::new(if backend.remote {
+                    UPLOAD_BACKLOG_REMOTE
+                } else {
+                    UPLOAD_BACKLOG_LOCAL
+                })),
+                stored_lsn: watch::Sender::new(0),
+                stalled: Mutex::new(None),
+                task: Mutex::new(None),
+            },
+            durability: opts.durability,
+            store_wait: opts.store_wait,
+            claim: Mutex::new(None),
             manifest_turn: tokio::sync::Mutex::new(()),
             sync_lock: tokio::sync::Mutex::new(()),
             written_lsn: AtomicU64::new(0),
@@ -540,10 +609,9 @@ impl Volume {
         let mut w = inner.writer.lock().await;
         let from_lsn = m.replay_from_lsn;
         let mut expected = w.next_lsn;
-        w.sealed_since_checkpoint = store_segs
-            .iter()
-            .filter(|(id, _)| *id >= m.replay_from_seg)
-            .count() as u32;
+        let replayed = || store_segs.iter().filter(|(id, _)| *id >= m.replay_from_seg);
+        w.sealed_since_checkpoint = replayed().count() as u32;
+        w.bytes_since_checkpoint = replayed().map(|(_, size)| size).sum();
         // Sealed segments first: they must be whole.
         for &(id, size) in store_segs.iter().filter(|(id, _)| *id >= m.replay_from_seg) {
             let reader = inner
@@ -580,7 +648,8 @@ impl Volume {
             }
         }
         // Then journals: a torn or corrupt tail ends the log.
-        let mut live_journals: Vec<(u32, Arc<dyn JournalFile>, u64)> = Vec::new();
+        // (segment, file, valid length, LSN of its first record)
+        let mut live_journals: Vec<(u32, Arc<dyn JournalFile>, u64, u64)> = Vec::new();
         let mut ended = false;
         for &id in &journals {
             let name = journal_name(id);
@@ -601,6 +670,7 @@ impl Volume {
             }
             inner.segments.add_journal(id, file.clone());
             let len = file.len()?;
+            let first_lsn = expected;
             let mut scan = Scanner::new(ScanSource::Journal(file.clone()), len);
             let valid_len = loop {
                 match scan.next(&inner.uuid).await? {
@@ -623,7 +693,7 @@ impl Volume {
                     }
                 }
             };
-            live_journals.push((id, file, valid_len));
+            live_journals.push((id, file, valid_len, first_lsn));
         }
         w.next_lsn = expected;
         inner.written_lsn.store(expected - 1, Ordering::SeqCst);
@@ -633,14 +703,19 @@ impl Volume {
         }
         // Keep appending to the last journal; seal any before it.
         let last = live_journals.pop();
-        for (id, file, valid_len) in live_journals {
+        for (id, file, valid_len, _) in live_journals {
             file.truncate(valid_len)?;
             self.hand_to_store(id, &file).await?;
-            inner.segments.sealed(id);
-            inner.backend.journal.remove(&journal_name(id))?;
+            self.retire_journal(id, valid_len);
+            w.sealed_since_checkpoint += 1;
+            w.bytes_since_checkpoint += valid_len;
         }
+        // Everything before the journal kept for appending is in the store.
+        let stored = last.as_ref().map_or(expected, |j| j.3) - 1;
+        w.sealed_lsn = stored;
+        inner.uploads.stored_lsn.send_replace(stored);
         match last {
-            Some((id, file, valid_len)) => {
+            Some((id, file, valid_len, _)) => {
                 // Replayed writes may have been acknowledged but never
                 // flushed: make them durable before anyone relies on that.
                 if file.len()? != valid_len {
@@ -854,21 +929,23 @@ impl Volume {
                     bounce.resize(run_len, 0);
                     &mut bounce
                 };
+                let verify = |data: &[u8]| {
+                    for (k, block) in data.chunks(bs as usize).enumerate() {
+                        if crc32c::crc32c(block) != entries[i + k].crc {
+                            return Err(VolumeError::corrupt(format!(
+                                "block {} ({} offset {}): checksum mismatch",
+                                first + (i + k) as u64,
+                                segment_name(e.seg),
+                                e.off as u64 + k as u64 * bs
+                            )));
+                        }
+                    }
+                    Ok(())
+                };
                 self.inner
                     .segments
-                    .read_into(e.seg, e.off as u64, data)
+                    .read_verified(e.seg, e.off as u64, data, verify)
                     .await?;
-                for (k, block) in data.chunks(bs as usize).enumerate() {
-                    let want = entries[i + k].crc;
-                    if crc32c::crc32c(block) != want {
-                        return Err(VolumeError::corrupt(format!(
-                            "block {} ({} offset {}): checksum mismatch",
-                            first + (i + k) as u64,
-                            segment_name(e.seg),
-                            e.off as u64 + k as u64 * bs
-                        )));
-                    }
-                }
                 if !aligned {
                     let skip = (lo - run_start) as usize;
                     dst.copy_from_slice(&bounce[skip..skip + dst.len()]);
@@ -1151,10 +1228,13 @@ impl Volume {
         reopen: bool,
         edit: impl FnOnce(&mut Manifest, Entry, u64),
     ) -> Result<()> {
-        self.wait_sealed(w).await?;
+        let slot = self.upload_slot().await?;
         let (cp_at, cp_lsn, cp) = self.append_checkpoint(w).await?;
-        let sealing = self.rotate(w, reopen)?;
-        self.finish_seal(sealing).await?;
+        let sealing = self.rotate(w, reopen, slot, None)?;
+        let last_lsn = sealing.last_lsn;
+        self.queue_upload(sealing)?;
+        // The manifest may only name a checkpoint that is in the store.
+        self.wait_stored(last_lsn).await?;
         let head = HeadUpdate {
             checkpoint: cp_at,
             size: cp.size,
@@ -1168,92 +1248,113 @@ impl Volume {
         .await?;
         w.changed = false;
         w.sealed_since_checkpoint = 0;
+        w.bytes_since_checkpoint = 0;
         Ok(())
     }
 
-    /// Seals a full segment without stopping writes for long: the segment is
-    /// switched for a new journal here, and synced, handed to the store and
-    /// (every few segments) checkpointed in the background. At most one seal
-    /// runs at a time, which keeps writers from outrunning the disk.
+    /// Seals the open segment without stopping writes for long: it is
+    /// switched for a new journal here (with a checkpoint when one is due),
+    /// and synced, put in the store and made the head in the background.
+    /// Waits while the upload backlog is full, which keeps writers from
+    /// outrunning the disk and the store.
     async fn seal_in_background(&self, w: &mut Writer) -> Result<()> {
-        self.wait_sealed(w).await?;
-        let head = if w.sealed_since_checkpoint + 1 >= CHECKPOINT_EVERY {
+        let slot = self.upload_slot().await?;
+        let due = w.bytes_since_checkpoint + w.pos >= CHECKPOINT_EVERY * self.inner.segment_size
+            || w.sealed_since_checkpoint + 1 >= MAX_SEGMENTS_BETWEEN_CHECKPOINTS;
+        let head = if due {
             let (cp_at, _, cp) = self.append_checkpoint(w).await?;
             Some((cp_at, cp.size))
         } else {
             None
         };
-        let sealing = self.rotate(w, true)?;
         let head = head.map(|(checkpoint, size)| HeadUpdate {
             checkpoint,
             size,
-            replay_from_seg: w.seg,
+            replay_from_seg: w.seg + 1,
             replay_from_lsn: w.next_lsn,
         });
         if head.is_some() {
             w.changed = false;
             w.sealed_since_checkpoint = 0;
+            w.bytes_since_checkpoint = 0;
         }
-        let vol = self.clone();
-        w.sealing = Some(tokio::spawn(async move {
-            vol.finish_seal(sealing).await?;
-            if let Some(head) = head {
-                vol.update_manifest(|m| head.apply(m)).await?;
+        let sealing = self.rotate(w, true, slot, head)?;
+        self.queue_upload(sealing)
+    }
+
+    /// A place in the upload backlog, waiting at most `store_wait` for one.
+    async fn upload_slot(&self) -> Result<OwnedSemaphorePermit> {
+        let backlog = self.inner.uploads.backlog.clone();
+        match tokio::time::timeout(self.inner.store_wait, backlog.acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            Ok(Err(_)) => Err(VolumeError::Closed),
+            Err(_) => Err(self.store_stalled()),
+        }
+    }
+
+    /// The error for a write or flush that waited `store_wait` for the store.
+    fn store_stalled(&self) -> VolumeError {
+        if let Err(e) = self.check_not_failed() {
+            return e;
+        }
+        let why = self
+            .inner
+            .uploads
+            .stalled
+            .lock()
+            .clone()
+            .unwrap_or_else(|| "uploads are slower than writes".into());
+        VolumeError::Unavailable(format!(
+            "{}: the store has not taken the sealed segments for {} s ({why}); what was flushed is safe in the local journal, and uploads go on",
+            self.location(),
+            self.inner.store_wait.as_secs()
+        ))
+    }
+
+    fn queue_upload(&self, sealing: Sealing) -> Result<()> {
+        let queue = self.inner.uploads.queue.lock();
+        let sent = queue.as_ref().map(|q| q.send(sealing));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            _ => {
+                self.check_not_failed()?;
+                Err(VolumeError::Closed)
             }
-            Ok(())
-        }));
-        Ok(())
-    }
-
-    /// Waits for the background seal, if one runs, and reports its failure.
-    async fn wait_sealed(&self, w: &mut Writer) -> Result<()> {
-        // Await the task where it is: if this future is dropped midway the
-        // handle stays, and the next caller waits for the same seal.
-        let Some(task) = w.sealing.as_mut() else {
-            return Ok(());
-        };
-        let result = task.await;
-        w.sealing = None;
-        result.map_err(|e| self.fail(VolumeError::Failed(format!("sealing stopped: {e}"))))?
-    }
-
-    fn check_not_failed(&self) -> Result<()> {
-        match self.inner.failed.lock().clone() {
-            Some(why) => Err(VolumeError::Failed(why)),
-            None => Ok(()),
         }
     }
 
-    /// Retires the open journal file (it stays readable, and FLUSH keeps
-    /// syncing it until it is sealed) and opens the next one unless `reopen`
-    /// is false.
-    fn rotate(&self, w: &mut Writer, reopen: bool) -> Result<Sealing> {
-        let file = w.file.take().ok_or(VolumeError::Closed)?;
-        let sealing = Sealing {
-            seg: w.seg,
-            file: file.clone(),
-            last_lsn: w.next_lsn - 1,
-        };
-        self.inner.files.lock().retiring.push(file);
-        if reopen {
-            self.start_journal(w, sealing.seg + 1)
-                .map_err(|e| self.fail(e))?;
-        } else {
-            w.seg = sealing.seg + 1;
-            w.pos = 0;
-            self.inner.files.lock().current = None;
+    /// Waits until every record up to `lsn` is in the store, at most
+    /// `store_wait`.
+    async fn wait_stored(&self, lsn: u64) -> Result<()> {
+        let mut stored = self.inner.uploads.stored_lsn.subscribe();
+        let failed = || self.inner.failed.lock().is_some();
+        let reached = async { stored.wait_for(|&s| s >= lsn || failed()).await.map(|_| ()) };
+        match tokio::time::timeout(self.inner.store_wait, reached).await {
+            Ok(Ok(_)) => self.check_not_failed(),
+            Ok(Err(_)) => Err(VolumeError::Closed),
+            Err(_) => Err(self.store_stalled()),
         }
-        w.sealed_since_checkpoint += 1;
-        Ok(sealing)
     }
 
-    /// Syncs a retired journal file, hands it to the store as a sealed
-    /// segment and removes the journal file.
-    async fn finish_seal(&self, sealing: Sealing) -> Result<()> {
+    /// Starts the task that puts sealed segments in the store.
+    fn start_uploads(&self) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.inner.uploads.queue.lock() = Some(tx);
+        let weak = Arc::downgrade(&self.inner);
+        let task = tokio::spawn(run_uploads(weak, rx));
+        *self.inner.uploads.task.lock() = Some(task);
+    }
+
+    /// Syncs a sealed journal file, puts it in the store (retrying while the
+    /// store refuses it), switches its reads to the store and makes its
+    /// checkpoint, if any, the head. An error here means the volume failed.
+    async fn store_sealed(&self, sealing: Sealing) -> Result<()> {
         let Sealing {
             seg,
             file,
             last_lsn,
+            head,
+            _slot,
         } = sealing;
         {
             // Syncs of one file take turns with FLUSH: the kernel reports a
@@ -1266,53 +1367,155 @@ impl Volume {
                 .await
                 .map_err(|e| self.fail(VolumeError::Failed(e.to_string())))?
                 .map_err(|e| self.fail(e.into()))?;
-            // Earlier segments were sealed (and synced) before this one.
+            // Earlier segments were synced before this one.
             self.inner.durable_lsn.fetch_max(last_lsn, Ordering::SeqCst);
         }
-        self.hand_to_store(seg, &file)
-            .await
-            .map_err(|e| self.fail(e))?;
-        self.inner.segments.sealed(seg);
+        let len = file.len().map_err(|e| self.fail(e.into()))?;
+        self.retrying(&format!("uploading {}", segment_name(seg)), || {
+            self.hand_to_store(seg, &file)
+        })
+        .await?;
+        self.retire_journal(seg, len);
         self.inner
             .files
             .lock()
             .retiring
             .retain(|f| !Arc::ptr_eq(f, &file));
-        // The segment is safe in the store; a leftover journal file is
-        // removed by the next recovery.
-        if let Err(e) = self.inner.backend.journal.remove(&journal_name(seg)) {
-            tracing::warn!(error = %e, "could not remove the journal of a sealed segment");
+        if let Some(head) = head {
+            self.retrying("writing the manifest", || {
+                self.update_manifest(|m| head.apply(m))
+            })
+            .await?;
         }
+        *self.inner.uploads.stalled.lock() = None;
+        self.inner
+            .uploads
+            .stored_lsn
+            .send_modify(|s| *s = (*s).max(last_lsn));
         Ok(())
+    }
+
+    /// Runs `op` until it succeeds, pausing longer after each failure of the
+    /// store. Other errors (a fenced writer, a failed volume) end it, as
+    /// does the volume being dropped.
+    async fn retrying<F, Fut>(&self, what: &str, mut op: F) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let mut pause = UPLOAD_RETRY_FIRST;
+        loop {
+            match op().await {
+                Ok(()) => return Ok(()),
+                // A crashed store (a test's dead process) never comes back.
+                Err(VolumeError::Store(e)) if !matches!(e, StoreError::Crashed) => {
+                    self.check_not_failed()?;
+                    if Arc::strong_count(&self.inner) == 1 {
+                        // Only this task still holds the volume: nobody
+                        // waits for the upload, and the next open does it.
+                        return Err(VolumeError::Closed);
+                    }
+                    let first = self.inner.uploads.stalled.lock().replace(format!("{what}: {e}")).is_none();
+                    if first {
+                        tracing::warn!(volume = %self.location(), error = %e, "{what} failed; retrying until the store takes it");
+                    } else {
+                        tracing::debug!(volume = %self.location(), error = %e, "{what} failed again");
+                    }
+                    let jitter = rand_fraction() * pause.as_secs_f64() / 2.0;
+                    tokio::time::sleep(pause.mul_f64(0.75) + Duration::from_secs_f64(jitter)).await;
+                    pause = (pause * 2).min(UPLOAD_RETRY_MAX);
+                }
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+    }
+
+    /// A stored segment's journal file is no longer needed: it becomes the
+    /// read cache's copy of the segment where there is one, else it goes.
+    fn retire_journal(&self, seg: u32, len: u64) {
+        let name = journal_name(seg);
+        let adopted = match self.inner.backend.journal.local_path(&name) {
+            Some(path) => self.inner.segments.adopt(seg, &path, len),
+            None => false,
+        };
+        self.inner.segments.sealed(seg);
+        if !adopted {
+            // The segment is safe in the store; a leftover journal file is
+            // removed by the next recovery.
+            if let Err(e) = self.inner.backend.journal.remove(&name) {
+                tracing::warn!(error = %e, "could not remove the journal of a stored segment");
+            }
+        }
+    }
+
+    fn check_not_failed(&self) -> Result<()> {
+        match self.inner.failed.lock().clone() {
+            Some(why) => Err(VolumeError::Failed(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Retires the open journal file (it stays readable, and FLUSH keeps
+    /// syncing it until it is stored) and opens the next one unless `reopen`
+    /// is false.
+    fn rotate(
+        &self,
+        w: &mut Writer,
+        reopen: bool,
+        slot: OwnedSemaphorePermit,
+        head: Option<HeadUpdate>,
+    ) -> Result<Sealing> {
+        let file = w.file.take().ok_or(VolumeError::Closed)?;
+        let sealing = Sealing {
+            seg: w.seg,
+            file: file.clone(),
+            last_lsn: w.next_lsn - 1,
+            head,
+            _slot: slot,
+        };
+        self.inner.files.lock().retiring.push(file);
+        w.sealed_since_checkpoint += 1;
+        w.bytes_since_checkpoint += w.pos;
+        w.sealed_lsn = sealing.last_lsn;
+        if reopen {
+            self.start_journal(w, sealing.seg + 1)
+                .map_err(|e| self.fail(e))?;
+        } else {
+            w.seg = sealing.seg + 1;
+            w.pos = 0;
+            self.inner.files.lock().current = None;
+        }
+        Ok(sealing)
     }
 
     /// Puts a synced journal file into the store as a sealed segment.
     async fn hand_to_store(&self, id: u32, file: &Arc<dyn JournalFile>) -> Result<()> {
         let name = segment_name(id);
+        let store = &self.inner.backend.store;
         let put = match self.inner.backend.journal.local_path(&journal_name(id)) {
-            Some(path) => {
-                self.inner
-                    .backend
-                    .store
-                    .put_file_if_absent(&name, &path)
-                    .await
-            }
+            Some(path) => store.put_file_if_absent(&name, &path).await,
             None => {
                 let len = file.len()?;
                 let data = file.read_at(0, len as usize)?;
-                self.inner
-                    .backend
-                    .store
-                    .put_if_absent(&name, data.into())
-                    .await
+                store.put_if_absent(&name, data.into()).await
             }
         };
         match put {
             Ok(()) => Ok(()),
-            Err(StoreError::AlreadyExists(_)) => Err(VolumeError::Fenced(format!(
-                "{name} already exists in {}: another writer has taken over the volume",
-                self.location()
-            ))),
+            Err(StoreError::AlreadyExists(_)) => {
+                // An earlier attempt may have landed though its answer was
+                // lost; then the stored bytes are ours.
+                let len = file.len()?;
+                let ours = file.read_at(0, len as usize)?;
+                let stored = store.get(&name).await?;
+                if stored[..] == ours[..] {
+                    return Ok(());
+                }
+                Err(VolumeError::Fenced(format!(
+                    "{name} already exists in {}: another writer has taken over the volume",
+                    self.location()
+                )))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -1328,35 +1531,58 @@ impl Volume {
         m.seq += 1;
         m.written_ms = now_ms();
         let name = manifest_name(m.seq);
-        match self
-            .inner
-            .backend
-            .store
-            .put_if_absent(&name, m.encode().into())
-            .await
-        {
+        let bytes = m.encode();
+        let store = &self.inner.backend.store;
+        match store.put_if_absent(&name, bytes.clone().into()).await {
             Ok(()) => {
                 *self.inner.manifest.lock() = m;
                 Ok(())
             }
-            Err(StoreError::AlreadyExists(_)) => Err(self.fail(VolumeError::Fenced(format!(
-                "{name} was written by another writer: {} has been taken over",
-                self.location()
-            )))),
-            Err(e) => Err(self.fail(e.into())),
+            Err(StoreError::AlreadyExists(_)) => {
+                // A write whose answer was lost may have landed: this one
+                // (retried by the store client), or an earlier one. Either
+                // carries our claim; another writer's does not.
+                let stored = store.get(&name).await?;
+                if stored[..] == bytes[..] {
+                    *self.inner.manifest.lock() = m;
+                    return Ok(());
+                }
+                let claim = self.inner.claim.lock().clone();
+                match Manifest::decode(&stored) {
+                    Ok(earlier) if claim.is_some() && earlier.writer == claim => {
+                        tracing::info!(manifest = %name, "an earlier manifest write had landed");
+                        *self.inner.manifest.lock() = earlier;
+                        Err(VolumeError::Store(StoreError::Other(format!(
+                            "{name} was written by an earlier attempt whose answer was lost; try again"
+                        ))))
+                    }
+                    _ => Err(self.fail(VolumeError::Fenced(format!(
+                        "{name} was written by another writer: {} has been taken over",
+                        self.location()
+                    )))),
+                }
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
-    /// Makes every acknowledged write durable. One journal sync serves every
-    /// write that was appended before it started.
+    /// Makes every acknowledged write durable: in the local journal (one
+    /// sync serves every write appended before it started), and with remote
+    /// durability in the store too.
     pub async fn flush(&self) -> Result<()> {
         if self.inner.read_only {
             return Ok(());
         }
-        if let Some(why) = self.inner.failed.lock().clone() {
-            return Err(VolumeError::Failed(why));
-        }
+        self.check_not_failed()?;
         let target = self.inner.written_lsn.load(Ordering::SeqCst);
+        self.sync_journal(target).await?;
+        if self.inner.durability == Durability::Remote {
+            self.flush_to_store(target).await?;
+        }
+        Ok(())
+    }
+
+    async fn sync_journal(&self, target: u64) -> Result<()> {
         if self.inner.durable_lsn.load(Ordering::SeqCst) >= target {
             return Ok(());
         }
@@ -1378,6 +1604,22 @@ impl Volume {
         }
         self.inner.durable_lsn.fetch_max(upto, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Seals the open segment if it holds records up to `target`, and waits
+    /// until they are in the store. Concurrent flushes share one seal.
+    async fn flush_to_store(&self, target: u64) -> Result<()> {
+        if *self.inner.uploads.stored_lsn.borrow() >= target {
+            return Ok(());
+        }
+        {
+            let mut w = self.inner.writer.lock().await;
+            self.check_not_failed()?;
+            if w.sealed_lsn < target && w.pos > 0 {
+                self.seal_in_background(&mut w).await?;
+            }
+        }
+        self.wait_stored(target).await
     }
 
     /// Makes `offset..offset+len` read as zeros and releases its space.
@@ -1619,8 +1861,9 @@ impl Volume {
         })
     }
 
-    /// Seals what is unsealed and releases the writer claim. Writes after
-    /// close fail; a volume dropped without close is recovered on next open.
+    /// Seals what is unsealed, waits for every upload and releases the
+    /// writer claim. Writes after close fail; a volume dropped without
+    /// close, or whose uploads could not finish, is recovered on next open.
     pub async fn close(&self) -> Result<()> {
         if self.inner.read_only {
             self.inner.closed.store(true, Ordering::SeqCst);
@@ -1631,21 +1874,25 @@ impl Volume {
             return Ok(());
         }
         let closed = self.close_locked(&mut w).await;
-        // Whatever happened, this process is done writing: let the next
-        // writer in (recovery sorts out what was durable).
+        // Whatever happened, this process is done writing: stop uploading
+        // and let the next writer in (recovery sorts out what was durable
+        // and uploads what is left).
         w.closed = true;
         self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.uploads.queue.lock().take();
+        if let Some(task) = self.inner.uploads.task.lock().take() {
+            task.abort();
+        }
         self.inner.lock.lock().take();
         closed
     }
 
     async fn close_locked(&self, w: &mut Writer) -> Result<()> {
-        let sealed = self.wait_sealed(w).await;
         self.check_not_failed()?;
-        sealed?;
         if w.pos > 0 || w.changed {
             self.checkpoint(w, false, |m, _, _| m.writer = None).await?;
         } else {
+            self.wait_stored(w.sealed_lsn).await?;
             if let Some(file) = w.file.take() {
                 drop(file);
                 self.inner.backend.journal.remove(&journal_name(w.seg))?;
@@ -1655,6 +1902,30 @@ impl Volume {
         }
         Ok(())
     }
+}
+
+/// The upload task: stores sealed segments in order until the volume is
+/// closed or dropped, or fails.
+async fn run_uploads(volume: std::sync::Weak<Inner>, mut queue: mpsc::UnboundedReceiver<Sealing>) {
+    while let Some(sealing) = queue.recv().await {
+        let Some(inner) = volume.upgrade() else {
+            return;
+        };
+        let vol = Volume { inner };
+        if let Err(e) = vol.store_sealed(sealing).await {
+            tracing::debug!(error = %e, "uploads stopped");
+            // Wake whoever waits for an upload: they find the volume failed.
+            vol.inner.uploads.stored_lsn.send_modify(|_| {});
+            return;
+        }
+    }
+}
+
+fn rand_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_ms());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Reads and decodes the checkpoint record at `at`, returning it and its LSN.

@@ -82,7 +82,10 @@ impl Expect {
 
 fn options() -> OpenOptions {
     // The smallest map budget, so map pages are written back as the run goes.
-    OpenOptions { map_budget: 1 }
+    OpenOptions {
+        map_budget: 1,
+        ..OpenOptions::default()
+    }
 }
 
 /// Runs `steps` until the store dies; returns what must survive.

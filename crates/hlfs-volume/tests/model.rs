@@ -125,6 +125,7 @@ fn budget(cfg: &Config) -> OpenOptions {
     OpenOptions {
         // The smallest budget the map allows, so write-back and eviction run all the time.
         map_budget: if cfg.tiny_budget { 1 } else { 64 << 20 },
+        ..OpenOptions::default()
     }
 }
 

@@ -143,8 +143,16 @@ async fn a_fenced_writer_stops_instead_of_forking_history() {
     let env = MemEnv::new();
     let vol = mem_volume(&env, 4 << 20).await;
     vol.write(0, &pattern(8192, 1)).await.unwrap();
-    // Someone else advances the manifest behind our back.
-    forge_next_manifest(&env, |_| {}).await;
+    // Another writer takes over behind our back: its claim is in the next
+    // manifest.
+    forge_next_manifest(&env, |m| {
+        m.writer = Some(WriterClaim {
+            host: "other-host.example".into(),
+            pid: 4242,
+            since_ms: 2,
+        })
+    })
+    .await;
     let err = vol.snapshot_create("x").await.expect_err("fenced");
     assert!(matches!(err, VolumeError::Fenced(_)), "{err}");
     assert!(
@@ -285,6 +293,7 @@ async fn huge_thin_volume_stays_within_the_map_budget() {
         .unwrap();
     let budget = OpenOptions {
         map_budget: 1 << 20,
+        ..OpenOptions::default()
     };
     let vol = Volume::open(Backend::memory(&env), &budget).await.unwrap();
     let blocks = (16u64 << 40) / 4096;

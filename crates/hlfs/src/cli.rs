@@ -7,14 +7,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use hlfs_volume::{check, Backend, CreateOptions, OpenOptions, View, Volume, VolumeInfo};
+use hlfs_volume::{
+    check, Backend, CreateOptions, Durability, OpenOptions, StoreOptions, View, Volume, VolumeInfo,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::bench;
 
 /// HLFS: a log-structured virtual disk for virtual machines.
 ///
-/// A VOLUME is a local directory path (e.g. ./vm1.hlfs) or a file:// URI.
+/// A VOLUME is a local directory path (e.g. ./vm1.hlfs), a file:// URI, or
+/// s3://BUCKET/PREFIX/NAME (endpoint, region and credentials from the AWS
+/// environment variables: AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID,
+/// AWS_SECRET_ACCESS_KEY).
 /// Sizes take binary suffixes: 512K, 64M, 10G, 1T.
 #[derive(Parser, Debug)]
 #[command(name = "hlfs", version, about, long_about = None, propagate_version = true)]
@@ -27,8 +32,53 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
     pub map_budget: u64,
 
+    /// Directory for the local journal and read cache of volumes on a
+    /// remote store (s3://). Journals there hold writes not yet uploaded:
+    /// keep it on a disk that survives reboots.
+    #[arg(long, global = true, value_name = "DIR", env = "HLFS_CACHE_DIR", default_value_os_t = default_cache_dir())]
+    pub cache_dir: PathBuf,
+
+    /// Most bytes the read cache keeps (journals of segments not yet
+    /// uploaded come on top: up to 5 segments per open volume).
+    #[arg(long, global = true, value_name = "SIZE", default_value = "10G", value_parser = parse_size)]
+    pub cache_size: u64,
+
+    /// When a FLUSH returns, the data is in: `local`, the local journal
+    /// (synced; segments upload in the background), or `remote`, the
+    /// store (each FLUSH seals and uploads; for hosts whose local disk is
+    /// not trusted).
+    #[arg(long, global = true, value_enum, default_value = "local")]
+    pub durability: DurabilityArg,
+
+    /// Seconds a store request is retried (backoff with jitter) before it
+    /// fails, and that a write or flush waits for a stalled store before it
+    /// fails with an I/O error. Nothing flushed is lost either way.
+    #[arg(long, global = true, value_name = "SECS", default_value = "30")]
+    pub store_timeout: u64,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum DurabilityArg {
+    Local,
+    Remote,
+}
+
+impl From<DurabilityArg> for Durability {
+    fn from(d: DurabilityArg) -> Durability {
+        match d {
+            DurabilityArg::Local => Durability::Local,
+            DurabilityArg::Remote => Durability::Remote,
+        }
+    }
+}
+
+fn default_cache_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache/hlfs"))
+        .unwrap_or_else(|| PathBuf::from(".hlfs-cache"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -114,13 +164,31 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .map_err(|e| format!("{s:?} is not a size ({e}); use e.g. 512M, 10G, 1T"))
 }
 
-pub fn backend(volume: &str, create: bool) -> Result<Backend> {
-    Ok(Backend::parse(volume, create)?)
+
+/// What the global options set for every command.
+pub struct Settings {
+    pub open: OpenOptions,
+    pub store: StoreOptions,
 }
 
-fn open_options(cli_budget: u64) -> OpenOptions {
-    OpenOptions {
-        map_budget: cli_budget,
+impl Settings {
+    fn from_cli(cli: &Cli) -> Settings {
+        Settings {
+            open: OpenOptions {
+                map_budget: cli.map_budget,
+                durability: cli.durability.into(),
+                store_wait: Duration::from_secs(cli.store_timeout),
+            },
+            store: StoreOptions {
+                cache_dir: Some(cli.cache_dir.clone()),
+                cache_size: cli.cache_size,
+                retry_budget: Duration::from_secs(cli.store_timeout),
+            },
+        }
+    }
+
+    pub fn backend(&self, volume: &str, create: bool) -> Result<Backend> {
+        Ok(Backend::parse(volume, create, &self.store)?)
     }
 }
 
@@ -136,7 +204,7 @@ pub fn split_snapshot(arg: &str) -> (&str, Option<&str>) {
 }
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {
-    let opts = open_options(cli.map_budget);
+    let settings = Settings::from_cli(&cli);
     match cli.command {
         Command::Create {
             volume,
@@ -149,14 +217,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 block_size: u32::try_from(block_size).context("block size too large")?,
                 segment_size,
             };
-            Volume::create(&backend(&volume, true)?, &create).await?;
+            Volume::create(&settings.backend(&volume, true)?, &create).await?;
             println!(
                 "created {volume}: {} ({size} bytes), block size {block_size}",
                 human(size)
             );
         }
         Command::Info { volume, json } => {
-            let vol = Volume::open_read_only(backend(&volume, false)?, &opts, View::Head).await?;
+            let vol = Volume::open_read_only(settings.backend(&volume, false)?, &settings.open, View::Head).await?;
             let info = vol.info().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&info_json(&info))?);
@@ -171,18 +239,18 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             block_size,
             segment_size,
         } => {
-            import(&file, &volume, create, block_size, segment_size, &opts).await?;
+            import(&file, &volume, create, block_size, segment_size, &settings).await?;
         }
-        Command::Export { volume, file } => export(&volume, &file, &opts).await?,
+        Command::Export { volume, file } => export(&volume, &file, &settings).await?,
         Command::Resize { volume, size } => {
-            let vol = open_writer(&volume, &opts).await?;
+            let vol = open_writer(&volume, &settings).await?;
             let result = vol.resize(size).await;
             finish(vol, result).await?;
             println!("{volume} is now {} ({size} bytes)", human(size));
         }
-        Command::Snapshot(cmd) => snapshot(cmd, &opts).await?,
-        Command::Check { volume } => return check_cmd(&volume).await,
-        Command::Serve(args) => crate::serve::run(args, &opts).await?,
+        Command::Snapshot(cmd) => snapshot(cmd, &settings).await?,
+        Command::Check { volume } => return check_cmd(&volume, &settings).await,
+        Command::Serve(args) => crate::serve::run(args, &settings).await?,
         Command::Bench(mut args) => {
             args.map_budget = cli.map_budget;
             bench::run(args).await?
@@ -200,32 +268,32 @@ async fn finish<T>(vol: Volume, result: hlfs_volume::Result<T>) -> Result<T> {
     Ok(value)
 }
 
-async fn open_writer(volume: &str, opts: &OpenOptions) -> Result<Volume> {
-    Ok(Volume::open(backend(volume, false)?, opts).await?)
+async fn open_writer(volume: &str, settings: &Settings) -> Result<Volume> {
+    Ok(Volume::open(settings.backend(volume, false)?, &settings.open).await?)
 }
 
-async fn snapshot(cmd: SnapshotCommand, opts: &OpenOptions) -> Result<()> {
+async fn snapshot(cmd: SnapshotCommand, settings: &Settings) -> Result<()> {
     match cmd {
         SnapshotCommand::Create { volume, name } => {
-            let vol = open_writer(&volume, opts).await?;
+            let vol = open_writer(&volume, settings).await?;
             let result = vol.snapshot_create(&name).await;
             let snap = finish(vol, result).await?;
             println!("created snapshot {} of {volume}", snap.name);
         }
         SnapshotCommand::Delete { volume, name } => {
-            let vol = open_writer(&volume, opts).await?;
+            let vol = open_writer(&volume, settings).await?;
             let result = vol.snapshot_delete(&name).await;
             finish(vol, result).await?;
             println!("deleted snapshot {name} of {volume}");
         }
         SnapshotCommand::Rollback { volume, name } => {
-            let vol = open_writer(&volume, opts).await?;
+            let vol = open_writer(&volume, settings).await?;
             let result = vol.rollback(&name).await;
             let kept = finish(vol, result).await?;
             println!("rolled {volume} back to snapshot {name}; its previous state is kept as snapshot {kept}");
         }
         SnapshotCommand::List { volume, json } => {
-            let vol = Volume::open_read_only(backend(&volume, false)?, opts, View::Head).await?;
+            let vol = Volume::open_read_only(settings.backend(&volume, false)?, &settings.open, View::Head).await?;
             let snaps = vol.snapshots();
             if json {
                 let list: Vec<_> = snaps
@@ -303,8 +371,8 @@ fn print_info(volume: &str, info: &VolumeInfo) {
     );
 }
 
-async fn check_cmd(volume: &str) -> Result<ExitCode> {
-    let report = check(backend(volume, false)?).await?;
+async fn check_cmd(volume: &str, settings: &Settings) -> Result<ExitCode> {
+    let report = check(settings.backend(volume, false)?).await?;
     for w in &report.warnings {
         println!("warning: {w}");
     }
@@ -371,7 +439,7 @@ async fn import(
     create: bool,
     block_size: u64,
     segment_size: u64,
-    opts: &OpenOptions,
+    settings: &Settings,
 ) -> Result<()> {
     let (mut input, known_size): (Box<dyn Read>, Option<u64>) = if file == "-" {
         (Box::new(std::io::stdin().lock()), None)
@@ -384,14 +452,14 @@ async fn import(
         (Box::new(f), Some(len))
     };
     if create {
-        let opts = CreateOptions {
+        let create = CreateOptions {
             size: known_size.unwrap_or(0),
             block_size: u32::try_from(block_size).context("block size too large")?,
             segment_size,
         };
-        Volume::create(&backend(volume, true)?, &opts).await?;
+        Volume::create(&settings.backend(volume, true)?, &create).await?;
     }
-    let vol = open_writer(volume, opts).await?;
+    let vol = open_writer(volume, settings).await?;
     let result = import_into(&vol, &mut *input, known_size, create, file).await;
     let closed = vol.close().await;
     let (bytes, stored, elapsed) = result?;
@@ -472,13 +540,13 @@ async fn import_into(
     Ok((offset, vol.allocated_bytes(), start.elapsed()))
 }
 
-async fn export(arg: &str, file: &str, opts: &OpenOptions) -> Result<()> {
+async fn export(arg: &str, file: &str, settings: &Settings) -> Result<()> {
     let (volume, snap) = split_snapshot(arg);
     let view = match snap {
         Some(s) => View::Snapshot(s.to_string()),
         None => View::Head,
     };
-    let vol = Volume::open_read_only(backend(volume, false)?, opts, view).await?;
+    let vol = Volume::open_read_only(settings.backend(volume, false)?, &settings.open, view).await?;
     let size = vol.size();
     let start = Instant::now();
     let bar = progress(Some(size), "exporting");

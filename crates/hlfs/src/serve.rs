@@ -7,12 +7,12 @@ use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use hlfs_nbd::proto::{EINVAL, EIO, EPERM};
 use hlfs_nbd::{BlockDevice, DeviceError, DeviceExtent, DeviceResult, Export, Server};
-use hlfs_volume::{Backend, CreateOptions, OpenOptions, View, Volume, VolumeError};
+use hlfs_volume::{Backend, CreateOptions, View, Volume, VolumeError};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
-use crate::cli::{backend, split_snapshot};
+use crate::cli::{split_snapshot, Settings};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -151,7 +151,7 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
 /// so the caller can close them if a later one fails.
 async fn open_exports(
     args: &ServeArgs,
-    opts: &OpenOptions,
+    settings: &Settings,
     volumes: &mut Vec<Volume>,
 ) -> Result<Vec<Export>> {
     let mut exports: Vec<Export> = Vec::new();
@@ -159,13 +159,13 @@ async fn open_exports(
         let (volume, snap) = split_snapshot(arg);
         let vol = match snap {
             Some(s) => {
-                Volume::open_read_only(backend(volume, false)?, opts, View::Snapshot(s.to_string()))
+                Volume::open_read_only(settings.backend(volume, false)?, &settings.open, View::Snapshot(s.to_string()))
                     .await
                     .with_context(|| format!("opening {arg}"))?
             }
             None => {
-                let opened = match Backend::parse(volume, false) {
-                    Ok(b) => Volume::open(b, opts).await,
+                let opened = match Backend::parse(volume, false, &settings.store) {
+                    Ok(b) => Volume::open(b, &settings.open).await,
                     Err(e) => Err(e),
                 };
                 match opened {
@@ -174,9 +174,9 @@ async fn open_exports(
                             size: args.size.expect("clap requires --size with --create"),
                             ..CreateOptions::default()
                         };
-                        Volume::create(&backend(volume, true)?, &create).await?;
+                        Volume::create(&settings.backend(volume, true)?, &create).await?;
                         eprintln!("created {volume}");
-                        Volume::open(backend(volume, false)?, opts)
+                        Volume::open(settings.backend(volume, false)?, &settings.open)
                             .await
                             .with_context(|| format!("opening {volume}"))?
                     }
@@ -262,10 +262,10 @@ fn uri(scheme: &str, export: &str, tcp: Option<(&str, u16)>, socket: Option<&Pat
     }
 }
 
-pub async fn run(args: ServeArgs, opts: &OpenOptions) -> Result<()> {
+pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
     let mut signals = StopSignals::install()?;
     let mut volumes = Vec::new();
-    let exports = match open_exports(&args, opts, &mut volumes).await {
+    let exports = match open_exports(&args, settings, &mut volumes).await {
         Ok(exports) => exports,
         Err(e) => {
             // Release the writer claims of those already opened.

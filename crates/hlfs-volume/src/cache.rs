@@ -1,0 +1,619 @@
+//! A local cache of stored segments' bytes, for volumes whose store is
+//! remote, so that a VM reading back what it wrote sees local-disk latency.
+//!
+//! A sealed segment never changes, and an entry is named by its volume's
+//! UUID and segment number, so a cached range can never be stale. Each
+//! cached segment is a sparse local file of the segment's size plus a small
+//! record of which 1 MiB chunks are present; both survive restarts. Misses
+//! fetch whole chunks, and neighbouring missing chunks in one ranged GET, so
+//! nearby reads share requests. A segment just uploaded from the journal is
+//! adopted whole: its journal file is renamed into the cache.
+//!
+//! One cache serves every volume of a process that uses the same directory
+//! (a lock file keeps other processes out; they read from the store
+//! directly). Whole segments are evicted, least recently used first, to stay
+//! under the size limit. Every byte read is verified against the map's
+//! checksums by the caller, which drops an entry that fails and reads the
+//! store again, so a damaged cache file costs a refetch, not data.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use hlfs_store::{BlobStore, StoreError};
+use lru::LruCache;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+/// Unit of presence and of fetching.
+const CHUNK: u64 = 1 << 20;
+/// Neighbouring missing chunks are fetched in one request, up to this much.
+const MAX_FETCH: u64 = 8 << 20;
+const SIDECAR_SUFFIX: &str = ".present";
+const LOCK_NAME: &str = "LOCK";
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Names one segment of one volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SegmentKey {
+    pub volume: [u8; 16],
+    pub seg: u32,
+}
+
+impl SegmentKey {
+    fn file_name(&self) -> String {
+        let hex: String = self.volume.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{hex}-{:010}", self.seg)
+    }
+
+    fn parse(name: &str) -> Option<SegmentKey> {
+        let (hex, seg) = name.split_once('-')?;
+        if hex.len() != 32 || seg.len() != 10 {
+            return None;
+        }
+        let mut volume = [0u8; 16];
+        for (i, byte) in volume.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(SegmentKey {
+            volume,
+            seg: seg.parse().ok()?,
+        })
+    }
+}
+
+pub struct ReadCache {
+    dir: PathBuf,
+    limit: u64,
+    state: Mutex<State>,
+    _lock: File,
+}
+
+impl std::fmt::Debug for ReadCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReadCache({}, limit {})", self.dir.display(), self.limit)
+    }
+}
+
+struct State {
+    /// Most recently used last.
+    entries: LruCache<SegmentKey, Arc<Entry>>,
+    /// Bytes present over all entries.
+    bytes: u64,
+}
+
+struct Entry {
+    key: SegmentKey,
+    size: u64,
+    file: File,
+    chunks: Mutex<Chunks>,
+    /// Bytes of this entry present.
+    cached: AtomicU64,
+    /// Signalled when a fetch ends, for readers waiting on its chunks.
+    fetched: Notify,
+}
+
+struct Chunks {
+    present: Vec<bool>,
+    fetching: Vec<bool>,
+}
+
+impl Entry {
+    fn chunk_len(&self, i: usize) -> u64 {
+        let lo = i as u64 * CHUNK;
+        (self.size - lo).min(CHUNK)
+    }
+}
+
+/// Caches in use in this process, by directory.
+static OPEN: Mutex<Vec<(PathBuf, Weak<ReadCache>)>> = Mutex::new(Vec::new());
+
+impl ReadCache {
+    /// The process's cache in `dir`, opened (and made) on first use, or
+    /// None if another process holds it.
+    pub fn shared(dir: &Path, limit: u64) -> std::result::Result<Option<Arc<ReadCache>>, StoreError> {
+        let io = |e| StoreError::io(dir.display().to_string(), e);
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let dir = dir.canonicalize().map_err(io)?;
+        let mut open = OPEN.lock();
+        open.retain(|(_, c)| c.strong_count() > 0);
+        if let Some(cache) = open.iter().find(|(d, _)| *d == dir).and_then(|(_, c)| c.upgrade()) {
+            return Ok(Some(cache));
+        }
+        let Some(cache) = ReadCache::open(&dir, limit)? else {
+            tracing::warn!(dir = %dir.display(), "the read cache is in use by another process; reading from the store directly");
+            return Ok(None);
+        };
+        let cache = Arc::new(cache);
+        open.push((dir, Arc::downgrade(&cache)));
+        Ok(Some(cache))
+    }
+
+    /// Opens the cache in `dir`, keeping what earlier runs cached; None if
+    /// another process has it open.
+    fn open(dir: &Path, limit: u64) -> Result<Option<ReadCache>> {
+        let io = |e| StoreError::io(dir.display().to_string(), e);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_NAME))
+            .map_err(io)?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Ok(None);
+        }
+        let mut found = Vec::new();
+        let mut keep = std::collections::HashSet::new();
+        for item in std::fs::read_dir(dir).map_err(io)? {
+            let item = item.map_err(io)?;
+            let name = item.file_name().to_string_lossy().into_owned();
+            let Some(key) = name.strip_suffix(SIDECAR_SUFFIX).and_then(SegmentKey::parse) else {
+                continue;
+            };
+            match load_entry(dir, key) {
+                Some(entry) => {
+                    let used = item.metadata().and_then(|m| m.modified()).ok();
+                    keep.insert(key.file_name());
+                    keep.insert(name);
+                    found.push((used, entry));
+                }
+                None => tracing::debug!(entry = %name, "dropping an unreadable cache entry"),
+            }
+        }
+        // Whatever is not a readable entry (left by a crash) goes.
+        for item in std::fs::read_dir(dir).map_err(io)?.flatten() {
+            let name = item.file_name().to_string_lossy().into_owned();
+            if name != LOCK_NAME && !keep.contains(&name) {
+                let _ = std::fs::remove_file(item.path());
+            }
+        }
+        found.sort_by_key(|(used, _)| *used);
+        let mut state = State {
+            entries: LruCache::unbounded(),
+            bytes: 0,
+        };
+        for (_, entry) in found {
+            state.bytes += entry.cached.load(Ordering::Relaxed);
+            state.entries.put(entry.key, Arc::new(entry));
+        }
+        let cache = ReadCache {
+            dir: dir.to_path_buf(),
+            limit,
+            state: Mutex::new(state),
+            _lock: lock,
+        };
+        cache.evict(None);
+        Ok(Some(cache))
+    }
+
+    /// Bytes cached now.
+    pub fn cached_bytes(&self) -> u64 {
+        self.state.lock().bytes
+    }
+
+    fn data_path(&self, key: SegmentKey) -> PathBuf {
+        self.dir.join(key.file_name())
+    }
+
+    fn sidecar_path(&self, key: SegmentKey) -> PathBuf {
+        self.dir.join(format!("{}{SIDECAR_SUFFIX}", key.file_name()))
+    }
+
+    /// Fills `buf` with segment `key` (blob `name` of `store`) from `off`,
+    /// fetching the chunks that are missing.
+    pub async fn read_into(
+        &self,
+        key: SegmentKey,
+        store: &Arc<dyn BlobStore>,
+        name: &str,
+        off: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let entry = self.entry(key, store, name).await?;
+        let len = buf.len() as u64;
+        if off.checked_add(len).is_none_or(|end| end > entry.size) {
+            return Err(StoreError::OutOfRange {
+                name: name.to_string(),
+                offset: off,
+                len,
+                size: entry.size,
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let first = (off / CHUNK) as usize;
+        let last = ((off + len - 1) / CHUNK) as usize;
+        self.fetch_missing(&entry, store, name, first, last).await?;
+        entry
+            .file
+            .read_exact_at(buf, off)
+            .map_err(|e| StoreError::io(self.data_path(key).display().to_string(), e))
+    }
+
+    /// The entry for `key`, made (empty, sized from the store) if missing.
+    async fn entry(
+        &self,
+        key: SegmentKey,
+        store: &Arc<dyn BlobStore>,
+        name: &str,
+    ) -> Result<Arc<Entry>> {
+        if let Some(entry) = self.state.lock().entries.get(&key) {
+            return Ok(entry.clone());
+        }
+        let size = store
+            .head(name)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        let mut state = self.state.lock();
+        if let Some(entry) = state.entries.get(&key) {
+            return Ok(entry.clone());
+        }
+        let path = self.data_path(key);
+        let io = |e| StoreError::io(path.display().to_string(), e);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        file.set_len(size).map_err(io)?;
+        let n = size.div_ceil(CHUNK) as usize;
+        let entry = Arc::new(Entry {
+            key,
+            size,
+            file,
+            chunks: Mutex::new(Chunks {
+                present: vec![false; n],
+                fetching: vec![false; n],
+            }),
+            cached: AtomicU64::new(0),
+            fetched: Notify::new(),
+        });
+        state.entries.put(key, entry.clone());
+        Ok(entry)
+    }
+
+    /// Makes chunks `first..=last` of `entry` present: fetches runs of
+    /// missing ones, and waits for those another reader is fetching.
+    async fn fetch_missing(
+        &self,
+        entry: &Arc<Entry>,
+        store: &Arc<dyn BlobStore>,
+        name: &str,
+        first: usize,
+        last: usize,
+    ) -> Result<()> {
+        loop {
+            // Registered before looking, so a fetch ending in between still
+            // wakes us.
+            let fetched = entry.fetched.notified();
+            tokio::pin!(fetched);
+            fetched.as_mut().enable();
+            let run = {
+                let mut chunks = entry.chunks.lock();
+                let Some(i) = (first..=last).find(|&i| !chunks.present[i]) else {
+                    return Ok(());
+                };
+                if chunks.fetching[i] {
+                    None
+                } else {
+                    let mut j = i + 1;
+                    while j <= last
+                        && !chunks.present[j]
+                        && !chunks.fetching[j]
+                        && (j - i + 1) as u64 * CHUNK <= MAX_FETCH
+                    {
+                        j += 1;
+                    }
+                    chunks.fetching[i..j].iter_mut().for_each(|f| *f = true);
+                    Some((i, j))
+                }
+            };
+            match run {
+                None => fetched.await,
+                Some((i, j)) => {
+                    let fetched = self.fetch(entry, store, name, i, j).await;
+                    let mut chunks = entry.chunks.lock();
+                    chunks.fetching[i..j].iter_mut().for_each(|f| *f = false);
+                    if fetched.is_ok() {
+                        chunks.present[i..j].iter_mut().for_each(|p| *p = true);
+                    }
+                    let bitmap = chunks.present.clone();
+                    drop(chunks);
+                    entry.fetched.notify_waiters();
+                    fetched?;
+                    let bytes: u64 = (i..j).map(|k| entry.chunk_len(k)).sum();
+                    entry.cached.fetch_add(bytes, Ordering::Relaxed);
+                    self.write_sidecar(entry, &bitmap);
+                    let mut state = self.state.lock();
+                    let current = state.entries.peek(&entry.key);
+                    if current.is_some_and(|c| Arc::ptr_eq(c, entry)) {
+                        state.bytes += bytes;
+                    }
+                    drop(state);
+                    self.evict(Some(entry.key));
+                }
+            }
+        }
+    }
+
+    /// Reads chunks `i..j` from the store into the entry's file.
+    async fn fetch(
+        &self,
+        entry: &Entry,
+        store: &Arc<dyn BlobStore>,
+        name: &str,
+        i: usize,
+        j: usize,
+    ) -> Result<()> {
+        let lo = i as u64 * CHUNK;
+        let hi = (j as u64 * CHUNK).min(entry.size);
+        let data = store.get_range(name, lo, hi - lo).await?;
+        entry
+            .file
+            .write_all_at(&data, lo)
+            .map_err(|e| StoreError::io(self.data_path(entry.key).display().to_string(), e))
+    }
+
+    /// Records which chunks are present, for the next run. Not synced: a
+    /// record that outlives its data after a power cut reads as damaged
+    /// bytes, which the caller's checksums catch.
+    fn write_sidecar(&self, entry: &Entry, present: &[bool]) {
+        let mut bytes = Vec::with_capacity(16 + present.len().div_ceil(8));
+        bytes.extend_from_slice(&entry.size.to_le_bytes());
+        let mut bits = vec![0u8; present.len().div_ceil(8)];
+        for (i, _) in present.iter().enumerate().filter(|(_, p)| **p) {
+            bits[i / 8] |= 1 << (i % 8);
+        }
+        bytes.extend_from_slice(&bits);
+        let crc = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        let path = self.sidecar_path(entry.key);
+        if let Err(e) = std::fs::write(&path, &bytes) {
+            tracing::debug!(path = %path.display(), error = %e, "could not record cached chunks");
+        }
+    }
+
+    /// Takes the file at `path`, holding all `len` bytes of segment `key`,
+    /// as its cached copy. False if it would not fit or could not be moved.
+    pub fn adopt(&self, key: SegmentKey, path: &Path, len: u64) -> bool {
+        if len > self.limit || len == 0 {
+            return false;
+        }
+        self.forget(key);
+        let data_path = self.data_path(key);
+        if std::fs::rename(path, &data_path).is_err() {
+            return false;
+        }
+        let file = match OpenOptions::new().read(true).write(true).open(&data_path) {
+            Ok(f) => f,
+            Err(_) => {
+                let _ = std::fs::remove_file(&data_path);
+                return false;
+            }
+        };
+        let n = len.div_ceil(CHUNK) as usize;
+        let entry = Arc::new(Entry {
+            key,
+            size: len,
+            file,
+            chunks: Mutex::new(Chunks {
+                present: vec![true; n],
+                fetching: vec![false; n],
+            }),
+            cached: AtomicU64::new(len),
+            fetched: Notify::new(),
+        });
+        self.write_sidecar(&entry, &vec![true; n]);
+        {
+            let mut state = self.state.lock();
+            state.bytes += len;
+            state.entries.put(key, entry);
+        }
+        self.evict(Some(key));
+        true
+    }
+
+    /// Drops the cached copy of `key`; false if there was none.
+    pub fn forget(&self, key: SegmentKey) -> bool {
+        let removed = {
+            let mut state = self.state.lock();
+            let removed = state.entries.pop(&key);
+            if let Some(e) = &removed {
+                state.bytes -= e.cached.load(Ordering::Relaxed).min(state.bytes);
+            }
+            removed
+        };
+        match removed {
+            Some(_) => {
+                self.remove_files(key);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn remove_files(&self, key: SegmentKey) {
+        let _ = std::fs::remove_file(self.sidecar_path(key));
+        let _ = std::fs::remove_file(self.data_path(key));
+    }
+
+    /// Evicts least recently used segments until under the limit, never
+    /// `keep` (the one being read).
+    fn evict(&self, keep: Option<SegmentKey>) {
+        let mut gone = Vec::new();
+        {
+            let mut state = self.state.lock();
+            let mut kept = None;
+            while state.bytes > self.limit {
+                let Some((key, entry)) = state.entries.pop_lru() else {
+                    break;
+                };
+                if Some(key) == keep {
+                    kept = Some((key, entry));
+                    continue;
+                }
+                state.bytes -= entry.cached.load(Ordering::Relaxed).min(state.bytes);
+                gone.push(key);
+            }
+            if let Some((key, entry)) = kept {
+                state.entries.put(key, entry);
+            }
+        }
+        for key in gone {
+            self.remove_files(key);
+        }
+    }
+}
+
+/// Reads back an entry a previous run left; None if anything is off.
+fn load_entry(dir: &Path, key: SegmentKey) -> Option<Entry> {
+    let sidecar = std::fs::read(dir.join(format!("{}{SIDECAR_SUFFIX}", key.file_name()))).ok()?;
+    if sidecar.len() < 12 {
+        return None;
+    }
+    let (body, crc) = sidecar.split_at(sidecar.len() - 4);
+    if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().ok()?) {
+        return None;
+    }
+    let size = u64::from_le_bytes(body[..8].try_into().ok()?);
+    let n = size.div_ceil(CHUNK) as usize;
+    let bits = &body[8..];
+    if bits.len() != n.div_ceil(8) {
+        return None;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join(key.file_name()))
+        .ok()?;
+    if file.metadata().ok()?.len() != size {
+        return None;
+    }
+    let present: Vec<bool> = (0..n).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect();
+    let entry = Entry {
+        key,
+        size,
+        file,
+        chunks: Mutex::new(Chunks {
+            fetching: vec![false; n],
+            present: Vec::new(),
+        }),
+        cached: AtomicU64::new(0),
+        fetched: Notify::new(),
+    };
+    let cached = (0..n).filter(|&i| present[i]).map(|i| entry.chunk_len(i)).sum();
+    entry.cached.store(cached, Ordering::Relaxed);
+    entry.chunks.lock().present = present;
+    Some(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use hlfs_store::MemEnv;
+
+    #[test]
+    fn keys_round_trip_through_file_names() {
+        let key = SegmentKey {
+            volume: *b"0123456789abcdef",
+            seg: 42,
+        };
+        assert_eq!(SegmentKey::parse(&key.file_name()), Some(key));
+        assert_eq!(SegmentKey::parse("nothex-0000000001"), None);
+    }
+
+    async fn store_with(name: &str, data: &[u8]) -> Arc<dyn BlobStore> {
+        let env = MemEnv::new();
+        let store = env.store();
+        store
+            .put_if_absent(name, Bytes::copy_from_slice(data))
+            .await
+            .unwrap();
+        store
+    }
+
+    #[tokio::test]
+    async fn reads_fetch_once_survive_reopen_and_evict_by_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(3 * CHUNK + 100)).map(|i| (i * 7 % 251) as u8).collect();
+        let store = store_with("segments/0000000001", &data).await;
+        let key = SegmentKey { volume: [1; 16], seg: 1 };
+        {
+            let cache = ReadCache::open(dir.path(), 64 << 20).unwrap().unwrap();
+            // A second process cannot share the directory.
+            assert!(ReadCache::open(dir.path(), 64 << 20).unwrap().is_none());
+            let mut buf = vec![0u8; 5000];
+            cache
+                .read_into(key, &store, "segments/0000000001", CHUNK - 10, &mut buf)
+                .await
+                .unwrap();
+            assert_eq!(buf, data[(CHUNK - 10) as usize..(CHUNK - 10) as usize + 5000]);
+            assert_eq!(cache.cached_bytes(), 2 * CHUNK);
+            let mut tail = vec![0u8; 100];
+            cache
+                .read_into(key, &store, "segments/0000000001", 3 * CHUNK, &mut tail)
+                .await
+                .unwrap();
+            assert_eq!(tail, data[3 * CHUNK as usize..]);
+            assert_eq!(cache.cached_bytes(), 2 * CHUNK + 100);
+            let past = cache
+                .read_into(key, &store, "segments/0000000001", 3 * CHUNK, &mut buf)
+                .await;
+            assert!(matches!(past, Err(StoreError::OutOfRange { .. })), "{past:?}");
+        }
+        // Reopened, the chunks are there without the store.
+        let empty: Arc<dyn BlobStore> = MemEnv::new().store();
+        let cache = ReadCache::open(dir.path(), 64 << 20).unwrap().unwrap();
+        assert_eq!(cache.cached_bytes(), 2 * CHUNK + 100);
+        let mut buf = vec![0u8; 4096];
+        cache
+            .read_into(key, &empty, "segments/0000000001", CHUNK, &mut buf)
+            .await
+            .unwrap();
+        assert_eq!(buf, data[CHUNK as usize..CHUNK as usize + 4096]);
+        // A chunk it never fetched is not there.
+        let miss = cache
+            .read_into(key, &empty, "segments/0000000001", 2 * CHUNK, &mut buf)
+            .await;
+        assert!(miss.is_err());
+        drop(cache);
+        // A smaller limit evicts on open.
+        let cache = ReadCache::open(dir.path(), CHUNK).unwrap().unwrap();
+        assert_eq!(cache.cached_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn adopted_files_are_read_locally_and_forgotten_on_demand() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ReadCache::open(dir.path(), 64 << 20).unwrap().unwrap();
+        let elsewhere = tempfile::tempdir_in(dir.path()).unwrap();
+        let journal = elsewhere.path().join("0000000007.journal");
+        let data = vec![9u8; 3000];
+        std::fs::write(&journal, &data).unwrap();
+        let key = SegmentKey { volume: [2; 16], seg: 7 };
+        assert!(cache.adopt(key, &journal, 3000));
+        assert!(!journal.exists());
+        let empty: Arc<dyn BlobStore> = MemEnv::new().store();
+        let mut buf = vec![0u8; 3000];
+        cache
+            .read_into(key, &empty, "segments/0000000007", 0, &mut buf)
+            .await
+            .unwrap();
+        assert_eq!(buf, data);
+        assert!(cache.forget(key));
+        assert_eq!(cache.cached_bytes(), 0);
+        assert!(cache
+            .read_into(key, &empty, "segments/0000000007", 0, &mut buf)
+            .await
+            .is_err());
+    }
+}
