@@ -213,6 +213,19 @@ impl MemEnv {
         }
     }
 
+    /// A new, independent env holding this one's blobs and no journal: what
+    /// another host sees of a volume in a shared store, or this host after
+    /// losing its local disk.
+    pub fn store_only(&self) -> MemEnv {
+        let blobs = self.state.lock().blobs.clone();
+        MemEnv {
+            state: Arc::new(Mutex::new(State {
+                blobs,
+                ..State::default()
+            })),
+        }
+    }
+
     /// Add a fault; it is checked after the ones already there.
     pub fn inject(&self, fault: Fault) {
         self.state.lock().faults.push(fault);

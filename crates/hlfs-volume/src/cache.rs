@@ -115,13 +115,20 @@ static OPEN: Mutex<Vec<(PathBuf, Weak<ReadCache>)>> = Mutex::new(Vec::new());
 impl ReadCache {
     /// The process's cache in `dir`, opened (and made) on first use, or
     /// None if another process holds it.
-    pub fn shared(dir: &Path, limit: u64) -> std::result::Result<Option<Arc<ReadCache>>, StoreError> {
+    pub fn shared(
+        dir: &Path,
+        limit: u64,
+    ) -> std::result::Result<Option<Arc<ReadCache>>, StoreError> {
         let io = |e| StoreError::io(dir.display().to_string(), e);
         std::fs::create_dir_all(dir).map_err(io)?;
         let dir = dir.canonicalize().map_err(io)?;
         let mut open = OPEN.lock();
         open.retain(|(_, c)| c.strong_count() > 0);
-        if let Some(cache) = open.iter().find(|(d, _)| *d == dir).and_then(|(_, c)| c.upgrade()) {
+        if let Some(cache) = open
+            .iter()
+            .find(|(d, _)| *d == dir)
+            .and_then(|(_, c)| c.upgrade())
+        {
             return Ok(Some(cache));
         }
         let Some(cache) = ReadCache::open(&dir, limit)? else {
@@ -152,7 +159,10 @@ impl ReadCache {
         for item in std::fs::read_dir(dir).map_err(io)? {
             let item = item.map_err(io)?;
             let name = item.file_name().to_string_lossy().into_owned();
-            let Some(key) = name.strip_suffix(SIDECAR_SUFFIX).and_then(SegmentKey::parse) else {
+            let Some(key) = name
+                .strip_suffix(SIDECAR_SUFFIX)
+                .and_then(SegmentKey::parse)
+            else {
                 continue;
             };
             match load_entry(dir, key) {
@@ -201,7 +211,8 @@ impl ReadCache {
     }
 
     fn sidecar_path(&self, key: SegmentKey) -> PathBuf {
-        self.dir.join(format!("{}{SIDECAR_SUFFIX}", key.file_name()))
+        self.dir
+            .join(format!("{}{SIDECAR_SUFFIX}", key.file_name()))
     }
 
     /// Fills `buf` with segment `key` (blob `name` of `store`) from `off`,
@@ -509,7 +520,10 @@ fn load_entry(dir: &Path, key: SegmentKey) -> Option<Entry> {
         cached: AtomicU64::new(0),
         fetched: Notify::new(),
     };
-    let cached = (0..n).filter(|&i| present[i]).map(|i| entry.chunk_len(i)).sum();
+    let cached = (0..n)
+        .filter(|&i| present[i])
+        .map(|i| entry.chunk_len(i))
+        .sum();
     entry.cached.store(cached, Ordering::Relaxed);
     entry.chunks.lock().present = present;
     Some(entry)
@@ -544,9 +558,14 @@ mod tests {
     #[tokio::test]
     async fn reads_fetch_once_survive_reopen_and_evict_by_size() {
         let dir = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..(3 * CHUNK + 100)).map(|i| (i * 7 % 251) as u8).collect();
+        let data: Vec<u8> = (0..(3 * CHUNK + 100))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
         let store = store_with("segments/0000000001", &data).await;
-        let key = SegmentKey { volume: [1; 16], seg: 1 };
+        let key = SegmentKey {
+            volume: [1; 16],
+            seg: 1,
+        };
         {
             let cache = ReadCache::open(dir.path(), 64 << 20).unwrap().unwrap();
             // A second process cannot share the directory.
@@ -556,7 +575,10 @@ mod tests {
                 .read_into(key, &store, "segments/0000000001", CHUNK - 10, &mut buf)
                 .await
                 .unwrap();
-            assert_eq!(buf, data[(CHUNK - 10) as usize..(CHUNK - 10) as usize + 5000]);
+            assert_eq!(
+                buf,
+                data[(CHUNK - 10) as usize..(CHUNK - 10) as usize + 5000]
+            );
             assert_eq!(cache.cached_bytes(), 2 * CHUNK);
             let mut tail = vec![0u8; 100];
             cache
@@ -568,7 +590,10 @@ mod tests {
             let past = cache
                 .read_into(key, &store, "segments/0000000001", 3 * CHUNK, &mut buf)
                 .await;
-            assert!(matches!(past, Err(StoreError::OutOfRange { .. })), "{past:?}");
+            assert!(
+                matches!(past, Err(StoreError::OutOfRange { .. })),
+                "{past:?}"
+            );
         }
         // Reopened, the chunks are there without the store.
         let empty: Arc<dyn BlobStore> = MemEnv::new().store();
@@ -599,7 +624,10 @@ mod tests {
         let journal = elsewhere.path().join("0000000007.journal");
         let data = vec![9u8; 3000];
         std::fs::write(&journal, &data).unwrap();
-        let key = SegmentKey { volume: [2; 16], seg: 7 };
+        let key = SegmentKey {
+            volume: [2; 16],
+            seg: 7,
+        };
         assert!(cache.adopt(key, &journal, 3000));
         assert!(!journal.exists());
         let empty: Arc<dyn BlobStore> = MemEnv::new().store();

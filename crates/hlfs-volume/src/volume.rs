@@ -1415,7 +1415,13 @@ impl Volume {
                         // waits for the upload, and the next open does it.
                         return Err(VolumeError::Closed);
                     }
-                    let first = self.inner.uploads.stalled.lock().replace(format!("{what}: {e}")).is_none();
+                    let first = self
+                        .inner
+                        .uploads
+                        .stalled
+                        .lock()
+                        .replace(format!("{what}: {e}"))
+                        .is_none();
                     if first {
                         tracing::warn!(volume = %self.location(), error = %e, "{what} failed; retrying until the store takes it");
                     } else {

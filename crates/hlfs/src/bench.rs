@@ -446,12 +446,15 @@ async fn create_and_open(dir: &Path, size: u64, map_budget: u64) -> Result<Volum
 
 async fn open(dir: &Path, map_budget: u64) -> Result<Volume> {
     let backend = Backend::local(dir, false)?;
-    let vol = Volume::open(backend, &OpenOptions {
-        map_budget,
-        ..OpenOptions::default()
-    })
-        .await
-        .with_context(|| format!("opening the volume in {}", dir.display()))?;
+    let vol = Volume::open(
+        backend,
+        &OpenOptions {
+            map_budget,
+            ..OpenOptions::default()
+        },
+    )
+    .await
+    .with_context(|| format!("opening the volume in {}", dir.display()))?;
     Ok(vol)
 }
 

@@ -164,7 +164,6 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .map_err(|e| format!("{s:?} is not a size ({e}); use e.g. 512M, 10G, 1T"))
 }
 
-
 /// What the global options set for every command.
 pub struct Settings {
     pub open: OpenOptions,
@@ -224,7 +223,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
         Command::Info { volume, json } => {
-            let vol = Volume::open_read_only(settings.backend(&volume, false)?, &settings.open, View::Head).await?;
+            let vol = Volume::open_read_only(
+                settings.backend(&volume, false)?,
+                &settings.open,
+                View::Head,
+            )
+            .await?;
             let info = vol.info().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&info_json(&info))?);
@@ -293,7 +297,12 @@ async fn snapshot(cmd: SnapshotCommand, settings: &Settings) -> Result<()> {
             println!("rolled {volume} back to snapshot {name}; its previous state is kept as snapshot {kept}");
         }
         SnapshotCommand::List { volume, json } => {
-            let vol = Volume::open_read_only(settings.backend(&volume, false)?, &settings.open, View::Head).await?;
+            let vol = Volume::open_read_only(
+                settings.backend(&volume, false)?,
+                &settings.open,
+                View::Head,
+            )
+            .await?;
             let snaps = vol.snapshots();
             if json {
                 let list: Vec<_> = snaps
@@ -546,7 +555,8 @@ async fn export(arg: &str, file: &str, settings: &Settings) -> Result<()> {
         Some(s) => View::Snapshot(s.to_string()),
         None => View::Head,
     };
-    let vol = Volume::open_read_only(settings.backend(volume, false)?, &settings.open, view).await?;
+    let vol =
+        Volume::open_read_only(settings.backend(volume, false)?, &settings.open, view).await?;
     let size = vol.size();
     let start = Instant::now();
     let bar = progress(Some(size), "exporting");

@@ -158,11 +158,13 @@ async fn open_exports(
     for arg in &args.volumes {
         let (volume, snap) = split_snapshot(arg);
         let vol = match snap {
-            Some(s) => {
-                Volume::open_read_only(settings.backend(volume, false)?, &settings.open, View::Snapshot(s.to_string()))
-                    .await
-                    .with_context(|| format!("opening {arg}"))?
-            }
+            Some(s) => Volume::open_read_only(
+                settings.backend(volume, false)?,
+                &settings.open,
+                View::Snapshot(s.to_string()),
+            )
+            .await
+            .with_context(|| format!("opening {arg}"))?,
             None => {
                 let opened = match Backend::parse(volume, false, &settings.store) {
                     Ok(b) => Volume::open(b, &settings.open).await,

@@ -1,0 +1,216 @@
+//! A volume whose store is remote: uploads in the background, a store that
+//! goes away and comes back, FLUSH with remote durability, and the read
+//! cache.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hlfs_store::{Fault, FaultOp, LocalJournal, MemEnv};
+use hlfs_volume::{
+    Backend, CreateOptions, Durability, OpenOptions, ReadCache, Volume, VolumeError,
+};
+
+const SEGMENT: u64 = 256 << 10;
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u64).wrapping_mul(31).wrapping_add(seed * 7) as u8)
+        .collect()
+}
+
+/// The memory env as a remote store: the upload backlog of one.
+fn remote(env: &MemEnv) -> Backend {
+    Backend {
+        remote: true,
+        ..Backend::memory(env)
+    }
+}
+
+fn options(durability: Durability, store_wait: Duration) -> OpenOptions {
+    OpenOptions {
+        durability,
+        store_wait,
+        ..OpenOptions::default()
+    }
+}
+
+async fn create(backend: &Backend, size: u64) {
+    Volume::create(
+        backend,
+        &CreateOptions {
+            size,
+            segment_size: SEGMENT,
+            ..CreateOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+}
+
+fn refuse_uploads(env: &MemEnv) {
+    env.inject(Fault {
+        op: FaultOp::Put,
+        name_prefix: String::new(),
+        remaining: None,
+    });
+}
+
+#[tokio::test]
+async fn a_store_that_goes_away_delays_uploads_not_flushes_and_service_resumes() {
+    let env = MemEnv::new();
+    create(&remote(&env), 64 << 20).await;
+    let opts = options(Durability::Local, Duration::from_millis(500));
+    let vol = Volume::open(remote(&env), &opts).await.unwrap();
+    refuse_uploads(&env);
+    // Writes and flushes go on while the backlog has room: the journal
+    // holds them.
+    let chunk = 64 << 10;
+    let mut written = 0u64;
+    let mut refused = None;
+    let started = Instant::now();
+    while written < 32 * SEGMENT {
+        let data = pattern(chunk, written);
+        match vol.write(written, &data).await {
+            Ok(()) => written += chunk as u64,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+        vol.flush()
+            .await
+            .expect("a local flush does not need the store");
+    }
+    let err = refused.expect("writes stop once the upload backlog is full");
+    assert!(matches!(err, VolumeError::Unavailable(_)), "{err}");
+    assert!(err.to_string().contains("injected fault"), "{err}");
+    assert!(written >= 4 * SEGMENT, "the backlog took {written} bytes");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The store comes back: the same volume takes writes again.
+    env.clear_faults();
+    let more = pattern(chunk, 999);
+    vol.write(written, &more).await.expect("service resumes");
+    vol.flush().await.unwrap();
+    vol.close().await.unwrap();
+    // Everything acknowledged is there, from the store alone.
+    let vol = Volume::open(remote(&env.store_only()), &opts)
+        .await
+        .unwrap();
+    for off in (0..written).step_by(chunk) {
+        assert_eq!(
+            vol.read(off, chunk).await.unwrap(),
+            pattern(chunk, off),
+            "at {off}"
+        );
+    }
+    assert_eq!(vol.read(written, chunk).await.unwrap(), more);
+    vol.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn uploads_are_retried_until_the_store_takes_them() {
+    let env = MemEnv::new();
+    create(&remote(&env), 16 << 20).await;
+    let opts = options(Durability::Local, Duration::from_secs(30));
+    let vol = Volume::open(remote(&env), &opts).await.unwrap();
+    env.inject(Fault {
+        op: FaultOp::Put,
+        name_prefix: "segments/".into(),
+        remaining: Some(3),
+    });
+    let data = pattern(3 * SEGMENT as usize, 5);
+    for (i, chunk) in data.chunks(64 << 10).enumerate() {
+        vol.write(i as u64 * (64 << 10), chunk).await.unwrap();
+    }
+    vol.close()
+        .await
+        .expect("close waits for the retried uploads");
+    let vol = Volume::open(remote(&env.store_only()), &opts)
+        .await
+        .unwrap();
+    assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
+    vol.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn remote_durability_puts_flushed_writes_in_the_store() {
+    for durability in [Durability::Remote, Durability::Local] {
+        let env = MemEnv::new();
+        create(&remote(&env), 16 << 20).await;
+        let opts = options(durability, Duration::from_secs(30));
+        let vol = Volume::open(remote(&env), &opts).await.unwrap();
+        vol.write(4096, &pattern(8192, 1)).await.unwrap();
+        vol.flush().await.unwrap();
+        vol.write(1 << 20, &pattern(4096, 2)).await.unwrap();
+        vol.write_fua(2 << 20, &pattern(4096, 3)).await.unwrap();
+        // The host dies with its disk: another one opens the volume from
+        // the store alone (its claim is on this host, so it may take over).
+        let elsewhere = env.store_only();
+        let vol2 = Volume::open(remote(&elsewhere), &opts).await.unwrap();
+        let first = vol2.read(4096, 8192).await.unwrap();
+        let fua = vol2.read(2 << 20, 4096).await.unwrap();
+        if durability == Durability::Remote {
+            assert_eq!(first, pattern(8192, 1));
+            assert_eq!(fua, pattern(4096, 3));
+        } else {
+            // Local durability keeps flushed writes in the local journal
+            // only, until their segment is sealed.
+            assert_eq!(first, vec![0; 8192]);
+        }
+        vol2.close().await.unwrap();
+        drop(vol);
+    }
+}
+
+#[tokio::test]
+async fn the_read_cache_serves_stored_segments_and_survives_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = MemEnv::new();
+    let backend = || Backend {
+        journal: Arc::new(LocalJournal::new(dir.path().join("journal")).unwrap()),
+        cache: ReadCache::shared(&dir.path().join("cache"), 1 << 30).unwrap(),
+        ..remote(&env)
+    };
+    create(&backend(), 16 << 20).await;
+    let opts = options(Durability::Local, Duration::from_secs(30));
+    let vol = Volume::open(backend(), &opts).await.unwrap();
+    let data = pattern(4 * SEGMENT as usize, 9);
+    for (i, chunk) in data.chunks(64 << 10).enumerate() {
+        vol.write(i as u64 * (64 << 10), chunk).await.unwrap();
+    }
+    vol.close().await.unwrap();
+    // Every segment uploaded is also in the cache: with the store refusing
+    // reads, they still read back.
+    env.inject(Fault {
+        op: FaultOp::Get,
+        name_prefix: "segments/".into(),
+        remaining: None,
+    });
+    let cache_dir = dir.path().join("cache");
+    let cached: Vec<_> = std::fs::read_dir(&cache_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_none() && !p.ends_with("LOCK"))
+        .collect();
+    assert!(cached.len() >= 4, "{cached:?}");
+    {
+        let vol = Volume::open(backend(), &opts).await.unwrap();
+        assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
+        vol.close().await.unwrap();
+    }
+    // Damaged cache files are noticed by the checksums and read again
+    // from the store.
+    env.clear_faults();
+    for path in &cached {
+        let mut bytes = std::fs::read(path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        bytes[100] ^= 0xff;
+        std::fs::write(path, bytes).unwrap();
+    }
+    let vol = Volume::open(backend(), &opts).await.unwrap();
+    assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
+    vol.close().await.unwrap();
+}
