@@ -71,6 +71,16 @@ pub struct ReadCache {
     limit: u64,
     state: Mutex<State>,
     _lock: File,
+    /// A private cache in a temporary directory, removed when dropped.
+    scratch: bool,
+}
+
+impl Drop for ReadCache {
+    fn drop(&mut self) {
+        if self.scratch {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 impl std::fmt::Debug for ReadCache {
@@ -113,8 +123,8 @@ impl Entry {
 static OPEN: Mutex<Vec<(PathBuf, Weak<ReadCache>)>> = Mutex::new(Vec::new());
 
 impl ReadCache {
-    /// The process's cache in `dir`, opened (and made) on first use, or
-    /// None if another process holds it.
+    /// The process's cache in `dir`, opened (and made) on first use; a
+    /// private, temporary one if another process holds it.
     pub fn shared(
         dir: &Path,
         limit: u64,
@@ -132,12 +142,30 @@ impl ReadCache {
             return Ok(Some(cache));
         }
         let Some(cache) = ReadCache::open(&dir, limit)? else {
-            tracing::warn!(dir = %dir.display(), "the read cache is in use by another process; reading from the store directly");
-            return Ok(None);
+            tracing::info!(dir = %dir.display(), "the read cache is in use by another process; using a private one");
+            return ReadCache::scratch(limit).map(Some);
         };
         let cache = Arc::new(cache);
         open.push((dir, Arc::downgrade(&cache)));
         Ok(Some(cache))
+    }
+
+    /// An empty cache of its own in a temporary directory, removed when it
+    /// is dropped: fetches in large ranges for a reader that must see the
+    /// store itself (`check`).
+    pub fn scratch(limit: u64) -> std::result::Result<Arc<ReadCache>, StoreError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "hlfs-scratch-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let io = |e| StoreError::io(dir.display().to_string(), e);
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let mut cache = ReadCache::open(&dir, limit)?
+            .ok_or_else(|| StoreError::Other(format!("{} is in use", dir.display())))?;
+        cache.scratch = true;
+        Ok(Arc::new(cache))
     }
 
     /// Opens the cache in `dir`, keeping what earlier runs cached; None if
@@ -196,6 +224,7 @@ impl ReadCache {
             limit,
             state: Mutex::new(state),
             _lock: lock,
+            scratch: false,
         };
         cache.evict(None);
         Ok(Some(cache))

@@ -10,6 +10,7 @@ use hlfs_format::{
 use hlfs_store::StoreError;
 
 use crate::backend::Backend;
+use crate::cache::ReadCache;
 use crate::error::{Result, VolumeError};
 use crate::segments::{ScanSource, ScanStop, Scanner, Segments};
 use crate::volume::{read_checkpoint, read_page, OpenOptions, View, Volume};
@@ -36,6 +37,9 @@ impl CheckReport {
 
 /// Checks the volume at `backend` without changing it. Errors only if there
 /// is no volume or the store fails; damage goes in the report.
+/// Bytes of a remote volume's segments a check keeps locally at most.
+const SCRATCH_CACHE: u64 = 1 << 30;
+
 pub async fn check(backend: Backend) -> Result<CheckReport> {
     let mut report = CheckReport::default();
     let store = backend.store.clone();
@@ -141,7 +145,13 @@ pub async fn check(backend: Backend) -> Result<CheckReport> {
     }
 
     // The map trees of the head checkpoint and of every snapshot.
-    let segments = Segments::new(store.clone(), None, uuid);
+    // Every byte comes from the store; a remote one is read in large
+    // ranges through a cache of the check's own.
+    let scratch = match backend.remote {
+        true => Some(ReadCache::scratch(SCRATCH_CACHE)?),
+        false => None,
+    };
+    let segments = Segments::new(store.clone(), scratch, uuid);
     let mut seen_pages = HashSet::new();
     let mut roots = vec![("head".to_string(), manifest.checkpoint)];
     roots.extend(

@@ -660,7 +660,6 @@ impl Volume {
                 }
                 continue;
             }
-            let file = inner.backend.journal.open(&name)?;
             if ended || id < m.replay_from_seg {
                 if !inner.read_only {
                     tracing::warn!(journal = %name, "dropping journal beyond the end of the recovered log");
@@ -668,10 +667,24 @@ impl Volume {
                 }
                 continue;
             }
-            inner.segments.add_journal(id, file.clone());
-            let len = file.len()?;
+            let (source, file, len) = match inner.backend.journal.open(&name) {
+                Ok(file) => {
+                    inner.segments.add_journal(id, file.clone());
+                    let len = file.len()?;
+                    (ScanSource::Journal(file.clone()), Some(file), len)
+                }
+                // A live writer stored it since the listing: it is whole
+                // in the store now.
+                Err(StoreError::NotFound(_)) if inner.read_only => {
+                    let store = inner.backend.store.clone();
+                    let reader = store.open_reader(&segment_name(id)).await?;
+                    let size = reader.size();
+                    (ScanSource::Store(reader), None, size)
+                }
+                Err(e) => return Err(e.into()),
+            };
             let first_lsn = expected;
-            let mut scan = Scanner::new(ScanSource::Journal(file.clone()), len);
+            let mut scan = Scanner::new(source, len);
             let valid_len = loop {
                 match scan.next(&inner.uuid).await? {
                     Ok((off, h, payload)) => {
@@ -693,7 +706,9 @@ impl Volume {
                     }
                 }
             };
-            live_journals.push((id, file, valid_len, first_lsn));
+            if let Some(file) = file {
+                live_journals.push((id, file, valid_len, first_lsn));
+            }
         }
         w.next_lsn = expected;
         inner.written_lsn.store(expected - 1, Ordering::SeqCst);

@@ -7,11 +7,21 @@
 //!
 //! `PROPTEST_CASES` sets the number of cases (default 256 per test binary
 //! run; CI raises it, and `scripts/model-soak.sh` runs millions).
+//!
+//! With `HLFS_MODEL_S3_URI=s3://BUCKET/PREFIX` the segments and manifests of
+//! every case go to that S3 store instead (scripts/test-s3.sh runs a reduced
+//! number of cases against Ceph). Crashes then become clean reopens: a
+//! crashed process's last requests may still land on a real gateway after
+//! it "died", which the in-memory store rules out.
 
 mod common;
 
 use common::{Image, SECTOR};
-use hlfs_store::{CrashMode, MemEnv};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hlfs_store::{BlobStore, CrashMode, MemEnv, S3Store};
 use hlfs_volume::{Backend, CreateOptions, OpenOptions, View, Volume};
 use proptest::prelude::*;
 
@@ -132,6 +142,8 @@ fn budget(cfg: &Config) -> OpenOptions {
 struct Harness {
     cfg: Config,
     env: MemEnv,
+    /// The S3 store of the case, if it runs on one.
+    s3: Option<Arc<dyn BlobStore>>,
     vol: Volume,
     model: Image,
     /// States since the last durable point; the first is durable.
@@ -149,8 +161,19 @@ impl Harness {
         self.history = vec![self.model.clone()];
     }
 
+    async fn reopen(&mut self) {
+        self.vol.close().await.expect("close");
+        self.open().await;
+        self.durable();
+        self.verify_all().await;
+    }
+
+    fn backend(&self) -> Backend {
+        backend(&self.env, &self.s3)
+    }
+
     async fn open(&mut self) {
-        self.vol = Volume::open(Backend::memory(&self.env), &budget(&self.cfg))
+        self.vol = Volume::open(self.backend(), &budget(&self.cfg))
             .await
             .expect("reopen");
     }
@@ -238,7 +261,7 @@ impl Harness {
                 }
                 let (name, image) = &self.snapshots[*which as usize % self.snapshots.len()];
                 let snap = Volume::open_read_only(
-                    Backend::memory(&self.env),
+                    self.backend(),
                     &budget(&self.cfg),
                     View::Snapshot(name.clone()),
                 )
@@ -256,12 +279,8 @@ impl Harness {
                     "snapshot must be read-only"
                 );
             }
-            Op::Reopen => {
-                self.vol.close().await.expect("close");
-                self.open().await;
-                self.durable();
-                self.verify_all().await;
-            }
+            Op::Reopen => self.reopen().await,
+            Op::Crash { .. } if self.s3.is_some() => self.reopen().await,
             Op::Crash { mode, seed } => {
                 let mode = match mode {
                     0 => CrashMode::DropUnsynced,
@@ -328,24 +347,52 @@ impl Harness {
     }
 }
 
+/// The case's volume: all in memory, or with its store on S3.
+fn backend(env: &MemEnv, s3: &Option<Arc<dyn BlobStore>>) -> Backend {
+    match s3 {
+        Some(store) => Backend {
+            store: store.clone(),
+            remote: true,
+            ..Backend::memory(env)
+        },
+        None => Backend::memory(env),
+    }
+}
+
+fn s3_store_for_case() -> Option<Arc<dyn BlobStore>> {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let base = std::env::var("HLFS_MODEL_S3_URI").ok()?;
+    let uri = format!(
+        "{}/case-{}-{}",
+        base.trim_end_matches('/'),
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    Some(Arc::new(
+        S3Store::from_uri(&uri, Duration::from_secs(30)).expect("S3 configuration"),
+    ))
+}
+
 async fn run_case(cfg: Config, ops: Vec<Op>) {
     let env = MemEnv::new();
+    let s3 = s3_store_for_case();
     let bs = 1u32 << cfg.block_shift;
     let create = CreateOptions {
         size: cfg.size,
         block_size: bs,
         segment_size: (cfg.segment_blocks * bs as u64).max(64 << 10),
     };
-    Volume::create(&Backend::memory(&env), &create)
+    Volume::create(&backend(&env, &s3), &create)
         .await
         .expect("create");
-    let vol = Volume::open(Backend::memory(&env), &budget(&cfg))
+    let vol = Volume::open(backend(&env, &s3), &budget(&cfg))
         .await
         .expect("open");
     let model = Image::new(cfg.size);
     let mut h = Harness {
         cfg,
         env,
+        s3,
         vol,
         history: vec![model.clone()],
         model,

@@ -441,6 +441,20 @@ fn tempdir() -> tempfile::TempDir {
         .unwrap()
 }
 
+/// Where a test's volume lives: in its temp dir, or on S3 under
+/// `HLFS_TEST_S3_BASE` (scripts/test-s3.sh runs this suite against Ceph).
+fn volume_at(dir: &Path, name: &str) -> String {
+    match std::env::var("HLFS_TEST_S3_BASE") {
+        Ok(base) => format!(
+            "{}/{}-{}/{name}",
+            base.trim_end_matches('/'),
+            std::process::id(),
+            next_id()
+        ),
+        Err(_) => path_str(&dir.join(name)),
+    }
+}
+
 fn path_str(p: &Path) -> String {
     p.to_str().expect("utf-8 path").to_string()
 }
@@ -703,7 +717,7 @@ fn qemu_img_convert_round_trip() {
     let dir = tempdir();
     let img = dir.path().join("in.img");
     let want = random_file(&img, 256 * MIB, 1);
-    let vol = path_str(&dir.path().join("vm.hlfs"));
+    let vol = volume_at(dir.path(), "vm.hlfs");
     let srv = Server::unix(dir.path(), &[&vol], &["--create", "--size", "256M"]);
     let uri = srv.uri().to_string();
     assert!(uri.starts_with("nbd+unix:///vm.hlfs?socket="), "{uri}");
@@ -742,7 +756,7 @@ fn qemu_img_convert_round_trip() {
 fn qemu_io_unaligned_patterns() {
     require!("qemu-io" => "qemu-utils");
     let dir = tempdir();
-    let vol = path_str(&dir.path().join("vm.hlfs"));
+    let vol = volume_at(dir.path(), "vm.hlfs");
     let srv = Server::unix(dir.path(), &[&vol], &["--create", "--size", "64M"]);
     let uri = srv.uri();
     let session1 = [
@@ -822,7 +836,7 @@ fn qemu_io_unaligned_patterns() {
 fn nbdinfo_map_tracks_allocation() {
     require!("nbdinfo" => "libnbd-bin", "qemu-io" => "qemu-utils");
     let dir = tempdir();
-    let vol = path_str(&dir.path().join("vm.hlfs"));
+    let vol = volume_at(dir.path(), "vm.hlfs");
     let srv = Server::unix(dir.path(), &[&vol], &["--create", "--size", "64M"]);
     let uri = srv.uri();
     let size = 64 * MIB;
@@ -865,7 +879,7 @@ fn nbdcopy_round_trip() {
     let d = dir.path();
     let input = d.join("in.img");
     let want = random_file(&input, 64 * MIB, 2);
-    let vol = path_str(&d.join("vm.hlfs"));
+    let vol = volume_at(d, "vm.hlfs");
     hlfs(&["import", &path_str(&input), &vol, "--create"]).ok();
 
     let srv = Server::unix(d, &[&vol], &[]);
@@ -891,7 +905,7 @@ fn nbdcopy_round_trip() {
 fn fio_verify() {
     require!("fio" => "fio");
     let dir = tempdir();
-    let vol = path_str(&dir.path().join("vm.hlfs"));
+    let vol = volume_at(dir.path(), "vm.hlfs");
     let srv = Server::unix(dir.path(), &[&vol], &["--create", "--size", "128M"]);
     let uri = srv.uri();
     let common = [
@@ -932,7 +946,7 @@ fn snapshot_export_is_read_only() {
     require!("nbdinfo" => "libnbd-bin", "qemu-io" => "qemu-utils");
     let dir = tempdir();
     let d = dir.path();
-    let vol = path_str(&d.join("vm.hlfs"));
+    let vol = volume_at(d, "vm.hlfs");
     hlfs(&["create", &vol, "--size", "16M"]).ok();
     let srv = Server::unix(d, &[&vol], &[]);
     qemu_io_ok(
@@ -1022,7 +1036,7 @@ fn sigterm_with_client_connected() {
     require!("fio" => "fio", "nbdinfo" => "libnbd-bin");
     let dir = tempdir();
     let d = dir.path();
-    let vol = path_str(&d.join("vm.hlfs"));
+    let vol = volume_at(d, "vm.hlfs");
     let srv = Server::unix(d, &[&vol], &["--create", "--size", "64M"]);
     let (mut fio, fio_log) = background_fio(d, srv.uri(), &["--bs=4k", "--iodepth=16"]);
     std::thread::sleep(Duration::from_millis(1500));
@@ -1073,7 +1087,7 @@ fn client_killed_mid_write() {
     require!("fio" => "fio", "nbdinfo" => "libnbd-bin", "qemu-io" => "qemu-utils");
     let dir = tempdir();
     let d = dir.path();
-    let vol = path_str(&d.join("vm.hlfs"));
+    let vol = volume_at(d, "vm.hlfs");
     let srv = Server::unix(d, &[&vol], &["--create", "--size", "64M"]);
     let (mut fio, fio_log) =
         background_fio(d, srv.uri(), &["--bssplit=4k/50:64k/50", "--iodepth=32"]);
@@ -1108,7 +1122,7 @@ fn client_killed_mid_write() {
 fn sigterm_keeps_acknowledged_writes() {
     let dir = tempdir();
     let d = dir.path();
-    let vol = path_str(&d.join("vm.hlfs"));
+    let vol = volume_at(d, "vm.hlfs");
     let srv = Server::unix(d, &[&vol], &["--create", "--size", "16M"]);
     // The server installs its SIGTERM handler only after printing its
     // URIs; give it that moment (see sigterm_right_after_start_is_clean).
@@ -1200,8 +1214,8 @@ fn many_clients_two_exports() {
     require!("qemu-io" => "qemu-utils", "nbdcopy" => "libnbd-bin");
     let dir = tempdir();
     let d = dir.path();
-    let a = path_str(&d.join("a.hlfs"));
-    let b = path_str(&d.join("b.hlfs"));
+    let a = volume_at(d, "a.hlfs");
+    let b = volume_at(d, "b.hlfs");
     for v in [&a, &b] {
         hlfs(&["create", v, "--size", "32M"]).ok();
     }
@@ -1265,7 +1279,7 @@ fn many_clients_two_exports() {
 fn tcp_listen() {
     require!("nbdinfo" => "libnbd-bin");
     let dir = tempdir();
-    let vol = path_str(&dir.path().join("vm.hlfs"));
+    let vol = volume_at(dir.path(), "vm.hlfs");
     let mut tries = 0;
     let (srv, port) = loop {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -1304,7 +1318,7 @@ fn server_crash_recovery() {
     require!("qemu-io" => "qemu-utils");
     let dir = tempdir();
     let d = dir.path();
-    let vol = path_str(&d.join("vm.hlfs"));
+    let vol = volume_at(d, "vm.hlfs");
     let srv = Server::unix(d, &[&vol], &["--create", "--size", "32M"]);
     qemu_io_ok(
         srv.uri(),
@@ -1363,7 +1377,7 @@ fn printed_uris_are_percent_encoded() {
     require!("nbdinfo" => "libnbd-bin");
     let dir = tempdir();
     let d = dir.path();
-    let spaced = path_str(&d.join("my vm.hlfs"));
+    let spaced = volume_at(d, "my vm.hlfs");
     let percent = path_str(&d.join("a%20b"));
     let srv = Server::unix(d, &[&spaced, &percent], &["--create", "--size", "8M"]);
     for (uri, name) in srv.uris.iter().zip(["my vm.hlfs", "a%20b"]) {
@@ -1387,7 +1401,7 @@ fn printed_uris_are_percent_encoded() {
 fn sigterm_right_after_start_is_clean() {
     let dir = tempdir();
     let d = dir.path();
-    let vol = path_str(&d.join("vm.hlfs"));
+    let vol = volume_at(d, "vm.hlfs");
     hlfs(&["create", &vol, "--size", "8M"]).ok();
     for i in 0..40 {
         let srv = Server::unix(d, &[&vol], &[]);
@@ -1417,18 +1431,19 @@ fn info_and_check_while_serving() {
     require!("fio" => "fio");
     let dir = tempdir();
     let d = dir.path();
-    let vol = path_str(&d.join("vm.hlfs"));
+    let vol = volume_at(d, "vm.hlfs");
     // Small segments, so the writer seals journals while info and check read.
     hlfs(&["create", &vol, "--size", "64M", "--segment-size", "256K"]).ok();
     let srv = Server::unix(d, &[&vol], &[]);
     // Enough to seal segments now and then, not so much that each check
     // has gigabytes of segments to read.
-    let (mut fio, _) = background_fio(
-        d,
-        srv.uri(),
-        &["--bs=4k", "--iodepth=16", "--rate_iops=1000"],
-    );
-    for _ in 0..10 {
+    // On S3 each check reads every segment with its own requests: fewer.
+    let (rate, rounds) = match std::env::var_os("HLFS_TEST_S3_BASE") {
+        Some(_) => ("--rate_iops=200", 3),
+        None => ("--rate_iops=1000", 10),
+    };
+    let (mut fio, _) = background_fio(d, srv.uri(), &["--bs=4k", "--iodepth=16", rate]);
+    for _ in 0..rounds {
         let info = info_of(&vol);
         assert!(info["writer"].is_string(), "{info}");
         check_volume(&vol);
@@ -1446,7 +1461,7 @@ fn hostile_streams_against_the_live_server() {
     require!("qemu-io" => "qemu-utils", "nbdinfo" => "libnbd-bin");
     let dir = tempdir();
     let d = dir.path();
-    let vol = path_str(&d.join("vm.hlfs"));
+    let vol = volume_at(d, "vm.hlfs");
     let srv = Server::unix(d, &[&vol], &["--create", "--size", "64M"]);
     qemu_io_ok(srv.uri(), false, &["write -P 0x5c 0 64k"]);
     let socket = d.join("nbd.sock");
@@ -1495,7 +1510,7 @@ fn flush_on_one_connection_covers_writes_of_another() {
     require!("qemu-io" => "qemu-utils");
     let dir = tempdir();
     let d = dir.path();
-    let vol = path_str(&d.join("vm.hlfs"));
+    let vol = volume_at(d, "vm.hlfs");
     let srv = Server::unix(d, &[&vol], &["--create", "--size", "16M"]);
     let socket = path_str(&d.join("nbd.sock"));
     let mut writer = RawNbd::connect(&socket, "vm.hlfs");
