@@ -19,12 +19,16 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+#[cfg(feature = "hdfs")]
+mod hdfs;
 mod local;
 mod mem;
 mod s3;
 
 pub mod conformance;
 
+#[cfg(feature = "hdfs")]
+pub use hdfs::HdfsStore;
 pub use local::{LocalJournal, LocalStore};
 pub use mem::{CrashMode, Fault, FaultOp, MemEnv, MemJournal, MemStore};
 pub use s3::S3Store;

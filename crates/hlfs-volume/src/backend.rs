@@ -147,8 +147,9 @@ impl Backend {
         }
     }
 
-    /// Parses a volume address: a path, a `file://` URI, or an `s3://`
-    /// URI (whose journal lives in the local cache directory).
+    /// Parses a volume address: a path, a `file://` URI, or an `s3://` (or,
+    /// built with the `hdfs` feature, `hdfs://`) URI, whose journal and read
+    /// cache live in the local cache directory.
     pub fn parse(address: &str, create: bool, opts: &StoreOptions) -> Result<Backend> {
         if let Some(path) = address.strip_prefix("file://") {
             return Backend::local(&PathBuf::from(path), create);
@@ -156,9 +157,18 @@ impl Backend {
         if address.starts_with("s3://") {
             return Backend::s3(address, opts);
         }
+        #[cfg(feature = "hdfs")]
+        if address.starts_with("hdfs://") {
+            let store = hlfs_store::HdfsStore::from_uri(address)?;
+            return Backend::remote(address, Arc::new(store), opts);
+        }
         if let Some((scheme, _)) = address.split_once("://") {
+            let hint = match scheme {
+                "hdfs" => "; build hlfs with `--features hdfs` for it",
+                _ => "",
+            };
             return Err(VolumeError::InvalidArgument(format!(
-                "volume address {address:?}: the {scheme}:// backend is not available in this build; use a local path, file:// or s3://"
+                "volume address {address:?}: the {scheme}:// backend is not available in this build (local paths, file:// and s3:// are){hint}"
             )));
         }
         Backend::local(Path::new(address), create)
