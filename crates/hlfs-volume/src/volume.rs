@@ -1058,9 +1058,11 @@ impl Volume {
             let src = &data[(lo - offset) as usize..(hi - offset) as usize];
             self.write_blocks(&mut w, block, n, lo - block * bs, src)
                 .await?;
+            // Per record, so a large write fills segments of the usual size.
+            self.after_append(&mut w).await?;
             block += n;
         }
-        self.after_append(&mut w).await
+        Ok(())
     }
 
     /// Writes and returns only once the data is durable.
