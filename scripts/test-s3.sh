@@ -2,33 +2,55 @@
 # Runs HLFS against a real S3 engine: a single-node Ceph cluster with the
 # RADOS gateway on 127.0.0.1 (scripts/ceph-up.sh), torn down afterwards.
 #  1. the blob-store conformance suite on the S3 store;
-#  2. a volume at s3://... through the CLI: create, import, export,
-#     snapshot, check, and serving it over NBD to qemu-img.
-# Usage: scripts/test-s3.sh
+#  2. the engine's model property test (reduced) with its store on S3;
+#  3. the NBD interop suite (qemu-img, qemu-io, nbdinfo, nbdcopy, fio) with
+#     every volume on S3;
+#  4. the CLI on an S3 volume: create, import, snapshot, export, check;
+#  5. faults: the gateway stopped mid-workload and restarted, a slow
+#     gateway, segment objects deleted or corrupted behind our back;
+#  6. fencing: a second "host" (another cache directory) is refused.
+# Usage: scripts/test-s3.sh     (as root; CI runs it from .ci/run)
+# Env: MODEL_CASES (default 30) cases of the model test; S3_SUITES=0 skips
+# steps 1-3 (the cargo test suites), to rerun the rest quickly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 state="${HLFS_CEPH_DIR:-/var/tmp/hlfs-ceph}"
 work="$(mktemp -d)"
-server=""
+pids=()
 cleanup() {
-    [ -n "$server" ] && kill "$server" 2>/dev/null || true
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     rm -rf "$work"
     scripts/ceph-down.sh >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
+step() { echo "== $*"; }
+fail() { echo "test-s3: FAILED: $*" >&2; exit 1; }
+
 scripts/ceph-up.sh >/dev/null
 # shellcheck disable=SC1091
 set -a; . "$state/s3.env"; set +a
+run_id="$$-$(date +%s)"
+export HLFS_CACHE_DIR="$work/cache"
 
-echo "== conformance suite against $AWS_ENDPOINT_URL"
-HLFS_S3_TEST_URI="s3://hlfs-test/conformance-$$" \
-    cargo test -p hlfs-store --test s3 -- --include-ignored
+if [ "${S3_SUITES:-1}" != 0 ]; then
+step "conformance suite against $AWS_ENDPOINT_URL"
+HLFS_S3_TEST_URI="s3://hlfs-test/conformance-$run_id" \
+    cargo test -q -p hlfs-store --test s3 -- --include-ignored
 
-echo "== a volume on S3 through the CLI"
+step "model property test, ${MODEL_CASES:-30} cases, store on S3"
+PROPTEST_CASES="${MODEL_CASES:-30}" HLFS_MODEL_S3_URI="s3://hlfs-test/model-$run_id" \
+    cargo test -q -p hlfs-volume --test model
+
+step "NBD interop suite with every volume on S3"
+HLFS_TEST_S3_BASE="s3://hlfs-test/interop-$run_id" CI="${CI:-}" \
+    cargo test -q -p hlfs --test nbd_interop
+fi
+
 cargo build -q -p hlfs
 hlfs=target/debug/hlfs
-export HLFS_CACHE_DIR="$work/cache"
-vol="s3://hlfs-test/volumes-$$/vm1"
+
+step "a volume on S3 through the CLI"
+vol="s3://hlfs-test/cli-$run_id/vm1"
 head -c $((16 << 20)) /dev/urandom > "$work/in.img"
 $hlfs create "$vol" --size 64M --segment-size 4M
 $hlfs import "$work/in.img" "$vol"
@@ -38,14 +60,168 @@ cmp <(head -c $((16 << 20)) "$work/out.img") "$work/in.img"
 $hlfs info "$vol" --json | python3 -c 'import json,sys; i=json.load(sys.stdin); assert i["snapshots"]==["first"] and i["allocated_bytes"]==16<<20, i'
 $hlfs check "$vol"
 
-echo "== serving it over NBD"
-$hlfs serve "$vol" --socket "$work/nbd.sock" > "$work/uri" 2> "$work/serve.log" &
-server=$!
-for _ in $(seq 100); do [ -s "$work/uri" ] && break; sleep 0.1; done
-uri="$(head -1 "$work/uri")"
-qemu-img convert -n -f raw -O raw "$work/in.img" "$uri"
-qemu-img convert -f raw -O raw "$uri" "$work/back.img"
-cmp <(head -c $((16 << 20)) "$work/back.img") "$work/in.img"
-kill -TERM "$server"; wait "$server"; server=""
+# serve VOLUME SOCKET [ARGS...]: starts hlfs serve, sets $server and $uri.
+serve() {
+    local volume="$1" sock="$2"; shift 2
+    rm -f "$work/uri"
+    $hlfs serve "$volume" --socket "$sock" "$@" > "$work/uri" 2>> "$work/serve.log" &
+    server=$!; pids+=("$server")
+    for _ in $(seq 200); do [ -s "$work/uri" ] && break; sleep 0.1; done
+    [ -s "$work/uri" ] || { cat "$work/serve.log" >&2; fail "serve did not start"; }
+    uri="$(head -1 "$work/uri")"
+}
+stop_server() {
+    kill -TERM "$server"
+    wait "$server" || fail "serve exited with $? (log: $(tail -5 "$work/serve.log"))"
+}
+
+rgw_pid="$state/run/client.rgw.a.pid"
+rgw_stop() {
+    kill "$(cat "$rgw_pid")"
+    for _ in $(seq 100); do
+        if ! kill -0 "$(cat "$rgw_pid")" 2>/dev/null; then
+            curl -s -o /dev/null "$AWS_ENDPOINT_URL" && fail "the gateway still answers"
+            return 0
+        fi
+        sleep 0.1
+    done
+    fail "radosgw did not stop"
+}
+rgw_start() {
+    setsid radosgw -c "$state/ceph.conf" -n client.rgw.a \
+        --keyring "$state/rgw/ceph-rgw.a/keyring" -f </dev/null >>"$state/log/client.rgw.a.out" 2>&1 &
+    echo $! > "$rgw_pid"
+    for _ in $(seq 300); do
+        curl -s -o /dev/null "$AWS_ENDPOINT_URL" && return 0
+        sleep 0.1
+    done
+    fail "radosgw did not come back"
+}
+
+step "fault: the gateway stops mid-workload, then returns"
+vol="s3://hlfs-test/outage-$run_id/vm"
+$hlfs create "$vol" --size 256M --segment-size 1M
+# --store-timeout 5: writes and flushes wait at most 5 s for a stalled store.
+serve "$vol" "$work/outage.sock" --store-timeout 5
+qemu-io -f raw -c "write -P 0x11 0 4M" -c flush "$uri" >/dev/null
+rgw_stop
+# Flushed writes go on while the upload backlog has room: the local
+# journal holds them.
+qemu-io -f raw -c "write -P 0x22 4M 2M" -c flush "$uri" > "$work/q1" 2>&1 \
+    || fail "a flush failed while the backlog had room: $(cat "$work/q1")"
+# Past the backlog, writes fail with EIO after the timeout, not forever.
+start=$(date +%s)
+if qemu-io -f raw -c "write -P 0x33 8M 32M" -c flush "$uri" > "$work/q2" 2>&1 \
+    && ! grep -qi "error" "$work/q2"; then
+    fail "writes past the backlog succeeded with the gateway down: $(cat "$work/q2")"
+fi
+took=$(( $(date +%s) - start ))
+[ "$took" -lt 120 ] || fail "the I/O error took ${took}s"
+grep -qi "input/output error" "$work/q2" || fail "expected EIO: $(cat "$work/q2")"
+echo "   writes past the backlog failed with EIO after ${took}s"
+rgw_start
+# Service resumes on the same server, without a restart.
+for _ in $(seq 60); do
+    qemu-io -f raw -c "write -P 0x44 8M 8M" -c flush "$uri" > "$work/q3" 2>&1 \
+        && ! grep -qi "error" "$work/q3" && break
+    sleep 1
+done
+grep -qi "error" "$work/q3" && fail "service did not resume: $(cat "$work/q3")"
+qemu-io -f raw -r -c "read -P 0x11 0 4M" -c "read -P 0x22 4M 2M" -c "read -P 0x44 8M 8M" "$uri" > "$work/q4" 2>&1
+grep -qi "fail\|error" "$work/q4" && fail "data lost across the outage: $(cat "$work/q4")"
+stop_server
 $hlfs check "$vol"
+# From the store alone (another cache directory sees no journal).
+HLFS_CACHE_DIR="$work/elsewhere" $hlfs export "$vol" "$work/outage.img"
+python3 - "$work/outage.img" <<'EOF'
+import sys
+d = open(sys.argv[1], "rb").read()
+M = 1 << 20
+assert d[:4*M] == b"\x11" * (4*M), "flushed before the outage"
+assert d[4*M:6*M] == b"\x22" * (2*M), "flushed during the outage"
+assert d[8*M:16*M] == b"\x44" * (8*M), "written after the gateway returned"
+EOF
+echo "   everything flushed before, during and after the outage is in the store"
+
+step "fault: a slow gateway (250 ms added to every response)"
+proxy_port=7490
+python3 - "$proxy_port" 127.0.0.1 7480 0.25 > "$work/proxy.log" 2>&1 <<'EOF' &
+import asyncio, sys
+port, host, target, delay = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+async def pipe(r, w, slow):
+    try:
+        while data := await r.read(65536):
+            if slow:
+                await asyncio.sleep(delay)
+            w.write(data)
+            await w.drain()
+    except Exception:
+        pass
+    finally:
+        w.close()
+async def handle(cr, cw):
+    ur, uw = await asyncio.open_connection(host, target)
+    await asyncio.gather(pipe(cr, uw, False), pipe(ur, cw, True))
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+EOF
+pids+=("$!")
+sleep 1
+slow_vol="s3://hlfs-test/slow-$run_id/vm"
+AWS_ENDPOINT_URL="http://127.0.0.1:$proxy_port" $hlfs create "$slow_vol" --size 64M --segment-size 1M
+AWS_ENDPOINT_URL="http://127.0.0.1:$proxy_port" serve "$slow_vol" "$work/slow.sock"
+start=$(date +%s%N)
+qemu-img convert -n -f raw -O raw "$work/in.img" "$uri"
+ms=$(( ($(date +%s%N) - start) / 1000000 ))
+qemu-img convert -f raw -O raw "$uri" "$work/slow.img"
+cmp <(head -c $((16 << 20)) "$work/slow.img") "$work/in.img"
+stop_server
+$hlfs check "$slow_vol"
+echo "   16 MiB written through a slow gateway in ${ms} ms, read back equal"
+
+step "fault: segment objects deleted or corrupted behind our back"
+s3curl() {
+    curl -sS -f --aws-sigv4 "aws:amz:${AWS_REGION}:s3" \
+        --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" \
+        -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" "$@"
+}
+for damage in corrupt delete; do
+    vol="s3://hlfs-test/damage-$damage-$run_id/vm"
+    $hlfs create "$vol" --size 64M --segment-size 4M
+    $hlfs import "$work/in.img" "$vol"
+    $hlfs check "$vol" >/dev/null
+    object="$AWS_ENDPOINT_URL/hlfs-test/damage-$damage-$run_id/vm/segments/0000000001"
+    if [ "$damage" = corrupt ]; then
+        s3curl -o "$work/seg" "$object"
+        python3 -c 'import sys; p=sys.argv[1]; d=bytearray(open(p,"rb").read()); d[len(d)//2]^=0xff; open(p,"wb").write(d)' "$work/seg"
+        s3curl -X PUT --data-binary @"$work/seg" "$object" >/dev/null
+    else
+        s3curl -X DELETE "$object" >/dev/null
+    fi
+    if $hlfs check "$vol" > "$work/check.out" 2>&1; then
+        fail "check did not notice a $damage segment: $(cat "$work/check.out")"
+    fi
+    grep -q "damaged:.*segments/0000000001\|damaged:.*0000000001" "$work/check.out" \
+        || fail "check did not name the segment: $(cat "$work/check.out")"
+    echo "   $damage: $(grep -m1 damaged: "$work/check.out")"
+done
+
+step "fencing: a second host cannot write while the first does"
+vol="s3://hlfs-test/fence-$run_id/vm"
+$hlfs create "$vol" --size 64M
+serve "$vol" "$work/fence.sock"
+qemu-io -f raw -c "write -P 0x55 0 1M" -c flush "$uri" >/dev/null
+# Another cache directory is another host's journal.
+if HLFS_CACHE_DIR="$work/host-b" $hlfs snapshot create "$vol" intruder > "$work/fence.out" 2>&1; then
+    fail "a second writer was let in: $(cat "$work/fence.out")"
+fi
+grep -q "open for writing by process" "$work/fence.out" || fail "unclear refusal: $(cat "$work/fence.out")"
+echo "   refused: $(cat "$work/fence.out")"
+stop_server
+HLFS_CACHE_DIR="$work/host-b" $hlfs snapshot create "$vol" after-close
+HLFS_CACHE_DIR="$work/host-b" $hlfs export "$vol" "$work/fence.img"
+python3 -c 'import sys; d=open(sys.argv[1],"rb").read(); assert d[:1<<20]==b"\x55"*(1<<20)' "$work/fence.img"
 echo "S3 tests passed"
