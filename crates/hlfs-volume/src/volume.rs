@@ -9,8 +9,10 @@
 //! checkpoint.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::stream::{FuturesOrdered, StreamExt};
 
 use hlfs_format::{
     crc_of_record, encode_header, encode_record, journal_name, manifest_name, parse_journal_name,
@@ -166,6 +168,10 @@ const MAX_SEGMENTS_BETWEEN_CHECKPOINTS: u32 = 64;
 const UPLOAD_BACKLOG_REMOTE: usize = 4;
 const UPLOAD_BACKLOG_LOCAL: usize = 1;
 
+/// Segments uploaded at once to a remote store: one request stream to a
+/// gateway is slower than the disks behind it.
+const PARALLEL_UPLOADS_REMOTE: usize = 3;
+
 /// Pauses between attempts at an upload the store refused, growing up to
 /// the maximum (with jitter).
 const UPLOAD_RETRY_FIRST: Duration = Duration::from_millis(100);
@@ -229,6 +235,7 @@ struct Uploads {
 }
 
 /// What a checkpoint changes in the manifest.
+#[derive(Clone, Copy)]
 struct HeadUpdate {
     checkpoint: Entry,
     size: u64,
@@ -1358,49 +1365,48 @@ impl Volume {
         let (tx, rx) = mpsc::unbounded_channel();
         *self.inner.uploads.queue.lock() = Some(tx);
         let weak = Arc::downgrade(&self.inner);
-        let task = tokio::spawn(run_uploads(weak, rx));
+        let parallel = match self.inner.backend.remote {
+            true => PARALLEL_UPLOADS_REMOTE,
+            false => 1,
+        };
+        let task = tokio::spawn(run_uploads(weak, rx, parallel));
         *self.inner.uploads.task.lock() = Some(task);
     }
 
-    /// Syncs a sealed journal file, puts it in the store (retrying while the
-    /// store refuses it), switches its reads to the store and makes its
-    /// checkpoint, if any, the head. An error here means the volume failed.
-    async fn store_sealed(&self, sealing: Sealing) -> Result<()> {
-        let Sealing {
-            seg,
-            file,
-            last_lsn,
-            head,
-            _slot,
-        } = sealing;
-        {
-            // Syncs of one file take turns with FLUSH: the kernel reports a
-            // writeback error to one fsync only, and whoever sees it must
-            // stop the volume before the other can report success.
-            let _turn = self.inner.sync_lock.lock().await;
-            self.check_not_failed()?;
-            let f = file.clone();
-            tokio::task::spawn_blocking(move || f.sync())
-                .await
-                .map_err(|e| self.fail(VolumeError::Failed(e.to_string())))?
-                .map_err(|e| self.fail(e.into()))?;
-            // Earlier segments were synced before this one.
-            self.inner.durable_lsn.fetch_max(last_lsn, Ordering::SeqCst);
-        }
-        let len = file.len().map_err(|e| self.fail(e.into()))?;
-        self.retrying(&format!("uploading {}", segment_name(seg)), || {
-            self.hand_to_store(seg, &file)
-        })
-        .await?;
-        self.retire_journal(seg, len);
+    /// Syncs a sealed journal file before its upload. Files are synced in
+    /// log order, so what is durable stays a prefix of the log.
+    async fn sync_sealed(&self, sealing: &Sealing) -> Result<()> {
+        // Syncs of one file take turns with FLUSH: the kernel reports a
+        // writeback error to one fsync only, and whoever sees it must stop
+        // the volume before the other can report success.
+        let _turn = self.inner.sync_lock.lock().await;
+        self.check_not_failed()?;
+        let f = sealing.file.clone();
+        tokio::task::spawn_blocking(move || f.sync())
+            .await
+            .map_err(|e| self.fail(VolumeError::Failed(e.to_string())))?
+            .map_err(|e| self.fail(e.into()))?;
+        self.inner
+            .durable_lsn
+            .fetch_max(sealing.last_lsn, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Once a segment is in the store (and every one before it): switches
+    /// its reads away from the journal and makes its checkpoint, if any,
+    /// the head.
+    async fn after_upload(&self, sealing: Sealing) -> Result<()> {
+        let len = sealing.file.len().map_err(|e| self.fail(e.into()))?;
+        self.retire_journal(sealing.seg, len);
         self.inner
             .files
             .lock()
             .retiring
-            .retain(|f| !Arc::ptr_eq(f, &file));
-        if let Some(head) = head {
-            self.retrying("writing the manifest", || {
-                self.update_manifest(|m| head.apply(m))
+            .retain(|f| !Arc::ptr_eq(f, &sealing.file));
+        if let Some(head) = sealing.head {
+            let volume = Arc::downgrade(&self.inner);
+            retrying(&volume, "writing the manifest", |vol| async move {
+                vol.update_manifest(|m| head.apply(m)).await
             })
             .await?;
         }
@@ -1408,49 +1414,8 @@ impl Volume {
         self.inner
             .uploads
             .stored_lsn
-            .send_modify(|s| *s = (*s).max(last_lsn));
+            .send_modify(|s| *s = (*s).max(sealing.last_lsn));
         Ok(())
-    }
-
-    /// Runs `op` until it succeeds, pausing longer after each failure of the
-    /// store. Other errors (a fenced writer, a failed volume) end it, as
-    /// does the volume being dropped.
-    async fn retrying<F, Fut>(&self, what: &str, mut op: F) -> Result<()>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<()>>,
-    {
-        let mut pause = UPLOAD_RETRY_FIRST;
-        loop {
-            match op().await {
-                Ok(()) => return Ok(()),
-                // A crashed store (a test's dead process) never comes back.
-                Err(VolumeError::Store(e)) if !matches!(e, StoreError::Crashed) => {
-                    self.check_not_failed()?;
-                    if Arc::strong_count(&self.inner) == 1 {
-                        // Only this task still holds the volume: nobody
-                        // waits for the upload, and the next open does it.
-                        return Err(VolumeError::Closed);
-                    }
-                    let first = self
-                        .inner
-                        .uploads
-                        .stalled
-                        .lock()
-                        .replace(format!("{what}: {e}"))
-                        .is_none();
-                    if first {
-                        tracing::warn!(volume = %self.location(), error = %e, "{what} failed; retrying until the store takes it");
-                    } else {
-                        tracing::debug!(volume = %self.location(), error = %e, "{what} failed again");
-                    }
-                    let jitter = rand_fraction() * pause.as_secs_f64() / 2.0;
-                    tokio::time::sleep(pause.mul_f64(0.75) + Duration::from_secs_f64(jitter)).await;
-                    pause = (pause * 2).min(UPLOAD_RETRY_MAX);
-                }
-                Err(e) => return Err(self.fail(e)),
-            }
-        }
     }
 
     /// A stored segment's journal file is no longer needed: it becomes the
@@ -1927,19 +1892,102 @@ impl Volume {
     }
 }
 
-/// The upload task: stores sealed segments in order until the volume is
-/// closed or dropped, or fails.
-async fn run_uploads(volume: std::sync::Weak<Inner>, mut queue: mpsc::UnboundedReceiver<Sealing>) {
-    while let Some(sealing) = queue.recv().await {
-        let Some(inner) = volume.upgrade() else {
-            return;
-        };
-        let vol = Volume { inner };
-        if let Err(e) = vol.store_sealed(sealing).await {
-            tracing::debug!(error = %e, "uploads stopped");
+/// The upload task: syncs sealed segments in order, uploads up to
+/// `parallel` of them at once, and finishes each (journal retired, manifest
+/// written) in order, until the volume is closed or dropped, or fails.
+async fn run_uploads(
+    volume: Weak<Inner>,
+    mut queue: mpsc::UnboundedReceiver<Sealing>,
+    parallel: usize,
+) {
+    let mut uploading = FuturesOrdered::new();
+    let mut open = true;
+    let stopped = |e: VolumeError| {
+        tracing::debug!(error = %e, "uploads stopped");
+        if let Some(inner) = volume.upgrade() {
             // Wake whoever waits for an upload: they find the volume failed.
-            vol.inner.uploads.stored_lsn.send_modify(|_| {});
-            return;
+            inner.uploads.stored_lsn.send_modify(|_| {});
+        }
+    };
+    loop {
+        tokio::select! {
+            biased;
+            Some(done) = uploading.next(), if !uploading.is_empty() => {
+                let result = match (done, volume.upgrade()) {
+                    (Ok(sealing), Some(inner)) => Volume { inner }.after_upload(sealing).await,
+                    (Err(e), _) => Err(e),
+                    (Ok(_), None) => return,
+                };
+                if let Err(e) = result {
+                    return stopped(e);
+                }
+            }
+            next = queue.recv(), if open && uploading.len() < parallel => {
+                let Some(sealing) = next else {
+                    open = false;
+                    continue;
+                };
+                let Some(inner) = volume.upgrade() else {
+                    return;
+                };
+                if let Err(e) = (Volume { inner }).sync_sealed(&sealing).await {
+                    return stopped(e);
+                }
+                uploading.push_back(upload(volume.clone(), sealing));
+            }
+            else => return,
+        }
+    }
+}
+
+/// Puts a synced segment in the store, retrying while the store refuses it.
+async fn upload(volume: Weak<Inner>, sealing: Sealing) -> Result<Sealing> {
+    let (seg, file) = (sealing.seg, sealing.file.clone());
+    let what = format!("uploading {}", segment_name(seg));
+    retrying(&volume, &what, |vol| {
+        let file = file.clone();
+        async move { vol.hand_to_store(seg, &file).await }
+    })
+    .await?;
+    Ok(sealing)
+}
+
+/// Runs `op` until it succeeds, pausing longer after each failure of the
+/// store. Other errors (a fenced writer, a failed volume) end it, as does
+/// the volume being dropped: between attempts only a weak reference is
+/// kept.
+async fn retrying<F, Fut>(volume: &Weak<Inner>, what: &str, mut op: F) -> Result<()>
+where
+    F: FnMut(Volume) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let mut pause = UPLOAD_RETRY_FIRST;
+    loop {
+        let inner = volume.upgrade().ok_or(VolumeError::Closed)?;
+        let vol = Volume { inner };
+        match op(vol.clone()).await {
+            Ok(()) => return Ok(()),
+            // A crashed store (a test's dead process) never comes back.
+            Err(VolumeError::Store(e)) if !matches!(e, StoreError::Crashed) => {
+                vol.check_not_failed()?;
+                let first = vol
+                    .inner
+                    .uploads
+                    .stalled
+                    .lock()
+                    .replace(format!("{what}: {e}"))
+                    .is_none();
+                if first {
+                    tracing::warn!(volume = %vol.location(), error = %e, "{what} failed; retrying until the store takes it");
+                } else {
+                    tracing::debug!(volume = %vol.location(), error = %e, "{what} failed again");
+                }
+                drop(vol);
+                let jitter = rand_fraction() * pause.as_secs_f64() / 2.0;
+                tokio::time::sleep(pause.mul_f64(0.75) + Duration::from_secs_f64(jitter)).await;
+                pause = (pause * 2).min(UPLOAD_RETRY_MAX);
+            }
+            Err(e) => return Err(vol.fail(e)),
         }
     }
 }
