@@ -124,7 +124,7 @@ impl Backend {
             location: address.to_string(),
             remote: true,
             cache,
-            writer_site: format!("{}:{}", hostname(), journal_dir.display()),
+            writer_site: remote_site(&journal_dir),
         })
     }
 
@@ -175,6 +175,17 @@ impl Backend {
     }
 }
 
+/// A remote volume's writer site: the host and its journal directory, or a
+/// checksum of the directory if the whole would not fit the manifest.
+fn remote_site(journal_dir: &Path) -> String {
+    let site = format!("{}:{}", hostname(), journal_dir.display());
+    if site.len() <= hlfs_format::MAX_NAME_LEN {
+        return site;
+    }
+    let crc = crc32c::crc32c(journal_dir.as_os_str().as_encoded_bytes());
+    format!("{}:journal-{crc:08x}", hostname())
+}
+
 fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
@@ -185,4 +196,22 @@ fn hostname() -> String {
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_writer_sites_name_the_journal_and_fit_a_manifest() {
+        let short = remote_site(Path::new("/var/cache/hlfs/s3/b_vm/journal"));
+        assert!(
+            short.ends_with(":/var/cache/hlfs/s3/b_vm/journal"),
+            "{short}"
+        );
+        let deep = PathBuf::from(format!("/{}/journal", "d".repeat(400)));
+        let long = remote_site(&deep);
+        assert!(long.len() <= hlfs_format::MAX_NAME_LEN, "{long}");
+        assert_ne!(long, remote_site(&deep.join("other")));
+    }
 }
