@@ -673,4 +673,30 @@ mod tests {
             .await
             .is_err());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        /// Whatever a crash or a stranger leaves in the directory, opening
+        /// the cache neither panics nor keeps an entry that does not check.
+        #[test]
+        fn garbage_presence_records_are_dropped(
+            sidecar in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            data_len in 0u64..(3 << 20),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let key = SegmentKey { volume: [3; 16], seg: 5 };
+            std::fs::write(dir.path().join(format!("{}{SIDECAR_SUFFIX}", key.file_name())), &sidecar).unwrap();
+            let f = File::create(dir.path().join(key.file_name())).unwrap();
+            f.set_len(data_len).unwrap();
+            std::fs::write(dir.path().join("stray"), b"x").unwrap();
+            let cache = ReadCache::open(dir.path(), 1 << 30).unwrap().unwrap();
+            let kept = cache.state.lock().entries.len();
+            // A random record is kept only if it checks and fits its file.
+            if kept == 1 {
+                let e = cache.state.lock().entries.peek(&key).unwrap().clone();
+                proptest::prop_assert_eq!(e.size, data_len);
+            }
+            proptest::prop_assert!(!dir.path().join("stray").exists());
+        }
+    }
 }
