@@ -60,6 +60,16 @@ cmp <(head -c $((16 << 20)) "$work/out.img") "$work/in.img"
 $hlfs info "$vol" --json | python3 -c 'import json,sys; i=json.load(sys.stdin); assert i["snapshots"]==["first"] and i["allocated_bytes"]==16<<20, i'
 $hlfs check "$vol"
 
+step "credentials from the AWS shared files instead of the environment"
+printf '[hlfs]\naws_access_key_id = %s\naws_secret_access_key = %s\n' \
+    "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY" > "$work/credentials"
+printf '[profile hlfs]\nregion = %s\nendpoint_url = %s\n' \
+    "$AWS_REGION" "$AWS_ENDPOINT_URL" > "$work/config"
+env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_REGION -u AWS_ENDPOINT_URL \
+    AWS_PROFILE=hlfs AWS_SHARED_CREDENTIALS_FILE="$work/credentials" AWS_CONFIG_FILE="$work/config" \
+    $hlfs info "$vol" --json > "$work/info.json"
+python3 -c 'import json,sys; assert json.load(open(sys.argv[1]))["snapshots"]==["first"]' "$work/info.json"
+
 # serve VOLUME SOCKET [ARGS...]: starts hlfs serve, sets $server and $uri.
 serve() {
     local volume="$1" sock="$2"; shift 2
@@ -102,7 +112,7 @@ step "fault: the gateway stops mid-workload, then returns"
 vol="s3://hlfs-test/outage-$run_id/vm"
 $hlfs create "$vol" --size 256M --segment-size 1M
 # --store-timeout 5: writes and flushes wait at most 5 s for a stalled store.
-serve "$vol" "$work/outage.sock" --store-timeout 5
+serve "$vol" "$work/outage.sock" --store-timeout 5 -v
 qemu-io -f raw -c "write -P 0x11 0 4M" -c flush "$uri" >/dev/null
 rgw_stop
 # Flushed writes go on while the upload backlog has room: the local
@@ -224,4 +234,8 @@ stop_server
 HLFS_CACHE_DIR="$work/host-b" $hlfs snapshot create "$vol" after-close
 HLFS_CACHE_DIR="$work/host-b" $hlfs export "$vol" "$work/fence.img"
 python3 -c 'import sys; d=open(sys.argv[1],"rb").read(); assert d[:1<<20]==b"\x55"*(1<<20)' "$work/fence.img"
+# Credentials are never printed or logged.
+if grep -rqF "$AWS_SECRET_ACCESS_KEY" "$work"/serve.log "$work"/*.out "$work"/q? 2>/dev/null; then
+    fail "the secret key appears in hlfs output"
+fi
 echo "S3 tests passed"

@@ -43,6 +43,65 @@ fn other(what: &str, e: object_store::Error) -> StoreError {
     StoreError::Other(format!("{what}: {e}"))
 }
 
+/// Settings of one profile (`AWS_PROFILE`, else `default`) from the AWS
+/// shared credentials file (`AWS_SHARED_CREDENTIALS_FILE`, else
+/// `~/.aws/credentials`) and config file (`AWS_CONFIG_FILE`, else
+/// `~/.aws/config`); the credentials file wins.
+#[derive(Debug, Default)]
+struct SharedConfig {
+    values: Vec<(String, String)>,
+}
+
+impl SharedConfig {
+    fn load() -> SharedConfig {
+        let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+        let file = |var: &str, default: &str| {
+            std::env::var_os(var)
+                .map(std::path::PathBuf::from)
+                .or_else(|| home.as_ref().map(|h| h.join(default)))
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .unwrap_or_default()
+        };
+        let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
+        let credentials = file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials");
+        let config = file("AWS_CONFIG_FILE", ".aws/config");
+        let mut values = ini_section(&credentials, &profile);
+        // The config file names profiles `[profile NAME]`, except `[default]`.
+        let section = match profile.as_str() {
+            "default" => "default".to_string(),
+            name => format!("profile {name}"),
+        };
+        values.extend(ini_section(&config, &section));
+        SharedConfig { values }
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.values
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The `key = value` lines of `[section]` in an INI text, in order.
+fn ini_section(text: &str, section: &str) -> Vec<(String, String)> {
+    let mut inside = false;
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            inside = name.trim() == section;
+            continue;
+        }
+        if let (true, Some((k, v))) = (inside, line.split_once('=')) {
+            out.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    out
+}
+
 impl S3Store {
     /// Parses `s3://BUCKET[/PREFIX]` and builds a client from the
     /// environment, whose requests are retried for at most `retry_budget`.
@@ -67,8 +126,33 @@ impl S3Store {
                 retry_timeout: retry_budget,
                 ..RetryConfig::default()
             });
-        let endpoint = std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT"));
-        if let Ok(endpoint) = endpoint {
+        // What the environment leaves unset comes from the AWS shared
+        // files, as the AWS tools read them.
+        let shared = SharedConfig::load();
+        let unset = |var: &str| std::env::var_os(var).is_none();
+        if unset("AWS_ACCESS_KEY_ID") {
+            if let (Some(id), Some(secret)) = (
+                shared.get("aws_access_key_id"),
+                shared.get("aws_secret_access_key"),
+            ) {
+                builder = builder
+                    .with_access_key_id(id)
+                    .with_secret_access_key(secret);
+                if let Some(token) = shared.get("aws_session_token") {
+                    builder = builder.with_token(token);
+                }
+            }
+        }
+        if unset("AWS_REGION") && unset("AWS_DEFAULT_REGION") {
+            if let Some(region) = shared.get("region") {
+                builder = builder.with_region(region);
+            }
+        }
+        let endpoint = std::env::var("AWS_ENDPOINT_URL")
+            .or_else(|_| std::env::var("AWS_ENDPOINT"))
+            .ok()
+            .or_else(|| shared.get("endpoint_url").map(str::to_string));
+        if let Some(endpoint) = endpoint {
             builder = builder
                 .with_allow_http(endpoint.starts_with("http://"))
                 .with_endpoint(endpoint);
@@ -232,5 +316,28 @@ impl BlobStore for S3Store {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.map_err(name, e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ini_section;
+
+    #[test]
+    fn shared_files_are_read_by_profile() {
+        let text = "# comment\n[default]\naws_access_key_id = AKID\nAWS_Secret_Access_Key=s3cr=t\n\n[profile ceph]\nregion = eu\nendpoint_url = http://127.0.0.1:7480\n[other]\nregion = us\n";
+        let default = ini_section(text, "default");
+        assert_eq!(
+            default,
+            [
+                ("aws_access_key_id".to_string(), "AKID".to_string()),
+                ("aws_secret_access_key".to_string(), "s3cr=t".to_string())
+            ]
+        );
+        let ceph = ini_section(text, "profile ceph");
+        assert_eq!(ceph.len(), 2);
+        assert_eq!(ceph[1].1, "http://127.0.0.1:7480");
+        assert!(ini_section(text, "missing").is_empty());
+        assert!(ini_section("garbage [ without = end", "default").is_empty());
     }
 }
