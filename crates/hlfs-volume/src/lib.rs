@@ -17,6 +17,6 @@ pub use cache::ReadCache;
 pub use check::{check, CheckReport};
 pub use error::{Result, VolumeError};
 pub use volume::{
-    validate_snapshot_name, CreateOptions, Durability, Extent, OpenOptions, SnapshotInfo, View,
-    Volume, VolumeInfo,
+    utc, validate_snapshot_name, CreateOptions, Durability, Extent, OpenOptions, SnapshotInfo,
+    View, Volume, VolumeInfo,
 };

@@ -296,8 +296,27 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn fmt_time(ms: u64) -> String {
-    format!("{}s after the epoch", ms / 1000)
+/// A time (ms since the epoch) as `YYYY-MM-DD hh:mm:ss UTC`.
+pub fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 /// Checks a snapshot name: printable, no separators the CLI or export names use.
@@ -424,7 +443,7 @@ impl Volume {
                     backend.location,
                     w.pid,
                     w.host,
-                    fmt_time(w.since_ms)
+                    utc(w.since_ms)
                 )));
             }
             // Same host and we hold the journal lock: that writer is gone.
@@ -477,7 +496,7 @@ impl Volume {
                     .ok_or_else(|| {
                         VolumeError::SnapshotNotFound(format!(
                             "(none taken at or before {})",
-                            fmt_time(*t)
+                            utc(*t)
                         ))
                     })?,
             ),

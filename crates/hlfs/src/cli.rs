@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use hlfs_volume::{
-    check, Backend, CreateOptions, Durability, OpenOptions, StoreOptions, View, Volume, VolumeInfo,
+    check, utc, Backend, CreateOptions, Durability, OpenOptions, StoreOptions, View, Volume,
+    VolumeInfo,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -628,28 +629,6 @@ pub fn human(bytes: u64) -> String {
 }
 
 /// Milliseconds since the epoch as "YYYY-MM-DD HH:MM:SS UTC".
-pub fn utc(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (proleptic Gregorian).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
