@@ -56,6 +56,8 @@ invocation="scripts/bench-nbd.sh${*:+ $*}"
 usage() { sed -n '2,/^set -euo pipefail/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2; }
 die() { echo "bench-nbd: $*" >&2; exit 2; }
 log() { echo "bench-nbd: $*" >&2; }
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
 loud() {
     {
         echo "######################################################################"
@@ -186,20 +188,8 @@ stop_server() {
     [[ -n $server_pid ]] || return 0
     local pid=$server_pid
     server_pid=
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        local i
-        for ((i = 0; i < 600; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            log "$server_name (pid $pid) still running 60 s after SIGTERM; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    fi
-    server_rc=0
-    wait "$pid" 2>/dev/null || server_rc=$?
+    terminate "$pid" "$server_name"
+    server_rc=$terminated_rc
 }
 
 cleanup() {
