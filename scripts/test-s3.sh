@@ -101,6 +101,8 @@ rgw_start() {
     setsid radosgw -c "$state/ceph.conf" -n client.rgw.a \
         --keyring "$state/rgw/ceph-rgw.a/keyring" -f </dev/null >>"$state/log/client.rgw.a.out" 2>&1 &
     echo $! > "$rgw_pid"
+    # ceph-down.sh stops it; no job-control notice when it does.
+    disown
     for _ in $(seq 300); do
         curl -s -o /dev/null "$AWS_ENDPOINT_URL" && return 0
         sleep 0.1
