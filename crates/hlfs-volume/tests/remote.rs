@@ -214,3 +214,34 @@ async fn the_read_cache_serves_stored_segments_and_survives_damage() {
     assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
     vol.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn close_with_the_store_away_fails_in_time_and_the_next_open_finishes_the_uploads() {
+    let env = MemEnv::new();
+    create(&remote(&env), 16 << 20).await;
+    let opts = options(Durability::Local, Duration::from_millis(300));
+    let vol = Volume::open(remote(&env), &opts).await.unwrap();
+    let data = pattern(2 * SEGMENT as usize, 4);
+    for (i, chunk) in data.chunks(64 << 10).enumerate() {
+        vol.write(i as u64 * (64 << 10), chunk).await.unwrap();
+    }
+    vol.flush().await.unwrap();
+    refuse_uploads(&env);
+    let started = Instant::now();
+    let err = vol
+        .close()
+        .await
+        .expect_err("close cannot store the last segment");
+    assert!(matches!(err, VolumeError::Unavailable(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The lock is released and the journal kept: once the store is back,
+    // the next open uploads what was left and nothing is lost.
+    env.clear_faults();
+    let vol = Volume::open(remote(&env), &opts).await.unwrap();
+    vol.close().await.unwrap();
+    let vol = Volume::open(remote(&env.store_only()), &opts)
+        .await
+        .unwrap();
+    assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
+    vol.close().await.unwrap();
+}
