@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hlfs_store::{BlobStore, CrashMode, MemEnv, S3Store};
-use hlfs_volume::{Backend, CreateOptions, OpenOptions, View, Volume};
+use hlfs_volume::{Backend, CreateOptions, Durability, OpenOptions, View, Volume};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -77,6 +77,10 @@ struct Config {
     segment_blocks: u64,
     tiny_budget: bool,
     hot_spots: Vec<u64>,
+    /// Treat the store as remote: several uploads at once, a longer backlog.
+    remote: bool,
+    /// FLUSH waits for the store (only with `remote`).
+    remote_durability: bool,
 }
 
 fn config() -> impl Strategy<Value = Config> {
@@ -86,14 +90,19 @@ fn config() -> impl Strategy<Value = Config> {
         prop_oneof![Just(8u64), 16u64..64],
         any::<bool>(),
         proptest::collection::vec(any::<u64>(), 1..5),
+        (any::<bool>(), any::<bool>()),
     )
         .prop_map(
-            |(block_shift, size, segment_blocks, tiny_budget, spots)| Config {
-                block_shift,
-                size,
-                segment_blocks,
-                tiny_budget,
-                hot_spots: spots.into_iter().map(|s| s % size).collect(),
+            |(block_shift, size, segment_blocks, tiny_budget, spots, (remote, durability))| {
+                Config {
+                    block_shift,
+                    size,
+                    segment_blocks,
+                    tiny_budget,
+                    hot_spots: spots.into_iter().map(|s| s % size).collect(),
+                    remote,
+                    remote_durability: remote && durability,
+                }
             },
         )
 }
@@ -135,6 +144,11 @@ fn budget(cfg: &Config) -> OpenOptions {
     OpenOptions {
         // The smallest budget the map allows, so write-back and eviction run all the time.
         map_budget: if cfg.tiny_budget { 1 } else { 64 << 20 },
+        durability: if cfg.remote_durability {
+            Durability::Remote
+        } else {
+            Durability::Local
+        },
         ..OpenOptions::default()
     }
 }
@@ -169,7 +183,7 @@ impl Harness {
     }
 
     fn backend(&self) -> Backend {
-        backend(&self.env, &self.s3)
+        backend(&self.env, &self.s3, self.cfg.remote)
     }
 
     async fn open(&mut self) {
@@ -348,14 +362,17 @@ impl Harness {
 }
 
 /// The case's volume: all in memory, or with its store on S3.
-fn backend(env: &MemEnv, s3: &Option<Arc<dyn BlobStore>>) -> Backend {
+fn backend(env: &MemEnv, s3: &Option<Arc<dyn BlobStore>>, remote: bool) -> Backend {
     match s3 {
         Some(store) => Backend {
             store: store.clone(),
             remote: true,
             ..Backend::memory(env)
         },
-        None => Backend::memory(env),
+        None => Backend {
+            remote,
+            ..Backend::memory(env)
+        },
     }
 }
 
@@ -382,10 +399,10 @@ async fn run_case(cfg: Config, ops: Vec<Op>) {
         block_size: bs,
         segment_size: (cfg.segment_blocks * bs as u64).max(64 << 10),
     };
-    Volume::create(&backend(&env, &s3), &create)
+    Volume::create(&backend(&env, &s3, cfg.remote), &create)
         .await
         .expect("create");
-    let vol = Volume::open(backend(&env, &s3), &budget(&cfg))
+    let vol = Volume::open(backend(&env, &s3, cfg.remote), &budget(&cfg))
         .await
         .expect("open");
     let model = Image::new(cfg.size);
