@@ -624,7 +624,6 @@ impl Volume {
             .into_iter()
             .filter_map(|b| parse_segment_name(&b.name).map(|id| (id, b.size)))
             .collect();
-        let in_store = |id: u32| store_segs.iter().any(|(s, _)| *s == id);
         let max_seen = store_segs
             .iter()
             .map(|(s, _)| *s)
@@ -638,55 +637,76 @@ impl Volume {
         let replayed = || store_segs.iter().filter(|(id, _)| *id >= m.replay_from_seg);
         w.sealed_since_checkpoint = replayed().count() as u32;
         w.bytes_since_checkpoint = replayed().map(|(_, size)| size).sum();
-        // Sealed segments first: they must be whole.
-        for &(id, size) in store_segs.iter().filter(|(id, _)| *id >= m.replay_from_seg) {
-            let reader = inner
-                .backend
-                .store
-                .clone()
-                .open_reader(&segment_name(id))
-                .await?;
-            let mut scan = Scanner::new(ScanSource::Store(reader), size);
-            loop {
-                match scan.next(&inner.uuid).await? {
-                    Ok((off, h, payload)) => {
-                        if h.lsn < from_lsn {
-                            continue;
-                        }
-                        if h.lsn != expected {
-                            return Err(VolumeError::corrupt(format!(
-                                "{} offset {off}: record LSN {} where {expected} was expected",
-                                segment_name(id),
-                                h.lsn
-                            )));
-                        }
-                        self.apply(id, off, &h, &payload).await?;
-                        expected += 1;
-                    }
-                    Err(ScanStop::End) => break,
-                    Err(ScanStop::Invalid { offset, reason }) => {
-                        return Err(VolumeError::corrupt(format!(
-                            "{} offset {offset}: {reason}",
-                            segment_name(id)
-                        )));
-                    }
-                }
-            }
-        }
-        // Then journals: a torn or corrupt tail ends the log.
+        // Every segment since the checkpoint, in log order: stored ones must
+        // be whole; in a journal, a torn or corrupt tail ends the log.
+        // Uploads run in parallel, so a stored segment can follow one that
+        // is still only in its journal.
+        let mut ids: Vec<u32> = store_segs
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| *id >= m.replay_from_seg)
+            .chain(journals.iter().copied())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
         // (segment, file, valid length, LSN of its first record)
         let mut live_journals: Vec<(u32, Arc<dyn JournalFile>, u64, u64)> = Vec::new();
-        let mut ended = false;
-        for &id in &journals {
+        let mut ended: Option<u32> = None;
+        for id in ids {
             let name = journal_name(id);
-            if in_store(id) {
-                // Sealed already; the crash came before the journal was removed.
-                if !inner.read_only {
+            let stored = store_segs
+                .iter()
+                .find(|(s, _)| *s == id)
+                .map(|(_, size)| *size);
+            if let Some(size) = stored {
+                if journals.contains(&id) && !inner.read_only {
+                    // Sealed already; the crash came before the journal was removed.
                     inner.backend.journal.remove(&name)?;
+                }
+                if id < m.replay_from_seg {
+                    continue;
+                }
+                if let Some(end) = ended {
+                    return Err(VolumeError::corrupt(format!(
+                        "{} is in the store, but the log ended in segment {end}",
+                        segment_name(id)
+                    )));
+                }
+                let reader = inner
+                    .backend
+                    .store
+                    .clone()
+                    .open_reader(&segment_name(id))
+                    .await?;
+                let mut scan = Scanner::new(ScanSource::Store(reader), size);
+                loop {
+                    match scan.next(&inner.uuid).await? {
+                        Ok((off, h, payload)) => {
+                            if h.lsn < from_lsn {
+                                continue;
+                            }
+                            if h.lsn != expected {
+                                return Err(VolumeError::corrupt(format!(
+                                    "{} offset {off}: record LSN {} where {expected} was expected",
+                                    segment_name(id),
+                                    h.lsn
+                                )));
+                            }
+                            self.apply(id, off, &h, &payload).await?;
+                            expected += 1;
+                        }
+                        Err(ScanStop::End) => break,
+                        Err(ScanStop::Invalid { offset, reason }) => {
+                            return Err(VolumeError::corrupt(format!(
+                                "{} offset {offset}: {reason}",
+                                segment_name(id)
+                            )));
+                        }
+                    }
                 }
                 continue;
             }
-            if ended || id < m.replay_from_seg {
+            if ended.is_some() || id < m.replay_from_seg {
                 if !inner.read_only {
                     tracing::warn!(journal = %name, "dropping journal beyond the end of the recovered log");
                     inner.backend.journal.remove(&name)?;
@@ -718,7 +738,7 @@ impl Volume {
                             continue;
                         }
                         if h.lsn != expected {
-                            ended = true;
+                            ended = Some(id);
                             break off;
                         }
                         self.apply(id, off, &h, &payload).await?;
@@ -727,7 +747,7 @@ impl Volume {
                     Err(ScanStop::End) => break len,
                     Err(ScanStop::Invalid { offset, reason }) => {
                         tracing::warn!(journal = %name, offset, %reason, "log ends at a torn or corrupt record");
-                        ended = true;
+                        ended = Some(id);
                         break offset;
                     }
                 }
@@ -742,8 +762,13 @@ impl Volume {
         if inner.read_only {
             return Ok(());
         }
-        // Keep appending to the last journal; seal any before it.
-        let last = live_journals.pop();
+        // Keep appending to the last journal if nothing stored follows it;
+        // seal the others.
+        let after_all_stored = |id: u32| store_segs.iter().all(|(s, _)| *s < id);
+        let last = match live_journals.last() {
+            Some(j) if after_all_stored(j.0) => live_journals.pop(),
+            _ => None,
+        };
         for (id, file, valid_len, _) in live_journals {
             file.truncate(valid_len)?;
             self.hand_to_store(id, &file).await?;

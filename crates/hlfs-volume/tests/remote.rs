@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hlfs_store::{Fault, FaultOp, LocalJournal, MemEnv};
+use hlfs_store::{BlobStore, CrashMode, Fault, FaultOp, LocalJournal, MemEnv};
 use hlfs_volume::{
     Backend, CreateOptions, Durability, OpenOptions, ReadCache, Volume, VolumeError,
 };
@@ -243,5 +243,51 @@ async fn close_with_the_store_away_fails_in_time_and_the_next_open_finishes_the_
         .await
         .unwrap();
     assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
+    vol.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn recovery_replays_a_journal_left_between_stored_segments() {
+    let env = MemEnv::new();
+    create(&remote(&env), 16 << 20).await;
+    let opts = options(Durability::Local, Duration::from_secs(30));
+    let vol = Volume::open(remote(&env), &opts).await.unwrap();
+    // Segment 2's upload keeps failing while later ones, uploaded at the
+    // same time, land.
+    env.inject(Fault {
+        op: FaultOp::Put,
+        name_prefix: "segments/0000000002".into(),
+        remaining: None,
+    });
+    let data = pattern(4 * SEGMENT as usize, 6);
+    for (i, chunk) in data.chunks(64 << 10).enumerate() {
+        vol.write(i as u64 * (64 << 10), chunk).await.unwrap();
+    }
+    vol.flush().await.unwrap();
+    let store = env.store();
+    let started = Instant::now();
+    while store.head("segments/0000000003").await.unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "segment 3 never uploaded"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(store.head("segments/0000000002").await.unwrap().is_none());
+    // Power cut: segment 2 is only in its (synced) journal, 3 is stored.
+    let after = env.crash(CrashMode::DropUnsynced);
+    drop(vol);
+    let vol = Volume::open(remote(&after), &opts).await.unwrap();
+    assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
+    vol.write(0, &pattern(4096, 7)).await.unwrap();
+    vol.close().await.unwrap();
+    let vol = Volume::open(remote(&after.store_only()), &opts)
+        .await
+        .unwrap();
+    assert_eq!(vol.read(0, 4096).await.unwrap(), pattern(4096, 7));
+    assert_eq!(
+        vol.read(4096, data.len() - 4096).await.unwrap(),
+        data[4096..]
+    );
     vol.close().await.unwrap();
 }
