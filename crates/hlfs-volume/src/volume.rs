@@ -221,6 +221,12 @@ struct Sealing {
     _slot: OwnedSemaphorePermit,
 }
 
+/// Uploads failing: the last error, and when the first one came.
+struct Stall {
+    why: String,
+    since: std::time::Instant,
+}
+
 /// The background task that syncs sealed segments and puts them in the
 /// store, in order, retrying while the store refuses them.
 struct Uploads {
@@ -229,8 +235,8 @@ struct Uploads {
     backlog: Arc<Semaphore>,
     /// Every record up to this LSN is in the store.
     stored_lsn: watch::Sender<u64>,
-    /// Why uploads are failing, while they are.
-    stalled: Mutex<Option<String>>,
+    /// Why uploads are failing, and since when, while they are.
+    stalled: Mutex<Option<Stall>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -1097,6 +1103,7 @@ impl Volume {
         self.check_writable()?;
         // Again under the lock: a rollback may have shrunk the volume.
         self.check_range(offset, data.len() as u64)?;
+        self.make_room(&mut w).await?;
         let bs = self.inner.block_size as u64;
         let end = offset + data.len() as u64;
         let per_record = (MAX_RECORD_BYTES as u64 / bs).max(1);
@@ -1207,6 +1214,16 @@ impl Volume {
         self.inner.written_lsn.store(w.next_lsn, Ordering::SeqCst);
         w.next_lsn += 1;
         Ok(at)
+    }
+
+    /// Seals a segment left full by an earlier append whose seal failed (the
+    /// store was away), before appending more: the journal never grows
+    /// past a segment (and a record) while uploads are stalled.
+    async fn make_room(&self, w: &mut Writer) -> Result<()> {
+        if w.pos >= self.inner.segment_size {
+            self.seal_in_background(w).await?;
+        }
+        Ok(())
     }
 
     /// Housekeeping after appending: write back map pages under memory
@@ -1350,10 +1367,21 @@ impl Volume {
         self.queue_upload(sealing)
     }
 
-    /// A place in the upload backlog, waiting at most `store_wait` for one.
+    /// How long to wait for the store now: `store_wait`, less what an
+    /// ongoing stall has lasted, so that once the store has been away that
+    /// long, callers queued behind one another fail at once instead of each
+    /// waiting in turn.
+    fn patience(&self) -> Duration {
+        match &*self.inner.uploads.stalled.lock() {
+            Some(stall) => self.inner.store_wait.saturating_sub(stall.since.elapsed()),
+            None => self.inner.store_wait,
+        }
+    }
+
+    /// A place in the upload backlog, waiting at most `patience` for one.
     async fn upload_slot(&self) -> Result<OwnedSemaphorePermit> {
         let backlog = self.inner.uploads.backlog.clone();
-        match tokio::time::timeout(self.inner.store_wait, backlog.acquire_owned()).await {
+        match tokio::time::timeout(self.patience(), backlog.acquire_owned()).await {
             Ok(Ok(slot)) => Ok(slot),
             Ok(Err(_)) => Err(VolumeError::Closed),
             Err(_) => Err(self.store_stalled()),
@@ -1365,13 +1393,10 @@ impl Volume {
         if let Err(e) = self.check_not_failed() {
             return e;
         }
-        let why = self
-            .inner
-            .uploads
-            .stalled
-            .lock()
-            .clone()
-            .unwrap_or_else(|| "uploads are slower than writes".into());
+        let why = self.inner.uploads.stalled.lock().as_ref().map_or_else(
+            || "uploads are slower than writes".into(),
+            |s| s.why.clone(),
+        );
         VolumeError::Unavailable(format!(
             "{}: the store has not taken the sealed segments for {} s ({why}); what was flushed is safe in the local journal, and uploads go on",
             self.location(),
@@ -1397,7 +1422,7 @@ impl Volume {
         let mut stored = self.inner.uploads.stored_lsn.subscribe();
         let failed = || self.inner.failed.lock().is_some();
         let reached = async { stored.wait_for(|&s| s >= lsn || failed()).await.map(|_| ()) };
-        match tokio::time::timeout(self.inner.store_wait, reached).await {
+        match tokio::time::timeout(self.patience(), reached).await {
             Ok(Ok(_)) => self.check_not_failed(),
             Ok(Err(_)) => Err(VolumeError::Closed),
             Err(_) => Err(self.store_stalled()),
@@ -1665,6 +1690,7 @@ impl Volume {
         self.check_writable()?;
         // Again under the lock: a rollback may have shrunk the volume.
         self.check_range(offset, len)?;
+        self.make_room(&mut w).await?;
         let bs = self.inner.block_size as u64;
         let size = self.size();
         let end = offset + len;
@@ -1735,6 +1761,7 @@ impl Volume {
         self.check_writable()?;
         let mut w = self.inner.writer.lock().await;
         self.check_writable()?;
+        self.make_room(&mut w).await?;
         let size = self.size();
         if new_size < size {
             return Err(VolumeError::InvalidArgument(format!(
@@ -2014,13 +2041,15 @@ where
             // A crashed store (a test's dead process) never comes back.
             Err(VolumeError::Store(e)) if !matches!(e, StoreError::Crashed) => {
                 vol.check_not_failed()?;
-                let first = vol
-                    .inner
-                    .uploads
-                    .stalled
-                    .lock()
-                    .replace(format!("{what}: {e}"))
-                    .is_none();
+                let first = {
+                    let mut stalled = vol.inner.uploads.stalled.lock();
+                    let since = stalled.as_ref().map(|s| s.since);
+                    *stalled = Some(Stall {
+                        why: format!("{what}: {e}"),
+                        since: since.unwrap_or_else(std::time::Instant::now),
+                    });
+                    since.is_none()
+                };
                 if first {
                     tracing::warn!(volume = %vol.location(), error = %e, "{what} failed; retrying until the store takes it");
                 } else {

@@ -88,10 +88,32 @@ async fn a_store_that_goes_away_delays_uploads_not_flushes_and_service_resumes()
     assert!(err.to_string().contains("injected fault"), "{err}");
     assert!(written >= 4 * SEGMENT, "the backlog took {written} bytes");
     assert!(started.elapsed() < Duration::from_secs(10));
+    // Once the store has been away for the whole wait, later writes fail at
+    // once (not each after its own wait), and append nothing.
+    let again = Instant::now();
+    for k in 0..5u64 {
+        let late = vol
+            .write(written + k * chunk as u64, &pattern(chunk, k))
+            .await;
+        assert!(matches!(late, Err(VolumeError::Unavailable(_))), "{late:?}");
+    }
+    assert!(
+        again.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        again.elapsed()
+    );
     // The store comes back: the same volume takes writes again.
     env.clear_faults();
     let more = pattern(chunk, 999);
-    vol.write(written, &more).await.expect("service resumes");
+    // As soon as the next upload attempt succeeds, writes are taken again.
+    let back = Instant::now();
+    while let Err(e) = vol.write(written, &more).await {
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "service did not resume: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     vol.flush().await.unwrap();
     vol.close().await.unwrap();
     // Everything acknowledged is there, from the store alone.
