@@ -91,8 +91,11 @@ fn ini_section(text: &str, section: &str) -> Vec<(String, String)> {
         if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
             continue;
         }
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            inside = name.trim() == section;
+        if let Some(header) = line.strip_prefix('[') {
+            // `[name]`, perhaps followed by a comment.
+            inside = header
+                .split_once(']')
+                .is_some_and(|(name, _)| name.trim() == section);
             continue;
         }
         if let (true, Some((k, v))) = (inside, line.split_once('=')) {
@@ -325,7 +328,7 @@ mod tests {
 
     #[test]
     fn shared_files_are_read_by_profile() {
-        let text = "# comment\n[default]\naws_access_key_id = AKID\nAWS_Secret_Access_Key=s3cr=t\n\n[profile ceph]\nregion = eu\nendpoint_url = http://127.0.0.1:7480\n[other]\nregion = us\n";
+        let text = "# comment\n[default]\naws_access_key_id = AKID\nAWS_Secret_Access_Key=s3cr=t\n\n[profile ceph] # the lab\nregion = eu\nendpoint_url = http://127.0.0.1:7480\n[other]\nregion = us\n";
         let default = ini_section(text, "default");
         assert_eq!(
             default,

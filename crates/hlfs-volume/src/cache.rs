@@ -119,6 +119,24 @@ impl Entry {
     }
 }
 
+/// Chunks `i..j` of an entry being fetched by one reader.
+struct FetchClaim<'a> {
+    entry: &'a Entry,
+    i: usize,
+    j: usize,
+}
+
+impl Drop for FetchClaim<'_> {
+    fn drop(&mut self) {
+        let mut chunks = self.entry.chunks.lock();
+        chunks.fetching[self.i..self.j]
+            .iter_mut()
+            .for_each(|f| *f = false);
+        drop(chunks);
+        self.entry.fetched.notify_waiters();
+    }
+}
+
 /// Caches in use in this process, by directory.
 static OPEN: Mutex<Vec<(PathBuf, Weak<ReadCache>)>> = Mutex::new(Vec::new());
 
@@ -359,25 +377,32 @@ impl ReadCache {
             match run {
                 None => fetched.await,
                 Some((i, j)) => {
+                    // Whatever ends this fetch, even the reader going away,
+                    // frees its chunks for others and wakes their waiters.
+                    let claim = FetchClaim { entry, i, j };
                     let fetched = self.fetch(entry, store, name, i, j).await;
-                    let mut chunks = entry.chunks.lock();
-                    chunks.fetching[i..j].iter_mut().for_each(|f| *f = false);
-                    if fetched.is_ok() {
-                        chunks.present[i..j].iter_mut().for_each(|p| *p = true);
-                    }
-                    let bitmap = chunks.present.clone();
-                    drop(chunks);
-                    entry.fetched.notify_waiters();
+                    let bitmap = {
+                        let mut chunks = entry.chunks.lock();
+                        if fetched.is_ok() {
+                            chunks.present[i..j].iter_mut().for_each(|p| *p = true);
+                        }
+                        chunks.present.clone()
+                    };
+                    drop(claim);
                     fetched?;
                     let bytes: u64 = (i..j).map(|k| entry.chunk_len(k)).sum();
-                    entry.cached.fetch_add(bytes, Ordering::Relaxed);
-                    self.write_sidecar(entry, &bitmap);
-                    let mut state = self.state.lock();
-                    let current = state.entries.peek(&entry.key);
-                    if current.is_some_and(|c| Arc::ptr_eq(c, entry)) {
-                        state.bytes += bytes;
+                    {
+                        // Counted together, so an eviction in between cannot
+                        // take away bytes that were never added; and only an
+                        // entry still in the cache records its chunks.
+                        let mut state = self.state.lock();
+                        entry.cached.fetch_add(bytes, Ordering::Relaxed);
+                        let current = state.entries.peek(&entry.key);
+                        if current.is_some_and(|c| Arc::ptr_eq(c, entry)) {
+                            state.bytes += bytes;
+                            self.write_sidecar(entry, &bitmap);
+                        }
                     }
-                    drop(state);
                     self.evict(Some(entry.key));
                 }
             }
@@ -463,21 +488,15 @@ impl ReadCache {
 
     /// Drops the cached copy of `key`; false if there was none.
     pub fn forget(&self, key: SegmentKey) -> bool {
-        let removed = {
-            let mut state = self.state.lock();
-            let removed = state.entries.pop(&key);
-            if let Some(e) = &removed {
-                state.bytes -= e.cached.load(Ordering::Relaxed).min(state.bytes);
-            }
-            removed
+        let mut state = self.state.lock();
+        let Some(entry) = state.entries.pop(&key) else {
+            return false;
         };
-        match removed {
-            Some(_) => {
-                self.remove_files(key);
-                true
-            }
-            None => false,
-        }
+        state.bytes -= entry.cached.load(Ordering::Relaxed).min(state.bytes);
+        // Under the lock: a new entry for the key must not find (and
+        // truncate) the old files, nor lose its own to a late removal.
+        self.remove_files(key);
+        true
     }
 
     fn remove_files(&self, key: SegmentKey) {
@@ -488,27 +507,22 @@ impl ReadCache {
     /// Evicts least recently used segments until under the limit, never
     /// `keep` (the one being read).
     fn evict(&self, keep: Option<SegmentKey>) {
-        let mut gone = Vec::new();
-        {
-            let mut state = self.state.lock();
-            let mut kept = None;
-            while state.bytes > self.limit {
-                let Some((key, entry)) = state.entries.pop_lru() else {
-                    break;
-                };
-                if Some(key) == keep {
-                    kept = Some((key, entry));
-                    continue;
-                }
-                state.bytes -= entry.cached.load(Ordering::Relaxed).min(state.bytes);
-                gone.push(key);
+        let mut state = self.state.lock();
+        let mut kept = None;
+        while state.bytes > self.limit {
+            let Some((key, entry)) = state.entries.pop_lru() else {
+                break;
+            };
+            if Some(key) == keep {
+                kept = Some((key, entry));
+                continue;
             }
-            if let Some((key, entry)) = kept {
-                state.entries.put(key, entry);
-            }
-        }
-        for key in gone {
+            state.bytes -= entry.cached.load(Ordering::Relaxed).min(state.bytes);
+            // Under the lock, as in `forget`.
             self.remove_files(key);
+        }
+        if let Some((key, entry)) = kept {
+            state.entries.put(key, entry);
         }
     }
 }
@@ -672,6 +686,40 @@ mod tests {
             .read_into(key, &empty, "segments/0000000007", 0, &mut buf)
             .await
             .is_err());
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_goes_away_mid_fetch_does_not_strand_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = MemEnv::new();
+        let store: Arc<dyn BlobStore> = env.store();
+        store
+            .put_if_absent("segments/0000000001", Bytes::from(vec![7u8; 8192]))
+            .await
+            .unwrap();
+        env.set_latency(std::time::Duration::from_millis(200));
+        let cache = ReadCache::open(dir.path(), 64 << 20).unwrap().unwrap();
+        let key = SegmentKey {
+            volume: [4; 16],
+            seg: 1,
+        };
+        let mut buf = vec![0u8; 4096];
+        let cancelled = tokio::time::timeout(
+            std::time::Duration::from_millis(250),
+            cache.read_into(key, &store, "segments/0000000001", 0, &mut buf),
+        )
+        .await;
+        assert!(
+            cancelled.is_err(),
+            "the first read should still be fetching"
+        );
+        let again = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            cache.read_into(key, &store, "segments/0000000001", 0, &mut buf),
+        )
+        .await;
+        assert!(matches!(again, Ok(Ok(()))), "{again:?}");
+        assert_eq!(buf, vec![7u8; 4096]);
     }
 
     proptest::proptest! {

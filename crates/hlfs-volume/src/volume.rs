@@ -1358,12 +1358,14 @@ impl Volume {
             replay_from_seg: w.seg + 1,
             replay_from_lsn: w.next_lsn,
         });
-        if head.is_some() {
+        let checkpointed = head.is_some();
+        let sealing = self.rotate(w, true, slot, head)?;
+        if checkpointed {
+            // Recovery starts after this segment.
             w.changed = false;
             w.sealed_since_checkpoint = 0;
             w.bytes_since_checkpoint = 0;
         }
-        let sealing = self.rotate(w, true, slot, head)?;
         self.queue_upload(sealing)
     }
 
@@ -1450,15 +1452,21 @@ impl Volume {
         // the volume before the other can report success.
         let _turn = self.inner.sync_lock.lock().await;
         self.check_not_failed()?;
-        let f = sealing.file.clone();
-        tokio::task::spawn_blocking(move || f.sync())
-            .await
-            .map_err(|e| self.fail(VolumeError::Failed(e.to_string())))?
-            .map_err(|e| self.fail(e.into()))?;
+        self.sync_file(sealing.file.clone()).await?;
         self.inner
             .durable_lsn
             .fetch_max(sealing.last_lsn, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// fdatasyncs a journal file off the runtime. A failure stops the
+    /// volume even if the caller has gone (a cancelled FLUSH): the kernel
+    /// reports a writeback error once, and the next sync would succeed.
+    async fn sync_file(&self, file: Arc<dyn JournalFile>) -> Result<()> {
+        let vol = self.clone();
+        tokio::task::spawn_blocking(move || file.sync().map_err(|e| vol.fail(e.into())))
+            .await
+            .map_err(|e| self.fail(VolumeError::Failed(e.to_string())))?
     }
 
     /// Once a segment is in the store (and every one before it): switches
@@ -1654,10 +1662,7 @@ impl Volume {
         let files = self.inner.files.lock().in_log_order();
         // Older files first, so what is durable is always a prefix.
         for file in files {
-            tokio::task::spawn_blocking(move || file.sync())
-                .await
-                .map_err(|e| VolumeError::Failed(e.to_string()))?
-                .map_err(|e| self.fail(e.into()))?;
+            self.sync_file(file).await?;
         }
         self.inner.durable_lsn.fetch_max(upto, Ordering::SeqCst);
         Ok(())
@@ -1928,6 +1933,15 @@ impl Volume {
             self.inner.closed.store(true, Ordering::SeqCst);
             return Ok(());
         }
+        // Runs to the end even if the caller goes away: half a close would
+        // keep the lock and the upload task.
+        let vol = self.clone();
+        tokio::spawn(async move { vol.close_writer().await })
+            .await
+            .map_err(|e| VolumeError::Failed(format!("close stopped: {e}")))?
+    }
+
+    async fn close_writer(&self) -> Result<()> {
         let mut w = self.inner.writer.lock().await;
         if w.closed {
             return Ok(());
@@ -1939,8 +1953,11 @@ impl Volume {
         w.closed = true;
         self.inner.closed.store(true, Ordering::SeqCst);
         self.inner.uploads.queue.lock().take();
-        if let Some(task) = self.inner.uploads.task.lock().take() {
+        let task = self.inner.uploads.task.lock().take();
+        if let Some(task) = task {
+            // Nothing of it may still run once the next writer can get in.
             task.abort();
+            let _ = task.await;
         }
         self.inner.lock.lock().take();
         closed
