@@ -68,7 +68,10 @@ impl SegmentKey {
 
 pub struct ReadCache {
     dir: PathBuf,
+    /// Bytes the directory may hold: cached segments plus what open
+    /// volumes reserved for their journals.
     limit: u64,
+    reserved: AtomicU64,
     state: Mutex<State>,
     _lock: File,
     /// A private cache in a temporary directory, removed when dropped.
@@ -116,6 +119,18 @@ impl Entry {
     fn chunk_len(&self, i: usize) -> u64 {
         let lo = i as u64 * CHUNK;
         (self.size - lo).min(CHUNK)
+    }
+}
+
+/// Part of a cache's limit set aside for a volume's journal.
+pub struct Reservation {
+    cache: Arc<ReadCache>,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.cache.reserved.fetch_sub(self.bytes, Ordering::SeqCst);
     }
 }
 
@@ -243,9 +258,27 @@ impl ReadCache {
             state: Mutex::new(state),
             _lock: lock,
             scratch: false,
+            reserved: AtomicU64::new(0),
         };
         cache.evict(None);
         Ok(Some(cache))
+    }
+
+    /// Sets aside `bytes` of the limit for a volume's journal until the
+    /// returned reservation is dropped, evicting to make room.
+    pub fn reserve(self: &Arc<Self>, bytes: u64) -> Reservation {
+        self.reserved.fetch_add(bytes, Ordering::SeqCst);
+        self.evict(None);
+        Reservation {
+            cache: self.clone(),
+            bytes,
+        }
+    }
+
+    /// What cached segments may use now.
+    fn room(&self) -> u64 {
+        self.limit
+            .saturating_sub(self.reserved.load(Ordering::SeqCst))
     }
 
     /// Bytes cached now.
@@ -449,7 +482,7 @@ impl ReadCache {
     /// Takes the file at `path`, holding all `len` bytes of segment `key`,
     /// as its cached copy. False if it would not fit or could not be moved.
     pub fn adopt(&self, key: SegmentKey, path: &Path, len: u64) -> bool {
-        if len > self.limit || len == 0 {
+        if len > self.room() || len == 0 {
             return false;
         }
         self.forget(key);
@@ -509,7 +542,7 @@ impl ReadCache {
     fn evict(&self, keep: Option<SegmentKey>) {
         let mut state = self.state.lock();
         let mut kept = None;
-        while state.bytes > self.limit {
+        while state.bytes > self.room() {
             let Some((key, entry)) = state.entries.pop_lru() else {
                 break;
             };
@@ -657,6 +690,18 @@ mod tests {
         // A smaller limit evicts on open.
         let cache = ReadCache::open(dir.path(), CHUNK).unwrap().unwrap();
         assert_eq!(cache.cached_bytes(), 0);
+        drop(cache);
+        // Room reserved for a journal comes out of the cached bytes.
+        let cache = Arc::new(ReadCache::open(dir.path(), 64 << 20).unwrap().unwrap());
+        cache
+            .read_into(key, &store, "segments/0000000001", 0, &mut buf)
+            .await
+            .unwrap();
+        assert_eq!(cache.cached_bytes(), CHUNK);
+        let journal = cache.reserve(64 << 20);
+        assert_eq!(cache.cached_bytes(), 0);
+        drop(journal);
+        assert_eq!(cache.room(), 64 << 20);
     }
 
     #[tokio::test]

@@ -25,6 +25,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::Backend;
+use crate::cache::Reservation;
 use crate::error::{Result, VolumeError};
 use crate::map::{depth_for, MapResult, MapState, Missing, Pins, PAGE_COST};
 use crate::segments::{ScanSource, ScanStop, Scanner, Segments};
@@ -277,6 +278,8 @@ struct Inner {
     store_wait: Duration,
     /// This writer's claim, once the manifest carries it.
     claim: Mutex<Option<WriterClaim>>,
+    /// Room in the cache directory's limit for this writer's journal.
+    journal_room: Mutex<Option<Reservation>>,
     /// Taken while writing a manifest, so that two never race for a number.
     manifest_turn: tokio::sync::Mutex<()>,
     sync_lock: tokio::sync::Mutex<()>,
@@ -470,6 +473,12 @@ impl Volume {
             m.next_seg = m.next_seg.max(next_seg);
         })
         .await?;
+        if let Some(cache) = &vol.inner.backend.cache {
+            // The open journal file and a full upload backlog, at most.
+            let journal = (UPLOAD_BACKLOG_REMOTE as u64 + 1)
+                * (vol.inner.segment_size + MAX_RECORD_BYTES as u64);
+            *vol.inner.journal_room.lock() = Some(cache.reserve(journal));
+        }
         vol.start_uploads();
         Ok(vol)
     }
@@ -591,6 +600,7 @@ impl Volume {
             durability: opts.durability,
             store_wait: opts.store_wait,
             claim: Mutex::new(None),
+            journal_room: Mutex::new(None),
             manifest_turn: tokio::sync::Mutex::new(()),
             sync_lock: tokio::sync::Mutex::new(()),
             written_lsn: AtomicU64::new(0),
@@ -1960,6 +1970,7 @@ impl Volume {
             let _ = task.await;
         }
         self.inner.lock.lock().take();
+        self.inner.journal_room.lock().take();
         closed
     }
 

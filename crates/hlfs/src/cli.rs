@@ -39,8 +39,8 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "DIR", env = "HLFS_CACHE_DIR", default_value_os_t = default_cache_dir())]
     pub cache_dir: PathBuf,
 
-    /// Most bytes the read cache keeps (journals of segments not yet
-    /// uploaded come on top: up to 5 segments per open volume).
+    /// Most bytes the cache directory holds: the read cache, and room set
+    /// aside for the journal of each volume open for writing (5 segments).
     #[arg(long, global = true, value_name = "SIZE", default_value = "10G", value_parser = parse_size)]
     pub cache_size: u64,
 
