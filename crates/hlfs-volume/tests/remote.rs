@@ -5,6 +5,8 @@
 mod common;
 
 use std::sync::Arc;
+
+use common::pattern;
 use std::time::{Duration, Instant};
 
 use hlfs_store::{BlobStore, CrashMode, Fault, FaultOp, LocalJournal, MemEnv};
@@ -14,10 +16,12 @@ use hlfs_volume::{
 
 const SEGMENT: u64 = 256 << 10;
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u64).wrapping_mul(31).wrapping_add(seed * 7) as u8)
-        .collect()
+/// Writes `data` from offset 0 in 64 KiB writes, so that segments fill
+/// and seal one after another.
+async fn write_in_chunks(vol: &Volume, data: &[u8]) {
+    for (i, chunk) in data.chunks(64 << 10).enumerate() {
+        vol.write(i as u64 * (64 << 10), chunk).await.unwrap();
+    }
 }
 
 /// The memory env as a remote store: the upload backlog of one.
@@ -71,7 +75,7 @@ async fn a_store_that_goes_away_delays_uploads_not_flushes_and_service_resumes()
     let mut refused = None;
     let started = Instant::now();
     while written < 32 * SEGMENT {
-        let data = pattern(chunk, written);
+        let data = pattern(chunk, (written / chunk as u64) as u8);
         match vol.write(written, &data).await {
             Ok(()) => written += chunk as u64,
             Err(e) => {
@@ -93,7 +97,7 @@ async fn a_store_that_goes_away_delays_uploads_not_flushes_and_service_resumes()
     let again = Instant::now();
     for k in 0..5u64 {
         let late = vol
-            .write(written + k * chunk as u64, &pattern(chunk, k))
+            .write(written + k * chunk as u64, &pattern(chunk, k as u8))
             .await;
         assert!(matches!(late, Err(VolumeError::Unavailable(_))), "{late:?}");
     }
@@ -104,7 +108,7 @@ async fn a_store_that_goes_away_delays_uploads_not_flushes_and_service_resumes()
     );
     // The store comes back: the same volume takes writes again.
     env.clear_faults();
-    let more = pattern(chunk, 999);
+    let more = pattern(chunk, 231);
     // As soon as the next upload attempt succeeds, writes are taken again.
     let back = Instant::now();
     while let Err(e) = vol.write(written, &more).await {
@@ -123,7 +127,7 @@ async fn a_store_that_goes_away_delays_uploads_not_flushes_and_service_resumes()
     for off in (0..written).step_by(chunk) {
         assert_eq!(
             vol.read(off, chunk).await.unwrap(),
-            pattern(chunk, off),
+            pattern(chunk, (off / chunk as u64) as u8),
             "at {off}"
         );
     }
@@ -143,9 +147,7 @@ async fn uploads_are_retried_until_the_store_takes_them() {
         remaining: Some(3),
     });
     let data = pattern(3 * SEGMENT as usize, 5);
-    for (i, chunk) in data.chunks(64 << 10).enumerate() {
-        vol.write(i as u64 * (64 << 10), chunk).await.unwrap();
-    }
+    write_in_chunks(&vol, &data).await;
     vol.close()
         .await
         .expect("close waits for the retried uploads");
@@ -199,9 +201,7 @@ async fn the_read_cache_serves_stored_segments_and_survives_damage() {
     let opts = options(Durability::Local, Duration::from_secs(30));
     let vol = Volume::open(backend(), &opts).await.unwrap();
     let data = pattern(4 * SEGMENT as usize, 9);
-    for (i, chunk) in data.chunks(64 << 10).enumerate() {
-        vol.write(i as u64 * (64 << 10), chunk).await.unwrap();
-    }
+    write_in_chunks(&vol, &data).await;
     vol.close().await.unwrap();
     // Every segment uploaded is also in the cache: with the store refusing
     // reads, they still read back.
@@ -244,9 +244,7 @@ async fn close_with_the_store_away_fails_in_time_and_the_next_open_finishes_the_
     let opts = options(Durability::Local, Duration::from_millis(300));
     let vol = Volume::open(remote(&env), &opts).await.unwrap();
     let data = pattern(2 * SEGMENT as usize, 4);
-    for (i, chunk) in data.chunks(64 << 10).enumerate() {
-        vol.write(i as u64 * (64 << 10), chunk).await.unwrap();
-    }
+    write_in_chunks(&vol, &data).await;
     vol.flush().await.unwrap();
     refuse_uploads(&env);
     let started = Instant::now();
@@ -282,9 +280,7 @@ async fn recovery_replays_a_journal_left_between_stored_segments() {
         remaining: None,
     });
     let data = pattern(4 * SEGMENT as usize, 6);
-    for (i, chunk) in data.chunks(64 << 10).enumerate() {
-        vol.write(i as u64 * (64 << 10), chunk).await.unwrap();
-    }
+    write_in_chunks(&vol, &data).await;
     vol.flush().await.unwrap();
     let store = env.store();
     let started = Instant::now();
