@@ -2084,20 +2084,14 @@ where
                     tracing::debug!(volume = %vol.location(), error = %e, "{what} failed again");
                 }
                 drop(vol);
-                let jitter = rand_fraction() * pause.as_secs_f64() / 2.0;
-                tokio::time::sleep(pause.mul_f64(0.75) + Duration::from_secs_f64(jitter)).await;
+                // 75% to 125% of the pause, so retries of many volumes spread out.
+                let jitter = pause.mul_f64(rand::random::<f64>() / 2.0);
+                tokio::time::sleep(pause.mul_f64(0.75) + jitter).await;
                 pause = (pause * 2).min(UPLOAD_RETRY_MAX);
             }
             Err(e) => return Err(vol.fail(e)),
         }
     }
-}
-
-fn rand_fraction() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(now_ms());
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Reads and decodes the checkpoint record at `at`, returning it and its LSN.
