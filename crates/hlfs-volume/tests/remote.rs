@@ -4,12 +4,16 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-
-use common::pattern;
 use std::time::{Duration, Instant};
 
-use hlfs_store::{BlobStore, CrashMode, Fault, FaultOp, LocalJournal, MemEnv};
+use async_trait::async_trait;
+use bytes::Bytes;
+use common::pattern;
+use hlfs_store::{
+    BlobMeta, BlobStore, CrashMode, Fault, FaultOp, LocalJournal, MemEnv, StoreError,
+};
 use hlfs_volume::{
     Backend, CreateOptions, Durability, OpenOptions, ReadCache, Volume, VolumeError,
 };
@@ -307,5 +311,88 @@ async fn recovery_replays_a_journal_left_between_stored_segments() {
         vol.read(4096, data.len() - 4096).await.unwrap(),
         data[4096..]
     );
+    vol.close().await.unwrap();
+}
+
+/// A store whose first few creates land but answer with an error, as when
+/// a connection drops after the gateway stored the object.
+#[derive(Debug)]
+struct LostAnswers {
+    inner: Arc<dyn BlobStore>,
+    /// Creates still to lose, of segments and of manifests.
+    segments: AtomicU32,
+    manifests: AtomicU32,
+}
+
+impl LostAnswers {
+    fn lose(&self, name: &str) -> bool {
+        let left = match name.starts_with("segments/") {
+            true => &self.segments,
+            false => &self.manifests,
+        };
+        left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+#[async_trait]
+impl BlobStore for LostAnswers {
+    fn describe(&self) -> String {
+        "lost-answers".into()
+    }
+    async fn put_if_absent(&self, name: &str, data: Bytes) -> hlfs_store::Result<()> {
+        self.inner.put_if_absent(name, data).await?;
+        match self.lose(name) {
+            true => Err(StoreError::Other(format!("{name}: connection reset"))),
+            false => Ok(()),
+        }
+    }
+    async fn get_range(&self, name: &str, offset: u64, len: u64) -> hlfs_store::Result<Bytes> {
+        self.inner.get_range(name, offset, len).await
+    }
+    async fn head(&self, name: &str) -> hlfs_store::Result<Option<u64>> {
+        self.inner.head(name).await
+    }
+    async fn list(&self, prefix: &str) -> hlfs_store::Result<Vec<BlobMeta>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, name: &str) -> hlfs_store::Result<()> {
+        self.inner.delete(name).await
+    }
+}
+
+#[tokio::test]
+async fn creates_whose_answer_was_lost_are_recognised_as_ours() {
+    let env = MemEnv::new();
+    create(&remote(&env), 16 << 20).await;
+    let opts = options(Durability::Local, Duration::from_secs(30));
+    let store = Arc::new(LostAnswers {
+        inner: env.store(),
+        segments: AtomicU32::new(2),
+        manifests: AtomicU32::new(1),
+    });
+    let backend = Backend {
+        store: store.clone(),
+        ..remote(&env)
+    };
+    // The claim's manifest lands but reports an error: the open fails, and
+    // a second open must not take its own earlier write for another writer.
+    let first = Volume::open(backend.clone(), &opts).await;
+    assert!(first.is_err(), "the lost answer surfaces");
+    let vol = Volume::open(backend, &opts)
+        .await
+        .expect("an open after a lost answer is not fenced");
+    // Segments and a background checkpoint whose answers are lost are
+    // retried, found in the store with our bytes and claim, and go on.
+    store.manifests.store(1, Ordering::SeqCst);
+    let data = pattern(6 * SEGMENT as usize, 8);
+    write_in_chunks(&vol, &data).await;
+    vol.close().await.expect("no writer was fenced");
+    assert_eq!(store.segments.load(Ordering::SeqCst), 0);
+    assert_eq!(store.manifests.load(Ordering::SeqCst), 0);
+    let vol = Volume::open(remote(&env.store_only()), &opts)
+        .await
+        .unwrap();
+    assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
     vol.close().await.unwrap();
 }
