@@ -733,6 +733,29 @@ mod tests {
             .is_err());
     }
 
+    #[test]
+    fn one_cache_per_directory_in_a_process_and_a_private_one_when_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = ReadCache::shared(dir.path(), 1 << 20).unwrap().unwrap();
+        let b = ReadCache::shared(dir.path(), 1 << 20).unwrap().unwrap();
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "volumes of one process share the cache"
+        );
+        drop((a, b));
+        // Held elsewhere (flock is per open file, so this stands for
+        // another process): a private, temporary cache instead.
+        let held = ReadCache::open(dir.path(), 1 << 20).unwrap().unwrap();
+        let private = ReadCache::shared(dir.path(), 1 << 20).unwrap().unwrap();
+        assert_ne!(private.dir, held.dir);
+        let scratch_dir = private.dir.clone();
+        drop(private);
+        assert!(
+            !scratch_dir.exists(),
+            "a private cache is removed when dropped"
+        );
+    }
+
     #[tokio::test]
     async fn a_reader_that_goes_away_mid_fetch_does_not_strand_others() {
         let dir = tempfile::tempdir().unwrap();
