@@ -30,10 +30,9 @@ pub struct Backend {
 /// Settings for volumes whose store is remote.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
-    /// Holds remote volumes' journals and the read cache. Default:
-    /// `HLFS_CACHE_DIR`, else `~/.cache/hlfs`.
-    pub cache_dir: Option<PathBuf>,
-    /// Bytes the read cache may hold.
+    /// Holds remote volumes' journals and the read cache.
+    pub cache_dir: PathBuf,
+    /// Bytes the cache directory may hold.
     pub cache_size: u64,
     /// How long a store request is retried (with backoff and jitter) before
     /// it fails.
@@ -43,25 +42,19 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
-            cache_dir: None,
+            cache_dir: default_cache_dir(),
             cache_size: 10 << 30,
             retry_budget: Duration::from_secs(30),
         }
     }
 }
 
-impl StoreOptions {
-    fn cache_dir(&self) -> Result<PathBuf> {
-        self.cache_dir
-            .clone()
-            .or_else(|| std::env::var_os("HLFS_CACHE_DIR").map(PathBuf::from))
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hlfs")))
-            .ok_or_else(|| {
-                VolumeError::InvalidArgument(
-                    "no cache directory for the local journal: pass --cache-dir or set HLFS_CACHE_DIR or HOME".into(),
-                )
-            })
-    }
+/// `HLFS_CACHE_DIR`, else `~/.cache/hlfs`, else `.hlfs-cache`.
+pub fn default_cache_dir() -> PathBuf {
+    std::env::var_os("HLFS_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hlfs")))
+        .unwrap_or_else(|| PathBuf::from(".hlfs-cache"))
 }
 
 /// Subdirectory of a local volume holding its journal.
@@ -102,7 +95,7 @@ impl Backend {
     /// A volume in a remote store, with its journal and read cache under
     /// the cache directory.
     fn remote(address: &str, store: Arc<dyn BlobStore>, opts: &StoreOptions) -> Result<Backend> {
-        let cache_dir = opts.cache_dir()?;
+        let cache_dir = &opts.cache_dir;
         let (scheme, rest) = address.split_once("://").unwrap_or(("", address));
         let rel: String = rest
             .trim_end_matches('/')
@@ -126,13 +119,6 @@ impl Backend {
             cache,
             writer_site: remote_site(&journal_dir),
         })
-    }
-
-    /// The same volume without its read cache: every read goes to the
-    /// store (what `check` verifies).
-    pub fn uncached(mut self) -> Backend {
-        self.cache = None;
-        self
     }
 
     /// A volume in a test environment.

@@ -12,7 +12,7 @@ mod map;
 mod segments;
 mod volume;
 
-pub use backend::{Backend, StoreOptions, LOCAL_JOURNAL_DIR};
+pub use backend::{default_cache_dir, Backend, StoreOptions, LOCAL_JOURNAL_DIR};
 pub use cache::ReadCache;
 pub use check::{check, CheckReport};
 pub use error::{Result, VolumeError};

@@ -36,7 +36,7 @@ pub struct Cli {
     /// Directory for the local journal and read cache of volumes on a
     /// remote store (s3://). Journals there hold writes not yet uploaded:
     /// keep it on a disk that survives reboots.
-    #[arg(long, global = true, value_name = "DIR", env = "HLFS_CACHE_DIR", default_value_os_t = default_cache_dir())]
+    #[arg(long, global = true, value_name = "DIR", env = "HLFS_CACHE_DIR", default_value_os_t = hlfs_volume::default_cache_dir())]
     pub cache_dir: PathBuf,
 
     /// Most bytes the cache directory holds: the read cache, and room set
@@ -74,12 +74,6 @@ impl From<DurabilityArg> for Durability {
             DurabilityArg::Remote => Durability::Remote,
         }
     }
-}
-
-fn default_cache_dir() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".cache/hlfs"))
-        .unwrap_or_else(|| PathBuf::from(".hlfs-cache"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -180,7 +174,7 @@ impl Settings {
                 store_wait: Duration::from_secs(cli.store_timeout),
             },
             store: StoreOptions {
-                cache_dir: Some(cli.cache_dir.clone()),
+                cache_dir: cli.cache_dir.clone(),
                 cache_size: cli.cache_size,
                 retry_budget: Duration::from_secs(cli.store_timeout),
             },
