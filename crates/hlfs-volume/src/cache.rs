@@ -381,6 +381,10 @@ impl ReadCache {
         first: usize,
         last: usize,
     ) -> Result<()> {
+        // The common case, a warm cache, without registering for wake-ups.
+        if entry.chunks.lock().present[first..=last].iter().all(|&p| p) {
+            return Ok(());
+        }
         loop {
             // Registered before looking, so a fetch ending in between still
             // wakes us.
