@@ -78,7 +78,7 @@ impl Location {
     /// first use instead of here.
     fn parse(uri: &str) -> Result<Location> {
         let bad = |why: &str| {
-            Err(StoreError::Other(format!(
+            Err(StoreError::Invalid(format!(
                 "{uri:?} is not a valid HDFS address ({why}); expected hdfs://HOST:PORT/PATH"
             )))
         };
@@ -218,7 +218,7 @@ fn map_err(name: &str, at: &str, e: HdfsError) -> StoreError {
     match e {
         e if is_not_found(&e) => StoreError::NotFound(name.to_string()),
         HdfsError::AlreadyExists(_) => StoreError::AlreadyExists(name.to_string()),
-        e => StoreError::Other(format!("{at}: {e}")),
+        e => StoreError::Unavailable(format!("{at}: {e}")),
     }
 }
 
@@ -236,7 +236,7 @@ impl HdfsStore {
             .with_url(location.namenode())
             .build()
             .map_err(|e| {
-                StoreError::Other(format!("configuring the HDFS client for {location}: {e}"))
+                StoreError::Invalid(format!("configuring the HDFS client for {location}: {e}"))
             })?;
         Ok(HdfsStore { client, location })
     }
@@ -308,7 +308,8 @@ impl HdfsStore {
             create_parent: true,
             ..WriteOptions::default()
         };
-        let failed = |e| StoreError::Other(format!("staging {name} at {}: {e}", self.at(tmp)));
+        let failed =
+            |e| StoreError::Unavailable(format!("staging {name} at {}: {e}", self.at(tmp)));
         let mut writer = self.client.create(tmp, options).await.map_err(failed)?;
         if !data.is_empty() {
             writer.write_bytes(data).await.map_err(failed)?;
@@ -322,7 +323,7 @@ impl HdfsStore {
     async fn rename_into_place(&self, name: &str, tmp: &str, path: &str) -> Result<()> {
         let failed = |e: HdfsError| match e {
             HdfsError::AlreadyExists(_) => StoreError::AlreadyExists(name.to_string()),
-            e => StoreError::Other(format!(
+            e => StoreError::Unavailable(format!(
                 "renaming {} to {}: {e}",
                 self.at(tmp),
                 self.at(path)
@@ -337,7 +338,9 @@ impl HdfsStore {
                 self.client
                     .mkdirs(dir, DIR_PERMISSION, true)
                     .await
-                    .map_err(|e| StoreError::Other(format!("creating {}: {e}", self.at(dir))))?;
+                    .map_err(|e| {
+                        StoreError::Unavailable(format!("creating {}: {e}", self.at(dir)))
+                    })?;
                 self.client.rename(tmp, path, false).await.map_err(failed)
             }
             Err(e) => Err(failed(e)),
@@ -417,7 +420,12 @@ impl BlobStore for HdfsStore {
                 Ok(statuses) => statuses,
                 // Never created, or deleted while we list: nothing in it.
                 Err(e) if is_not_found(&e) => continue,
-                Err(e) => return Err(StoreError::Other(format!("listing {}: {e}", self.at(&dir)))),
+                Err(e) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "listing {}: {e}",
+                        self.at(&dir)
+                    )))
+                }
             };
             for status in statuses {
                 // Listing a file gives the file itself, with its own path;
@@ -479,11 +487,11 @@ mod tests {
     fn parse_err(uri: &str) -> String {
         match Location::parse(uri) {
             Ok(location) => panic!("{uri:?} should be refused, parsed as {location:?}"),
-            Err(StoreError::Other(msg)) => {
+            Err(StoreError::Invalid(msg)) => {
                 assert!(msg.contains(&format!("{uri:?}")), "{msg}");
                 msg
             }
-            Err(e) => panic!("{uri:?}: expected StoreError::Other, got {e:?}"),
+            Err(e) => panic!("{uri:?}: expected StoreError::Invalid, got {e:?}"),
         }
     }
 
@@ -590,7 +598,7 @@ mod tests {
         // An unreachable NameNode: only validation can answer these.
         let store = HdfsStore::from_uri("hdfs://namenode.invalid:1/vol").unwrap();
         for name in ["", "/abs", "a//b", "../escape", ".tmp/x", "a/.hidden"] {
-            let refused = |r: Result<()>| matches!(r, Err(StoreError::Other(m)) if m.contains("invalid blob name"));
+            let refused = |r: Result<()>| matches!(r, Err(StoreError::Invalid(m)) if m.contains("invalid blob name"));
             assert!(
                 refused(store.put_if_absent(name, Bytes::new()).await),
                 "{name:?}"
@@ -703,11 +711,11 @@ mod tests {
             ),
         );
         match other {
-            StoreError::Other(msg) => {
+            StoreError::Unavailable(msg) => {
                 assert!(msg.starts_with(at), "{msg}");
                 assert!(msg.contains("Permission denied"), "{msg}");
             }
-            e => panic!("expected Other, got {e:?}"),
+            e => panic!("expected Unavailable, got {e:?}"),
         }
         let io = map_err(
             "segments/7",
@@ -715,7 +723,7 @@ mod tests {
             HdfsError::IOError(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
         );
         assert!(
-            matches!(io, StoreError::Other(ref m) if m.starts_with(at)),
+            matches!(io, StoreError::Unavailable(ref m) if m.starts_with(at)),
             "{io:?}"
         );
     }

@@ -8,9 +8,14 @@
 //! * a [`JournalDir`]: the local, appendable area where the open segment is
 //!   written and made durable with `fdatasync` before it is sealed into the store.
 //!
-//! [`LocalStore`]/[`LocalJournal`] are the embedded default. [`MemEnv`] holds an
-//! in-memory store and journal that can inject errors and latency and can
-//! "crash", keeping only what was durable, for tests.
+//! [`LocalStore`]/[`LocalJournal`] are the embedded default; [`S3Store`] and
+//! (with the `hdfs` feature) `HdfsStore` are remote. [`MemEnv`] holds an
+//! in-memory store and journal for tests.
+//!
+//! What is not storage itself comes as [`layers`] around any store: retry,
+//! request counting, and for tests fault injection, latency, crash points
+//! and power-cut images. Time and randomness come from [`time`], passed in,
+//! so tests can move the clock and replay a schedule exactly.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -19,6 +24,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+mod error;
 #[cfg(feature = "hdfs")]
 mod hdfs;
 mod local;
@@ -26,54 +32,15 @@ mod mem;
 mod s3;
 
 pub mod conformance;
+pub mod layers;
+pub mod time;
 
+pub use error::{Result, StoreError};
 #[cfg(feature = "hdfs")]
 pub use hdfs::HdfsStore;
 pub use local::{LocalJournal, LocalStore};
-pub use mem::{CrashMode, Fault, FaultOp, MemEnv, MemJournal, MemStore};
+pub use mem::{MemEnv, MemJournal, MemStore};
 pub use s3::S3Store;
-
-/// Errors of every store. The variants are what the engine reacts to; the
-/// text is what a user sees.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("{0} already exists")]
-    AlreadyExists(String),
-    #[error("{0} not found")]
-    NotFound(String),
-    #[error("read of {name} at offset {offset} length {len} is past its end ({size} bytes)")]
-    OutOfRange {
-        name: String,
-        offset: u64,
-        len: u64,
-        size: u64,
-    },
-    #[error("I/O error on {name}: {source}")]
-    Io {
-        name: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("injected fault on {0}")]
-    Injected(String),
-    #[error("the store has crashed (test fault injection)")]
-    Crashed,
-    #[error("{name} is locked by another writer")]
-    Locked { name: String },
-    #[error("{0}")]
-    Other(String),
-}
-
-pub type Result<T> = std::result::Result<T, StoreError>;
-
-impl StoreError {
-    pub fn io(name: impl Into<String>, source: std::io::Error) -> Self {
-        StoreError::Io {
-            name: name.into(),
-            source,
-        }
-    }
-}
 
 /// A blob's name and size, as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,7 +220,7 @@ pub trait JournalFile: Send + Sync {
 /// them.
 pub fn validate_blob_name(name: &str) -> Result<()> {
     let invalid = |why: &str| {
-        Err(StoreError::Other(format!(
+        Err(StoreError::Invalid(format!(
             "invalid blob name {name:?}: {why}"
         )))
     };
@@ -284,7 +251,7 @@ pub fn validate_blob_name(name: &str) -> Result<()> {
 /// names starting with `.` are left to the filesystem and tools.
 pub(crate) fn validate_journal_name(name: &str) -> Result<()> {
     let invalid = |why: &str| {
-        Err(StoreError::Other(format!(
+        Err(StoreError::Invalid(format!(
             "invalid journal file name {name:?}: {why}"
         )))
     };

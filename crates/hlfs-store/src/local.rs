@@ -458,7 +458,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     match tokio::task::spawn_blocking(f).await {
         Ok(result) => result,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => Err(StoreError::Other(format!(
+        Err(e) => Err(StoreError::Unavailable(format!(
             "blocking store task failed: {e}"
         ))),
     }

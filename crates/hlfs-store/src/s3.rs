@@ -5,9 +5,12 @@
 //! them (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
 //! `AWS_SECRET_ACCESS_KEY`, ...); they are never printed. Requests use
 //! path-style addressing, which every S3-compatible engine understands.
+//!
+//! Each call makes one attempt: failed requests are retried by the
+//! [`crate::layers::Retrying`] layer around the store, so that retries
+//! happen in one place only.
 
 use std::fmt;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -19,11 +22,6 @@ use object_store::{
 };
 
 use crate::{validate_blob_name, BlobMeta, BlobStore, Result, StoreError};
-
-/// Retries of a failed request (throttling, 5xx, lost connections), with
-/// backoff and jitter, at most; the caller gives the time budget, after
-/// which the error surfaces.
-const RETRIES: usize = 10;
 
 /// A bucket and a key prefix, e.g. `s3://bucket/volumes/vm1`.
 pub struct S3Store {
@@ -39,8 +37,21 @@ impl fmt::Debug for S3Store {
     }
 }
 
-fn other(what: &str, e: object_store::Error) -> StoreError {
-    StoreError::Other(format!("{what}: {e}"))
+/// The store's error for a failed request about `what`: refusals that
+/// trying again cannot fix, configuration mistakes, and everything else
+/// (lost connections, timeouts, throttling, server errors) as
+/// `Unavailable`, to be retried.
+fn classify(what: &str, e: object_store::Error) -> StoreError {
+    use object_store::Error as E;
+    let message = format!("{what}: {e}");
+    match e {
+        E::PermissionDenied { .. }
+        | E::Unauthenticated { .. }
+        | E::NotSupported { .. }
+        | E::NotImplemented { .. } => StoreError::Refused(message),
+        E::InvalidPath { .. } | E::UnknownConfigurationKey { .. } => StoreError::Invalid(message),
+        _ => StoreError::Unavailable(message),
+    }
 }
 
 /// Settings of one profile (`AWS_PROFILE`, else `default`) from the AWS
@@ -107,14 +118,15 @@ fn ini_section(text: &str, section: &str) -> Vec<(String, String)> {
 
 impl S3Store {
     /// Parses `s3://BUCKET[/PREFIX]` and builds a client from the
-    /// environment, whose requests are retried for at most `retry_budget`.
-    pub fn from_uri(uri: &str, retry_budget: Duration) -> Result<S3Store> {
+    /// environment. Each request is made once: wrap the store in
+    /// [`crate::layers::Retrying`] to retry.
+    pub fn from_uri(uri: &str) -> Result<S3Store> {
         let rest = uri
             .strip_prefix("s3://")
-            .ok_or_else(|| StoreError::Other(format!("{uri:?} is not an s3:// address")))?;
+            .ok_or_else(|| StoreError::Invalid(format!("{uri:?} is not an s3:// address")))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
-            return Err(StoreError::Other(format!("{uri:?} names no bucket")));
+            return Err(StoreError::Invalid(format!("{uri:?} names no bucket")));
         }
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
@@ -125,8 +137,7 @@ impl S3Store {
             // carries its own CRC32Cs, checked on every read.
             .with_unsigned_payload(true)
             .with_retry(RetryConfig {
-                max_retries: RETRIES,
-                retry_timeout: retry_budget,
+                max_retries: 0,
                 ..RetryConfig::default()
             });
         // What the environment leaves unset comes from the AWS shared
@@ -160,7 +171,9 @@ impl S3Store {
                 .with_allow_http(endpoint.starts_with("http://"))
                 .with_endpoint(endpoint);
         }
-        let client = builder.build().map_err(|e| other("configuring S3", e))?;
+        let client = builder
+            .build()
+            .map_err(|e| StoreError::Invalid(format!("configuring S3: {e}")))?;
         Ok(S3Store {
             client,
             bucket: bucket.to_string(),
@@ -194,7 +207,7 @@ impl S3Store {
             | object_store::Error::Precondition { .. } => {
                 StoreError::AlreadyExists(name.to_string())
             }
-            e => other(&format!("s3://{}/{}", self.bucket, self.key(name)), e),
+            e => classify(&format!("s3://{}/{}", self.bucket, self.key(name)), e),
         }
     }
 }
@@ -298,7 +311,7 @@ impl BlobStore for S3Store {
             .list(dir_key.as_ref())
             .try_collect()
             .await
-            .map_err(|e| other(&format!("listing {}/{prefix}", self.describe()), e))?;
+            .map_err(|e| classify(&format!("listing {}/{prefix}", self.describe()), e))?;
         let mut out: Vec<BlobMeta> = listed
             .into_iter()
             .filter_map(|meta| {

@@ -3,6 +3,8 @@
 use std::sync::Arc;
 
 use hlfs_store::conformance::{run_blob_store_suite, run_journal_suite};
+use hlfs_store::layers::{Faults, Metered, RetryPolicy, Retrying, StoreMetrics};
+use hlfs_store::time::{Clock, Jitter};
 use hlfs_store::{LocalJournal, LocalStore, MemEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -19,9 +21,33 @@ async fn mem_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mem_store_with_latency() {
-    let env = MemEnv::new();
-    env.set_latency(std::time::Duration::from_millis(1));
-    run_blob_store_suite(env.store()).await;
+    let faults = Faults::new();
+    faults.set_latency(std::time::Duration::from_millis(1));
+    run_blob_store_suite(faults.store(MemEnv::new().store())).await;
+}
+
+/// The layers keep the contract: a store seen through them behaves as the
+/// store itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_store_through_every_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = Arc::new(LocalStore::new(dir.path().join("store")));
+    let metered = Arc::new(Metered::new(local, Arc::new(StoreMetrics::default())));
+    let faulty = Faults::new().store(metered);
+    let retrying = Retrying::new(
+        faulty,
+        RetryPolicy::within(std::time::Duration::from_secs(5)),
+        Clock::system(),
+        Jitter::seeded(0),
+    );
+    run_blob_store_suite(Arc::new(retrying)).await;
+}
+
+#[test]
+fn journal_through_the_fault_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Arc::new(LocalJournal::new(dir.path().join("journal")).unwrap());
+    run_journal_suite(Faults::new().journal(journal));
 }
 
 #[test]

@@ -90,22 +90,22 @@ async fn bad_names_are_rejected() {
     ] {
         let put = store.put_if_absent(name, Bytes::from_static(b"x")).await;
         assert!(
-            matches!(put, Err(StoreError::Other(_))),
+            matches!(put, Err(StoreError::Invalid(_))),
             "put {name:?}: {put:?}"
         );
         let get = store.get_range(name, 0, 0).await;
         assert!(
-            matches!(get, Err(StoreError::Other(_))),
+            matches!(get, Err(StoreError::Invalid(_))),
             "get {name:?}: {get:?}"
         );
         let head = store.head(name).await;
         assert!(
-            matches!(head, Err(StoreError::Other(_))),
+            matches!(head, Err(StoreError::Invalid(_))),
             "head {name:?}: {head:?}"
         );
         let delete = store.delete(name).await;
         assert!(
-            matches!(delete, Err(StoreError::Other(_))),
+            matches!(delete, Err(StoreError::Invalid(_))),
             "delete {name:?}: {delete:?}"
         );
     }
@@ -177,7 +177,7 @@ fn journal_names_are_single_components() {
     let journal = LocalJournal::new(dir.path()).unwrap();
     for name in ["", "a/b", "../x", ".hidden", "LOCK"] {
         assert!(
-            matches!(journal.create(name), Err(StoreError::Other(_))),
+            matches!(journal.create(name), Err(StoreError::Invalid(_))),
             "{name:?}"
         );
         assert_eq!(journal.local_path(name), None, "{name:?}");

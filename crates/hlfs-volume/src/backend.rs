@@ -1,10 +1,13 @@
 //! Where a volume lives: a blob store for sealed segments and manifests, and
-//! a journal area for the open segment.
+//! a journal area for the open segment; and the clock and randomness the
+//! engine runs on.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hlfs_store::layers::{Faults, Metered, Outage, RetryPolicy, Retrying, StoreMetrics};
+use hlfs_store::time::{Clock, Jitter};
 use hlfs_store::{BlobStore, JournalDir, LocalJournal, LocalStore, MemEnv, S3Store};
 
 use crate::cache::ReadCache;
@@ -12,6 +15,9 @@ use crate::error::{Result, VolumeError};
 
 #[derive(Clone, Debug)]
 pub struct Backend {
+    /// The store, seen through the layers every request takes (counting,
+    /// and in tests faults); requests to it are made once. The engine adds
+    /// retries on top: see [`Backend::requests`] and [`Backend::uploads`].
     pub store: Arc<dyn BlobStore>,
     pub journal: Arc<dyn JournalDir>,
     /// How the user named the volume, for messages.
@@ -25,6 +31,16 @@ pub struct Backend {
     /// writer with the same site holds the same journal's lock, so it may
     /// take over a claim left by one that did not close.
     pub writer_site: String,
+    /// How long a request the engine waits on (a read, a listing, a
+    /// manifest) is retried while the store is away; `None` makes each
+    /// request once, which suits a local store.
+    pub retry_budget: Option<Duration>,
+    /// What every request to the store adds up to.
+    pub metrics: Arc<StoreMetrics>,
+    /// The time the engine reads and sleeps on.
+    pub clock: Clock,
+    /// The randomness that spreads retries.
+    pub jitter: Jitter,
 }
 
 /// Settings for volumes whose store is remote.
@@ -61,6 +77,70 @@ pub fn default_cache_dir() -> PathBuf {
 pub const LOCAL_JOURNAL_DIR: &str = "journal";
 
 impl Backend {
+    /// A backend over `store` and `journal`, counting requests to the store.
+    fn over(
+        store: Arc<dyn BlobStore>,
+        journal: Arc<dyn JournalDir>,
+        location: String,
+        writer_site: String,
+    ) -> Backend {
+        let metrics = Arc::new(StoreMetrics::default());
+        Backend {
+            store: Arc::new(Metered::new(store, metrics.clone())),
+            journal,
+            location,
+            remote: false,
+            cache: None,
+            writer_site,
+            retry_budget: None,
+            metrics,
+            clock: Clock::system(),
+            jitter: Jitter::from_entropy(),
+        }
+    }
+
+    /// The store for requests someone waits on: retried within
+    /// `retry_budget`, if there is one.
+    pub fn requests(&self) -> Arc<dyn BlobStore> {
+        match self.retry_budget {
+            Some(budget) => Arc::new(Retrying::new(
+                self.store.clone(),
+                RetryPolicy::within(budget),
+                self.clock.clone(),
+                self.jitter.clone(),
+            )),
+            None => self.store.clone(),
+        }
+    }
+
+    /// The store for background uploads: a request is retried until the
+    /// store takes it, and the failures in between go to `outage`.
+    pub fn uploads(&self, outage: Arc<Outage>) -> Arc<dyn BlobStore> {
+        Arc::new(
+            Retrying::new(
+                self.store.clone(),
+                RetryPolicy::until_done(),
+                self.clock.clone(),
+                self.jitter.clone(),
+            )
+            .reporting_to(outage),
+        )
+    }
+
+    /// The same backend with its store and journal behind `faults`.
+    pub fn with_faults(mut self, faults: &Faults) -> Backend {
+        self.store = faults.store(self.store);
+        self.journal = faults.journal(self.journal);
+        self
+    }
+
+    /// The same backend on another clock and source of randomness.
+    pub fn with_time(mut self, clock: Clock, jitter: Jitter) -> Backend {
+        self.clock = clock;
+        self.jitter = jitter;
+        self
+    }
+
     /// A volume in a local directory. With `create`, the directory is made
     /// if missing; otherwise a missing directory is `NotFound`.
     pub fn local(path: &Path, create: bool) -> Result<Backend> {
@@ -73,14 +153,12 @@ impl Backend {
             return Err(VolumeError::NotFound(location));
         }
         let journal = LocalJournal::new(path.join(LOCAL_JOURNAL_DIR))?;
-        Ok(Backend {
-            store: Arc::new(LocalStore::new(path)),
-            journal: Arc::new(journal),
+        Ok(Backend::over(
+            Arc::new(LocalStore::new(path)),
+            Arc::new(journal),
             location,
-            remote: false,
-            cache: None,
-            writer_site: hostname(),
-        })
+            hostname(),
+        ))
     }
 
     /// A volume in an S3 bucket. Its open segment is journalled locally, in
@@ -88,7 +166,7 @@ impl Backend {
     /// segments and manifests go to the bucket, and ranges read from them
     /// are kept in the cache directory's read cache.
     pub fn s3(address: &str, opts: &StoreOptions) -> Result<Backend> {
-        let store = S3Store::from_uri(address, opts.retry_budget)?;
+        let store = S3Store::from_uri(address)?;
         Backend::remote(address, Arc::new(store), opts)
     }
 
@@ -112,25 +190,21 @@ impl Backend {
         let journal = LocalJournal::new(&journal_dir)?;
         let cache = ReadCache::shared(&cache_dir.join("segments"), opts.cache_size)?;
         Ok(Backend {
-            store,
-            journal: Arc::new(journal),
-            location: address.to_string(),
             remote: true,
             cache,
-            writer_site: remote_site(&journal_dir),
+            retry_budget: Some(opts.retry_budget),
+            ..Backend::over(
+                store,
+                Arc::new(journal),
+                address.to_string(),
+                remote_site(&journal_dir),
+            )
         })
     }
 
     /// A volume in a test environment.
     pub fn memory(env: &MemEnv) -> Backend {
-        Backend {
-            store: env.store(),
-            journal: env.journal(),
-            location: "memory".into(),
-            remote: false,
-            cache: None,
-            writer_site: hostname(),
-        }
+        Backend::over(env.store(), env.journal(), "memory".into(), hostname())
     }
 
     /// Parses a volume address: a path, a `file://` URI, or an `s3://` (or,

@@ -195,8 +195,9 @@ impl ReadCache {
         ));
         let io = |e| StoreError::io(dir.display().to_string(), e);
         std::fs::create_dir_all(&dir).map_err(io)?;
-        let mut cache = ReadCache::open(&dir, limit)?
-            .ok_or_else(|| StoreError::Other(format!("{} is in use", dir.display())))?;
+        let mut cache = ReadCache::open(&dir, limit)?.ok_or_else(|| StoreError::Locked {
+            name: dir.display().to_string(),
+        })?;
         cache.scratch = true;
         Ok(Arc::new(cache))
     }
@@ -763,13 +764,13 @@ mod tests {
     #[tokio::test]
     async fn a_reader_that_goes_away_mid_fetch_does_not_strand_others() {
         let dir = tempfile::tempdir().unwrap();
-        let env = MemEnv::new();
-        let store: Arc<dyn BlobStore> = env.store();
+        let faults = hlfs_store::layers::Faults::new();
+        let store: Arc<dyn BlobStore> = faults.store(MemEnv::new().store());
         store
             .put_if_absent("segments/0000000001", Bytes::from(vec![7u8; 8192]))
             .await
             .unwrap();
-        env.set_latency(std::time::Duration::from_millis(200));
+        faults.set_latency(std::time::Duration::from_millis(200));
         let cache = ReadCache::open(dir.path(), 64 << 20).unwrap().unwrap();
         let key = SegmentKey {
             volume: [4; 16],

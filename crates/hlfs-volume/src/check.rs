@@ -5,15 +5,17 @@ use std::collections::HashSet;
 
 use hlfs_format::{
     manifest_name, parse_journal_name, parse_manifest_name, parse_segment_name, segment_name,
-    Entry, Manifest, MAP_FANOUT, MAP_SHIFT,
+    Entry, Manifest,
 };
 use hlfs_store::StoreError;
 
 use crate::backend::Backend;
 use crate::cache::ReadCache;
 use crate::error::{Result, VolumeError};
+use crate::map::TreeWalk;
+use crate::options::{OpenOptions, View};
 use crate::segments::{ScanSource, ScanStop, Scanner, Segments};
-use crate::volume::{read_checkpoint, read_page, OpenOptions, View, Volume};
+use crate::volume::Volume;
 
 /// What `check` found.
 #[derive(Debug, Default)]
@@ -35,14 +37,14 @@ impl CheckReport {
     }
 }
 
-/// Checks the volume at `backend` without changing it. Errors only if there
-/// is no volume or the store fails; damage goes in the report.
 /// Bytes of a remote volume's segments a check keeps locally at most.
 const SCRATCH_CACHE: u64 = 1 << 30;
 
+/// Checks the volume at `backend` without changing it. Errors only if there
+/// is no volume or the store fails; damage goes in the report.
 pub async fn check(backend: Backend) -> Result<CheckReport> {
     let mut report = CheckReport::default();
-    let store = backend.store.clone();
+    let store = backend.requests();
 
     let mut newest: Option<Manifest> = None;
     let listed = match store.list("manifest/").await {
@@ -164,7 +166,7 @@ pub async fn check(backend: Backend) -> Result<CheckReport> {
         if at.is_empty() {
             continue;
         }
-        let cp = match read_checkpoint(&segments, at, &uuid).await {
+        let cp = match segments.read_checkpoint(at).await {
             Ok((cp, _)) => cp,
             Err(e) => {
                 report.problems.push(format!("{what}: {e}"));
@@ -172,18 +174,20 @@ pub async fn check(backend: Backend) -> Result<CheckReport> {
             }
         };
         let mut allocated = 0u64;
+        let tree = Tree {
+            root: cp.root,
+            depth: cp.depth,
+            block_size: manifest.block_size,
+            what: &what,
+        };
         let complete = walk_tree(
             &segments,
-            &uuid,
-            cp.root,
-            cp.depth,
-            manifest.block_size,
+            &tree,
             &mut seen_pages,
             &mut allocated,
             &mut report,
-            &what,
         )
-        .await?;
+        .await;
         if complete && allocated != cp.allocated_blocks {
             report.problems.push(format!(
                 "{what}: the map holds {allocated} blocks but its checkpoint says {}",
@@ -199,30 +203,31 @@ pub async fn check(backend: Backend) -> Result<CheckReport> {
     Ok(report)
 }
 
-/// Verifies every page and data block under `root`. Pages already checked
-/// (shared with another snapshot) are counted but not read again. Returns
-/// false if some page could not be read, so counts are partial.
-#[allow(clippy::too_many_arguments)]
-async fn walk_tree(
-    segments: &Segments,
-    uuid: &[u8; 16],
+/// One tree to verify, and how to name it in the report.
+struct Tree<'a> {
     root: Entry,
     depth: u32,
     block_size: u32,
+    what: &'a str,
+}
+
+/// Verifies every page and data block of `tree`. Pages already checked
+/// (shared with another snapshot) are counted but their blocks not read
+/// again. Returns false if some page could not be read, so counts are
+/// partial.
+async fn walk_tree(
+    segments: &Segments,
+    tree: &Tree<'_>,
     seen: &mut HashSet<Entry>,
     allocated: &mut u64,
     report: &mut CheckReport,
-    what: &str,
-) -> Result<bool> {
-    let bs = block_size as u64;
+) -> bool {
+    let bs = tree.block_size as u64;
+    let what = tree.what;
     let mut complete = true;
-    // (level, node index, location)
-    let mut stack = vec![(depth - 1, 0u64, root)];
-    while let Some((level, index, at)) = stack.pop() {
-        if at.is_empty() {
-            continue;
-        }
-        let page = match read_page(segments, at, uuid).await {
+    let mut walk = TreeWalk::new(tree.root, tree.depth);
+    while let Some(node) = walk.next_node() {
+        let page = match segments.read_page(node.at).await {
             Ok(p) => p,
             Err(e) => {
                 report.problems.push(format!("{what}: {e}"));
@@ -230,14 +235,12 @@ async fn walk_tree(
                 continue;
             }
         };
-        let fresh = seen.insert(at);
+        let fresh = seen.insert(node.at);
         if fresh {
             report.map_pages += 1;
         }
-        if level > 0 {
-            for (slot, child) in page.entries.iter().enumerate() {
-                stack.push((level - 1, index * MAP_FANOUT as u64 + slot as u64, *child));
-            }
+        if node.level > 0 {
+            walk.descend(&node, &page);
             continue;
         }
         *allocated += page.used() as u64;
@@ -248,7 +251,7 @@ async fn walk_tree(
             if e.is_empty() {
                 continue;
             }
-            let lba = (index << MAP_SHIFT) + slot as u64;
+            let lba = node.lba(slot);
             report.blocks += 1;
             match segments.read(e.seg, e.off as u64, bs as usize).await {
                 Ok(data) if crc32c::crc32c(&data) == e.crc => {}
@@ -261,5 +264,5 @@ async fn walk_tree(
             }
         }
     }
-    Ok(complete)
+    complete
 }

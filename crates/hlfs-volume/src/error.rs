@@ -1,4 +1,40 @@
+//! What can go wrong with a volume, and what a caller can do about it.
+//!
+//! Each [`VolumeError`] carries a message a user can act on and, through
+//! [`VolumeError::kind`], one of a few [`ErrorKind`]s a program can act on.
+//! Those who translate errors for the outside (the NBD server's errno, the
+//! command line's exit status, the C API's return codes) start from the
+//! kind, each in one place.
+
 use hlfs_store::StoreError;
+
+/// What a caller should do about an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// No such volume or snapshot.
+    NotFound,
+    /// A volume or snapshot by that name exists already.
+    AlreadyExists,
+    /// Another writer holds the volume, or has taken it over: stop it
+    /// first.
+    Busy,
+    /// The request is malformed: a bad name, size or argument.
+    InvalidInput,
+    /// The range is outside the volume.
+    OutOfRange,
+    /// The volume or snapshot is open read-only.
+    ReadOnly,
+    /// The store is away or slow. Nothing acknowledged is lost: try again
+    /// later.
+    Unavailable,
+    /// The volume's bytes are damaged; `hlfs check` says where.
+    Corrupt,
+    /// A local I/O error (or the store refused outright). A volume that
+    /// hits one while writing stops taking writes until it is reopened.
+    Io,
+    /// The volume has been closed.
+    Closed,
+}
 
 /// What can go wrong with a volume. Each message is one line a user can act on.
 #[derive(Debug, thiserror::Error)]
@@ -40,5 +76,32 @@ pub type Result<T> = std::result::Result<T, VolumeError>;
 impl VolumeError {
     pub fn corrupt(what: impl Into<String>) -> Self {
         VolumeError::Corrupt(what.into())
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            VolumeError::Store(e) => match e {
+                StoreError::AlreadyExists(_) => ErrorKind::AlreadyExists,
+                StoreError::NotFound(_) => ErrorKind::NotFound,
+                // A blob shorter than what points into it is damage.
+                StoreError::OutOfRange { .. } => ErrorKind::Corrupt,
+                StoreError::Io { .. } | StoreError::Refused(_) => ErrorKind::Io,
+                StoreError::Locked { .. } => ErrorKind::Busy,
+                StoreError::Invalid(_) => ErrorKind::InvalidInput,
+                StoreError::Unavailable(_) => ErrorKind::Unavailable,
+            },
+            VolumeError::Corrupt(_) => ErrorKind::Corrupt,
+            VolumeError::NotFound(_) | VolumeError::SnapshotNotFound(_) => ErrorKind::NotFound,
+            VolumeError::AlreadyExists(_) | VolumeError::SnapshotExists(_) => {
+                ErrorKind::AlreadyExists
+            }
+            VolumeError::Busy(_) | VolumeError::Fenced(_) => ErrorKind::Busy,
+            VolumeError::OutOfRange { .. } => ErrorKind::OutOfRange,
+            VolumeError::InvalidArgument(_) => ErrorKind::InvalidInput,
+            VolumeError::ReadOnly => ErrorKind::ReadOnly,
+            VolumeError::Failed(_) => ErrorKind::Io,
+            VolumeError::Unavailable(_) => ErrorKind::Unavailable,
+            VolumeError::Closed => ErrorKind::Closed,
+        }
     }
 }

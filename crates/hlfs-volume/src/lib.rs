@@ -2,21 +2,56 @@
 //! with a block map whose memory does not grow with the volume, crash
 //! recovery to a prefix of what was written, and O(1) snapshots.
 //!
-//! docs/ARCHITECTURE.md explains the design; docs/FORMAT.md the bytes.
+//! docs/ARCHITECTURE.md explains the design and its rooms; docs/FORMAT.md
+//! the bytes. Each concern has a module of its own:
+//!
+//! | module | owns |
+//! |---|---|
+//! | `volume` | the public façade, [`Volume`] |
+//! | `options` | what callers choose and the values they get back |
+//! | `core` | the state the rooms share, and the order of its locks |
+//! | `lifecycle` | open, closing, closed, failed: one state, one check |
+//! | `open` | create, open (and takeover), close |
+//! | `recovery` | replaying the log after the head checkpoint |
+//! | `log` | appending records, group commit, retiring journal files |
+//! | `write`, `read` | the write and read paths |
+//! | `checkpoint` | map write-back, checkpoints, sealing |
+//! | `manifest` | the manifest log: compare-and-swap, claim, fencing |
+//! | `upload` | the upload task and the backlog writers wait on |
+//! | `runner` | the background-task runner |
+//! | `snapshot` | snapshots and rollback |
+//! | `info`, `check` | what a volume says of itself, and verification |
+//! | `segments`, `cache` | reading segments wherever they are; the read cache |
+//! | `map` | the block map: dirty tree, page cache, walker, usage |
 
 mod backend;
 mod cache;
 mod check;
+mod checkpoint;
+mod core;
 mod error;
+mod info;
+mod lifecycle;
+mod log;
+mod manifest;
 mod map;
+mod open;
+mod options;
+mod read;
+mod recovery;
+mod runner;
 mod segments;
+mod snapshot;
+mod upload;
 mod volume;
+mod write;
 
 pub use backend::{default_cache_dir, Backend, StoreOptions, LOCAL_JOURNAL_DIR};
 pub use cache::ReadCache;
 pub use check::{check, CheckReport};
-pub use error::{Result, VolumeError};
-pub use volume::{
-    utc, validate_snapshot_name, CreateOptions, Durability, Extent, OpenOptions, SnapshotInfo,
-    View, Volume, VolumeInfo,
-};
+pub use error::{ErrorKind, Result, VolumeError};
+pub use info::utc;
+pub use map::PageCache;
+pub use options::{CreateOptions, Durability, Extent, OpenOptions, SnapshotInfo, View, VolumeInfo};
+pub use snapshot::validate_snapshot_name;
+pub use volume::Volume;

@@ -7,7 +7,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hlfs_format::{decode_header, segment_name, verify_record, RecordHeader, HEADER_LEN};
+use hlfs_format::{
+    decode_header, segment_name, verify_record, Checkpoint, Entry, MapPage, RecordHeader,
+    RecordKind, HEADER_LEN,
+};
 use hlfs_store::{BlobReader, BlobStore, JournalFile, StoreError};
 use lru::LruCache;
 use parking_lot::Mutex;
@@ -146,28 +149,62 @@ impl Segments {
         }
     }
 
+    /// Reads and decodes the checkpoint record at `at`, returning it and
+    /// its LSN.
+    pub async fn read_checkpoint(&self, at: Entry) -> Result<(Checkpoint, u64)> {
+        let (h, payload) = self.read_expected(at, RecordKind::Checkpoint).await?;
+        let cp = Checkpoint::decode(&payload).map_err(|e| {
+            VolumeError::corrupt(format!(
+                "checkpoint at {} offset {}: {e}",
+                segment_name(at.seg),
+                at.off
+            ))
+        })?;
+        Ok((cp, h.lsn))
+    }
+
+    /// Reads and decodes the map page record at `at`.
+    pub async fn read_page(&self, at: Entry) -> Result<MapPage> {
+        let (_, payload) = self.read_expected(at, RecordKind::MapPage).await?;
+        MapPage::decode(&payload).map_err(|e| {
+            VolumeError::corrupt(format!(
+                "map page at {} offset {}: {e}",
+                segment_name(at.seg),
+                at.off
+            ))
+        })
+    }
+
+    /// The record at `at`, which must be of `kind` and carry `at`'s CRC.
+    async fn read_expected(&self, at: Entry, kind: RecordKind) -> Result<(RecordHeader, Bytes)> {
+        let (h, payload) = self.read_record(at.seg, at.off as u64).await?;
+        if h.kind != kind || h.crc != at.crc {
+            let what = match kind {
+                RecordKind::Checkpoint => "checkpoint",
+                _ => "map page",
+            };
+            return Err(VolumeError::corrupt(format!(
+                "{what} at {} offset {}: not the expected record",
+                segment_name(at.seg),
+                at.off
+            )));
+        }
+        Ok((h, payload))
+    }
+
     /// Reads and verifies the record whose header is at `off`.
-    pub async fn read_record(
-        &self,
-        seg: u32,
-        off: u64,
-        volume: &[u8; 16],
-    ) -> Result<(RecordHeader, Bytes)> {
-        match self.read_record_once(seg, off, volume).await {
+    pub async fn read_record(&self, seg: u32, off: u64) -> Result<(RecordHeader, Bytes)> {
+        match self.read_record_once(seg, off).await {
             Err(VolumeError::Corrupt(why)) if self.forget_cached(seg) => {
                 tracing::warn!(segment = seg, %why, "cached copy damaged; reading from the store");
-                self.read_record_once(seg, off, volume).await
+                self.read_record_once(seg, off).await
             }
             result => result,
         }
     }
 
-    async fn read_record_once(
-        &self,
-        seg: u32,
-        off: u64,
-        volume: &[u8; 16],
-    ) -> Result<(RecordHeader, Bytes)> {
+    async fn read_record_once(&self, seg: u32, off: u64) -> Result<(RecordHeader, Bytes)> {
+        let volume = &self.volume;
         let head = self.read(seg, off, HEADER_LEN).await?;
         let header = decode_header(&head).map_err(|e| {
             VolumeError::corrupt(format!(

@@ -7,9 +7,9 @@
 
 mod common;
 
-use common::{pattern, zero_steps, Image};
-use hlfs_store::{CrashMode, MemEnv};
-use hlfs_volume::{check, Backend, CreateOptions, OpenOptions, View, Volume, VolumeError};
+use common::{pattern, zero_steps, Image, World};
+use hlfs_store::layers::CrashMode;
+use hlfs_volume::{check, CreateOptions, OpenOptions, View, Volume, VolumeError};
 
 #[derive(Clone, Debug)]
 enum Step {
@@ -89,13 +89,13 @@ fn options() -> OpenOptions {
 }
 
 /// Runs `steps` until the store dies; returns what must survive.
-async fn run(env: &MemEnv, steps: &[Step]) -> Expect {
+async fn run(world: &World, steps: &[Step]) -> Expect {
     let mut e = Expect {
         model: Image::new(SIZE),
         history: vec![Image::new(SIZE)],
         snapshots: Vec::new(),
     };
-    let Ok(mut vol) = Volume::open(Backend::memory(env), &options()).await else {
+    let Ok(mut vol) = Volume::open(world.backend(), &options()).await else {
         return e;
     };
     for step in steps {
@@ -139,7 +139,7 @@ async fn run(env: &MemEnv, steps: &[Step]) -> Expect {
                 vol.rollback(name).await.map(|_| ())
             }
             Step::Reopen => match vol.close().await {
-                Ok(()) => match Volume::open(Backend::memory(env), &options()).await {
+                Ok(()) => match Volume::open(world.backend(), &options()).await {
                     Ok(v) => {
                         vol = v;
                         Ok(())
@@ -167,8 +167,8 @@ async fn run(env: &MemEnv, steps: &[Step]) -> Expect {
     e
 }
 
-async fn verify(env: MemEnv, e: &Expect, what: &str) {
-    let vol = Volume::open(Backend::memory(&env), &options())
+async fn verify(after: World, e: &Expect, what: &str) {
+    let vol = Volume::open(after.backend(), &options())
         .await
         .unwrap_or_else(|err| panic!("{what}: crash image does not open: {err}"));
     let size = vol.size();
@@ -189,13 +189,10 @@ async fn verify(env: MemEnv, e: &Expect, what: &str) {
         "{what}: recovered image (size {size}) is not a prefix of the writes after the last flush"
     );
     for (name, image) in &e.snapshots {
-        let snap = Volume::open_read_only(
-            Backend::memory(&env),
-            &options(),
-            View::Snapshot(name.clone()),
-        )
-        .await
-        .unwrap_or_else(|err| panic!("{what}: snapshot {name} lost: {err}"));
+        let snap =
+            Volume::open_read_only(after.backend(), &options(), View::Snapshot(name.clone()))
+                .await
+                .unwrap_or_else(|err| panic!("{what}: snapshot {name} lost: {err}"));
         for (off, len) in common::touched_ranges(std::iter::once(image), image.size) {
             assert!(
                 snap.read(off, len as usize).await.expect("read snapshot") == image.read(off, len),
@@ -204,7 +201,7 @@ async fn verify(env: MemEnv, e: &Expect, what: &str) {
         }
     }
     vol.close().await.expect("close after recovery");
-    let report = check(Backend::memory(&env)).await.expect("check");
+    let report = check(after.backend()).await.expect("check");
     assert!(report.is_ok(), "{what}: check found {:?}", report.problems);
 }
 
@@ -212,17 +209,15 @@ async fn verify(env: MemEnv, e: &Expect, what: &str) {
 async fn crash_at_every_sync_point() {
     for (name, steps) in scenarios() {
         // Count the durable operations a full run makes.
-        let env = MemEnv::new();
+        let world = World::new();
         let create = CreateOptions {
             size: SIZE,
             block_size: BS,
             segment_size: 64 << 10,
         };
-        Volume::create(&Backend::memory(&env), &create)
-            .await
-            .unwrap();
-        let base = env.durable_ops();
-        let e = run(&env, &steps).await;
+        Volume::create(&world.backend(), &create).await.unwrap();
+        let base = world.faults.durable_ops();
+        let e = run(&world, &steps).await;
         assert!(
             e.snapshots.len()
                 == steps
@@ -230,7 +225,7 @@ async fn crash_at_every_sync_point() {
                     .filter(|s| matches!(s, Step::Snapshot(_)))
                     .count()
         );
-        let total = env.durable_ops() - base;
+        let total = world.faults.durable_ops() - base;
         assert!(total > 10, "{name}: only {total} sync points");
         for n in 0..=total {
             for (k, mode) in [
@@ -241,13 +236,11 @@ async fn crash_at_every_sync_point() {
             .into_iter()
             .enumerate()
             {
-                let env = MemEnv::new();
-                Volume::create(&Backend::memory(&env), &create)
-                    .await
-                    .unwrap();
-                env.crash_after(base + n);
-                let e = run(&env, &steps).await;
-                let image = env.crash(mode);
+                let world = World::new();
+                Volume::create(&world.backend(), &create).await.unwrap();
+                world.faults.crash_after(base + n);
+                let e = run(&world, &steps).await;
+                let image = world.power_cut(mode).await;
                 verify(
                     image,
                     &e,

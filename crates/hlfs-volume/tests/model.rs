@@ -16,12 +16,13 @@
 
 mod common;
 
-use common::{Image, SECTOR};
+use common::{Image, World, SECTOR};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hlfs_store::{BlobStore, CrashMode, MemEnv, S3Store};
+use hlfs_store::layers::CrashMode;
+use hlfs_store::{BlobStore, S3Store};
 use hlfs_volume::{Backend, CreateOptions, Durability, OpenOptions, View, Volume};
 use proptest::prelude::*;
 
@@ -155,7 +156,7 @@ fn budget(cfg: &Config) -> OpenOptions {
 
 struct Harness {
     cfg: Config,
-    env: MemEnv,
+    world: World,
     /// The S3 store of the case, if it runs on one.
     s3: Option<Arc<dyn BlobStore>>,
     vol: Volume,
@@ -183,7 +184,7 @@ impl Harness {
     }
 
     fn backend(&self) -> Backend {
-        backend(&self.env, &self.s3, self.cfg.remote)
+        backend(&self.world, &self.s3, self.cfg.remote)
     }
 
     async fn open(&mut self) {
@@ -301,7 +302,7 @@ impl Harness {
                     1 => CrashMode::KeepRandomPrefix { seed: *seed },
                     _ => CrashMode::TornSectors { seed: *seed },
                 };
-                self.env = self.env.crash(mode);
+                self.world = self.world.power_cut(mode).await;
                 self.open().await;
                 let recovered = self.recovered_state().await;
                 self.model = self.history[recovered].clone();
@@ -361,17 +362,19 @@ impl Harness {
     }
 }
 
-/// The case's volume: all in memory, or with its store on S3.
-fn backend(env: &MemEnv, s3: &Option<Arc<dyn BlobStore>>, remote: bool) -> Backend {
+/// The case's volume: all in memory, or with its store on S3 (whose
+/// requests are retried as a volume on S3 retries them).
+fn backend(world: &World, s3: &Option<Arc<dyn BlobStore>>, remote: bool) -> Backend {
     match s3 {
         Some(store) => Backend {
             store: store.clone(),
             remote: true,
-            ..Backend::memory(env)
+            retry_budget: Some(Duration::from_secs(30)),
+            ..world.backend()
         },
         None => Backend {
             remote,
-            ..Backend::memory(env)
+            ..world.backend()
         },
     }
 }
@@ -385,13 +388,11 @@ fn s3_store_for_case() -> Option<Arc<dyn BlobStore>> {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
-    Some(Arc::new(
-        S3Store::from_uri(&uri, Duration::from_secs(30)).expect("S3 configuration"),
-    ))
+    Some(Arc::new(S3Store::from_uri(&uri).expect("S3 configuration")))
 }
 
 async fn run_case(cfg: Config, ops: Vec<Op>) {
-    let env = MemEnv::new();
+    let world = World::new();
     let s3 = s3_store_for_case();
     let bs = 1u32 << cfg.block_shift;
     let create = CreateOptions {
@@ -399,16 +400,16 @@ async fn run_case(cfg: Config, ops: Vec<Op>) {
         block_size: bs,
         segment_size: (cfg.segment_blocks * bs as u64).max(64 << 10),
     };
-    Volume::create(&backend(&env, &s3, cfg.remote), &create)
+    Volume::create(&backend(&world, &s3, cfg.remote), &create)
         .await
         .expect("create");
-    let vol = Volume::open(backend(&env, &s3, cfg.remote), &budget(&cfg))
+    let vol = Volume::open(backend(&world, &s3, cfg.remote), &budget(&cfg))
         .await
         .expect("open");
     let model = Image::new(cfg.size);
     let mut h = Harness {
         cfg,
-        env,
+        world,
         s3,
         vol,
         history: vec![model.clone()],

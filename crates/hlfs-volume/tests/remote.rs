@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use common::pattern;
-use hlfs_store::{
-    BlobMeta, BlobStore, CrashMode, Fault, FaultOp, LocalJournal, MemEnv, StoreError,
-};
+use common::{pattern, World};
+use hlfs_store::layers::{CrashMode, Fault, FaultOp};
+use hlfs_store::{BlobMeta, BlobStore, LocalJournal, StoreError};
 use hlfs_volume::{
     Backend, CreateOptions, Durability, OpenOptions, ReadCache, Volume, VolumeError,
 };
@@ -25,14 +24,6 @@ const SEGMENT: u64 = 256 << 10;
 async fn write_in_chunks(vol: &Volume, data: &[u8]) {
     for (i, chunk) in data.chunks(64 << 10).enumerate() {
         vol.write(i as u64 * (64 << 10), chunk).await.unwrap();
-    }
-}
-
-/// The memory env as a remote store: the upload backlog of one.
-fn remote(env: &MemEnv) -> Backend {
-    Backend {
-        remote: true,
-        ..Backend::memory(env)
     }
 }
 
@@ -57,8 +48,8 @@ async fn create(backend: &Backend, size: u64) {
     .unwrap();
 }
 
-fn refuse_uploads(env: &MemEnv) {
-    env.inject(Fault {
+fn refuse_uploads(world: &World) {
+    world.faults.inject(Fault {
         op: FaultOp::Put,
         name_prefix: String::new(),
         remaining: None,
@@ -67,11 +58,11 @@ fn refuse_uploads(env: &MemEnv) {
 
 #[tokio::test]
 async fn a_store_that_goes_away_delays_uploads_not_flushes_and_service_resumes() {
-    let env = MemEnv::new();
-    create(&remote(&env), 64 << 20).await;
+    let world = World::new();
+    create(&world.remote(), 64 << 20).await;
     let opts = options(Durability::Local, Duration::from_millis(500));
-    let vol = Volume::open(remote(&env), &opts).await.unwrap();
-    refuse_uploads(&env);
+    let vol = Volume::open(world.remote(), &opts).await.unwrap();
+    refuse_uploads(&world);
     // Writes and flushes go on while the backlog has room: the journal
     // holds them.
     let chunk = 64 << 10;
@@ -111,7 +102,7 @@ async fn a_store_that_goes_away_delays_uploads_not_flushes_and_service_resumes()
         again.elapsed()
     );
     // The store comes back: the same volume takes writes again.
-    env.clear_faults();
+    world.faults.clear();
     let more = pattern(chunk, 231);
     // As soon as the next upload attempt succeeds, writes are taken again.
     let back = Instant::now();
@@ -125,7 +116,7 @@ async fn a_store_that_goes_away_delays_uploads_not_flushes_and_service_resumes()
     vol.flush().await.unwrap();
     vol.close().await.unwrap();
     // Everything acknowledged is there, from the store alone.
-    let vol = Volume::open(remote(&env.store_only()), &opts)
+    let vol = Volume::open(world.store_only().remote(), &opts)
         .await
         .unwrap();
     for off in (0..written).step_by(chunk) {
@@ -141,11 +132,11 @@ async fn a_store_that_goes_away_delays_uploads_not_flushes_and_service_resumes()
 
 #[tokio::test]
 async fn uploads_are_retried_until_the_store_takes_them() {
-    let env = MemEnv::new();
-    create(&remote(&env), 16 << 20).await;
+    let world = World::new();
+    create(&world.remote(), 16 << 20).await;
     let opts = options(Durability::Local, Duration::from_secs(30));
-    let vol = Volume::open(remote(&env), &opts).await.unwrap();
-    env.inject(Fault {
+    let vol = Volume::open(world.remote(), &opts).await.unwrap();
+    world.faults.inject(Fault {
         op: FaultOp::Put,
         name_prefix: "segments/".into(),
         remaining: Some(3),
@@ -155,7 +146,7 @@ async fn uploads_are_retried_until_the_store_takes_them() {
     vol.close()
         .await
         .expect("close waits for the retried uploads");
-    let vol = Volume::open(remote(&env.store_only()), &opts)
+    let vol = Volume::open(world.store_only().remote(), &opts)
         .await
         .unwrap();
     assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
@@ -165,18 +156,18 @@ async fn uploads_are_retried_until_the_store_takes_them() {
 #[tokio::test]
 async fn remote_durability_puts_flushed_writes_in_the_store() {
     for durability in [Durability::Remote, Durability::Local] {
-        let env = MemEnv::new();
-        create(&remote(&env), 16 << 20).await;
+        let world = World::new();
+        create(&world.remote(), 16 << 20).await;
         let opts = options(durability, Duration::from_secs(30));
-        let vol = Volume::open(remote(&env), &opts).await.unwrap();
+        let vol = Volume::open(world.remote(), &opts).await.unwrap();
         vol.write(4096, &pattern(8192, 1)).await.unwrap();
         vol.flush().await.unwrap();
         vol.write(1 << 20, &pattern(4096, 2)).await.unwrap();
         vol.write_fua(2 << 20, &pattern(4096, 3)).await.unwrap();
         // The host dies with its disk: another one opens the volume from
         // the store alone (its claim is on this host, so it may take over).
-        let elsewhere = env.store_only();
-        let vol2 = Volume::open(remote(&elsewhere), &opts).await.unwrap();
+        let elsewhere = world.store_only();
+        let vol2 = Volume::open(elsewhere.remote(), &opts).await.unwrap();
         let first = vol2.read(4096, 8192).await.unwrap();
         let fua = vol2.read(2 << 20, 4096).await.unwrap();
         if durability == Durability::Remote {
@@ -195,11 +186,11 @@ async fn remote_durability_puts_flushed_writes_in_the_store() {
 #[tokio::test]
 async fn the_read_cache_serves_stored_segments_and_survives_damage() {
     let dir = tempfile::tempdir().unwrap();
-    let env = MemEnv::new();
+    let world = World::new();
     let backend = || Backend {
         journal: Arc::new(LocalJournal::new(dir.path().join("journal")).unwrap()),
         cache: ReadCache::shared(&dir.path().join("cache"), 1 << 30).unwrap(),
-        ..remote(&env)
+        ..world.remote()
     };
     create(&backend(), 16 << 20).await;
     let opts = options(Durability::Local, Duration::from_secs(30));
@@ -209,7 +200,7 @@ async fn the_read_cache_serves_stored_segments_and_survives_damage() {
     vol.close().await.unwrap();
     // Every segment uploaded is also in the cache: with the store refusing
     // reads, they still read back.
-    env.inject(Fault {
+    world.faults.inject(Fault {
         op: FaultOp::Get,
         name_prefix: "segments/".into(),
         remaining: None,
@@ -228,7 +219,7 @@ async fn the_read_cache_serves_stored_segments_and_survives_damage() {
     }
     // Damaged cache files are noticed by the checksums and read again
     // from the store.
-    env.clear_faults();
+    world.faults.clear();
     for path in &cached {
         let mut bytes = std::fs::read(path).unwrap();
         let mid = bytes.len() / 2;
@@ -243,14 +234,14 @@ async fn the_read_cache_serves_stored_segments_and_survives_damage() {
 
 #[tokio::test]
 async fn close_with_the_store_away_fails_in_time_and_the_next_open_finishes_the_uploads() {
-    let env = MemEnv::new();
-    create(&remote(&env), 16 << 20).await;
+    let world = World::new();
+    create(&world.remote(), 16 << 20).await;
     let opts = options(Durability::Local, Duration::from_millis(300));
-    let vol = Volume::open(remote(&env), &opts).await.unwrap();
+    let vol = Volume::open(world.remote(), &opts).await.unwrap();
     let data = pattern(2 * SEGMENT as usize, 4);
     write_in_chunks(&vol, &data).await;
     vol.flush().await.unwrap();
-    refuse_uploads(&env);
+    refuse_uploads(&world);
     let started = Instant::now();
     let err = vol
         .close()
@@ -260,10 +251,10 @@ async fn close_with_the_store_away_fails_in_time_and_the_next_open_finishes_the_
     assert!(started.elapsed() < Duration::from_secs(5));
     // The lock is released and the journal kept: once the store is back,
     // the next open uploads what was left and nothing is lost.
-    env.clear_faults();
-    let vol = Volume::open(remote(&env), &opts).await.unwrap();
+    world.faults.clear();
+    let vol = Volume::open(world.remote(), &opts).await.unwrap();
     vol.close().await.unwrap();
-    let vol = Volume::open(remote(&env.store_only()), &opts)
+    let vol = Volume::open(world.store_only().remote(), &opts)
         .await
         .unwrap();
     assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
@@ -272,13 +263,13 @@ async fn close_with_the_store_away_fails_in_time_and_the_next_open_finishes_the_
 
 #[tokio::test]
 async fn recovery_replays_a_journal_left_between_stored_segments() {
-    let env = MemEnv::new();
-    create(&remote(&env), 16 << 20).await;
+    let world = World::new();
+    create(&world.remote(), 16 << 20).await;
     let opts = options(Durability::Local, Duration::from_secs(30));
-    let vol = Volume::open(remote(&env), &opts).await.unwrap();
+    let vol = Volume::open(world.remote(), &opts).await.unwrap();
     // Segment 2's upload keeps failing while later ones, uploaded at the
     // same time, land.
-    env.inject(Fault {
+    world.faults.inject(Fault {
         op: FaultOp::Put,
         name_prefix: "segments/0000000002".into(),
         remaining: None,
@@ -286,7 +277,7 @@ async fn recovery_replays_a_journal_left_between_stored_segments() {
     let data = pattern(4 * SEGMENT as usize, 6);
     write_in_chunks(&vol, &data).await;
     vol.flush().await.unwrap();
-    let store = env.store();
+    let store = world.env.store();
     let started = Instant::now();
     while store.head("segments/0000000003").await.unwrap().is_none() {
         assert!(
@@ -297,13 +288,13 @@ async fn recovery_replays_a_journal_left_between_stored_segments() {
     }
     assert!(store.head("segments/0000000002").await.unwrap().is_none());
     // Power cut: segment 2 is only in its (synced) journal, 3 is stored.
-    let after = env.crash(CrashMode::DropUnsynced);
+    let after = world.power_cut(CrashMode::DropUnsynced).await;
     drop(vol);
-    let vol = Volume::open(remote(&after), &opts).await.unwrap();
+    let vol = Volume::open(after.remote(), &opts).await.unwrap();
     assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
     vol.write(0, &pattern(4096, 7)).await.unwrap();
     vol.close().await.unwrap();
-    let vol = Volume::open(remote(&after.store_only()), &opts)
+    let vol = Volume::open(after.store_only().remote(), &opts)
         .await
         .unwrap();
     assert_eq!(vol.read(0, 4096).await.unwrap(), pattern(4096, 7));
@@ -343,7 +334,7 @@ impl BlobStore for LostAnswers {
     async fn put_if_absent(&self, name: &str, data: Bytes) -> hlfs_store::Result<()> {
         self.inner.put_if_absent(name, data).await?;
         match self.lose(name) {
-            true => Err(StoreError::Other(format!("{name}: connection reset"))),
+            true => Err(StoreError::Unavailable(format!("{name}: connection reset"))),
             false => Ok(()),
         }
     }
@@ -363,17 +354,17 @@ impl BlobStore for LostAnswers {
 
 #[tokio::test]
 async fn creates_whose_answer_was_lost_are_recognised_as_ours() {
-    let env = MemEnv::new();
-    create(&remote(&env), 16 << 20).await;
+    let world = World::new();
+    create(&world.remote(), 16 << 20).await;
     let opts = options(Durability::Local, Duration::from_secs(30));
     let store = Arc::new(LostAnswers {
-        inner: env.store(),
+        inner: world.backend().store,
         segments: AtomicU32::new(2),
         manifests: AtomicU32::new(1),
     });
     let backend = Backend {
         store: store.clone(),
-        ..remote(&env)
+        ..world.remote()
     };
     // The claim's manifest lands but reports an error: the open fails, and
     // a second open must not take its own earlier write for another writer.
@@ -390,7 +381,7 @@ async fn creates_whose_answer_was_lost_are_recognised_as_ours() {
     vol.close().await.expect("no writer was fenced");
     assert_eq!(store.segments.load(Ordering::SeqCst), 0);
     assert_eq!(store.manifests.load(Ordering::SeqCst), 0);
-    let vol = Volume::open(remote(&env.store_only()), &opts)
+    let vol = Volume::open(world.store_only().remote(), &opts)
         .await
         .unwrap();
     assert_eq!(vol.read(0, data.len()).await.unwrap(), data);

@@ -6,28 +6,29 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::pattern;
+use common::{pattern, World};
 use hlfs_format::{manifest_name, Manifest, WriterClaim};
-use hlfs_store::{BlobStore, CrashMode, MemEnv};
+use hlfs_store::layers::{CrashMode, Fault, FaultOp};
+use hlfs_store::BlobStore;
 use hlfs_volume::{check, Backend, CreateOptions, OpenOptions, View, Volume, VolumeError};
 
-async fn mem_volume(env: &MemEnv, size: u64) -> Volume {
+async fn mem_volume(world: &World, size: u64) -> Volume {
     let create = CreateOptions {
         size,
         block_size: 4096,
         segment_size: 1 << 20,
     };
-    Volume::create(&Backend::memory(env), &create)
-        .await
-        .unwrap();
-    Volume::open(Backend::memory(env), &OpenOptions::default())
+    Volume::create(&world.backend(), &create).await.unwrap();
+    Volume::open(world.backend(), &OpenOptions::default())
         .await
         .unwrap()
 }
 
 /// Bytes of every blob in the store.
-async fn stored_bytes(env: &MemEnv) -> u64 {
-    env.store()
+async fn stored_bytes(world: &World) -> u64 {
+    world
+        .env
+        .store()
         .list("")
         .await
         .unwrap()
@@ -38,8 +39,8 @@ async fn stored_bytes(env: &MemEnv) -> u64 {
 
 /// Writes the next manifest behind the volume's back, as another writer
 /// would, changed by `edit`.
-async fn forge_next_manifest(env: &MemEnv, edit: impl FnOnce(&mut Manifest)) {
-    let store = env.store();
+async fn forge_next_manifest(world: &World, edit: impl FnOnce(&mut Manifest)) {
+    let store = world.env.store();
     let last = store
         .list("manifest/")
         .await
@@ -59,8 +60,8 @@ async fn forge_next_manifest(env: &MemEnv, edit: impl FnOnce(&mut Manifest)) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_tasks_read_and_write_at_once() {
-    let env = MemEnv::new();
-    let vol = mem_volume(&env, 64 << 20).await;
+    let world = World::new();
+    let vol = mem_volume(&world, 64 << 20).await;
     // Each task owns a stripe; readers check the stripe holds one whole write.
     let mut tasks = Vec::new();
     for t in 0..16u64 {
@@ -85,9 +86,9 @@ async fn many_tasks_read_and_write_at_once() {
 
 #[tokio::test]
 async fn second_writer_is_refused() {
-    let env = MemEnv::new();
-    let vol = mem_volume(&env, 1 << 20).await;
-    match Volume::open(Backend::memory(&env), &OpenOptions::default()).await {
+    let world = World::new();
+    let vol = mem_volume(&world, 1 << 20).await;
+    match Volume::open(world.backend(), &OpenOptions::default()).await {
         Err(e @ VolumeError::Busy(_)) => assert!(e.to_string().contains("memory"), "{e}"),
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("a second writer was let in"),
@@ -96,7 +97,7 @@ async fn second_writer_is_refused() {
     vol.write(0, b"hello").await.unwrap();
     vol.snapshot_create("s").await.unwrap();
     let snap = Volume::open_read_only(
-        Backend::memory(&env),
+        world.backend(),
         &OpenOptions::default(),
         View::Snapshot("s".into()),
     )
@@ -105,7 +106,7 @@ async fn second_writer_is_refused() {
     assert_eq!(snap.read(0, 5).await.unwrap(), b"hello");
     vol.close().await.unwrap();
     // Closed: the next writer gets in.
-    Volume::open(Backend::memory(&env), &OpenOptions::default())
+    Volume::open(world.backend(), &OpenOptions::default())
         .await
         .unwrap()
         .close()
@@ -115,10 +116,10 @@ async fn second_writer_is_refused() {
 
 #[tokio::test]
 async fn writer_on_another_host_is_refused_through_the_manifest() {
-    let env = MemEnv::new();
-    mem_volume(&env, 1 << 20).await.close().await.unwrap();
+    let world = World::new();
+    mem_volume(&world, 1 << 20).await.close().await.unwrap();
     // Another host claims the volume: a newer manifest names it as writer.
-    forge_next_manifest(&env, |m| {
+    forge_next_manifest(&world, |m| {
         m.writer = Some(WriterClaim {
             host: "other-host.example".into(),
             pid: 4242,
@@ -126,7 +127,7 @@ async fn writer_on_another_host_is_refused_through_the_manifest() {
         })
     })
     .await;
-    let err = Volume::open(Backend::memory(&env), &OpenOptions::default())
+    let err = Volume::open(world.backend(), &OpenOptions::default())
         .await
         .err()
         .expect("refused");
@@ -140,12 +141,12 @@ async fn writer_on_another_host_is_refused_through_the_manifest() {
 
 #[tokio::test]
 async fn a_fenced_writer_stops_instead_of_forking_history() {
-    let env = MemEnv::new();
-    let vol = mem_volume(&env, 4 << 20).await;
+    let world = World::new();
+    let vol = mem_volume(&world, 4 << 20).await;
     vol.write(0, &pattern(8192, 1)).await.unwrap();
     // Another writer takes over behind our back: its claim is in the next
     // manifest.
-    forge_next_manifest(&env, |m| {
+    forge_next_manifest(&world, |m| {
         m.writer = Some(WriterClaim {
             host: "other-host.example".into(),
             pid: 4242,
@@ -165,8 +166,8 @@ async fn a_fenced_writer_stops_instead_of_forking_history() {
 async fn snapshot_cost_does_not_grow_with_volume_size() {
     let mut costs = Vec::new();
     for size in [1u64 << 30, 1 << 40] {
-        let env = MemEnv::new();
-        let vol = mem_volume(&env, size).await;
+        let world = World::new();
+        let vol = mem_volume(&world, size).await;
         for i in 0..64u64 {
             vol.write(i * 7 * 4096, &pattern(4096, i as u8))
                 .await
@@ -174,13 +175,17 @@ async fn snapshot_cost_does_not_grow_with_volume_size() {
         }
         vol.snapshot_create("warm").await.unwrap();
         vol.write(0, &pattern(4096, 9)).await.unwrap();
-        let ops = env.durable_ops();
-        let bytes = stored_bytes(&env).await;
+        let ops = world.faults.durable_ops();
+        let bytes = stored_bytes(&world).await;
         let start = Instant::now();
         vol.snapshot_create("s").await.unwrap();
         let elapsed = start.elapsed();
-        let bytes_after = stored_bytes(&env).await;
-        costs.push((env.durable_ops() - ops, bytes_after - bytes, elapsed));
+        let bytes_after = stored_bytes(&world).await;
+        costs.push((
+            world.faults.durable_ops() - ops,
+            bytes_after - bytes,
+            elapsed,
+        ));
     }
     let (small, big) = (costs[0], costs[1]);
     assert_eq!(small.0, big.0, "durable operations per snapshot");
@@ -196,8 +201,8 @@ async fn snapshot_cost_does_not_grow_with_volume_size() {
 
 #[tokio::test]
 async fn snapshots_by_name_and_as_of_time_and_rollback_keeps_the_head() {
-    let env = MemEnv::new();
-    let vol = mem_volume(&env, 1 << 20).await;
+    let world = World::new();
+    let vol = mem_volume(&world, 1 << 20).await;
     vol.write(0, b"one").await.unwrap();
     let s1 = vol.snapshot_create("one").await.unwrap();
     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -208,7 +213,7 @@ async fn snapshots_by_name_and_as_of_time_and_rollback_keeps_the_head() {
     assert!(vol.snapshot_create("bad/name").await.is_err());
 
     let opts = OpenOptions::default();
-    let open = |view| Volume::open_read_only(Backend::memory(&env), &opts, view);
+    let open = |view| Volume::open_read_only(world.backend(), &opts, view);
     assert_eq!(
         open(View::AsOf(s1.created_ms))
             .await
@@ -252,7 +257,7 @@ async fn snapshots_by_name_and_as_of_time_and_rollback_keeps_the_head() {
     vol.snapshot_delete("two").await.unwrap();
     assert!(vol.snapshot_delete("two").await.is_err());
     vol.close().await.unwrap();
-    let vol = Volume::open(Backend::memory(&env), &OpenOptions::default())
+    let vol = Volume::open(world.backend(), &OpenOptions::default())
         .await
         .unwrap();
     assert_eq!(vol.read(0, 5).await.unwrap(), b"one\0\0");
@@ -261,10 +266,10 @@ async fn snapshots_by_name_and_as_of_time_and_rollback_keeps_the_head() {
 
 #[tokio::test]
 async fn group_commit_shares_syncs_between_concurrent_flushes() {
-    let env = MemEnv::new();
-    env.set_latency(Duration::from_millis(1));
-    let vol = mem_volume(&env, 16 << 20).await;
-    let before = env.durable_ops();
+    let world = World::new();
+    world.faults.set_latency(Duration::from_millis(1));
+    let vol = mem_volume(&world, 16 << 20).await;
+    let before = world.faults.durable_ops();
     let mut tasks = Vec::new();
     for t in 0..64u64 {
         let v = vol.clone();
@@ -276,26 +281,24 @@ async fn group_commit_shares_syncs_between_concurrent_flushes() {
     for t in tasks {
         t.await.unwrap();
     }
-    let syncs = env.durable_ops() - before;
+    let syncs = world.faults.durable_ops() - before;
     assert!((1..64).contains(&syncs), "{syncs} syncs for 64 flushes");
 }
 
 #[tokio::test]
 async fn huge_thin_volume_stays_within_the_map_budget() {
-    let env = MemEnv::new();
+    let world = World::new();
     let create = CreateOptions {
         size: 16 << 40,
         block_size: 4096,
         segment_size: 4 << 20,
     };
-    Volume::create(&Backend::memory(&env), &create)
-        .await
-        .unwrap();
+    Volume::create(&world.backend(), &create).await.unwrap();
     let budget = OpenOptions {
         map_budget: 1 << 20,
         ..OpenOptions::default()
     };
-    let vol = Volume::open(Backend::memory(&env), &budget).await.unwrap();
+    let vol = Volume::open(world.backend(), &budget).await.unwrap();
     let blocks = (16u64 << 40) / 4096;
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let mut written = Vec::new();
@@ -312,7 +315,7 @@ async fn huge_thin_volume_stays_within_the_map_budget() {
     let (_, limit) = vol.map_pages();
     assert!(peak <= limit, "{peak} map pages in memory, budget {limit}");
     vol.close().await.unwrap();
-    let vol = Volume::open(Backend::memory(&env), &budget).await.unwrap();
+    let vol = Volume::open(world.backend(), &budget).await.unwrap();
     let mut last = std::collections::HashMap::new();
     for (b, i) in &written {
         last.insert(*b, *i);
@@ -334,8 +337,8 @@ async fn huge_thin_volume_stays_within_the_map_budget() {
 
 #[tokio::test]
 async fn bad_requests_get_errors_not_panics() {
-    let env = MemEnv::new();
-    let vol = mem_volume(&env, 10_000).await;
+    let world = World::new();
+    let vol = mem_volume(&world, 10_000).await;
     assert!(matches!(
         vol.read(9_000, 2_000).await,
         Err(VolumeError::OutOfRange { .. })
@@ -366,7 +369,7 @@ async fn bad_requests_get_errors_not_panics() {
             block_size: bs,
             segment_size: 1 << 20,
         };
-        let e = Volume::create(&Backend::memory(&MemEnv::new()), &create).await;
+        let e = Volume::create(&World::new().backend(), &create).await;
         assert!(
             matches!(e, Err(VolumeError::InvalidArgument(_))),
             "block size {bs}"
@@ -378,12 +381,11 @@ async fn bad_requests_get_errors_not_panics() {
 
 #[tokio::test]
 async fn store_errors_fail_the_request_and_keep_acknowledged_data() {
-    use hlfs_store::{Fault, FaultOp};
-    let env = MemEnv::new();
-    let vol = mem_volume(&env, 4 << 20).await;
+    let world = World::new();
+    let vol = mem_volume(&world, 4 << 20).await;
     vol.write(0, &pattern(4096, 3)).await.unwrap();
     vol.flush().await.unwrap();
-    env.inject(Fault {
+    world.faults.inject(Fault {
         op: FaultOp::JournalSync,
         name_prefix: String::new(),
         remaining: Some(1),
@@ -397,19 +399,19 @@ async fn store_errors_fail_the_request_and_keep_acknowledged_data() {
         Err(VolumeError::Failed(_))
     ));
     drop(vol);
-    let vol = Volume::open(Backend::memory(&env), &OpenOptions::default())
+    let vol = Volume::open(world.backend(), &OpenOptions::default())
         .await
         .unwrap();
     assert_eq!(vol.read(0, 4096).await.unwrap(), pattern(4096, 3));
     vol.close().await.unwrap();
-    assert!(check(Backend::memory(&env)).await.unwrap().is_ok());
+    assert!(check(world.backend()).await.unwrap().is_ok());
 }
 
 #[tokio::test]
 async fn arc_volume_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>(_: &T) {}
-    let env = MemEnv::new();
-    let vol = Arc::new(mem_volume(&env, 1 << 20).await);
+    let world = World::new();
+    let vol = Arc::new(mem_volume(&world, 1 << 20).await);
     assert_send_sync(&vol);
     vol.close().await.unwrap();
 }
@@ -480,8 +482,8 @@ async fn a_torn_journal_tail_is_dropped_on_the_local_backend() {
 
 #[tokio::test]
 async fn trim_and_write_zeroes_release_space() {
-    let env = MemEnv::new();
-    let vol = mem_volume(&env, 8 << 20).await;
+    let world = World::new();
+    let vol = mem_volume(&world, 8 << 20).await;
     vol.write(0, &pattern(2 << 20, 1)).await.unwrap();
     vol.write(4 << 20, &pattern(1 << 20, 2)).await.unwrap();
     assert_eq!(vol.allocated_bytes(), 3 << 20);
@@ -497,7 +499,7 @@ async fn trim_and_write_zeroes_release_space() {
     assert_eq!(holes.len(), 1);
     assert!(!holes[0].data && holes[0].len == 8 << 20, "{holes:?}");
     vol.close().await.unwrap();
-    let vol = Volume::open(Backend::memory(&env), &OpenOptions::default())
+    let vol = Volume::open(world.backend(), &OpenOptions::default())
         .await
         .unwrap();
     assert_eq!(vol.allocated_bytes(), 0, "after reopen too");
@@ -506,14 +508,13 @@ async fn trim_and_write_zeroes_release_space() {
 
 #[tokio::test]
 async fn a_failed_sync_while_sealing_stops_the_volume() {
-    use hlfs_store::{Fault, FaultOp};
-    let env = MemEnv::new();
-    let vol = mem_volume(&env, 8 << 20).await;
+    let world = World::new();
+    let vol = mem_volume(&world, 8 << 20).await;
     vol.write(0, &pattern(4096, 1)).await.unwrap();
     vol.flush().await.unwrap();
     // The next sync fails, whoever makes it: the background seal of the
     // full segment or the flush.
-    env.inject(Fault {
+    world.faults.inject(Fault {
         op: FaultOp::JournalSync,
         name_prefix: String::new(),
         remaining: Some(1),
@@ -533,7 +534,7 @@ async fn a_failed_sync_while_sealing_stops_the_volume() {
     );
     assert!(vol.close().await.is_err(), "close reports the failure");
     // ...and releases the volume for the next writer.
-    let vol = Volume::open(Backend::memory(&env), &OpenOptions::default())
+    let vol = Volume::open(world.backend(), &OpenOptions::default())
         .await
         .unwrap();
     assert_eq!(
@@ -546,21 +547,21 @@ async fn a_failed_sync_while_sealing_stops_the_volume() {
 
 #[tokio::test]
 async fn recovery_makes_the_writes_it_replays_durable() {
-    let env = MemEnv::new();
-    let vol = mem_volume(&env, 1 << 20).await;
+    let world = World::new();
+    let vol = mem_volume(&world, 1 << 20).await;
     vol.write(0, &pattern(8192, 3)).await.unwrap();
     // The process dies without a flush but the machine stays up: the
     // journal still holds the write, unsynced.
     drop(vol);
-    let vol = Volume::open(Backend::memory(&env), &OpenOptions::default())
+    let vol = Volume::open(world.backend(), &OpenOptions::default())
         .await
         .unwrap();
     assert_eq!(vol.read(0, 8192).await.unwrap(), pattern(8192, 3));
     // A client sees the write and flushes; then the power goes.
     vol.flush().await.unwrap();
-    let after = env.crash(CrashMode::DropUnsynced);
+    let after = world.power_cut(CrashMode::DropUnsynced).await;
     drop(vol);
-    let vol = Volume::open(Backend::memory(&after), &OpenOptions::default())
+    let vol = Volume::open(after.backend(), &OpenOptions::default())
         .await
         .unwrap();
     assert_eq!(

@@ -172,6 +172,7 @@ impl Settings {
                 map_budget: cli.map_budget,
                 durability: cli.durability.into(),
                 store_wait: Duration::from_secs(cli.store_timeout),
+                ..OpenOptions::default()
             },
             store: StoreOptions {
                 cache_dir: cli.cache_dir.clone(),

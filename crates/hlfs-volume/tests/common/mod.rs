@@ -135,3 +135,47 @@ pub fn cases(default: u32) -> u32 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// A memory store and journal behind a fault layer: what the engine's
+/// tests run on.
+pub struct World {
+    pub env: hlfs_store::MemEnv,
+    pub faults: hlfs_store::layers::Faults,
+}
+
+impl World {
+    pub fn new() -> World {
+        World::over(hlfs_store::MemEnv::new())
+    }
+
+    pub fn over(env: hlfs_store::MemEnv) -> World {
+        World {
+            env,
+            faults: hlfs_store::layers::Faults::new(),
+        }
+    }
+
+    /// A backend on this world, through its fault layer.
+    pub fn backend(&self) -> hlfs_volume::Backend {
+        hlfs_volume::Backend::memory(&self.env).with_faults(&self.faults)
+    }
+
+    /// The same, treated as a remote store: a longer upload backlog and
+    /// parallel uploads.
+    pub fn remote(&self) -> hlfs_volume::Backend {
+        hlfs_volume::Backend {
+            remote: true,
+            ..self.backend()
+        }
+    }
+
+    /// What a power cut now would leave, as a new world.
+    pub async fn power_cut(&self, mode: hlfs_store::layers::CrashMode) -> World {
+        World::over(self.faults.power_cut(mode).await.expect("power-cut image"))
+    }
+
+    /// What another host sees: the blobs, no journal.
+    pub fn store_only(&self) -> World {
+        World::over(self.env.store_only())
+    }
+}

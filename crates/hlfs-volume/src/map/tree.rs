@@ -1,150 +1,98 @@
-//! The block map: a radix tree of [`MapPage`]s from block number to where the
-//! block's data lives in the log.
+//! The head's map tree: copy-on-write over pages in the log.
 //!
-//! Pages are immutable once written to the log and cached by location, so a
-//! cached clean page can never be stale. Changing a page makes a dirty copy of
-//! it and of every page above it; dirty pages are written back to the log
-//! lazily (under memory pressure, and all of them when a segment is sealed).
-//! Invariant: the parent of a dirty page is dirty, so a clean page only has
-//! clean pages below it and its children are found through its entries.
-//!
-//! This module does no I/O. When an operation needs a clean page that is not
-//! in memory it fails with [`Missing`]; the caller loads the page, adds it to
-//! `pins` and retries. Operations are written so that retrying is harmless.
+//! Changing a page makes a dirty copy of it and of every page above it;
+//! dirty pages are written back to the log lazily (under memory pressure,
+//! and all of them when a checkpoint is taken). Invariant: the parent of a
+//! dirty page is dirty, so a clean page only has clean pages below it and
+//! its children are found through its entries. Clean pages come from the
+//! shared [`PageCache`]; dirty ones are charged to its budget.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use hlfs_format::{Entry, MapPage, MAP_FANOUT, MAP_SHIFT};
-use lru::LruCache;
 
-/// A clean page that must be read from the log before the operation can go on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Missing(pub Entry);
+use super::pages::Pages;
+use super::{
+    depth_for, node_index, slot, MapResult, Missing, NodeKey, PageCache, Pins, SegmentUsage,
+};
 
-pub type MapResult<T> = Result<T, Missing>;
-
-/// Pages an operation has loaded itself; they stay valid whatever the cache
-/// evicts meanwhile.
-pub type Pins = HashMap<Entry, Arc<MapPage>>;
-
-/// Memory one cached page costs, for the budget.
-pub const PAGE_COST: usize = std::mem::size_of::<[Entry; MAP_FANOUT]>() + 64;
-
-/// (level, index): level 0 holds leaves; node `index` at level `l` covers
-/// blocks `[index << (9 * (l + 1)), (index + 1) << (9 * (l + 1)))`.
-type NodeKey = (u32, u64);
-
-/// Levels needed to address `blocks` blocks.
-pub fn depth_for(blocks: u64) -> u32 {
-    let mut depth = 1;
-    while depth < 8 && blocks > 1u64 << (MAP_SHIFT * depth).min(63) {
-        depth += 1;
-    }
-    depth
-}
-
-fn slot(lba: u64, level: u32) -> usize {
-    ((lba >> (MAP_SHIFT * level)) & (MAP_FANOUT as u64 - 1)) as usize
-}
-
-fn node_index(lba: u64, level: u32) -> u64 {
-    lba.checked_shr(MAP_SHIFT * (level + 1)).unwrap_or(0)
-}
-
-/// What a change did to block accounting, applied by the map itself.
-pub struct MapState {
+/// The head's tree of one volume.
+pub(crate) struct DirtyTree {
+    volume: [u8; 16],
+    cache: Arc<PageCache>,
     depth: u32,
     /// Where the root page is, when it is not dirty.
     root: Entry,
     dirty: BTreeMap<NodeKey, Arc<MapPage>>,
-    clean: LruCache<Entry, Arc<MapPage>>,
-    budget_pages: usize,
-    block_size: u64,
-    allocated_blocks: u64,
-    usage: HashMap<u32, u64>,
+    usage: SegmentUsage,
 }
 
-impl MapState {
-    pub fn new(root: Entry, depth: u32, budget_bytes: u64, block_size: u32) -> Self {
-        let budget_pages = ((budget_bytes / PAGE_COST as u64) as usize).max(MIN_BUDGET_PAGES);
-        MapState {
+impl DirtyTree {
+    /// The tree whose root page is at `root` (empty for an empty tree),
+    /// with the usage its checkpoint recorded.
+    pub fn new(
+        volume: [u8; 16],
+        cache: Arc<PageCache>,
+        root: Entry,
+        depth: u32,
+        usage: SegmentUsage,
+    ) -> DirtyTree {
+        DirtyTree {
+            volume,
+            cache,
             depth,
             root,
             dirty: BTreeMap::new(),
-            clean: LruCache::unbounded(),
-            budget_pages,
-            block_size: block_size as u64,
-            allocated_blocks: 0,
-            usage: HashMap::new(),
+            usage,
         }
     }
 
-    pub fn set_accounting(&mut self, allocated_blocks: u64, usage: &[(u32, u64)]) {
-        self.allocated_blocks = allocated_blocks;
-        self.usage = usage.iter().copied().collect();
+    /// Starts over from another root, dropping every dirty page (a
+    /// rollback). Cached clean pages stay: they are keyed by location.
+    pub fn reset(&mut self, root: Entry, depth: u32, usage: SegmentUsage) {
+        self.cache.lock(self.volume).release_dirty(self.dirty.len());
+        self.dirty.clear();
+        self.root = root;
+        self.depth = depth;
+        self.usage = usage;
+    }
+
+    fn pages(&self) -> Pages<'_> {
+        self.cache.lock(self.volume)
     }
 
     pub fn depth(&self) -> u32 {
         self.depth
     }
 
-    pub fn allocated_blocks(&self) -> u64 {
-        self.allocated_blocks
-    }
-
-    /// Live data bytes per segment, sorted.
-    pub fn usage(&self) -> Vec<(u32, u64)> {
-        let mut v: Vec<_> = self
-            .usage
-            .iter()
-            .filter(|(_, &b)| b > 0)
-            .map(|(&s, &b)| (s, b))
-            .collect();
-        v.sort_unstable();
-        v
-    }
-
-    pub fn cached_pages(&self) -> usize {
-        self.dirty.len() + self.clean.len()
-    }
-
-    pub fn budget_pages(&self) -> usize {
-        self.budget_pages
+    pub fn usage(&self) -> &SegmentUsage {
+        &self.usage
     }
 
     /// True when dirty pages take more than half the budget: the writer
-    /// should write some back.
+    /// should write them back.
     pub fn needs_writeback(&self) -> bool {
-        self.dirty.len() > self.budget_pages / 2
-    }
-
-    /// Adds a page read from the log to the cache, evicting the least
-    /// recently used clean pages beyond the budget.
-    pub fn insert_clean(&mut self, at: Entry, page: Arc<MapPage>) {
-        self.clean.put(at, page);
-        self.evict();
-    }
-
-    fn evict(&mut self) {
-        while self.dirty.len() + self.clean.len() > self.budget_pages {
-            if self.clean.pop_lru().is_none() {
-                break;
-            }
-        }
+        self.dirty.len() > self.pages().budget_pages() / 2
     }
 
     /// The page at (level, index) whose location (if clean) is `at`; None for
     /// an empty subtree.
-    fn node(&mut self, key: NodeKey, at: Entry, pins: &Pins) -> MapResult<Option<Arc<MapPage>>> {
+    fn node(
+        &self,
+        pages: &mut Pages,
+        key: NodeKey,
+        at: Entry,
+        pins: &Pins,
+    ) -> MapResult<Option<Arc<MapPage>>> {
         if let Some(p) = self.dirty.get(&key) {
             return Ok(Some(p.clone()));
         }
         if at.is_empty() {
             return Ok(None);
         }
-        if let Some(p) = self.clean.get(&at) {
-            return Ok(Some(p.clone()));
+        if let Some(p) = pages.get(at) {
+            return Ok(Some(p));
         }
         if let Some(p) = pins.get(&at) {
             return Ok(Some(p.clone()));
@@ -153,11 +101,11 @@ impl MapState {
     }
 
     /// The leaf holding `lba`, or None if it lies in an empty subtree.
-    fn leaf(&mut self, lba: u64, pins: &Pins) -> MapResult<Option<Arc<MapPage>>> {
+    fn leaf(&self, pages: &mut Pages, lba: u64, pins: &Pins) -> MapResult<Option<Arc<MapPage>>> {
         let mut at = self.root;
         let mut level = self.depth - 1;
         loop {
-            let Some(page) = self.node((level, node_index(lba, level)), at, pins)? else {
+            let Some(page) = self.node(pages, (level, node_index(lba, level)), at, pins)? else {
                 return Ok(None);
             };
             if level == 0 {
@@ -169,12 +117,13 @@ impl MapState {
     }
 
     /// Where blocks `first..first + out.len()` live.
-    pub fn lookup(&mut self, first: u64, out: &mut [Entry], pins: &Pins) -> MapResult<()> {
+    pub fn lookup(&self, first: u64, out: &mut [Entry], pins: &Pins) -> MapResult<()> {
+        let mut pages = self.pages();
         let mut i = 0;
         while i < out.len() {
             let lba = first + i as u64;
             let in_leaf = (MAP_FANOUT - slot(lba, 0)).min(out.len() - i);
-            match self.leaf(lba, pins)? {
+            match self.leaf(&mut pages, lba, pins)? {
                 Some(page) => {
                     let s = slot(lba, 0);
                     out[i..i + in_leaf].copy_from_slice(&page.entries[s..s + in_leaf]);
@@ -187,50 +136,39 @@ impl MapState {
     }
 
     /// Makes the leaf holding `lba` and every page above it dirty.
-    fn dirty_path(&mut self, lba: u64, pins: &Pins) -> MapResult<()> {
+    fn dirty_path(&mut self, pages: &mut Pages, lba: u64, pins: &Pins) -> MapResult<()> {
         let mut at = self.root;
         for level in (0..self.depth).rev() {
             let key = (level, node_index(lba, level));
             if !self.dirty.contains_key(&key) {
-                let page = match self.node(key, at, pins)? {
+                let page = match self.node(pages, key, at, pins)? {
                     Some(clean) => {
                         // The head no longer needs the clean copy: free its budget.
-                        self.clean.pop(&at);
+                        pages.remove(at);
                         Arc::new((*clean).clone())
                     }
                     None => Arc::new(MapPage::default()),
                 };
                 self.dirty.insert(key, page);
+                pages.add_dirty();
             }
             if level > 0 {
                 at = self.dirty[&key].entries[slot(lba, level)];
             }
         }
-        self.evict();
         Ok(())
-    }
-
-    fn account(&mut self, old: Entry, new: Entry) {
-        if !old.is_empty() {
-            self.allocated_blocks -= 1;
-            if let Some(b) = self.usage.get_mut(&old.seg) {
-                *b = b.saturating_sub(self.block_size);
-            }
-        }
-        if !new.is_empty() {
-            self.allocated_blocks += 1;
-            *self.usage.entry(new.seg).or_default() += self.block_size;
-        }
     }
 
     /// Points blocks `first..first + entries.len()` at `entries`.
     pub fn set(&mut self, first: u64, entries: &[Entry], pins: &Pins) -> MapResult<()> {
+        let cache = self.cache.clone();
+        let mut pages = cache.lock(self.volume);
         // Make every touched path dirty before changing anything, so a
         // Missing page cannot leave the change half done.
         let mut i = 0;
         while i < entries.len() {
             let lba = first + i as u64;
-            self.dirty_path(lba, pins)?;
+            self.dirty_path(&mut pages, lba, pins)?;
             i += MAP_FANOUT - slot(lba, 0);
         }
         let mut i = 0;
@@ -245,7 +183,7 @@ impl MapState {
             let page = Arc::make_mut(&mut leaf);
             for (k, new) in entries[i..i + n].iter().enumerate() {
                 let old = std::mem::replace(&mut page.entries[s + k], *new);
-                self.account(old, *new);
+                self.usage.account(old, *new);
             }
             self.dirty.insert((0, node_index(lba, 0)), leaf);
             i += n;
@@ -256,9 +194,11 @@ impl MapState {
     /// Unmaps blocks `first..end`, visiting only leaves that exist, so that
     /// trimming a huge sparse range costs what it holds, not its size.
     pub fn zero(&mut self, first: u64, end: u64, pins: &Pins) -> MapResult<()> {
+        let cache = self.cache.clone();
+        let mut pages = cache.lock(self.volume);
         let mut lba = first;
         while lba < end {
-            let Some(leaf_start) = self.next_present(lba, pins)? else {
+            let Some(leaf_start) = self.search_from(&mut pages, lba, pins)? else {
                 return Ok(());
             };
             let lba_here = leaf_start.max(lba);
@@ -270,16 +210,16 @@ impl MapState {
             let s = slot(lba_here, 0);
             let n = (stop - lba_here) as usize;
             let has_data = self
-                .leaf(lba_here, pins)?
+                .leaf(&mut pages, lba_here, pins)?
                 .is_some_and(|p| p.entries[s..s + n].iter().any(|e| !e.is_empty()));
             if has_data {
-                self.dirty_path(lba_here, pins)?;
+                self.dirty_path(&mut pages, lba_here, pins)?;
                 let key = (0, node_index(lba_here, 0));
                 let mut leaf = self.dirty.remove(&key).expect("path made dirty");
                 let page = Arc::make_mut(&mut leaf);
                 for k in s..s + n {
                     let old = std::mem::take(&mut page.entries[k]);
-                    self.account(old, Entry::EMPTY);
+                    self.usage.account(old, Entry::EMPTY);
                 }
                 self.dirty.insert(key, leaf);
             }
@@ -290,21 +230,25 @@ impl MapState {
 
     /// First block of the first existing leaf holding blocks at or after
     /// `from`, skipping empty subtrees.
-    pub fn next_present(&mut self, from: u64, pins: &Pins) -> MapResult<Option<u64>> {
-        let top = self.depth - 1;
-        let root = self.root;
-        self.search(top, 0, root, from, pins)
+    pub fn next_present(&self, from: u64, pins: &Pins) -> MapResult<Option<u64>> {
+        let mut pages = self.pages();
+        self.search_from(&mut pages, from, pins)
+    }
+
+    fn search_from(&self, pages: &mut Pages, from: u64, pins: &Pins) -> MapResult<Option<u64>> {
+        self.search(pages, self.depth - 1, 0, self.root, from, pins)
     }
 
     fn search(
-        &mut self,
+        &self,
+        pages: &mut Pages,
         level: u32,
         index: u64,
         at: Entry,
         from: u64,
         pins: &Pins,
     ) -> MapResult<Option<u64>> {
-        let Some(page) = self.node((level, index), at, pins)? else {
+        let Some(page) = self.node(pages, (level, index), at, pins)? else {
             return Ok(None);
         };
         if level == 0 {
@@ -323,7 +267,7 @@ impl MapState {
             if child_at.is_empty() && !self.dirty.contains_key(&(level - 1, child)) {
                 continue;
             }
-            if let Some(found) = self.search(level - 1, child, child_at, from, pins)? {
+            if let Some(found) = self.search(pages, level - 1, child, child_at, from, pins)? {
                 return Ok(Some(found));
             }
         }
@@ -333,17 +277,15 @@ impl MapState {
     /// Makes the tree deep enough for `blocks` blocks (growing a volume).
     pub fn grow_to(&mut self, blocks: u64) {
         let want = depth_for(blocks);
+        let mut pages = self.cache.lock(self.volume);
         while self.depth < want {
             let old_top = self.depth - 1;
-            let old_root_dirty = self.dirty.remove(&(old_top, 0));
             let mut new_root = MapPage::default();
-            if old_root_dirty.is_none() {
+            if !self.dirty.contains_key(&(old_top, 0)) {
                 new_root.entries[0] = self.root;
             }
-            if let Some(p) = old_root_dirty {
-                self.dirty.insert((old_top, 0), p);
-            }
             self.dirty.insert((old_top + 1, 0), Arc::new(new_root));
+            pages.add_dirty();
             self.root = Entry::EMPTY;
             self.depth += 1;
         }
@@ -372,9 +314,10 @@ impl MapState {
                 .expect("parent of a dirty page is dirty");
             Arc::make_mut(parent).entries[(index & (MAP_FANOUT as u64 - 1)) as usize] = at;
         }
+        let mut pages = self.cache.lock(self.volume);
+        pages.release_dirty(1);
         if !at.is_empty() {
-            self.clean.put(at, page);
-            self.evict();
+            pages.insert(at, page);
         }
     }
 
@@ -385,8 +328,11 @@ impl MapState {
     }
 }
 
-/// Smallest budget: enough for a few full paths through the deepest tree.
-pub const MIN_BUDGET_PAGES: usize = 32;
+impl Drop for DirtyTree {
+    fn drop(&mut self) {
+        self.cache.lock(self.volume).release_dirty(self.dirty.len());
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -401,17 +347,16 @@ mod tests {
     }
 
     #[test]
-    fn depth_grows_with_blocks() {
-        assert_eq!(depth_for(1), 1);
-        assert_eq!(depth_for(512), 1);
-        assert_eq!(depth_for(513), 2);
-        assert_eq!(depth_for(1 << 32), 4);
-    }
-
-    #[test]
     fn set_lookup_zero_in_memory() {
         let pins = Pins::new();
-        let mut m = MapState::new(Entry::EMPTY, depth_for(1 << 30), 1 << 20, 4096);
+        let cache = PageCache::new(1 << 20);
+        let mut m = DirtyTree::new(
+            [0; 16],
+            cache.clone(),
+            Entry::EMPTY,
+            depth_for(1 << 30),
+            SegmentUsage::from_checkpoint(4096, 0, &[]),
+        );
         let entries: Vec<Entry> = (1..=1000).map(e).collect();
         m.set(1_000_000, &entries, &pins).unwrap();
         m.set(77, &[e(5)], &pins).unwrap();
@@ -419,14 +364,18 @@ mod tests {
         m.lookup(999_999, &mut out, &pins).unwrap();
         assert!(out[0].is_empty() && out[1001].is_empty());
         assert_eq!(&out[1..1001], &entries[..]);
-        assert_eq!(m.allocated_blocks(), 1001);
+        assert_eq!(m.usage().allocated_blocks(), 1001);
         m.zero(0, 1_000_500, &pins).unwrap();
-        assert_eq!(m.allocated_blocks(), 500);
+        assert_eq!(m.usage().allocated_blocks(), 500);
         m.lookup(999_999, &mut out, &pins).unwrap();
         assert!(out[1..501].iter().all(Entry::is_empty));
         assert_eq!(&out[501..1001], &entries[500..]);
         let mut one = [Entry::EMPTY];
         m.lookup(77, &mut one, &pins).unwrap();
         assert!(one[0].is_empty());
+        // Dirty pages are charged to the shared budget until dropped.
+        assert!(cache.pages().0 > 0);
+        drop(m);
+        assert_eq!(cache.pages().0, 0);
     }
 }

@@ -1,0 +1,56 @@
+//! The errors every store returns. Each variant tells the caller what to do
+//! about it; the text is what a user sees.
+
+/// Errors of every store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("read of {name} at offset {offset} length {len} is past its end ({size} bytes)")]
+    OutOfRange {
+        name: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    /// A local disk or filesystem refused an operation. Trying again does
+    /// not help: after a failed fsync the kernel may have dropped the data.
+    #[error("I/O error on {name}: {source}")]
+    Io {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{name} is locked by another writer")]
+    Locked { name: String },
+    /// The request itself is wrong: a bad blob name, address or setting.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store refused the request for a reason trying again will not
+    /// fix (access denied, an operation it does not support).
+    #[error("{0}")]
+    Refused(String),
+    /// The store did not do it, but may later: unreachable, timed out,
+    /// throttled, or a server error.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+impl StoreError {
+    pub fn io(name: impl Into<String>, source: std::io::Error) -> Self {
+        StoreError::Io {
+            name: name.into(),
+            source,
+        }
+    }
+
+    /// Whether the same request may succeed if tried again later. Only
+    /// these are retried (by [`crate::layers::Retrying`]).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}

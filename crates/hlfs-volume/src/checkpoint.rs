@@ -1,0 +1,198 @@
+//! Map write-back, checkpoints and sealing.
+//!
+//! Dirty map pages are appended to the log under memory pressure and
+//! before a checkpoint record, which describes the whole map (root, depth,
+//! size, usage). A full segment is sealed: switched for a new journal file
+//! under the writer lock, then synced, stored and, if it ends with a
+//! checkpoint, made the head by the upload task. Every fourth segment's
+//! worth of log gets a checkpoint, which bounds what recovery replays.
+
+use hlfs_format::{crc_of_record, encode_record, Checkpoint, Entry, Manifest, RecordKind};
+
+use crate::core::Core;
+use crate::error::Result;
+use crate::log::Writer;
+
+/// A full segment is sealed alone, and with a checkpoint once this many
+/// segments' worth of log has been sealed since the last one: writing every
+/// dirty map page at each seal would cost nearly as much as the data under
+/// dense random writes, while recovery only replays the log since the last
+/// checkpoint.
+const CHECKPOINT_EVERY: u64 = 4;
+
+/// Segments sealed since the last checkpoint, at most. FLUSH with remote
+/// durability seals short segments; this bounds how many recovery reads.
+const MAX_SEGMENTS_BETWEEN_CHECKPOINTS: u32 = 64;
+
+/// What a checkpoint changes in the manifest.
+#[derive(Clone, Copy)]
+pub(crate) struct HeadUpdate {
+    pub checkpoint: Entry,
+    pub size: u64,
+    pub replay_from_seg: u32,
+    pub replay_from_lsn: u64,
+}
+
+impl HeadUpdate {
+    pub fn apply(&self, m: &mut Manifest) {
+        m.checkpoint = self.checkpoint;
+        m.size = self.size;
+        m.replay_from_seg = self.replay_from_seg;
+        m.replay_from_lsn = self.replay_from_lsn;
+        m.next_seg = m.next_seg.max(self.replay_from_seg + 1);
+    }
+}
+
+impl Core {
+    /// Seals a segment left full by an earlier append whose seal failed (the
+    /// store was away), before appending more: the journal never grows
+    /// past a segment (and a record) while uploads are stalled.
+    pub(crate) async fn make_room(&self, w: &mut Writer) -> Result<()> {
+        if w.pos >= self.segment_size {
+            self.seal_in_background(w).await?;
+        }
+        Ok(())
+    }
+
+    /// Housekeeping after appending: write back map pages under memory
+    /// pressure, seal a full segment.
+    pub(crate) async fn after_append(&self, w: &mut Writer) -> Result<()> {
+        if self.map.lock().needs_writeback() {
+            self.write_back(w).await?;
+        }
+        if w.pos >= self.segment_size {
+            self.seal_in_background(w).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty map page to the log, bottom-up. Under memory
+    /// pressure this is what bounds the map: scattered writes dirty about as
+    /// many inner pages as leaves, so writing back leaves alone would not.
+    async fn write_back(&self, w: &mut Writer) -> Result<()> {
+        loop {
+            let next = self.map.lock().next_dirty();
+            let Some((level, index, page)) = next else {
+                return Ok(());
+            };
+            let at = if page.is_empty() {
+                Entry::EMPTY
+            } else {
+                let record = encode_record(
+                    RecordKind::MapPage,
+                    &self.uuid,
+                    w.next_lsn,
+                    level as u64,
+                    index,
+                    &page.encode(),
+                );
+                let crc = crc_of_record(&record);
+                let off = self.append(w, &[&record])?;
+                Entry {
+                    seg: w.seg,
+                    off: off as u32,
+                    crc,
+                }
+            };
+            self.map.lock().written_back(level, index, at);
+        }
+    }
+
+    /// Appends every dirty map page and a checkpoint record describing the
+    /// map now; returns where the checkpoint is, its LSN and its contents.
+    async fn append_checkpoint(&self, w: &mut Writer) -> Result<(Entry, u64, Checkpoint)> {
+        self.write_back(w).await?;
+        let cp = {
+            let m = self.map.lock();
+            Checkpoint {
+                root: m.root(),
+                depth: m.depth(),
+                size: self.size(),
+                allocated_blocks: m.usage().allocated_blocks(),
+                usage: m.usage().live(),
+            }
+        };
+        let cp_lsn = w.next_lsn;
+        let record = encode_record(
+            RecordKind::Checkpoint,
+            &self.uuid,
+            cp_lsn,
+            0,
+            0,
+            &cp.encode(),
+        );
+        let crc = crc_of_record(&record);
+        let off = self.append(w, &[&record])?;
+        let at = Entry {
+            seg: w.seg,
+            off: off as u32,
+            crc,
+        };
+        Ok((at, cp_lsn, cp))
+    }
+
+    /// Writes a checkpoint and seals the open segment with it, then writes
+    /// the manifest that makes the checkpoint the head (changed by `edit`,
+    /// which gets the checkpoint's place and LSN), all before returning.
+    /// Starts a new journal unless `reopen` is false.
+    pub(crate) async fn checkpoint(
+        &self,
+        w: &mut Writer,
+        reopen: bool,
+        mut edit: impl FnMut(&mut Manifest, Entry, u64),
+    ) -> Result<()> {
+        let slot = self.upload_slot().await?;
+        let (cp_at, cp_lsn, cp) = self.append_checkpoint(w).await?;
+        let sealing = self.rotate(w, reopen, slot, None)?;
+        let last_lsn = sealing.last_lsn;
+        self.queue_upload(sealing)?;
+        // The manifest may only name a checkpoint that is in the store.
+        self.wait_stored(last_lsn).await?;
+        let head = HeadUpdate {
+            checkpoint: cp_at,
+            size: cp.size,
+            replay_from_seg: w.seg,
+            replay_from_lsn: w.next_lsn,
+        };
+        self.write_manifest(&*self.store.clone(), |m| {
+            head.apply(m);
+            edit(m, cp_at, cp_lsn);
+        })
+        .await?;
+        w.changed = false;
+        w.sealed_since_checkpoint = 0;
+        w.bytes_since_checkpoint = 0;
+        Ok(())
+    }
+
+    /// Seals the open segment without stopping writes for long: it is
+    /// switched for a new journal here (with a checkpoint when one is due),
+    /// and synced, put in the store and made the head in the background.
+    /// Waits while the upload backlog is full, which keeps writers from
+    /// outrunning the disk and the store.
+    pub(crate) async fn seal_in_background(&self, w: &mut Writer) -> Result<()> {
+        let slot = self.upload_slot().await?;
+        let due = w.bytes_since_checkpoint + w.pos >= CHECKPOINT_EVERY * self.segment_size
+            || w.sealed_since_checkpoint + 1 >= MAX_SEGMENTS_BETWEEN_CHECKPOINTS;
+        let head = if due {
+            let (checkpoint, _, cp) = self.append_checkpoint(w).await?;
+            Some(HeadUpdate {
+                checkpoint,
+                size: cp.size,
+                replay_from_seg: w.seg + 1,
+                replay_from_lsn: w.next_lsn,
+            })
+        } else {
+            None
+        };
+        let checkpointed = head.is_some();
+        let sealing = self.rotate(w, true, slot, head)?;
+        if checkpointed {
+            // Recovery starts after this segment.
+            w.changed = false;
+            w.sealed_since_checkpoint = 0;
+            w.bytes_since_checkpoint = 0;
+        }
+        self.queue_upload(sealing)
+    }
+}

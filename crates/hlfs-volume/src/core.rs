@@ -1,0 +1,125 @@
+//! The state every room of the engine shares, and the rules of its locks.
+//!
+//! [`Core`] is one open volume's state. Each room adds the methods of its
+//! concern in its own file (`impl Core` in `read.rs`, `write.rs`, `log.rs`,
+//! `checkpoint.rs`, `upload.rs`, `snapshot.rs`, `recovery.rs`, `info.rs`);
+//! `volume.rs` is the public façade over them. Background tasks hold an
+//! `Arc<Core>`, never the façade.
+//!
+//! # Locks
+//!
+//! Taken in this order; a lock may be taken while holding those above it,
+//! never those below:
+//!
+//! 1. `log.writer` (async): the writer's place in the log. Held across
+//!    awaits: appends, page loads, checkpoints, waiting for an upload slot
+//!    or for an upload (snapshot, close). So nothing an upload needs to
+//!    finish may ever take it: the upload task never does.
+//! 2. `manifests.turn` (async): one manifest write at a time, held across
+//!    its PUT. Taken by checkpoints under the writer lock and by the upload
+//!    task without it.
+//! 3. `log.sync_turn` (async): one fdatasync at a time, held across it, so
+//!    that whoever sees a sync error fails the volume before anyone else
+//!    can report a clean sync (the kernel reports a writeback error once).
+//!    Taken by FLUSH and by the upload task; never by a holder of 2.
+//! 4. Short locks (`parking_lot`), never held across an await: `map` (the
+//!    head's tree), then the page cache inside it; `log.files`;
+//!    `manifests.current`; the lifecycle's state; `segments`' tables; the
+//!    read cache's state. None is taken while holding another, except the
+//!    page cache under `map`.
+//!
+//! The upload backlog semaphore is acquired under the writer lock and
+//! released by the upload task, which needs only locks 2 and 3 to do so.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hlfs_format::Manifest;
+use hlfs_store::time::Clock;
+use hlfs_store::BlobStore;
+use parking_lot::Mutex;
+
+use crate::backend::Backend;
+use crate::error::{Result, VolumeError};
+use crate::lifecycle::Lifecycle;
+use crate::log::Log;
+use crate::manifest::ManifestLog;
+use crate::map::{DirtyTree, MapResult, Missing, PageCache, Pins};
+use crate::options::Durability;
+use crate::segments::Segments;
+use crate::upload::Uploads;
+
+pub(crate) struct Core {
+    pub backend: Backend,
+    /// The store for requests someone waits on (retried within the store
+    /// timeout when it is remote).
+    pub store: Arc<dyn BlobStore>,
+    pub clock: Clock,
+    pub uuid: [u8; 16],
+    pub block_size: u32,
+    /// log2 of the block size.
+    pub shift: u32,
+    pub segment_size: u64,
+    pub durability: Durability,
+    /// How long writes and flushes wait for a store that is away.
+    pub store_wait: Duration,
+    pub life: Arc<Lifecycle>,
+    pub size: AtomicU64,
+    /// The head's map tree.
+    pub map: Mutex<DirtyTree>,
+    pub pages: Arc<PageCache>,
+    pub segments: Segments,
+    pub log: Log,
+    pub manifests: ManifestLog,
+    pub uploads: Uploads,
+}
+
+impl Core {
+    pub fn location(&self) -> &str {
+        &self.backend.location
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::SeqCst)
+    }
+
+    pub fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(VolumeError::OutOfRange { offset, len, size });
+        }
+        Ok(())
+    }
+
+    /// Runs an operation on the head's tree, loading the clean pages it
+    /// finds missing (outside the lock) and trying again.
+    pub async fn map_op<T>(
+        &self,
+        mut op: impl FnMut(&mut DirtyTree, &Pins) -> MapResult<T>,
+    ) -> Result<T> {
+        let mut pins = Pins::new();
+        loop {
+            let result = op(&mut self.map.lock(), &pins);
+            match result {
+                Ok(v) => return Ok(v),
+                Err(Missing(at)) => {
+                    let page = Arc::new(self.segments.read_page(at).await?);
+                    self.pages.lock(self.uuid).insert(at, page.clone());
+                    pins.insert(at, page);
+                }
+            }
+        }
+    }
+
+    /// Writes the next manifest, changed by `edit`, through `store`.
+    pub async fn write_manifest(
+        &self,
+        store: &dyn BlobStore,
+        edit: impl FnMut(&mut Manifest),
+    ) -> Result<()> {
+        self.manifests
+            .advance(store, &self.life, &self.clock, self.location(), edit)
+            .await
+    }
+}

@@ -1,0 +1,255 @@
+//! The log writer and group commit.
+//!
+//! Records are appended to the open segment's journal file under the
+//! writer lock. FLUSH syncs every journal file not yet stored, once for
+//! every write appended before it started (group commit). A full segment's
+//! file is retired: it stays readable and synced by FLUSH until the upload
+//! task has it in the store.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use hlfs_format::journal_name;
+use hlfs_store::JournalFile;
+use parking_lot::Mutex;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::checkpoint::HeadUpdate;
+use crate::core::Core;
+use crate::error::{Result, VolumeError};
+use crate::lifecycle::Need;
+use crate::options::Durability;
+use crate::upload::Sealing;
+
+/// Journal bytes are pushed towards the disk in chunks this large as they
+/// are appended, so the sync when a segment is sealed finds little left to
+/// write and stalls writers for less time.
+const WRITEBACK_CHUNK: u64 = 8 << 20;
+
+/// The writer's place in the log. Guarded by `Log::writer`.
+pub(crate) struct Writer {
+    pub seg: u32,
+    pub file: Option<Arc<dyn JournalFile>>,
+    pub pos: u64,
+    pub next_lsn: u64,
+    /// Content changed since the head checkpoint.
+    pub changed: bool,
+    /// Segments sealed since the head checkpoint, and their bytes: recovery
+    /// replays them.
+    pub sealed_since_checkpoint: u32,
+    pub bytes_since_checkpoint: u64,
+    /// The last LSN in a retired journal file.
+    pub sealed_lsn: u64,
+}
+
+/// Journal files not yet stored: the one appended to and those retired.
+#[derive(Default)]
+struct OpenFiles {
+    current: Option<Arc<dyn JournalFile>>,
+    retiring: Vec<Arc<dyn JournalFile>>,
+}
+
+pub(crate) struct Log {
+    pub writer: tokio::sync::Mutex<Writer>,
+    /// The journal files FLUSH must sync.
+    files: Mutex<OpenFiles>,
+    /// One fdatasync at a time (see the lock order in `core.rs`).
+    sync_turn: tokio::sync::Mutex<()>,
+    /// The last LSN appended, and the last one known durable.
+    written_lsn: AtomicU64,
+    durable_lsn: AtomicU64,
+}
+
+impl Log {
+    /// A log whose next record gets `next_lsn`, in segment `seg`.
+    pub fn new(seg: u32, next_lsn: u64) -> Log {
+        Log {
+            writer: tokio::sync::Mutex::new(Writer {
+                seg,
+                file: None,
+                pos: 0,
+                next_lsn,
+                changed: false,
+                sealed_since_checkpoint: 0,
+                bytes_since_checkpoint: 0,
+                sealed_lsn: 0,
+            }),
+            files: Mutex::new(OpenFiles::default()),
+            sync_turn: tokio::sync::Mutex::new(()),
+            written_lsn: AtomicU64::new(0),
+            durable_lsn: AtomicU64::new(0),
+        }
+    }
+
+    /// After recovery: every record up to `lsn` is in the log, and durable.
+    pub fn recovered_up_to(&self, lsn: u64) {
+        self.written_lsn.store(lsn, Ordering::SeqCst);
+        self.durable_lsn.store(lsn, Ordering::SeqCst);
+    }
+
+    /// Records up to `lsn` are durable (their file was synced).
+    pub fn synced_up_to(&self, lsn: u64) {
+        self.durable_lsn.fetch_max(lsn, Ordering::SeqCst);
+    }
+
+    /// `file` is the one appended to now.
+    pub fn set_current(&self, file: Option<Arc<dyn JournalFile>>) {
+        self.files.lock().current = file;
+    }
+
+    /// A retired file is in the store: FLUSH no longer syncs it.
+    pub fn stored(&self, file: &Arc<dyn JournalFile>) {
+        self.files.lock().retiring.retain(|f| !Arc::ptr_eq(f, file));
+    }
+
+    /// Older files first, so that what a FLUSH makes durable is a prefix.
+    fn in_log_order(&self) -> Vec<Arc<dyn JournalFile>> {
+        let files = self.files.lock();
+        files
+            .retiring
+            .iter()
+            .cloned()
+            .chain(files.current.clone())
+            .collect()
+    }
+}
+
+impl Core {
+    /// Opens journal file `id` as the one appended to.
+    pub(crate) fn start_journal(&self, w: &mut Writer, id: u32) -> Result<()> {
+        let file = self.backend.journal.create(&journal_name(id))?;
+        self.segments.add_journal(id, file.clone());
+        w.seg = id;
+        w.pos = 0;
+        w.file = Some(file.clone());
+        self.log.set_current(Some(file));
+        Ok(())
+    }
+
+    /// Appends a complete record, given in parts (header, payload), at the
+    /// end of the open segment; returns where it starts.
+    pub(crate) fn append(&self, w: &mut Writer, parts: &[&[u8]]) -> Result<u64> {
+        let file = w.file.as_ref().ok_or(VolumeError::Closed)?;
+        let at = w.pos;
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        if at + len > u32::MAX as u64 {
+            return Err(VolumeError::InvalidArgument("segment overflow".into()));
+        }
+        file.write_parts_at(at, parts)
+            .map_err(|e| self.life.fail(e.into()))?;
+        w.pos += len;
+        if at / WRITEBACK_CHUNK != w.pos / WRITEBACK_CHUNK {
+            let chunk = w.pos / WRITEBACK_CHUNK - 1;
+            if let Err(e) = file.start_writeback(chunk * WRITEBACK_CHUNK, WRITEBACK_CHUNK) {
+                tracing::debug!(error = %e, "early writeback hint failed");
+            }
+        }
+        self.log.written_lsn.store(w.next_lsn, Ordering::SeqCst);
+        w.next_lsn += 1;
+        Ok(at)
+    }
+
+    /// Retires the open journal file (it stays readable, and FLUSH keeps
+    /// syncing it until it is stored) and opens the next one unless `reopen`
+    /// is false. The file goes to the upload task as the returned `Sealing`.
+    pub(crate) fn rotate(
+        &self,
+        w: &mut Writer,
+        reopen: bool,
+        slot: OwnedSemaphorePermit,
+        head: Option<HeadUpdate>,
+    ) -> Result<Sealing> {
+        let file = w.file.take().ok_or(VolumeError::Closed)?;
+        let sealing = Sealing {
+            seg: w.seg,
+            file: file.clone(),
+            last_lsn: w.next_lsn - 1,
+            head,
+            _slot: slot,
+        };
+        self.log.files.lock().retiring.push(file);
+        w.sealed_since_checkpoint += 1;
+        w.bytes_since_checkpoint += w.pos;
+        w.sealed_lsn = sealing.last_lsn;
+        if reopen {
+            self.start_journal(w, sealing.seg + 1)
+                .map_err(|e| self.life.fail(e))?;
+        } else {
+            w.seg = sealing.seg + 1;
+            w.pos = 0;
+            self.log.set_current(None);
+        }
+        Ok(sealing)
+    }
+
+    /// Makes every acknowledged write durable: in the local journal (one
+    /// sync serves every write appended before it started), and with remote
+    /// durability in the store too.
+    pub(crate) async fn flush(&self) -> Result<()> {
+        if self.life.read_only() {
+            return Ok(());
+        }
+        self.life.check(Need::Sync)?;
+        let target = self.log.written_lsn.load(Ordering::SeqCst);
+        self.sync_journal(target).await?;
+        if self.durability == Durability::Remote {
+            self.flush_to_store(target).await?;
+        }
+        Ok(())
+    }
+
+    async fn sync_journal(&self, target: u64) -> Result<()> {
+        if self.log.durable_lsn.load(Ordering::SeqCst) >= target {
+            return Ok(());
+        }
+        let _turn = self.log.sync_turn.lock().await;
+        self.life.check(Need::Sync)?;
+        if self.log.durable_lsn.load(Ordering::SeqCst) >= target {
+            return Ok(());
+        }
+        // Read the LSN before taking the files: every record up to it is in
+        // one of them, or in a segment whose sealing already synced it.
+        let upto = self.log.written_lsn.load(Ordering::SeqCst);
+        for file in self.log.in_log_order() {
+            self.sync_file(file).await?;
+        }
+        self.log.synced_up_to(upto);
+        Ok(())
+    }
+
+    /// Syncs a retired journal file before its upload. Files are synced in
+    /// log order, so what is durable stays a prefix of the log.
+    pub(crate) async fn sync_sealed(&self, sealing: &Sealing) -> Result<()> {
+        let _turn = self.log.sync_turn.lock().await;
+        self.life.check(Need::Sync)?;
+        self.sync_file(sealing.file.clone()).await?;
+        self.log.synced_up_to(sealing.last_lsn);
+        Ok(())
+    }
+
+    /// fdatasyncs a journal file off the runtime. A failure stops the
+    /// volume even if the caller has gone (a cancelled FLUSH): the kernel
+    /// reports a writeback error once, and the next sync would succeed.
+    async fn sync_file(&self, file: Arc<dyn JournalFile>) -> Result<()> {
+        let life = self.life.clone();
+        tokio::task::spawn_blocking(move || file.sync().map_err(|e| life.fail(e.into())))
+            .await
+            .map_err(|e| self.life.fail(VolumeError::Failed(e.to_string())))?
+    }
+
+    /// Seals the open segment if it holds records up to `target`, and waits
+    /// until they are in the store. Concurrent flushes share one seal.
+    async fn flush_to_store(&self, target: u64) -> Result<()> {
+        if self.uploads.stored_lsn() >= target {
+            return Ok(());
+        }
+        {
+            let mut w = self.log.writer.lock().await;
+            self.life.check(Need::Sync)?;
+            if w.sealed_lsn < target && w.pos > 0 {
+                self.seal_in_background(&mut w).await?;
+            }
+        }
+        self.wait_stored(target).await
+    }
+}

@@ -1,0 +1,321 @@
+//! Creating, opening and closing a volume.
+//!
+//! Opening for writing takes the journal area's lock, refuses a writer
+//! claim from another site, loads the head checkpoint, recovers, writes a
+//! manifest carrying our claim and starts the background tasks. Closing
+//! seals what is unsealed, waits for every upload, releases the claim and
+//! stops the tasks.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hlfs_format::{
+    journal_name, manifest_name, Checkpoint, Entry, Manifest, WriterClaim, MAX_BLOCK_SIZE,
+    MAX_SEGMENT_SIZE, MIN_BLOCK_SIZE, MIN_SEGMENT_SIZE,
+};
+use hlfs_store::{JournalLock, StoreError};
+use parking_lot::Mutex;
+
+use crate::backend::Backend;
+use crate::cache::Reservation;
+use crate::core::Core;
+use crate::error::{Result, VolumeError};
+use crate::info::utc;
+use crate::lifecycle::{Lifecycle, Need};
+use crate::log::{Log, Writer};
+use crate::manifest::{latest_manifest, ManifestLog};
+use crate::map::{depth_for, DirtyTree, PageCache, SegmentUsage};
+use crate::options::{CreateOptions, OpenOptions, View};
+use crate::runner::Runner;
+use crate::segments::Segments;
+use crate::upload::{self, Uploads, UPLOAD_BACKLOG_REMOTE};
+use crate::write::MAX_RECORD_BYTES;
+
+/// Tries at a read-only open of a head that a writer keeps changing.
+const HEAD_OPEN_ATTEMPTS: u32 = 10;
+
+/// How long close gives the background tasks to stop by themselves.
+const TASK_STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// What a writable open holds until the volume is closed or dropped: the
+/// background tasks, the journal lock and the journal's room in the cache
+/// directory. Dropping it aborts the tasks and lets the next writer in.
+pub(crate) struct Held {
+    pub runner: Runner,
+    lock: Mutex<Option<JournalLock>>,
+    journal_room: Mutex<Option<Reservation>>,
+}
+
+impl Held {
+    fn new(core: &Arc<Core>) -> Held {
+        let life = core.life.clone();
+        Held {
+            runner: Runner::new(
+                core.clock.clone(),
+                Arc::new(move |task, e| {
+                    tracing::error!(task, error = %e, "a background task failed");
+                    life.fail(e);
+                }),
+            ),
+            lock: Mutex::new(None),
+            journal_room: Mutex::new(None),
+        }
+    }
+}
+
+/// Creates an empty volume.
+pub(crate) async fn create(backend: &Backend, opts: &CreateOptions) -> Result<()> {
+    let bs = opts.block_size;
+    if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
+        return Err(VolumeError::InvalidArgument(format!(
+            "block size {bs} must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
+        )));
+    }
+    if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&opts.segment_size) {
+        return Err(VolumeError::InvalidArgument(format!(
+            "segment size {} must be from {MIN_SEGMENT_SIZE} to {MAX_SEGMENT_SIZE} bytes",
+            opts.segment_size
+        )));
+    }
+    if opts.segment_size < 4 * bs as u64 {
+        return Err(VolumeError::InvalidArgument(
+            "segment size must hold at least 4 blocks".into(),
+        ));
+    }
+    if opts.size > i64::MAX as u64 {
+        return Err(VolumeError::InvalidArgument(format!(
+            "size {} is too large",
+            opts.size
+        )));
+    }
+    let store = backend.requests();
+    match latest_manifest(&*store, &backend.location).await {
+        Err(VolumeError::NotFound(_)) => {}
+        Ok(_) | Err(VolumeError::Corrupt(_)) => {
+            return Err(VolumeError::AlreadyExists(backend.location.clone()))
+        }
+        Err(e) => return Err(e),
+    }
+    let now = backend.clock.unix_ms();
+    let m = Manifest {
+        volume: *uuid::Uuid::new_v4().as_bytes(),
+        seq: 1,
+        written_ms: now,
+        volume_created_ms: now,
+        block_size: bs,
+        segment_size: opts.segment_size,
+        size: opts.size,
+        checkpoint: Entry::EMPTY,
+        replay_from_seg: 1,
+        replay_from_lsn: 1,
+        next_seg: 1,
+        writer: None,
+        snapshots: Vec::new(),
+    };
+    match store
+        .put_if_absent(&manifest_name(1), m.encode().into())
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(StoreError::AlreadyExists(_)) => {
+            Err(VolumeError::AlreadyExists(backend.location.clone()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Opens the volume for writing. Recovers from a crash if needed; fails
+/// with `Busy` if another writer holds it.
+pub(crate) async fn open(backend: Backend, opts: &OpenOptions) -> Result<(Arc<Core>, Arc<Held>)> {
+    let lock = backend.journal.lock().map_err(|e| match e {
+        StoreError::Locked { .. } => VolumeError::Busy(format!(
+            "{} is already open for writing by another process on this host",
+            backend.location
+        )),
+        e => e.into(),
+    })?;
+    let manifest = latest_manifest(&*backend.requests(), &backend.location).await?;
+    let site = backend.writer_site.clone();
+    if let Some(w) = &manifest.writer {
+        if w.host != site {
+            return Err(VolumeError::Busy(format!(
+                "{} is open for writing by process {} on host {} (since {}); stop that writer first",
+                backend.location,
+                w.pid,
+                w.host,
+                utc(w.since_ms)
+            )));
+        }
+        // Same host and we hold the journal lock: that writer is gone.
+        tracing::warn!(volume = %backend.location, pid = w.pid, "taking over from a writer that did not close the volume");
+    }
+    let core = load(backend, manifest, false, opts).await?;
+    core.recover().await?;
+    let held = Arc::new(Held::new(&core));
+    *held.lock.lock() = Some(lock);
+    let claim = WriterClaim {
+        host: site,
+        pid: std::process::id(),
+        since_ms: core.clock.unix_ms(),
+    };
+    core.manifests.set_claim(claim.clone());
+    let next_seg = core.log.writer.lock().await.seg + 1;
+    core.write_manifest(&*core.store, |m| {
+        m.writer = Some(claim.clone());
+        m.next_seg = m.next_seg.max(next_seg);
+    })
+    .await?;
+    if let Some(cache) = &core.backend.cache {
+        // The open journal file and a full upload backlog, at most.
+        let journal =
+            (UPLOAD_BACKLOG_REMOTE as u64 + 1) * (core.segment_size + MAX_RECORD_BYTES as u64);
+        *held.journal_room.lock() = Some(cache.reserve(journal));
+    }
+    let uploader = core.clone();
+    let mailbox = held
+        .runner
+        .spawn("upload", None, |cx| upload::run(uploader, cx));
+    core.uploads.start(mailbox);
+    Ok((core, held))
+}
+
+/// Opens an image read-only: the head (replaying unsealed writes in
+/// memory, writing nothing) or a snapshot.
+pub(crate) async fn open_read_only(
+    backend: Backend,
+    opts: &OpenOptions,
+    view: View,
+) -> Result<Arc<Core>> {
+    let store = backend.requests();
+    let mut manifest = latest_manifest(&*store, &backend.location).await?;
+    let snap = match &view {
+        View::Head => None,
+        View::Snapshot(name) => Some(
+            manifest
+                .snapshots
+                .iter()
+                .find(|s| &s.name == name)
+                .cloned()
+                .ok_or_else(|| VolumeError::SnapshotNotFound(name.clone()))?,
+        ),
+        View::AsOf(t) => Some(
+            manifest
+                .snapshots
+                .iter()
+                .filter(|s| s.created_ms <= *t)
+                .max_by_key(|s| (s.created_ms, s.lsn))
+                .cloned()
+                .ok_or_else(|| {
+                    VolumeError::SnapshotNotFound(format!("(none taken at or before {})", utc(*t)))
+                })?,
+        ),
+    };
+    if let Some(s) = &snap {
+        manifest.checkpoint = s.checkpoint;
+    }
+    if snap.is_some() {
+        return load(backend, manifest, true, opts).await;
+    }
+    // The head of a volume a writer is using: its journal can be sealed
+    // and removed while we read it. Start again from the newer manifest.
+    let mut attempt = 1;
+    loop {
+        let core = load(backend.clone(), manifest, true, opts).await?;
+        match core.recover().await {
+            Err(VolumeError::Store(StoreError::NotFound(what))) if attempt < HEAD_OPEN_ATTEMPTS => {
+                tracing::debug!(%what, attempt, "the writer sealed a journal while we read it; retrying");
+                attempt += 1;
+                manifest = latest_manifest(&*store, &backend.location).await?;
+            }
+            result => return result.map(|()| core),
+        }
+    }
+}
+
+/// Builds the in-memory volume from a manifest and its checkpoint.
+async fn load(
+    backend: Backend,
+    manifest: Manifest,
+    read_only: bool,
+    opts: &OpenOptions,
+) -> Result<Arc<Core>> {
+    let uuid = manifest.volume;
+    let store = backend.requests();
+    let segments = Segments::new(store.clone(), backend.cache.clone(), uuid);
+    let (cp, cp_lsn) = if manifest.checkpoint.is_empty() {
+        let blocks = manifest.size.div_ceil(manifest.block_size as u64);
+        let empty = Checkpoint {
+            root: Entry::EMPTY,
+            depth: depth_for(blocks),
+            size: manifest.size,
+            allocated_blocks: 0,
+            usage: Vec::new(),
+        };
+        (empty, 0)
+    } else {
+        segments.read_checkpoint(manifest.checkpoint).await?
+    };
+    let pages = match &opts.page_cache {
+        Some(shared) => shared.clone(),
+        None => PageCache::new(opts.map_budget),
+    };
+    let usage = SegmentUsage::from_checkpoint(manifest.block_size, cp.allocated_blocks, &cp.usage);
+    let map = DirtyTree::new(uuid, pages.clone(), cp.root, cp.depth, usage);
+    let log = Log::new(manifest.next_seg, manifest.replay_from_lsn.max(cp_lsn + 1));
+    Ok(Arc::new(Core {
+        uuid,
+        block_size: manifest.block_size,
+        shift: manifest.block_size.trailing_zeros(),
+        segment_size: manifest.segment_size,
+        durability: opts.durability,
+        store_wait: opts.store_wait,
+        life: Arc::new(Lifecycle::new(&backend.location, read_only)),
+        size: AtomicU64::new(cp.size),
+        map: Mutex::new(map),
+        pages,
+        segments,
+        log,
+        manifests: ManifestLog::new(manifest),
+        uploads: Uploads::new(&backend),
+        clock: backend.clock.clone(),
+        store,
+        backend,
+    }))
+}
+
+impl Core {
+    /// Seals what is unsealed, waits for its upload and writes the manifest
+    /// that releases the writer claim.
+    async fn close_locked(&self, w: &mut Writer) -> Result<()> {
+        self.life.check(Need::Sync)?;
+        if w.pos > 0 || w.changed {
+            return self.checkpoint(w, false, |m, _, _| m.writer = None).await;
+        }
+        self.wait_stored(w.sealed_lsn).await?;
+        if let Some(file) = w.file.take() {
+            drop(file);
+            self.backend.journal.remove(&journal_name(w.seg))?;
+            self.log.set_current(None);
+        }
+        self.write_manifest(&*self.store, |m| m.writer = None).await
+    }
+}
+
+/// Closes a writable volume: see `Volume::close`.
+pub(crate) async fn close_writer(core: &Core, held: &Held) -> Result<()> {
+    let mut w = core.log.writer.lock().await;
+    if !core.life.begin_close() {
+        return Ok(());
+    }
+    let closed = core.close_locked(&mut w).await;
+    // Whatever happened, this process is done writing: stop uploading and
+    // let the next writer in (recovery sorts out what was durable and
+    // uploads what is left). Nothing of the tasks may still run by then.
+    core.life.closed();
+    core.uploads.stop();
+    held.runner.shutdown(TASK_STOP_GRACE).await;
+    held.lock.lock().take();
+    held.journal_room.lock().take();
+    closed
+}

@@ -1,0 +1,125 @@
+//! What a caller chooses when creating or opening a volume, and the plain
+//! values the engine answers with.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hlfs_format::SnapshotEntry;
+
+use crate::map::PageCache;
+
+/// Parameters fixed when a volume is created.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    /// Logical size in bytes.
+    pub size: u64,
+    /// A power of two from 512 B to 64 KiB.
+    pub block_size: u32,
+    /// Target size of a sealed segment.
+    pub segment_size: u64,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: 0,
+            block_size: 4096,
+            segment_size: 64 << 20,
+        }
+    }
+}
+
+/// Settings of one open.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Memory the block map may use for cached and dirty pages.
+    pub map_budget: u64,
+    /// A page cache to share with other opens (of this volume or others),
+    /// under its own budget; `None` gives this open a cache of
+    /// `map_budget`.
+    pub page_cache: Option<Arc<PageCache>>,
+    /// What FLUSH waits for.
+    pub durability: Durability,
+    /// How long a write or flush waits for a store that is not accepting
+    /// uploads before it fails with an I/O error (the data stays safe in
+    /// the local journal, and uploads go on in the background).
+    pub store_wait: Duration,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            map_budget: 512 << 20,
+            page_cache: None,
+            durability: Durability::Local,
+            store_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where a write is once FLUSH (or FUA) has returned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// In the local journal, synced; sealed segments reach the store in the
+    /// background. A crash of the process loses nothing; losing the local
+    /// disk loses what was not uploaded yet.
+    #[default]
+    Local,
+    /// In the store: FLUSH seals the open segment and waits for its upload.
+    /// For hosts whose local disk is not trusted; every FLUSH costs a store
+    /// request.
+    Remote,
+}
+
+/// Which image a read-only open shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum View {
+    /// The latest state, including unsealed writes.
+    Head,
+    /// A snapshot by name.
+    Snapshot(String),
+    /// The newest snapshot taken at or before this time (ms since the epoch).
+    AsOf(u64),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub created_ms: u64,
+    pub lsn: u64,
+    pub automatic: bool,
+}
+
+impl From<&SnapshotEntry> for SnapshotInfo {
+    fn from(s: &SnapshotEntry) -> Self {
+        SnapshotInfo {
+            name: s.name.clone(),
+            created_ms: s.created_ms,
+            lsn: s.lsn,
+            automatic: s.automatic,
+        }
+    }
+}
+
+/// A run of the volume that is either all data or all hole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    pub data: bool,
+}
+
+/// What `hlfs info` shows.
+#[derive(Clone, Debug)]
+pub struct VolumeInfo {
+    pub uuid: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub segment_size: u64,
+    pub allocated_bytes: u64,
+    pub stored_bytes: u64,
+    pub format_version: u16,
+    pub snapshots: Vec<SnapshotInfo>,
+    pub writer: Option<String>,
+    pub created_ms: u64,
+}

@@ -1,0 +1,126 @@
+//! Snapshots and rollback.
+//!
+//! A snapshot is a saved checkpoint location: taking one seals the open
+//! segment with a checkpoint (so every page is clean) and writes a manifest
+//! that lists it, at a cost bounded by the map budget, whatever the volume's
+//! size. Rollback keeps the abandoned head as an automatic snapshot and
+//! points the head at the snapshot's checkpoint in the same manifest.
+
+use std::sync::atomic::Ordering;
+
+use hlfs_format::{SnapshotEntry, MAX_NAME_LEN};
+
+use crate::core::Core;
+use crate::error::{Result, VolumeError};
+use crate::lifecycle::Need;
+use crate::map::SegmentUsage;
+use crate::options::SnapshotInfo;
+
+/// Checks a snapshot name: printable, no separators the CLI or export names use.
+pub fn validate_snapshot_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:+".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(VolumeError::InvalidArgument(format!(
+            "invalid snapshot name {name:?}: use 1 to {MAX_NAME_LEN} characters from A-Z a-z 0-9 - _ . : + (not starting with -)"
+        )))
+    }
+}
+
+impl Core {
+    pub(crate) fn snapshots(&self) -> Vec<SnapshotInfo> {
+        self.manifests
+            .read(|m| m.snapshots.iter().map(SnapshotInfo::from).collect())
+    }
+
+    fn find_snapshot(&self, name: &str) -> Option<SnapshotEntry> {
+        self.manifests
+            .read(|m| m.snapshots.iter().find(|s| s.name == name).cloned())
+    }
+
+    /// Takes a snapshot holding every write acknowledged before the call.
+    pub(crate) async fn snapshot_create(&self, name: &str) -> Result<SnapshotInfo> {
+        validate_snapshot_name(name)?;
+        self.life.check(Need::Write)?;
+        let mut w = self.log.writer.lock().await;
+        self.life.check(Need::Write)?;
+        if self.find_snapshot(name).is_some() {
+            return Err(VolumeError::SnapshotExists(name.to_string()));
+        }
+        let created_ms = self.clock.unix_ms();
+        let mut taken = None;
+        self.checkpoint(&mut w, true, |m, at, lsn| {
+            let s = SnapshotEntry {
+                name: name.to_string(),
+                checkpoint: at,
+                lsn,
+                created_ms,
+                automatic: false,
+            };
+            taken = Some(SnapshotInfo::from(&s));
+            m.snapshots.push(s);
+        })
+        .await?;
+        Ok(taken.expect("the checkpoint ran the edit"))
+    }
+
+    pub(crate) async fn snapshot_delete(&self, name: &str) -> Result<()> {
+        self.life.check(Need::Write)?;
+        let _w = self.log.writer.lock().await;
+        self.life.check(Need::Write)?;
+        if self.find_snapshot(name).is_none() {
+            return Err(VolumeError::SnapshotNotFound(name.to_string()));
+        }
+        self.write_manifest(&*self.store, |m| m.snapshots.retain(|s| s.name != name))
+            .await
+    }
+
+    /// Makes the head equal to snapshot `name`. The abandoned head is kept
+    /// as an automatic snapshot, whose name is returned.
+    pub(crate) async fn rollback(&self, name: &str) -> Result<String> {
+        self.life.check(Need::Write)?;
+        let mut w = self.log.writer.lock().await;
+        self.life.check(Need::Write)?;
+        let target = self
+            .find_snapshot(name)
+            .ok_or_else(|| VolumeError::SnapshotNotFound(name.to_string()))?;
+        let (cp, _) = self.segments.read_checkpoint(target.checkpoint).await?;
+        let stamp = self.clock.unix_ms();
+        let auto_name = self.manifests.read(|m| {
+            let base: String = format!("before-rollback-to-{name}")
+                .chars()
+                .take(MAX_NAME_LEN - 24)
+                .collect();
+            let mut candidate = format!("{base}-{stamp}");
+            let mut k = 1;
+            while m.snapshots.iter().any(|s| s.name == candidate) {
+                candidate = format!("{base}-{stamp}-{k}");
+                k += 1;
+            }
+            candidate
+        });
+        self.checkpoint(&mut w, true, |m, at, lsn| {
+            m.snapshots.push(SnapshotEntry {
+                name: auto_name.clone(),
+                checkpoint: at,
+                lsn,
+                created_ms: stamp,
+                automatic: true,
+            });
+            m.checkpoint = target.checkpoint;
+            m.size = cp.size;
+        })
+        .await?;
+        // Now the manifest's head is the snapshot: switch memory to it.
+        let usage = SegmentUsage::from_checkpoint(self.block_size, cp.allocated_blocks, &cp.usage);
+        self.map.lock().reset(cp.root, cp.depth, usage);
+        self.size.store(cp.size, Ordering::SeqCst);
+        Ok(auto_name)
+    }
+}
