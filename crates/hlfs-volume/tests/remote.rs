@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use common::{pattern, World};
 use hlfs_store::layers::{CrashMode, Fault, FaultOp};
+use hlfs_store::time::{Clock, Jitter, ManualClock};
 use hlfs_store::{BlobMeta, BlobStore, LocalJournal, StoreError};
 use hlfs_volume::{
     Backend, CreateOptions, Durability, OpenOptions, ReadCache, Volume, VolumeError,
@@ -386,4 +387,149 @@ async fn creates_whose_answer_was_lost_are_recognised_as_ours() {
         .unwrap();
     assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
     vol.close().await.unwrap();
+}
+
+/// Records when each segment PUT is attempted, on the volume's clock.
+#[derive(Debug)]
+struct Attempts {
+    inner: Arc<dyn BlobStore>,
+    clock: Clock,
+    at: Arc<parking_lot::Mutex<Vec<Duration>>>,
+}
+
+#[async_trait]
+impl BlobStore for Attempts {
+    fn describe(&self) -> String {
+        "attempts".into()
+    }
+    async fn put_if_absent(&self, name: &str, data: Bytes) -> hlfs_store::Result<()> {
+        if name.starts_with("segments/") {
+            self.at.lock().push(self.clock.now());
+        }
+        self.inner.put_if_absent(name, data).await
+    }
+    async fn get_range(&self, name: &str, offset: u64, len: u64) -> hlfs_store::Result<Bytes> {
+        self.inner.get_range(name, offset, len).await
+    }
+    async fn head(&self, name: &str) -> hlfs_store::Result<Option<u64>> {
+        self.inner.head(name).await
+    }
+    async fn list(&self, prefix: &str) -> hlfs_store::Result<Vec<BlobMeta>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, name: &str) -> hlfs_store::Result<()> {
+        self.inner.delete(name).await
+    }
+}
+
+/// Time moves only when the test moves it: the upload of a refused segment
+/// is retried after pauses that double from 100 ms (each within 75% to 125%,
+/// from a seeded jitter) up to 5 s, and start again from 100 ms once the
+/// store has taken one. No real time passes.
+#[tokio::test]
+async fn upload_backoff_grows_to_its_cap_and_resets_on_the_injected_clock() {
+    let world = World::new();
+    let manual = ManualClock::new(1_800_000_000_000);
+    let at = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let backend = || {
+        let b = world.remote().with_time(manual.clock(), Jitter::seeded(42));
+        Backend {
+            store: Arc::new(Attempts {
+                inner: b.store.clone(),
+                clock: manual.clock(),
+                at: at.clone(),
+            }),
+            ..b
+        }
+    };
+    create(&backend(), 16 << 20).await;
+    let opts = options(Durability::Local, Duration::from_secs(3600));
+    let vol = Volume::open(backend(), &opts).await.unwrap();
+    let step = Duration::from_millis(10);
+    // Lets the volume's tasks run as far as they can at this time.
+    let settle = || async {
+        for _ in 0..200 {
+            tokio::task::yield_now().await;
+        }
+    };
+    // Advances time in small steps until `n` attempts have been made.
+    let run_until = |n: usize| {
+        let at = at.clone();
+        let manual = manual.clone();
+        async move {
+            for _ in 0..100_000 {
+                if at.lock().len() >= n {
+                    return;
+                }
+                settle().await;
+                manual.advance(step);
+            }
+            panic!("only {} of {n} attempts", at.lock().len());
+        }
+    };
+    let refuse = |times| {
+        world.faults.inject(Fault {
+            op: FaultOp::Put,
+            name_prefix: "segments/".into(),
+            remaining: Some(times),
+        })
+    };
+    let check_pauses = |from: usize, firsts: &[u64]| {
+        let times = at.lock().clone();
+        for (k, &ms) in firsts.iter().enumerate() {
+            let pause = times[from + k + 1] - times[from + k];
+            let lo = Duration::from_millis(ms).mul_f64(0.75);
+            let hi = Duration::from_millis(ms).mul_f64(1.25) + step;
+            assert!(
+                lo <= pause && pause <= hi,
+                "pause {} was {pause:?}, not within {lo:?}..{hi:?}",
+                k + 1
+            );
+        }
+    };
+
+    // Nine refusals of the first segment, then the store takes it.
+    refuse(9);
+    let writer = tokio::spawn({
+        let vol = vol.clone();
+        async move { write_in_chunks(&vol, &pattern(SEGMENT as usize + 4096, 1)).await }
+    });
+    run_until(10).await;
+    writer.await.unwrap();
+    check_pauses(0, &[100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+    // A second outage starts again from the first pause.
+    refuse(2);
+    let writer = tokio::spawn({
+        let vol = vol.clone();
+        async move {
+            let data = pattern(SEGMENT as usize, 2);
+            for (i, chunk) in data.chunks(64 << 10).enumerate() {
+                let off = SEGMENT + 4096 + (i as u64) * (64 << 10);
+                vol.write(off, chunk).await.unwrap();
+            }
+        }
+    });
+    run_until(13).await;
+    writer.await.unwrap();
+    check_pauses(10, &[100, 200]);
+    // About 22 s went by on the volume's clock, and none on the wall clock.
+    assert!(
+        manual.now() >= Duration::from_secs(16),
+        "{:?}",
+        manual.now()
+    );
+    let closing = tokio::spawn({
+        let vol = vol.clone();
+        async move { vol.close().await }
+    });
+    while !closing.is_finished() {
+        settle().await;
+        manual.advance(step);
+    }
+    closing.await.unwrap().unwrap();
+    assert_eq!(
+        at.lock().len(),
+        14,
+        "the last segment went up at its first attempt"
+    );
 }

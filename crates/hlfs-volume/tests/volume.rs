@@ -379,32 +379,123 @@ async fn bad_requests_get_errors_not_panics() {
     assert!(matches!(vol.write(0, b"x").await, Err(VolumeError::Closed)));
 }
 
+/// A failed journal sync fails the flush and stops writes, and what was
+/// acknowledged before is kept: on the memory store and on a real local
+/// directory, both through the same fault layer.
 #[tokio::test]
 async fn store_errors_fail_the_request_and_keep_acknowledged_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.hlfs");
     let world = World::new();
-    let vol = mem_volume(&world, 4 << 20).await;
-    vol.write(0, &pattern(4096, 3)).await.unwrap();
-    vol.flush().await.unwrap();
-    world.faults.inject(Fault {
-        op: FaultOp::JournalSync,
-        name_prefix: String::new(),
-        remaining: Some(1),
-    });
-    vol.write(8192, &pattern(4096, 4)).await.unwrap();
-    let err = vol.flush().await.expect_err("sync failure surfaces");
-    assert!(matches!(err, VolumeError::Store(_)), "{err}");
-    // A failed sync leaves the journal's state unknown: writes stop.
-    assert!(matches!(
-        vol.write(0, b"x").await,
-        Err(VolumeError::Failed(_))
-    ));
-    drop(vol);
-    let vol = Volume::open(world.backend(), &OpenOptions::default())
+    let local = hlfs_store::layers::Faults::new();
+    let on_memory = || world.backend();
+    let on_disk = || Backend::local(&path, true).unwrap().with_faults(&local);
+    let create = CreateOptions {
+        size: 4 << 20,
+        segment_size: 1 << 20,
+        ..CreateOptions::default()
+    };
+    type Backends<'a> = Vec<(&'a dyn Fn() -> Backend, &'a hlfs_store::layers::Faults)>;
+    let backends: Backends = vec![(&on_memory, &world.faults), (&on_disk, &local)];
+    for (backend, faults) in backends {
+        Volume::create(&backend(), &create).await.unwrap();
+        let vol = Volume::open(backend(), &OpenOptions::default())
+            .await
+            .unwrap();
+        vol.write(0, &pattern(4096, 3)).await.unwrap();
+        vol.flush().await.unwrap();
+        faults.inject(Fault {
+            op: FaultOp::JournalSync,
+            name_prefix: String::new(),
+            remaining: Some(1),
+        });
+        vol.write(8192, &pattern(4096, 4)).await.unwrap();
+        let err = vol.flush().await.expect_err("sync failure surfaces");
+        assert!(matches!(err, VolumeError::Store(_)), "{err}");
+        // A failed sync leaves the journal's state unknown: writes stop.
+        assert!(matches!(
+            vol.write(0, b"x").await,
+            Err(VolumeError::Failed(_))
+        ));
+        drop(vol);
+        let vol = Volume::open(backend(), &OpenOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(vol.read(0, 4096).await.unwrap(), pattern(4096, 3));
+        vol.close().await.unwrap();
+        assert!(check(backend()).await.unwrap().is_ok());
+    }
+}
+
+/// Every request the engine makes reaches the store through the counting
+/// layer: what it stored is what was put.
+#[tokio::test]
+async fn store_requests_and_bytes_are_counted() {
+    let world = World::new();
+    let vol = mem_volume(&world, 8 << 20).await;
+    let blobs = || async { world.env.store().list("").await.unwrap() };
+    let sum = |b: &[hlfs_store::BlobMeta]| b.iter().map(|m| m.size).sum::<u64>();
+    let (before, stored_before) = (vol.store_counts(), blobs().await);
+    assert!(before.lists >= 1, "the open listed the manifests");
+    // Three segments' worth: three seals, uploads and manifests at least.
+    for i in 0..3u64 {
+        vol.write(i << 20, &pattern(1 << 20, i as u8))
+            .await
+            .unwrap();
+    }
+    vol.snapshot_create("s").await.unwrap();
+    vol.close().await.unwrap();
+    let (after, stored_after) = (vol.store_counts(), blobs().await);
+    let puts = after.puts - before.puts;
+    assert_eq!(puts, (stored_after.len() - stored_before.len()) as u64);
+    assert!(puts >= 4, "{after:?}");
+    assert_eq!(
+        after.put_bytes - before.put_bytes,
+        sum(&stored_after) - sum(&stored_before)
+    );
+    assert_eq!(after.failures, 0);
+}
+
+/// The head and a snapshot opened with one page cache share its budget.
+#[tokio::test]
+async fn opens_can_share_one_page_cache() {
+    let world = World::new();
+    let create = CreateOptions {
+        size: 1 << 30,
+        block_size: 4096,
+        segment_size: 1 << 20,
+    };
+    Volume::create(&world.backend(), &create).await.unwrap();
+    let cache = hlfs_volume::PageCache::new(64 * 6200);
+    let opts = OpenOptions {
+        page_cache: Some(cache.clone()),
+        ..OpenOptions::default()
+    };
+    let vol = Volume::open(world.backend(), &opts).await.unwrap();
+    // Scattered blocks: one leaf each.
+    for i in 0..200u64 {
+        vol.write(i * (2 << 20), &pattern(4096, i as u8))
+            .await
+            .unwrap();
+    }
+    vol.snapshot_create("s").await.unwrap();
+    let snap = Volume::open_read_only(world.backend(), &opts, View::Snapshot("s".into()))
         .await
         .unwrap();
-    assert_eq!(vol.read(0, 4096).await.unwrap(), pattern(4096, 3));
+    for i in (0..200u64).rev() {
+        assert_eq!(
+            snap.read(i * (2 << 20), 4096).await.unwrap(),
+            pattern(4096, i as u8)
+        );
+        assert_eq!(
+            vol.read(i * (2 << 20), 4096).await.unwrap(),
+            pattern(4096, i as u8)
+        );
+    }
+    let (pages, budget) = cache.pages();
+    assert_eq!(snap.map_pages(), vol.map_pages());
+    assert!(pages <= budget, "{pages} pages for a budget of {budget}");
     vol.close().await.unwrap();
-    assert!(check(world.backend()).await.unwrap().is_ok());
 }
 
 #[tokio::test]
