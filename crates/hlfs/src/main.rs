@@ -1,12 +1,14 @@
-//! `hlfs`: create, inspect, import/export, snapshot and check HLFS volumes.
+//! `hlfs`: create, inspect, import/export, snapshot, check and serve HLFS
+//! volumes.
 
-mod bench;
+mod args;
 mod cli;
-mod serve;
+mod cmd;
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use hlfs_volume::{ErrorKind, VolumeError};
 
 /// One malloc arena. Map pages are allocated on one runtime thread and freed
 /// on another; with glibc's per-thread arenas the freed pages fragment, and
@@ -24,10 +26,23 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// The exit status of a failed command: 2 when what the user gave was
+/// invalid (as clap does for a malformed command line), 1 otherwise.
+fn exit_status(error: &anyhow::Error) -> ExitCode {
+    let kind = error
+        .chain()
+        .find_map(|e| e.downcast_ref::<VolumeError>())
+        .map(VolumeError::kind);
+    match kind {
+        Some(ErrorKind::InvalidInput) => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
+    }
+}
+
 fn main() -> ExitCode {
     limit_malloc_arenas();
     let args = cli::Cli::parse();
-    let filter = if args.verbose {
+    let filter = if args.global.verbose {
         "hlfs=debug,info"
     } else {
         "warn"
@@ -53,7 +68,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line: the error and its causes.
             eprintln!("hlfs: error: {e:#}");
-            ExitCode::FAILURE
+            exit_status(&e)
         }
     }
 }

@@ -330,3 +330,30 @@ fn check_finds_a_flipped_manifest_byte_and_opens_refuse_it() {
     let e = fails(&["info", vol.to_str().unwrap()]);
     assert!(e.contains("corrupt") && e.contains("manifest/"), "{e}");
 }
+
+/// The exit status says what kind of failure it was: 2 for what the user
+/// gave (a malformed command line, or an argument the volume refuses), 1
+/// for everything else.
+#[test]
+fn exit_status_follows_the_kind_of_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("v.hlfs");
+    let vol = vol.to_str().unwrap();
+    let status = |args: &[&str]| hlfs(args).status.code();
+    assert_eq!(status(&["create", vol]), Some(2), "missing --size");
+    assert_eq!(
+        status(&["create", vol, "--size", "1M", "--block-size", "3000"]),
+        Some(2)
+    );
+    ok(&["create", vol, "--size", "1M"]);
+    assert_eq!(
+        status(&["resize", vol, "--size", "4K"]),
+        Some(2),
+        "a shrink"
+    );
+    assert_eq!(status(&["snapshot", "create", vol, "bad/name"]), Some(2));
+    assert_eq!(status(&["create", vol, "--size", "1M"]), Some(1), "exists");
+    let missing = dir.path().join("nothing-here");
+    assert_eq!(status(&["info", missing.to_str().unwrap()]), Some(1));
+    assert_eq!(status(&["snapshot", "delete", vol, "none"]), Some(1));
+}

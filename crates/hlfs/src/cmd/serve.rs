@@ -4,15 +4,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use async_trait::async_trait;
-use hlfs_nbd::proto::{EINVAL, EIO, EPERM};
-use hlfs_nbd::{BlockDevice, DeviceError, DeviceExtent, DeviceResult, Export, Server};
+use hlfs_device::VolumeDevice;
+use hlfs_nbd::{Export, Server};
 use hlfs_volume::{Backend, CreateOptions, View, Volume, VolumeError};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
-use crate::cli::{split_snapshot, Settings};
+use crate::args::{parse_size, split_snapshot, Settings};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -30,7 +29,7 @@ pub struct ServeArgs {
     #[arg(long, requires = "size")]
     create: bool,
     /// Size of a volume made with --create.
-    #[arg(long, value_parser = crate::cli::parse_size)]
+    #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
     /// Require TLS, with the certificates in DIR: ca-cert.pem,
     /// server-cert.pem and server-key.pem (QEMU's tls-creds-x509 layout).
@@ -43,88 +42,6 @@ pub struct ServeArgs {
 }
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
-
-/// A volume as an NBD block device.
-struct VolumeDevice {
-    vol: Volume,
-}
-
-fn device_error(e: VolumeError) -> DeviceError {
-    let errno = match e {
-        VolumeError::OutOfRange { .. } | VolumeError::InvalidArgument(_) => EINVAL,
-        VolumeError::ReadOnly => EPERM,
-        _ => EIO,
-    };
-    DeviceError::new(errno, e.to_string())
-}
-
-/// Zeros written as data at most this much at a time (NO_HOLE zeroing).
-const ZERO_CHUNK: u64 = 1 << 20;
-
-#[async_trait]
-impl BlockDevice for VolumeDevice {
-    fn size(&self) -> u64 {
-        self.vol.size()
-    }
-    fn read_only(&self) -> bool {
-        self.vol.is_read_only()
-    }
-    fn block_size(&self) -> u32 {
-        self.vol.block_size()
-    }
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> DeviceResult<()> {
-        self.vol.read_into(offset, buf).await.map_err(device_error)
-    }
-    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> DeviceResult<()> {
-        let r = if fua {
-            self.vol.write_fua(offset, data).await
-        } else {
-            self.vol.write(offset, data).await
-        };
-        r.map_err(device_error)
-    }
-    async fn flush(&self) -> DeviceResult<()> {
-        self.vol.flush().await.map_err(device_error)
-    }
-    async fn trim(&self, offset: u64, len: u64) -> DeviceResult<()> {
-        self.vol.trim(offset, len).await.map_err(device_error)
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> DeviceResult<()> {
-        if !no_hole {
-            return self
-                .vol
-                .write_zeroes(offset, len)
-                .await
-                .map_err(device_error);
-        }
-        // The client wants the space kept: write zeros as data.
-        let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(ZERO_CHUNK) as usize;
-            self.vol
-                .write(at, &zeros[..n])
-                .await
-                .map_err(device_error)?;
-            at += n as u64;
-        }
-        Ok(())
-    }
-    async fn extents(&self, offset: u64, len: u64) -> DeviceResult<Vec<DeviceExtent>> {
-        let runs = self
-            .vol
-            .extents(offset, len, 1024)
-            .await
-            .map_err(device_error)?;
-        Ok(runs
-            .into_iter()
-            .map(|x| DeviceExtent {
-                len: x.len,
-                allocated: x.data,
-            })
-            .collect())
-    }
-}
 
 /// The export name of a volume address: its last path component.
 fn export_name(volume: &str) -> String {
@@ -204,7 +121,7 @@ async fn open_exports(
         exports.push(Export {
             name,
             description,
-            device: Arc::new(VolumeDevice { vol: vol.clone() }),
+            device: Arc::new(VolumeDevice::new(vol.clone())),
         });
         volumes.push(vol);
     }

@@ -1,0 +1,183 @@
+//! What every command shares: the global options and the settings they
+//! make, and the parsing and printing helpers (sizes, `VOLUME@SNAPSHOT`,
+//! progress bars).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Result;
+use hlfs_volume::{Backend, Durability, OpenOptions, StoreOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Options every command takes.
+#[derive(clap::Args, Debug)]
+pub struct GlobalArgs {
+    /// Log what the engine does (or set RUST_LOG).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+
+    /// Memory the block map may use while the volume is open.
+    #[arg(long, global = true, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
+    pub map_budget: u64,
+
+    /// Directory for the local journal and read cache of volumes on a
+    /// remote store (s3://). Journals there hold writes not yet uploaded:
+    /// keep it on a disk that survives reboots.
+    #[arg(long, global = true, value_name = "DIR", env = "HLFS_CACHE_DIR", default_value_os_t = hlfs_volume::default_cache_dir())]
+    pub cache_dir: PathBuf,
+
+    /// Most bytes the cache directory holds: the read cache, and room set
+    /// aside for the journal of each volume open for writing (5 segments).
+    #[arg(long, global = true, value_name = "SIZE", default_value = "10G", value_parser = parse_size)]
+    pub cache_size: u64,
+
+    /// When a FLUSH returns, the data is in: `local`, the local journal
+    /// (synced; segments upload in the background), or `remote`, the
+    /// store (each FLUSH seals and uploads; for hosts whose local disk is
+    /// not trusted).
+    #[arg(long, global = true, value_enum, default_value = "local")]
+    pub durability: DurabilityArg,
+
+    /// Seconds a store request is retried (backoff with jitter) before it
+    /// fails, and that a write or flush waits for a stalled store before it
+    /// fails with an I/O error. Nothing flushed is lost either way.
+    #[arg(long, global = true, value_name = "SECS", default_value = "30")]
+    pub store_timeout: u64,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum DurabilityArg {
+    Local,
+    Remote,
+}
+
+impl From<DurabilityArg> for Durability {
+    fn from(d: DurabilityArg) -> Durability {
+        match d {
+            DurabilityArg::Local => Durability::Local,
+            DurabilityArg::Remote => Durability::Remote,
+        }
+    }
+}
+
+/// What the global options set for every command.
+pub struct Settings {
+    pub open: OpenOptions,
+    pub store: StoreOptions,
+}
+
+impl Settings {
+    pub fn new(global: &GlobalArgs) -> Settings {
+        Settings {
+            open: OpenOptions {
+                map_budget: global.map_budget,
+                durability: global.durability.into(),
+                store_wait: Duration::from_secs(global.store_timeout),
+                ..OpenOptions::default()
+            },
+            store: StoreOptions {
+                cache_dir: global.cache_dir.clone(),
+                cache_size: global.cache_size,
+                retry_budget: Duration::from_secs(global.store_timeout),
+            },
+        }
+    }
+
+    /// Where the volume at `volume` lives; `create` makes a missing local
+    /// directory.
+    pub fn backend(&self, volume: &str, create: bool) -> Result<Backend> {
+        Ok(Backend::parse(volume, create, &self.store)?)
+    }
+}
+
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s)
+        .map_err(|e| format!("{s:?} is not a size ({e}); use e.g. 512M, 10G, 1T"))
+}
+
+/// Splits VOLUME@SNAPSHOT; a path that exists as given is never split.
+pub fn split_snapshot(arg: &str) -> (&str, Option<&str>) {
+    if Path::new(arg).exists() {
+        return (arg, None);
+    }
+    match arg.rsplit_once('@') {
+        Some((vol, snap)) if !snap.is_empty() && !snap.contains('/') => (vol, Some(snap)),
+        _ => (arg, None),
+    }
+}
+
+/// 1536 -> "1.5 KiB".
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// A progress bar on stderr, if it is a terminal: of `total` bytes, or a
+/// spinner when the total is unknown.
+pub fn progress(total: Option<u64>, what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = match total {
+        Some(t) => ProgressBar::new(t).with_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{msg} {spinner} {bytes} {bytes_per_sec}")
+                .expect("valid template"),
+        ),
+    };
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_binary() {
+        assert_eq!(parse_size("4K").unwrap(), 4096);
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("1T").unwrap(), 1 << 40);
+        assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn snapshot_addresses_split_unless_the_path_exists() {
+        assert_eq!(split_snapshot("vm1@s1"), ("vm1", Some("s1")));
+        assert_eq!(split_snapshot("s3://b/vm@x"), ("s3://b/vm", Some("x")));
+        assert_eq!(split_snapshot("vm1@"), ("vm1@", None));
+        assert_eq!(split_snapshot("a@b/c"), ("a@b/c", None));
+        let dir = tempfile::tempdir().unwrap();
+        let odd = dir.path().join("disk@2024");
+        std::fs::create_dir(&odd).unwrap();
+        let odd = odd.to_str().unwrap();
+        assert_eq!(split_snapshot(odd), (odd, None));
+    }
+
+    #[test]
+    fn sizes_print_in_binary_units() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(10 << 30), "10.0 GiB");
+    }
+}
