@@ -35,24 +35,16 @@ async fn requests_reach_the_volume_and_errors_carry_their_errno() {
     dev.read(8192, &mut buf).await.unwrap();
     assert_eq!(buf, vec![7u8; 8192]);
     // NO_HOLE zeroing keeps the space; plain zeroing and trim release it.
-    let runs: Vec<_> = dev
-        .extents(0, 16384)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.len, r.allocated))
-        .collect();
-    assert_eq!(runs, [(4096, true), (4096, false), (8192, true)]);
+    let runs = || async {
+        let runs = dev.extents(0, 16384).await.unwrap();
+        runs.iter()
+            .map(|r| (r.len, r.allocated))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(runs().await, [(4096, true), (4096, false), (8192, true)]);
     dev.trim(8192, 4096).await.unwrap();
     dev.write_zeroes(12288, 4096, false).await.unwrap();
-    let runs: Vec<_> = dev
-        .extents(0, 16384)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.len, r.allocated))
-        .collect();
-    assert_eq!(runs, [(4096, true), (12288, false)]);
+    assert_eq!(runs().await, [(4096, true), (12288, false)]);
     dev.flush().await.unwrap();
     let past_end = dev.read(4 << 20, &mut buf).await.unwrap_err();
     assert_eq!(past_end.errno, EINVAL, "{}", past_end.message);

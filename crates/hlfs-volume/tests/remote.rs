@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use common::{pattern, World};
 use hlfs_store::layers::{CrashMode, Fault, FaultOp};
-use hlfs_store::time::{Clock, Jitter, ManualClock};
+use hlfs_store::time::{Jitter, ManualClock};
 use hlfs_store::{BlobMeta, BlobStore, LocalJournal, StoreError};
 use hlfs_volume::{
     Backend, CreateOptions, Durability, OpenOptions, ReadCache, Volume, VolumeError,
@@ -306,12 +306,54 @@ async fn recovery_replays_a_journal_left_between_stored_segments() {
     vol.close().await.unwrap();
 }
 
-/// A store whose first few creates land but answer with an error, as when
-/// a connection drops after the gateway stored the object.
-#[derive(Debug)]
-struct LostAnswers {
+/// A store that tells `after_put` of every create, with whether it landed;
+/// where `after_put` says so, a create that landed answers with an error
+/// instead, as when a connection drops after the gateway stored the object.
+struct Watched {
     inner: Arc<dyn BlobStore>,
-    /// Creates still to lose, of segments and of manifests.
+    after_put: AfterPut,
+}
+
+/// Told a create's name and whether it landed; true loses its answer.
+type AfterPut = Box<dyn Fn(&str, bool) -> bool + Send + Sync>;
+
+impl std::fmt::Debug for Watched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watched")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl BlobStore for Watched {
+    fn describe(&self) -> String {
+        "watched".into()
+    }
+    async fn put_if_absent(&self, name: &str, data: Bytes) -> hlfs_store::Result<()> {
+        let put = self.inner.put_if_absent(name, data).await;
+        match (self.after_put)(name, put.is_ok()) {
+            true => Err(StoreError::Unavailable(format!("{name}: connection reset"))),
+            false => put,
+        }
+    }
+    async fn get_range(&self, name: &str, offset: u64, len: u64) -> hlfs_store::Result<Bytes> {
+        self.inner.get_range(name, offset, len).await
+    }
+    async fn head(&self, name: &str) -> hlfs_store::Result<Option<u64>> {
+        self.inner.head(name).await
+    }
+    async fn list(&self, prefix: &str) -> hlfs_store::Result<Vec<BlobMeta>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, name: &str) -> hlfs_store::Result<()> {
+        self.inner.delete(name).await
+    }
+}
+
+/// Creates still to lose the answer of, of segments and of manifests.
+#[derive(Default)]
+struct LostAnswers {
     segments: AtomicU32,
     manifests: AtomicU32,
 }
@@ -327,44 +369,23 @@ impl LostAnswers {
     }
 }
 
-#[async_trait]
-impl BlobStore for LostAnswers {
-    fn describe(&self) -> String {
-        "lost-answers".into()
-    }
-    async fn put_if_absent(&self, name: &str, data: Bytes) -> hlfs_store::Result<()> {
-        self.inner.put_if_absent(name, data).await?;
-        match self.lose(name) {
-            true => Err(StoreError::Unavailable(format!("{name}: connection reset"))),
-            false => Ok(()),
-        }
-    }
-    async fn get_range(&self, name: &str, offset: u64, len: u64) -> hlfs_store::Result<Bytes> {
-        self.inner.get_range(name, offset, len).await
-    }
-    async fn head(&self, name: &str) -> hlfs_store::Result<Option<u64>> {
-        self.inner.head(name).await
-    }
-    async fn list(&self, prefix: &str) -> hlfs_store::Result<Vec<BlobMeta>> {
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, name: &str) -> hlfs_store::Result<()> {
-        self.inner.delete(name).await
-    }
-}
-
 #[tokio::test]
 async fn creates_whose_answer_was_lost_are_recognised_as_ours() {
     let world = World::new();
     create(&world.remote(), 16 << 20).await;
     let opts = options(Durability::Local, Duration::from_secs(30));
-    let store = Arc::new(LostAnswers {
-        inner: world.backend().store,
+    let lost = Arc::new(LostAnswers {
         segments: AtomicU32::new(2),
         manifests: AtomicU32::new(1),
     });
     let backend = Backend {
-        store: store.clone(),
+        store: Arc::new(Watched {
+            inner: world.backend().store,
+            after_put: Box::new({
+                let lost = lost.clone();
+                move |name, landed| landed && lost.lose(name)
+            }),
+        }),
         ..world.remote()
     };
     // The claim's manifest lands but reports an error: the open fails, and
@@ -376,50 +397,17 @@ async fn creates_whose_answer_was_lost_are_recognised_as_ours() {
         .expect("an open after a lost answer is not fenced");
     // Segments and a background checkpoint whose answers are lost are
     // retried, found in the store with our bytes and claim, and go on.
-    store.manifests.store(1, Ordering::SeqCst);
+    lost.manifests.store(1, Ordering::SeqCst);
     let data = pattern(6 * SEGMENT as usize, 8);
     write_in_chunks(&vol, &data).await;
     vol.close().await.expect("no writer was fenced");
-    assert_eq!(store.segments.load(Ordering::SeqCst), 0);
-    assert_eq!(store.manifests.load(Ordering::SeqCst), 0);
+    assert_eq!(lost.segments.load(Ordering::SeqCst), 0);
+    assert_eq!(lost.manifests.load(Ordering::SeqCst), 0);
     let vol = Volume::open(world.store_only().remote(), &opts)
         .await
         .unwrap();
     assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
     vol.close().await.unwrap();
-}
-
-/// Records when each segment PUT is attempted, on the volume's clock.
-#[derive(Debug)]
-struct Attempts {
-    inner: Arc<dyn BlobStore>,
-    clock: Clock,
-    at: Arc<parking_lot::Mutex<Vec<Duration>>>,
-}
-
-#[async_trait]
-impl BlobStore for Attempts {
-    fn describe(&self) -> String {
-        "attempts".into()
-    }
-    async fn put_if_absent(&self, name: &str, data: Bytes) -> hlfs_store::Result<()> {
-        if name.starts_with("segments/") {
-            self.at.lock().push(self.clock.now());
-        }
-        self.inner.put_if_absent(name, data).await
-    }
-    async fn get_range(&self, name: &str, offset: u64, len: u64) -> hlfs_store::Result<Bytes> {
-        self.inner.get_range(name, offset, len).await
-    }
-    async fn head(&self, name: &str) -> hlfs_store::Result<Option<u64>> {
-        self.inner.head(name).await
-    }
-    async fn list(&self, prefix: &str) -> hlfs_store::Result<Vec<BlobMeta>> {
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, name: &str) -> hlfs_store::Result<()> {
-        self.inner.delete(name).await
-    }
 }
 
 /// Time moves only when the test moves it: the upload of a refused segment
@@ -433,11 +421,18 @@ async fn upload_backoff_grows_to_its_cap_and_resets_on_the_injected_clock() {
     let at = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let backend = || {
         let b = world.remote().with_time(manual.clock(), Jitter::seeded(42));
+        // When each segment PUT is attempted, on the volume's clock.
+        let (clock, at) = (manual.clock(), at.clone());
+        let after_put = move |name: &str, _| {
+            if name.starts_with("segments/") {
+                at.lock().push(clock.now());
+            }
+            false
+        };
         Backend {
-            store: Arc::new(Attempts {
+            store: Arc::new(Watched {
                 inner: b.store.clone(),
-                clock: manual.clock(),
-                at: at.clone(),
+                after_put: Box::new(after_put),
             }),
             ..b
         }
