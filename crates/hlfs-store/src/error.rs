@@ -48,9 +48,17 @@ impl StoreError {
         }
     }
 
-    /// Whether the same request may succeed if tried again later. Only
-    /// these are retried (by [`crate::layers::Retrying`]).
+    /// Whether the same request may well succeed if tried again shortly:
+    /// what requests someone waits on are retried for.
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Unavailable(_))
+    }
+
+    /// Whether the store or the disk failed to do the request: it may
+    /// succeed later, if only once a full disk has room again. The other
+    /// errors are answers (exists, missing, out of range, locked) or
+    /// refusals, which trying again cannot change.
+    pub fn is_failure(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Io { .. })
     }
 }

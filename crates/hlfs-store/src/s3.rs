@@ -38,9 +38,10 @@ impl fmt::Debug for S3Store {
 }
 
 /// The store's error for a failed request about `what`: refusals that
-/// trying again cannot fix, configuration mistakes, and everything else
-/// (lost connections, timeouts, throttling, server errors) as
-/// `Unavailable`, to be retried.
+/// trying again cannot fix (access denied, an unsupported request, a client
+/// error status), configuration mistakes, and everything else (lost
+/// connections, timeouts, throttling, server errors) as `Unavailable`, to
+/// be retried.
 fn classify(what: &str, e: object_store::Error) -> StoreError {
     use object_store::Error as E;
     let message = format!("{what}: {e}");
@@ -50,8 +51,24 @@ fn classify(what: &str, e: object_store::Error) -> StoreError {
         | E::NotSupported { .. }
         | E::NotImplemented { .. } => StoreError::Refused(message),
         E::InvalidPath { .. } | E::UnknownConfigurationKey { .. } => StoreError::Invalid(message),
+        E::Generic { .. } if status_of(&message).is_some_and(is_final_status) => {
+            StoreError::Refused(message)
+        }
         _ => StoreError::Unavailable(message),
     }
+}
+
+/// The HTTP status an error message reports, if any.
+fn status_of(message: &str) -> Option<u16> {
+    let (_, after) = message.split_once("status code: ")?;
+    after.get(..3)?.parse().ok()
+}
+
+/// A client error that the same request will meet again: any 4xx but a
+/// timeout (408), a conflict with a request in flight (409) and throttling
+/// (429).
+fn is_final_status(status: u16) -> bool {
+    (400..500).contains(&status) && !matches!(status, 408 | 409 | 429)
 }
 
 /// Settings of one profile (`AWS_PROFILE`, else `default`) from the AWS
@@ -311,7 +328,11 @@ impl BlobStore for S3Store {
             .list(dir_key.as_ref())
             .try_collect()
             .await
-            .map_err(|e| classify(&format!("listing {}/{prefix}", self.describe()), e))?;
+            .map_err(|e| match e {
+                // No bucket: nothing is there.
+                object_store::Error::NotFound { .. } => StoreError::NotFound(prefix.to_string()),
+                e => classify(&format!("listing {}/{prefix}", self.describe()), e),
+            })?;
         let mut out: Vec<BlobMeta> = listed
             .into_iter()
             .filter_map(|meta| {
@@ -337,7 +358,48 @@ impl BlobStore for S3Store {
 
 #[cfg(test)]
 mod tests {
-    use super::ini_section;
+    use super::{classify, ini_section};
+    use crate::StoreError;
+
+    #[test]
+    fn client_errors_are_final_and_the_rest_retried() {
+        let generic = |text: &str| object_store::Error::Generic {
+            store: "S3",
+            source: text.to_string().into(),
+        };
+        let kind = |text: &str| classify("s3://b/k", generic(text));
+        let status = |code: &str| {
+            kind(&format!(
+                "Error performing PUT http://127.0.0.1:7480/b/k in 3ms - Server returned non-2xx status code: {code}: <Error/>"
+            ))
+        };
+        assert!(matches!(status("400 Bad Request"), StoreError::Refused(_)));
+        assert!(matches!(status("404 Not Found"), StoreError::Refused(_)));
+        for transient in [
+            "408 Request Timeout",
+            "409 Conflict",
+            "429 Too Many Requests",
+            "500 Internal Server Error",
+            "503 Slow Down",
+        ] {
+            assert!(
+                matches!(status(transient), StoreError::Unavailable(_)),
+                "{transient}"
+            );
+        }
+        assert!(matches!(
+            kind("Error performing GET http://127.0.0.1:7480/b/k in 3ms - error sending request: connection refused"),
+            StoreError::Unavailable(_)
+        ));
+        let denied = object_store::Error::PermissionDenied {
+            path: "k".into(),
+            source: "403".to_string().into(),
+        };
+        assert!(matches!(
+            classify("s3://b/k", denied),
+            StoreError::Refused(_)
+        ));
+    }
 
     #[test]
     fn shared_files_are_read_by_profile() {

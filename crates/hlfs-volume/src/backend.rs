@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hlfs_store::layers::{Faults, Metered, Outage, RetryPolicy, Retrying, StoreMetrics};
+use hlfs_store::layers::{Faults, Metered, RetryPolicy, Retrying, StoreMetrics};
 use hlfs_store::time::{Clock, Jitter};
 use hlfs_store::{BlobStore, JournalDir, LocalJournal, LocalStore, MemEnv, S3Store};
 
@@ -17,7 +17,8 @@ use crate::error::{Result, VolumeError};
 pub struct Backend {
     /// The store, seen through the layers every request takes (counting,
     /// and in tests faults); requests to it are made once. The engine adds
-    /// retries on top: see [`Backend::requests`] and [`Backend::uploads`].
+    /// retries on top: see [`Backend::requests`], and the upload task's
+    /// store, which retries until the store takes each request.
     pub store: Arc<dyn BlobStore>,
     pub journal: Arc<dyn JournalDir>,
     /// How the user named the volume, for messages.
@@ -113,20 +114,6 @@ impl Backend {
         }
     }
 
-    /// The store for background uploads: a request is retried until the
-    /// store takes it, and the failures in between go to `outage`.
-    pub fn uploads(&self, outage: Arc<Outage>) -> Arc<dyn BlobStore> {
-        Arc::new(
-            Retrying::new(
-                self.store.clone(),
-                RetryPolicy::until_done(),
-                self.clock.clone(),
-                self.jitter.clone(),
-            )
-            .reporting_to(outage),
-        )
-    }
-
     /// The same backend with its store and journal behind `faults`.
     pub fn with_faults(mut self, faults: &Faults) -> Backend {
         self.store = faults.store(self.store);
@@ -220,7 +207,12 @@ impl Backend {
         #[cfg(feature = "hdfs")]
         if address.starts_with("hdfs://") {
             let store = hlfs_store::HdfsStore::from_uri(address)?;
-            return Backend::remote(address, Arc::new(store), opts);
+            // The HDFS client retries its own requests (and fails over
+            // between NameNodes): no second layer of retries for them.
+            return Ok(Backend {
+                retry_budget: None,
+                ..Backend::remote(address, Arc::new(store), opts)?
+            });
         }
         if let Some((scheme, _)) = address.split_once("://") {
             let hint = match scheme {

@@ -133,13 +133,13 @@ impl Core {
 
     /// Writes a checkpoint and seals the open segment with it, then writes
     /// the manifest that makes the checkpoint the head (changed by `edit`,
-    /// which gets the checkpoint's place and LSN), all before returning.
-    /// Starts a new journal unless `reopen` is false.
+    /// which gets the checkpoint's place and LSN, and may refuse), all
+    /// before returning. Starts a new journal unless `reopen` is false.
     pub(crate) async fn checkpoint(
         &self,
         w: &mut Writer,
         reopen: bool,
-        mut edit: impl FnMut(&mut Manifest, Entry, u64),
+        mut edit: impl FnMut(&mut Manifest, Entry, u64) -> Result<()>,
     ) -> Result<()> {
         let slot = self.upload_slot().await?;
         let (cp_at, cp_lsn, cp) = self.append_checkpoint(w).await?;
@@ -156,7 +156,7 @@ impl Core {
         };
         self.write_manifest(&*self.store.clone(), |m| {
             head.apply(m);
-            edit(m, cp_at, cp_lsn);
+            edit(m, cp_at, cp_lsn)
         })
         .await?;
         w.changed = false;

@@ -112,11 +112,12 @@ impl Core {
         }
     }
 
-    /// Writes the next manifest, changed by `edit`, through `store`.
+    /// Writes the next manifest, changed by `edit`, through `store` (see
+    /// `ManifestLog::advance`: the edit checks what it relies on).
     pub async fn write_manifest(
         &self,
         store: &dyn BlobStore,
-        edit: impl FnMut(&mut Manifest),
+        edit: impl FnMut(&mut Manifest) -> Result<()>,
     ) -> Result<()> {
         self.manifests
             .advance(store, &self.life, &self.clock, self.location(), edit)

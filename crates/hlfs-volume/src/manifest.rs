@@ -16,6 +16,12 @@ use parking_lot::Mutex;
 use crate::error::{Result, VolumeError};
 use crate::lifecycle::{Lifecycle, Need};
 
+/// A create refused because the name exists, of a blob that then reads as
+/// missing, is one of ours still in flight (S3 answers such a conflict with
+/// 409): it is tried again after this pause, this many times at most.
+pub(crate) const CONFLICT_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+pub(crate) const MAX_CONFLICTS: u32 = 20;
+
 /// Reads the newest manifest of the volume at `location`.
 pub(crate) async fn latest_manifest(store: &dyn BlobStore, location: &str) -> Result<Manifest> {
     let list = match store.list("manifest/").await {
@@ -76,23 +82,26 @@ impl ManifestLog {
         *self.claim.lock() = Some(claim);
     }
 
-    /// Writes the next manifest: the current one changed by `edit` (which
-    /// may run more than once, each time on the newest manifest). Fails,
-    /// and fails the volume, if another writer wrote that number first.
+    /// Writes the next manifest: the current one changed by `edit`. The
+    /// edit may run more than once, each time on the newest manifest, so it
+    /// checks what it relies on there, and fails (writing nothing) if that
+    /// no longer holds. Fails, and fails the volume, if another writer
+    /// wrote the next number first.
     pub async fn advance(
         &self,
         store: &dyn BlobStore,
         life: &Lifecycle,
         clock: &Clock,
         location: &str,
-        mut edit: impl FnMut(&mut Manifest),
+        mut edit: impl FnMut(&mut Manifest) -> Result<()>,
     ) -> Result<()> {
         let _turn = self.turn.lock().await;
+        let mut conflicts = 0;
         loop {
             // No manifest is written once the volume has failed.
             life.check(Need::Sync)?;
             let mut m = self.get();
-            edit(&mut m);
+            edit(&mut m)?;
             m.seq += 1;
             m.written_ms = clock.unix_ms();
             let name = manifest_name(m.seq);
@@ -108,7 +117,15 @@ impl ManifestLog {
             // A write whose answer was lost may have landed: this one
             // (retried by the store layer), or an earlier one. Either
             // carries our claim; another writer's does not.
-            let stored = store.get(&name).await?;
+            let stored = match store.get(&name).await {
+                Ok(stored) => stored,
+                Err(StoreError::NotFound(_)) if conflicts < MAX_CONFLICTS => {
+                    conflicts += 1;
+                    clock.sleep(CONFLICT_PAUSE).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             if stored[..] == bytes[..] {
                 *self.current.lock() = m;
                 return Ok(());

@@ -43,7 +43,8 @@ const TASK_STOP_GRACE: Duration = Duration::from_secs(1);
 /// directory. Dropping it aborts the tasks and lets the next writer in.
 pub(crate) struct Held {
     pub runner: Runner,
-    lock: Mutex<Option<JournalLock>>,
+    /// Shared with the upload task's store requests while they run.
+    lock: Mutex<Option<Arc<JournalLock>>>,
     journal_room: Mutex<Option<Reservation>>,
 }
 
@@ -153,7 +154,8 @@ pub(crate) async fn open(backend: Backend, opts: &OpenOptions) -> Result<(Arc<Co
     let core = load(backend, manifest, false, opts).await?;
     core.recover().await?;
     let held = Arc::new(Held::new(&core));
-    *held.lock.lock() = Some(lock);
+    let lock = Arc::new(lock);
+    *held.lock.lock() = Some(lock.clone());
     let claim = WriterClaim {
         host: site,
         pid: std::process::id(),
@@ -164,6 +166,7 @@ pub(crate) async fn open(backend: Backend, opts: &OpenOptions) -> Result<(Arc<Co
     core.write_manifest(&*core.store, |m| {
         m.writer = Some(claim.clone());
         m.next_seg = m.next_seg.max(next_seg);
+        Ok(())
     })
     .await?;
     if let Some(cache) = &core.backend.cache {
@@ -176,7 +179,7 @@ pub(crate) async fn open(backend: Backend, opts: &OpenOptions) -> Result<(Arc<Co
     let mailbox = held
         .runner
         .spawn("upload", None, |cx| upload::run(uploader, cx));
-    core.uploads.start(mailbox);
+    core.uploads.start(mailbox, &lock);
     Ok((core, held))
 }
 
@@ -290,7 +293,11 @@ impl Core {
     async fn close_locked(&self, w: &mut Writer) -> Result<()> {
         self.life.check(Need::Sync)?;
         if w.pos > 0 || w.changed {
-            return self.checkpoint(w, false, |m, _, _| m.writer = None).await;
+            let release = |m: &mut Manifest, _, _| {
+                m.writer = None;
+                Ok(())
+            };
+            return self.checkpoint(w, false, release).await;
         }
         self.wait_stored(w.sealed_lsn).await?;
         if let Some(file) = w.file.take() {
@@ -298,7 +305,11 @@ impl Core {
             self.backend.journal.remove(&journal_name(w.seg))?;
             self.log.set_current(None);
         }
-        self.write_manifest(&*self.store, |m| m.writer = None).await
+        self.write_manifest(&*self.store, |m| {
+            m.writer = None;
+            Ok(())
+        })
+        .await
     }
 }
 

@@ -8,7 +8,7 @@
 
 use std::sync::atomic::Ordering;
 
-use hlfs_format::{SnapshotEntry, MAX_NAME_LEN};
+use hlfs_format::{Manifest, SnapshotEntry, MAX_NAME_LEN};
 
 use crate::core::Core;
 use crate::error::{Result, VolumeError};
@@ -31,6 +31,19 @@ pub fn validate_snapshot_name(name: &str) -> Result<()> {
             "invalid snapshot name {name:?}: use 1 to {MAX_NAME_LEN} characters from A-Z a-z 0-9 - _ . : + (not starting with -)"
         )))
     }
+}
+
+/// `base` (cut to fit) and `stamp`, with a number added if a snapshot has
+/// that name already.
+fn unused_name(m: &Manifest, base: &str, stamp: u64) -> String {
+    let base: String = base.chars().take(MAX_NAME_LEN - 24).collect();
+    let mut candidate = format!("{base}-{stamp}");
+    let mut k = 1;
+    while m.snapshots.iter().any(|s| s.name == candidate) {
+        candidate = format!("{base}-{stamp}-{k}");
+        k += 1;
+    }
+    candidate
 }
 
 impl Core {
@@ -56,6 +69,11 @@ impl Core {
         let created_ms = self.clock.unix_ms();
         let mut taken = None;
         self.checkpoint(&mut w, true, |m, at, lsn| {
+            // Again on the manifest written: an earlier attempt whose
+            // answer was lost may have taken it already.
+            if m.snapshots.iter().any(|s| s.name == name) {
+                return Err(VolumeError::SnapshotExists(name.to_string()));
+            }
             let s = SnapshotEntry {
                 name: name.to_string(),
                 checkpoint: at,
@@ -65,6 +83,7 @@ impl Core {
             };
             taken = Some(SnapshotInfo::from(&s));
             m.snapshots.push(s);
+            Ok(())
         })
         .await?;
         Ok(taken.expect("the checkpoint ran the edit"))
@@ -77,8 +96,11 @@ impl Core {
         if self.find_snapshot(name).is_none() {
             return Err(VolumeError::SnapshotNotFound(name.to_string()));
         }
-        self.write_manifest(&*self.store, |m| m.snapshots.retain(|s| s.name != name))
-            .await
+        self.write_manifest(&*self.store, |m| {
+            m.snapshots.retain(|s| s.name != name);
+            Ok(())
+        })
+        .await
     }
 
     /// Makes the head equal to snapshot `name`. The abandoned head is kept
@@ -92,20 +114,14 @@ impl Core {
             .ok_or_else(|| VolumeError::SnapshotNotFound(name.to_string()))?;
         let (cp, _) = self.segments.read_checkpoint(target.checkpoint).await?;
         let stamp = self.clock.unix_ms();
-        let auto_name = self.manifests.read(|m| {
-            let base: String = format!("before-rollback-to-{name}")
-                .chars()
-                .take(MAX_NAME_LEN - 24)
-                .collect();
-            let mut candidate = format!("{base}-{stamp}");
-            let mut k = 1;
-            while m.snapshots.iter().any(|s| s.name == candidate) {
-                candidate = format!("{base}-{stamp}-{k}");
-                k += 1;
-            }
-            candidate
-        });
+        let mut auto_name = String::new();
         self.checkpoint(&mut w, true, |m, at, lsn| {
+            // Again on the manifest written: an earlier attempt whose
+            // answer was lost may have changed the snapshots.
+            if !m.snapshots.contains(&target) {
+                return Err(VolumeError::SnapshotNotFound(name.to_string()));
+            }
+            auto_name = unused_name(m, &format!("before-rollback-to-{name}"), stamp);
             m.snapshots.push(SnapshotEntry {
                 name: auto_name.clone(),
                 checkpoint: at,
@@ -115,6 +131,7 @@ impl Core {
             });
             m.checkpoint = target.checkpoint;
             m.size = cp.size;
+            Ok(())
         })
         .await?;
         // Now the manifest's head is the snapshot: switch memory to it.

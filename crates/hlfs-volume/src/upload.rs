@@ -8,13 +8,17 @@
 //! Writers take a slot in the upload backlog before sealing, which bounds
 //! the local journal while the store is slow or away.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use async_trait::async_trait;
+use bytes::Bytes;
 use futures::stream::{FuturesOrdered, StreamExt};
 use hlfs_format::{journal_name, segment_name};
-use hlfs_store::layers::Outage;
-use hlfs_store::{BlobStore, JournalFile, StoreError};
+use hlfs_store::layers::{Outage, RetryPolicy, Retrying};
+use hlfs_store::{BlobMeta, BlobStore, JournalFile, JournalLock, StoreError};
 use parking_lot::Mutex;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
@@ -22,6 +26,7 @@ use crate::checkpoint::HeadUpdate;
 use crate::core::Core;
 use crate::error::{Result, VolumeError};
 use crate::lifecycle::Need;
+use crate::manifest::{CONFLICT_PAUSE, MAX_CONFLICTS};
 use crate::runner::{Mailbox, TaskContext};
 
 /// Sealed segments waiting for their upload, at most, before writers wait:
@@ -58,6 +63,9 @@ pub(crate) struct Uploads {
     /// taken, reporting to `outage`.
     store: Arc<dyn BlobStore>,
     parallel: usize,
+    /// The journal lock, held by the open volume; each store request of an
+    /// upload that changes the store holds it too, until it is over.
+    lease: Arc<Mutex<Weak<JournalLock>>>,
 }
 
 impl Uploads {
@@ -67,13 +75,26 @@ impl Uploads {
             true => (UPLOAD_BACKLOG_REMOTE, PARALLEL_UPLOADS_REMOTE),
             false => (UPLOAD_BACKLOG_LOCAL, 1),
         };
+        let lease = Arc::new(Mutex::new(Weak::new()));
+        let leased = Leased {
+            inner: backend.store.clone(),
+            lease: lease.clone(),
+        };
+        let store = Retrying::new(
+            Arc::new(leased),
+            RetryPolicy::until_done(),
+            backend.clock.clone(),
+            backend.jitter.clone(),
+        )
+        .reporting_to(outage.clone());
         Uploads {
             mailbox: Mutex::new(None),
             backlog: Arc::new(Semaphore::new(backlog)),
             stored_lsn: watch::Sender::new(0),
-            store: backend.uploads(outage.clone()),
+            store: Arc::new(store),
             outage,
             parallel,
+            lease,
         }
     }
 
@@ -86,9 +107,11 @@ impl Uploads {
         self.stored_lsn.send_replace(lsn);
     }
 
-    /// Sealed segments go to this task from now on.
-    pub fn start(&self, mailbox: Mailbox<Sealing>) {
+    /// Sealed segments go to this task from now on, which holds `lock`
+    /// during each store request.
+    pub fn start(&self, mailbox: Mailbox<Sealing>, lock: &Arc<JournalLock>) {
         *self.mailbox.lock() = Some(mailbox);
+        *self.lease.lock() = Arc::downgrade(lock);
     }
 
     /// No more segments are taken.
@@ -178,31 +201,41 @@ impl Core {
         file: &Arc<dyn JournalFile>,
     ) -> Result<()> {
         let name = segment_name(id);
-        let put = match self.backend.journal.local_path(&journal_name(id)) {
-            Some(path) => store.put_file_if_absent(&name, &path).await,
-            None => {
-                let len = file.len()?;
-                let data = file.read_at(0, len as usize)?;
-                store.put_if_absent(&name, data.into()).await
-            }
-        };
-        match put {
-            Ok(()) => Ok(()),
-            Err(StoreError::AlreadyExists(_)) => {
-                // An earlier attempt may have landed though its answer was
-                // lost; then the stored bytes are ours.
-                let len = file.len()?;
-                let ours = file.read_at(0, len as usize)?;
-                let stored = store.get(&name).await?;
-                if stored[..] == ours[..] {
-                    return Ok(());
+        let mut conflicts = 0;
+        loop {
+            let put = match self.backend.journal.local_path(&journal_name(id)) {
+                Some(path) => store.put_file_if_absent(&name, &path).await,
+                None => {
+                    let len = file.len()?;
+                    let data = file.read_at(0, len as usize)?;
+                    store.put_if_absent(&name, data.into()).await
                 }
-                Err(VolumeError::Fenced(format!(
-                    "{name} already exists in {}: another writer has taken over the volume",
-                    self.location()
-                )))
+            };
+            match put {
+                Ok(()) => return Ok(()),
+                Err(StoreError::AlreadyExists(_)) => {}
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => Err(e.into()),
+            // An earlier attempt may have landed though its answer was
+            // lost; then the stored bytes are ours.
+            let stored = match store.get(&name).await {
+                Ok(stored) => stored,
+                Err(StoreError::NotFound(_)) if conflicts < MAX_CONFLICTS => {
+                    conflicts += 1;
+                    self.clock.sleep(CONFLICT_PAUSE).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let len = file.len()?;
+            let ours = file.read_at(0, len as usize)?;
+            if stored[..] == ours[..] {
+                return Ok(());
+            }
+            return Err(VolumeError::Fenced(format!(
+                "{name} already exists in {}: another writer has taken over the volume",
+                self.location()
+            )));
         }
     }
 
@@ -223,23 +256,26 @@ impl Core {
             }
         }
     }
+}
 
-    /// Once a segment is in the store (and every one before it): switches
-    /// its reads away from the journal and makes its checkpoint, if any,
-    /// the head.
-    async fn finish_upload(&self, sealing: Sealing) -> Result<()> {
-        let len = sealing.file.len().map_err(|e| self.life.fail(e.into()))?;
-        self.retire_journal(sealing.seg, len);
-        self.log.stored(&sealing.file);
-        if let Some(head) = sealing.head {
-            let store = self.uploads.store.clone();
-            self.write_manifest(&*store, |m| head.apply(m)).await?;
-        }
-        self.uploads
-            .stored_lsn
-            .send_modify(|s| *s = (*s).max(sealing.last_lsn));
-        Ok(())
+/// Once a segment is in the store (and every one before it): switches its
+/// reads away from the journal and makes its checkpoint, if any, the head.
+async fn finish_upload(core: &Arc<Core>, sealing: Sealing) -> Result<()> {
+    let len = sealing.file.len().map_err(|e| core.life.fail(e.into()))?;
+    core.retire_journal(sealing.seg, len);
+    core.log.stored(&sealing.file);
+    if let Some(head) = sealing.head {
+        let store = core.uploads.store.clone();
+        core.write_manifest(&*store, |m| {
+            head.apply(m);
+            Ok(())
+        })
+        .await?;
     }
+    core.uploads
+        .stored_lsn
+        .send_modify(|s| *s = (*s).max(sealing.last_lsn));
+    Ok(())
 }
 
 /// The upload task: syncs sealed segments in order, uploads up to
@@ -253,7 +289,7 @@ pub(crate) async fn run(core: Arc<Core>, mut cx: TaskContext<Sealing>) -> Result
             biased;
             () = cx.stop.stopped() => return Ok(()),
             Some(done) = uploading.next(), if !uploading.is_empty() => {
-                core.finish_upload(done?).await?;
+                finish_upload(&core, done?).await?;
             }
             next = cx.inbox.recv(), if uploading.len() < parallel => {
                 let Some(sealing) = next else {
@@ -272,4 +308,80 @@ async fn upload(core: Arc<Core>, sealing: Sealing) -> Result<Sealing> {
     core.hand_to_store(&*store, sealing.seg, &sealing.file)
         .await?;
     Ok(sealing)
+}
+
+/// The store as the upload task uses it: each request runs to its end even
+/// if the task is aborted meanwhile (the volume dropped without close), and
+/// holds the journal lock until then. So the next writer cannot open the
+/// volume while a request of this one (a link of a journal file into the
+/// store, a PUT) may still land. Pauses between retries hold nothing.
+struct Leased {
+    inner: Arc<dyn BlobStore>,
+    lease: Arc<Mutex<Weak<JournalLock>>>,
+}
+
+impl Leased {
+    /// Runs `request` on its own task, holding the journal lock.
+    async fn run<T, F>(&self, request: F) -> hlfs_store::Result<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = hlfs_store::Result<T>> + Send + 'static,
+    {
+        let Some(lease) = self.lease.lock().upgrade() else {
+            return Err(StoreError::Refused(
+                "the volume is closed: no more uploads".into(),
+            ));
+        };
+        tokio::spawn(async move {
+            let result = request.await;
+            drop(lease);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("an upload request stopped: {e}")))?
+    }
+}
+
+impl std::fmt::Debug for Leased {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leased")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl BlobStore for Leased {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    async fn put_if_absent(&self, name: &str, data: Bytes) -> hlfs_store::Result<()> {
+        let (inner, name) = (self.inner.clone(), name.to_string());
+        self.run(async move { inner.put_if_absent(&name, data).await })
+            .await
+    }
+
+    async fn put_file_if_absent(&self, name: &str, path: &Path) -> hlfs_store::Result<()> {
+        let (inner, name, path) = (self.inner.clone(), name.to_string(), path.to_path_buf());
+        self.run(async move { inner.put_file_if_absent(&name, &path).await })
+            .await
+    }
+
+    async fn get_range(&self, name: &str, offset: u64, len: u64) -> hlfs_store::Result<Bytes> {
+        self.inner.get_range(name, offset, len).await
+    }
+
+    async fn head(&self, name: &str) -> hlfs_store::Result<Option<u64>> {
+        self.inner.head(name).await
+    }
+
+    async fn list(&self, prefix: &str) -> hlfs_store::Result<Vec<BlobMeta>> {
+        self.inner.list(prefix).await
+    }
+
+    async fn delete(&self, name: &str) -> hlfs_store::Result<()> {
+        let (inner, name) = (self.inner.clone(), name.to_string());
+        self.run(async move { inner.delete(&name).await }).await
+    }
 }

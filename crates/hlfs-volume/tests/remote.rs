@@ -528,3 +528,82 @@ async fn upload_backoff_grows_to_its_cap_and_resets_on_the_injected_clock() {
         "the last segment went up at its first attempt"
     );
 }
+
+/// A snapshot whose manifest landed but whose answer was lost is not taken
+/// twice when the caller tries again: the retry finds the name taken.
+#[tokio::test]
+async fn a_retried_snapshot_whose_first_answer_was_lost_is_not_taken_twice() {
+    let world = World::new();
+    create(&world.remote(), 16 << 20).await;
+    let opts = options(Durability::Local, Duration::from_secs(30));
+    let lose_next_manifest = Arc::new(AtomicU32::new(0));
+    let backend = Backend {
+        store: Arc::new(Watched {
+            inner: world.backend().store,
+            after_put: Box::new({
+                let lose = lose_next_manifest.clone();
+                move |name, landed| {
+                    landed
+                        && name.starts_with("manifest/")
+                        && lose
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok()
+                }
+            }),
+        }),
+        ..world.remote()
+    };
+    let vol = Volume::open(backend, &opts).await.unwrap();
+    vol.write(0, &pattern(4096, 1)).await.unwrap();
+    lose_next_manifest.store(1, Ordering::SeqCst);
+    let lost = vol.snapshot_create("s1").await;
+    assert!(lost.is_err(), "the lost answer surfaces: {lost:?}");
+    let again = vol.snapshot_create("s1").await;
+    assert!(
+        matches!(again, Err(VolumeError::SnapshotExists(_))),
+        "{again:?}"
+    );
+    vol.close().await.unwrap();
+    let vol = Volume::open(world.store_only().remote(), &opts)
+        .await
+        .unwrap();
+    let names: Vec<_> = vol.snapshots().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["s1"]);
+    vol.close().await.unwrap();
+}
+
+/// A volume dropped while an upload is still putting a segment keeps the
+/// journal lock until that request is over, so the next writer cannot
+/// start under a request of the last one that may still land.
+#[tokio::test]
+async fn the_journal_lock_outlives_a_dropped_volume_until_its_uploads_requests_end() {
+    let world = World::new();
+    create(&world.remote(), 16 << 20).await;
+    let opts = options(Durability::Local, Duration::from_secs(30));
+    let vol = Volume::open(world.remote(), &opts).await.unwrap();
+    world.faults.set_latency(Duration::from_millis(400));
+    let data = pattern(SEGMENT as usize + 4096, 3);
+    write_in_chunks(&vol, &data).await;
+    // The full segment's upload is in the store's latency now.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(vol);
+    let early = Volume::open(world.remote(), &opts).await;
+    assert!(
+        matches!(early, Err(VolumeError::Busy(_))),
+        "{:?}",
+        early.err()
+    );
+    world.faults.set_latency(Duration::ZERO);
+    let started = Instant::now();
+    let vol = loop {
+        match Volume::open(world.remote(), &opts).await {
+            Ok(vol) => break vol,
+            Err(VolumeError::Busy(_)) if started.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
+    vol.close().await.unwrap();
+}

@@ -661,3 +661,38 @@ async fn recovery_makes_the_writes_it_replays_durable() {
         "a write seen after recovery was lost"
     );
 }
+
+/// Writable volumes sharing one page cache keep their dirty pages, together,
+/// within its budget.
+#[tokio::test]
+async fn writers_sharing_a_page_cache_stay_within_its_budget() {
+    let cache = hlfs_volume::PageCache::new(64 * 6200);
+    let opts = OpenOptions {
+        page_cache: Some(cache.clone()),
+        ..OpenOptions::default()
+    };
+    let create = CreateOptions {
+        size: 16 << 40,
+        block_size: 4096,
+        segment_size: 4 << 20,
+    };
+    let worlds: Vec<World> = (0..3).map(|_| World::new()).collect();
+    let mut vols = Vec::new();
+    for w in &worlds {
+        Volume::create(&w.backend(), &create).await.unwrap();
+        vols.push(Volume::open(w.backend(), &opts).await.unwrap());
+    }
+    let budget = cache.budget_pages();
+    for i in 0..300u64 {
+        for (k, vol) in vols.iter().enumerate() {
+            // Far apart: a new path of pages each time.
+            let at = (i * 3 + k as u64) * (1 << 31);
+            vol.write(at, &pattern(4096, i as u8)).await.unwrap();
+            let (pages, _) = cache.pages();
+            assert!(pages <= budget, "{pages} pages in a budget of {budget}");
+        }
+    }
+    for vol in &vols {
+        vol.close().await.unwrap();
+    }
+}

@@ -1,8 +1,8 @@
 //! Layers: stores that wrap any other store (and journal area) to add one
 //! concern, so that the engine and every backend stay free of it.
 //!
-//! - [`Retrying`]: retries transient failures with backoff and jitter, for
-//!   a time budget or until the store takes the request. The only place
+//! - [`Retrying`]: retries failed requests with backoff and jitter, for a
+//!   time budget or until the store takes the request. The only place
 //!   where store requests are retried.
 //! - [`Metered`]: counts requests and bytes ([`StoreMetrics`]).
 //! - [`Faults`]: for tests, around any store and journal: injected errors,
@@ -19,4 +19,4 @@ mod retry;
 
 pub use faults::{is_power_cut, CrashMode, Fault, FaultOp, Faults};
 pub use metered::{Metered, StoreCounts, StoreMetrics};
-pub use retry::{Outage, RetryPolicy, Retrying};
+pub use retry::{Outage, Retry, RetryPolicy, Retrying};

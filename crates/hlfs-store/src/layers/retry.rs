@@ -12,7 +12,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::time::{Backoff, Clock, Jitter};
-use crate::{BlobMeta, BlobStore, Result};
+use crate::{BlobMeta, BlobStore, Result, StoreError};
 
 /// How long and how patiently a request is retried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,25 +23,50 @@ pub struct RetryPolicy {
     /// Give up once the next pause would end past this much time since the
     /// first attempt; `None` retries until the store takes the request.
     pub budget: Option<Duration>,
+    /// Which errors are tried again.
+    pub retry: Retry,
+}
+
+/// Which errors a [`Retrying`] store tries again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    /// Only those the store calls transient ([`StoreError::is_transient`]).
+    Transient,
+    /// Every failure of the store or the disk to do the request
+    /// ([`StoreError::is_failure`]): a local disk that is full or failing
+    /// may come back too, and what must get there anyway (uploads) waits.
+    Failures,
+}
+
+impl Retry {
+    fn applies_to(self, error: &StoreError) -> bool {
+        match self {
+            Retry::Transient => error.is_transient(),
+            Retry::Failures => error.is_failure(),
+        }
+    }
 }
 
 impl RetryPolicy {
     pub const FIRST_PAUSE: Duration = Duration::from_millis(100);
     pub const MAX_PAUSE: Duration = Duration::from_secs(5);
 
-    /// Retries for at most `budget`, then the last error surfaces.
+    /// Retries transient failures for at most `budget`, then the last
+    /// error surfaces.
     pub fn within(budget: Duration) -> RetryPolicy {
         RetryPolicy {
             first: Self::FIRST_PAUSE,
             max: Self::MAX_PAUSE,
             budget: Some(budget),
+            retry: Retry::Transient,
         }
     }
 
-    /// Retries until the store takes the request.
+    /// Retries every failure until the store takes the request.
     pub fn until_done() -> RetryPolicy {
         RetryPolicy {
             budget: None,
+            retry: Retry::Failures,
             ..Self::within(Duration::ZERO)
         }
     }
@@ -80,9 +105,9 @@ impl Outage {
     }
 }
 
-/// A store whose transient failures ([`crate::StoreError::is_transient`])
-/// are retried with growing, jittered pauses on the given clock. Other
-/// errors return at once.
+/// A store whose failed requests are retried, as its policy says, with
+/// growing, jittered pauses on the given clock. Other errors return at
+/// once.
 pub struct Retrying {
     inner: Arc<dyn BlobStore>,
     policy: RetryPolicy,
@@ -128,7 +153,7 @@ impl Retrying {
                     }
                     return Ok(value);
                 }
-                Err(e) if e.is_transient() => e,
+                Err(e) if self.policy.retry.applies_to(&e) => e,
                 Err(e) => return Err(e),
             };
             let pause = backoff.next_pause();

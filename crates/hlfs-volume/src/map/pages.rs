@@ -125,8 +125,9 @@ impl Pages<'_> {
         self.state.dirty_pages = self.state.dirty_pages.saturating_sub(n);
     }
 
-    pub fn budget_pages(&self) -> usize {
-        self.state.budget_pages
+    /// Dirty pages take more than half the budget.
+    pub fn dirty_over_half(&self) -> bool {
+        self.state.dirty_pages > self.state.budget_pages / 2
     }
 
     fn evict(&mut self) {

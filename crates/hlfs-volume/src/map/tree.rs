@@ -70,10 +70,10 @@ impl DirtyTree {
         &self.usage
     }
 
-    /// True when dirty pages take more than half the budget: the writer
-    /// should write them back.
+    /// True when dirty pages (of every tree sharing the cache) take more
+    /// than half the budget: the writer should write this tree's back.
     pub fn needs_writeback(&self) -> bool {
-        self.dirty.len() > self.pages().budget_pages() / 2
+        !self.dirty.is_empty() && self.pages().dirty_over_half()
     }
 
     /// The page at (level, index) whose location (if clean) is `at`; None for
