@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hlfs_nbd::{BlockDevice, DeviceExtent, DeviceResult, Export, Server};
+use hlfs_nbd::{BlockDevice, DeviceExtent, DeviceResult, Export, Limits, Server};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -52,6 +52,14 @@ fuzz_target!(|data: &[u8]| {
         let server = Server::new(
             vec![Export { name: "d".into(), description: String::new(), device: Arc::new(Zeros) }],
             None,
+            // Limits small enough to be reached by a short input.
+            Limits {
+                max_connections_per_export: 1,
+                handshake_timeout: Duration::from_secs(2),
+                connection_bytes: 33 << 20,
+                total_bytes: 1 << 20,
+                ..Limits::default()
+            },
             stop_rx,
         );
         let (client, server_side) = tokio::io::duplex(64 * 1024);

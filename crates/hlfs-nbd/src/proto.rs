@@ -38,6 +38,7 @@ pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+pub const REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
 
 // Info types.
 pub const INFO_EXPORT: u16 = 0;
@@ -76,6 +77,7 @@ pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 // Structured reply chunk types and flags.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
@@ -85,7 +87,8 @@ pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
 
-/// The one metadata context served, and its id.
+/// The one metadata context served, and its id once selected (a context
+/// only listed is given id 0).
 pub const BASE_ALLOCATION: &str = "base:allocation";
 pub const BASE_ALLOCATION_ID: u32 = 1;
 
@@ -105,6 +108,37 @@ pub const MAX_NAME_LEN: usize = 4096;
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 
 pub const REQUEST_LEN: usize = 28;
+
+/// Longest text (a message, a name in one) the server sends, in bytes: the
+/// protocol's recommended most for a string.
+pub const MAX_TEXT: usize = 256;
+
+/// `text` cut to `MAX_TEXT` bytes at a character boundary.
+pub fn short_text(text: &str) -> &str {
+    if text.len() <= MAX_TEXT {
+        return text;
+    }
+    let mut end = MAX_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// The command flags a request of `command` may carry; others are EINVAL.
+/// FUA is allowed on every command (the protocol asks a server that
+/// advertises it to accept it anywhere); DF only once structured replies
+/// are on, which is also the only time DF is advertised.
+pub fn allowed_flags(command: u16, structured: bool) -> u16 {
+    let df = if structured { CMD_FLAG_DF } else { 0 };
+    CMD_FLAG_FUA
+        | match command {
+            CMD_READ => df,
+            CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+            _ => 0,
+        }
+}
 
 /// Bytes that do not make a valid message.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -286,7 +320,7 @@ pub fn chunk_header(flags: u16, kind: u16, cookie: u64, len: u32) -> [u8; 20] {
 
 /// A structured error chunk (always the last of its reply).
 pub fn error_chunk(cookie: u64, error: u32, message: &str) -> Vec<u8> {
-    let msg = &message.as_bytes()[..message.len().min(4096)];
+    let msg = short_text(message).as_bytes();
     let mut out = Vec::with_capacity(26 + msg.len());
     out.extend_from_slice(&chunk_header(
         REPLY_FLAG_DONE,

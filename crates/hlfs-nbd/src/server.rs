@@ -1,19 +1,23 @@
-//! Connections: the handshake, option haggling, then the transmission phase
-//! with many requests in flight, answered as they complete.
+//! Connections: accepting them within the server's limits, the handshake
+//! and option haggling, then the transmission phase (`transmission.rs`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::proto::*;
-use crate::{BlockDevice, DeviceError, DeviceExtent};
+use crate::transmission::{transmission, Budget, Ctx};
+use crate::BlockDevice;
 
 /// One named device on offer.
 #[derive(Clone)]
@@ -23,29 +27,72 @@ pub struct Export {
     pub device: Arc<dyn BlockDevice>,
 }
 
+/// What a server exposed to a network allows each client and all of them.
+/// What happens at each limit is written down in docs/SEMANTICS.md.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Connections at once. One more is accepted and closed at once.
+    pub max_connections: usize,
+    /// Connections at once to one export. One more is refused when it asks
+    /// for the export (`NBD_REP_ERR_POLICY`, or a hang-up for the old-style
+    /// option, which has no way to say no).
+    pub max_connections_per_export: usize,
+    /// From connecting to choosing an export, TLS included; a client still
+    /// haggling then is cut off.
+    pub handshake_timeout: Duration,
+    /// Bytes of requests being served and replies not yet written, on one
+    /// connection. A connection that reaches it is not read from until its
+    /// replies drain. At least the largest request (32 MiB and a little).
+    pub connection_bytes: u32,
+    /// The same, over every connection together, beyond the first
+    /// `RESERVE_BYTES` of each (so that small requests of other clients go
+    /// through while some clients hold the rest).
+    pub total_bytes: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 256,
+            max_connections_per_export: 64,
+            handshake_timeout: Duration::from_secs(30),
+            connection_bytes: 64 << 20,
+            total_bytes: 256 << 20,
+        }
+    }
+}
+
+/// Bytes in flight each connection may hold outside the server's total.
+pub const RESERVE_BYTES: u32 = 1 << 20;
+
 /// Serves a set of exports until told to shut down.
 pub struct Server {
     exports: BTreeMap<String, Export>,
     /// When set, clients must upgrade with STARTTLS before anything else.
     tls: Option<TlsAcceptor>,
+    limits: Limits,
     shutdown: watch::Receiver<bool>,
+    /// Connections now, in all and per export.
+    connections: AtomicUsize,
+    per_export: Mutex<HashMap<String, usize>>,
+    /// The bytes every connection shares (see `Limits::total_bytes`).
+    shared_bytes: Arc<Semaphore>,
 }
 
-/// Requests of one connection being worked on at once; the reader waits when
-/// this many are in flight, which bounds a connection's memory.
-const MAX_IN_FLIGHT: usize = 128;
 /// How long shutdown waits for connections to finish their requests.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
-/// Reads at least this large are answered sparsely (holes as hole chunks).
-const SPARSE_READ_MIN: u32 = 64 * 1024;
+/// How long a client still in the handshake has once shutdown begins.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Why a connection ended early. Logged, never fatal to the server.
 #[derive(Debug, thiserror::Error)]
-enum ConnError {
+pub(crate) enum ConnError {
     #[error("{0}")]
     Io(#[from] io::Error),
     #[error("protocol error: {0}")]
     Protocol(String),
+    #[error("the handshake took longer than {0:?}")]
+    HandshakeTimeout(Duration),
 }
 
 impl From<ProtoError> for ConnError {
@@ -54,7 +101,34 @@ impl From<ProtoError> for ConnError {
     }
 }
 
-type Reply = Vec<u8>;
+/// What haggling settles: the export, whether replies are structured,
+/// whether block status was negotiated, and the client's place among the
+/// export's connections.
+type Chosen<'a> = (Export, bool, bool, ExportSlot<'a>);
+
+/// A place among an export's connections, given back when the client goes.
+struct ExportSlot<'a> {
+    server: &'a Server,
+    export: String,
+}
+
+impl Drop for ExportSlot<'_> {
+    fn drop(&mut self) {
+        let mut per_export = self.server.per_export.lock();
+        if let Some(n) = per_export.get_mut(&self.export) {
+            *n -= 1;
+        }
+    }
+}
+
+/// A place among the server's connections, given back when the client goes.
+struct ConnectionSlot(Arc<Server>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// A source of client connections: a stream and a name for the log.
 trait Listener: Send {
@@ -95,12 +169,17 @@ impl Server {
     pub fn new(
         exports: Vec<Export>,
         tls: Option<TlsAcceptor>,
+        limits: Limits,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Server> {
         Arc::new(Server {
             exports: exports.into_iter().map(|e| (e.name.clone(), e)).collect(),
             tls,
+            shared_bytes: Arc::new(Semaphore::new(limits.total_bytes as usize)),
+            limits,
             shutdown,
+            connections: AtomicUsize::new(0),
+            per_export: Mutex::new(HashMap::new()),
         })
     }
 
@@ -125,7 +204,18 @@ impl Server {
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    conns.spawn(self.clone().connection(stream, peer));
+                    let now = self.connections.fetch_add(1, Ordering::SeqCst) + 1;
+                    let slot = ConnectionSlot(self.clone());
+                    if now > self.limits.max_connections {
+                        tracing::warn!(%peer, limit = self.limits.max_connections, "refusing a connection: too many at once");
+                        drop((stream, slot));
+                        continue;
+                    }
+                    conns.spawn(async move {
+                        let server = slot.0.clone();
+                        server.connection(stream, peer).await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     // Out of descriptors, a connection reset before it was
@@ -158,7 +248,8 @@ impl Server {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         tracing::info!(%peer, "client connected");
-        match self.run_connection(stream, &peer).await {
+        let deadline = Instant::now() + self.limits.handshake_timeout;
+        match self.run_connection(stream, &peer, deadline).await {
             Ok(()) => tracing::info!(%peer, "client disconnected"),
             Err(ConnError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 tracing::info!(%peer, "client went away")
@@ -167,51 +258,90 @@ impl Server {
         }
     }
 
-    async fn run_connection<S>(&self, mut stream: S, peer: &str) -> Result<(), ConnError>
+    async fn run_connection<S>(
+        &self,
+        stream: S,
+        peer: &str,
+        deadline: Instant,
+    ) -> Result<(), ConnError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        stream.write_all(&NBD_MAGIC.to_be_bytes()).await?;
-        stream.write_all(&IHAVEOPT.to_be_bytes()).await?;
-        stream
-            .write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
-            .await?;
-        stream.flush().await?;
-        let client_flags = stream.read_u32().await?;
-        if client_flags & CLIENT_FIXED_NEWSTYLE == 0
-            || client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0
-        {
-            return Err(ConnError::Protocol(format!(
-                "unsupported client flags {client_flags:#x}"
-            )));
-        }
-        let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+        let (stream, no_zeroes) = self.before(deadline, greet(stream)).await?;
         let Some(acceptor) = &self.tls else {
             return self
-                .negotiate_and_serve(stream, no_zeroes, false, peer)
+                .negotiate_and_serve(stream, no_zeroes, false, peer, deadline)
                 .await;
         };
-        // Until the client upgrades, only STARTTLS and ABORT are answered.
+        match self
+            .before(deadline, self.upgrade(stream, acceptor))
+            .await?
+        {
+            Some(tls) => {
+                tracing::info!(%peer, "TLS established");
+                self.negotiate_and_serve(tls, no_zeroes, true, peer, deadline)
+                    .await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Runs a step of the handshake, which must be over by `deadline`, or
+    /// `SHUTDOWN_GRACE` after the server starts shutting down: a client
+    /// still haggling has that long to hear `ERR_SHUTDOWN` and leave.
+    async fn before<T>(
+        &self,
+        deadline: Instant,
+        step: impl std::future::Future<Output = Result<T, ConnError>>,
+    ) -> Result<T, ConnError> {
+        let mut shutdown = self.shutdown.clone();
+        let stopping = async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::select! {
+            result = step => result,
+            _ = tokio::time::sleep_until(deadline) => {
+                Err(ConnError::HandshakeTimeout(self.limits.handshake_timeout))
+            }
+            _ = stopping => Err(ConnError::Protocol("the server shut down during the handshake".into())),
+        }
+    }
+
+    /// Until the client upgrades, only STARTTLS and ABORT are answered.
+    /// Returns the TLS stream, or None if the client left.
+    async fn upgrade<S>(
+        &self,
+        mut stream: S,
+        acceptor: &TlsAcceptor,
+    ) -> Result<Option<tokio_rustls::server::TlsStream<S>>, ConnError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         loop {
             let (opt, data) = read_option(&mut stream).await?;
             let reply = |kind: u32, payload: &[u8]| option_reply(opt.option, kind, payload);
+            let stopping = *self.shutdown.borrow();
             match opt.option {
-                OPT_STARTTLS if data.is_empty() => {
-                    stream.write_all(&reply(REP_ACK, &[])).await?;
-                    stream.flush().await?;
-                    let tls = acceptor.accept(stream).await?;
-                    tracing::info!(%peer, "TLS established");
-                    return self.negotiate_and_serve(tls, no_zeroes, true, peer).await;
-                }
                 OPT_ABORT => {
                     let _ = stream.write_all(&reply(REP_ACK, &[])).await;
                     let _ = stream.flush().await;
-                    return Ok(());
+                    return Ok(None);
                 }
                 OPT_EXPORT_NAME => {
                     return Err(ConnError::Protocol(
                         "export requested before STARTTLS on a TLS-only server".into(),
                     ))
+                }
+                _ if stopping => {
+                    stream
+                        .write_all(&reply(REP_ERR_SHUTDOWN, b"the server is shutting down"))
+                        .await?
+                }
+                OPT_STARTTLS if data.is_empty() => {
+                    stream.write_all(&reply(REP_ACK, &[])).await?;
+                    stream.flush().await?;
+                    return Ok(Some(acceptor.accept(stream).await?));
                 }
                 OPT_STARTTLS => {
                     stream
@@ -234,6 +364,7 @@ impl Server {
         no_zeroes: bool,
         tls: bool,
         peer: &str,
+        deadline: Instant,
     ) -> Result<(), ConnError>
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
@@ -241,22 +372,58 @@ impl Server {
         let (rd, wr) = tokio::io::split(stream);
         let mut rd = BufReader::with_capacity(256 * 1024, rd);
         let mut wr = BufWriter::with_capacity(256 * 1024, wr);
-        match self.haggle(&mut rd, &mut wr, no_zeroes, tls).await? {
-            Some((export, structured, meta)) => {
-                tracing::info!(%peer, export = %export.name, "client chose export");
-                transmission(rd, wr, export, structured, meta, self.shutdown.clone()).await
+        let chosen = self
+            .before(deadline, self.haggle(&mut rd, &mut wr, no_zeroes, tls))
+            .await;
+        let (export, structured, meta, slot) = match chosen {
+            Ok(Some(chosen)) => chosen,
+            other => {
+                // Over TLS this says goodbye properly (close_notify).
+                let _ = wr.shutdown().await;
+                return other.map(|_| ());
             }
-            None => Ok(()),
-        }
+        };
+        tracing::info!(%peer, export = %export.name, "client chose export");
+        let limits = &self.limits;
+        let budget = Budget::new(
+            limits.connection_bytes,
+            RESERVE_BYTES,
+            &self.shared_bytes,
+            limits.total_bytes,
+        );
+        let ctx = Ctx {
+            export,
+            structured,
+            meta,
+        };
+        let served = transmission(rd, wr, ctx, budget, self.shutdown.clone()).await;
+        drop(slot);
+        give_back_memory();
+        served
     }
 
-    fn transmission_flags(&self, export: &Export) -> u16 {
-        let mut flags = TF_HAS_FLAGS
-            | TF_SEND_FLUSH
-            | TF_SEND_FUA
-            | TF_SEND_DF
-            | TF_CAN_MULTI_CONN
-            | TF_SEND_CACHE;
+    /// A place among the connections to `export`, if it has room.
+    fn export_slot(&self, export: &str) -> Option<ExportSlot<'_>> {
+        let mut per_export = self.per_export.lock();
+        let now = per_export.entry(export.to_string()).or_default();
+        if *now >= self.limits.max_connections_per_export {
+            return None;
+        }
+        *now += 1;
+        Some(ExportSlot {
+            server: self,
+            export: export.to_string(),
+        })
+    }
+
+    /// DF only once structured replies are on: without them it cannot be
+    /// used, and must not be offered.
+    fn transmission_flags(&self, export: &Export, structured: bool) -> u16 {
+        let mut flags =
+            TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
+        if structured {
+            flags |= TF_SEND_DF;
+        }
         if export.device.read_only() {
             flags |= TF_READ_ONLY;
         } else {
@@ -272,7 +439,7 @@ impl Server {
         wr: &mut W,
         no_zeroes: bool,
         tls: bool,
-    ) -> Result<Option<(Export, bool, bool)>, ConnError>
+    ) -> Result<Option<Chosen<'_>>, ConnError>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -282,26 +449,39 @@ impl Server {
         loop {
             let (opt, data) = read_option(rd).await?;
             let reply = |kind: u32, payload: &[u8]| option_reply(opt.option, kind, payload);
+            let stopping = *self.shutdown.borrow();
             match opt.option {
                 OPT_EXPORT_NAME => {
+                    // The old-style option has no way to say no but hanging up.
                     let name = String::from_utf8_lossy(&data).into_owned();
+                    if stopping {
+                        return Err(ConnError::Protocol("the server is shutting down".into()));
+                    }
                     let Some(export) = self.exports.get(&name).cloned() else {
-                        // The old-style option has no way to say no but hanging up.
                         return Err(ConnError::Protocol(format!("no export named {name:?}")));
                     };
+                    let Some(slot) = self.export_slot(&name) else {
+                        return Err(ConnError::Protocol(format!(
+                            "too many connections to export {name:?}"
+                        )));
+                    };
                     wr.write_all(&export.device.size().to_be_bytes()).await?;
-                    wr.write_all(&self.transmission_flags(&export).to_be_bytes())
+                    wr.write_all(&self.transmission_flags(&export, structured).to_be_bytes())
                         .await?;
                     if !no_zeroes {
                         wr.write_all(&[0u8; 124]).await?;
                     }
                     wr.flush().await?;
-                    return Ok(Some((export, structured, meta)));
+                    return Ok(Some((export, structured, meta, slot)));
                 }
                 OPT_ABORT => {
                     let _ = wr.write_all(&reply(REP_ACK, &[])).await;
                     let _ = wr.flush().await;
                     return Ok(None);
+                }
+                _ if stopping => {
+                    wr.write_all(&reply(REP_ERR_SHUTDOWN, b"the server is shutting down"))
+                        .await?;
                 }
                 OPT_LIST => {
                     if !data.is_empty() {
@@ -331,14 +511,31 @@ impl Server {
                     }
                     Ok(req) => match self.exports.get(&req.name).cloned() {
                         None => {
-                            let msg = format!("no export named {:?}", req.name);
+                            let msg = format!("no export named {:?}", short_text(&req.name));
                             wr.write_all(&reply(REP_ERR_UNKNOWN, msg.as_bytes()))
                                 .await?;
                         }
                         Some(export) => {
+                            let slot = match opt.option {
+                                OPT_GO => match self.export_slot(&req.name) {
+                                    Some(slot) => Some(slot),
+                                    None => {
+                                        let msg = format!(
+                                            "too many connections to export {:?}; try again later",
+                                            short_text(&req.name)
+                                        );
+                                        wr.write_all(&reply(REP_ERR_POLICY, msg.as_bytes()))
+                                            .await?;
+                                        wr.flush().await?;
+                                        continue;
+                                    }
+                                },
+                                _ => None,
+                            };
+                            let flags = self.transmission_flags(&export, structured);
                             let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                             info.extend_from_slice(&export.device.size().to_be_bytes());
-                            info.extend_from_slice(&self.transmission_flags(&export).to_be_bytes());
+                            info.extend_from_slice(&flags.to_be_bytes());
                             wr.write_all(&reply(REP_INFO, &info)).await?;
                             if req.infos.contains(&INFO_NAME) {
                                 let mut info = INFO_NAME.to_be_bytes().to_vec();
@@ -356,9 +553,9 @@ impl Server {
                             info.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
                             wr.write_all(&reply(REP_INFO, &info)).await?;
                             wr.write_all(&reply(REP_ACK, &[])).await?;
-                            if opt.option == OPT_GO {
+                            if let Some(slot) = slot {
                                 wr.flush().await?;
-                                return Ok(Some((export, structured, meta)));
+                                return Ok(Some((export, structured, meta, slot)));
                             }
                         }
                     },
@@ -374,6 +571,11 @@ impl Server {
                 }
                 OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                     let set = opt.option == OPT_SET_META_CONTEXT;
+                    if set {
+                        // A SET replaces what an earlier one chose, even
+                        // when it fails.
+                        meta = false;
+                    }
                     match decode_meta_context_request(&data) {
                         Err(e) => {
                             wr.write_all(&reply(REP_ERR_INVALID, e.to_string().as_bytes()))
@@ -387,7 +589,7 @@ impl Server {
                             .await?
                         }
                         Ok(req) if !self.exports.contains_key(&req.export) => {
-                            let msg = format!("no export named {:?}", req.export);
+                            let msg = format!("no export named {:?}", short_text(&req.export));
                             wr.write_all(&reply(REP_ERR_UNKNOWN, msg.as_bytes()))
                                 .await?;
                         }
@@ -401,7 +603,8 @@ impl Server {
                                 req.queries.iter().any(|q| matches(q))
                             };
                             if chosen {
-                                let mut payload = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                                let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                                let mut payload = id.to_be_bytes().to_vec();
                                 payload.extend_from_slice(BASE_ALLOCATION.as_bytes());
                                 wr.write_all(&reply(REP_META_CONTEXT, &payload)).await?;
                             }
@@ -422,6 +625,40 @@ impl Server {
     }
 }
 
+/// Hands freed memory back to the system once a connection is over. Its
+/// buffers (up to its whole budget) were freed to the allocator, which
+/// would otherwise keep them for the process.
+fn give_back_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// The greeting: the server's magic and flags, and the client's flags.
+/// Returns whether the client declined the 124 zeros after EXPORT_NAME.
+async fn greet<S>(mut stream: S) -> Result<(S, bool), ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    stream.write_all(&NBD_MAGIC.to_be_bytes()).await?;
+    stream.write_all(&IHAVEOPT.to_be_bytes()).await?;
+    stream
+        .write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
+        .await?;
+    stream.flush().await?;
+    let client_flags = stream.read_u32().await?;
+    if client_flags & CLIENT_FIXED_NEWSTYLE == 0
+        || client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0
+    {
+        return Err(ConnError::Protocol(format!(
+            "unsupported client flags {client_flags:#x}"
+        )));
+    }
+    Ok((stream, client_flags & CLIENT_NO_ZEROES != 0))
+}
+
 /// Reads one option: its header and its data.
 async fn read_option<R: AsyncRead + Unpin>(
     rd: &mut R,
@@ -438,375 +675,4 @@ async fn read_option<R: AsyncRead + Unpin>(
     let mut data = vec![0u8; opt.len as usize];
     rd.read_exact(&mut data).await?;
     Ok((opt, data))
-}
-
-/// The transmission phase: read requests, run each in its own task, send
-/// replies in the order they complete.
-async fn transmission<R, W>(
-    mut rd: R,
-    mut wr: W,
-    export: Export,
-    structured: bool,
-    meta: bool,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), ConnError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
-    let writer = tokio::spawn(async move {
-        while let Some(reply) = rx.recv().await {
-            wr.write_all(&reply).await?;
-            // Batch: flush only once no other reply is waiting.
-            while let Ok(reply) = rx.try_recv() {
-                wr.write_all(&reply).await?;
-            }
-            wr.flush().await?;
-        }
-        wr.shutdown().await
-    });
-    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let mut tasks = JoinSet::new();
-    let ctx = Arc::new(Ctx {
-        export,
-        structured,
-        meta,
-    });
-    let result = loop {
-        let mut head = [0u8; REQUEST_LEN];
-        tokio::select! {
-            read = rd.read_exact(&mut head) => {
-                if let Err(e) = read {
-                    break Err(e.into());
-                }
-            }
-            _ = shutdown.wait_for(|stop| *stop) => break Ok(()),
-        }
-        let req = match decode_request(&head) {
-            Ok(r) => r,
-            Err(e) => break Err(e.into()),
-        };
-        if req.command == CMD_DISC {
-            break Ok(());
-        }
-        let mut payload = Vec::new();
-        if req.command == CMD_WRITE {
-            if req.len > MAX_PAYLOAD {
-                // Its data cannot be skipped safely: hang up.
-                break Err(ConnError::Protocol(format!(
-                    "write of {} bytes is too large",
-                    req.len
-                )));
-            }
-            // Read into spare capacity: no zero-filling of a buffer that is
-            // about to be overwritten.
-            payload = Vec::with_capacity(req.len as usize);
-            match (&mut rd)
-                .take(req.len as u64)
-                .read_to_end(&mut payload)
-                .await
-            {
-                Ok(n) if n == req.len as usize => {}
-                Ok(_) => break Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
-                Err(e) => break Err(e.into()),
-            }
-        }
-        let permit = slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore is never closed");
-        let ctx = ctx.clone();
-        let tx = tx.clone();
-        tasks.spawn(async move {
-            let reply = ctx.execute(req, payload).await;
-            let _ = tx.send(reply);
-            drop(permit);
-        });
-        // Reap finished tasks so the set does not grow.
-        while tasks.try_join_next().is_some() {}
-    };
-    // Let requests already read finish and be answered, then close.
-    while tasks.join_next().await.is_some() {}
-    drop(tx);
-    let written = writer.await.map_err(|e| io::Error::other(e.to_string()))?;
-    result?;
-    written.map_err(ConnError::Io)
-}
-
-struct Ctx {
-    export: Export,
-    structured: bool,
-    meta: bool,
-}
-
-impl Ctx {
-    fn dev(&self) -> &dyn BlockDevice {
-        &*self.export.device
-    }
-
-    fn simple(&self, cookie: u64, result: Result<(), DeviceError>) -> Reply {
-        match result {
-            Ok(()) => simple_reply(0, cookie).to_vec(),
-            Err(e) => self.error(cookie, e, false),
-        }
-    }
-
-    fn error(&self, cookie: u64, e: DeviceError, structured_cmd: bool) -> Reply {
-        tracing::debug!(export = %self.export.name, errno = e.errno, error = %e.message, "request failed");
-        if self.structured && structured_cmd {
-            error_chunk(cookie, e.errno, &e.message)
-        } else {
-            simple_reply(e.errno, cookie).to_vec()
-        }
-    }
-
-    /// Checks a request's range; writes past the end are ENOSPC, the rest EINVAL.
-    fn check_range(&self, req: &Request, write: bool) -> Result<(), DeviceError> {
-        let size = self.dev().size();
-        if req
-            .offset
-            .checked_add(req.len as u64)
-            .is_none_or(|end| end > size)
-        {
-            let errno = if write { ENOSPC } else { EINVAL };
-            return Err(DeviceError::new(
-                errno,
-                format!(
-                    "range {}+{} is beyond the end ({size} bytes)",
-                    req.offset, req.len
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    fn check_writable(&self) -> Result<(), DeviceError> {
-        if self.dev().read_only() {
-            return Err(DeviceError::new(EPERM, "the export is read-only"));
-        }
-        Ok(())
-    }
-
-    async fn execute(&self, req: Request, payload: Vec<u8>) -> Reply {
-        let cookie = req.cookie;
-        match req.command {
-            CMD_READ => self.read(req).await,
-            CMD_WRITE => {
-                let r = async {
-                    self.check_writable()?;
-                    self.check_range(&req, true)?;
-                    self.dev()
-                        .write(req.offset, &payload, req.flags & CMD_FLAG_FUA != 0)
-                        .await
-                };
-                self.simple(cookie, r.await)
-            }
-            CMD_FLUSH => self.simple(cookie, self.dev().flush().await),
-            CMD_TRIM => {
-                let r = async {
-                    self.check_writable()?;
-                    self.check_range(&req, true)?;
-                    self.dev().trim(req.offset, req.len as u64).await?;
-                    self.fua(req).await
-                };
-                self.simple(cookie, r.await)
-            }
-            CMD_WRITE_ZEROES => {
-                let r = async {
-                    self.check_writable()?;
-                    self.check_range(&req, true)?;
-                    let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
-                    if no_hole && req.flags & CMD_FLAG_FAST_ZERO != 0 {
-                        // Zeros kept allocated are written as data: not fast.
-                        return Err(DeviceError::new(
-                            ENOTSUP,
-                            "zeroing without holes is not fast",
-                        ));
-                    }
-                    self.dev()
-                        .write_zeroes(req.offset, req.len as u64, no_hole)
-                        .await?;
-                    self.fua(req).await
-                };
-                self.simple(cookie, r.await)
-            }
-            // Everything is one page-cache read away already.
-            CMD_CACHE => self.simple(cookie, self.check_range(&req, false)),
-            CMD_BLOCK_STATUS => self.block_status(req).await,
-            other => self.simple(
-                cookie,
-                Err(DeviceError::new(EINVAL, format!("unknown command {other}"))),
-            ),
-        }
-    }
-
-    async fn fua(&self, req: Request) -> Result<(), DeviceError> {
-        if req.flags & CMD_FLAG_FUA != 0 {
-            self.dev().flush().await
-        } else {
-            Ok(())
-        }
-    }
-
-    async fn read(&self, req: Request) -> Reply {
-        let cookie = req.cookie;
-        if req.len > MAX_PAYLOAD {
-            let e = DeviceError::new(EINVAL, format!("read of {} bytes is too large", req.len));
-            return self.error(cookie, e, true);
-        }
-        if let Err(e) = self.check_range(&req, false) {
-            return self.error(cookie, e, true);
-        }
-        let len = req.len as usize;
-        if !self.structured {
-            let mut out = vec![0u8; 16 + len];
-            return match self.dev().read(req.offset, &mut out[16..]).await {
-                Ok(()) => {
-                    out[..16].copy_from_slice(&simple_reply(0, cookie));
-                    out
-                }
-                Err(e) => self.error(cookie, e, true),
-            };
-        }
-        let whole = req.flags & CMD_FLAG_DF != 0 || req.len < SPARSE_READ_MIN;
-        let extents = if whole {
-            vec![DeviceExtent {
-                len: req.len as u64,
-                allocated: true,
-            }]
-        } else {
-            match self.extents(req.offset, req.len as u64).await {
-                Ok(x) => x,
-                Err(e) => return self.error(cookie, e, true),
-            }
-        };
-        let mut out = Vec::with_capacity(28 * extents.len() + len);
-        let mut at = req.offset;
-        let last = extents.len() - 1;
-        for (i, ext) in extents.iter().enumerate() {
-            let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
-            if ext.allocated {
-                let start = out.len();
-                out.extend_from_slice(&chunk_header(
-                    flags,
-                    REPLY_TYPE_OFFSET_DATA,
-                    cookie,
-                    8 + ext.len as u32,
-                ));
-                out.extend_from_slice(&at.to_be_bytes());
-                let data_at = out.len();
-                out.resize(data_at + ext.len as usize, 0);
-                if let Err(e) = self.dev().read(at, &mut out[data_at..]).await {
-                    out.truncate(start);
-                    out.extend_from_slice(&self.error(cookie, e, true));
-                    return out;
-                }
-            } else {
-                out.extend_from_slice(&chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, cookie, 12));
-                out.extend_from_slice(&at.to_be_bytes());
-                out.extend_from_slice(&(ext.len as u32).to_be_bytes());
-            }
-            at += ext.len;
-        }
-        out
-    }
-
-    /// The device's extents over exactly `offset..offset+len` (asking again
-    /// where the device answers short).
-    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<DeviceExtent>, DeviceError> {
-        let mut out: Vec<DeviceExtent> = Vec::new();
-        let mut at = offset;
-        let end = offset + len;
-        while at < end {
-            let got = self.dev().extents(at, end - at).await?;
-            if got.is_empty() {
-                return Err(DeviceError::new(EIO, "the device reported no extents"));
-            }
-            for x in got {
-                let x = DeviceExtent {
-                    len: x.len.min(end - at),
-                    allocated: x.allocated,
-                };
-                if x.len == 0 {
-                    continue;
-                }
-                match out.last_mut() {
-                    Some(prev) if prev.allocated == x.allocated => prev.len += x.len,
-                    _ => out.push(x),
-                }
-                at += x.len;
-                if at >= end {
-                    break;
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    async fn block_status(&self, req: Request) -> Reply {
-        let cookie = req.cookie;
-        if !self.structured || !self.meta {
-            let e = DeviceError::new(EINVAL, "no metadata context was negotiated");
-            return self.error(cookie, e, false);
-        }
-        if req.len == 0 {
-            return self.error(
-                cookie,
-                DeviceError::new(EINVAL, "zero-length block status"),
-                true,
-            );
-        }
-        if let Err(e) = self.check_range(&req, false) {
-            return self.error(cookie, e, true);
-        }
-        let extents = match self.dev().extents(req.offset, req.len as u64).await {
-            Ok(x) if !x.is_empty() => x,
-            Ok(_) => {
-                return self.error(
-                    cookie,
-                    DeviceError::new(EIO, "the device reported no extents"),
-                    true,
-                )
-            }
-            Err(e) => return self.error(cookie, e, true),
-        };
-        let mut descriptors = Vec::new();
-        let mut left = req.len as u64;
-        for x in extents {
-            if left == 0 {
-                break;
-            }
-            // Descriptor lengths are 32-bit: stay block aligned below 4 GiB.
-            let whole = x.len.min(left);
-            let len = whole.min(0xFFFF_F000);
-            if len == 0 {
-                continue;
-            }
-            let flags = if x.allocated {
-                0
-            } else {
-                STATE_HOLE | STATE_ZERO
-            };
-            descriptors.extend_from_slice(&(len as u32).to_be_bytes());
-            descriptors.extend_from_slice(&flags.to_be_bytes());
-            left -= len;
-            // A clamped run must end the answer: the next device extent
-            // does not start where the clamp stopped.
-            if len < whole || req.flags & CMD_FLAG_REQ_ONE != 0 || descriptors.len() >= 8 * 1024 {
-                break;
-            }
-        }
-        let mut out = Vec::with_capacity(24 + descriptors.len());
-        out.extend_from_slice(&chunk_header(
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_BLOCK_STATUS,
-            cookie,
-            4 + descriptors.len() as u32,
-        ));
-        out.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
-        out.extend_from_slice(&descriptors);
-        out
-    }
 }

@@ -2,13 +2,13 @@
 //! in-memory device: option haggling, replies out of order, errors as the
 //! protocol defines them, hostile input, draining on shutdown.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use hlfs_nbd::proto::*;
-use hlfs_nbd::{BlockDevice, DeviceError, DeviceExtent, DeviceResult, Export, Server};
+use hlfs_nbd::{BlockDevice, DeviceError, DeviceExtent, DeviceResult, Export, Limits, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::{watch, Mutex};
 
@@ -21,6 +21,8 @@ struct MemDevice {
     data: Mutex<Vec<u8>>,
     read_only: bool,
     fail: AtomicBool,
+    /// Reads served so far.
+    reads: AtomicU64,
 }
 
 impl MemDevice {
@@ -30,6 +32,7 @@ impl MemDevice {
             data: Mutex::new(vec![0; size]),
             read_only,
             fail: AtomicBool::new(false),
+            reads: AtomicU64::new(0),
         })
     }
     fn check(&self) -> DeviceResult<()> {
@@ -54,6 +57,7 @@ impl BlockDevice for MemDevice {
     }
     async fn read(&self, offset: u64, buf: &mut [u8]) -> DeviceResult<()> {
         self.check()?;
+        self.reads.fetch_add(1, Ordering::SeqCst);
         if offset & (1 << 20) != 0 {
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
@@ -106,6 +110,10 @@ struct Harness {
 }
 
 fn harness() -> Harness {
+    harness_with(Limits::default())
+}
+
+fn harness_with(limits: Limits) -> Harness {
     let rw = MemDevice::new(8 << 20, false);
     let ro = MemDevice::new(1 << 20, true);
     let (stop, stop_rx) = watch::channel(false);
@@ -122,7 +130,7 @@ fn harness() -> Harness {
         },
     ];
     Harness {
-        server: Server::new(exports, None, stop_rx),
+        server: Server::new(exports, None, limits, stop_rx),
         stop,
         rw,
         ro,
@@ -132,7 +140,12 @@ fn harness() -> Harness {
 impl Harness {
     /// A client stream connected to a new server connection.
     fn connect(&self) -> (DuplexStream, tokio::task::JoinHandle<()>) {
-        let (client, server_side) = tokio::io::duplex(1 << 20);
+        self.connect_with_buffer(1 << 20)
+    }
+
+    /// The same, with `buffer` bytes between the two ends each way.
+    fn connect_with_buffer(&self, buffer: usize) -> (DuplexStream, tokio::task::JoinHandle<()>) {
+        let (client, server_side) = tokio::io::duplex(buffer);
         let task = tokio::spawn(self.server.clone().connection(server_side, "test".into()));
         (client, task)
     }
@@ -239,6 +252,39 @@ async fn simple(c: &mut DuplexStream) -> (u32, u64) {
     (c.read_u32().await.unwrap(), c.read_u64().await.unwrap())
 }
 
+/// The next reply to a request without data, in a session with structured
+/// replies: (errno, cookie), errno 0 for success. Success may be a simple
+/// reply; an error must be a structured error chunk with a message.
+async fn outcome(c: &mut DuplexStream) -> (u32, u64) {
+    match c.read_u32().await.unwrap() {
+        SIMPLE_REPLY_MAGIC => {
+            let errno = c.read_u32().await.unwrap();
+            assert_eq!(errno, 0, "an error as a simple reply: {errno}");
+            (0, c.read_u64().await.unwrap())
+        }
+        STRUCTURED_REPLY_MAGIC => {
+            let flags = c.read_u16().await.unwrap();
+            let kind = c.read_u16().await.unwrap();
+            let cookie = c.read_u64().await.unwrap();
+            let len = c.read_u32().await.unwrap();
+            let mut data = vec![0; len as usize];
+            c.read_exact(&mut data).await.unwrap();
+            assert_ne!(flags & REPLY_FLAG_DONE, 0, "one chunk per error");
+            match kind {
+                REPLY_TYPE_ERROR => {
+                    let errno = u32::from_be_bytes(data[..4].try_into().unwrap());
+                    let msg_len = u16::from_be_bytes([data[4], data[5]]) as usize;
+                    assert!(msg_len > 0, "errors say why");
+                    (errno, cookie)
+                }
+                REPLY_TYPE_NONE => (0, cookie),
+                other => panic!("unexpected chunk type {other}"),
+            }
+        }
+        magic => panic!("bad reply magic {magic:#x}"),
+    }
+}
+
 /// A structured chunk: (flags, type, cookie, payload).
 async fn chunk(c: &mut DuplexStream) -> (u16, u16, u64, Vec<u8>) {
     assert_eq!(c.read_u32().await.unwrap(), STRUCTURED_REPLY_MAGIC);
@@ -301,6 +347,23 @@ async fn haggling_goes_on_after_unknown_options_and_lists_exports() {
     assert_eq!(option_reply(&mut c).await.1, REP_ERR_UNKNOWN);
     send_option(&mut c, OPT_INFO, &[1, 2, 3]).await;
     assert_eq!(option_reply(&mut c).await.1, REP_ERR_INVALID);
+    // Options that take no data refuse some.
+    for option in [OPT_LIST, OPT_STRUCTURED_REPLY, OPT_STARTTLS] {
+        send_option(&mut c, option, b"x").await;
+        let kind = option_reply(&mut c).await.1;
+        assert!(
+            kind == REP_ERR_INVALID || (option == OPT_STARTTLS && kind == REP_ERR_POLICY),
+            "option {option}: {kind:#x}"
+        );
+    }
+    // A name as long as the protocol allows: the message naming it stays
+    // short, and cut at a character boundary.
+    let long = "é".repeat(2048);
+    send_option(&mut c, OPT_INFO, &name_request(&long, &[])).await;
+    let (_, kind, message) = option_reply(&mut c).await;
+    assert_eq!(kind, REP_ERR_UNKNOWN);
+    assert!(message.len() <= 300, "{} bytes", message.len());
+    assert!(String::from_utf8(message).is_ok());
     // SET_META_CONTEXT before structured replies is refused; LIST is fine.
     send_option(
         &mut c,
@@ -397,14 +460,17 @@ async fn errors_follow_the_protocol() {
     go(&mut c, "disk").await;
     let size = 8u64 << 20;
     request(&mut c, CMD_READ, 0, 1, size - 10, 20).await;
-    let (_, kind, cookie, data) = chunk(&mut c).await;
-    assert_eq!((kind, cookie), (REPLY_TYPE_ERROR, 1));
-    assert_eq!(u32::from_be_bytes(data[..4].try_into().unwrap()), EINVAL);
+    assert_eq!(outcome(&mut c).await, (EINVAL, 1));
+    // Writes past the end are ENOSPC, trims EINVAL.
     request(&mut c, CMD_WRITE, 0, 2, size - 2, 4).await;
     c.write_all(b"wxyz").await.unwrap();
-    assert_eq!(simple(&mut c).await, (ENOSPC, 2));
+    assert_eq!(outcome(&mut c).await, (ENOSPC, 2));
     request(&mut c, CMD_TRIM, 0, 3, size, 1).await;
-    assert_eq!(simple(&mut c).await, (ENOSPC, 3));
+    assert_eq!(outcome(&mut c).await, (EINVAL, 3));
+    request(&mut c, CMD_WRITE_ZEROES, 0, 31, size - 4096, 8192).await;
+    assert_eq!(outcome(&mut c).await, (ENOSPC, 31));
+    request(&mut c, CMD_BLOCK_STATUS, 0, 32, size - 4096, 8192).await;
+    assert_eq!(outcome(&mut c).await, (EINVAL, 32));
     // Zeros that must stay allocated are written as data: not fast.
     request(
         &mut c,
@@ -415,25 +481,100 @@ async fn errors_follow_the_protocol() {
         4096,
     )
     .await;
-    assert_eq!(simple(&mut c).await, (ENOTSUP, 33));
+    assert_eq!(outcome(&mut c).await, (ENOTSUP, 33));
     request(&mut c, 77, 0, 4, 0, 0).await;
-    assert_eq!(simple(&mut c).await, (EINVAL, 4));
+    assert_eq!(outcome(&mut c).await, (EINVAL, 4));
     h.rw.fail.store(true, Ordering::SeqCst);
     request(&mut c, CMD_FLUSH, 0, 5, 0, 0).await;
-    assert_eq!(simple(&mut c).await, (EIO, 5));
+    assert_eq!(outcome(&mut c).await, (EIO, 5));
     h.rw.fail.store(false, Ordering::SeqCst);
     request(&mut c, CMD_FLUSH, 0, 6, 0, 0).await;
-    assert_eq!(simple(&mut c).await, (0, 6));
+    assert_eq!(outcome(&mut c).await, (0, 6));
 
     let (mut r, _task) = h.connect();
     let flags = go(&mut r, "disk@snap").await;
     assert!(flags & TF_READ_ONLY != 0 && flags & TF_SEND_TRIM == 0);
     request(&mut r, CMD_WRITE, 0, 7, 0, 2).await;
     r.write_all(b"no").await.unwrap();
-    assert_eq!(simple(&mut r).await, (EPERM, 7));
+    assert_eq!(outcome(&mut r).await, (EPERM, 7));
     request(&mut r, CMD_WRITE_ZEROES, 0, 8, 0, 4096).await;
-    assert_eq!(simple(&mut r).await, (EPERM, 8));
+    assert_eq!(outcome(&mut r).await, (EPERM, 8));
+    request(&mut r, CMD_TRIM, 0, 9, 0, 4096).await;
+    assert_eq!(outcome(&mut r).await, (EPERM, 9));
     assert!(h.ro.data.lock().await.iter().all(|&b| b == 0));
+}
+
+/// Command flags: FUA on every command, DF only on reads and only with
+/// structured replies, the others on the commands they belong to; any other
+/// bit is EINVAL, on the wire, and the request does nothing.
+#[tokio::test]
+async fn command_flags_that_do_not_apply_are_refused() {
+    let h = harness();
+    let (mut c, _task) = h.connect();
+    let flags = go(&mut c, "disk").await;
+    assert_ne!(
+        flags & TF_SEND_DF,
+        0,
+        "DF is offered with structured replies"
+    );
+    let refused: [(u16, u16); 9] = [
+        (CMD_CACHE, CMD_FLAG_DF),
+        (CMD_CACHE, 1 << 7),
+        (CMD_READ, CMD_FLAG_NO_HOLE),
+        (CMD_READ, CMD_FLAG_REQ_ONE),
+        (CMD_TRIM, CMD_FLAG_NO_HOLE),
+        (CMD_TRIM, CMD_FLAG_FAST_ZERO),
+        (CMD_FLUSH, CMD_FLAG_DF),
+        (CMD_WRITE_ZEROES, CMD_FLAG_DF),
+        (CMD_BLOCK_STATUS, CMD_FLAG_NO_HOLE),
+    ];
+    for (i, &(command, flags)) in refused.iter().enumerate() {
+        request(&mut c, command, flags, i as u64, 0, 4096).await;
+        assert_eq!(
+            outcome(&mut c).await,
+            (EINVAL, i as u64),
+            "command {command} with flags {flags:#x}"
+        );
+    }
+    // A write with a flag it does not take: its data is read and dropped.
+    request(&mut c, CMD_WRITE, CMD_FLAG_DF, 50, 0, 4).await;
+    c.write_all(b"nope").await.unwrap();
+    assert_eq!(outcome(&mut c).await, (EINVAL, 50));
+    assert!(h.rw.data.lock().await[..4].iter().all(|&b| b == 0));
+    // FUA is taken everywhere.
+    for (i, command) in [CMD_READ, CMD_FLUSH, CMD_CACHE, CMD_TRIM]
+        .into_iter()
+        .enumerate()
+    {
+        let cookie = 60 + i as u64;
+        request(&mut c, command, CMD_FLAG_FUA, cookie, 0, 4096).await;
+        if command == CMD_READ {
+            let mut out = vec![0u8; 4096];
+            assert_eq!(structured_read(&mut c, 0, &mut out).await.0, cookie);
+        } else {
+            assert_eq!(outcome(&mut c).await, (0, cookie), "command {command}");
+        }
+    }
+    // A read of nothing is answered with one empty chunk.
+    request(&mut c, CMD_READ, 0, 70, 0, 0).await;
+    assert_eq!(outcome(&mut c).await, (0, 70));
+
+    // Without structured replies DF is neither offered nor taken.
+    let (mut s, _task) = h.connect();
+    greet(&mut s, CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).await;
+    send_option(&mut s, OPT_GO, &name_request("disk", &[])).await;
+    let (_, kind, info) = option_reply(&mut s).await;
+    assert_eq!(kind, REP_INFO);
+    let flags = u16::from_be_bytes([info[10], info[11]]);
+    assert_eq!(flags & TF_SEND_DF, 0, "no DF without structured replies");
+    while option_reply(&mut s).await.1 != REP_ACK {}
+    request(&mut s, CMD_READ, CMD_FLAG_DF, 80, 0, 4096).await;
+    assert_eq!(simple(&mut s).await, (EINVAL, 80));
+    let (mut e, _task) = h.connect();
+    greet(&mut e, CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).await;
+    send_option(&mut e, OPT_EXPORT_NAME, b"disk").await;
+    assert_eq!(e.read_u64().await.unwrap(), 8 << 20);
+    assert_eq!(e.read_u16().await.unwrap() & TF_SEND_DF, 0);
 }
 
 #[tokio::test]
@@ -668,7 +809,7 @@ async fn block_status_never_calls_data_a_hole_when_a_run_is_too_long_for_one_des
         description: String::new(),
         device: Arc::new(Huge),
     };
-    let server = Server::new(vec![export], None, stop_rx);
+    let server = Server::new(vec![export], None, Limits::default(), stop_rx);
     let (mut c, server_side) = tokio::io::duplex(1 << 20);
     tokio::spawn(server.connection(server_side, "test".into()));
     go(&mut c, "huge").await;
@@ -688,4 +829,228 @@ async fn block_status_never_calls_data_a_hole_when_a_run_is_too_long_for_one_des
         at += len;
     }
     assert!(at > 0);
+}
+
+/// Option haggling after a failed SET_META_CONTEXT, LIST's context ids, and
+/// options during shutdown.
+#[tokio::test]
+async fn meta_contexts_are_replaced_by_a_failed_set_and_listed_with_id_zero() {
+    let h = harness();
+    let (mut c, _task) = h.connect();
+    greet(&mut c, CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).await;
+    send_option(&mut c, OPT_STRUCTURED_REPLY, &[]).await;
+    assert_eq!(option_reply(&mut c).await.1, REP_ACK);
+    send_option(&mut c, OPT_LIST_META_CONTEXT, &meta_request("disk", &[])).await;
+    let (_, kind, data) = option_reply(&mut c).await;
+    assert_eq!(kind, REP_META_CONTEXT);
+    assert_eq!(&data[..4], &0u32.to_be_bytes(), "a listed context has id 0");
+    assert_eq!(option_reply(&mut c).await.1, REP_ACK);
+    send_option(
+        &mut c,
+        OPT_SET_META_CONTEXT,
+        &meta_request("disk", &[BASE_ALLOCATION]),
+    )
+    .await;
+    assert_eq!(option_reply(&mut c).await.1, REP_META_CONTEXT);
+    assert_eq!(option_reply(&mut c).await.1, REP_ACK);
+    // A SET that fails still replaces the selection: none is left.
+    send_option(
+        &mut c,
+        OPT_SET_META_CONTEXT,
+        &meta_request("nope", &[BASE_ALLOCATION]),
+    )
+    .await;
+    assert_eq!(option_reply(&mut c).await.1, REP_ERR_UNKNOWN);
+    send_option(&mut c, OPT_GO, &name_request("disk", &[])).await;
+    while option_reply(&mut c).await.1 != REP_ACK {}
+    request(&mut c, CMD_BLOCK_STATUS, 0, 1, 0, 4096).await;
+    assert_eq!(outcome(&mut c).await, (EINVAL, 1));
+
+    // During shutdown, options get ERR_SHUTDOWN and ABORT still works.
+    let (mut d, task) = h.connect();
+    greet(&mut d, CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).await;
+    h.stop.send(true).unwrap();
+    send_option(&mut d, OPT_GO, &name_request("disk", &[])).await;
+    assert_eq!(option_reply(&mut d).await.1, REP_ERR_SHUTDOWN);
+    send_option(&mut d, OPT_ABORT, &[]).await;
+    assert_eq!(option_reply(&mut d).await.1, REP_ACK);
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// A client that connects and says nothing is cut off after the handshake
+/// timeout; the transmission phase has no such limit.
+#[tokio::test]
+async fn a_client_that_never_finishes_the_handshake_is_cut_off() {
+    let h = harness_with(Limits {
+        handshake_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    });
+    let (mut silent, task) = h.connect();
+    let mut greeting = [0u8; 18];
+    silent.read_exact(&mut greeting).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("cut off after the handshake timeout")
+        .unwrap();
+    let mut rest = Vec::new();
+    silent.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    // A client in transmission may stay idle longer.
+    let (mut c, task) = h.connect();
+    go(&mut c, "disk").await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    request(&mut c, CMD_FLUSH, 0, 1, 0, 0).await;
+    assert_eq!(outcome(&mut c).await, (0, 1));
+    assert!(!task.is_finished());
+}
+
+/// One client too many for an export is refused when it asks for it, and
+/// let in once a place is free.
+#[tokio::test]
+async fn an_export_takes_at_most_its_number_of_clients() {
+    let h = harness_with(Limits {
+        max_connections_per_export: 1,
+        ..Limits::default()
+    });
+    let (mut first, first_task) = h.connect();
+    go(&mut first, "disk").await;
+    let (mut second, _task) = h.connect();
+    greet(&mut second, CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).await;
+    send_option(&mut second, OPT_GO, &name_request("disk", &[])).await;
+    let (_, kind, message) = option_reply(&mut second).await;
+    assert_eq!(kind, REP_ERR_POLICY);
+    assert!(String::from_utf8_lossy(&message).contains("too many"));
+    // Another export still has room.
+    send_option(&mut second, OPT_INFO, &name_request("disk@snap", &[])).await;
+    while option_reply(&mut second).await.1 != REP_ACK {}
+    request(&mut first, CMD_DISC, 0, 0, 0, 0).await;
+    first_task.await.unwrap();
+    send_option(&mut second, OPT_GO, &name_request("disk", &[])).await;
+    let (_, kind, _) = option_reply(&mut second).await;
+    assert_eq!(kind, REP_INFO, "let in once the first has gone");
+}
+
+/// Past the server's number of connections, a new client is closed at once;
+/// one more is let in when another leaves.
+#[tokio::test]
+async fn connections_past_the_limit_are_closed_at_once() {
+    let rw = MemDevice::new(1 << 20, false);
+    let (stop, stop_rx) = watch::channel(false);
+    let export = Export {
+        name: "disk".into(),
+        description: String::new(),
+        device: rw,
+    };
+    let limits = Limits {
+        max_connections: 2,
+        ..Limits::default()
+    };
+    let server = Server::new(vec![export], None, limits, stop_rx);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = tokio::spawn(server.serve_tcp(listener));
+    let greeted = |mut s: tokio::net::TcpStream| async move {
+        let mut greeting = [0u8; 18];
+        let got = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut greeting)).await;
+        (got.expect("an answer in time").is_ok(), s)
+    };
+    let (ok1, one) = greeted(tokio::net::TcpStream::connect(addr).await.unwrap()).await;
+    let (ok2, two) = greeted(tokio::net::TcpStream::connect(addr).await.unwrap()).await;
+    let (ok3, _) = greeted(tokio::net::TcpStream::connect(addr).await.unwrap()).await;
+    assert!(ok1 && ok2 && !ok3, "the third is closed at once");
+    drop(one);
+    let mut let_in = false;
+    for _ in 0..50 {
+        let (ok, _s) = greeted(tokio::net::TcpStream::connect(addr).await.unwrap()).await;
+        if ok {
+            let_in = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(let_in, "a place freed by a client that left is given again");
+    drop(two);
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), serving)
+        .await
+        .expect("clients still in the handshake do not hold up shutdown")
+        .unwrap()
+        .unwrap();
+}
+
+/// A client that pipelines large reads and never reads the replies holds at
+/// most its budget of bytes in flight: the server stops reading its requests,
+/// and another client is served meanwhile.
+#[tokio::test]
+async fn a_client_that_does_not_read_its_replies_stalls_only_itself() {
+    let h = harness_with(Limits {
+        connection_bytes: 34 << 20,
+        total_bytes: 16 << 20,
+        ..Limits::default()
+    });
+    let mib = 1u32 << 20;
+    let mut hostile = Vec::new();
+    for _ in 0..3 {
+        let (mut c, task) = h.connect_with_buffer(256 << 10);
+        go(&mut c, "disk").await;
+        let writer = tokio::spawn(async move {
+            for i in 0..100_000u64 {
+                let at = (i % 7) * u64::from(mib);
+                if tokio::time::timeout(Duration::from_secs(1), async {
+                    request(&mut c, CMD_READ, CMD_FLAG_DF, i, at, mib).await
+                })
+                .await
+                .is_err()
+                {
+                    return (c, i);
+                }
+            }
+            (c, 100_000)
+        });
+        hostile.push((writer, task));
+    }
+    let mut clients = Vec::new();
+    for (writer, task) in hostile {
+        let (c, sent) = writer.await.unwrap();
+        assert!(sent < 100_000, "the server stopped reading requests");
+        clients.push((c, task));
+    }
+    // Served: at most the total budget plus each connection's reserve, and
+    // what the socket buffers hold, in MiB-sized reads.
+    let served = h.rw.reads.load(Ordering::SeqCst);
+    assert!(
+        served <= 16 + 3 + 3,
+        "{served} reads served while nobody read a reply"
+    );
+    // A small read of another client goes through at once.
+    let (mut good, _task) = h.connect();
+    go(&mut good, "disk").await;
+    request(&mut good, CMD_READ, 0, 1, 0, 512).await;
+    let mut out = [0u8; 512];
+    let answered = tokio::time::timeout(
+        Duration::from_secs(2),
+        structured_read(&mut good, 0, &mut out),
+    )
+    .await;
+    assert_eq!(answered.expect("answered while the others stall").0, 1);
+    // The stalled clients leave: their connections end, and their bytes are
+    // given back (a big read of the good client fits the total again).
+    for (c, task) in clients {
+        drop(c);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("a stalled connection ends when its client goes")
+            .unwrap();
+    }
+    request(&mut good, CMD_READ, CMD_FLAG_DF, 2, 0, 8 << 20).await;
+    let mut big = vec![0u8; 8 << 20];
+    let answered = tokio::time::timeout(
+        Duration::from_secs(2),
+        structured_read(&mut good, 0, &mut big),
+    )
+    .await;
+    assert_eq!(answered.expect("the budget came back").0, 2);
 }

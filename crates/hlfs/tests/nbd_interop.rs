@@ -1532,3 +1532,124 @@ fn flush_on_one_connection_covers_writes_of_another() {
     srv.stop_ok();
     check_volume(&vol);
 }
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("VmRSS");
+    kib << 10
+}
+
+/// A client that pipelines requests (1 MiB READs, or 1 MiB WRITEs) as fast
+/// as the server takes them and never reads a reply: it returns once the
+/// server has stopped taking more (or it has sent `most`).
+fn stop_reading_after_sending(socket: &str, write: bool, most: u64) -> (RawNbd, u64) {
+    let mut c = RawNbd::connect(socket, "vm.hlfs");
+    c.sock
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let data = vec![0x6b; MIB as usize];
+    let mut sent = 0;
+    while sent < most {
+        let (kind, payload): (u16, &[u8]) = if write { (1, &data) } else { (0, &[]) };
+        let mut req = Vec::with_capacity(28 + payload.len());
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&kind.to_be_bytes());
+        req.extend_from_slice(&sent.to_be_bytes());
+        req.extend_from_slice(&((sent % 60) * MIB).to_be_bytes());
+        req.extend_from_slice(&(MIB as u32).to_be_bytes());
+        req.extend_from_slice(payload);
+        if c.sock.write_all(&req).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    (c, sent)
+}
+
+/// Clients that send requests and never read the replies cannot make the
+/// server grow without bound: each connection holds at most its budget of
+/// bytes in flight (then the server stops reading it), all of them at most
+/// the shared budget beyond a small reserve each; other clients are served
+/// meanwhile; the memory comes back when they go.
+#[test]
+fn clients_that_stop_reading_hold_bounded_memory() {
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = volume_at(d, "vm.hlfs");
+    let srv = Server::unix(
+        d,
+        &[&vol],
+        &["--create", "--size", "64M", "--in-flight-total", "64M"],
+    );
+    let socket = path_str(&d.join("nbd.sock"));
+    let pid = srv.proc.child.id() as i32;
+    // Warm up: every 1 MiB block read once.
+    let mut warm = RawNbd::connect(&socket, "vm.hlfs");
+    for i in 0..60 {
+        warm.read(i * MIB, MIB as u32);
+    }
+    let idle = rss(pid);
+    let above_idle = || rss(pid).saturating_sub(idle) >> 20;
+
+    // One client pipelining thousands of 1 MiB reads (a few MB on the
+    // wire): the server reads a connection's budget (64 MiB) worth and
+    // stops.
+    let (reader, sent) = stop_reading_after_sending(&socket, false, 20_000);
+    assert!(sent < 20_000, "the server stopped reading requests");
+    std::thread::sleep(Duration::from_millis(500));
+    let one = above_idle();
+    // At most 64 MiB in flight, and buffers.
+    assert!(one < 80, "{one} MiB above idle for one stalled client");
+    // Another client is served meanwhile.
+    let started = Instant::now();
+    assert_eq!(warm.read(0, 512).len(), 512);
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // Writes whose replies are not read: the same bound.
+    let (writer, _) = stop_reading_after_sending(&socket, true, 2_000);
+    std::thread::sleep(Duration::from_millis(500));
+    let two = above_idle();
+    // The shared budget holds: 64 MiB, and 1 MiB and buffers each.
+    assert!(two < 84, "{two} MiB above idle for two stalled clients");
+
+    // Six more at once: all together stay within the shared 64 MiB beyond
+    // 1 MiB each, and their socket buffers.
+    let more: Vec<_> = (0..6)
+        .map(|_| stop_reading_after_sending(&socket, false, 20_000).0)
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let eight = above_idle();
+    assert!(
+        eight < 96,
+        "{eight} MiB above idle for eight stalled clients"
+    );
+    let started = Instant::now();
+    assert_eq!(warm.read(4096, 512).len(), 512);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a small read of another client waited {:?}",
+        started.elapsed()
+    );
+
+    // They leave: the server lets go of what they held.
+    drop((reader, writer, more));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while above_idle() > 16 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "above idle: one stalled client {one} MiB, two {two} MiB, eight {eight} MiB, after they left {} MiB",
+        above_idle()
+    );
+    assert!(above_idle() <= 16, "{} MiB still held", above_idle());
+    warm.disconnect();
+    srv.stop_ok();
+    check_volume(&vol);
+}

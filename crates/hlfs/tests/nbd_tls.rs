@@ -81,7 +81,10 @@ fn serve(dir: &Path, extra: &[&str]) -> Served {
     let vol = dir.join("v.hlfs");
     let mut args = vec!["serve", vol.to_str().unwrap(), "--create", "--size", "64M"];
     let listen = format!("127.0.0.1:{port}");
-    args.extend(["--listen", &listen, "--tls-certs", "srv"]);
+    args.extend(["--listen", &listen]);
+    if !extra.contains(&"--tls-certs") {
+        args.extend(["--tls-certs", "srv"]);
+    }
     args.extend(extra);
     let mut child = Command::new(env!("CARGO_BIN_EXE_hlfs"))
         .args(&args)
@@ -199,4 +202,169 @@ fn tls_client_certificates_are_verified_when_asked() {
     let without = format!("{}?tls-certificates={}", served.uri, bare.display());
     let (ok, out) = client("nbdinfo", &[&without]);
     assert!(!ok, "a client without a certificate must be refused: {out}");
+}
+
+/// Makes `srv-NAME/` (the CA, a server certificate for localhost made with
+/// openssl, and the key `make_key` writes to key.pem) next to the CA that
+/// `make_certs` made.
+fn server_dir_with_key(dir: &Path, name: &str, make_key: &str) -> std::path::PathBuf {
+    let srv = dir.join(format!("srv-{name}"));
+    std::fs::create_dir(&srv).unwrap();
+    sh(
+        &format!(
+            r#"set -e
+cd srv-{name}
+{make_key}
+openssl req -new -key key.pem -out server.csr -subj "/CN=localhost"
+openssl x509 -req -in server.csr -CA ../srv/ca-cert.pem -CAkey ../ca-key.pem -CAcreateserial -out server-cert.pem -days 2 -extfile ../server.ext
+mv key.pem server-key.pem
+cp ../srv/ca-cert.pem ca-cert.pem
+"#
+        ),
+        dir,
+    );
+    srv
+}
+
+/// Server keys as operators make them, with openssl and with GnuTLS's
+/// certtool (what QEMU's documentation uses): RSA of odd and large sizes,
+/// ECDSA on each curve, Ed25519, in PKCS#1, PKCS#8 and SEC1. Each serves
+/// libnbd and QEMU.
+#[test]
+fn server_keys_of_every_common_kind_and_maker_work() {
+    if !(have("openssl", "openssl")
+        && have("certtool", "gnutls-bin")
+        && have("nbdinfo", "libnbd-bin")
+        && have("qemu-img", "qemu-utils"))
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let cases = [
+        (
+            "openssl-rsa2048-pkcs8",
+            "openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out key.pem",
+        ),
+        (
+            "openssl-rsa3072-pkcs1",
+            "openssl genrsa -traditional -out key.pem 3072",
+        ),
+        (
+            "openssl-rsa8192-pkcs8",
+            "openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:8192 -out key.pem",
+        ),
+        (
+            "certtool-rsa2432-pkcs1",
+            "certtool --generate-privkey --bits 2432 --outfile key.pem",
+        ),
+        (
+            "certtool-rsa4096-pkcs1",
+            "certtool --generate-privkey --bits 4096 --outfile key.pem",
+        ),
+        (
+            "openssl-p256-sec1",
+            "openssl ecparam -name prime256v1 -genkey -noout -out key.pem",
+        ),
+        (
+            "openssl-p384-pkcs8",
+            "openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-384 -out key.pem",
+        ),
+        (
+            "openssl-p521-sec1",
+            "openssl ecparam -name secp521r1 -genkey -noout -out key.pem",
+        ),
+        (
+            "certtool-p521-sec1",
+            "certtool --generate-privkey --key-type ecdsa --curve secp521r1 --outfile key.pem",
+        ),
+        (
+            "openssl-ed25519-pkcs8",
+            "openssl genpkey -algorithm ed25519 -out key.pem",
+        ),
+        (
+            "certtool-ed25519-pkcs8",
+            "certtool --generate-privkey --key-type ed25519 --outfile key.pem",
+        ),
+    ];
+    let cli = dir.path().join("cli");
+    for (name, make_key) in cases {
+        let srv = server_dir_with_key(dir.path(), name, make_key);
+        let served = serve(dir.path(), &["--tls-certs", srv.to_str().unwrap()]);
+        let tls_uri = format!("{}?tls-certificates={}", served.uri, cli.display());
+        let (ok, out) = client("nbdinfo", &[&tls_uri]);
+        assert!(ok && out.contains("with TLS"), "{name}, libnbd: {out}");
+        let port = served
+            .uri
+            .split(':')
+            .nth(2)
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap();
+        let creds = format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            cli.display()
+        );
+        let image = format!("json:{{\"driver\":\"nbd\",\"server.type\":\"inet\",\"server.host\":\"localhost\",\"server.port\":\"{port}\",\"export\":\"v.hlfs\",\"tls-creds\":\"tls0\"}}");
+        let (ok, out) = client("qemu-img", &["info", "--object", &creds, &image]);
+        assert!(
+            ok && out.contains("virtual size: 64 MiB"),
+            "{name}, QEMU: {out}"
+        );
+    }
+}
+
+/// A key the server cannot use is refused before any volume is opened, and
+/// the error names the file and says why.
+#[test]
+fn an_unusable_key_is_refused_by_name_before_any_volume_is_opened() {
+    if !have("openssl", "openssl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let cases = [
+        ("rsa1024", "openssl genrsa -traditional -out key.pem 1024", "kind or size"),
+        (
+            "encrypted",
+            "openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -aes256 -pass pass:secret -out key.pem",
+            "encrypted",
+        ),
+        ("empty", ": > key.pem", "no private key"),
+    ];
+    for (name, make_key, why) in cases {
+        let srv = dir.path().join(format!("srv-{name}"));
+        std::fs::create_dir(&srv).unwrap();
+        std::fs::copy(
+            dir.path().join("srv/server-cert.pem"),
+            srv.join("server-cert.pem"),
+        )
+        .unwrap();
+        sh(
+            &format!("cd srv-{name} && {make_key} && mv key.pem server-key.pem"),
+            dir.path(),
+        );
+        let vol = dir.path().join(format!("{name}.hlfs"));
+        let out = Command::new(env!("CARGO_BIN_EXE_hlfs"))
+            .args(["serve", vol.to_str().unwrap(), "--create", "--size", "64M"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--tls-certs",
+                srv.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(
+            err.contains("server-key.pem") && err.contains(why),
+            "{name}: {err}"
+        );
+        assert!(
+            !vol.exists(),
+            "{name}: no volume is created before the key is checked"
+        );
+    }
 }

@@ -3,9 +3,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use anyhow::{bail, Context, Result};
 use hlfs_device::VolumeDevice;
-use hlfs_nbd::{Export, Server};
+use hlfs_nbd::proto::MAX_PAYLOAD;
+use hlfs_nbd::{Export, Limits, Server};
 use hlfs_volume::{Backend, CreateOptions, View, Volume, VolumeError};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::net::{TcpListener, UnixListener};
@@ -39,6 +42,49 @@ pub struct ServeArgs {
     /// ca-cert.pem.
     #[arg(long, requires = "tls_certs")]
     tls_verify_clients: bool,
+    /// Clients connected at once; one more is closed as soon as it
+    /// connects.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+    /// Clients connected at once to one export; one more is refused when it
+    /// asks for the export (and may try again later).
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections_per_export)]
+    max_connections_per_export: usize,
+    /// Seconds a client may take from connecting to choosing an export
+    /// (TLS included) before it is cut off.
+    #[arg(long, value_name = "SECS", default_value_t = Limits::default().handshake_timeout.as_secs())]
+    handshake_timeout: u64,
+    /// Bytes of requests and replies in flight on one connection; past it
+    /// the server reads no more of that client's requests until it has read
+    /// its replies. At least 33M (the largest request).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    in_flight: u64,
+    /// Bytes in flight over all connections together, beyond the first
+    /// MiB of each (what keeps small requests of every client going).
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    in_flight_total: u64,
+}
+
+impl ServeArgs {
+    fn limits(&self) -> Result<Limits> {
+        let bytes = |what: &str, n: u64| {
+            u32::try_from(n).map_err(|_| anyhow::anyhow!("{what} must be below 4G"))
+        };
+        let in_flight = bytes("--in-flight", self.in_flight)?;
+        if in_flight < (MAX_PAYLOAD + (1 << 20)) {
+            bail!("--in-flight must be at least 33M: the largest request must fit");
+        }
+        if self.max_connections == 0 || self.max_connections_per_export == 0 {
+            bail!("--max-connections and --max-connections-per-export must be at least 1");
+        }
+        Ok(Limits {
+            max_connections: self.max_connections,
+            max_connections_per_export: self.max_connections_per_export,
+            handshake_timeout: Duration::from_secs(self.handshake_timeout.max(1)),
+            connection_bytes: in_flight,
+            total_bytes: bytes("--in-flight-total", self.in_flight_total)?,
+        })
+    }
 }
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -183,18 +229,9 @@ fn uri(scheme: &str, export: &str, tcp: Option<(&str, u16)>, socket: Option<&Pat
 
 pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
     let mut signals = StopSignals::install()?;
-    let mut volumes = Vec::new();
-    let exports = match open_exports(&args, settings, &mut volumes).await {
-        Ok(exports) => exports,
-        Err(e) => {
-            // Release the writer claims of those already opened.
-            for vol in &volumes {
-                let _ = vol.close().await;
-            }
-            return Err(e);
-        }
-    };
-    let names: Vec<String> = exports.iter().map(|e| e.name.clone()).collect();
+    // Everything that can fail without a volume, before any is opened (and
+    // claimed): settings, certificates, listeners.
+    let limits = args.limits()?;
     let tls = match &args.tls_certs {
         Some(dir) => Some(
             hlfs_nbd::tls::acceptor_from_dir(dir, args.tls_verify_clients)
@@ -203,19 +240,43 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         None => None,
     };
     let scheme = if tls.is_some() { "nbds" } else { "nbd" };
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let server = Server::new(exports, tls, stop_rx);
-    let mut tasks = tokio::task::JoinSet::new();
     let listen = match (&args.listen, &args.socket) {
         (Some(l), _) => Some(l.clone()),
         (None, None) => Some(DEFAULT_LISTEN.to_string()),
         (None, Some(_)) => None,
     };
+    let tcp = match &listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
+    let unix = match &args.socket {
+        Some(path) => Some(bind_unix(path)?),
+        None => None,
+    };
+    let mut volumes = Vec::new();
+    let exports = match open_exports(&args, settings, &mut volumes).await {
+        Ok(exports) => exports,
+        Err(e) => {
+            // Release the writer claims of those already opened.
+            for vol in &volumes {
+                let _ = vol.close().await;
+            }
+            if let Some(path) = &args.socket {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
+    };
+    let names: Vec<String> = exports.iter().map(|e| e.name.clone()).collect();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = Server::new(exports, tls, limits, stop_rx);
+    let mut tasks = tokio::task::JoinSet::new();
     let mut uris = Vec::new();
-    if let Some(addr) = &listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
+    if let Some(listener) = tcp {
         let local = listener.local_addr()?;
         let host = match local {
             std::net::SocketAddr::V6(a) => format!("[{}]", a.ip()),
@@ -226,8 +287,7 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         }
         tasks.spawn(server.clone().serve_tcp(listener));
     }
-    if let Some(path) = &args.socket {
-        let listener = bind_unix(path)?;
+    if let (Some(listener), Some(path)) = (unix, &args.socket) {
         for n in &names {
             uris.push(uri(scheme, n, None, Some(path)));
         }
