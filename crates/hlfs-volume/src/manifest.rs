@@ -19,8 +19,29 @@ use crate::lifecycle::{Lifecycle, Need};
 /// A create refused because the name exists, of a blob that then reads as
 /// missing, is one of ours still in flight (S3 answers such a conflict with
 /// 409): it is tried again after this pause, this many times at most.
-pub(crate) const CONFLICT_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
-pub(crate) const MAX_CONFLICTS: u32 = 20;
+const CONFLICT_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+const MAX_CONFLICTS: u32 = 20;
+
+/// What is stored under `name`, whose create was just refused because the
+/// name exists. `None` if it reads as missing: a create of ours still in
+/// flight conflicted, and the caller creates it again (after a pause).
+/// `conflicts` counts those, and too many are an error.
+pub(crate) async fn stored_after_refusal(
+    store: &dyn BlobStore,
+    name: &str,
+    clock: &Clock,
+    conflicts: &mut u32,
+) -> Result<Option<bytes::Bytes>> {
+    match store.get(name).await {
+        Ok(stored) => Ok(Some(stored)),
+        Err(StoreError::NotFound(_)) if *conflicts < MAX_CONFLICTS => {
+            *conflicts += 1;
+            clock.sleep(CONFLICT_PAUSE).await;
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
 
 /// Reads the newest manifest of the volume at `location`.
 pub(crate) async fn latest_manifest(store: &dyn BlobStore, location: &str) -> Result<Manifest> {
@@ -117,14 +138,9 @@ impl ManifestLog {
             // A write whose answer was lost may have landed: this one
             // (retried by the store layer), or an earlier one. Either
             // carries our claim; another writer's does not.
-            let stored = match store.get(&name).await {
-                Ok(stored) => stored,
-                Err(StoreError::NotFound(_)) if conflicts < MAX_CONFLICTS => {
-                    conflicts += 1;
-                    clock.sleep(CONFLICT_PAUSE).await;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
+            let Some(stored) = stored_after_refusal(store, &name, clock, &mut conflicts).await?
+            else {
+                continue;
             };
             if stored[..] == bytes[..] {
                 *self.current.lock() = m;

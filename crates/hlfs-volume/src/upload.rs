@@ -26,7 +26,7 @@ use crate::checkpoint::HeadUpdate;
 use crate::core::Core;
 use crate::error::{Result, VolumeError};
 use crate::lifecycle::Need;
-use crate::manifest::{CONFLICT_PAUSE, MAX_CONFLICTS};
+use crate::manifest::stored_after_refusal;
 use crate::runner::{Mailbox, TaskContext};
 
 /// Sealed segments waiting for their upload, at most, before writers wait:
@@ -218,14 +218,10 @@ impl Core {
             }
             // An earlier attempt may have landed though its answer was
             // lost; then the stored bytes are ours.
-            let stored = match store.get(&name).await {
-                Ok(stored) => stored,
-                Err(StoreError::NotFound(_)) if conflicts < MAX_CONFLICTS => {
-                    conflicts += 1;
-                    self.clock.sleep(CONFLICT_PAUSE).await;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
+            let Some(stored) =
+                stored_after_refusal(store, &name, &self.clock, &mut conflicts).await?
+            else {
+                continue;
             };
             let len = file.len()?;
             let ours = file.read_at(0, len as usize)?;

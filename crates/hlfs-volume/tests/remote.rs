@@ -358,6 +358,18 @@ struct LostAnswers {
     manifests: AtomicU32,
 }
 
+/// The world as a remote store that loses the answers `lost` says.
+fn losing_answers(world: &World, lost: &Arc<LostAnswers>) -> Backend {
+    let lost = lost.clone();
+    Backend {
+        store: Arc::new(Watched {
+            inner: world.backend().store,
+            after_put: Box::new(move |name, landed| landed && lost.lose(name)),
+        }),
+        ..world.remote()
+    }
+}
+
 impl LostAnswers {
     fn lose(&self, name: &str) -> bool {
         let left = match name.starts_with("segments/") {
@@ -378,16 +390,7 @@ async fn creates_whose_answer_was_lost_are_recognised_as_ours() {
         segments: AtomicU32::new(2),
         manifests: AtomicU32::new(1),
     });
-    let backend = Backend {
-        store: Arc::new(Watched {
-            inner: world.backend().store,
-            after_put: Box::new({
-                let lost = lost.clone();
-                move |name, landed| landed && lost.lose(name)
-            }),
-        }),
-        ..world.remote()
-    };
+    let backend = losing_answers(&world, &lost);
     // The claim's manifest lands but reports an error: the open fails, and
     // a second open must not take its own earlier write for another writer.
     let first = Volume::open(backend.clone(), &opts).await;
@@ -536,26 +539,11 @@ async fn a_retried_snapshot_whose_first_answer_was_lost_is_not_taken_twice() {
     let world = World::new();
     create(&world.remote(), 16 << 20).await;
     let opts = options(Durability::Local, Duration::from_secs(30));
-    let lose_next_manifest = Arc::new(AtomicU32::new(0));
-    let backend = Backend {
-        store: Arc::new(Watched {
-            inner: world.backend().store,
-            after_put: Box::new({
-                let lose = lose_next_manifest.clone();
-                move |name, landed| {
-                    landed
-                        && name.starts_with("manifest/")
-                        && lose
-                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                            .is_ok()
-                }
-            }),
-        }),
-        ..world.remote()
-    };
+    let lost = Arc::new(LostAnswers::default());
+    let backend = losing_answers(&world, &lost);
     let vol = Volume::open(backend, &opts).await.unwrap();
     vol.write(0, &pattern(4096, 1)).await.unwrap();
-    lose_next_manifest.store(1, Ordering::SeqCst);
+    lost.manifests.store(1, Ordering::SeqCst);
     let lost = vol.snapshot_create("s1").await;
     assert!(lost.is_err(), "the lost answer surfaces: {lost:?}");
     let again = vol.snapshot_create("s1").await;
