@@ -49,6 +49,16 @@ async fn create(backend: &Backend, size: u64) {
     .unwrap();
 }
 
+/// What the store alone holds (another host opening the volume) reads back
+/// as `data` from offset 0.
+async fn assert_stored(world: &World, opts: &OpenOptions, data: &[u8]) {
+    let vol = Volume::open(world.store_only().remote(), opts)
+        .await
+        .unwrap();
+    assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
+    vol.close().await.unwrap();
+}
+
 fn refuse_uploads(world: &World) {
     world.faults.inject(Fault {
         op: FaultOp::Put,
@@ -147,11 +157,7 @@ async fn uploads_are_retried_until_the_store_takes_them() {
     vol.close()
         .await
         .expect("close waits for the retried uploads");
-    let vol = Volume::open(world.store_only().remote(), &opts)
-        .await
-        .unwrap();
-    assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
-    vol.close().await.unwrap();
+    assert_stored(&world, &opts, &data).await;
 }
 
 #[tokio::test]
@@ -255,11 +261,7 @@ async fn close_with_the_store_away_fails_in_time_and_the_next_open_finishes_the_
     world.faults.clear();
     let vol = Volume::open(world.remote(), &opts).await.unwrap();
     vol.close().await.unwrap();
-    let vol = Volume::open(world.store_only().remote(), &opts)
-        .await
-        .unwrap();
-    assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
-    vol.close().await.unwrap();
+    assert_stored(&world, &opts, &data).await;
 }
 
 #[tokio::test]
@@ -406,11 +408,7 @@ async fn creates_whose_answer_was_lost_are_recognised_as_ours() {
     vol.close().await.expect("no writer was fenced");
     assert_eq!(lost.segments.load(Ordering::SeqCst), 0);
     assert_eq!(lost.manifests.load(Ordering::SeqCst), 0);
-    let vol = Volume::open(world.store_only().remote(), &opts)
-        .await
-        .unwrap();
-    assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
-    vol.close().await.unwrap();
+    assert_stored(&world, &opts, &data).await;
 }
 
 /// Time moves only when the test moves it: the upload of a refused segment
