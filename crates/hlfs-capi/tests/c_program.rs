@@ -23,18 +23,24 @@ fn have(tool: &str, package: &str) -> bool {
     found
 }
 
-/// The directory cargo built this test and the library into
-/// (target/debug or target/release).
+/// The directory of cargo's build (target/debug or target/release),
+/// where the hlfs command is.
 fn build_dir() -> PathBuf {
+    lib_dir().parent().unwrap().to_path_buf()
+}
+
+/// Where the library was built for this test: next to the test itself
+/// (target/debug/deps), as `cargo test` leaves it.
+fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
+    exe.parent().unwrap().to_path_buf()
 }
 
 /// Compiles the test program into `dir`, against the library just built
 /// (under its file name and its soname, as an install lays it out).
 fn compile(dir: &Path) -> PathBuf {
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let built = build_dir().join("libhlfs.so");
+    let built = lib_dir().join("libhlfs.so");
     assert!(built.exists(), "{} is not built", built.display());
     let lib_dir = dir.join("lib");
     std::fs::create_dir_all(&lib_dir).unwrap();
@@ -161,7 +167,7 @@ fn the_readme_example_builds_with_pkg_config_after_install() {
     let prefix = d.join("prefix");
     run(Command::new(repo.join("scripts/install-capi.sh"))
         .arg(&prefix)
-        .env("HLFS_LIB_DIR", build_dir()));
+        .env("HLFS_LIB_DIR", lib_dir()));
     for file in [
         "lib/libhlfs.so.0",
         "lib/libhlfs.a",
