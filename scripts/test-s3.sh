@@ -26,6 +26,10 @@ trap cleanup EXIT
 step() { echo "== $*"; }
 fail() { echo "test-s3: FAILED: $*" >&2; exit 1; }
 
+# This script owns the cluster from start to end (cleanup tears it down), so
+# whatever an interrupted earlier run left in the state dir is torn down first
+# instead of failing the run.
+scripts/ceph-down.sh
 scripts/ceph-up.sh >/dev/null
 # shellcheck disable=SC1091
 set -a; . "$state/s3.env"; set +a
