@@ -159,7 +159,7 @@ auth_cluster_required = cephx
 auth_service_required = cephx
 auth_client_required = cephx
 keyring = $STATE_DIR/keyring
-admin_socket = $STATE_DIR/run/\$name.asok
+admin_socket = $STATE_DIR/run/\$name.\$pid.asok
 pid_file = $STATE_DIR/run/\$name.pid
 run_dir = $STATE_DIR/run
 log_file = $STATE_DIR/log/\$name.log
@@ -209,7 +209,7 @@ bluestore_fsck_on_mount = false
 osd_memory_target = 1073741824
 osd_class_update_on_start = false
 osd_max_object_name_len = 460
-osd_max_object_namespace_len = 64
+osd_max_object_namespace_len = 256
 
 [client.rgw.a]
 rgw_data = $STATE_DIR/rgw/ceph-rgw.a

@@ -42,11 +42,11 @@ HLFS_S3_TEST_URI="s3://hlfs-test/conformance-$run_id" \
     cargo test -q -p hlfs-store --test s3 -- --include-ignored
 
 step "model property test, ${MODEL_CASES:-30} cases, store on S3"
-PROPTEST_CASES="${MODEL_CASES:-30}" HLFS_MODEL_S3_URI="s3://hlfs-test/model-$run_id" \
+PROPTEST_CASES="${MODEL_CASES:-30}" HLFS_MODEL_STORE_URI="s3://hlfs-test/model-$run_id" \
     cargo test -q -p hlfs-volume --test model
 
 step "NBD interop suite with every volume on S3"
-HLFS_TEST_S3_BASE="s3://hlfs-test/interop-$run_id" CI="${CI:-}" \
+HLFS_TEST_REMOTE_BASE="s3://hlfs-test/interop-$run_id" CI="${CI:-}" \
     cargo test -q -p hlfs --test nbd_interop
 fi
 

@@ -8,8 +8,9 @@
 //! * a [`JournalDir`]: the local, appendable area where the open segment is
 //!   written and made durable with `fdatasync` before it is sealed into the store.
 //!
-//! [`LocalStore`]/[`LocalJournal`] are the embedded default; [`S3Store`] and
-//! (with the `hdfs` feature) `HdfsStore` are remote. [`MemEnv`] holds an
+//! [`LocalStore`]/[`LocalJournal`] are the embedded default; [`S3Store`],
+//! (with the `hdfs` feature) `HdfsStore` and (with the `rados` feature)
+//! `RadosStore` are remote. [`MemEnv`] holds an
 //! in-memory store and journal for tests.
 //!
 //! What is not storage itself comes as [`layers`] around any store: retry,
@@ -29,6 +30,8 @@ mod error;
 mod hdfs;
 mod local;
 mod mem;
+#[cfg(feature = "rados")]
+mod rados;
 mod s3;
 
 pub mod conformance;
@@ -40,7 +43,21 @@ pub use error::{Result, StoreError};
 pub use hdfs::HdfsStore;
 pub use local::{LocalJournal, LocalStore};
 pub use mem::{MemEnv, MemJournal, MemStore};
+#[cfg(feature = "rados")]
+pub use rados::{RadosStore, PIECE_BYTES as RADOS_PIECE_BYTES};
 pub use s3::S3Store;
+
+/// Settings for a connection to a Ceph cluster (`rados://` volumes, with
+/// the `rados` feature). What is left unset is left to librados:
+/// `CEPH_CONF` and Ceph's default places for the configuration file,
+/// `CEPH_ARGS` for further options, `admin` for the client id, the keyring
+/// the configuration names.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct CephSettings {
+    pub conf: Option<PathBuf>,
+    pub id: Option<String>,
+    pub keyring: Option<PathBuf>,
+}
 
 /// A blob's name and size, as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -54,6 +54,8 @@ pub struct StoreOptions {
     /// How long a store request is retried (with backoff and jitter) before
     /// it fails.
     pub retry_budget: Duration,
+    /// How to reach a Ceph cluster, for `rados://` volumes.
+    pub ceph: hlfs_store::CephSettings,
 }
 
 impl Default for StoreOptions {
@@ -62,6 +64,7 @@ impl Default for StoreOptions {
             cache_dir: default_cache_dir(),
             cache_size: 10 << 30,
             retry_budget: Duration::from_secs(30),
+            ceph: hlfs_store::CephSettings::default(),
         }
     }
 }
@@ -195,14 +198,22 @@ impl Backend {
     }
 
     /// Parses a volume address: a path, a `file://` URI, or an `s3://` (or,
-    /// built with the `hdfs` feature, `hdfs://`) URI, whose journal and read
-    /// cache live in the local cache directory.
+    /// built with the `hdfs` or `rados` feature, `hdfs://` or `rados://`)
+    /// URI, whose journal and read cache live in the local cache directory.
     pub fn parse(address: &str, create: bool, opts: &StoreOptions) -> Result<Backend> {
         if let Some(path) = address.strip_prefix("file://") {
             return Backend::local(&PathBuf::from(path), create);
         }
         if address.starts_with("s3://") {
             return Backend::s3(address, opts);
+        }
+        #[cfg(feature = "rados")]
+        if address.starts_with("rados://") {
+            // A request to a stopped OSD fails in time for the retry layer
+            // to try it again within its budget.
+            let timeout = (opts.retry_budget / 3).max(Duration::from_secs(1));
+            let store = hlfs_store::RadosStore::from_uri(address, &opts.ceph, timeout)?;
+            return Backend::remote(address, Arc::new(store), opts);
         }
         #[cfg(feature = "hdfs")]
         if address.starts_with("hdfs://") {
@@ -217,6 +228,7 @@ impl Backend {
         if let Some((scheme, _)) = address.split_once("://") {
             let hint = match scheme {
                 "hdfs" => "; build hlfs with `--features hdfs` for it",
+                "rados" => "; build hlfs with `--features rados` for it",
                 _ => "",
             };
             return Err(VolumeError::InvalidArgument(format!(

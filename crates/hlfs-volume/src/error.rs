@@ -39,8 +39,10 @@ pub enum ErrorKind {
 /// What can go wrong with a volume. Each message is one line a user can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
+    /// Not a `source`: the message already carries the store's, and a
+    /// chain printed with its causes would say it twice.
     #[error("storage error: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error("corrupt volume: {0}")]
     Corrupt(String),
     #[error("no HLFS volume at {0}")]
@@ -103,5 +105,11 @@ impl VolumeError {
             VolumeError::Unavailable(_) => ErrorKind::Unavailable,
             VolumeError::Closed => ErrorKind::Closed,
         }
+    }
+}
+
+impl From<StoreError> for VolumeError {
+    fn from(e: StoreError) -> Self {
+        VolumeError::Store(e)
     }
 }

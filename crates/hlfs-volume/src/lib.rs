@@ -50,6 +50,7 @@ pub use backend::{default_cache_dir, Backend, StoreOptions, LOCAL_JOURNAL_DIR};
 pub use cache::ReadCache;
 pub use check::{check, CheckReport};
 pub use error::{ErrorKind, Result, VolumeError};
+pub use hlfs_store::CephSettings;
 pub use info::utc;
 pub use map::PageCache;
 pub use options::{CreateOptions, Durability, Extent, OpenOptions, SnapshotInfo, View, VolumeInfo};

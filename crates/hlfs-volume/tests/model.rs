@@ -8,11 +8,13 @@
 //! `PROPTEST_CASES` sets the number of cases (default 256 per test binary
 //! run; CI raises it, and `scripts/model-soak.sh` runs millions).
 //!
-//! With `HLFS_MODEL_S3_URI=s3://BUCKET/PREFIX` the segments and manifests of
-//! every case go to that S3 store instead (scripts/test-s3.sh runs a reduced
-//! number of cases against Ceph). Crashes then become clean reopens: a
-//! crashed process's last requests may still land on a real gateway after
-//! it "died", which the in-memory store rules out.
+//! With `HLFS_MODEL_STORE_URI=s3://BUCKET/PREFIX` (or, built with the
+//! `rados` feature, `rados://POOL/PREFIX`) the segments and manifests of
+//! every case go to that store instead (scripts/test-s3.sh and
+//! scripts/test-rados.sh run a reduced number of cases against Ceph).
+//! Crashes then become clean reopens: a crashed process's last requests may
+//! still land on a real store after it "died", which the in-memory store
+//! rules out.
 
 mod common;
 
@@ -157,8 +159,8 @@ fn budget(cfg: &Config) -> OpenOptions {
 struct Harness {
     cfg: Config,
     world: World,
-    /// The S3 store of the case, if it runs on one.
-    s3: Option<Arc<dyn BlobStore>>,
+    /// The remote store of the case, if it runs on one.
+    remote_store: Option<Arc<dyn BlobStore>>,
     vol: Volume,
     model: Image,
     /// States since the last durable point; the first is durable.
@@ -184,7 +186,7 @@ impl Harness {
     }
 
     fn backend(&self) -> Backend {
-        backend(&self.world, &self.s3, self.cfg.remote)
+        backend(&self.world, &self.remote_store, self.cfg.remote)
     }
 
     async fn open(&mut self) {
@@ -295,7 +297,7 @@ impl Harness {
                 );
             }
             Op::Reopen => self.reopen().await,
-            Op::Crash { .. } if self.s3.is_some() => self.reopen().await,
+            Op::Crash { .. } if self.remote_store.is_some() => self.reopen().await,
             Op::Crash { mode, seed } => {
                 let mode = match mode {
                     0 => CrashMode::DropUnsynced,
@@ -362,10 +364,10 @@ impl Harness {
     }
 }
 
-/// The case's volume: all in memory, or with its store on S3 (whose
-/// requests are retried as a volume on S3 retries them).
-fn backend(world: &World, s3: &Option<Arc<dyn BlobStore>>, remote: bool) -> Backend {
-    match s3 {
+/// The case's volume: all in memory, or with its store remote (whose
+/// requests are retried as a remote volume retries them).
+fn backend(world: &World, remote_store: &Option<Arc<dyn BlobStore>>, remote: bool) -> Backend {
+    match remote_store {
         Some(store) => Backend {
             store: store.clone(),
             remote: true,
@@ -379,38 +381,49 @@ fn backend(world: &World, s3: &Option<Arc<dyn BlobStore>>, remote: bool) -> Back
     }
 }
 
-fn s3_store_for_case() -> Option<Arc<dyn BlobStore>> {
+fn remote_store_for_case() -> Option<Arc<dyn BlobStore>> {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let base = std::env::var("HLFS_MODEL_S3_URI").ok()?;
+    let base = std::env::var("HLFS_MODEL_STORE_URI").ok()?;
     let uri = format!(
         "{}/case-{}-{}",
         base.trim_end_matches('/'),
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
+    #[cfg(feature = "rados")]
+    if uri.starts_with("rados://") {
+        let settings = hlfs_store::CephSettings::default();
+        let store = hlfs_store::RadosStore::from_uri(&uri, &settings, Duration::from_secs(10))
+            .expect("Ceph configuration");
+        return Some(Arc::new(store));
+    }
+    assert!(
+        uri.starts_with("s3://"),
+        "HLFS_MODEL_STORE_URI={uri:?} is not a store this build has"
+    );
     Some(Arc::new(S3Store::from_uri(&uri).expect("S3 configuration")))
 }
 
 async fn run_case(cfg: Config, ops: Vec<Op>) {
     let world = World::new();
-    let s3 = s3_store_for_case();
+    let remote_store = remote_store_for_case();
     let bs = 1u32 << cfg.block_shift;
     let create = CreateOptions {
         size: cfg.size,
         block_size: bs,
         segment_size: (cfg.segment_blocks * bs as u64).max(64 << 10),
     };
-    Volume::create(&backend(&world, &s3, cfg.remote), &create)
+    Volume::create(&backend(&world, &remote_store, cfg.remote), &create)
         .await
         .expect("create");
-    let vol = Volume::open(backend(&world, &s3, cfg.remote), &budget(&cfg))
+    let vol = Volume::open(backend(&world, &remote_store, cfg.remote), &budget(&cfg))
         .await
         .expect("open");
     let model = Image::new(cfg.size);
     let mut h = Harness {
         cfg,
         world,
-        s3,
+        remote_store,
         vol,
         history: vec![model.clone()],
         model,

@@ -44,6 +44,21 @@ pub struct GlobalArgs {
     /// fails with an I/O error. Nothing flushed is lost either way.
     #[arg(long, global = true, value_name = "SECS", default_value = "30")]
     pub store_timeout: u64,
+
+    /// Ceph configuration file for rados:// volumes (else CEPH_CONF, else
+    /// Ceph's default places). Further librados options: CEPH_ARGS.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ceph_conf: Option<PathBuf>,
+
+    /// Ceph client id for rados:// volumes, without `client.` (default
+    /// admin).
+    #[arg(long, global = true, value_name = "ID")]
+    pub ceph_id: Option<String>,
+
+    /// Keyring holding the Ceph client's key (else the one the
+    /// configuration names).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ceph_keyring: Option<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -80,6 +95,11 @@ impl Settings {
                 cache_dir: global.cache_dir.clone(),
                 cache_size: global.cache_size,
                 retry_budget: Duration::from_secs(global.store_timeout),
+                ceph: hlfs_volume::CephSettings {
+                    conf: global.ceph_conf.clone(),
+                    id: global.ceph_id.clone(),
+                    keyring: global.ceph_keyring.clone(),
+                },
             },
         }
     }

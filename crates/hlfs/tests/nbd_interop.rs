@@ -441,10 +441,12 @@ fn tempdir() -> tempfile::TempDir {
         .unwrap()
 }
 
-/// Where a test's volume lives: in its temp dir, or on S3 under
-/// `HLFS_TEST_S3_BASE` (scripts/test-s3.sh runs this suite against Ceph).
+/// Where a test's volume lives: in its temp dir, or under the remote
+/// address `HLFS_TEST_REMOTE_BASE` (`s3://BUCKET/PREFIX` or
+/// `rados://POOL/PREFIX`: scripts/test-s3.sh and scripts/test-rados.sh run
+/// this suite against Ceph).
 fn volume_at(dir: &Path, name: &str) -> String {
-    match std::env::var("HLFS_TEST_S3_BASE") {
+    match std::env::var("HLFS_TEST_REMOTE_BASE") {
         Ok(base) => format!(
             "{}/{}-{}/{name}",
             base.trim_end_matches('/'),
@@ -1437,8 +1439,9 @@ fn info_and_check_while_serving() {
     let srv = Server::unix(d, &[&vol], &[]);
     // Enough to seal segments now and then, not so much that each check
     // has gigabytes of segments to read.
-    // On S3 each check reads every segment with its own requests: fewer.
-    let (rate, rounds) = match std::env::var_os("HLFS_TEST_S3_BASE") {
+    // On a remote store each check reads every segment with its own
+    // requests: fewer.
+    let (rate, rounds) = match std::env::var_os("HLFS_TEST_REMOTE_BASE") {
         Some(_) => ("--rate_iops=200", 3),
         None => ("--rate_iops=1000", 10),
     };
