@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Benchmarks HLFS on a Ceph RADOS gateway (S3) against Ceph RBD on the same
+# Benchmarks HLFS on a Ceph cluster, through its RADOS gateway (s3://) and
+# directly on RADOS (rados://, librados), against Ceph RBD on the same
 # throwaway single-node cluster, in one run on one machine, with fio.
 #
 # Usage:
 #   scripts/bench-ceph.sh [--size SIZE] [--runtime SECONDS] [--out DIR] [--hlfs PATH]
-#                         [--only rbd|hlfs] [--rbd-cache default|writeback|none]
+#                         [--only rbd|hlfs|rados] [--rbd-cache default|writeback|none]
 #                         [--state-dir DIR] [--rgw-port PORT] [--mon-port PORT]
 #                         [--osd-size SIZE] [--settle SECONDS] [--precondition-timeout SECONDS]
 #
@@ -12,9 +13,10 @@
 #   --runtime SECONDS    measured time per workload, time_based (default 20; no ramp)
 #   --out DIR            where fio JSON, logs and the report go (default: a new
 #                        /var/tmp/hlfs-bench-ceph.XXXXXX, printed); kept at exit
-#   --hlfs PATH          a prebuilt hlfs binary; otherwise `cargo build --release -p hlfs`
+#   --hlfs PATH          a prebuilt hlfs binary (built with --features rados for the rados
+#                        leg); otherwise `cargo build --release -p hlfs --features rados`
 #                        runs first and ${CARGO_TARGET_DIR:-target}/release/hlfs is used
-#   --only LEG           run only the rbd or only the hlfs leg (no ratios then)
+#   --only LEG           run only one leg: rbd, hlfs (s3://) or rados (rados://); no ratios then
 #   --rbd-cache MODE     librbd cache for fio's rbd engine: default (librbd's own:
 #                        rbd_cache=true, writethrough until the first flush, so the
 #                        flush-free workloads run writethrough), writeback
@@ -39,7 +41,8 @@
 #  1. scripts/ceph-up.sh brings up mon, mgr, one file-backed OSD and radosgw on
 #     127.0.0.1. An RBD pool `hlfsbench` (size 1, `rbd pool init`) and an image
 #     `img` of SIZE are made. fio must have the rbd engine (`fio --enghelp=rbd`).
-#  2. An HLFS volume s3://BUCKET/bench-PID/vm of SIZE (`hlfs create`), served by
+#  2. Per HLFS leg, a volume of SIZE (`hlfs create`): s3://BUCKET/bench-PID/vm on the
+#     gateway, or rados://hlfsrados/bench-PID/vm in a pool of size 1; served by
 #     `hlfs serve VOL --socket SOCK` with its local journal in a fresh temp dir
 #     (HLFS_CACHE_DIR, and --cache-dir if this hlfs has it). The NBD URI is the
 #     first line hlfs serve prints.
@@ -54,11 +57,12 @@
 #       seqread          1 MiB sequential reads, QD 8
 #       randwrite-fsync  4 KiB random writes, fsync=1 (a flush after each), 1 job x QD 1
 #     every workload but the precondition time_based for RUNTIME seconds. The RBD
-#     leg runs first; its image is removed before the HLFS leg starts.
+#     leg runs first; its image is removed before the HLFS legs start; the
+#     rados leg runs last and its pool is deleted after it.
 #  4. For each run: IOPS, MB/s, p99 latency (fio JSON), CPU seconds of the Ceph
 #     daemons (utime+stime from /proc/PID/stat of the pids in STATE_DIR/run/*.pid,
 #     over the fio run plus the settle tail, so HLFS's background uploads count),
-#     of hlfs serve (HLFS leg), of fio (cutime+cstime of this shell around the run:
+#     of hlfs serve (HLFS legs), of fio (cutime+cstime of this shell around the run:
 #     on the RBD leg it contains librbd, the client side of RBD), and Ceph CPU per I/O = Ceph CPU s / fio's
 #     total I/Os of the run.
 #  5. scripts/bench_ceph_report.py prints the Markdown report (tables, targets,
@@ -130,7 +134,7 @@ done
 [[ $settle_max =~ ^[0-9]+$ ]] || bad_usage "--settle must be an integer (seconds)"
 [[ $precond_timeout =~ ^[1-9][0-9]*$ ]] || bad_usage "--precondition-timeout must be a positive integer"
 [[ $rgw_port =~ ^[0-9]+$ && $mon_port =~ ^[0-9]+$ ]] || bad_usage "ports must be numbers"
-case $only in '' | rbd | hlfs) ;; *) bad_usage "--only must be rbd or hlfs" ;; esac
+case $only in '' | rbd | hlfs | rados) ;; *) bad_usage "--only must be rbd, hlfs or rados" ;; esac
 case $rbd_cache in default | writeback | none) ;; *) bad_usage "--rbd-cache must be default, writeback or none" ;; esac
 case $state_dir in /*) ;; *) bad_usage "--state-dir must be an absolute path" ;; esac
 [[ $state_dir != /var/tmp/hlfs-ceph && $rgw_port != 7480 && $mon_port != 3300 ]] ||
@@ -139,7 +143,7 @@ size=$(numfmt --from=iec "${size_arg%B}" 2>/dev/null) || bad_usage "--size $size
 ((size >= 64 << 20 && size % (1 << 20) == 0)) || bad_usage "--size must be at least 64M and a whole number of MiB"
 numfmt --from=iec "${osd_size%B}" >/dev/null 2>&1 || bad_usage "--osd-size $osd_size is not a size"
 size_human=$(numfmt --to=iec-i --suffix=B "$size")
-legs=(rbd hlfs)
+legs=(rbd hlfs rados)
 [[ -z $only ]] || legs=("$only")
 
 # ---------------------------------------------------------------- prerequisites
@@ -166,9 +170,10 @@ if command -v setpriv >/dev/null && setpriv --pdeathsig TERM true 2>/dev/null; t
 if [[ -n $hlfs ]]; then
     [[ -x $hlfs ]] || die "--hlfs $hlfs is not an executable"
     hlfs=$(cd "$(dirname "$hlfs")" && pwd)/$(basename "$hlfs")
-elif [[ " ${legs[*]} " == *" hlfs "* ]]; then
-    log "building: cargo build --release -p hlfs"
-    (cd "$repo" && timeout 1800 "${CARGO:-cargo}" build --release -p hlfs >&2) || die "cargo build --release -p hlfs failed"
+elif [[ " ${legs[*]} " == *" hlfs "* || " ${legs[*]} " == *" rados "* ]]; then
+    log "building: cargo build --release -p hlfs --features rados"
+    (cd "$repo" && timeout 1800 "${CARGO:-cargo}" build --release -p hlfs --features rados >&2) ||
+        die "cargo build --release -p hlfs --features rados failed (librados-dev installed?)"
     target=${CARGO_TARGET_DIR:-$repo/target}
     [[ $target == /* ]] || target=$repo/$target
     hlfs=$target/release/hlfs
@@ -439,7 +444,7 @@ run_fio() {
     fio_s=$(awk -v d="$((f1 - f0))" -v t="$clk_tck" 'BEGIN {printf "%.2f", d / t}')
     ceph_s=$(awk -v d="$total" -v t="$clk_tck" 'BEGIN {printf "%.2f", d / t}')
     serve_s=-
-    [[ $leg != hlfs ]] || serve_s=$(awk -v d="$((s1 - s0))" -v t="$clk_tck" 'BEGIN {printf "%.2f", d / t}')
+    [[ $leg == rbd ]] || serve_s=$(awk -v d="$((s1 - s0))" -v t="$clk_tck" 'BEGIN {printf "%.2f", d / t}')
     wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')
     log "$leg: $wl: fio ${wall}s + settle ${settled}s; Ceph CPU ${ceph_s}s (${per[*]}); hlfs serve CPU ${serve_s}s; fio CPU ${fio_s}s"
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$leg" "$wl" "$status" "$ceph_s" "$serve_s" "$wall" "$settled" \
@@ -471,25 +476,27 @@ leg_rbd() {
     printf 'rbd\t%s\t%s\n' "$st" "$note" >>"$out/legs.tsv"
 }
 
-# ---------------------------------------------------------------- HLFS leg
-leg_hlfs() {
-    local vol="s3://$HLFS_S3_BUCKET/bench-$$/vm" sock=$work/hlfs.sock cache=$work/hlfs-cache
+# ---------------------------------------------------------------- HLFS legs
+# hlfs_leg LEG VOLUME: create VOLUME, serve it, run the workloads, delete it.
+hlfs_leg() {
+    local leg=$1 vol=$2 sock=$work/hlfs.sock cache=$work/hlfs-cache
+    rm -rf "$cache"
     mkdir -p "$cache"
     export HLFS_CACHE_DIR=$cache
     # shellcheck disable=SC2206
     local sargs=() cargs=(${HLFS_CREATE_ARGS:-}) extra=(${HLFS_SERVE_ARGS:-})
     if "$hlfs" serve --help 2>&1 | grep -q -- '--cache-dir'; then sargs=(--cache-dir "$cache"); fi
     echo >&2
-    log "== HLFS leg: $hlfs create $vol --size $size ${cargs[*]}"
-    if ! timeout 300 "$hlfs" create "$vol" --size "$size" "${cargs[@]}" >"$out/hlfs.create.log" 2>&1; then
-        sed 's/^/  | /' "$out/hlfs.create.log" >&2
-        printf 'hlfs\tfailed\thlfs create %s failed\n' "$vol" >>"$out/legs.tsv"
+    log "== HLFS leg $leg: $hlfs create $vol --size $size ${cargs[*]}"
+    if ! timeout 300 "$hlfs" create "$vol" --size "$size" "${cargs[@]}" >"$out/$leg.create.log" 2>&1; then
+        sed 's/^/  | /' "$out/$leg.create.log" >&2
+        printf '%s\tfailed\thlfs create %s failed\n' "$leg" "$vol" >>"$out/legs.tsv"
         failures=$((failures + 1))
         return 0
     fi
     local cmd=("$hlfs" serve "$vol" --socket "$sock" "${sargs[@]}" "${extra[@]}")
     log "starting: HLFS_CACHE_DIR=$cache ${cmd[*]}"
-    "${pdeath[@]}" "${cmd[@]}" >"$work/serve.stdout" 2>"$out/hlfs.serve.log" &
+    "${pdeath[@]}" "${cmd[@]}" >"$work/serve.stdout" 2>"$out/$leg.serve.log" &
     serve_pid=$!
     local uri= i
     for ((i = 0; i < 600; i++)); do
@@ -500,9 +507,9 @@ leg_hlfs() {
     done
     if [[ -z $uri ]]; then
         log "hlfs serve printed no URI within 60 s (or exited); its log:"
-        sed 's/^/  | /' "$out/hlfs.serve.log" >&2
+        sed 's/^/  | /' "$out/$leg.serve.log" >&2
         stop_serve
-        printf 'hlfs\tfailed\thlfs serve did not start\n' >>"$out/legs.tsv"
+        printf '%s\tfailed\thlfs serve did not start\n' "$leg" >>"$out/legs.tsv"
         failures=$((failures + 1))
         return 0
     fi
@@ -511,26 +518,38 @@ leg_hlfs() {
     if [[ $got != "$size" ]]; then
         log "hlfs: export size is '$got', expected $size"
         stop_serve
-        printf 'hlfs\tfailed\texport size %s, expected %s\n' "$got" "$size" >>"$out/legs.tsv"
+        printf '%s\tfailed\texport size %s, expected %s\n' "$leg" "$got" "$size" >>"$out/legs.tsv"
         failures=$((failures + 1))
         return 0
     fi
     log "hlfs serve (pid $serve_pid) answers on $uri"
     leg_args=(--ioengine=nbd --uri="$uri")
     local st=ok
-    run_workloads hlfs || st=failed
+    run_workloads "$leg" || st=failed
     log "hlfs: cache dir (journal + read cache) holds $(du -sh "$cache" 2>/dev/null | cut -f1); stopping hlfs serve"
     stop_serve
     if [[ $serve_rc != 0 ]]; then
         log "hlfs serve exited with status $serve_rc after SIGTERM; its log:"
-        tail -n 30 "$out/hlfs.serve.log" | sed 's/^/  | /' >&2
+        tail -n 30 "$out/$leg.serve.log" | sed 's/^/  | /' >&2
         st=bad-exit
         failures=$((failures + 1))
     fi
     local shown="HLFS_CACHE_DIR=TMP hlfs serve $vol --socket TMP/hlfs.sock${sargs[*]:+ --cache-dir TMP}${extra[*]:+ ${extra[*]}}"
     shown="\`$shown\` (defaults of this hlfs: $("$hlfs" serve --help 2>&1 | grep -oE -- '--(durability|cache-size) <[A-Z]+>.*\[default: [^]]*\]' | sed -E 's/ <[A-Z]+>.*\[default: /=/; s/\]$//' | paste -sd' ' || true))"
-    printf 'hlfs\t%s\tfio ioengine=nbd uri=%s; %s\n' "$st" "${uri//$work/TMP}" "$shown" >>"$out/legs.tsv"
+    printf '%s\t%s\tfio ioengine=nbd uri=%s; %s\n' "$leg" "$st" "${uri//$work/TMP}" "$shown" >>"$out/legs.tsv"
     unset HLFS_CACHE_DIR
+}
+
+leg_hlfs() { hlfs_leg hlfs "s3://$HLFS_S3_BUCKET/bench-$$/vm"; }
+
+rados_pool=hlfsrados
+leg_rados() {
+    log "creating pool $rados_pool (size 1) for rados:// volumes"
+    "${CEPH[@]}" osd pool create "$rados_pool" 8 8 >&2
+    "${CEPH[@]}" osd pool set "$rados_pool" size 1 --yes-i-really-mean-it >&2
+    "${CEPH[@]}" osd pool application enable "$rados_pool" hlfs >&2
+    CEPH_CONF=$conf hlfs_leg rados "rados://$rados_pool/bench-$$/vm"
+    "${CEPH[@]}" osd pool delete "$rados_pool" "$rados_pool" --yes-i-really-really-mean-it >&2 || true
 }
 
 for leg in "${legs[@]}"; do

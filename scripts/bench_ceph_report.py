@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Summarises a scripts/bench-ceph.sh run (HLFS on the RADOS gateway against
-RBD on the same Ceph cluster): reads the fio JSON files and the CPU samples the
+"""Summarises a scripts/bench-ceph.sh run (HLFS on the RADOS gateway and
+directly on RADOS against RBD on the same Ceph cluster): reads the fio JSON files and the CPU samples the
 script left in its output directory, prints the Markdown report to stdout and
 writes it to OUT/report.md, with every number in OUT/report.json.
 
@@ -32,7 +32,9 @@ WORKLOADS = [
     ("randwrite-fsync", "rand-write 4 KiB + fsync each, 1 job x QD 1", "iops", 3.0, True),
 ]
 PRECONDITION = ("precondition", "precondition: seq-write 1 MiB QD 8, whole device", "mbps", None, False)
-LEGS = ["rbd", "hlfs"]
+LEGS = ["rbd", "hlfs", "rados"]
+# The HLFS legs, each compared with RBD.
+HLFS_LEGS = [("hlfs", "HLFS on the gateway (s3://)"), ("rados", "HLFS on RADOS (rados://)")]
 UNIT = {"iops": "IOPS", "mbps": "MB/s"}
 
 
@@ -84,29 +86,30 @@ def main(argv):
         return r if r and r["status"] == "ok" else None
 
     verdicts = []
-    for wl, label, metric, target, cpu_too in WORKLOADS:
-        rb, hl = ok("rbd", wl), ok("hlfs", wl)
-        ratio = hl[metric] / rb[metric] if (rb and hl and rb.get(metric)) else None
-        cpu_r = rb.get("ceph_cpu_us_per_io") if rb else None
-        cpu_h = hl.get("ceph_cpu_us_per_io") if hl else None
-        met, why = None, ""
-        if ratio is not None:
-            met = ratio >= target
-            if not met:
-                why = f"{UNIT[metric]} below {target:g}x"
-            if cpu_too and cpu_r is not None and cpu_h is not None and not cpu_h < cpu_r:
-                met = False
-                why = (why + "; " if why else "") + "Ceph CPU per I/O not lower"
-        verdicts.append({
-            "workload": wl, "label": label, "metric": UNIT[metric], "target": target,
-            "cpu_per_io_must_be_lower": cpu_too, "ratio": ratio, "met": met, "why": why,
-        })
+    for hleg, _name in HLFS_LEGS:
+        for wl, label, metric, target, cpu_too in WORKLOADS:
+            rb, hl = ok("rbd", wl), ok(hleg, wl)
+            ratio = hl[metric] / rb[metric] if (rb and hl and rb.get(metric)) else None
+            cpu_r = rb.get("ceph_cpu_us_per_io") if rb else None
+            cpu_h = hl.get("ceph_cpu_us_per_io") if hl else None
+            met, why = None, ""
+            if ratio is not None:
+                met = ratio >= target
+                if not met:
+                    why = f"{UNIT[metric]} below {target:g}x"
+                if cpu_too and cpu_r is not None and cpu_h is not None and not cpu_h < cpu_r:
+                    met = False
+                    why = (why + "; " if why else "") + "Ceph CPU per I/O not lower"
+            verdicts.append({
+                "leg": hleg, "workload": wl, "label": label, "metric": UNIT[metric], "target": target,
+                "cpu_per_io_must_be_lower": cpu_too, "ratio": ratio, "met": met, "why": why,
+            })
 
     def cell(r, key, digits=0):
         return fnum(r.get(key), digits) if r else "-"
 
     md = []
-    md.append(f"### HLFS on the RADOS gateway vs RBD, same Ceph cluster, {p['date']}")
+    md.append(f"### HLFS on the RADOS gateway and on RADOS vs RBD, same Ceph cluster, {p['date']}")
     md.append("")
     md.append("```sh")
     md.append(p["invocation"])
@@ -126,23 +129,30 @@ def main(argv):
             s = legs[leg]
             md.append(f"- **{leg}** ({s['status']}): {s['note']}")
     md.append("")
-    md.append("| workload | RBD IOPS | RBD MB/s | HLFS IOPS | HLFS MB/s | HLFS / RBD | target | result "
-              "| Ceph CPU s RBD | Ceph CPU s HLFS | Ceph CPU µs/I/O RBD | Ceph CPU µs/I/O HLFS | hlfs serve CPU s |")
-    md.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for v, (wl, label, metric, target, cpu_too) in zip(verdicts, WORKLOADS):
-        rb, hl = ok("rbd", wl), ok("hlfs", wl)
-        tgt = f"≥ {target:g}× {UNIT[metric]}" + (", less Ceph CPU/I/O" if cpu_too else "")
-        res = "n/a" if v["met"] is None else ("met" if v["met"] else f"**missed** ({v['why']})")
-        rv = "-" if v["ratio"] is None else f"{v['ratio']:.2f}"
-        rbs = "" if rb or ("rbd", wl) not in runs else f" ({runs[('rbd', wl)]['status']})"
-        hls = "" if hl or ("hlfs", wl) not in runs else f" ({runs[('hlfs', wl)]['status']})"
-        md.append(
-            f"| {label} | {cell(rb, 'iops')}{rbs} | {cell(rb, 'mbps', 1)} | {cell(hl, 'iops')}{hls} | "
-            f"{cell(hl, 'mbps', 1)} | {rv} | {tgt} | {res} | {cell(rb, 'ceph_cpu_s', 2)} | {cell(hl, 'ceph_cpu_s', 2)} | "
-            f"{cell(rb, 'ceph_cpu_us_per_io', 1)} | {cell(hl, 'ceph_cpu_us_per_io', 1)} | {cell(hl, 'serve_cpu_s', 2)} |"
-        )
-    md.append("")
-    md.append("Every run, both legs:")
+    for hleg, name in HLFS_LEGS:
+        if hleg not in legs:
+            continue
+        md.append(f"**{name} against RBD**")
+        md.append("")
+        md.append("| workload | RBD IOPS | RBD MB/s | HLFS IOPS | HLFS MB/s | HLFS / RBD | target | result "
+                  "| Ceph CPU s RBD | Ceph CPU s HLFS | Ceph CPU µs/I/O RBD | Ceph CPU µs/I/O HLFS | hlfs serve CPU s |")
+        md.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        leg_verdicts = [v for v in verdicts if v["leg"] == hleg]
+        for v, (wl, label, metric, target, cpu_too) in zip(leg_verdicts, WORKLOADS):
+            rb, hl = ok("rbd", wl), ok(hleg, wl)
+            tgt = f"≥ {target:g}× {UNIT[metric]}" + (", less Ceph CPU/I/O" if cpu_too else "")
+            res = "n/a" if v["met"] is None else ("met" if v["met"] else f"**missed** ({v['why']})")
+            rv = "-" if v["ratio"] is None else f"{v['ratio']:.2f}"
+            rbs = "" if rb or ("rbd", wl) not in runs else f" ({runs[('rbd', wl)]['status']})"
+            hls = "" if hl or (hleg, wl) not in runs else f" ({runs[(hleg, wl)]['status']})"
+            md.append(
+                f"| {label} | {cell(rb, 'iops')}{rbs} | {cell(rb, 'mbps', 1)} | {cell(hl, 'iops')}{hls} | "
+                f"{cell(hl, 'mbps', 1)} | {rv} | {tgt} | {res} | {cell(rb, 'ceph_cpu_s', 2)} | "
+                f"{cell(hl, 'ceph_cpu_s', 2)} | {cell(rb, 'ceph_cpu_us_per_io', 1)} | "
+                f"{cell(hl, 'ceph_cpu_us_per_io', 1)} | {cell(hl, 'serve_cpu_s', 2)} |"
+            )
+        md.append("")
+    md.append("Every run, every leg:")
     md.append("")
     md.append("| workload | leg | IOPS | MB/s | p50 µs | p99 µs | I/Os | Ceph CPU s (by daemon) | Ceph µs/I/O "
               "| hlfs serve CPU s | fio CPU s | fio s + settle s |")
@@ -177,7 +187,9 @@ def main(argv):
         "flushes are not counted as I/Os). hlfs serve CPU s is measured the same way. fio CPU s is the "
         "fio process's own (all threads, from start to exit): on the RBD leg it includes librbd, the client "
         "side of RBD; on the HLFS leg libnbd, with hlfs serve the client side of HLFS. p99 is completion "
-        "latency. The rand-write + fsync workload runs one job at QD 1. RBD runs with librbd's cache "
+        "latency. The rand-write + fsync workload runs one job at QD 1. On the rados leg, librados runs "
+        "inside hlfs serve, so the client side of HLFS on RADOS is all in hlfs serve CPU s. "
+        "RBD runs with librbd's cache "
         f"mode `{p['rbd_cache']}`"
         + (" (rbd_cache=true, writethrough until the first flush: the flush-free write workloads are "
            "acknowledged by the OSD, not by a client cache)" if p["rbd_cache"] == "default" else "")
