@@ -33,7 +33,9 @@ pub enum Command {
     /// Describe a volume: size, space used, snapshots.
     Info(cmd::info::InfoArgs),
     /// Copy a raw disk image (FILE, or - for stdin) into a volume. All-zero
-    /// blocks are not stored, so the volume stays thin.
+    /// blocks are not stored, so the volume stays thin, and the holes of a
+    /// sparse FILE are not even read. Into a volume that has data, holes
+    /// and zeros are written as zeros.
     Import(cmd::import::ImportArgs),
     /// Copy a volume, or one of its snapshots (VOLUME@SNAPSHOT), to a raw
     /// image FILE (sparse where the volume has holes), or - for stdout.

@@ -169,6 +169,79 @@ fn import_from_stdin_skips_zeros_and_grows_the_volume() {
     );
 }
 
+/// Writes `bytes` at `offset` of `path`, leaving the rest as it is (holes
+/// in a new file).
+fn write_at(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+}
+
+#[test]
+fn import_of_a_sparse_file_skips_its_holes_and_zeroes_them_over_old_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let size: u64 = 4 << 30;
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut island = |len: usize| {
+        let mut v = vec![0u8; len];
+        rng.fill_bytes(&mut v);
+        v
+    };
+    // a: data at the start, a few unaligned bytes in the middle, data at
+    // the end; everything else a hole.
+    let (first, middle, last) = (island(1 << 20), island(5000), island(1 << 20));
+    write_at(&a, 0, &first);
+    write_at(&a, (2 << 30) + 100, &middle);
+    write_at(&a, size - (1 << 20), &last);
+    assert!(du(&a) < 8 << 20, "the test image should be sparse");
+    let vol = dir.path().join("v.hlfs");
+    let v = vol.to_str().unwrap();
+    ok(&["import", a.to_str().unwrap(), v, "--create"]);
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info", v, "--json"])).unwrap();
+    assert_eq!(info["size"], size);
+    // 5000 bytes at 2 GiB + 100 touch two 4 KiB blocks.
+    assert_eq!(info["allocated_bytes"], (2 << 20) + 2 * 4096);
+    let out = dir.path().join("out.img");
+    ok(&["export", v, out.to_str().unwrap()]);
+    let read = |path: &Path, offset: u64, len: usize| {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len];
+        std::fs::File::open(path)
+            .unwrap()
+            .read_exact_at(&mut buf, offset)
+            .unwrap();
+        buf
+    };
+    assert_eq!(read(&out, 0, 1 << 20), first);
+    assert_eq!(read(&out, (2 << 30) + 100, 5000), middle);
+    assert_eq!(read(&out, size - (1 << 20), 1 << 20), last);
+    assert!(read(&out, (2 << 30) + 5100, 8192).iter().all(|&x| x == 0));
+
+    // b, imported over a: a hole where a had data, data where a had a hole.
+    // The volume must read as b exactly: the hole zeroes a's old bytes.
+    let fresh = island(3 << 20);
+    write_at(&b, 8 << 20, &fresh);
+    write_at(&b, size - 1, &[0x5A]);
+    ok(&["import", b.to_str().unwrap(), v]);
+    ok(&["export", v, out.to_str().unwrap()]);
+    assert!(
+        read(&out, 0, 1 << 20).iter().all(|&x| x == 0),
+        "a hole left old data"
+    );
+    assert!(read(&out, (2 << 30) + 100, 5000).iter().all(|&x| x == 0));
+    assert_eq!(read(&out, 8 << 20, 3 << 20), fresh);
+    assert_eq!(read(&out, size - 1, 1), [0x5A]);
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info", v, "--json"])).unwrap();
+    assert_eq!(info["allocated_bytes"], (3 << 20) + 4096);
+    ok(&["check", v]);
+}
+
 #[test]
 fn snapshots_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();

@@ -1592,11 +1592,19 @@ fn clients_that_stop_reading_hold_bounded_memory() {
     let srv = Server::unix(d, &[&vol], &["--in-flight-total", "64M"]);
     let socket = path_str(&d.join("nbd.sock"));
     let pid = srv.proc.child.id() as i32;
-    // Warm up: every 1 MiB block read once.
+    // Warm up: every 1 MiB block written, then read, once. What a server
+    // settles at after writing is the baseline: its uploads to a remote
+    // store included (librados copies what it sends, in memory the
+    // allocator keeps for the next upload).
     let mut warm = RawNbd::connect(&socket, "vm.hlfs");
+    let block = vec![0x3Cu8; MIB as usize];
+    for i in 0..60 {
+        assert_eq!(warm.write(i * MIB, &block), 0, "warm-up write");
+    }
     for i in 0..60 {
         warm.read(i * MIB, MIB as u32);
     }
+    std::thread::sleep(Duration::from_millis(1000));
     let idle = rss(pid);
     let above_idle = || rss(pid).saturating_sub(idle) >> 20;
 

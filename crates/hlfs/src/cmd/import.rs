@@ -11,6 +11,8 @@ use crate::args::{human, parse_size, progress, Settings};
 
 /// Bytes read from the input at a time.
 const CHUNK: usize = 4 << 20;
+/// Chunks read ahead of the writes.
+const READ_AHEAD: usize = 4;
 
 #[derive(clap::Args, Debug)]
 pub struct ImportArgs {
@@ -29,15 +31,19 @@ pub struct ImportArgs {
 
 pub async fn run(args: ImportArgs, settings: &Settings) -> Result<()> {
     let (file, volume) = (&args.file, &args.volume);
-    let (mut input, known_size): (Box<dyn Read>, Option<u64>) = if file == "-" {
-        (Box::new(std::io::stdin().lock()), None)
+    let input = if file == "-" {
+        Input::Stream
     } else {
         let f = std::fs::File::open(file).with_context(|| format!("cannot open {file}"))?;
         let len = f
             .metadata()
             .with_context(|| format!("cannot stat {file}"))?
             .len();
-        (Box::new(f), Some(len))
+        Input::File(f, len)
+    };
+    let known_size = match &input {
+        Input::File(_, len) => Some(*len),
+        Input::Stream => None,
     };
     if args.create {
         let create = CreateOptions {
@@ -48,7 +54,7 @@ pub async fn run(args: ImportArgs, settings: &Settings) -> Result<()> {
         Volume::create(&settings.backend(volume, true)?, &create).await?;
     }
     let vol = open_writer(volume, settings).await?;
-    let result = import_into(&vol, &mut *input, known_size, args.create, file).await;
+    let result = import_into(&vol, input, args.create, file).await;
     let closed = vol.close().await;
     let (bytes, stored, elapsed) = result?;
     closed?;
@@ -59,6 +65,136 @@ pub async fn run(args: ImportArgs, settings: &Settings) -> Result<()> {
         human(stored)
     );
     Ok(())
+}
+
+/// What is imported: a file of known size (whose holes need not be read),
+/// or standard input.
+enum Input {
+    File(std::fs::File, u64),
+    Stream,
+}
+
+/// A piece of the input, in order.
+enum Piece {
+    Data {
+        offset: u64,
+        bytes: Vec<u8>,
+    },
+    /// Bytes the file system says are a hole: zeros, never read.
+    Hole {
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// The ranges of the file that may hold data, in order, from SEEK_DATA and
+/// SEEK_HOLE; the whole file where the file system cannot tell.
+fn data_ranges(f: &std::fs::File, len: u64) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    let mut ranges = Vec::new();
+    let mut pos = 0u64;
+    while pos < len {
+        // SAFETY: lseek on a file descriptor we hold; it only moves the offset.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                // No data after `pos`: the rest is a hole.
+                Some(libc::ENXIO) => break,
+                // Not supported here: read everything.
+                _ => return vec![(0, len)],
+            }
+        }
+        let data = data as u64;
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 {
+            len
+        } else {
+            (hole as u64).min(len)
+        };
+        if hole <= data {
+            break;
+        }
+        ranges.push((data, hole - data));
+        pos = hole;
+    }
+    ranges
+}
+
+/// Reads the input on a thread of its own, so that reading the next chunk
+/// overlaps writing this one, and sends it piece by piece.
+fn spawn_reader(input: Input, file: String) -> tokio::sync::mpsc::Receiver<Result<Piece>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+    std::thread::spawn(move || {
+        let send = |piece| tx.blocking_send(piece).is_ok();
+        let failed =
+            |e: std::io::Error| Err(anyhow::Error::new(e).context(format!("reading {file}")));
+        match input {
+            Input::File(f, len) => {
+                use std::os::unix::fs::FileExt;
+                let mut at = 0u64;
+                for (start, n) in data_ranges(&f, len) {
+                    if start > at
+                        && !send(Ok(Piece::Hole {
+                            offset: at,
+                            len: start - at,
+                        }))
+                    {
+                        return;
+                    }
+                    let end = start + n;
+                    let mut offset = start;
+                    while offset < end {
+                        let mut bytes = vec![0u8; (end - offset).min(CHUNK as u64) as usize];
+                        if let Err(e) = f.read_exact_at(&mut bytes, offset) {
+                            send(failed(e));
+                            return;
+                        }
+                        offset += bytes.len() as u64;
+                        if !send(Ok(Piece::Data {
+                            offset: offset - bytes.len() as u64,
+                            bytes,
+                        })) {
+                            return;
+                        }
+                    }
+                    at = end;
+                }
+                if len > at {
+                    send(Ok(Piece::Hole {
+                        offset: at,
+                        len: len - at,
+                    }));
+                }
+            }
+            Input::Stream => {
+                let mut stdin = std::io::stdin().lock();
+                let mut offset = 0u64;
+                loop {
+                    let mut bytes = vec![0u8; CHUNK];
+                    match read_full(&mut stdin, &mut bytes) {
+                        Ok(0) => return,
+                        Ok(n) => {
+                            bytes.truncate(n);
+                            offset += n as u64;
+                            if !send(Ok(Piece::Data {
+                                offset: offset - n as u64,
+                                bytes,
+                            })) {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            send(failed(e));
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    rx
 }
 
 /// Fills `buf` as far as the reader allows; returns how much was read.
@@ -75,15 +211,19 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Copies the input into the volume from offset 0. Zero blocks are skipped
-/// on a fresh volume and written as zeroes (releasing space) otherwise.
+/// Copies the input into the volume from offset 0. Holes and zero blocks
+/// are skipped on a fresh volume and written as zeroes (releasing space)
+/// otherwise.
 async fn import_into(
     vol: &Volume,
-    input: &mut dyn Read,
-    known_size: Option<u64>,
+    input: Input,
     fresh: bool,
     file: &str,
 ) -> Result<(u64, u64, Duration)> {
+    let known_size = match &input {
+        Input::File(_, len) => Some(*len),
+        Input::Stream => None,
+    };
     if let Some(len) = known_size {
         if len > vol.size() {
             bail!(
@@ -98,14 +238,21 @@ async fn import_into(
     let start = Instant::now();
     let bar = progress(known_size, "importing");
     let bs = vol.block_size() as usize;
-    let mut buf = vec![0u8; CHUNK];
-    let mut offset = 0u64;
-    loop {
-        let n = read_full(input, &mut buf).with_context(|| format!("reading {file}"))?;
-        if n == 0 {
-            break;
-        }
-        let end = offset + n as u64;
+    let mut pieces = spawn_reader(input, file.to_string());
+    let mut total = 0u64;
+    while let Some(piece) = pieces.recv().await {
+        let (offset, bytes) = match piece? {
+            Piece::Hole { offset, len } => {
+                if !fresh {
+                    vol.write_zeroes(offset, len).await?;
+                }
+                total = offset + len;
+                bar.set_position(total);
+                continue;
+            }
+            Piece::Data { offset, bytes } => (offset, bytes),
+        };
+        let (n, end) = (bytes.len(), offset + bytes.len() as u64);
         if end > vol.size() {
             if grow {
                 vol.resize(end).await?;
@@ -120,7 +267,7 @@ async fn import_into(
         // Runs of all-zero and of data blocks.
         let mut i = 0;
         while i < n {
-            let zero = |k: usize| buf[k..(k + bs).min(n)].iter().all(|&b| b == 0);
+            let zero = |k: usize| bytes[k..(k + bs).min(n)].iter().all(|&b| b == 0);
             let is_zero = zero(i);
             let mut j = i;
             while j < n && zero(j) == is_zero {
@@ -128,16 +275,16 @@ async fn import_into(
             }
             let at = offset + i as u64;
             if !is_zero {
-                vol.write(at, &buf[i..j]).await?;
+                vol.write(at, &bytes[i..j]).await?;
             } else if !fresh {
                 vol.write_zeroes(at, (j - i) as u64).await?;
             }
             i = j;
         }
-        offset = end;
-        bar.set_position(offset);
+        total = end;
+        bar.set_position(total);
     }
     vol.flush().await?;
     bar.finish_and_clear();
-    Ok((offset, vol.allocated_bytes(), start.elapsed()))
+    Ok((total, vol.allocated_bytes(), start.elapsed()))
 }
