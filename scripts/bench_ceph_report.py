@@ -196,7 +196,7 @@ def main(argv):
         + ". HLFS acknowledges writes once they are in its local journal; data reaches the bucket when a "
         "segment is sealed and uploaded (the last, unsealed segment of a run stays local)."
     )
-    note = legs.get("hlfs", {}).get("note", "")
+    note = legs.get("hlfs", legs.get("rados", {})).get("note", "")
     if "durability=local" in note and "--durability remote" not in note:
         md[-1] += (" hlfs serve ran with `--durability local`: an HLFS FLUSH returns once its local journal "
                    "is synced, an RBD flush once the OSD has the data, so the fsync rows compare different "

@@ -22,8 +22,6 @@ work="$(mktemp -d)"
 pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    # A stopped OSD must be running for ceph-down.sh to stop it cleanly.
-    [ -s "$state/run/osd.0.pid" ] && kill -CONT "$(cat "$state/run/osd.0.pid")" 2>/dev/null || true
     rm -rf "$work"
     scripts/ceph-down.sh >/dev/null 2>&1 || true
 }
@@ -39,8 +37,8 @@ scripts/ceph-down.sh
 scripts/ceph-up.sh >/dev/null
 export CEPH_CONF="$state/ceph.conf"
 pool=hlfs
-ceph --connect-timeout 15 osd pool create "$pool" 8 >/dev/null 2>&1
-ceph --connect-timeout 15 osd pool application enable "$pool" hlfs >/dev/null 2>&1
+ceph --connect-timeout 15 osd pool create "$pool" 8 >/dev/null
+ceph --connect-timeout 15 osd pool application enable "$pool" hlfs >/dev/null
 run_id="$$-$(date +%s)"
 export HLFS_CACHE_DIR="$work/cache"
 
@@ -144,8 +142,8 @@ osd_start() {
 step "fault: the OSD stops mid-workload, then returns"
 vol="rados://$pool/outage-$run_id/vm"
 $hlfs create "$vol" --size 256M --segment-size 1M
-# --store-timeout 6: each RADOS request gives up after 2 s, and writes and
-# flushes wait at most 6 s for a stalled store.
+# --store-timeout 6: writes and flushes wait at most 6 s for a stalled
+# store (each RADOS request gives up after 10 s, its floor).
 serve "$vol" "$work/outage.sock" --store-timeout 6 -v
 qemu-io -f raw -c "write -P 0x11 0 4M" -c flush "$uri" >/dev/null
 osd_stop

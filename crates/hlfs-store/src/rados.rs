@@ -158,11 +158,13 @@ impl Cluster {
     }
 
     fn connect_new(settings: &CephSettings, timeout: Duration) -> Result<Cluster> {
+        // Ceph's tools take `--id ID` and `--name client.ID`: take either.
         let id = settings
             .id
             .as_deref()
-            .map(|id| cstring("ceph id", id))
-            .transpose()?;
+            .map(|id| id.strip_prefix("client.").unwrap_or(id));
+        let client = format!("client.{}", id.unwrap_or("admin"));
+        let id = id.map(|id| cstring("ceph id", id)).transpose()?;
         let mut handle: ffi::rados_t = std::ptr::null_mut();
         let failed = |what: &str, e: Errno| {
             StoreError::Unavailable(format!("connecting to Ceph: {what}: {e}"))
@@ -215,7 +217,6 @@ impl Cluster {
         if let Some(keyring) = &settings.keyring {
             set("keyring", &keyring.to_string_lossy())?;
         }
-        let client = format!("client.{}", settings.id.as_deref().unwrap_or("admin"));
         check(unsafe { ffi::rados_connect(handle) }).map_err(|e| match e.0 {
             // No key for the client, or a key the monitors do not take.
             libc::ENOENT | libc::EACCES | libc::EPERM => StoreError::Refused(format!(
@@ -550,8 +551,11 @@ fn parse_uri(uri: &str) -> Result<(String, String)> {
             "{uri:?} names no volume: use rados://POOL/NAME (each volume is a namespace of the pool)"
         )));
     }
-    if uri.contains('\0') {
-        return Err(StoreError::Invalid(format!("{uri:?} contains a NUL byte")));
+    // librados reads a namespace of "\x01" as every namespace of the pool.
+    if uri.chars().any(char::is_control) {
+        return Err(StoreError::Invalid(format!(
+            "{uri:?} contains a control character"
+        )));
     }
     Ok((pool.to_string(), namespace.to_string()))
 }
@@ -581,6 +585,12 @@ impl BlobStore for RadosStore {
             size: data.len() as u64,
             piece: self.piece,
         };
+        if layout.pieces() > MAX_PIECES {
+            return Err(StoreError::Invalid(format!(
+                "{what}: {} bytes is more than {MAX_PIECES} pieces",
+                layout.size
+            )));
+        }
         let piece_of = |i: u64| {
             let start = (i * layout.piece) as usize;
             let end = ((i + 1) * layout.piece).min(layout.size) as usize;
@@ -600,18 +610,24 @@ impl BlobStore for RadosStore {
             .buffer_unordered(4)
             .try_collect::<Vec<()>>()
             .await;
-        let committed = match written {
+        let committed = match &written {
             Ok(_) => {
                 let (head, text) = (piece_of(0), layout.encode());
                 self.blocking(move |io| io.create(&oid, &head, Some(&text)))
                     .await
                     .and_then(|r| r.map_err(|e| classify(&what, e)))
             }
-            Err(e) => Err(e),
+            // Not the piece's own error: an AlreadyExists of a piece must
+            // not read as the blob existing.
+            Err(e) => Err(StoreError::Unavailable(format!(
+                "{what}: writing a piece: {e}"
+            ))),
         };
-        if committed.is_err() {
-            // Nothing names these pieces: take them back (a crash here
-            // leaves them, hidden from listings).
+        // Take the pieces back only when nothing can name them: a piece
+        // failed (the head was never tried) or another create won. After a
+        // timeout the head may have landed after all, naming them.
+        let orphaned = written.is_err() || matches!(committed, Err(StoreError::AlreadyExists(_)));
+        if orphaned {
             for i in 1..layout.pieces() {
                 let _ = self.remove(piece_name(name, &layout.tag, i)).await;
             }
@@ -766,6 +782,8 @@ mod tests {
             "rados://pool",
             "rados://pool/",
             "s3://b/v",
+            "rados://pool/\u{1}",
+            "rados://pool/a\0b",
         ] {
             assert!(parse_uri(bad).is_err(), "{bad}");
         }

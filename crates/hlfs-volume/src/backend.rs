@@ -210,8 +210,9 @@ impl Backend {
         #[cfg(feature = "rados")]
         if address.starts_with("rados://") {
             // A request to a stopped OSD fails in time for the retry layer
-            // to try it again within its budget.
-            let timeout = (opts.retry_budget / 3).max(Duration::from_secs(1));
+            // to try it again within its budget; and an 80 MiB piece has
+            // time to cross a slow link.
+            let timeout = (opts.retry_budget / 3).max(Duration::from_secs(10));
             let store = hlfs_store::RadosStore::from_uri(address, &opts.ceph, timeout)?;
             return Backend::remote(address, Arc::new(store), opts);
         }

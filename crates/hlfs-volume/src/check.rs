@@ -110,7 +110,7 @@ pub async fn check(backend: Backend) -> Result<CheckReport> {
                     prev = Some(h.lsn);
                 }
                 Err(ScanStop::End) => break,
-                Err(ScanStop::Invalid { offset, reason }) => {
+                Err(ScanStop::Invalid { offset, reason, .. }) => {
                     report
                         .problems
                         .push(format!("{} offset {offset}: {reason}", segment_name(id)));
@@ -136,7 +136,17 @@ pub async fn check(backend: Backend) -> Result<CheckReport> {
             match scan.next(&uuid).await? {
                 Ok(_) => report.records += 1,
                 Err(ScanStop::End) => break,
-                Err(ScanStop::Invalid { offset, reason }) => {
+                Err(ScanStop::Invalid {
+                    offset,
+                    other_volume: true,
+                    ..
+                }) => {
+                    report.problems.push(format!(
+                        "journal {name} offset {offset}: a record of another volume (a journal directory shared by two addresses)"
+                    ));
+                    break;
+                }
+                Err(ScanStop::Invalid { offset, reason, .. }) => {
                     report.warnings.push(format!(
                         "journal {name}: the log ends at offset {offset} ({reason}); what follows will be dropped at the next open, as after a crash"
                     ));

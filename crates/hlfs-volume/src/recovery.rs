@@ -23,6 +23,7 @@ use crate::error::{Result, VolumeError};
 use crate::segments::{ScanSource, ScanStop, Scanner};
 
 /// Where a segment being replayed comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Origin {
     /// Sealed in the store: any bad record is damage.
     Stored,
@@ -225,7 +226,20 @@ impl Core {
                         ended: false,
                     })
                 }
-                Err(ScanStop::Invalid { offset, reason }) => (offset, reason),
+                Err(ScanStop::Invalid {
+                    offset,
+                    other_volume: true,
+                    ..
+                }) if origin == Origin::Journal => {
+                    // Two addresses that share a journal directory: what is
+                    // here is another volume's flushed data. Dropping it as
+                    // a torn tail would lose it.
+                    return Err(VolumeError::corrupt(format!(
+                        "{} offset {offset} holds a record of another volume: its journal directory is shared; move it aside after that volume is safe",
+                        journal_name(seg)
+                    )));
+                }
+                Err(ScanStop::Invalid { offset, reason, .. }) => (offset, reason),
             };
             return match origin {
                 Origin::Stored => Err(damaged(offset, why)),

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use hlfs_format::{
-    decode_header, segment_name, verify_record, Checkpoint, Entry, MapPage, RecordHeader,
-    RecordKind, HEADER_LEN,
+    decode_header, segment_name, verify_record, Checkpoint, Entry, FormatError, MapPage,
+    RecordHeader, RecordKind, HEADER_LEN,
 };
 use hlfs_store::{BlobReader, BlobStore, JournalFile, StoreError};
 use lru::LruCache;
@@ -240,8 +240,14 @@ impl ScanSource {
 pub enum ScanStop {
     /// Clean end of the segment.
     End,
-    /// The bytes at `offset` are not a valid record (torn or corrupt tail).
-    Invalid { offset: u64, reason: String },
+    /// The bytes at `offset` are not a valid record (torn or corrupt tail),
+    /// or are an intact record of another volume (`other_volume`): never a
+    /// torn tail of this one.
+    Invalid {
+        offset: u64,
+        reason: String,
+        other_volume: bool,
+    },
 }
 
 /// Reads a segment's records in order, through a large buffer so that a
@@ -298,7 +304,13 @@ impl Scanner {
         if offset == self.size {
             return Ok(Err(ScanStop::End));
         }
-        let invalid = |reason: String| Ok(Err(ScanStop::Invalid { offset, reason }));
+        let invalid = |reason: String| {
+            Ok(Err(ScanStop::Invalid {
+                offset,
+                reason,
+                other_volume: false,
+            }))
+        };
         if !self.fill(HEADER_LEN).await? {
             return invalid("truncated record header".into());
         }
@@ -318,7 +330,11 @@ impl Scanner {
             &record[HEADER_LEN..],
             volume,
         ) {
-            return invalid(e.to_string());
+            return Ok(Err(ScanStop::Invalid {
+                offset,
+                reason: e.to_string(),
+                other_volume: e == FormatError::WrongVolume,
+            }));
         }
         let payload = record[HEADER_LEN..].to_vec();
         self.pos += total as u64;

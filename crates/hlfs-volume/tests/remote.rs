@@ -593,3 +593,34 @@ async fn the_journal_lock_outlives_a_dropped_volume_until_its_uploads_requests_e
     assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
     vol.close().await.unwrap();
 }
+
+/// Two addresses whose journals land in one directory (the cache
+/// directory's names are not injective): the second volume's recovery
+/// meets the first one's flushed records and refuses, instead of dropping
+/// them as a torn tail.
+#[tokio::test]
+async fn a_journal_of_another_volume_is_refused_not_dropped() {
+    let (a, b) = (World::new(), World::new());
+    create(&a.remote(), 16 << 20).await;
+    let opts = options(Durability::Local, Duration::from_secs(30));
+    let vol = Volume::open(a.remote(), &opts).await.unwrap();
+    let data = pattern(64 << 10, 3);
+    vol.write(0, &data).await.unwrap();
+    vol.flush().await.unwrap();
+    // A crash: the flushed write is only in A's open journal.
+    let after = a.power_cut(CrashMode::DropUnsynced).await;
+    drop(vol);
+    let shared = after.remote().journal;
+    create(&b.remote(), 16 << 20).await;
+    let b_on_a_journal = Backend {
+        journal: shared,
+        ..b.remote()
+    };
+    let Err(err) = Volume::open(b_on_a_journal, &opts).await else {
+        panic!("B must not take A's journal");
+    };
+    assert!(err.to_string().contains("another volume"), "{err}");
+    let vol = Volume::open(after.remote(), &opts).await.unwrap();
+    assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
+    vol.close().await.unwrap();
+}

@@ -22,7 +22,7 @@ pub struct GlobalArgs {
     pub map_budget: u64,
 
     /// Directory for the local journal and read cache of volumes on a
-    /// remote store (s3://). Journals there hold writes not yet uploaded:
+    /// remote store (s3://, rados://, hdfs://). Journals there hold writes not yet uploaded:
     /// keep it on a disk that survives reboots.
     #[arg(long, global = true, value_name = "DIR", env = "HLFS_CACHE_DIR", default_value_os_t = hlfs_volume::default_cache_dir())]
     pub cache_dir: PathBuf,
@@ -50,7 +50,7 @@ pub struct GlobalArgs {
     #[arg(long, global = true, value_name = "FILE")]
     pub ceph_conf: Option<PathBuf>,
 
-    /// Ceph client id for rados:// volumes, without `client.` (default
+    /// Ceph client id for rados:// volumes: `ID` or `client.ID` (default
     /// admin).
     #[arg(long, global = true, value_name = "ID")]
     pub ceph_id: Option<String>,

@@ -242,6 +242,39 @@ fn import_of_a_sparse_file_skips_its_holes_and_zeroes_them_over_old_data() {
     ok(&["check", v]);
 }
 
+/// A FIFO (or `<(zcat disk.gz)`) has no size to trust: it is read until
+/// it ends, as stdin is.
+#[test]
+fn import_from_a_fifo_reads_until_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("disk.fifo");
+    let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(status.success());
+    let vol = dir.path().join("f.hlfs");
+    let v = vol.to_str().unwrap();
+    ok(&["create", v, "--size", "16M"]);
+    let mut image = vec![0u8; 3 << 20];
+    rand::rngs::StdRng::seed_from_u64(11).fill_bytes(&mut image);
+    let child = Command::new(env!("CARGO_BIN_EXE_hlfs"))
+        .args(["import", fifo.to_str().unwrap(), v])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::fs::write(&fifo, &image).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("imported 3.0 MiB"), "{said}");
+    let exported = dir.path().join("out.img");
+    ok(&["export", v, exported.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&exported).unwrap()[..image.len()], image[..]);
+}
+
 #[test]
 fn snapshots_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,7 @@
 //! `hlfs import`: a raw disk image into a volume, keeping it thin.
 
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileTypeExt;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -32,19 +33,31 @@ pub struct ImportArgs {
 pub async fn run(args: ImportArgs, settings: &Settings) -> Result<()> {
     let (file, volume) = (&args.file, &args.volume);
     let input = if file == "-" {
-        Input::Stream
+        Input::Stream(Box::new(std::io::stdin()))
     } else {
-        let f = std::fs::File::open(file).with_context(|| format!("cannot open {file}"))?;
-        let len = f
+        let mut f = std::fs::File::open(file).with_context(|| format!("cannot open {file}"))?;
+        let kind = f
             .metadata()
             .with_context(|| format!("cannot stat {file}"))?
-            .len();
-        Input::File(f, len)
+            .file_type();
+        if kind.is_file() {
+            let len = f
+                .metadata()
+                .with_context(|| format!("cannot stat {file}"))?
+                .len();
+            Input::File(f, len)
+        } else if kind.is_block_device() {
+            // A block device's size is where it ends, not its metadata's.
+            let len = f
+                .seek(SeekFrom::End(0))
+                .with_context(|| format!("cannot find the size of {file}"))?;
+            Input::File(f, len)
+        } else {
+            // A pipe, a FIFO, a character device: read until it ends.
+            Input::Stream(Box::new(f))
+        }
     };
-    let known_size = match &input {
-        Input::File(_, len) => Some(*len),
-        Input::Stream => None,
-    };
+    let known_size = input.size();
     if args.create {
         let create = CreateOptions {
             size: known_size.unwrap_or(0),
@@ -67,11 +80,20 @@ pub async fn run(args: ImportArgs, settings: &Settings) -> Result<()> {
     Ok(())
 }
 
-/// What is imported: a file of known size (whose holes need not be read),
-/// or standard input.
+/// What is imported: a file or block device of known size (a file's holes
+/// need not be read), or a stream read until it ends.
 enum Input {
     File(std::fs::File, u64),
-    Stream,
+    Stream(Box<dyn Read + Send>),
+}
+
+impl Input {
+    fn size(&self) -> Option<u64> {
+        match self {
+            Input::File(_, len) => Some(*len),
+            Input::Stream(_) => None,
+        }
+    }
 }
 
 /// A piece of the input, in order.
@@ -123,10 +145,18 @@ fn data_ranges(f: &std::fs::File, len: u64) -> Vec<(u64, u64)> {
 }
 
 /// Reads the input on a thread of its own, so that reading the next chunk
-/// overlaps writing this one, and sends it piece by piece.
-fn spawn_reader(input: Input, file: String) -> tokio::sync::mpsc::Receiver<Result<Piece>> {
+/// overlaps writing this one, and sends it piece by piece. The thread is
+/// joined once the pieces end, so that a reader that died is an error,
+/// not the end of the input.
+fn spawn_reader(
+    input: Input,
+    file: String,
+) -> (
+    tokio::sync::mpsc::Receiver<Result<Piece>>,
+    std::thread::JoinHandle<()>,
+) {
     let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         let send = |piece| tx.blocking_send(piece).is_ok();
         let failed =
             |e: std::io::Error| Err(anyhow::Error::new(e).context(format!("reading {file}")));
@@ -168,12 +198,11 @@ fn spawn_reader(input: Input, file: String) -> tokio::sync::mpsc::Receiver<Resul
                     }));
                 }
             }
-            Input::Stream => {
-                let mut stdin = std::io::stdin().lock();
+            Input::Stream(mut stream) => {
                 let mut offset = 0u64;
                 loop {
                     let mut bytes = vec![0u8; CHUNK];
-                    match read_full(&mut stdin, &mut bytes) {
+                    match read_full(&mut *stream, &mut bytes) {
                         Ok(0) => return,
                         Ok(n) => {
                             bytes.truncate(n);
@@ -194,7 +223,7 @@ fn spawn_reader(input: Input, file: String) -> tokio::sync::mpsc::Receiver<Resul
             }
         }
     });
-    rx
+    (rx, reader)
 }
 
 /// Fills `buf` as far as the reader allows; returns how much was read.
@@ -220,10 +249,7 @@ async fn import_into(
     fresh: bool,
     file: &str,
 ) -> Result<(u64, u64, Duration)> {
-    let known_size = match &input {
-        Input::File(_, len) => Some(*len),
-        Input::Stream => None,
-    };
+    let known_size = input.size();
     if let Some(len) = known_size {
         if len > vol.size() {
             bail!(
@@ -238,7 +264,7 @@ async fn import_into(
     let start = Instant::now();
     let bar = progress(known_size, "importing");
     let bs = vol.block_size() as usize;
-    let mut pieces = spawn_reader(input, file.to_string());
+    let (mut pieces, reader) = spawn_reader(input, file.to_string());
     let mut total = 0u64;
     while let Some(piece) = pieces.recv().await {
         let (offset, bytes) = match piece? {
@@ -283,6 +309,9 @@ async fn import_into(
         }
         total = end;
         bar.set_position(total);
+    }
+    if reader.join().is_err() {
+        bail!("reading {file} failed: the reader stopped unexpectedly");
     }
     vol.flush().await?;
     bar.finish_and_clear();
