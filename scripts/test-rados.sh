@@ -17,24 +17,13 @@
 # skips steps 1-3 (the cargo test suites), to rerun the rest quickly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-state="${HLFS_CEPH_DIR:-/var/tmp/hlfs-ceph}"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    rm -rf "$work"
-    scripts/ceph-down.sh >/dev/null 2>&1 || true
-}
-trap cleanup EXIT
-step() { echo "== $*"; }
-fail() { echo "test-rados: FAILED: $*" >&2; exit 1; }
+script=test-rados
+# shellcheck source=scripts/remote-scenarios.sh
+. scripts/remote-scenarios.sh
 
 [ -e /usr/include/rados/librados.h ] || fail "librados is missing (Debian: apt-get install librados-dev)"
 
-# This script owns the cluster from start to end: whatever an interrupted
-# earlier run left is torn down first.
-scripts/ceph-down.sh
-scripts/ceph-up.sh >/dev/null
+fresh_cluster
 export CEPH_CONF="$state/ceph.conf"
 pool=hlfs
 ceph --connect-timeout 15 osd pool create "$pool" 8 >/dev/null
@@ -64,14 +53,7 @@ hlfs=target/debug/hlfs
 
 step "a volume on RADOS through the CLI"
 vol="rados://$pool/cli-$run_id/vm1"
-head -c $((16 << 20)) /dev/urandom > "$work/in.img"
-$hlfs create "$vol" --size 64M --segment-size 4M
-$hlfs import "$work/in.img" "$vol"
-$hlfs snapshot create "$vol" first
-$hlfs export "$vol@first" "$work/out.img"
-cmp <(head -c $((16 << 20)) "$work/out.img") "$work/in.img"
-$hlfs info "$vol" --json | python3 -c 'import json,sys; i=json.load(sys.stdin); assert i["snapshots"]==["first"] and i["allocated_bytes"]==16<<20, i'
-$hlfs check "$vol"
+cli_round_trip "$vol"
 # The objects are in the volume's own namespace of the pool.
 rados -p "$pool" -N "cli-$run_id/vm1" ls > "$work/objects"
 grep -q '^segments/' "$work/objects" || fail "no segment objects in the namespace: $(cat "$work/objects")"
@@ -108,21 +90,6 @@ rados -p "$pool" -N "big-$run_id/vm" ls | grep -q '^\.pieces/' || fail "no piece
 rm -f "$work/big.img" "$work/big.out"
 echo "   300 MiB in 200 MiB segments written in pieces and read back equal from the store alone"
 
-# serve VOLUME SOCKET [ARGS...]: starts hlfs serve, sets $server and $uri.
-serve() {
-    local volume="$1" sock="$2"; shift 2
-    rm -f "$work/uri"
-    $hlfs serve "$volume" --socket "$sock" "$@" > "$work/uri" 2>> "$work/serve.log" &
-    server=$!; pids+=("$server")
-    for _ in $(seq 200); do [ -s "$work/uri" ] && break; sleep 0.1; done
-    [ -s "$work/uri" ] || { cat "$work/serve.log" >&2; fail "serve did not start"; }
-    uri="$(head -1 "$work/uri")"
-}
-stop_server() {
-    kill -TERM "$server"
-    wait "$server" || fail "serve exited with $? (log: $(tail -5 "$work/serve.log"))"
-}
-
 osd_pid="$state/run/osd.0.pid"
 osd_stop() {
     kill "$(cat "$osd_pid")"
@@ -140,50 +107,7 @@ osd_start() {
 }
 
 step "fault: the OSD stops mid-workload, then returns"
-vol="rados://$pool/outage-$run_id/vm"
-$hlfs create "$vol" --size 256M --segment-size 1M
-# --store-timeout 6: writes and flushes wait at most 6 s for a stalled
-# store (each RADOS request gives up after 10 s, its floor).
-serve "$vol" "$work/outage.sock" --store-timeout 6 -v
-qemu-io -f raw -c "write -P 0x11 0 4M" -c flush "$uri" >/dev/null
-osd_stop
-# Flushed writes go on while the upload backlog has room: the local
-# journal holds them.
-qemu-io -f raw -c "write -P 0x22 4M 2M" -c flush "$uri" > "$work/q1" 2>&1 \
-    || fail "a flush failed while the backlog had room: $(cat "$work/q1")"
-# Past the backlog, writes fail with EIO after the timeout, not forever.
-start=$(date +%s)
-if qemu-io -f raw -c "write -P 0x33 8M 32M" -c flush "$uri" > "$work/q2" 2>&1 \
-    && ! grep -qi "error" "$work/q2"; then
-    fail "writes past the backlog succeeded with the OSD down: $(cat "$work/q2")"
-fi
-took=$(( $(date +%s) - start ))
-[ "$took" -lt 120 ] || fail "the I/O error took ${took}s"
-grep -qi "input/output error" "$work/q2" || fail "expected EIO: $(cat "$work/q2")"
-echo "   writes past the backlog failed with EIO after ${took}s"
-osd_start
-# Service resumes on the same server, without a restart.
-for _ in $(seq 120); do
-    qemu-io -f raw -c "write -P 0x44 8M 8M" -c flush "$uri" > "$work/q3" 2>&1 \
-        && ! grep -qi "error" "$work/q3" && break
-    sleep 1
-done
-grep -qi "error" "$work/q3" && fail "service did not resume: $(cat "$work/q3")"
-qemu-io -f raw -r -c "read -P 0x11 0 4M" -c "read -P 0x22 4M 2M" -c "read -P 0x44 8M 8M" "$uri" > "$work/q4" 2>&1
-grep -qi "fail\|error" "$work/q4" && fail "data lost across the outage: $(cat "$work/q4")"
-stop_server
-$hlfs check "$vol"
-# From the store alone (another cache directory sees no journal).
-HLFS_CACHE_DIR="$work/elsewhere" $hlfs export "$vol" "$work/outage.img"
-python3 - "$work/outage.img" <<'EOF'
-import sys
-d = open(sys.argv[1], "rb").read()
-M = 1 << 20
-assert d[:4*M] == b"\x11" * (4*M), "flushed before the outage"
-assert d[4*M:6*M] == b"\x22" * (2*M), "flushed during the outage"
-assert d[8*M:16*M] == b"\x44" * (8*M), "written after the OSD returned"
-EOF
-echo "   everything flushed before, during and after the outage is in the store"
+outage "rados://$pool/outage-$run_id/vm" osd_stop osd_start "the OSD"
 
 step "fault: segment objects deleted or corrupted behind our back"
 for damage in corrupt delete; do
@@ -195,37 +119,16 @@ for damage in corrupt delete; do
     object=segments/0000000001
     if [ "$damage" = corrupt ]; then
         rados -p "$pool" -N "$ns" get "$object" "$work/seg"
-        python3 -c 'import sys; p=sys.argv[1]; d=bytearray(open(p,"rb").read()); d[len(d)//2]^=0xff; open(p,"wb").write(d)' "$work/seg"
+        flip_middle_byte "$work/seg"
         rados -p "$pool" -N "$ns" put "$object" "$work/seg"
     else
         rados -p "$pool" -N "$ns" rm "$object"
     fi
-    if $hlfs check "$vol" > "$work/check.out" 2>&1; then
-        fail "check did not notice a $damage segment: $(cat "$work/check.out")"
-    fi
-    grep -q "damaged:.*0000000001" "$work/check.out" \
-        || fail "check did not name the segment: $(cat "$work/check.out")"
-    echo "   $damage: $(grep -m1 damaged: "$work/check.out")"
+    check_finds_damage "$vol" "$damage"
 done
 
 step "fencing: a second host cannot write while the first does"
-vol="rados://$pool/fence-$run_id/vm"
-$hlfs create "$vol" --size 64M
-serve "$vol" "$work/fence.sock"
-qemu-io -f raw -c "write -P 0x55 0 1M" -c flush "$uri" >/dev/null
-# Another cache directory is another host's journal.
-if HLFS_CACHE_DIR="$work/host-b" $hlfs snapshot create "$vol" intruder > "$work/fence.out" 2>&1; then
-    fail "a second writer was let in: $(cat "$work/fence.out")"
-fi
-grep -q "open for writing by process" "$work/fence.out" || fail "unclear refusal: $(cat "$work/fence.out")"
-echo "   refused: $(cat "$work/fence.out")"
-stop_server
-HLFS_CACHE_DIR="$work/host-b" $hlfs snapshot create "$vol" after-close
-HLFS_CACHE_DIR="$work/host-b" $hlfs export "$vol" "$work/fence.img"
-python3 -c 'import sys; d=open(sys.argv[1],"rb").read(); assert d[:1<<20]==b"\x55"*(1<<20)' "$work/fence.img"
+fencing "rados://$pool/fence-$run_id/vm"
 # The client key is never printed or logged.
-key=$(sed -n 's/^[[:space:]]*key = //p' "$state/keyring" | head -1)
-if [ -n "$key" ] && grep -rqF "$key" "$work"/serve.log "$work"/*.out "$work"/q? 2>/dev/null; then
-    fail "the Ceph key appears in hlfs output"
-fi
+never_printed "$(sed -n 's/^[[:space:]]*key = //p' "$state/keyring" | head -1)"
 echo "RADOS tests passed"

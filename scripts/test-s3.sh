@@ -14,23 +14,11 @@
 # steps 1-3 (the cargo test suites), to rerun the rest quickly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-state="${HLFS_CEPH_DIR:-/var/tmp/hlfs-ceph}"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    rm -rf "$work"
-    scripts/ceph-down.sh >/dev/null 2>&1 || true
-}
-trap cleanup EXIT
-step() { echo "== $*"; }
-fail() { echo "test-s3: FAILED: $*" >&2; exit 1; }
+script=test-s3
+# shellcheck source=scripts/remote-scenarios.sh
+. scripts/remote-scenarios.sh
 
-# This script owns the cluster from start to end (cleanup tears it down), so
-# whatever an interrupted earlier run left in the state dir is torn down first
-# instead of failing the run.
-scripts/ceph-down.sh
-scripts/ceph-up.sh >/dev/null
+fresh_cluster
 # shellcheck disable=SC1091
 set -a; . "$state/s3.env"; set +a
 run_id="$$-$(date +%s)"
@@ -55,14 +43,7 @@ hlfs=target/debug/hlfs
 
 step "a volume on S3 through the CLI"
 vol="s3://hlfs-test/cli-$run_id/vm1"
-head -c $((16 << 20)) /dev/urandom > "$work/in.img"
-$hlfs create "$vol" --size 64M --segment-size 4M
-$hlfs import "$work/in.img" "$vol"
-$hlfs snapshot create "$vol" first
-$hlfs export "$vol@first" "$work/out.img"
-cmp <(head -c $((16 << 20)) "$work/out.img") "$work/in.img"
-$hlfs info "$vol" --json | python3 -c 'import json,sys; i=json.load(sys.stdin); assert i["snapshots"]==["first"] and i["allocated_bytes"]==16<<20, i'
-$hlfs check "$vol"
+cli_round_trip "$vol"
 
 step "credentials from the AWS shared files instead of the environment"
 printf '[hlfs]\naws_access_key_id = %s\naws_secret_access_key = %s\n' \
@@ -73,21 +54,6 @@ env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_REGION -u AWS_ENDPOINT_
     AWS_PROFILE=hlfs AWS_SHARED_CREDENTIALS_FILE="$work/credentials" AWS_CONFIG_FILE="$work/config" \
     $hlfs info "$vol" --json > "$work/info.json"
 python3 -c 'import json,sys; assert json.load(open(sys.argv[1]))["snapshots"]==["first"]' "$work/info.json"
-
-# serve VOLUME SOCKET [ARGS...]: starts hlfs serve, sets $server and $uri.
-serve() {
-    local volume="$1" sock="$2"; shift 2
-    rm -f "$work/uri"
-    $hlfs serve "$volume" --socket "$sock" "$@" > "$work/uri" 2>> "$work/serve.log" &
-    server=$!; pids+=("$server")
-    for _ in $(seq 200); do [ -s "$work/uri" ] && break; sleep 0.1; done
-    [ -s "$work/uri" ] || { cat "$work/serve.log" >&2; fail "serve did not start"; }
-    uri="$(head -1 "$work/uri")"
-}
-stop_server() {
-    kill -TERM "$server"
-    wait "$server" || fail "serve exited with $? (log: $(tail -5 "$work/serve.log"))"
-}
 
 rgw_pid="$state/run/client.rgw.a.pid"
 rgw_stop() {
@@ -115,49 +81,7 @@ rgw_start() {
 }
 
 step "fault: the gateway stops mid-workload, then returns"
-vol="s3://hlfs-test/outage-$run_id/vm"
-$hlfs create "$vol" --size 256M --segment-size 1M
-# --store-timeout 5: writes and flushes wait at most 5 s for a stalled store.
-serve "$vol" "$work/outage.sock" --store-timeout 5 -v
-qemu-io -f raw -c "write -P 0x11 0 4M" -c flush "$uri" >/dev/null
-rgw_stop
-# Flushed writes go on while the upload backlog has room: the local
-# journal holds them.
-qemu-io -f raw -c "write -P 0x22 4M 2M" -c flush "$uri" > "$work/q1" 2>&1 \
-    || fail "a flush failed while the backlog had room: $(cat "$work/q1")"
-# Past the backlog, writes fail with EIO after the timeout, not forever.
-start=$(date +%s)
-if qemu-io -f raw -c "write -P 0x33 8M 32M" -c flush "$uri" > "$work/q2" 2>&1 \
-    && ! grep -qi "error" "$work/q2"; then
-    fail "writes past the backlog succeeded with the gateway down: $(cat "$work/q2")"
-fi
-took=$(( $(date +%s) - start ))
-[ "$took" -lt 120 ] || fail "the I/O error took ${took}s"
-grep -qi "input/output error" "$work/q2" || fail "expected EIO: $(cat "$work/q2")"
-echo "   writes past the backlog failed with EIO after ${took}s"
-rgw_start
-# Service resumes on the same server, without a restart.
-for _ in $(seq 60); do
-    qemu-io -f raw -c "write -P 0x44 8M 8M" -c flush "$uri" > "$work/q3" 2>&1 \
-        && ! grep -qi "error" "$work/q3" && break
-    sleep 1
-done
-grep -qi "error" "$work/q3" && fail "service did not resume: $(cat "$work/q3")"
-qemu-io -f raw -r -c "read -P 0x11 0 4M" -c "read -P 0x22 4M 2M" -c "read -P 0x44 8M 8M" "$uri" > "$work/q4" 2>&1
-grep -qi "fail\|error" "$work/q4" && fail "data lost across the outage: $(cat "$work/q4")"
-stop_server
-$hlfs check "$vol"
-# From the store alone (another cache directory sees no journal).
-HLFS_CACHE_DIR="$work/elsewhere" $hlfs export "$vol" "$work/outage.img"
-python3 - "$work/outage.img" <<'EOF'
-import sys
-d = open(sys.argv[1], "rb").read()
-M = 1 << 20
-assert d[:4*M] == b"\x11" * (4*M), "flushed before the outage"
-assert d[4*M:6*M] == b"\x22" * (2*M), "flushed during the outage"
-assert d[8*M:16*M] == b"\x44" * (8*M), "written after the gateway returned"
-EOF
-echo "   everything flushed before, during and after the outage is in the store"
+outage "s3://hlfs-test/outage-$run_id/vm" rgw_stop rgw_start "the gateway"
 
 step "fault: a slow gateway (250 ms added to every response)"
 proxy_port=7490
@@ -212,36 +136,16 @@ for damage in corrupt delete; do
     object="$AWS_ENDPOINT_URL/hlfs-test/damage-$damage-$run_id/vm/segments/0000000001"
     if [ "$damage" = corrupt ]; then
         s3curl -o "$work/seg" "$object"
-        python3 -c 'import sys; p=sys.argv[1]; d=bytearray(open(p,"rb").read()); d[len(d)//2]^=0xff; open(p,"wb").write(d)' "$work/seg"
+        flip_middle_byte "$work/seg"
         s3curl -X PUT --data-binary @"$work/seg" "$object" >/dev/null
     else
         s3curl -X DELETE "$object" >/dev/null
     fi
-    if $hlfs check "$vol" > "$work/check.out" 2>&1; then
-        fail "check did not notice a $damage segment: $(cat "$work/check.out")"
-    fi
-    grep -q "damaged:.*segments/0000000001\|damaged:.*0000000001" "$work/check.out" \
-        || fail "check did not name the segment: $(cat "$work/check.out")"
-    echo "   $damage: $(grep -m1 damaged: "$work/check.out")"
+    check_finds_damage "$vol" "$damage"
 done
 
 step "fencing: a second host cannot write while the first does"
-vol="s3://hlfs-test/fence-$run_id/vm"
-$hlfs create "$vol" --size 64M
-serve "$vol" "$work/fence.sock"
-qemu-io -f raw -c "write -P 0x55 0 1M" -c flush "$uri" >/dev/null
-# Another cache directory is another host's journal.
-if HLFS_CACHE_DIR="$work/host-b" $hlfs snapshot create "$vol" intruder > "$work/fence.out" 2>&1; then
-    fail "a second writer was let in: $(cat "$work/fence.out")"
-fi
-grep -q "open for writing by process" "$work/fence.out" || fail "unclear refusal: $(cat "$work/fence.out")"
-echo "   refused: $(cat "$work/fence.out")"
-stop_server
-HLFS_CACHE_DIR="$work/host-b" $hlfs snapshot create "$vol" after-close
-HLFS_CACHE_DIR="$work/host-b" $hlfs export "$vol" "$work/fence.img"
-python3 -c 'import sys; d=open(sys.argv[1],"rb").read(); assert d[:1<<20]==b"\x55"*(1<<20)' "$work/fence.img"
+fencing "s3://hlfs-test/fence-$run_id/vm"
 # Credentials are never printed or logged.
-if grep -rqF "$AWS_SECRET_ACCESS_KEY" "$work"/serve.log "$work"/*.out "$work"/q? 2>/dev/null; then
-    fail "the secret key appears in hlfs output"
-fi
+never_printed "$AWS_SECRET_ACCESS_KEY"
 echo "S3 tests passed"

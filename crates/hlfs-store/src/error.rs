@@ -48,6 +48,17 @@ impl StoreError {
         }
     }
 
+    /// A read of `len` bytes at `offset` of blob `name` ends past its
+    /// `size`.
+    pub fn out_of_range(name: &str, offset: u64, len: u64, size: u64) -> Self {
+        StoreError::OutOfRange {
+            name: name.to_string(),
+            offset,
+            len,
+            size,
+        }
+    }
+
     /// Whether the same request may well succeed if tried again shortly:
     /// what requests someone waits on are retried for.
     pub fn is_transient(&self) -> bool {

@@ -455,6 +455,11 @@ impl RadosStore {
         format!("{}/{name}", self.describe())
     }
 
+    /// An I/O error: blob `name` is not what its head says.
+    fn damage(&self, name: &str, kind: std::io::ErrorKind, why: String) -> StoreError {
+        StoreError::io(self.what(name), std::io::Error::new(kind, why))
+    }
+
     /// Runs a blocking librados call off the async threads.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -498,12 +503,10 @@ impl RadosStore {
         let layout = Layout::decode(&text)
             .filter(|l| l.piece == size)
             .ok_or_else(|| {
-                StoreError::io(
-                    self.what(name),
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("its layout attribute {text:?} is damaged"),
-                    ),
+                self.damage(
+                    name,
+                    std::io::ErrorKind::InvalidData,
+                    format!("its layout attribute {text:?} is damaged"),
                 )
             })?;
         Ok(Some((layout.size, Some(layout))))
@@ -637,12 +640,7 @@ impl BlobStore for RadosStore {
 
     async fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Bytes> {
         validate_blob_name(name)?;
-        let out_of_range = |size| StoreError::OutOfRange {
-            name: name.to_string(),
-            offset,
-            len,
-            size,
-        };
+        let out_of_range = |size| StoreError::out_of_range(name, offset, len, size);
         let end = offset.checked_add(len).ok_or_else(|| out_of_range(0))?;
         // Within the head object: one read, whatever the blob's layout.
         if len > 0 && end <= self.piece {
@@ -681,12 +679,10 @@ impl BlobStore for RadosStore {
                     self.read_exact(oid.clone(), start - i * layout.piece, stop - start)
                         .await?
                         .ok_or_else(|| {
-                            StoreError::io(
-                                self.what(name),
-                                std::io::Error::new(
-                                    std::io::ErrorKind::UnexpectedEof,
-                                    format!("its piece {oid} is short"),
-                                ),
+                            self.damage(
+                                name,
+                                std::io::ErrorKind::UnexpectedEof,
+                                format!("its piece {oid} is short"),
                             )
                         })
                 }
@@ -696,12 +692,10 @@ impl BlobStore for RadosStore {
             .await
             .map_err(|e| match e {
                 // The head is there but a piece it names is gone.
-                StoreError::NotFound(piece) if piece != name => StoreError::io(
-                    self.what(name),
-                    std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        format!("its piece {piece} is missing"),
-                    ),
+                StoreError::NotFound(piece) if piece != name => self.damage(
+                    name,
+                    std::io::ErrorKind::NotFound,
+                    format!("its piece {piece} is missing"),
                 ),
                 e => e,
             })?;

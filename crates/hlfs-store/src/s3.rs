@@ -254,12 +254,7 @@ impl BlobStore for S3Store {
 
     async fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Bytes> {
         validate_blob_name(name)?;
-        let out_of_range = |size| StoreError::OutOfRange {
-            name: name.to_string(),
-            offset,
-            len,
-            size,
-        };
+        let out_of_range = |size| StoreError::out_of_range(name, offset, len, size);
         let end = offset.checked_add(len).ok_or_else(|| out_of_range(0))?;
         if len == 0 {
             // Still an error for a missing blob or an offset past its end.
