@@ -109,6 +109,22 @@ fn serve(dir: &Path, extra: &[&str]) -> Served {
 }
 
 /// Runs a client with a time limit; (success, stdout + stderr).
+/// The port of an `nbds://HOST:PORT/EXPORT` URI.
+fn port_of(uri: &str) -> &str {
+    uri.split(':')
+        .nth(2)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no port in {uri}"))
+}
+
+/// QEMU's `--object` for the client certificates in `dir`.
+fn qemu_tls_creds(dir: &Path) -> String {
+    format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=client",
+        dir.display()
+    )
+}
+
 fn client(cmd: &str, args: &[&str]) -> (bool, String) {
     let mut child = Command::new(cmd)
         .args(args)
@@ -149,19 +165,8 @@ fn tls_with_libnbd_and_qemu_and_refusal_of_plain_clients() {
     let (ok, out) = client("nbdinfo", &[&plain]);
     assert!(!ok, "a client without TLS must be refused: {out}");
 
-    let port = served
-        .uri
-        .split(':')
-        .nth(2)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
-    let creds = format!(
-        "tls-creds-x509,id=tls0,dir={},endpoint=client",
-        cli.display()
-    );
+    let port = port_of(&served.uri);
+    let creds = qemu_tls_creds(&cli);
     let drive = format!("driver=nbd,server.type=inet,server.host=localhost,server.port={port},export=v.hlfs,tls-creds=tls0");
     let (ok, out) = client(
         "qemu-io",
@@ -294,18 +299,8 @@ fn server_keys_of_every_common_kind_and_maker_work() {
         let tls_uri = format!("{}?tls-certificates={}", served.uri, cli.display());
         let (ok, out) = client("nbdinfo", &[&tls_uri]);
         assert!(ok && out.contains("with TLS"), "{name}, libnbd: {out}");
-        let port = served
-            .uri
-            .split(':')
-            .nth(2)
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap();
-        let creds = format!(
-            "tls-creds-x509,id=tls0,dir={},endpoint=client",
-            cli.display()
-        );
+        let port = port_of(&served.uri);
+        let creds = qemu_tls_creds(&cli);
         let image = format!("json:{{\"driver\":\"nbd\",\"server.type\":\"inet\",\"server.host\":\"localhost\",\"server.port\":\"{port}\",\"export\":\"v.hlfs\",\"tls-creds\":\"tls0\"}}");
         let (ok, out) = client("qemu-img", &["info", "--object", &creds, &image]);
         assert!(
