@@ -122,11 +122,24 @@ impl MapPage {
         self.entries.iter().filter(|e| !e.is_empty()).count()
     }
 
+    /// The length of [`MapPage::encode`]'s bytes.
+    pub fn encoded_len(&self) -> usize {
+        Self::dense_len().min(Self::sparse_len(self.used()))
+    }
+
+    fn dense_len() -> usize {
+        1 + MAP_FANOUT * Entry::ENCODED_LEN
+    }
+
+    fn sparse_len(used: usize) -> usize {
+        3 + used * (2 + Entry::ENCODED_LEN)
+    }
+
     /// Encodes densely or sparsely, whichever is smaller.
     pub fn encode(&self) -> Vec<u8> {
         let used = self.used();
-        let dense_len = 1 + MAP_FANOUT * Entry::ENCODED_LEN;
-        let sparse_len = 3 + used * (2 + Entry::ENCODED_LEN);
+        let dense_len = Self::dense_len();
+        let sparse_len = Self::sparse_len(used);
         if sparse_len < dense_len {
             let mut out = Vec::with_capacity(sparse_len);
             out.push(PAGE_SPARSE);
@@ -245,7 +258,9 @@ mod tests {
             for (slot, e) in &slots {
                 page.entries[*slot] = *e;
             }
-            let decoded = MapPage::decode(&page.encode()).unwrap();
+            let bytes = page.encode();
+            prop_assert_eq!(bytes.len(), page.encoded_len());
+            let decoded = MapPage::decode(&bytes).unwrap();
             prop_assert_eq!(decoded, page);
         }
 

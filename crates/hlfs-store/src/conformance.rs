@@ -125,11 +125,26 @@ impl BlobSuite {
         self.expect_head(name, None).await;
     }
 
-    async fn list(&self, prefix: &str) -> Vec<BlobMeta> {
-        match self.store.list(prefix).await {
+    /// Lists `prefix`, checking that every blob's age is today's (the
+    /// conformance run made them all), as (name, size).
+    async fn list(&self, prefix: &str) -> Vec<(String, u64)> {
+        let list = match self.store.list(prefix).await {
             Ok(list) => list,
             Err(e) => self.fail(&format!("list({prefix:?}): {e}")),
+        };
+        let now = crate::epoch_ms(std::time::SystemTime::now());
+        const DAY_MS: u64 = 86_400_000;
+        for blob in &list {
+            if blob.modified_ms.abs_diff(now) > DAY_MS {
+                self.fail(&format!(
+                    "list({prefix:?}): {} was made at {} ms, not today ({now} ms)",
+                    blob.name, blob.modified_ms
+                ));
+            }
         }
+        list.into_iter()
+            .map(|BlobMeta { name, size, .. }| (name, size))
+            .collect()
     }
 
     async fn put_get_head_range(&self) {
@@ -213,12 +228,9 @@ impl BlobSuite {
             self.put(&self.name(rel), vec![b'x'; size]).await;
         }
         let expect = |prefix: &str, want: &[(&str, u64)]| {
-            let want: Vec<BlobMeta> = want
+            let want: Vec<(String, u64)> = want
                 .iter()
-                .map(|&(rel, size)| BlobMeta {
-                    name: self.name(rel),
-                    size,
-                })
+                .map(|&(rel, size)| (self.name(rel), size))
                 .collect();
             (self.name(prefix), want)
         };
@@ -271,7 +283,7 @@ impl BlobSuite {
             }
         }
         let all = self.list(&format!("{}/", self.base)).await;
-        if !all.windows(2).all(|w| w[0].name < w[1].name) {
+        if !all.windows(2).all(|w| w[0].0 < w[1].0) {
             self.fail(&format!("list of everything is not sorted: {all:?}"));
         }
     }
@@ -308,12 +320,7 @@ impl BlobSuite {
         self.expect_range(&name, 0, 0, b"").await;
         self.expect_out_of_range(&name, 0, 1).await;
         let listed = self.list(&name).await;
-        if listed
-            != [BlobMeta {
-                name: name.clone(),
-                size: 0,
-            }]
-        {
+        if listed != [(name.clone(), 0)] {
             self.fail(&format!("list of an empty blob: got {listed:?}"));
         }
     }
@@ -425,9 +432,9 @@ impl BlobSuite {
 
     async fn cleanup(&self) {
         let prefix = format!("{}/", self.base);
-        for blob in self.list(&prefix).await {
-            if let Err(e) = self.store.delete(&blob.name).await {
-                self.fail(&format!("delete({}) during cleanup: {e}", blob.name));
+        for (name, _) in self.list(&prefix).await {
+            if let Err(e) = self.store.delete(&name).await {
+                self.fail(&format!("delete({name}) during cleanup: {e}"));
             }
         }
         let left = self.list(&prefix).await;

@@ -446,6 +446,7 @@ impl BlobStore for HdfsStore {
                     found.push(BlobMeta {
                         name: name.to_string(),
                         size: status.length as u64,
+                        modified_ms: status.modification_time,
                     });
                 }
             }

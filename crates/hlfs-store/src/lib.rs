@@ -59,11 +59,20 @@ pub struct CephSettings {
     pub keyring: Option<PathBuf>,
 }
 
-/// A blob's name and size, as listed.
+/// A blob's name, size and age, as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlobMeta {
     pub name: String,
     pub size: u64,
+    /// When the store last wrote it, in ms since the epoch (blobs are
+    /// written once, so: when it was made), by the store's own clock.
+    pub modified_ms: u64,
+}
+
+/// A [`std::time::SystemTime`] in ms since the epoch; 0 before it.
+pub fn epoch_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Immutable named blobs. Names are `/`-separated relative paths such as

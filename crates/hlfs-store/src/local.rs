@@ -216,6 +216,7 @@ fn walk(dir: &Path, rel: &str, prefix: &str, found: &mut Vec<BlobMeta>) -> Resul
                 Ok(meta) => found.push(BlobMeta {
                     name,
                     size: meta.len(),
+                    modified_ms: meta.modified().map_or(0, crate::epoch_ms),
                 }),
                 Err(e) if is_missing(&e) => {}
                 Err(e) => return Err(io_err(e)),

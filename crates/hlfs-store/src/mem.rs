@@ -26,6 +26,9 @@ pub struct MemEnv {
 #[derive(Default)]
 struct State {
     blobs: BTreeMap<String, Bytes>,
+    /// When each blob was put (ms since the epoch); blobs an env was made
+    /// with count as made then.
+    made_ms: BTreeMap<String, u64>,
     /// Files are shared with their open handles, which keep working after
     /// the name is removed, as on a real filesystem.
     files: BTreeMap<String, Arc<Mutex<Vec<u8>>>>,
@@ -46,9 +49,12 @@ impl MemEnv {
             .into_iter()
             .map(|(name, data)| (name, Arc::new(Mutex::new(data))))
             .collect();
+        let now = crate::epoch_ms(std::time::SystemTime::now());
+        let made_ms = blobs.keys().map(|name| (name.clone(), now)).collect();
         MemEnv {
             state: Arc::new(Mutex::new(State {
                 blobs,
+                made_ms,
                 files,
                 locked: false,
             })),
@@ -108,6 +114,8 @@ impl BlobStore for MemStore {
             return Err(StoreError::AlreadyExists(name.to_string()));
         }
         state.blobs.insert(name.to_string(), data);
+        let now = crate::epoch_ms(std::time::SystemTime::now());
+        state.made_ms.insert(name.to_string(), now);
         Ok(())
     }
 
@@ -145,13 +153,16 @@ impl BlobStore for MemStore {
             .map(|(name, blob)| BlobMeta {
                 name: name.clone(),
                 size: blob.len() as u64,
+                modified_ms: state.made_ms.get(name).copied().unwrap_or(0),
             })
             .collect())
     }
 
     async fn delete(&self, name: &str) -> Result<()> {
         validate_blob_name(name)?;
-        self.env.state.lock().blobs.remove(name);
+        let mut state = self.env.state.lock();
+        state.blobs.remove(name);
+        state.made_ms.remove(name);
         Ok(())
     }
 }

@@ -298,10 +298,11 @@ impl IoCtx {
         Ok(n as usize)
     }
 
-    fn size(&self, oid: &CStr) -> std::result::Result<u64, Errno> {
+    /// The object's size and modification time (seconds since the epoch).
+    fn stat(&self, oid: &CStr) -> std::result::Result<(u64, u64), Errno> {
         let (mut size, mut mtime) = (0u64, 0 as libc::time_t);
         check(unsafe { ffi::rados_stat(self.ctx, oid.as_ptr(), &mut size, &mut mtime) })?;
-        Ok(size)
+        Ok((size, mtime.max(0) as u64))
     }
 
     /// The layout attribute, or None if the object has none.
@@ -365,6 +366,13 @@ impl IoCtx {
             }
         }
     }
+}
+
+/// What a stat of a blob's head object tells.
+struct Described {
+    size: u64,
+    modified_ms: u64,
+    layout: Option<Layout>,
 }
 
 /// Where the bytes of a blob in pieces are.
@@ -471,16 +479,16 @@ impl RadosStore {
             .map_err(|e| StoreError::Unavailable(format!("a librados call failed: {e}")))
     }
 
-    /// The blob's size and, if it is in pieces, their layout; None if the
-    /// blob does not exist. Not remembered: another process may delete the
-    /// blob at any time.
-    async fn describe_blob(&self, name: &str) -> Result<Option<(u64, Option<Layout>)>> {
+    /// The blob's size, age and, if it is in pieces, their layout; None if
+    /// the blob does not exist. Not remembered: another process may delete
+    /// the blob at any time.
+    async fn describe_blob(&self, name: &str) -> Result<Option<Described>> {
         let oid = cstring("blob name", name)?;
         let piece = self.piece;
         let found = self
             .blocking(move |io| -> std::result::Result<_, Errno> {
-                let size = match io.size(&oid) {
-                    Ok(size) => size,
+                let (size, mtime) = match io.stat(&oid) {
+                    Ok(stat) => stat,
                     Err(Errno(libc::ENOENT)) => return Ok(None),
                     Err(e) => return Err(e),
                 };
@@ -490,15 +498,20 @@ impl RadosStore {
                 } else {
                     None
                 };
-                Ok(Some((size, layout)))
+                Ok(Some((size, mtime, layout)))
             })
             .await?
             .map_err(|e| classify(&self.what(name), e))?;
-        let Some((size, text)) = found else {
+        let Some((size, mtime, text)) = found else {
             return Ok(None);
         };
+        let modified_ms = mtime * 1000;
         let Some(text) = text else {
-            return Ok(Some((size, None)));
+            return Ok(Some(Described {
+                size,
+                modified_ms,
+                layout: None,
+            }));
         };
         let layout = Layout::decode(&text)
             .filter(|l| l.piece == size)
@@ -509,7 +522,11 @@ impl RadosStore {
                     format!("its layout attribute {text:?} is damaged"),
                 )
             })?;
-        Ok(Some((layout.size, Some(layout))))
+        Ok(Some(Described {
+            size: layout.size,
+            modified_ms,
+            layout: Some(layout),
+        }))
     }
 
     /// Reads `len` bytes at `offset` of object `oid` exactly; Ok(None) if
@@ -648,7 +665,7 @@ impl BlobStore for RadosStore {
                 return Ok(bytes);
             }
         }
-        let (size, layout) = self
+        let Described { size, layout, .. } = self
             .describe_blob(name)
             .await?
             .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
@@ -711,7 +728,7 @@ impl BlobStore for RadosStore {
 
     async fn head(&self, name: &str) -> Result<Option<u64>> {
         validate_blob_name(name)?;
-        Ok(self.describe_blob(name).await?.map(|(size, _)| size))
+        Ok(self.describe_blob(name).await?.map(|d| d.size))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<BlobMeta>> {
@@ -724,11 +741,11 @@ impl BlobStore for RadosStore {
         let mut out: Vec<BlobMeta> = futures::stream::iter(names)
             .map(|name| async move {
                 // Deleted since it was listed: not there.
-                Ok::<_, StoreError>(
-                    self.describe_blob(&name)
-                        .await?
-                        .map(|(size, _)| BlobMeta { name, size }),
-                )
+                Ok::<_, StoreError>(self.describe_blob(&name).await?.map(|d| BlobMeta {
+                    name,
+                    size: d.size,
+                    modified_ms: d.modified_ms,
+                }))
             })
             .buffer_unordered(LIST_STATS_IN_FLIGHT)
             .try_filter_map(|meta| async move { Ok(meta) })
@@ -742,7 +759,7 @@ impl BlobStore for RadosStore {
         validate_blob_name(name)?;
         let layout = match self.describe_blob(name).await? {
             None => return Ok(()),
-            Some((_, layout)) => layout,
+            Some(d) => d.layout,
         };
         // The head first: once it is gone the blob is, whatever pieces a
         // crash may leave behind.

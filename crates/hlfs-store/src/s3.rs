@@ -335,6 +335,7 @@ impl BlobStore for S3Store {
                 name.starts_with(prefix).then_some(BlobMeta {
                     name,
                     size: meta.size,
+                    modified_ms: meta.last_modified.timestamp_millis().max(0) as u64,
                 })
             })
             .collect();

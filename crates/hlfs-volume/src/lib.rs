@@ -21,6 +21,7 @@
 //! | `runner` | the background-task runner |
 //! | `snapshot` | snapshots and rollback |
 //! | `info`, `check` | what a volume says of itself, and verification |
+//! | `stats` | where the space goes, from metadata alone |
 //! | `segments`, `cache` | reading segments wherever they are; the read cache |
 //! | `map` | the block map: dirty tree, page cache, walker, usage |
 
@@ -42,6 +43,7 @@ mod recovery;
 mod runner;
 mod segments;
 mod snapshot;
+mod stats;
 mod upload;
 mod volume;
 mod write;
@@ -55,4 +57,5 @@ pub use info::utc;
 pub use map::PageCache;
 pub use options::{CreateOptions, Durability, Extent, OpenOptions, SnapshotInfo, View, VolumeInfo};
 pub use snapshot::validate_snapshot_name;
+pub use stats::{space, SegmentSpace, SnapshotSpace, SpaceStats};
 pub use volume::Volume;

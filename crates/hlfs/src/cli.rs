@@ -48,6 +48,9 @@ pub enum Command {
     /// Verify every record's checksum, every map page and every block;
     /// exits non-zero and says where if anything is damaged.
     Check(cmd::check::CheckArgs),
+    /// Segment cleaning. Today: `--stats`, where the space goes (live,
+    /// stored, reclaimable, what each snapshot alone holds).
+    Gc(cmd::gc::GcArgs),
     /// Serve volumes and snapshots over NBD (to QEMU, nbd-client, libnbd,
     /// fio) until SIGINT or SIGTERM, then flush, seal and exit.
     Serve(cmd::serve::ServeArgs),
@@ -65,6 +68,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Resize(args) => cmd::resize::run(args, &settings).await?,
         Command::Snapshot(command) => cmd::snapshot::run(command, &settings).await?,
         Command::Check(args) => return cmd::check::run(args, &settings).await,
+        Command::Gc(args) => cmd::gc::run(args, &settings).await?,
         Command::Serve(args) => cmd::serve::run(args, &settings).await?,
         Command::Bench(args) => cmd::bench::run(args, &settings).await?,
     }

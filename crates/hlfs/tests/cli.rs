@@ -317,6 +317,95 @@ fn snapshots_from_the_command_line() {
     ok(&["check", v]);
 }
 
+/// `hlfs gc --stats --json` and its figures.
+fn space_of(v: &str) -> serde_json::Value {
+    serde_json::from_str(&ok(&["gc", v, "--stats", "--json"])).unwrap()
+}
+
+fn figure(json: &serde_json::Value, key: &str) -> u64 {
+    json[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} in {json}"))
+}
+
+/// Map pages and checkpoints of these small volumes take less than this.
+const METADATA: u64 = 64 << 10;
+
+#[track_caller]
+fn about(got: u64, data: u64) {
+    assert!(
+        (data..data + METADATA).contains(&got),
+        "{got} bytes, expected {data} of data and less than {METADATA} of metadata"
+    );
+}
+
+#[test]
+fn gc_stats_show_what_overwrites_free_and_what_snapshots_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    random_file(&a, 8 << 20, 3);
+    random_file(&b, 4 << 20, 4);
+    let vol = dir.path().join("v.hlfs");
+    let v = vol.to_str().unwrap();
+    ok(&["create", v, "--size", "64M", "--segment-size", "1M"]);
+    ok(&["import", a.to_str().unwrap(), v]);
+    ok(&["snapshot", "create", v, "before"]);
+    // The first half of the head is new; the snapshot keeps the old one.
+    ok(&["import", b.to_str().unwrap(), v]);
+
+    let stats = space_of(v);
+    about(figure(&stats, "live_bytes"), 12 << 20);
+    about(figure(&stats, "head_only_bytes"), 4 << 20);
+    about(figure(&stats["snapshots"][0], "only_bytes"), 4 << 20);
+    assert_eq!(stats["snapshots"][0]["name"], "before");
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&["snapshot", "list", v, "--json"])).unwrap();
+    assert_eq!(list[0]["only_bytes"], stats["snapshots"][0]["only_bytes"]);
+    assert!(ok(&["snapshot", "list", v]).contains("ONLY IT HOLDS"));
+    // Only record headers and superseded map pages are dead so far.
+    assert!(figure(&stats, "reclaimable_bytes") < METADATA, "{stats}");
+
+    ok(&["snapshot", "delete", v, "before"]);
+    let stats = space_of(v);
+    about(figure(&stats, "live_bytes"), 8 << 20);
+    assert!(figure(&stats, "reclaimable_bytes") >= 4 << 20, "{stats}");
+    let segments = stats["segments"].as_array().unwrap();
+    // Import writes records of 4 MiB, so each segment holds one.
+    assert!(segments.len() >= 3, "{stats}");
+    assert!(
+        segments.iter().any(|s| figure(s, "live_bytes") == 0),
+        "the first half of the first import is dead: {stats}"
+    );
+    let (mut size, mut live) = (0, 0);
+    for s in segments {
+        assert!(figure(s, "live_bytes") <= figure(s, "size"), "{s}");
+        assert!(figure(s, "age_seconds") < 3600, "{s}");
+        assert_eq!(s["recent"], false, "the volume is closed: {s}");
+        size += figure(s, "size");
+        live += figure(s, "live_bytes");
+    }
+    assert_eq!(size, figure(&stats, "segment_bytes"));
+    assert_eq!(live, figure(&stats, "live_bytes"));
+    assert_eq!(
+        figure(&stats, "stored_bytes"),
+        size + figure(&stats, "manifest_bytes") + figure(&stats, "journal_bytes")
+    );
+    let ratio = stats["space_ratio"].as_f64().unwrap();
+    assert!(
+        ratio > 1.4 && ratio < 1.6,
+        "12 MiB stored for 8 live: {stats}"
+    );
+
+    let text = ok(&["gc", v, "--stats"]);
+    assert!(
+        text.contains("reclaimable:") && text.contains("LIVE%"),
+        "{text}"
+    );
+    // Cleaning passes are not built: `--stats` is required, and said so.
+    assert!(fails(&["gc", v]).contains("--stats"));
+    fails(&["gc", dir.path().join("none").to_str().unwrap(), "--stats"]);
+}
+
 #[test]
 fn errors_are_one_line_and_exit_non_zero() {
     let dir = tempfile::tempdir().unwrap();

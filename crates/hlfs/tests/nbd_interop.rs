@@ -1428,8 +1428,29 @@ fn sigterm_right_after_start_is_clean() {
 /// 0000000034.journal not found" / "1 problems found" (exit 1) on a volume
 /// that checks clean once the server stops. The reader lists the journal
 /// and the writer seals (renames) it before the reader opens it.
+/// `hlfs gc --stats --json` of a served volume: consistent figures of its
+/// last checkpoint, newer segments counted whole.
+fn gc_stats_of(vol: &str) -> serde_json::Value {
+    let out = hlfs(&["gc", vol, "--stats", "--json"]).ok();
+    let stats: serde_json::Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"));
+    let figure = |s: &serde_json::Value, key: &str| s[key].as_u64().expect(key);
+    let (mut size, mut live) = (0, 0);
+    for s in stats["segments"].as_array().expect("segments") {
+        assert!(figure(s, "live_bytes") <= figure(s, "size"), "{s}");
+        if s["recent"] == true {
+            assert_eq!(figure(s, "live_bytes"), figure(s, "size"), "{s}");
+        }
+        size += figure(s, "size");
+        live += figure(s, "live_bytes");
+    }
+    assert_eq!(size, figure(&stats, "segment_bytes"), "{stats}");
+    assert_eq!(live, figure(&stats, "live_bytes"), "{stats}");
+    stats
+}
+
 #[test]
-fn info_and_check_while_serving() {
+fn info_check_and_gc_stats_while_serving() {
     require!("fio" => "fio");
     let dir = tempdir();
     let d = dir.path();
@@ -1450,10 +1471,22 @@ fn info_and_check_while_serving() {
         let info = info_of(&vol);
         assert!(info["writer"].is_string(), "{info}");
         check_volume(&vol);
+        gc_stats_of(&vol);
     }
     fio.kill();
     srv.stop_ok();
     check_volume(&vol);
+    let stats = gc_stats_of(&vol);
+    // Closed: exact, and random 4 KiB overwrites left space to reclaim.
+    assert!(
+        stats["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["recent"] == false),
+        "{stats}"
+    );
+    assert!(stats["reclaimable_bytes"].as_u64().unwrap() > 0, "{stats}");
 }
 
 /// Hostile byte streams sent to the live server over its socket: each such

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod check;
 pub mod create;
 pub mod export;
+pub mod gc;
 pub mod import;
 pub mod info;
 pub mod resize;

@@ -2,16 +2,17 @@
 
 use anyhow::Result;
 use clap::Subcommand;
-use hlfs_volume::{utc, View, Volume};
+use hlfs_volume::{space, utc, View, Volume};
 
 use super::{finish, open_writer};
-use crate::args::Settings;
+use crate::args::{human, Settings};
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCommand {
     /// Take a snapshot of the volume as it is now.
     Create { volume: String, name: String },
-    /// List snapshots, oldest first.
+    /// List snapshots, oldest first, each with the bytes only it holds
+    /// (what deleting it would free, once cleaning copies the rest).
     List {
         volume: String,
         #[arg(long)]
@@ -51,8 +52,18 @@ pub async fn run(command: SnapshotCommand, settings: &Settings) -> Result<()> {
 
 async fn list(volume: &str, json: bool, settings: &Settings) -> Result<()> {
     let backend = settings.backend(volume, false)?;
-    let vol = Volume::open_read_only(backend, &settings.open, View::Head).await?;
+    let vol = Volume::open_read_only(backend.clone(), &settings.open, View::Head).await?;
     let snaps = vol.snapshots();
+    // A snapshot taken or deleted by a server between the two reads has
+    // no figure.
+    let space = space(backend).await?;
+    let only_bytes = |name: &str| {
+        space
+            .snapshots
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.only_bytes)
+    };
     if json {
         let list: Vec<_> = snaps
             .iter()
@@ -63,6 +74,7 @@ async fn list(volume: &str, json: bool, settings: &Settings) -> Result<()> {
                     "created_ms": s.created_ms,
                     "automatic": s.automatic,
                     "lsn": s.lsn,
+                    "only_bytes": only_bytes(&s.name),
                 })
             })
             .collect();
@@ -70,10 +82,14 @@ async fn list(volume: &str, json: bool, settings: &Settings) -> Result<()> {
     } else if snaps.is_empty() {
         println!("{volume} has no snapshots");
     } else {
-        println!("{:<40} {:<24} KIND", "NAME", "CREATED");
+        println!(
+            "{:<40} {:<24} {:<10} ONLY IT HOLDS",
+            "NAME", "CREATED", "KIND"
+        );
         for s in snaps {
             let kind = if s.automatic { "automatic" } else { "user" };
-            println!("{:<40} {:<24} {kind}", s.name, utc(s.created_ms));
+            let only = only_bytes(&s.name).map_or("-".into(), human);
+            println!("{:<40} {:<24} {kind:<10} {only}", s.name, utc(s.created_ms));
         }
     }
     Ok(())

@@ -1,0 +1,429 @@
+//! Where a volume's space goes, from metadata alone (`hlfs gc --stats`, and
+//! what deleting a snapshot would free).
+//!
+//! One walk over the map trees of every root (the head checkpoint and each
+//! snapshot), level by level from the top, reads each map page once
+//! whatever number of roots share it, and never reads data. Each item (a
+//! data block, a map page, a checkpoint) is counted once in the segment
+//! that holds it, and remembered as held by one root or by several, which
+//! gives the bytes only each root holds. A page is reached only at the
+//! node its header names, and a block only at the block number its record
+//! names, so items shared by roots meet at the same node.
+//!
+//! The head is the one the newest manifest names: writes logged since that
+//! checkpoint are in the segments recovery would replay, which are counted
+//! as wholly live (they cannot be cleaned), and the blocks they replace
+//! still count in their older segments. So a served volume's figures can
+//! only overstate what is live, never understate it; a closed one's are
+//! exact.
+
+use std::collections::{BTreeMap, HashMap};
+
+use hlfs_format::{parse_segment_name, segment_name, Entry, HEADER_LEN, MAP_FANOUT};
+
+use crate::backend::Backend;
+use crate::cache::ReadCache;
+use crate::error::{Result, VolumeError};
+use crate::manifest::latest_manifest;
+use crate::segments::Segments;
+
+/// A sealed segment's size and what of it is live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentSpace {
+    pub id: u32,
+    pub size: u64,
+    pub live_bytes: u64,
+    /// When the store made it (ms since the epoch, the store's clock).
+    pub made_ms: u64,
+    /// Written after the head checkpoint: recovery replays it, so it counts
+    /// as wholly live and is no candidate for cleaning.
+    pub recent: bool,
+}
+
+/// A snapshot and the bytes that deleting it would free.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotSpace {
+    pub name: String,
+    pub only_bytes: u64,
+}
+
+/// Where a volume's space goes. Live bytes are what a cleaning pass would
+/// have to copy: each live block's data, and each live map page and
+/// checkpoint record whole.
+#[derive(Clone, Debug, Default)]
+pub struct SpaceStats {
+    /// The manifest the figures are of, and when it was written.
+    pub manifest_seq: u64,
+    pub manifest_written_ms: u64,
+    /// Sealed segments, by id.
+    pub segments: Vec<SegmentSpace>,
+    /// In the order of the manifest (oldest first).
+    pub snapshots: Vec<SnapshotSpace>,
+    /// Held by the head and by no snapshot.
+    pub head_only_bytes: u64,
+    /// Live bytes in sealed segments.
+    pub live_bytes: u64,
+    /// Bytes of sealed segments in the store.
+    pub segment_bytes: u64,
+    /// Bytes of manifests in the store, and how many there are.
+    pub manifest_bytes: u64,
+    pub manifests: u64,
+    /// Bytes of this machine's journal files for the volume (the open
+    /// segment and any not yet stored).
+    pub journal_bytes: u64,
+    /// `segment_bytes + manifest_bytes + journal_bytes`.
+    pub stored_bytes: u64,
+    /// Bytes in sealed segments that nothing can read any more.
+    pub reclaimable_bytes: u64,
+}
+
+/// Bytes of a remote volume's map pages a walk keeps locally at most.
+const SCRATCH_CACHE: u64 = 256 << 20;
+
+/// Who holds an item: one root (its index), or several.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Holders {
+    One(usize),
+    Many,
+}
+
+impl Holders {
+    fn join(self, other: Holders) -> Holders {
+        if self == other {
+            self
+        } else {
+            Holders::Many
+        }
+    }
+}
+
+fn hold(map: &mut HashMap<Entry, Holders>, at: Entry, by: Holders) {
+    map.entry(at).and_modify(|h| *h = h.join(by)).or_insert(by);
+}
+
+/// Live bytes per segment, and per root the bytes no other root holds.
+struct Tally {
+    live: HashMap<u32, u64>,
+    only: Vec<u64>,
+}
+
+impl Tally {
+    fn count(&mut self, at: Entry, bytes: u64, by: Holders) {
+        *self.live.entry(at.seg).or_default() += bytes;
+        if let Holders::One(root) = by {
+            self.only[root] += bytes;
+        }
+    }
+}
+
+/// Accounts for the space of the volume at `backend` without changing it.
+pub async fn space(backend: Backend) -> Result<SpaceStats> {
+    let store = backend.requests();
+    let manifest = latest_manifest(&*store, &backend.location).await?;
+    let scratch = match backend.remote {
+        true => Some(ReadCache::scratch(SCRATCH_CACHE)?),
+        false => None,
+    };
+    let segments = Segments::new(store.clone(), scratch, manifest.volume);
+
+    // Root 0 is the head, then the snapshots in order.
+    let roots: Vec<Entry> = std::iter::once(manifest.checkpoint)
+        .chain(manifest.snapshots.iter().map(|s| s.checkpoint))
+        .collect();
+    let mut tally = Tally {
+        live: HashMap::new(),
+        only: vec![0; roots.len()],
+    };
+    let mut checkpoints = HashMap::new();
+    for (root, &at) in roots.iter().enumerate() {
+        if !at.is_empty() {
+            hold(&mut checkpoints, at, Holders::One(root));
+        }
+    }
+    // Pages to visit, by level, as (node index, location) → holders.
+    let mut levels: BTreeMap<u32, HashMap<(u64, Entry), Holders>> = BTreeMap::new();
+    for (at, by) in checkpoints {
+        let (cp, _) = segments.read_checkpoint(at).await?;
+        tally.count(at, (HEADER_LEN + cp.encode().len()) as u64, by);
+        if !cp.root.is_empty() {
+            let top = levels.entry(cp.depth - 1).or_default();
+            let h = top.entry((0, cp.root)).or_insert(by);
+            *h = h.join(by);
+        }
+    }
+    let block_size = manifest.block_size as u64;
+    while let Some((level, nodes)) = levels.pop_last() {
+        // By node, then place: the copies of one leaf in several roots
+        // come together, and reads go forward through each segment.
+        let mut nodes: Vec<_> = nodes.into_iter().collect();
+        nodes.sort_unstable_by_key(|&((index, at), _)| (index, at.seg, at.off));
+        let mut below: HashMap<(u64, Entry), Holders> = HashMap::new();
+        let mut blocks: HashMap<Entry, Holders> = HashMap::new();
+        let mut leaf_index = None;
+        for ((index, at), by) in nodes {
+            let page = segments.read_page(at).await?;
+            tally.count(at, (HEADER_LEN + page.encoded_len()) as u64, by);
+            if level > 0 {
+                for (slot, child) in page.entries.iter().enumerate() {
+                    if !child.is_empty() {
+                        let key = (index * MAP_FANOUT as u64 + slot as u64, *child);
+                        let h = below.entry(key).or_insert(by);
+                        *h = h.join(by);
+                    }
+                }
+                continue;
+            }
+            // A block shared by two roots sits in their copies of one leaf.
+            if leaf_index != Some(index) {
+                for (block, held) in blocks.drain() {
+                    tally.count(block, block_size, held);
+                }
+                leaf_index = Some(index);
+            }
+            for e in page.entries.iter().filter(|e| !e.is_empty()) {
+                hold(&mut blocks, *e, by);
+            }
+        }
+        for (block, held) in blocks {
+            tally.count(block, block_size, held);
+        }
+        if level > 0 && !below.is_empty() {
+            levels.insert(level - 1, below);
+        }
+    }
+
+    let mut stats = SpaceStats {
+        manifest_seq: manifest.seq,
+        manifest_written_ms: manifest.written_ms,
+        head_only_bytes: tally.only[0],
+        snapshots: manifest
+            .snapshots
+            .iter()
+            .zip(&tally.only[1..])
+            .map(|(s, &only_bytes)| SnapshotSpace {
+                name: s.name.clone(),
+                only_bytes,
+            })
+            .collect(),
+        ..SpaceStats::default()
+    };
+    for blob in store.list("segments/").await? {
+        let Some(id) = parse_segment_name(&blob.name) else {
+            continue;
+        };
+        let recent = id >= manifest.replay_from_seg;
+        let counted = tally.live.remove(&id).unwrap_or(0);
+        let live_bytes = if recent { blob.size } else { counted };
+        stats.segments.push(SegmentSpace {
+            id,
+            size: blob.size,
+            live_bytes,
+            made_ms: blob.modified_ms,
+            recent,
+        });
+    }
+    if let Some(&missing) = tally.live.keys().min() {
+        return Err(VolumeError::corrupt(format!(
+            "{} holds live data but is not in the store (`hlfs check` tells more)",
+            segment_name(missing)
+        )));
+    }
+    for blob in store.list("manifest/").await? {
+        stats.manifests += 1;
+        stats.manifest_bytes += blob.size;
+    }
+    let journal = &backend.journal;
+    for name in journal.list()? {
+        if let Ok(f) = journal.open(&name) {
+            stats.journal_bytes += f.len().unwrap_or(0);
+        }
+    }
+    stats.segment_bytes = stats.segments.iter().map(|s| s.size).sum();
+    stats.live_bytes = stats.segments.iter().map(|s| s.live_bytes).sum();
+    stats.reclaimable_bytes = stats
+        .segments
+        .iter()
+        .map(|s| s.size.saturating_sub(s.live_bytes))
+        .sum();
+    stats.stored_bytes = stats.segment_bytes + stats.manifest_bytes + stats.journal_bytes;
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use hlfs_store::MemEnv;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::map::TreeWalk;
+    use crate::options::{CreateOptions, OpenOptions};
+    use crate::volume::Volume;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Blocks `first..first+count` get new data.
+        Write {
+            first: u16,
+            count: u8,
+        },
+        Trim {
+            first: u16,
+            count: u8,
+        },
+        Snapshot,
+        /// Deletes the snapshot with this number modulo how many there are.
+        Delete(u8),
+        Rollback(u8),
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0u16..2048, 1u8..64).prop_map(|(first, count)| Op::Write { first, count }),
+            1 => (0u16..2048, 1u8..64).prop_map(|(first, count)| Op::Trim { first, count }),
+            2 => Just(Op::Snapshot),
+            1 => any::<u8>().prop_map(Op::Delete),
+            1 => any::<u8>().prop_map(Op::Rollback),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    /// Every item each root reaches, by a full walk of each root on its
+    /// own: item → (bytes, the roots holding it).
+    async fn held_by_each_root(backend: &Backend) -> HashMap<Entry, (u64, BTreeSet<usize>)> {
+        let store = backend.requests();
+        let m = latest_manifest(&*store, "test").await.unwrap();
+        let segments = Segments::new(store, None, m.volume);
+        let mut items: HashMap<Entry, (u64, BTreeSet<usize>)> = HashMap::new();
+        let mut add = |at: Entry, bytes: u64, root: usize| {
+            items
+                .entry(at)
+                .or_insert((bytes, BTreeSet::new()))
+                .1
+                .insert(root);
+        };
+        let roots = std::iter::once(m.checkpoint).chain(m.snapshots.iter().map(|s| s.checkpoint));
+        for (root, at) in roots.enumerate() {
+            if at.is_empty() {
+                continue;
+            }
+            let (cp, _) = segments.read_checkpoint(at).await.unwrap();
+            add(at, (HEADER_LEN + cp.encode().len()) as u64, root);
+            let mut walk = TreeWalk::new(cp.root, cp.depth);
+            while let Some(node) = walk.next_node() {
+                let page = segments.read_page(node.at).await.unwrap();
+                add(node.at, (HEADER_LEN + page.encode().len()) as u64, root);
+                if node.level > 0 {
+                    walk.descend(&node, &page);
+                    continue;
+                }
+                for e in page.entries.iter().filter(|e| !e.is_empty()) {
+                    add(*e, m.block_size as u64, root);
+                }
+            }
+        }
+        items
+    }
+
+    async fn run(ops: Vec<Op>) {
+        let env = MemEnv::new();
+        let backend = Backend::memory(&env);
+        let create = CreateOptions {
+            size: 2048 * 4096,
+            block_size: 4096,
+            segment_size: 256 << 10,
+        };
+        Volume::create(&backend, &create).await.unwrap();
+        // A small map budget, so that pages are written back between
+        // checkpoints too.
+        let opts = OpenOptions {
+            map_budget: 64 << 10,
+            ..OpenOptions::default()
+        };
+        let mut vol = Volume::open(backend.clone(), &opts).await.unwrap();
+        let mut taken = 0u32;
+        for op in ops {
+            let snaps = vol.snapshots();
+            match op {
+                Op::Write { first, count } => {
+                    let data = vec![first as u8 ^ count; count as usize * 4096];
+                    let at = (first as u64).min(2048 - count as u64) * 4096;
+                    vol.write(at, &data).await.unwrap();
+                }
+                Op::Trim { first, count } => {
+                    let at = (first as u64).min(2048 - count as u64) * 4096;
+                    vol.trim(at, count as u64 * 4096).await.unwrap();
+                }
+                Op::Snapshot => {
+                    taken += 1;
+                    vol.snapshot_create(&format!("s{taken}")).await.unwrap();
+                }
+                Op::Delete(n) if !snaps.is_empty() => {
+                    let name = &snaps[n as usize % snaps.len()].name;
+                    vol.snapshot_delete(name).await.unwrap();
+                }
+                Op::Rollback(n) if !snaps.is_empty() => {
+                    let name = &snaps[n as usize % snaps.len()].name;
+                    vol.rollback(name).await.unwrap();
+                }
+                Op::Delete(_) | Op::Rollback(_) => {}
+                Op::Reopen => {
+                    vol.close().await.unwrap();
+                    vol = Volume::open(backend.clone(), &opts).await.unwrap();
+                }
+            }
+        }
+        vol.close().await.unwrap();
+
+        let stats = space(backend.clone()).await.unwrap();
+        let items = held_by_each_root(&backend).await;
+        let mut live: HashMap<u32, u64> = HashMap::new();
+        let mut only = vec![0u64; 1 + stats.snapshots.len()];
+        for (at, (bytes, roots)) in &items {
+            *live.entry(at.seg).or_default() += bytes;
+            if roots.len() == 1 {
+                only[*roots.first().unwrap()] += bytes;
+            }
+        }
+        for s in &stats.segments {
+            assert!(!s.recent, "a closed volume has nothing to replay");
+            assert_eq!(
+                s.live_bytes,
+                live.remove(&s.id).unwrap_or(0),
+                "segment {}",
+                s.id
+            );
+            assert!(s.live_bytes <= s.size);
+        }
+        assert!(live.is_empty(), "live items in unlisted segments: {live:?}");
+        assert_eq!(stats.head_only_bytes, only[0]);
+        let snapshot_only: Vec<u64> = stats.snapshots.iter().map(|s| s.only_bytes).collect();
+        assert_eq!(snapshot_only, only[1..]);
+        let data: u64 = items
+            .iter()
+            .filter(|(_, (bytes, _))| *bytes == 4096)
+            .map(|(_, (bytes, _))| bytes)
+            .sum();
+        assert!(stats.live_bytes >= data);
+        assert_eq!(
+            stats.reclaimable_bytes,
+            stats.segment_bytes - stats.live_bytes
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(32),
+            ..ProptestConfig::default()
+        })]
+
+        /// The level-by-level walk that reads each shared page once agrees
+        /// with walking every root whole on its own.
+        #[test]
+        fn space_agrees_with_walking_each_root_alone(ops in proptest::collection::vec(op(), 1..40)) {
+            tokio::runtime::Runtime::new().unwrap().block_on(run(ops));
+        }
+    }
+}
