@@ -229,6 +229,13 @@ pub trait JournalFile: Send + Sync {
     fn start_writeback(&self, _offset: u64, _len: u64) -> Result<()> {
         Ok(())
     }
+    /// Waits until `offset..offset+len` is written to disk and drops it
+    /// from memory (the page cache), so that appending reuses the same
+    /// pages instead of taking fresh ones. Durability is unchanged: that
+    /// is still `sync`. Only a hint.
+    fn release(&self, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
     fn len(&self) -> Result<u64>;
     fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)

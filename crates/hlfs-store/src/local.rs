@@ -688,18 +688,29 @@ impl JournalFile for LocalJournalFile {
     }
 
     fn start_writeback(&self, offset: u64, len: u64) -> Result<()> {
+        self.sync_range(offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    }
+
+    fn release(&self, offset: u64, len: u64) -> Result<()> {
         use std::os::fd::AsRawFd;
+        self.sync_range(
+            offset,
+            len,
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        )?;
         // SAFETY: a plain syscall on a descriptor this struct owns.
         let rc = unsafe {
-            libc::sync_file_range(
+            libc::posix_fadvise(
                 self.file.as_raw_fd(),
-                offset as libc::off64_t,
-                len as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
             )
         };
         if rc != 0 {
-            return Err(self.io_err(io::Error::last_os_error()));
+            return Err(self.io_err(io::Error::from_raw_os_error(rc)));
         }
         Ok(())
     }
@@ -707,5 +718,24 @@ impl JournalFile for LocalJournalFile {
     fn truncate(&self, len: u64) -> Result<()> {
         self.file.set_len(len).map_err(|e| self.io_err(e))?;
         self.file.sync_data().map_err(|e| self.io_err(e))
+    }
+}
+
+impl LocalJournalFile {
+    fn sync_range(&self, offset: u64, len: u64, flags: libc::c_uint) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on a descriptor this struct owns.
+        let rc = unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                flags,
+            )
+        };
+        if rc != 0 {
+            return Err(self.io_err(io::Error::last_os_error()));
+        }
+        Ok(())
     }
 }

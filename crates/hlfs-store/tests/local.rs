@@ -194,3 +194,54 @@ fn journal_read_at_huge_len_is_cheap() {
     assert_eq!(file.read_at(1, usize::MAX).unwrap(), b"bc");
     assert_eq!(file.read_at(u64::MAX, usize::MAX).unwrap(), b"");
 }
+
+/// Pages of `path` in `range` that are in the page cache.
+fn resident_pages(path: &std::path::Path, range: std::ops::Range<usize>) -> usize {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let len = range.end;
+    // SAFETY: a read-only shared mapping of a file we keep open, only
+    // passed to mincore, never dereferenced.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    let page = 4096;
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `vec` has one byte per page of the mapping.
+    let rc = unsafe { libc::mincore(map, len, vec.as_mut_ptr()) };
+    assert_eq!(rc, 0);
+    // SAFETY: unmapping what was mapped above.
+    unsafe { libc::munmap(map, len) };
+    vec[range.start / page..]
+        .iter()
+        .filter(|&&b| b & 1 == 1)
+        .count()
+}
+
+#[test]
+fn released_journal_bytes_leave_the_page_cache_and_still_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = LocalJournal::new(dir.path().join("journal")).unwrap();
+    let file = journal.create("open-segment").unwrap();
+    let chunk = 4 << 20;
+    let data: Vec<u8> = (0..2 * chunk).map(|i| (i % 251) as u8).collect();
+    file.write_at(0, &data).unwrap();
+    let path = journal.local_path("open-segment").unwrap();
+    assert!(resident_pages(&path, 0..chunk) > 0, "just written");
+
+    file.release(0, chunk as u64).unwrap();
+    assert_eq!(resident_pages(&path, 0..chunk), 0, "released");
+    assert!(
+        resident_pages(&path, chunk..2 * chunk) > 0,
+        "only the range given is released"
+    );
+    assert_eq!(file.read_at(0, 2 * chunk).unwrap(), data);
+}

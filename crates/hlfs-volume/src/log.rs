@@ -23,7 +23,14 @@ use crate::upload::Sealing;
 
 /// Journal bytes are pushed towards the disk in chunks this large as they
 /// are appended, so the sync when a segment is sealed finds little left to
-/// write and stalls writers for less time.
+/// write and stalls writers for less time. The chunk before is then
+/// released from the page cache: the log keeps at most two chunks of a
+/// journal in memory, and appends reuse those pages. Taking fresh pages
+/// instead costs far more than the copy into them on a virtual machine
+/// whose free memory the host reclaims (measured: 250 MB/s into fresh page
+/// cache, 2.6 GB/s into reused pages, on the 2-vCPU test machine), and
+/// fills memory with data the VM has just written and keeps in its own
+/// cache.
 const WRITEBACK_CHUNK: u64 = 8 << 20;
 
 /// The writer's place in the log. Guarded by `Log::writer`.
@@ -142,6 +149,12 @@ impl Core {
             let chunk = w.pos / WRITEBACK_CHUNK - 1;
             if let Err(e) = file.start_writeback(chunk * WRITEBACK_CHUNK, WRITEBACK_CHUNK) {
                 tracing::debug!(error = %e, "early writeback hint failed");
+            }
+            if chunk > 0 {
+                let older = (chunk - 1) * WRITEBACK_CHUNK;
+                if let Err(e) = file.release(older, WRITEBACK_CHUNK) {
+                    tracing::debug!(error = %e, "releasing written journal pages failed");
+                }
             }
         }
         self.log.written_lsn.store(w.next_lsn, Ordering::SeqCst);

@@ -590,6 +590,10 @@ impl JournalFile for FaultyFile {
         self.inner.start_writeback(offset, len)
     }
 
+    fn release(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.release(offset, len)
+    }
+
     fn len(&self) -> Result<u64> {
         self.faults
             .journal_op(FaultOp::JournalRead, &self.name, Durable::No, |_| {
