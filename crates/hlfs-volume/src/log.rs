@@ -6,8 +6,9 @@
 //! file is retired: it stays readable and synced by FLUSH until the upload
 //! task has it in the store.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use hlfs_format::journal_name;
 use hlfs_store::JournalFile;
@@ -32,6 +33,9 @@ use crate::upload::Sealing;
 /// fills memory with data the VM has just written and keeps in its own
 /// cache.
 const WRITEBACK_CHUNK: u64 = 8 << 20;
+
+/// How long a sync waits at most for the flushes it expects to join it.
+const MAX_GATHER: Duration = Duration::from_millis(1);
 
 /// The writer's place in the log. Guarded by `Log::writer`.
 pub(crate) struct Writer {
@@ -65,6 +69,31 @@ pub(crate) struct Log {
     /// The last LSN appended, and the last one known durable.
     written_lsn: AtomicU64,
     durable_lsn: AtomicU64,
+    /// Flushes waiting for a sync now, and how many were waiting when the
+    /// last sync ended: the batch the next one can expect.
+    flushers: AtomicUsize,
+    last_batch: AtomicUsize,
+    /// How long the last sync took (µs on the volume's clock).
+    last_sync_us: AtomicU64,
+    /// Told whenever a flush starts waiting.
+    flush_arrived: tokio::sync::Notify,
+}
+
+/// Counts a flush among those waiting for a sync while it lives.
+struct Waiting<'a>(&'a Log);
+
+impl<'a> Waiting<'a> {
+    fn new(log: &'a Log) -> Self {
+        log.flushers.fetch_add(1, Ordering::SeqCst);
+        log.flush_arrived.notify_waiters();
+        Waiting(log)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.flushers.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Log {
@@ -85,6 +114,10 @@ impl Log {
             sync_turn: tokio::sync::Mutex::new(()),
             written_lsn: AtomicU64::new(0),
             durable_lsn: AtomicU64::new(0),
+            flushers: AtomicUsize::new(0),
+            last_batch: AtomicUsize::new(0),
+            last_sync_us: AtomicU64::new(0),
+            flush_arrived: tokio::sync::Notify::new(),
         }
     }
 
@@ -215,19 +248,58 @@ impl Core {
         if self.log.durable_lsn.load(Ordering::SeqCst) >= target {
             return Ok(());
         }
+        let _waiting = Waiting::new(&self.log);
         let _turn = self.log.sync_turn.lock().await;
         self.life.check(Need::Sync)?;
         if self.log.durable_lsn.load(Ordering::SeqCst) >= target {
             return Ok(());
         }
+        self.gather().await;
         // Read the LSN before taking the files: every record up to it is in
         // one of them, or in a segment whose sealing already synced it.
         let upto = self.log.written_lsn.load(Ordering::SeqCst);
+        let started = self.clock.now();
         for file in self.log.in_log_order() {
             self.sync_file(file).await?;
         }
+        let took = self.clock.now().saturating_sub(started);
+        self.log
+            .last_sync_us
+            .store(took.as_micros() as u64, Ordering::SeqCst);
+        self.log
+            .last_batch
+            .store(self.log.flushers.load(Ordering::SeqCst), Ordering::SeqCst);
         self.log.synced_up_to(upto);
         Ok(())
+    }
+
+    /// When several clients flush at once, the ones the last sync released
+    /// write again and flush a moment later. Without waiting for them, each
+    /// sync would serve about half of them, and each client would wait for
+    /// two syncs; so a sync waits for as many flushes as the last one
+    /// served, or for as long as the last sync took (at most
+    /// [`MAX_GATHER`]), whichever comes first. A lone client never waits.
+    async fn gather(&self) {
+        let expect = self.log.last_batch.load(Ordering::SeqCst);
+        if expect <= 1 {
+            return;
+        }
+        let budget =
+            Duration::from_micros(self.log.last_sync_us.load(Ordering::SeqCst)).min(MAX_GATHER);
+        let deadline = self.clock.now() + budget;
+        loop {
+            let arrived = self.log.flush_arrived.notified();
+            tokio::pin!(arrived);
+            // Registered before the count is read, so no arrival is missed.
+            arrived.as_mut().enable();
+            if self.log.flushers.load(Ordering::SeqCst) >= expect {
+                return;
+            }
+            let left = deadline.saturating_sub(self.clock.now());
+            if left.is_zero() || self.clock.timeout(left, arrived).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Syncs a retired journal file before its upload. Files are synced in
