@@ -6,6 +6,8 @@
 //! also the one place where an engine error becomes an NBD error number:
 //! [`nbd_errno`], from the error's kind.
 
+pub mod control;
+
 use async_trait::async_trait;
 use hlfs_nbd::proto::{EINVAL, EIO, EPERM};
 use hlfs_nbd::{BlockDevice, DeviceError, DeviceExtent, DeviceResult};

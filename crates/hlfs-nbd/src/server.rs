@@ -183,6 +183,11 @@ impl Server {
         })
     }
 
+    /// Clients connected to `export` now.
+    pub fn connections_to(&self, export: &str) -> usize {
+        self.per_export.lock().get(export).copied().unwrap_or(0)
+    }
+
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) -> io::Result<()> {
         self.serve(listener).await
     }

@@ -71,6 +71,10 @@ pub enum VolumeError {
     Unavailable(String),
     #[error("the volume is closed")]
     Closed,
+    /// An error the volume's owner answered a command sent to it with (see
+    /// `hlfs_device::control`): its kind and message as the owner gave them.
+    #[error("{message}")]
+    Owner { kind: ErrorKind, message: String },
 }
 
 pub type Result<T> = std::result::Result<T, VolumeError>;
@@ -104,6 +108,7 @@ impl VolumeError {
             VolumeError::Failed(_) => ErrorKind::Io,
             VolumeError::Unavailable(_) => ErrorKind::Unavailable,
             VolumeError::Closed => ErrorKind::Closed,
+            VolumeError::Owner { kind, .. } => *kind,
         }
     }
 }

@@ -1365,6 +1365,103 @@ fn server_crash_recovery() {
     );
 }
 
+/// Snapshots, rollback and resize of a volume while it is served, through
+/// the CLI as a user types them: the commands go to the server over its
+/// control socket. A snapshot holds what was acknowledged before it was
+/// asked for and nothing written after it returned, with writes in flight
+/// on two other connections; rollback waits until no client is connected;
+/// a server killed outright is taken over as before.
+#[test]
+fn snapshots_rollback_and_resize_of_a_served_volume() {
+    require!("fio" => "fio");
+    require!("qemu-io" => "qemu-utils");
+    require!("nbdinfo" => "libnbd-bin");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = volume_at(d, "vm.hlfs");
+    hlfs(&["create", &vol, "--size", "64M"]).ok();
+    let srv = Server::unix(d, &[&vol], &[]);
+    // A local volume's socket is in its journal directory (a remote one's
+    // is in the cache directory's journal for it).
+    let socket = (!vol.contains("://")).then(|| Path::new(&vol).join("journal/control.sock"));
+    if let Some(socket) = &socket {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(socket).unwrap().permissions(),
+        );
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "the control socket is the owner's alone"
+        );
+    }
+
+    // fio writes [0, 32M) on two connections throughout.
+    let (mut fio, log) = background_fio(d, srv.uri(), &["--bs=4k", "--iodepth=8"]);
+    let at = (40 << 20).to_string();
+    qemu_io_ok(srv.uri(), false, &[&format!("write -P 0xa1 {at} 1M")]);
+    let out = hlfs(&["snapshot", "create", &vol, "before"]).ok();
+    assert!(out.stdout.contains("created snapshot before"), "{out}");
+    qemu_io_ok(srv.uri(), false, &[&format!("write -P 0xb2 {at} 1M")]);
+    assert_fio_running(&mut fio, &log);
+    let refused = hlfs(&["snapshot", "create", &vol, "before"]);
+    assert!(refused.stderr.contains("already exists"), "{refused}");
+
+    // The snapshot, exported read-only by another process meanwhile.
+    let img = d.join("before.img");
+    hlfs(&["export", &format!("{vol}@before"), &path_str(&img)]).ok();
+    let bytes = std::fs::read(&img).unwrap();
+    let region = &bytes[40 << 20..41 << 20];
+    assert!(
+        region.iter().all(|&b| b == 0xa1),
+        "the snapshot holds the write acknowledged before it, not the one after"
+    );
+    qemu_io_ok(srv.uri(), true, &[&format!("read -P 0xb2 {at} 1M")]);
+
+    // Rollback under connected clients is refused, naming how many.
+    let refused = hlfs(&["snapshot", "rollback", &vol, "before"]);
+    assert_eq!(refused.status.code(), Some(1), "{refused}");
+    assert!(
+        refused.stderr.contains("2 clients are connected"),
+        "{refused}"
+    );
+    assert_fio_running(&mut fio, &log);
+
+    // Growing is seen by clients that connect afterwards.
+    hlfs(&["resize", &vol, "--size", "96M"]).ok();
+    assert_eq!(export_info(srv.uri())["export-size"], 96 << 20);
+
+    fio.kill();
+    // The server notices the clients are gone as their sockets close.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let out = hlfs(&["snapshot", "rollback", &vol, "before"]);
+        if !out.stderr.contains("connected to export") || Instant::now() > deadline {
+            break out.ok();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(out.stdout.contains("rolled"), "{out}");
+    qemu_io_ok(srv.uri(), true, &[&format!("read -P 0xa1 {at} 1M")]);
+    let list = hlfs(&["snapshot", "list", &vol, "--json"]).ok();
+    let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    hlfs(&["snapshot", "delete", &vol, "before"]).ok();
+
+    // A server that dies leaves its socket; the next command takes over.
+    srv.crash();
+    assert!(socket.as_ref().is_none_or(|s| s.exists()));
+    let out = hlfs(&["snapshot", "create", &vol, "after-crash"]).ok();
+    assert!(out.stdout.contains("created snapshot after-crash"), "{out}");
+    let srv = Server::unix(d, &[&vol], &[]);
+    hlfs(&["snapshot", "delete", &vol, "after-crash"]).ok();
+    srv.stop_ok();
+    assert!(
+        socket.is_none_or(|s| !s.exists()),
+        "a clean stop removes the control socket"
+    );
+    check_volume(&vol);
+}
+
 /// The URIs the server prints must work for export names that need
 /// percent-encoding in a URI.
 ///

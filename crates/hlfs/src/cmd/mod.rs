@@ -13,6 +13,7 @@ pub mod serve;
 pub mod snapshot;
 
 use anyhow::Result;
+use hlfs_device::control::{Client, Command};
 use hlfs_volume::Volume;
 
 use crate::args::Settings;
@@ -29,4 +30,29 @@ async fn finish<T>(vol: Volume, result: hlfs_volume::Result<T>) -> Result<T> {
     let value = result?;
     closed?;
     Ok(value)
+}
+
+/// Runs a command that changes `volume`: through its owner's control
+/// socket if a process on this host serves it (a served volume is changed
+/// only by its server), or else on the volume opened here, with `here`.
+/// Either way the answer is the same, errors and their kinds included.
+async fn change<T>(
+    volume: &str,
+    settings: &Settings,
+    command: Command,
+    from_owner: impl FnOnce(Option<String>) -> T,
+    here: impl AsyncFnOnce(&Volume) -> hlfs_volume::Result<T>,
+) -> Result<T> {
+    let backend = settings.backend(volume, false)?;
+    if let Some(owner) = Client::connect(&backend).await? {
+        tracing::debug!(
+            volume,
+            ?command,
+            "sending the command to the volume's server"
+        );
+        return Ok(from_owner(owner.call(command).await?));
+    }
+    let vol = Volume::open(backend, &settings.open).await?;
+    let result = here(&vol).await;
+    finish(vol, result).await
 }

@@ -1,8 +1,9 @@
 //! `hlfs resize`: grow a volume.
 
 use anyhow::Result;
+use hlfs_device::control::Command;
 
-use super::{finish, open_writer};
+use super::change;
 use crate::args::{human, parse_size, Settings};
 
 #[derive(clap::Args, Debug)]
@@ -13,9 +14,15 @@ pub struct ResizeArgs {
 }
 
 pub async fn run(args: ResizeArgs, settings: &Settings) -> Result<()> {
-    let vol = open_writer(&args.volume, settings).await?;
-    let result = vol.resize(args.size).await;
-    finish(vol, result).await?;
+    let size = args.size;
+    change(
+        &args.volume,
+        settings,
+        Command::Resize { size },
+        |_| (),
+        async |vol| vol.resize(size).await,
+    )
+    .await?;
     println!(
         "{} is now {} ({} bytes)",
         args.volume,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use hlfs_device::control::{self, Command};
 use hlfs_device::VolumeDevice;
 use hlfs_nbd::proto::MAX_PAYLOAD;
 use hlfs_nbd::{Export, Limits, Server};
@@ -174,6 +175,74 @@ async fn open_exports(
     Ok(exports)
 }
 
+/// A volume this server owns, as its control socket sees it.
+struct Owned {
+    volume: Volume,
+    server: Arc<Server>,
+    export: String,
+}
+
+#[async_trait::async_trait]
+impl control::Owner for Owned {
+    async fn run(&self, command: Command) -> Result<Option<String>, VolumeError> {
+        tracing::info!(export = %self.export, ?command, "command from the control socket");
+        match command {
+            Command::SnapshotCreate { name } => {
+                Ok(Some(self.volume.snapshot_create(&name).await?.name))
+            }
+            Command::SnapshotDelete { name } => {
+                self.volume.snapshot_delete(&name).await.map(|()| None)
+            }
+            Command::Rollback { name } => {
+                let clients = self.server.connections_to(&self.export);
+                if clients > 0 {
+                    return Err(VolumeError::Busy(format!(
+                        "{clients} client{} connected to export {:?}: a rollback would change the disk under {}; disconnect {} first",
+                        if clients == 1 { " is" } else { "s are" },
+                        self.export,
+                        if clients == 1 { "it" } else { "them" },
+                        if clients == 1 { "it" } else { "them" },
+                    )));
+                }
+                self.volume.rollback(&name).await.map(Some)
+            }
+            Command::Resize { size } => self.volume.resize(size).await.map(|()| None),
+        }
+    }
+}
+
+/// Binds the control socket of every volume served writable (each opened
+/// here, so its journal lock is held) and answers commands on it.
+fn start_control(
+    args: &ServeArgs,
+    settings: &Settings,
+    volumes: &[Volume],
+    names: &[String],
+    server: &Arc<Server>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Result<Vec<PathBuf>> {
+    let mut sockets = Vec::new();
+    for ((arg, volume), export) in args.volumes.iter().zip(volumes).zip(names) {
+        if volume.is_read_only() {
+            continue;
+        }
+        let (address, _) = split_snapshot(arg);
+        let Some(path) = control::socket_path(&settings.backend(address, false)?) else {
+            continue;
+        };
+        let listener = control::bind(&path)
+            .with_context(|| format!("binding the control socket {}", path.display()))?;
+        sockets.push(path);
+        let owner = Arc::new(Owned {
+            volume: volume.clone(),
+            server: server.clone(),
+            export: export.clone(),
+        });
+        tasks.spawn(control::serve(listener, owner));
+    }
+    Ok(sockets)
+}
+
 /// SIGINT and SIGTERM, listened for from creation on: a signal that
 /// arrives before the server is ready still stops it cleanly.
 struct StopSignals {
@@ -274,6 +343,26 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
     let names: Vec<String> = exports.iter().map(|e| e.name.clone()).collect();
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = Server::new(exports, tls, limits, stop_rx);
+    let mut control_tasks = tokio::task::JoinSet::new();
+    let sockets = match start_control(
+        &args,
+        settings,
+        &volumes,
+        &names,
+        &server,
+        &mut control_tasks,
+    ) {
+        Ok(sockets) => sockets,
+        Err(e) => {
+            for vol in &volumes {
+                let _ = vol.close().await;
+            }
+            if let Some(path) = &args.socket {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
+    };
     let mut tasks = tokio::task::JoinSet::new();
     let mut uris = Vec::new();
     if let Some(listener) = tcp {
@@ -312,6 +401,13 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         },
     };
     let _ = stop_tx.send(true);
+    // No more commands. A CLI started from now on finds no owner, and is
+    // refused by the journal lock until the close below releases it. A
+    // command already running finishes first, or gets "closed".
+    control_tasks.shutdown().await;
+    for path in &sockets {
+        let _ = std::fs::remove_file(path);
+    }
     while tasks.join_next().await.is_some() {}
     if let Some(path) = &args.socket {
         let _ = std::fs::remove_file(path);

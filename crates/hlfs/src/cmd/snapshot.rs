@@ -4,7 +4,9 @@ use anyhow::Result;
 use clap::Subcommand;
 use hlfs_volume::{space, utc, View, Volume};
 
-use super::{finish, open_writer};
+use hlfs_device::control::Command;
+
+use super::change;
 use crate::args::{human, Settings};
 
 #[derive(Subcommand, Debug)]
@@ -28,21 +30,39 @@ pub enum SnapshotCommand {
 pub async fn run(command: SnapshotCommand, settings: &Settings) -> Result<()> {
     match command {
         SnapshotCommand::Create { volume, name } => {
-            let vol = open_writer(&volume, settings).await?;
-            let result = vol.snapshot_create(&name).await;
-            let snap = finish(vol, result).await?;
-            println!("created snapshot {} of {volume}", snap.name);
+            let command = Command::SnapshotCreate { name: name.clone() };
+            let made = change(
+                &volume,
+                settings,
+                command,
+                |made| made.unwrap_or_else(|| name.clone()),
+                async |vol| Ok(vol.snapshot_create(&name).await?.name),
+            )
+            .await?;
+            println!("created snapshot {made} of {volume}");
         }
         SnapshotCommand::Delete { volume, name } => {
-            let vol = open_writer(&volume, settings).await?;
-            let result = vol.snapshot_delete(&name).await;
-            finish(vol, result).await?;
+            let command = Command::SnapshotDelete { name: name.clone() };
+            change(
+                &volume,
+                settings,
+                command,
+                |_| (),
+                async |vol| vol.snapshot_delete(&name).await,
+            )
+            .await?;
             println!("deleted snapshot {name} of {volume}");
         }
         SnapshotCommand::Rollback { volume, name } => {
-            let vol = open_writer(&volume, settings).await?;
-            let result = vol.rollback(&name).await;
-            let kept = finish(vol, result).await?;
+            let command = Command::Rollback { name: name.clone() };
+            let kept = change(
+                &volume,
+                settings,
+                command,
+                |kept| kept.unwrap_or_default(),
+                async |vol| vol.rollback(&name).await,
+            )
+            .await?;
             println!("rolled {volume} back to snapshot {name}; its previous state is kept as snapshot {kept}");
         }
         SnapshotCommand::List { volume, json } => list(&volume, json, settings).await?,

@@ -1,0 +1,362 @@
+//! The control socket: how a command reaches the process that owns a
+//! served volume (docs/design/online-control.md).
+//!
+//! The owner (`hlfs serve`) binds `control.sock` in the volume's journal
+//! directory, mode 0600, and answers only its own user (or root). The CLI
+//! finds the socket from the volume's address, as the journal is found, and
+//! sends its command there instead of opening the volume itself. A frame is
+//! a little-endian `u32` length, at most [`MAX_FRAME`], then that many bytes
+//! of JSON. One request, one reply, per connection.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use hlfs_volume::{Backend, ErrorKind, VolumeError};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+/// The protocol this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Bytes of JSON in one frame at most.
+pub const MAX_FRAME: u32 = 64 << 10;
+
+/// The socket's file name in the journal directory.
+const SOCKET_NAME: &str = "control.sock";
+
+/// Longest path `bind` takes (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// What a command asks of a volume's owner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    SnapshotCreate { name: String },
+    SnapshotDelete { name: String },
+    Rollback { name: String },
+    Resize { size: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub version: u32,
+    pub command: Command,
+}
+
+/// The owner's answer: done (with the name of what the command made, for
+/// snapshot create and rollback), or an error with its kind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Reply {
+    Done { name: Option<String> },
+    Error { kind: String, message: String },
+}
+
+/// A stable name for each error kind on the wire.
+fn kind_name(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::NotFound => "not_found",
+        ErrorKind::AlreadyExists => "already_exists",
+        ErrorKind::Busy => "busy",
+        ErrorKind::InvalidInput => "invalid_input",
+        ErrorKind::OutOfRange => "out_of_range",
+        ErrorKind::ReadOnly => "read_only",
+        ErrorKind::Unavailable => "unavailable",
+        ErrorKind::Corrupt => "corrupt",
+        ErrorKind::Io => "io",
+        ErrorKind::Closed => "closed",
+    }
+}
+
+/// The kind a name stands for; one this build does not know (from a newer
+/// owner) is an I/O error.
+fn kind_of(name: &str) -> ErrorKind {
+    [
+        ErrorKind::NotFound,
+        ErrorKind::AlreadyExists,
+        ErrorKind::Busy,
+        ErrorKind::InvalidInput,
+        ErrorKind::OutOfRange,
+        ErrorKind::ReadOnly,
+        ErrorKind::Unavailable,
+        ErrorKind::Corrupt,
+        ErrorKind::Io,
+        ErrorKind::Closed,
+    ]
+    .into_iter()
+    .find(|&k| kind_name(k) == name)
+    .unwrap_or(ErrorKind::Io)
+}
+
+impl Reply {
+    pub fn of(result: Result<Option<String>, VolumeError>) -> Reply {
+        match result {
+            Ok(name) => Reply::Done { name },
+            Err(e) => Reply::Error {
+                kind: kind_name(e.kind()).to_string(),
+                message: e.to_string(),
+            },
+        }
+    }
+
+    pub fn into_result(self) -> Result<Option<String>, VolumeError> {
+        match self {
+            Reply::Done { name } => Ok(name),
+            Reply::Error { kind, message } => Err(VolumeError::Owner {
+                kind: kind_of(&kind),
+                message,
+            }),
+        }
+    }
+}
+
+/// Decodes a request frame's bytes; garbage is an error, never a panic.
+pub fn decode_request(bytes: &[u8]) -> Result<Request, String> {
+    serde_json::from_slice(bytes).map_err(|e| format!("malformed request: {e}"))
+}
+
+/// Decodes a reply frame's bytes; garbage is an error, never a panic.
+pub fn decode_reply(bytes: &[u8]) -> Result<Reply, String> {
+    serde_json::from_slice(bytes).map_err(|e| format!("malformed reply: {e}"))
+}
+
+async fn read_frame(stream: &mut UnixStream) -> io::Result<Vec<u8>> {
+    let len = stream.read_u32_le().await?;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a frame of {len} bytes (at most {MAX_FRAME})"),
+        ));
+    }
+    let mut buf = vec![0; len as usize];
+    stream.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_frame(stream: &mut UnixStream, json: &[u8]) -> io::Result<()> {
+    stream.write_u32_le(json.len() as u32).await?;
+    stream.write_all(json).await?;
+    stream.flush().await
+}
+
+/// Where the owner of the volume at `backend` listens, if its journal is a
+/// local directory. A path too long for a socket is replaced by one in a
+/// private directory of this user's, named by a hash of the journal path,
+/// which the owner and the CLI compute alike.
+pub fn socket_path(backend: &Backend) -> Option<PathBuf> {
+    let path = backend.journal.local_path(SOCKET_NAME)?;
+    if path.as_os_str().len() <= MAX_SOCKET_PATH {
+        return Some(path);
+    }
+    let bytes = path.as_os_str().as_encoded_bytes();
+    let hash = (u64::from(crc32c::crc32c(bytes)) << 32)
+        | u64::from(crc32c::crc32c_append(0x9e37_79b9, bytes));
+    Some(private_dir().join(format!("{hash:016x}.sock")))
+}
+
+/// `$XDG_RUNTIME_DIR/hlfs`, or `/tmp/hlfs-UID`.
+fn private_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => Path::new(&dir).join("hlfs"),
+        // SAFETY: geteuid cannot fail.
+        _ => PathBuf::from(format!("/tmp/hlfs-{}", unsafe { libc::geteuid() })),
+    }
+}
+
+/// Binds the control socket at `path`. Call only while holding the
+/// volume's journal lock: that proves a socket file already there is a dead
+/// owner's, so it is replaced.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// What the owner does with a command.
+#[async_trait]
+pub trait Owner: Send + Sync {
+    async fn run(&self, command: Command) -> Result<Option<String>, VolumeError>;
+}
+
+/// Answers commands on `listener` until the future is dropped. Each
+/// connection is one request and one reply; a peer of another user, a
+/// malformed frame or a newer protocol gets an error reply or is closed,
+/// and nothing else changes.
+pub async fn serve(listener: UnixListener, owner: std::sync::Arc<dyn Owner>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let owner = owner.clone();
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, &*owner).await {
+                tracing::debug!(error = %e, "control connection ended");
+            }
+        });
+    }
+}
+
+/// Whether the peer may command this process: the same user, or root.
+fn allowed(stream: &UnixStream) -> bool {
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    stream
+        .peer_cred()
+        .is_ok_and(|c| c.uid() == me || c.uid() == 0)
+}
+
+async fn answer(mut stream: UnixStream, owner: &dyn Owner) -> io::Result<()> {
+    let reply = if !allowed(&stream) {
+        Reply::Error {
+            kind: kind_name(ErrorKind::Busy).into(),
+            message: "the volume's owner takes commands only from its own user".into(),
+        }
+    } else {
+        let bytes = read_frame(&mut stream).await?;
+        match decode_request(&bytes) {
+            Err(message) => Reply::Error {
+                kind: kind_name(ErrorKind::InvalidInput).into(),
+                message,
+            },
+            Ok(r) if r.version != PROTOCOL_VERSION => Reply::Error {
+                kind: kind_name(ErrorKind::InvalidInput).into(),
+                message: format!(
+                    "the volume's owner speaks control protocol {PROTOCOL_VERSION}, not {}: run the same hlfs version",
+                    r.version
+                ),
+            },
+            Ok(r) => Reply::of(owner.run(r.command).await),
+        }
+    };
+    let json = serde_json::to_vec(&reply).expect("a reply always encodes");
+    write_frame(&mut stream, &json).await
+}
+
+/// A connection to a volume's owner.
+pub struct Client {
+    stream: UnixStream,
+}
+
+impl Client {
+    /// Connects to the owner of the volume at `backend`, if a process on
+    /// this host serves it; None if nobody listens (the volume is not
+    /// served, or its server died and the caller may take over).
+    pub async fn connect(backend: &Backend) -> io::Result<Option<Client>> {
+        let Some(path) = socket_path(backend) else {
+            return Ok(None);
+        };
+        match UnixStream::connect(&path).await {
+            Ok(stream) => Ok(Some(Client { stream })),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(io::Error::new(
+                e.kind(),
+                format!("connecting to {}: {e}", path.display()),
+            )),
+        }
+    }
+
+    /// Sends `command` and waits for the owner's answer.
+    pub async fn call(mut self, command: Command) -> Result<Option<String>, VolumeError> {
+        let request = Request {
+            version: PROTOCOL_VERSION,
+            command,
+        };
+        let lost = |e: io::Error| VolumeError::Owner {
+            kind: ErrorKind::Io,
+            message: format!("the volume's server did not answer: {e}"),
+        };
+        let json = serde_json::to_vec(&request).expect("a request always encodes");
+        write_frame(&mut self.stream, &json).await.map_err(lost)?;
+        let bytes = read_frame(&mut self.stream).await.map_err(lost)?;
+        decode_reply(&bytes)
+            .map_err(|message| VolumeError::Owner {
+                kind: ErrorKind::Io,
+                message,
+            })?
+            .into_result()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn requests_and_replies_round_trip_as_json() {
+        let r = Request {
+            version: PROTOCOL_VERSION,
+            command: Command::SnapshotCreate {
+                name: "before-upgrade".into(),
+            },
+        };
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            json,
+            r#"{"version":1,"command":{"op":"snapshot_create","name":"before-upgrade"}}"#
+        );
+        assert_eq!(decode_request(json.as_bytes()).unwrap(), r);
+        let err = Reply::of(Err(VolumeError::SnapshotExists("x".into())));
+        let back = decode_reply(&serde_json::to_vec(&err).unwrap()).unwrap();
+        let e = back.into_result().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+        assert_eq!(e.to_string(), "a snapshot named \"x\" already exists");
+        assert!(decode_request(br#"{"version":1,"command":{"op":"format_disk"}}"#).is_err());
+        assert!(decode_request(br#"{"version":1,"command":{"op":"resize","size":-1}}"#).is_err());
+        assert!(
+            decode_request(br#"{"version":1,"command":{"op":"resize","size":1},"x":0}"#).is_err()
+        );
+        assert_eq!(kind_of("from_the_future"), ErrorKind::Io);
+    }
+
+    #[tokio::test]
+    async fn a_path_too_long_for_a_socket_gets_a_short_one_both_sides_agree_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a-directory-name-of-some-length".repeat(4)).join("vm.hlfs");
+        let backend = Backend::local(&deep, true).unwrap();
+        let path = socket_path(&backend).unwrap();
+        assert!(path.as_os_str().len() <= MAX_SOCKET_PATH, "{path:?}");
+        assert_eq!(socket_path(&Backend::local(&deep, false).unwrap()), Some(path.clone()));
+        let listener = bind(&path).unwrap();
+        assert!(Client::connect(&backend).await.unwrap().is_some());
+        drop(listener);
+        std::fs::remove_file(&path).unwrap();
+        assert!(Client::connect(&backend).await.unwrap().is_none(), "nobody listens");
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_is_an_error_never_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_request(&bytes);
+            let _ = decode_reply(&bytes);
+        }
+    }
+}
