@@ -340,16 +340,25 @@ mod tests {
     #[tokio::test]
     async fn a_path_too_long_for_a_socket_gets_a_short_one_both_sides_agree_on() {
         let dir = tempfile::tempdir().unwrap();
-        let deep = dir.path().join("a-directory-name-of-some-length".repeat(4)).join("vm.hlfs");
+        let deep = dir
+            .path()
+            .join("a-directory-name-of-some-length".repeat(4))
+            .join("vm.hlfs");
         let backend = Backend::local(&deep, true).unwrap();
         let path = socket_path(&backend).unwrap();
         assert!(path.as_os_str().len() <= MAX_SOCKET_PATH, "{path:?}");
-        assert_eq!(socket_path(&Backend::local(&deep, false).unwrap()), Some(path.clone()));
+        assert_eq!(
+            socket_path(&Backend::local(&deep, false).unwrap()),
+            Some(path.clone())
+        );
         let listener = bind(&path).unwrap();
         assert!(Client::connect(&backend).await.unwrap().is_some());
         drop(listener);
         std::fs::remove_file(&path).unwrap();
-        assert!(Client::connect(&backend).await.unwrap().is_none(), "nobody listens");
+        assert!(
+            Client::connect(&backend).await.unwrap().is_none(),
+            "nobody listens"
+        );
     }
 
     proptest! {

@@ -27,6 +27,28 @@ pub struct Export {
     pub device: Arc<dyn BlockDevice>,
 }
 
+/// Where a server finds its exports: a fixed set, or one that opens more
+/// on demand (`hlfs serve` offers each snapshot of a volume it serves,
+/// those taken while serving included).
+#[async_trait::async_trait]
+pub trait Catalog: Send + Sync {
+    /// The export a client asks for by name, if there is one.
+    async fn find(&self, name: &str) -> Option<Export>;
+    /// Every export's name, for LIST.
+    async fn names(&self) -> Vec<String>;
+}
+
+#[async_trait::async_trait]
+impl Catalog for BTreeMap<String, Export> {
+    async fn find(&self, name: &str) -> Option<Export> {
+        self.get(name).cloned()
+    }
+
+    async fn names(&self) -> Vec<String> {
+        self.keys().cloned().collect()
+    }
+}
+
 /// What a server exposed to a network allows each client and all of them.
 /// What happens at each limit is written down in docs/SEMANTICS.md.
 #[derive(Clone, Debug)]
@@ -67,7 +89,7 @@ pub const RESERVE_BYTES: u32 = 1 << 20;
 
 /// Serves a set of exports until told to shut down.
 pub struct Server {
-    exports: BTreeMap<String, Export>,
+    exports: Arc<dyn Catalog>,
     /// When set, clients must upgrade with STARTTLS before anything else.
     tls: Option<TlsAcceptor>,
     limits: Limits,
@@ -172,8 +194,20 @@ impl Server {
         limits: Limits,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Server> {
+        let fixed: BTreeMap<String, Export> =
+            exports.into_iter().map(|e| (e.name.clone(), e)).collect();
+        Server::with_catalog(Arc::new(fixed), tls, limits, shutdown)
+    }
+
+    /// A server whose exports `catalog` finds.
+    pub fn with_catalog(
+        exports: Arc<dyn Catalog>,
+        tls: Option<TlsAcceptor>,
+        limits: Limits,
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<Server> {
         Arc::new(Server {
-            exports: exports.into_iter().map(|e| (e.name.clone(), e)).collect(),
+            exports,
             tls,
             shared_bytes: Arc::new(Semaphore::new(limits.total_bytes as usize)),
             limits,
@@ -462,7 +496,7 @@ impl Server {
                     if stopping {
                         return Err(ConnError::Protocol("the server is shutting down".into()));
                     }
-                    let Some(export) = self.exports.get(&name).cloned() else {
+                    let Some(export) = self.exports.find(&name).await else {
                         return Err(ConnError::Protocol(format!("no export named {name:?}")));
                     };
                     let Some(slot) = self.export_slot(&name) else {
@@ -493,7 +527,7 @@ impl Server {
                         wr.write_all(&reply(REP_ERR_INVALID, b"LIST takes no data"))
                             .await?;
                     } else {
-                        for name in self.exports.keys() {
+                        for name in self.exports.names().await {
                             let mut payload = (name.len() as u32).to_be_bytes().to_vec();
                             payload.extend_from_slice(name.as_bytes());
                             wr.write_all(&reply(REP_SERVER, &payload)).await?;
@@ -514,7 +548,7 @@ impl Server {
                         wr.write_all(&reply(REP_ERR_INVALID, e.to_string().as_bytes()))
                             .await?
                     }
-                    Ok(req) => match self.exports.get(&req.name).cloned() {
+                    Ok(req) => match self.exports.find(&req.name).await {
                         None => {
                             let msg = format!("no export named {:?}", short_text(&req.name));
                             wr.write_all(&reply(REP_ERR_UNKNOWN, msg.as_bytes()))
@@ -593,7 +627,7 @@ impl Server {
                             ))
                             .await?
                         }
-                        Ok(req) if !self.exports.contains_key(&req.export) => {
+                        Ok(req) if self.exports.find(&req.export).await.is_none() => {
                             let msg = format!("no export named {:?}", short_text(&req.export));
                             wr.write_all(&reply(REP_ERR_UNKNOWN, msg.as_bytes()))
                                 .await?;

@@ -1462,6 +1462,61 @@ fn snapshots_rollback_and_resize_of_a_served_volume() {
     check_volume(&vol);
 }
 
+/// The names an NBD LIST gives.
+fn listed_exports(uri: &str) -> Vec<String> {
+    let out = run("nbdinfo", &["--list", "--json", uri]).ok();
+    let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let mut names: Vec<String> = list["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["export-name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A snapshot taken while the volume is served is served too, read-only,
+/// on the same socket, without a restart; LIST names it; once deleted it
+/// is offered no more.
+#[test]
+fn snapshots_taken_while_serving_are_exported_at_once() {
+    require!("qemu-io" => "qemu-utils");
+    require!("nbdinfo" => "libnbd-bin");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = volume_at(d, "vm.hlfs");
+    hlfs(&["create", &vol, "--size", "16M"]).ok();
+    let srv = Server::unix(d, &[&vol], &[]);
+    let head = srv.uri().to_string();
+    let snap = head.replacen("/vm.hlfs?", "/vm.hlfs@live?", 1);
+    assert_eq!(listed_exports(&head), ["vm.hlfs"]);
+
+    qemu_io_ok(&head, false, &["write -P 0xc1 0 1M"]);
+    hlfs(&["snapshot", "create", &vol, "live"]).ok();
+    qemu_io_ok(&head, false, &["write -P 0xc2 0 1M"]);
+    assert_eq!(listed_exports(&head), ["vm.hlfs", "vm.hlfs@live"]);
+    let info = export_info(&snap);
+    assert_eq!(info["is_read_only"], true, "{info}");
+    qemu_io_ok(&snap, true, &["read -P 0xc1 0 1M", "read -P 0 1M 15M"]);
+    let w = qemu_io(&snap, false, &["write -P 0x99 0 4096"]);
+    assert!(
+        !w.status.success() || !w.text().contains("wrote"),
+        "a snapshot export took a write: {w}"
+    );
+    qemu_io_ok(&head, true, &["read -P 0xc2 0 1M"]);
+
+    hlfs(&["snapshot", "delete", &vol, "live"]).ok();
+    assert_eq!(listed_exports(&head), ["vm.hlfs"]);
+    let gone = run("nbdinfo", &["--json", &snap]);
+    assert!(
+        !gone.status.success(),
+        "a deleted snapshot is still served: {gone}"
+    );
+    srv.stop_ok();
+    check_volume(&vol);
+}
+
 /// The URIs the server prints must work for export names that need
 /// percent-encoding in a URI.
 ///

@@ -1,5 +1,6 @@
 //! `hlfs serve`: volumes and snapshots over NBD.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -175,6 +176,82 @@ async fn open_exports(
     Ok(exports)
 }
 
+/// The exports of `hlfs serve`: those its command line names, and
+/// `NAME@SNAP` for each snapshot of a volume it serves writable, opened
+/// read-only when a client first asks for it, so snapshots taken while
+/// serving are served too. A deleted snapshot is no longer offered;
+/// clients already connected to it keep reading it.
+struct Exports {
+    fixed: BTreeMap<String, Export>,
+    /// (export name, backend, volume) of each volume served writable.
+    owned: Vec<(String, Backend, Volume)>,
+    open: hlfs_volume::OpenOptions,
+    opened: tokio::sync::Mutex<BTreeMap<String, (Export, Volume)>>,
+}
+
+impl Exports {
+    /// The volume served writable as `export`, and whether it has `snap`.
+    fn owner_of(&self, export: &str, snap: &str) -> Option<&(String, Backend, Volume)> {
+        self.owned
+            .iter()
+            .find(|(name, _, vol)| name == export && vol.snapshots().iter().any(|s| s.name == snap))
+    }
+
+    /// Closes the snapshot views opened on demand.
+    async fn close_opened(&self) {
+        for (_, vol) in std::mem::take(&mut *self.opened.lock().await).into_values() {
+            let _ = vol.close().await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl hlfs_nbd::Catalog for Exports {
+    async fn find(&self, name: &str) -> Option<Export> {
+        if let Some(export) = self.fixed.get(name) {
+            return Some(export.clone());
+        }
+        let (export, snap) = name.rsplit_once('@')?;
+        let mut opened = self.opened.lock().await;
+        let Some((_, backend, _)) = self.owner_of(export, snap) else {
+            opened.remove(name);
+            return None;
+        };
+        if let Some((found, _)) = opened.get(name) {
+            return Some(found.clone());
+        }
+        let view = View::Snapshot(snap.to_string());
+        let vol = match Volume::open_read_only(backend.clone(), &self.open, view).await {
+            Ok(vol) => vol,
+            Err(e) => {
+                tracing::warn!(export = name, error = %e, "cannot open the snapshot for a client");
+                return None;
+            }
+        };
+        let found = Export {
+            name: name.to_string(),
+            description: format!("HLFS volume {} (snapshot, read-only)", vol.location()),
+            device: Arc::new(VolumeDevice::new(vol.clone())),
+        };
+        opened.insert(name.to_string(), (found.clone(), vol));
+        Some(found)
+    }
+
+    async fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.fixed.keys().cloned().collect();
+        for (export, _, vol) in &self.owned {
+            names.extend(
+                vol.snapshots()
+                    .iter()
+                    .map(|s| format!("{export}@{}", s.name)),
+            );
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
 /// A volume this server owns, as its control socket sees it.
 struct Owned {
     volume: Volume,
@@ -211,23 +288,37 @@ impl control::Owner for Owned {
     }
 }
 
-/// Binds the control socket of every volume served writable (each opened
-/// here, so its journal lock is held) and answers commands on it.
-fn start_control(
+/// (export name, backend, volume) of each volume served writable.
+fn owned_volumes(
     args: &ServeArgs,
     settings: &Settings,
     volumes: &[Volume],
     names: &[String],
+) -> Result<Vec<(String, Backend, Volume)>> {
+    let mut owned = Vec::new();
+    for ((arg, volume), export) in args.volumes.iter().zip(volumes).zip(names) {
+        if !volume.is_read_only() {
+            let (address, _) = split_snapshot(arg);
+            owned.push((
+                export.clone(),
+                settings.backend(address, false)?,
+                volume.clone(),
+            ));
+        }
+    }
+    Ok(owned)
+}
+
+/// Binds the control socket of every volume served writable (each opened
+/// here, so its journal lock is held) and answers commands on it.
+fn start_control(
+    owned: &[(String, Backend, Volume)],
     server: &Arc<Server>,
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> Result<Vec<PathBuf>> {
     let mut sockets = Vec::new();
-    for ((arg, volume), export) in args.volumes.iter().zip(volumes).zip(names) {
-        if volume.is_read_only() {
-            continue;
-        }
-        let (address, _) = split_snapshot(arg);
-        let Some(path) = control::socket_path(&settings.backend(address, false)?) else {
+    for (export, backend, volume) in owned {
+        let Some(path) = control::socket_path(backend) else {
             continue;
         };
         let listener = control::bind(&path)
@@ -296,6 +387,18 @@ fn uri(scheme: &str, export: &str, tcp: Option<(&str, u16)>, socket: Option<&Pat
     }
 }
 
+/// A start that failed after opening volumes: releases their writer claims
+/// and the NBD socket, and gives back `error`.
+async fn abandon(error: anyhow::Error, volumes: &[Volume], args: &ServeArgs) -> anyhow::Error {
+    for vol in volumes {
+        let _ = vol.close().await;
+    }
+    if let Some(path) = &args.socket {
+        let _ = std::fs::remove_file(path);
+    }
+    error
+}
+
 pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
     let mut signals = StopSignals::install()?;
     // Everything that can fail without a volume, before any is opened (and
@@ -327,41 +430,29 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         None => None,
     };
     let mut volumes = Vec::new();
-    let exports = match open_exports(&args, settings, &mut volumes).await {
-        Ok(exports) => exports,
-        Err(e) => {
-            // Release the writer claims of those already opened.
-            for vol in &volumes {
-                let _ = vol.close().await;
-            }
-            if let Some(path) = &args.socket {
-                let _ = std::fs::remove_file(path);
-            }
-            return Err(e);
-        }
+    let opened = open_exports(&args, settings, &mut volumes)
+        .await
+        .and_then(|exports| {
+            let names: Vec<String> = exports.iter().map(|e| e.name.clone()).collect();
+            let owned = owned_volumes(&args, settings, &volumes, &names)?;
+            Ok((exports, names, owned))
+        });
+    let (exports, names, owned) = match opened {
+        Ok(opened) => opened,
+        Err(e) => return Err(abandon(e, &volumes, &args).await),
     };
-    let names: Vec<String> = exports.iter().map(|e| e.name.clone()).collect();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let server = Server::new(exports, tls, limits, stop_rx);
+    let catalog = Arc::new(Exports {
+        fixed: exports.into_iter().map(|e| (e.name.clone(), e)).collect(),
+        owned: owned.clone(),
+        open: settings.open.clone(),
+        opened: Default::default(),
+    });
+    let server = Server::with_catalog(catalog.clone(), tls, limits, stop_rx);
     let mut control_tasks = tokio::task::JoinSet::new();
-    let sockets = match start_control(
-        &args,
-        settings,
-        &volumes,
-        &names,
-        &server,
-        &mut control_tasks,
-    ) {
+    let sockets = match start_control(&owned, &server, &mut control_tasks) {
         Ok(sockets) => sockets,
-        Err(e) => {
-            for vol in &volumes {
-                let _ = vol.close().await;
-            }
-            if let Some(path) = &args.socket {
-                let _ = std::fs::remove_file(path);
-            }
-            return Err(e);
-        }
+        Err(e) => return Err(abandon(e, &volumes, &args).await),
     };
     let mut tasks = tokio::task::JoinSet::new();
     let mut uris = Vec::new();
@@ -412,6 +503,7 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
     if let Some(path) = &args.socket {
         let _ = std::fs::remove_file(path);
     }
+    catalog.close_opened().await;
     // Flush, seal and release every writer claim, even after a failure.
     let mut closed = Ok(());
     for vol in volumes {
