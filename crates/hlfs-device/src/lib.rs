@@ -7,11 +7,13 @@
 //! [`nbd_errno`], from the error's kind.
 
 pub mod control;
+pub mod metrics;
 
 use async_trait::async_trait;
 use hlfs_nbd::proto::{EINVAL, EIO, EPERM};
 use hlfs_nbd::{BlockDevice, DeviceError, DeviceExtent, DeviceResult};
 use hlfs_volume::{ErrorKind, Volume, VolumeError};
+use metrics::{ExportMetrics, Op};
 
 /// Zeros written as data at most this much at a time (NO_HOLE zeroing).
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -44,11 +46,35 @@ fn device_error(e: VolumeError) -> DeviceError {
 /// A volume served as a block device.
 pub struct VolumeDevice {
     vol: Volume,
+    metrics: Option<ExportMetrics>,
 }
 
 impl VolumeDevice {
     pub fn new(vol: Volume) -> VolumeDevice {
-        VolumeDevice { vol }
+        VolumeDevice { vol, metrics: None }
+    }
+
+    /// A device that records each request into `metrics`.
+    pub fn with_metrics(vol: Volume, metrics: ExportMetrics) -> VolumeDevice {
+        VolumeDevice {
+            vol,
+            metrics: Some(metrics),
+        }
+    }
+
+    /// Runs one request, recording what it cost.
+    async fn measured<T>(
+        &self,
+        op: Op,
+        bytes: u64,
+        request: impl std::future::Future<Output = hlfs_volume::Result<T>>,
+    ) -> DeviceResult<T> {
+        let started = std::time::Instant::now();
+        let out = request.await;
+        if let Some(m) = &self.metrics {
+            m.record(op, bytes, out.is_ok(), started.elapsed());
+        }
+        out.map_err(device_error)
     }
 
     pub fn volume(&self) -> &Volume {
@@ -71,53 +97,57 @@ impl BlockDevice for VolumeDevice {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> DeviceResult<()> {
-        self.vol.read_into(offset, buf).await.map_err(device_error)
+        let len = buf.len() as u64;
+        self.measured(Op::Read, len, self.vol.read_into(offset, buf))
+            .await
     }
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> DeviceResult<()> {
-        let written = match fua {
-            true => self.vol.write_fua(offset, data).await,
-            false => self.vol.write(offset, data).await,
+        let len = data.len() as u64;
+        let written = async {
+            match fua {
+                true => self.vol.write_fua(offset, data).await,
+                false => self.vol.write(offset, data).await,
+            }
         };
-        written.map_err(device_error)
+        self.measured(Op::Write, len, written).await
     }
 
     async fn flush(&self) -> DeviceResult<()> {
-        self.vol.flush().await.map_err(device_error)
+        self.measured(Op::Flush, 0, self.vol.flush()).await
     }
 
     async fn trim(&self, offset: u64, len: u64) -> DeviceResult<()> {
-        self.vol.trim(offset, len).await.map_err(device_error)
+        self.measured(Op::Trim, len, self.vol.trim(offset, len))
+            .await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> DeviceResult<()> {
-        if !no_hole {
-            return self
-                .vol
-                .write_zeroes(offset, len)
-                .await
-                .map_err(device_error);
-        }
-        // The client wants the space kept: write zeros as data.
-        let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(ZERO_CHUNK) as usize;
-            self.vol
-                .write(at, &zeros[..n])
-                .await
-                .map_err(device_error)?;
-            at += n as u64;
-        }
-        Ok(())
+        let zeroed = async {
+            if !no_hole {
+                return self.vol.write_zeroes(offset, len).await;
+            }
+            // The client wants the space kept: write zeros as data.
+            let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(ZERO_CHUNK) as usize;
+                self.vol.write(at, &zeros[..n]).await?;
+                at += n as u64;
+            }
+            Ok(())
+        };
+        self.measured(Op::WriteZeroes, len, zeroed).await
     }
 
     async fn extents(&self, offset: u64, len: u64) -> DeviceResult<Vec<DeviceExtent>> {
         let runs = self
-            .vol
-            .extents(offset, len, EXTENTS_PER_REPLY)
-            .await
-            .map_err(device_error)?;
+            .measured(
+                Op::BlockStatus,
+                0,
+                self.vol.extents(offset, len, EXTENTS_PER_REPLY),
+            )
+            .await?;
         Ok(runs
             .into_iter()
             .map(|x| DeviceExtent {

@@ -1517,6 +1517,93 @@ fn snapshots_taken_while_serving_are_exported_at_once() {
     check_volume(&vol);
 }
 
+/// `GET path` over HTTP/1.1 on `addr`: (status line, body).
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// The value of the sample `name{labels}` in Prometheus text.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
+}
+
+/// `hlfs serve --metrics PORT`: Prometheus text on loopback that counts
+/// what clients did, and that promtool accepts.
+#[test]
+fn prometheus_metrics_of_a_served_volume() {
+    require!("qemu-io" => "qemu-utils");
+    require!("promtool" => "prometheus");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = volume_at(d, "vm.hlfs");
+    hlfs(&["create", &vol, "--size", "16M"]).ok();
+    let srv = Server::unix(d, &[&vol], &["--metrics", "0"]);
+    let log = srv.log();
+    let addr = log
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split("/metrics").next())
+        .unwrap_or_else(|| panic!("no metrics address in {log}"))
+        .to_string();
+    assert!(
+        addr.starts_with("127.0.0.1:"),
+        "a port alone is loopback: {addr}"
+    );
+
+    qemu_io_ok(
+        srv.uri(),
+        false,
+        &["write -P 0x5a 0 1M", "flush", "read -P 0x5a 0 1M"],
+    );
+    let (status, text) = http_get(&addr, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let op =
+        |name: &str, op: &str| sample(&text, &format!("{name}{{export=\"vm.hlfs\",op=\"{op}\"}}"));
+    assert!(op("hlfs_nbd_requests_total", "write") >= 1.0);
+    assert!(op("hlfs_nbd_request_bytes_total", "write") >= (1 << 20) as f64);
+    assert!(op("hlfs_nbd_request_bytes_total", "read") >= (1 << 20) as f64);
+    assert!(op("hlfs_nbd_requests_total", "flush") >= 1.0);
+    assert_eq!(op("hlfs_nbd_request_errors_total", "write"), 0.0);
+    assert!(op("hlfs_nbd_request_duration_seconds_count", "write") >= 1.0);
+    assert_eq!(
+        sample(&text, "hlfs_volume_size_bytes{export=\"vm.hlfs\"}"),
+        (16 << 20) as f64
+    );
+    assert!(sample(&text, "hlfs_volume_allocated_bytes{export=\"vm.hlfs\"}") >= (1 << 20) as f64);
+    assert!(
+        text.contains("hlfs_nbd_connections{export=\"vm.hlfs\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("hlfs_store_requests_total{export=\"vm.hlfs\",kind=\"put\"}"),
+        "{text}"
+    );
+
+    let checked = d.join("metrics.txt");
+    std::fs::write(&checked, &text).unwrap();
+    let out = run(
+        "sh",
+        &[
+            "-c",
+            &format!("promtool check metrics < '{}'", path_str(&checked)),
+        ],
+    );
+    assert!(out.status.success(), "promtool: {out}");
+    let (status, _) = http_get(&addr, "/elsewhere");
+    assert!(status.contains("404"), "{status}");
+    srv.stop_ok();
+}
+
 /// The URIs the server prints must work for export names that need
 /// percent-encoding in a URI.
 ///

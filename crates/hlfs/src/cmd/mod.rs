@@ -8,6 +8,7 @@ pub mod export;
 pub mod gc;
 pub mod import;
 pub mod info;
+pub mod metrics;
 pub mod resize;
 pub mod serve;
 pub mod snapshot;

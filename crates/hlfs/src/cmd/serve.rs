@@ -16,6 +16,10 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
+use hlfs_device::metrics::RequestMetrics;
+use prometheus_client::registry::Registry;
+
+use super::metrics;
 use crate::args::{parse_size, split_snapshot, Settings};
 
 #[derive(clap::Args, Debug)]
@@ -65,6 +69,12 @@ pub struct ServeArgs {
     /// MiB of each (what keeps small requests of every client going).
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
     in_flight_total: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics: requests, bytes,
+    /// errors and latency per export and operation, connections, the
+    /// store's requests, volume and map-cache figures. A port alone
+    /// listens on 127.0.0.1.
+    #[arg(long, value_name = "[HOST:]PORT")]
+    metrics: Option<String>,
 }
 
 impl ServeArgs {
@@ -117,6 +127,7 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
 async fn open_exports(
     args: &ServeArgs,
     settings: &Settings,
+    requests: Option<&RequestMetrics>,
     volumes: &mut Vec<Volume>,
 ) -> Result<Vec<Export>> {
     let mut exports: Vec<Export> = Vec::new();
@@ -167,13 +178,21 @@ async fn open_exports(
             }
         );
         exports.push(Export {
+            device: device(&vol, &name, requests),
             name,
             description,
-            device: Arc::new(VolumeDevice::new(vol.clone())),
         });
         volumes.push(vol);
     }
     Ok(exports)
+}
+
+/// `vol` as a block device, recording its requests if metrics are on.
+fn device(vol: &Volume, export: &str, requests: Option<&RequestMetrics>) -> Arc<VolumeDevice> {
+    Arc::new(match requests {
+        Some(m) => VolumeDevice::with_metrics(vol.clone(), m.for_export(export)),
+        None => VolumeDevice::new(vol.clone()),
+    })
 }
 
 /// The exports of `hlfs serve`: those its command line names, and
@@ -186,6 +205,7 @@ struct Exports {
     /// (export name, backend, volume) of each volume served writable.
     owned: Vec<(String, Backend, Volume)>,
     open: hlfs_volume::OpenOptions,
+    requests: Option<Arc<RequestMetrics>>,
     opened: tokio::sync::Mutex<BTreeMap<String, (Export, Volume)>>,
 }
 
@@ -231,7 +251,7 @@ impl hlfs_nbd::Catalog for Exports {
         let found = Export {
             name: name.to_string(),
             description: format!("HLFS volume {} (snapshot, read-only)", vol.location()),
-            device: Arc::new(VolumeDevice::new(vol.clone())),
+            device: device(&vol, name, self.requests.as_deref()),
         };
         opened.insert(name.to_string(), (found.clone(), vol));
         Some(found)
@@ -429,8 +449,16 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         Some(path) => Some(bind_unix(path)?),
         None => None,
     };
+    let metrics_listener = match &args.metrics {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
+    let mut registry = Registry::default();
+    let requests = metrics_listener
+        .is_some()
+        .then(|| Arc::new(RequestMetrics::register(&mut registry)));
     let mut volumes = Vec::new();
-    let opened = open_exports(&args, settings, &mut volumes)
+    let opened = open_exports(&args, settings, requests.as_deref(), &mut volumes)
         .await
         .and_then(|exports| {
             let names: Vec<String> = exports.iter().map(|e| e.name.clone()).collect();
@@ -446,10 +474,21 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         fixed: exports.into_iter().map(|e| (e.name.clone(), e)).collect(),
         owned: owned.clone(),
         open: settings.open.clone(),
+        requests,
         opened: Default::default(),
     });
     let server = Server::with_catalog(catalog.clone(), tls, limits, stop_rx);
+    // The control sockets and the metrics listener.
     let mut control_tasks = tokio::task::JoinSet::new();
+    if let Some(listener) = metrics_listener {
+        registry.register_collector(Box::new(metrics::Served {
+            server: server.clone(),
+            volumes: names.iter().cloned().zip(volumes.iter().cloned()).collect(),
+        }));
+        let addr = listener.local_addr()?;
+        eprintln!("hlfs: metrics at http://{addr}/metrics");
+        control_tasks.spawn(metrics::serve(listener, Arc::new(registry)));
+    }
     let sockets = match start_control(&owned, &server, &mut control_tasks) {
         Ok(sockets) => sockets,
         Err(e) => return Err(abandon(e, &volumes, &args).await),

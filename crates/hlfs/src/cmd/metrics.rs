@@ -1,0 +1,237 @@
+//! `hlfs serve --metrics ADDR`: Prometheus's text format at `/metrics`.
+//!
+//! Request metrics are recorded as requests are answered
+//! (`hlfs_device::metrics`); everything else is read when Prometheus
+//! scrapes, so nothing samples on a timer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use hlfs_nbd::Server;
+use hlfs_volume::Volume;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// `PORT` alone means loopback: metrics are not for the network unless
+/// asked.
+pub fn listen_address(arg: &str) -> String {
+    match arg.parse::<u16>() {
+        Ok(port) => format!("127.0.0.1:{port}"),
+        Err(_) => arg.to_string(),
+    }
+}
+
+/// What the served volumes and the server say when scraped.
+pub struct Served {
+    pub server: Arc<Server>,
+    /// (export name, volume) of each export opened at start.
+    pub volumes: Vec<(String, Volume)>,
+}
+
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Served")
+            .field(
+                "exports",
+                &self.volumes.iter().map(|(e, _)| e).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// One metric with one sample per export.
+fn per_export<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl Iterator<Item = (Vec<(&'static str, String)>, M)>,
+) -> std::fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in samples {
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Served {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let exports = || self.volumes.iter();
+        let label = |export: &String| vec![("export", export.clone())];
+        per_export(
+            &mut encoder,
+            "hlfs_nbd_connections",
+            "Clients connected to the export now",
+            MetricType::Gauge,
+            exports().map(|(e, _)| {
+                let n = self.server.connections_to(e) as i64;
+                (label(e), ConstGauge::new(n))
+            }),
+        )?;
+        per_export(
+            &mut encoder,
+            "hlfs_volume_size_bytes",
+            "The volume's size",
+            MetricType::Gauge,
+            exports().map(|(e, v)| (label(e), ConstGauge::new(v.size() as i64))),
+        )?;
+        per_export(
+            &mut encoder,
+            "hlfs_volume_allocated_bytes",
+            "Bytes of the volume that hold data (not holes)",
+            MetricType::Gauge,
+            exports().map(|(e, v)| (label(e), ConstGauge::new(v.allocated_bytes() as i64))),
+        )?;
+        per_export(
+            &mut encoder,
+            "hlfs_map_pages",
+            "Block-map pages in memory now (in the page cache the volume uses)",
+            MetricType::Gauge,
+            exports().map(|(e, v)| (label(e), ConstGauge::new(v.map_pages().0 as i64))),
+        )?;
+        per_export(
+            &mut encoder,
+            "hlfs_map_page_limit",
+            "Block-map pages the memory budget allows",
+            MetricType::Gauge,
+            exports().map(|(e, v)| (label(e), ConstGauge::new(v.map_pages().1 as i64))),
+        )?;
+        let store = || exports().map(|(e, v)| (e, v.store_counts()));
+        let mut requests = encoder.encode_descriptor(
+            "hlfs_store_requests",
+            "Requests made to the volume's store, by kind",
+            None,
+            MetricType::Counter,
+        )?;
+        for (export, c) in store() {
+            for (kind, n) in [
+                ("put", c.puts),
+                ("get", c.gets),
+                ("head", c.heads),
+                ("list", c.lists),
+                ("delete", c.deletes),
+            ] {
+                let labels = vec![("export", export.clone()), ("kind", kind.to_string())];
+                ConstCounter::new(n).encode(requests.encode_family(&labels)?)?;
+            }
+        }
+        let mut bytes = encoder.encode_descriptor(
+            "hlfs_store_bytes",
+            "Bytes put to and got from the volume's store",
+            None,
+            MetricType::Counter,
+        )?;
+        for (export, c) in store() {
+            for (direction, n) in [("put", c.put_bytes), ("get", c.get_bytes)] {
+                let labels = vec![
+                    ("export", export.clone()),
+                    ("direction", direction.to_string()),
+                ];
+                ConstCounter::new(n).encode(bytes.encode_family(&labels)?)?;
+            }
+        }
+        per_export(
+            &mut encoder,
+            "hlfs_store_failures",
+            "Requests to the volume's store that failed (each retry counts)",
+            MetricType::Counter,
+            store().map(|(e, c)| (label(e), ConstCounter::new(c.failures))),
+        )?;
+        Ok(())
+    }
+}
+
+/// Largest request head read; anything longer is refused.
+const MAX_REQUEST: usize = 8 << 10;
+
+/// Serves `registry` at `GET /metrics` on `listener` until dropped. One
+/// request per connection, read within 10 s; anything else gets a 404 or
+/// a 400.
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let answered =
+                tokio::time::timeout(Duration::from_secs(10), answer(stream, &registry)).await;
+            if let Ok(Err(e)) = answered {
+                tracing::debug!(error = %e, "metrics request");
+            }
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, registry: &Registry) -> Result<()> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || head.len() + n > MAX_REQUEST {
+            return respond(
+                &mut stream,
+                "400 Bad Request",
+                "text/plain",
+                "bad request\n",
+            )
+            .await;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, path) = (parts.next(), parts.next());
+    if method != Some(b"GET") || !matches!(path, Some(b"/metrics" | b"/metrics/")) {
+        return respond(&mut stream, "404 Not Found", "text/plain", "try /metrics\n").await;
+    }
+    let mut text = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut text, registry)
+        .context("encoding the metrics")?;
+    respond(
+        &mut stream,
+        "200 OK",
+        "text/plain; version=0.0.4; charset=utf-8",
+        &text,
+    )
+    .await
+}
+
+async fn respond(stream: &mut TcpStream, status: &str, kind: &str, body: &str) -> Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.flush().await?;
+    Ok(())
+}
+
+/// Binds the metrics listener.
+pub async fn bind(arg: &str) -> Result<TcpListener> {
+    let addr = listen_address(arg);
+    TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listen_address;
+
+    #[test]
+    fn a_port_alone_means_loopback() {
+        assert_eq!(listen_address("9100"), "127.0.0.1:9100");
+        assert_eq!(listen_address("0.0.0.0:9100"), "0.0.0.0:9100");
+        assert_eq!(listen_address("[::1]:9100"), "[::1]:9100");
+    }
+}
