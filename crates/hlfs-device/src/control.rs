@@ -23,6 +23,11 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Bytes of JSON in one frame at most.
 pub const MAX_FRAME: u32 = 64 << 10;
 
+/// How long a client may take to send its request once connected. The
+/// command itself is not bounded: a snapshot of a remote volume waits for
+/// its upload.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The socket's file name in the journal directory.
 const SOCKET_NAME: &str = "control.sock";
 
@@ -233,7 +238,9 @@ async fn answer(mut stream: UnixStream, owner: &dyn Owner) -> io::Result<()> {
             message: "the volume's owner takes commands only from its own user".into(),
         }
     } else {
-        let bytes = read_frame(&mut stream).await?;
+        let bytes = tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut stream))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request in time"))??;
         match decode_request(&bytes) {
             Err(message) => Reply::Error {
                 kind: kind_name(ErrorKind::InvalidInput).into(),
