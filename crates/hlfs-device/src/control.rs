@@ -148,11 +148,16 @@ async fn write_frame(stream: &mut UnixStream, json: &[u8]) -> io::Result<()> {
 }
 
 /// Where the owner of the volume at `backend` listens, if its journal is a
-/// local directory. A path too long for a socket is replaced by one in a
-/// private directory of this user's, named by a hash of the journal path,
-/// which the owner and the CLI compute alike.
+/// local directory: `control.sock` in it, found from its canonical path so
+/// that every spelling of the address finds the same socket. A path too
+/// long for a socket is replaced by one in this user's private directory
+/// (`/tmp/hlfs-UID`), named by a hash of the canonical path.
 pub fn socket_path(backend: &Backend) -> Option<PathBuf> {
     let path = backend.journal.local_path(SOCKET_NAME)?;
+    let dir = path.parent()?;
+    let path = std::fs::canonicalize(dir)
+        .map(|d| d.join(SOCKET_NAME))
+        .unwrap_or(path);
     if path.as_os_str().len() <= MAX_SOCKET_PATH {
         return Some(path);
     }
@@ -162,12 +167,43 @@ pub fn socket_path(backend: &Backend) -> Option<PathBuf> {
     Some(private_dir().join(format!("{hash:016x}.sock")))
 }
 
-/// `$XDG_RUNTIME_DIR/hlfs`, or `/tmp/hlfs-UID`.
+fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// `/tmp/hlfs-UID`, for sockets whose natural path is too long.
 fn private_dir() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) if !dir.is_empty() => Path::new(&dir).join("hlfs"),
-        // SAFETY: geteuid cannot fail.
-        _ => PathBuf::from(format!("/tmp/hlfs-{}", unsafe { libc::geteuid() })),
+    PathBuf::from(format!("/tmp/hlfs-{}", euid()))
+}
+
+/// Makes sure the private directory is ours alone before a socket in it is
+/// trusted: a real directory (not a link), owned by this user, that nobody
+/// else may enter. Created so if missing.
+fn check_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() || meta.uid() != euid() || meta.mode() & 0o077 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not a private directory of this user's; remove it",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the directory of a socket outside the journal directory.
+fn check_socket_dir(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) if dir == private_dir() => check_private_dir(dir),
+        _ => Ok(()),
     }
 }
 
@@ -175,15 +211,8 @@ fn private_dir() -> PathBuf {
 /// volume's journal lock: that proves a socket file already there is a dead
 /// owner's, so it is replaced.
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    if let Some(dir) = path.parent() {
-        if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
-        }
-    }
+    use std::os::unix::fs::PermissionsExt;
+    check_socket_dir(path)?;
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
@@ -199,13 +228,22 @@ pub trait Owner: Send + Sync {
     async fn run(&self, command: Command) -> Result<Option<String>, VolumeError>;
 }
 
-/// Answers commands on `listener` until the future is dropped. Each
-/// connection is one request and one reply; a peer of another user, a
-/// malformed frame or a newer protocol gets an error reply or is closed,
-/// and nothing else changes.
-pub async fn serve(listener: UnixListener, owner: std::sync::Arc<dyn Owner>) {
+/// Answers commands on `listener` until `stop` turns true, then waits for
+/// the commands already running to answer. Each connection is one request
+/// and one reply; a peer of another user, a malformed frame or a newer
+/// protocol gets an error reply or is closed, and nothing else changes.
+pub async fn serve(
+    listener: UnixListener,
+    owner: std::sync::Arc<dyn Owner>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut running = tokio::task::JoinSet::new();
     loop {
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
                 tracing::warn!(error = %e, "control socket: accept failed");
@@ -214,25 +252,27 @@ pub async fn serve(listener: UnixListener, owner: std::sync::Arc<dyn Owner>) {
             }
         };
         let owner = owner.clone();
-        tokio::spawn(async move {
+        running.spawn(async move {
             if let Err(e) = answer(stream, &*owner).await {
                 tracing::debug!(error = %e, "control connection ended");
             }
         });
+        while running.try_join_next().is_some() {}
     }
+    drop(listener);
+    while running.join_next().await.is_some() {}
 }
 
-/// Whether the peer may command this process: the same user, or root.
-fn allowed(stream: &UnixStream) -> bool {
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
+/// Whether the peer is this user or root: the only ones an owner takes
+/// commands from, and the only owners a client trusts.
+fn trusted(stream: &UnixStream) -> bool {
     stream
         .peer_cred()
-        .is_ok_and(|c| c.uid() == me || c.uid() == 0)
+        .is_ok_and(|c| c.uid() == euid() || c.uid() == 0)
 }
 
 async fn answer(mut stream: UnixStream, owner: &dyn Owner) -> io::Result<()> {
-    let reply = if !allowed(&stream) {
+    let reply = if !trusted(&stream) {
         Reply::Error {
             kind: kind_name(ErrorKind::Busy).into(),
             message: "the volume's owner takes commands only from its own user".into(),
@@ -273,8 +313,19 @@ impl Client {
         let Some(path) = socket_path(backend) else {
             return Ok(None);
         };
+        if path.parent() == Some(&private_dir()) && !private_dir().exists() {
+            return Ok(None);
+        }
+        check_socket_dir(&path)?;
         match UnixStream::connect(&path).await {
-            Ok(stream) => Ok(Some(Client { stream })),
+            Ok(stream) if trusted(&stream) => Ok(Some(Client { stream })),
+            Ok(_) => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} belongs to another user: not the volume's server",
+                    path.display()
+                ),
+            )),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -365,6 +416,26 @@ mod tests {
         assert!(
             Client::connect(&backend).await.unwrap().is_none(),
             "nobody listens"
+        );
+    }
+
+    #[test]
+    fn a_private_directory_others_can_enter_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("hlfs-private");
+        check_private_dir(&private).unwrap();
+        let mode = std::fs::metadata(&private).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = check_private_dir(&private).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&private, &link).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(
+            check_private_dir(&link).is_err(),
+            "a link is not a directory"
         );
     }
 

@@ -231,8 +231,9 @@ pub trait JournalFile: Send + Sync {
     }
     /// Waits until `offset..offset+len` is written to disk and drops it
     /// from memory (the page cache), so that appending reuses the same
-    /// pages instead of taking fresh ones. Durability is unchanged: that
-    /// is still `sync`. Only a hint.
+    /// pages instead of taking fresh ones. Durability is still `sync`'s
+    /// job, but an error here is a write error of the file that a later
+    /// `sync` may no longer report: treat it as a failed sync.
     fn release(&self, _offset: u64, _len: u64) -> Result<()> {
         Ok(())
     }

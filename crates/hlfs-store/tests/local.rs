@@ -213,7 +213,8 @@ fn resident_pages(path: &std::path::Path, range: std::ops::Range<usize>) -> usiz
         )
     };
     assert_ne!(map, libc::MAP_FAILED);
-    let page = 4096;
+    // SAFETY: sysconf only reads a value.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
     let mut vec = vec![0u8; len.div_ceil(page)];
     // SAFETY: `vec` has one byte per page of the mapping.
     let rc = unsafe { libc::mincore(map, len, vec.as_mut_ptr()) };
@@ -228,7 +229,8 @@ fn resident_pages(path: &std::path::Path, range: std::ops::Range<usize>) -> usiz
 
 #[test]
 fn released_journal_bytes_leave_the_page_cache_and_still_read_back() {
-    let dir = tempfile::tempdir().unwrap();
+    // On a disk, not a tmpfs TMPDIR, whose pages are never dropped.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let journal = LocalJournal::new(dir.path().join("journal")).unwrap();
     let file = journal.create("open-segment").unwrap();
     let chunk = 4 << 20;

@@ -6,7 +6,7 @@
 //! file is retired: it stays readable and synced by FLUSH until the upload
 //! task has it in the store.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +36,9 @@ const WRITEBACK_CHUNK: u64 = 8 << 20;
 
 /// How long a sync waits at most for the flushes it expects to join it.
 const MAX_GATHER: Duration = Duration::from_millis(1);
+
+/// Syncs that do not wait for their batch after a wait that ran out.
+const SKIP_AFTER_MISS: u32 = 16;
 
 /// The writer's place in the log. Guarded by `Log::writer`.
 pub(crate) struct Writer {
@@ -73,8 +76,10 @@ pub(crate) struct Log {
     /// last sync ended: the batch the next one can expect.
     flushers: AtomicUsize,
     last_batch: AtomicUsize,
-    /// How long the last sync took (µs on the volume's clock).
+    /// How long the last sync took (µs).
     last_sync_us: AtomicU64,
+    /// Syncs left that do not wait for their batch.
+    gather_skips: AtomicU32,
     /// Told whenever a flush starts waiting.
     flush_arrived: tokio::sync::Notify,
 }
@@ -117,6 +122,7 @@ impl Log {
             flushers: AtomicUsize::new(0),
             last_batch: AtomicUsize::new(0),
             last_sync_us: AtomicU64::new(0),
+            gather_skips: AtomicU32::new(0),
             flush_arrived: tokio::sync::Notify::new(),
         }
     }
@@ -178,16 +184,17 @@ impl Core {
         file.write_parts_at(at, parts)
             .map_err(|e| self.life.fail(e.into()))?;
         w.pos += len;
-        if at / WRITEBACK_CHUNK != w.pos / WRITEBACK_CHUNK {
-            let chunk = w.pos / WRITEBACK_CHUNK - 1;
+        // Every chunk this record completed (a 32 MiB write completes four).
+        for chunk in at / WRITEBACK_CHUNK..w.pos / WRITEBACK_CHUNK {
             if let Err(e) = file.start_writeback(chunk * WRITEBACK_CHUNK, WRITEBACK_CHUNK) {
                 tracing::debug!(error = %e, "early writeback hint failed");
             }
             if chunk > 0 {
-                let older = (chunk - 1) * WRITEBACK_CHUNK;
-                if let Err(e) = file.release(older, WRITEBACK_CHUNK) {
-                    tracing::debug!(error = %e, "releasing written journal pages failed");
-                }
+                // Waiting for writeback reports a write error of the file
+                // once, and a later fdatasync would not see it again: it
+                // fails the volume as a failed sync does.
+                file.release((chunk - 1) * WRITEBACK_CHUNK, WRITEBACK_CHUNK)
+                    .map_err(|e| self.life.fail(e.into()))?;
             }
         }
         self.log.written_lsn.store(w.next_lsn, Ordering::SeqCst);
@@ -258,11 +265,11 @@ impl Core {
         // Read the LSN before taking the files: every record up to it is in
         // one of them, or in a segment whose sealing already synced it.
         let upto = self.log.written_lsn.load(Ordering::SeqCst);
-        let started = self.clock.now();
+        let started = std::time::Instant::now();
         for file in self.log.in_log_order() {
             self.sync_file(file).await?;
         }
-        let took = self.clock.now().saturating_sub(started);
+        let took = started.elapsed();
         self.log
             .last_sync_us
             .store(took.as_micros() as u64, Ordering::SeqCst);
@@ -279,14 +286,25 @@ impl Core {
     /// two syncs; so a sync waits for as many flushes as the last one
     /// served, or for as long as the last sync took (at most
     /// [`MAX_GATHER`]), whichever comes first. A lone client never waits.
+    /// A wait that runs out (the clients did not come back) turns waiting
+    /// off for the next [`SKIP_AFTER_MISS`] syncs, which bounds what it can
+    /// cost a workload it does not fit, such as one with a fast disk and
+    /// timers coarser than its syncs.
+    ///
+    /// This wait is a matter of speed, not of what is durable, so it uses
+    /// the real clock: a test's manual clock must never hold up a flush.
     async fn gather(&self) {
         let expect = self.log.last_batch.load(Ordering::SeqCst);
         if expect <= 1 {
             return;
         }
+        if self.log.gather_skips.load(Ordering::SeqCst) > 0 {
+            self.log.gather_skips.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
         let budget =
             Duration::from_micros(self.log.last_sync_us.load(Ordering::SeqCst)).min(MAX_GATHER);
-        let deadline = self.clock.now() + budget;
+        let deadline = tokio::time::Instant::now() + budget;
         loop {
             let arrived = self.log.flush_arrived.notified();
             tokio::pin!(arrived);
@@ -295,8 +313,10 @@ impl Core {
             if self.log.flushers.load(Ordering::SeqCst) >= expect {
                 return;
             }
-            let left = deadline.saturating_sub(self.clock.now());
-            if left.is_zero() || self.clock.timeout(left, arrived).await.is_err() {
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                self.log
+                    .gather_skips
+                    .store(SKIP_AFTER_MISS, Ordering::SeqCst);
                 return;
             }
         }

@@ -206,20 +206,25 @@ struct Exports {
     owned: Vec<(String, Backend, Volume)>,
     open: hlfs_volume::OpenOptions,
     requests: Option<Arc<RequestMetrics>>,
-    opened: tokio::sync::Mutex<BTreeMap<String, (Export, Volume)>>,
+    /// Snapshot views opened on demand, with the snapshot they show.
+    opened: tokio::sync::Mutex<BTreeMap<String, (Export, Volume, SnapshotId)>>,
 }
 
+/// What tells a snapshot from a later one of the same name.
+type SnapshotId = (u64, u64);
+
 impl Exports {
-    /// The volume served writable as `export`, and whether it has `snap`.
-    fn owner_of(&self, export: &str, snap: &str) -> Option<&(String, Backend, Volume)> {
-        self.owned
-            .iter()
-            .find(|(name, _, vol)| name == export && vol.snapshots().iter().any(|s| s.name == snap))
+    /// The backend of the volume served writable as `export`, and the
+    /// identity of its snapshot `snap`, if it has one by that name now.
+    fn snapshot_of(&self, export: &str, snap: &str) -> Option<(&Backend, SnapshotId)> {
+        let (_, backend, vol) = self.owned.iter().find(|(name, _, _)| name == export)?;
+        let found = vol.snapshots().into_iter().find(|s| s.name == snap)?;
+        Some((backend, (found.lsn, found.created_ms)))
     }
 
     /// Closes the snapshot views opened on demand.
     async fn close_opened(&self) {
-        for (_, vol) in std::mem::take(&mut *self.opened.lock().await).into_values() {
+        for (_, vol, _) in std::mem::take(&mut *self.opened.lock().await).into_values() {
             let _ = vol.close().await;
         }
     }
@@ -227,19 +232,28 @@ impl Exports {
 
 #[async_trait::async_trait]
 impl hlfs_nbd::Catalog for Exports {
+    /// A snapshot of a volume served writable is looked up afresh each
+    /// time, so a deleted one is offered no more and one deleted and taken
+    /// again under the same name is opened again; clients already reading
+    /// the old one keep it.
     async fn find(&self, name: &str) -> Option<Export> {
-        if let Some(export) = self.fixed.get(name) {
-            return Some(export.clone());
-        }
-        let (export, snap) = name.rsplit_once('@')?;
-        let mut opened = self.opened.lock().await;
-        let Some((_, backend, _)) = self.owner_of(export, snap) else {
-            opened.remove(name);
-            return None;
+        let owned_snapshot = name
+            .rsplit_once('@')
+            .filter(|(export, _)| self.owned.iter().any(|(n, _, _)| n == export));
+        let Some((export, snap)) = owned_snapshot else {
+            return self.fixed.get(name).cloned();
         };
-        if let Some((found, _)) = opened.get(name) {
-            return Some(found.clone());
+        let mut opened = self.opened.lock().await;
+        let current = self.snapshot_of(export, snap);
+        if let Some((found, _, id)) = opened.get(name) {
+            if current.is_some_and(|(_, now)| now == *id) {
+                return Some(found.clone());
+            }
         }
+        if let Some((_, stale, _)) = opened.remove(name) {
+            let _ = stale.close().await;
+        }
+        let (backend, id) = current?;
         let view = View::Snapshot(snap.to_string());
         let vol = match Volume::open_read_only(backend.clone(), &self.open, view).await {
             Ok(vol) => vol,
@@ -253,12 +267,21 @@ impl hlfs_nbd::Catalog for Exports {
             description: format!("HLFS volume {} (snapshot, read-only)", vol.location()),
             device: device(&vol, name, self.requests.as_deref()),
         };
-        opened.insert(name.to_string(), (found.clone(), vol));
+        opened.insert(name.to_string(), (found.clone(), vol, id));
         Some(found)
     }
 
     async fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.fixed.keys().cloned().collect();
+        let owned_snapshot = |name: &str| {
+            name.rsplit_once('@')
+                .is_some_and(|(e, _)| self.owned.iter().any(|(n, _, _)| n == e))
+        };
+        let mut names: Vec<String> = self
+            .fixed
+            .keys()
+            .filter(|n| !owned_snapshot(n))
+            .cloned()
+            .collect();
         for (export, _, vol) in &self.owned {
             names.extend(
                 vol.snapshots()
@@ -267,7 +290,6 @@ impl hlfs_nbd::Catalog for Exports {
             );
         }
         names.sort();
-        names.dedup();
         names
     }
 }
@@ -330,28 +352,40 @@ fn owned_volumes(
 }
 
 /// Binds the control socket of every volume served writable (each opened
-/// here, so its journal lock is held) and answers commands on it.
+/// here, so its journal lock is held) and answers commands on it until
+/// `stop`. A volume whose socket cannot be bound (a filesystem without
+/// sockets) is served all the same, without one.
 fn start_control(
     owned: &[(String, Backend, Volume)],
     server: &Arc<Server>,
+    stop: &watch::Receiver<bool>,
     tasks: &mut tokio::task::JoinSet<()>,
-) -> Result<Vec<PathBuf>> {
+) -> Vec<PathBuf> {
     let mut sockets = Vec::new();
     for (export, backend, volume) in owned {
         let Some(path) = control::socket_path(backend) else {
             continue;
         };
-        let listener = control::bind(&path)
-            .with_context(|| format!("binding the control socket {}", path.display()))?;
+        let listener = match control::bind(&path) {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::warn!(
+                    socket = %path.display(),
+                    error = %e,
+                    "no control socket: commands on this host cannot reach the volume while it is served"
+                );
+                continue;
+            }
+        };
         sockets.push(path);
         let owner = Arc::new(Owned {
             volume: volume.clone(),
             server: server.clone(),
             export: export.clone(),
         });
-        tasks.spawn(control::serve(listener, owner));
+        tasks.spawn(control::serve(listener, owner, stop.clone()));
     }
-    Ok(sockets)
+    sockets
 }
 
 /// SIGINT and SIGTERM, listened for from creation on: a signal that
@@ -477,22 +511,23 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         requests,
         opened: Default::default(),
     });
+    let control_stop = stop_rx.clone();
     let server = Server::with_catalog(catalog.clone(), tls, limits, stop_rx);
-    // The control sockets and the metrics listener.
-    let mut control_tasks = tokio::task::JoinSet::new();
+    let mut metrics_task = tokio::task::JoinSet::new();
     if let Some(listener) = metrics_listener {
+        let addr = match listener.local_addr() {
+            Ok(addr) => addr,
+            Err(e) => return Err(abandon(e.into(), &volumes, &args).await),
+        };
         registry.register_collector(Box::new(metrics::Served {
             server: server.clone(),
             volumes: names.iter().cloned().zip(volumes.iter().cloned()).collect(),
         }));
-        let addr = listener.local_addr()?;
         eprintln!("hlfs: metrics at http://{addr}/metrics");
-        control_tasks.spawn(metrics::serve(listener, Arc::new(registry)));
+        metrics_task.spawn(metrics::serve(listener, Arc::new(registry)));
     }
-    let sockets = match start_control(&owned, &server, &mut control_tasks) {
-        Ok(sockets) => sockets,
-        Err(e) => return Err(abandon(e, &volumes, &args).await),
-    };
+    let mut control_tasks = tokio::task::JoinSet::new();
+    let sockets = start_control(&owned, &server, &control_stop, &mut control_tasks);
     let mut tasks = tokio::task::JoinSet::new();
     let mut uris = Vec::new();
     if let Some(listener) = tcp {
@@ -531,13 +566,14 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         },
     };
     let _ = stop_tx.send(true);
-    // No more commands. A CLI started from now on finds no owner, and is
-    // refused by the journal lock until the close below releases it. A
-    // command already running finishes first, or gets "closed".
-    control_tasks.shutdown().await;
+    // No more commands, and those running answer before the volumes
+    // close. A CLI started from now on finds no owner, and is refused by
+    // the journal lock until the close below releases it.
+    while control_tasks.join_next().await.is_some() {}
     for path in &sockets {
         let _ = std::fs::remove_file(path);
     }
+    metrics_task.shutdown().await;
     while tasks.join_next().await.is_some() {}
     if let Some(path) = &args.socket {
         let _ = std::fs::remove_file(path);

@@ -75,10 +75,18 @@ async fn list(volume: &str, json: bool, settings: &Settings) -> Result<()> {
     let vol = Volume::open_read_only(backend.clone(), &settings.open, View::Head).await?;
     let snaps = vol.snapshots();
     // A snapshot taken or deleted by a server between the two reads has
-    // no figure.
-    let space = space(backend).await?;
+    // no figure, and neither has any if the walk fails: the list itself
+    // does not depend on it.
+    let space = match space(backend).await {
+        Ok(space) => Some(space),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell what each snapshot alone holds");
+            None
+        }
+    };
     let only_bytes = |name: &str| {
         space
+            .as_ref()?
             .snapshots
             .iter()
             .find(|s| s.name == name)
