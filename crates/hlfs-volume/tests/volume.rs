@@ -636,6 +636,51 @@ async fn a_failed_sync_while_sealing_stops_the_volume() {
     vol.close().await.unwrap();
 }
 
+/// Releasing written journal pages waits for their writeback, which
+/// reports a write error of the file once: a later fdatasync would then
+/// succeed over the lost bytes. So a failed release stops the volume as a
+/// failed sync does.
+#[tokio::test]
+async fn a_failed_release_of_journal_pages_stops_the_volume() {
+    let world = World::new();
+    let create = CreateOptions {
+        size: 64 << 20,
+        block_size: 4096,
+        segment_size: 32 << 20,
+    };
+    Volume::create(&world.backend(), &create).await.unwrap();
+    let vol = Volume::open(world.backend(), &OpenOptions::default())
+        .await
+        .unwrap();
+    vol.write(0, &pattern(4096, 1)).await.unwrap();
+    vol.flush().await.unwrap();
+    world.faults.inject(Fault {
+        op: FaultOp::JournalRelease,
+        name_prefix: String::new(),
+        remaining: Some(1),
+    });
+    // The first release comes once two 8 MiB chunks of journal are full.
+    let mut failed = false;
+    for i in 0..20u64 {
+        if vol
+            .write((1 + i) << 20, &pattern(1 << 20, 2))
+            .await
+            .is_err()
+        {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "the write that released the pages failed");
+    assert!(vol.flush().await.is_err(), "nothing after it is durable");
+    assert!(vol.close().await.is_err(), "close reports the failure");
+    let vol = Volume::open(world.backend(), &OpenOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(vol.read(0, 4096).await.unwrap(), pattern(4096, 1));
+    vol.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn recovery_makes_the_writes_it_replays_durable() {
     let world = World::new();

@@ -77,6 +77,8 @@ pub enum FaultOp {
     JournalRead,
     /// `JournalFile::sync` and `truncate` (whose failure is a failed fdatasync).
     JournalSync,
+    /// `JournalFile::release`, whose failure is a write error of the file.
+    JournalRelease,
     JournalRemove,
     /// Every operation, including those no other kind covers (journal `list`
     /// and `lock`).
@@ -134,6 +136,7 @@ impl State {
                 | FaultOp::JournalWrite
                 | FaultOp::JournalRead
                 | FaultOp::JournalSync
+                | FaultOp::JournalRelease
                 | FaultOp::JournalRemove
         );
         if self.dead {
@@ -591,7 +594,10 @@ impl JournalFile for FaultyFile {
     }
 
     fn release(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner.release(offset, len)
+        self.faults
+            .journal_op(FaultOp::JournalRelease, &self.name, Durable::No, |_| {
+                self.inner.release(offset, len)
+            })
     }
 
     fn len(&self) -> Result<u64> {
