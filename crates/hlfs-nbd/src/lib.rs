@@ -8,7 +8,7 @@ mod transmission;
 
 use async_trait::async_trait;
 
-pub use server::{Catalog, Export, Limits, Server, RESERVE_BYTES};
+pub use server::{Catalog, Export, ExportHold, Limits, Server, RESERVE_BYTES};
 
 /// Why a device request failed: the errno the client sees, and a message
 /// for the log (and for structured error replies).

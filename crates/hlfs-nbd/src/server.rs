@@ -96,7 +96,7 @@ pub struct Server {
     shutdown: watch::Receiver<bool>,
     /// Connections now, in all and per export.
     connections: AtomicUsize,
-    per_export: Mutex<HashMap<String, usize>>,
+    per_export: Mutex<HashMap<String, ExportUse>>,
     /// The bytes every connection shares (see `Limits::total_bytes`).
     shared_bytes: Arc<Semaphore>,
 }
@@ -128,6 +128,13 @@ impl From<ProtoError> for ConnError {
 /// export's connections.
 type Chosen<'a> = (Export, bool, bool, ExportSlot<'a>);
 
+/// An export's clients now, and whether its owner keeps new ones off.
+#[derive(Default)]
+struct ExportUse {
+    clients: usize,
+    held: bool,
+}
+
 /// A place among an export's connections, given back when the client goes.
 struct ExportSlot<'a> {
     server: &'a Server,
@@ -137,8 +144,23 @@ struct ExportSlot<'a> {
 impl Drop for ExportSlot<'_> {
     fn drop(&mut self) {
         let mut per_export = self.server.per_export.lock();
-        if let Some(n) = per_export.get_mut(&self.export) {
-            *n -= 1;
+        if let Some(u) = per_export.get_mut(&self.export) {
+            u.clients -= 1;
+        }
+    }
+}
+
+/// New clients of an export are refused (and may try again) while this
+/// lives: see [`Server::hold_idle`].
+pub struct ExportHold {
+    server: Arc<Server>,
+    export: String,
+}
+
+impl Drop for ExportHold {
+    fn drop(&mut self) {
+        if let Some(u) = self.server.per_export.lock().get_mut(&self.export) {
+            u.held = false;
         }
     }
 }
@@ -219,7 +241,23 @@ impl Server {
 
     /// Clients connected to `export` now.
     pub fn connections_to(&self, export: &str) -> usize {
-        self.per_export.lock().get(export).copied().unwrap_or(0)
+        self.per_export.lock().get(export).map_or(0, |u| u.clients)
+    }
+
+    /// If no client is connected to `export`, keeps new ones off it until
+    /// the hold is dropped (what changes a disk under its clients, such as
+    /// a rollback, needs it idle throughout); otherwise how many are.
+    pub fn hold_idle(self: &Arc<Self>, export: &str) -> Result<ExportHold, usize> {
+        let mut per_export = self.per_export.lock();
+        let u = per_export.entry(export.to_string()).or_default();
+        if u.clients > 0 || u.held {
+            return Err(u.clients);
+        }
+        u.held = true;
+        Ok(ExportHold {
+            server: self.clone(),
+            export: export.to_string(),
+        })
     }
 
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) -> io::Result<()> {
@@ -441,15 +479,24 @@ impl Server {
         served
     }
 
-    /// A place among the connections to `export`, if it has room.
-    fn export_slot(&self, export: &str) -> Option<ExportSlot<'_>> {
+    /// A place among the connections to `export`, or why there is none
+    /// now (the client may try again later).
+    fn export_slot(&self, export: &str) -> Result<ExportSlot<'_>, String> {
         let mut per_export = self.per_export.lock();
-        let now = per_export.entry(export.to_string()).or_default();
-        if *now >= self.limits.max_connections_per_export {
-            return None;
+        let u = per_export.entry(export.to_string()).or_default();
+        let name = short_text(export);
+        if u.held {
+            return Err(format!(
+                "export {name:?} is being changed by its owner (a rollback); try again later"
+            ));
         }
-        *now += 1;
-        Some(ExportSlot {
+        if u.clients >= self.limits.max_connections_per_export {
+            return Err(format!(
+                "too many connections to export {name:?}; try again later"
+            ));
+        }
+        u.clients += 1;
+        Ok(ExportSlot {
             server: self,
             export: export.to_string(),
         })
@@ -499,11 +546,7 @@ impl Server {
                     let Some(export) = self.exports.find(&name).await else {
                         return Err(ConnError::Protocol(format!("no export named {name:?}")));
                     };
-                    let Some(slot) = self.export_slot(&name) else {
-                        return Err(ConnError::Protocol(format!(
-                            "too many connections to export {name:?}"
-                        )));
-                    };
+                    let slot = self.export_slot(&name).map_err(ConnError::Protocol)?;
                     wr.write_all(&export.device.size().to_be_bytes()).await?;
                     wr.write_all(&self.transmission_flags(&export, structured).to_be_bytes())
                         .await?;
@@ -557,12 +600,8 @@ impl Server {
                         Some(export) => {
                             let slot = match opt.option {
                                 OPT_GO => match self.export_slot(&req.name) {
-                                    Some(slot) => Some(slot),
-                                    None => {
-                                        let msg = format!(
-                                            "too many connections to export {:?}; try again later",
-                                            short_text(&req.name)
-                                        );
+                                    Ok(slot) => Some(slot),
+                                    Err(msg) => {
                                         wr.write_all(&reply(REP_ERR_POLICY, msg.as_bytes()))
                                             .await?;
                                         wr.flush().await?;

@@ -933,6 +933,39 @@ async fn an_export_takes_at_most_its_number_of_clients() {
     assert_eq!(kind, REP_INFO, "let in once the first has gone");
 }
 
+/// An owner can keep an idle export idle while it changes the disk (a
+/// rollback): refused while a client is connected, and while held, new
+/// clients are told to try again later.
+#[tokio::test]
+async fn an_idle_export_can_be_held_against_new_clients() {
+    let h = harness();
+    let (mut first, first_task) = h.connect();
+    go(&mut first, "disk").await;
+    assert_eq!(
+        h.server.hold_idle("disk").err(),
+        Some(1),
+        "one client is connected"
+    );
+    request(&mut first, CMD_DISC, 0, 0, 0, 0).await;
+    first_task.await.unwrap();
+    let hold = h.server.hold_idle("disk").expect("idle now");
+    assert_eq!(h.server.hold_idle("disk").err(), Some(0), "held already");
+
+    let (mut second, _task) = h.connect();
+    greet(&mut second, CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).await;
+    send_option(&mut second, OPT_GO, &name_request("disk", &[])).await;
+    let (_, kind, message) = option_reply(&mut second).await;
+    assert_eq!(kind, REP_ERR_POLICY);
+    assert!(String::from_utf8_lossy(&message).contains("try again later"));
+    // Other exports are not held.
+    send_option(&mut second, OPT_INFO, &name_request("disk@snap", &[])).await;
+    while option_reply(&mut second).await.1 != REP_ACK {}
+    drop(hold);
+    send_option(&mut second, OPT_GO, &name_request("disk", &[])).await;
+    let (_, kind, _) = option_reply(&mut second).await;
+    assert_eq!(kind, REP_INFO, "let in once the hold is dropped");
+}
+
 /// Past the server's number of connections, a new client is closed at once;
 /// one more is let in when another leaves.
 #[tokio::test]

@@ -313,16 +313,22 @@ impl control::Owner for Owned {
                 self.volume.snapshot_delete(&name).await.map(|()| None)
             }
             Command::Rollback { name } => {
-                let clients = self.server.connections_to(&self.export);
-                if clients > 0 {
-                    return Err(VolumeError::Busy(format!(
+                // New clients wait until the rollback is over.
+                let _idle = self.server.hold_idle(&self.export).map_err(|clients| {
+                    if clients == 0 {
+                        return VolumeError::Busy(format!(
+                            "another rollback of export {:?} is running",
+                            self.export
+                        ));
+                    }
+                    VolumeError::Busy(format!(
                         "{clients} client{} connected to export {:?}: a rollback would change the disk under {}; disconnect {} first",
                         if clients == 1 { " is" } else { "s are" },
                         self.export,
                         if clients == 1 { "it" } else { "them" },
                         if clients == 1 { "it" } else { "them" },
-                    )));
-                }
+                    ))
+                })?;
                 self.volume.rollback(&name).await.map(Some)
             }
             Command::Resize { size } => self.volume.resize(size).await.map(|()| None),
