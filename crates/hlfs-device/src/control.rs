@@ -420,6 +420,21 @@ mod tests {
     }
 
     #[test]
+    fn every_spelling_of_an_address_finds_one_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let vol = dir.path().join("vm.hlfs");
+        let backend = Backend::local(&vol, true).unwrap();
+        let roundabout = dir.path().join(".").join("sub").join("..").join("vm.hlfs");
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let other = Backend::local(&roundabout, false).unwrap();
+        assert_eq!(socket_path(&backend), socket_path(&other));
+        let canonical = std::fs::canonicalize(&vol)
+            .unwrap()
+            .join("journal/control.sock");
+        assert_eq!(socket_path(&backend), Some(canonical));
+    }
+
+    #[test]
     fn a_private_directory_others_can_enter_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();

@@ -69,11 +69,12 @@ impl VolumeDevice {
         bytes: u64,
         request: impl std::future::Future<Output = hlfs_volume::Result<T>>,
     ) -> DeviceResult<T> {
+        let Some(m) = &self.metrics else {
+            return request.await.map_err(device_error);
+        };
         let started = std::time::Instant::now();
         let out = request.await;
-        if let Some(m) = &self.metrics {
-            m.record(op, bytes, out.is_ok(), started.elapsed());
-        }
+        m.record(op, bytes, out.is_ok(), started.elapsed());
         out.map_err(device_error)
     }
 

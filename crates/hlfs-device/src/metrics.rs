@@ -139,3 +139,28 @@ impl ExportMetrics {
         m.seconds.observe(took.as_secs_f64());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_op_records_into_its_own_series() {
+        assert!(OPS.iter().enumerate().all(|(i, &op)| op as usize == i));
+        let mut registry = Registry::default();
+        let metrics = RequestMetrics::register(&mut registry);
+        let export = metrics.for_export("vm");
+        export.record(Op::Trim, 4096, true, Duration::from_micros(80));
+        export.record(Op::Write, 512, false, Duration::from_micros(80));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for series in [
+            r#"hlfs_nbd_requests_total{export="vm",op="trim"} 1"#,
+            r#"hlfs_nbd_request_bytes_total{export="vm",op="trim"} 4096"#,
+            r#"hlfs_nbd_request_errors_total{export="vm",op="write"} 1"#,
+            r#"hlfs_nbd_request_bytes_total{export="vm",op="write"} 0"#,
+        ] {
+            assert!(text.contains(series), "{series} in\n{text}");
+        }
+    }
+}

@@ -97,8 +97,11 @@ impl Holders {
     }
 }
 
-fn hold(map: &mut HashMap<Entry, Holders>, at: Entry, by: Holders) {
-    map.entry(at).and_modify(|h| *h = h.join(by)).or_insert(by);
+/// Adds `by` to the holders of `item` (a block, or a page by node and place).
+fn hold<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Holders>, item: K, by: Holders) {
+    map.entry(item)
+        .and_modify(|h| *h = h.join(by))
+        .or_insert(by);
 }
 
 /// Live bytes per segment, and per root the bytes no other root holds.
@@ -146,9 +149,7 @@ pub async fn space(backend: Backend) -> Result<SpaceStats> {
         let (cp, _) = segments.read_checkpoint(at).await?;
         tally.count(at, (HEADER_LEN + cp.encode().len()) as u64, by);
         if !cp.root.is_empty() {
-            let top = levels.entry(cp.depth - 1).or_default();
-            let h = top.entry((0, cp.root)).or_insert(by);
-            *h = h.join(by);
+            hold(levels.entry(cp.depth - 1).or_default(), (0, cp.root), by);
         }
     }
     let block_size = manifest.block_size as u64;
@@ -167,8 +168,7 @@ pub async fn space(backend: Backend) -> Result<SpaceStats> {
                 for (slot, child) in page.entries.iter().enumerate() {
                     if !child.is_empty() {
                         let key = (index * MAP_FANOUT as u64 + slot as u64, *child);
-                        let h = below.entry(key).or_insert(by);
-                        *h = h.join(by);
+                        hold(&mut below, key, by);
                     }
                 }
                 continue;

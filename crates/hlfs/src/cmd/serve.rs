@@ -222,6 +222,13 @@ impl Exports {
         Some((backend, (found.lsn, found.created_ms)))
     }
 
+    /// `name` split as EXPORT@SNAP, if EXPORT is a volume served writable:
+    /// such names are looked up live, never from the fixed exports.
+    fn owned_snapshot<'n>(&self, name: &'n str) -> Option<(&'n str, &'n str)> {
+        name.rsplit_once('@')
+            .filter(|(export, _)| self.owned.iter().any(|(n, _, _)| n == export))
+    }
+
     /// Closes the snapshot views opened on demand.
     async fn close_opened(&self) {
         for (_, vol, _) in std::mem::take(&mut *self.opened.lock().await).into_values() {
@@ -237,10 +244,7 @@ impl hlfs_nbd::Catalog for Exports {
     /// again under the same name is opened again; clients already reading
     /// the old one keep it.
     async fn find(&self, name: &str) -> Option<Export> {
-        let owned_snapshot = name
-            .rsplit_once('@')
-            .filter(|(export, _)| self.owned.iter().any(|(n, _, _)| n == export));
-        let Some((export, snap)) = owned_snapshot else {
+        let Some((export, snap)) = self.owned_snapshot(name) else {
             return self.fixed.get(name).cloned();
         };
         let mut opened = self.opened.lock().await;
@@ -272,14 +276,10 @@ impl hlfs_nbd::Catalog for Exports {
     }
 
     async fn names(&self) -> Vec<String> {
-        let owned_snapshot = |name: &str| {
-            name.rsplit_once('@')
-                .is_some_and(|(e, _)| self.owned.iter().any(|(n, _, _)| n == e))
-        };
         let mut names: Vec<String> = self
             .fixed
             .keys()
-            .filter(|n| !owned_snapshot(n))
+            .filter(|n| self.owned_snapshot(n).is_none())
             .cloned()
             .collect();
         for (export, _, vol) in &self.owned {
