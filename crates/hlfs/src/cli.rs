@@ -5,9 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use listenfd::ListenFd;
 
 use crate::args::{GlobalArgs, Settings};
 use crate::cmd;
+use crate::cmd::serve::Given;
 
 /// HLFS: a log-structured virtual disk for virtual machines.
 ///
@@ -58,7 +60,13 @@ pub enum Command {
     Bench(cmd::bench::BenchArgs),
 }
 
-pub async fn run(cli: Cli) -> Result<ExitCode> {
+/// Runs the command. `given` names the options the user gave (which a
+/// config file does not override); `inherited` holds the listening sockets
+/// a service manager passed in (socket activation).
+pub async fn run(mut cli: Cli, given: Given, inherited: ListenFd) -> Result<ExitCode> {
+    if let Command::Serve(args) = &mut cli.command {
+        args.read_config(&given, &mut cli.global)?;
+    }
     let settings = Settings::new(&cli.global);
     match cli.command {
         Command::Create(args) => cmd::create::run(args, &settings).await?,
@@ -69,7 +77,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Snapshot(command) => cmd::snapshot::run(command, &settings).await?,
         Command::Check(args) => return cmd::check::run(args, &settings).await,
         Command::Gc(args) => cmd::gc::run(args, &settings).await?,
-        Command::Serve(args) => cmd::serve::run(args, &settings).await?,
+        Command::Serve(args) => cmd::serve::run(args, &settings, inherited).await?,
         Command::Bench(args) => cmd::bench::run(args, &settings).await?,
     }
     Ok(ExitCode::SUCCESS)

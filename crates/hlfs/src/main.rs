@@ -7,7 +7,7 @@ mod cmd;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use hlfs_volume::{ErrorKind, VolumeError};
 
 /// One malloc arena. Map pages are allocated on one runtime thread and freed
@@ -41,7 +41,12 @@ fn exit_status(error: &anyhow::Error) -> ExitCode {
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
-    let args = cli::Cli::parse();
+    let matches = cli::Cli::command().get_matches();
+    let args = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let given = cmd::serve::Given::from_matches(&matches);
+    // Taken before any other thread exists: taking them edits the
+    // environment (LISTEN_FDS, LISTEN_PID).
+    let inherited = listenfd::ListenFd::from_env();
     let filter = if args.global.verbose {
         "hlfs=debug,info"
     } else {
@@ -63,7 +68,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::run(args)) {
+    match runtime.block_on(cli::run(args, given, inherited)) {
         Ok(code) => code,
         Err(e) => {
             // One line: the error and its causes.

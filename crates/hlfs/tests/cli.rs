@@ -552,3 +552,33 @@ fn exit_status_follows_the_kind_of_error() {
     assert_eq!(status(&["info", missing.to_str().unwrap()]), Some(1));
     assert_eq!(status(&["snapshot", "delete", vol, "none"]), Some(1));
 }
+
+/// A config file with a misspelt key, or a serve with no volume at all, is
+/// refused before anything is opened: exit 2, the key named with its line,
+/// the volume left unclaimed.
+#[test]
+fn serve_refuses_a_bad_config_file_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("v.hlfs");
+    let vol = vol.to_str().unwrap();
+    ok(&["create", vol, "--size", "1M"]);
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        format!("volumes = [{vol:?}]\n[limits]\nmax-conections = 4\n"),
+    )
+    .unwrap();
+    let out = hlfs(&["serve", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("line 3") && stderr.contains("unknown field `max-conections`"),
+        "{stderr}"
+    );
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info", "--json", vol])).unwrap();
+    assert!(info["writer"].is_null(), "{info}");
+
+    let out = hlfs(&["serve"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no volume to serve"));
+}

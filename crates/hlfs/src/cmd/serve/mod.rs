@@ -12,6 +12,7 @@ use hlfs_device::VolumeDevice;
 use hlfs_nbd::proto::MAX_PAYLOAD;
 use hlfs_nbd::{Export, Limits, Server};
 use hlfs_volume::{Backend, CreateOptions, View, Volume, VolumeError};
+use listenfd::ListenFd;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
@@ -20,14 +21,24 @@ use hlfs_device::metrics::RequestMetrics;
 use prometheus_client::registry::Registry;
 
 use super::metrics;
-use crate::args::{parse_size, split_snapshot, Settings};
+use crate::args::{parse_size, split_snapshot, GlobalArgs, Settings};
+
+mod config;
+
+pub use config::Given;
+use config::ServeConfig;
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
     /// Volumes to serve; VOLUME@SNAPSHOT serves a snapshot read-only. The
-    /// export name is the volume's file name (plus @SNAPSHOT).
-    #[arg(required = true, value_name = "VOLUME[@SNAPSHOT]")]
+    /// export name is the volume's file name (plus @SNAPSHOT). Replaces
+    /// the config file's `volumes`.
+    #[arg(value_name = "VOLUME[@SNAPSHOT]")]
     volumes: Vec<String>,
+    /// Read options from a TOML file (packaging/serve.toml shows every
+    /// key). Options given on the command line win over the file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// TCP address to listen on (the default when --socket is not given).
     #[arg(long, value_name = "HOST:PORT")]
     listen: Option<String>,
@@ -46,7 +57,7 @@ pub struct ServeArgs {
     tls_certs: Option<PathBuf>,
     /// With --tls-certs: clients must present a certificate signed by
     /// ca-cert.pem.
-    #[arg(long, requires = "tls_certs")]
+    #[arg(long)]
     tls_verify_clients: bool,
     /// Clients connected at once; one more is closed as soon as it
     /// connects.
@@ -78,6 +89,31 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// Fills the options the user did not give from --config's file.
+    pub fn read_config(&mut self, given: &Given, global: &mut GlobalArgs) -> Result<()> {
+        if let Some(path) = &self.config {
+            ServeConfig::load(path)?.apply(given, global, self);
+        }
+        Ok(())
+    }
+
+    /// What must hold of the options, whether from the command line or
+    /// the config file.
+    fn check(&self) -> Result<(), VolumeError> {
+        if self.volumes.is_empty() {
+            return Err(VolumeError::InvalidArgument(
+                "no volume to serve: name one, or list them as `volumes` in the --config file"
+                    .into(),
+            ));
+        }
+        if self.tls_verify_clients && self.tls_certs.is_none() {
+            return Err(VolumeError::InvalidArgument(
+                "--tls-verify-clients needs --tls-certs".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn limits(&self) -> Result<Limits> {
         let bytes = |what: &str, n: u64| {
             u32::try_from(n).map_err(|_| anyhow::anyhow!("{what} must be below 4G"))
@@ -448,21 +484,111 @@ fn uri(scheme: &str, export: &str, tcp: Option<(&str, u16)>, socket: Option<&Pat
 }
 
 /// A start that failed after opening volumes: releases their writer claims
-/// and the NBD socket, and gives back `error`.
-async fn abandon(error: anyhow::Error, volumes: &[Volume], args: &ServeArgs) -> anyhow::Error {
+/// and the NBD sockets this process made, and gives back `error`.
+async fn abandon(
+    error: anyhow::Error,
+    volumes: &[Volume],
+    listeners: &[Listener],
+) -> anyhow::Error {
     for vol in volumes {
         let _ = vol.close().await;
     }
-    if let Some(path) = &args.socket {
-        let _ = std::fs::remove_file(path);
+    for listener in listeners {
+        if let Listener::Unix {
+            path, made: true, ..
+        } = listener
+        {
+            let _ = std::fs::remove_file(path);
+        }
     }
     error
 }
 
-pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
+/// A socket clients connect to.
+enum Listener {
+    Tcp(TcpListener),
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+        /// Made by this process, and so removed when it stops; a socket a
+        /// service manager passed in is its to keep.
+        made: bool,
+    },
+}
+
+/// The sockets to listen on: those a service manager passed in (systemd
+/// socket activation: LISTEN_FDS), which outlive this process so clients
+/// can reconnect across a restart; else --listen and --socket.
+async fn listeners(args: &ServeArgs, mut inherited: ListenFd) -> Result<Vec<Listener>> {
+    let mut listeners = Vec::new();
+    for i in 0..inherited.len() {
+        let fd = i + 3;
+        if let Ok(Some(tcp)) = inherited.take_tcp_listener(i) {
+            tcp.set_nonblocking(true)?;
+            listeners.push(Listener::Tcp(TcpListener::from_std(tcp)?));
+            continue;
+        }
+        let unix = inherited
+            .take_unix_listener(i)
+            .ok()
+            .flatten()
+            .with_context(|| {
+                format!("fd {fd} from the service manager (LISTEN_FDS) is not a listening TCP or unix stream socket")
+            })?;
+        unix.set_nonblocking(true)?;
+        let path = unix
+            .local_addr()?
+            .as_pathname()
+            .map(Path::to_path_buf)
+            .with_context(|| format!("unix socket fd {fd} from the service manager has no path"))?;
+        listeners.push(Listener::Unix {
+            listener: UnixListener::from_std(unix)?,
+            path,
+            made: false,
+        });
+    }
+    if !listeners.is_empty() {
+        if args.listen.is_some() || args.socket.is_some() {
+            tracing::warn!(
+                "listening on the sockets the service manager passed in; --listen and --socket are not used"
+            );
+        }
+        return Ok(listeners);
+    }
+    let listen = match (&args.listen, &args.socket) {
+        (Some(l), _) => Some(l.clone()),
+        (None, None) => Some(DEFAULT_LISTEN.to_string()),
+        (None, Some(_)) => None,
+    };
+    if let Some(addr) = &listen {
+        let tcp = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        listeners.push(Listener::Tcp(tcp));
+    }
+    if let Some(path) = &args.socket {
+        listeners.push(Listener::Unix {
+            listener: bind_unix(path)?,
+            path: path.clone(),
+            made: true,
+        });
+    }
+    Ok(listeners)
+}
+
+/// Tells systemd (a `Type=notify` unit) how the server is doing; nothing
+/// when not run by one.
+fn notify_service_manager(state: sd_notify::NotifyState) {
+    if let Err(e) = sd_notify::notify(false, &[state]) {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
+}
+
+pub async fn run(args: ServeArgs, settings: &Settings, inherited: ListenFd) -> Result<()> {
     let mut signals = StopSignals::install()?;
     // Everything that can fail without a volume, before any is opened (and
     // claimed): settings, certificates, listeners.
+    args.check()?;
     let limits = args.limits()?;
     let tls = match &args.tls_certs {
         Some(dir) => Some(
@@ -472,23 +598,7 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         None => None,
     };
     let scheme = if tls.is_some() { "nbds" } else { "nbd" };
-    let listen = match (&args.listen, &args.socket) {
-        (Some(l), _) => Some(l.clone()),
-        (None, None) => Some(DEFAULT_LISTEN.to_string()),
-        (None, Some(_)) => None,
-    };
-    let tcp = match &listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))?,
-        ),
-        None => None,
-    };
-    let unix = match &args.socket {
-        Some(path) => Some(bind_unix(path)?),
-        None => None,
-    };
+    let listeners = listeners(&args, inherited).await?;
     let metrics_listener = match &args.metrics {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
@@ -507,7 +617,7 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         });
     let (exports, names, owned) = match opened {
         Ok(opened) => opened,
-        Err(e) => return Err(abandon(e, &volumes, &args).await),
+        Err(e) => return Err(abandon(e, &volumes, &listeners).await),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let catalog = Arc::new(Exports {
@@ -523,7 +633,7 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
     if let Some(listener) = metrics_listener {
         let addr = match listener.local_addr() {
             Ok(addr) => addr,
-            Err(e) => return Err(abandon(e.into(), &volumes, &args).await),
+            Err(e) => return Err(abandon(e.into(), &volumes, &listeners).await),
         };
         registry.register_collector(Box::new(metrics::Served {
             server: server.clone(),
@@ -536,33 +646,47 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
     let sockets = start_control(&owned, &server, &control_stop, &mut control_tasks);
     let mut tasks = tokio::task::JoinSet::new();
     let mut uris = Vec::new();
-    if let Some(listener) = tcp {
-        let local = listener.local_addr()?;
-        let host = match local {
-            std::net::SocketAddr::V6(a) => format!("[{}]", a.ip()),
-            std::net::SocketAddr::V4(a) => a.ip().to_string(),
-        };
-        for n in &names {
-            uris.push(uri(scheme, n, Some((&host, local.port())), None));
+    let mut made_sockets = Vec::new();
+    for listener in listeners {
+        match listener {
+            Listener::Tcp(listener) => {
+                let local = listener.local_addr()?;
+                let host = match local {
+                    std::net::SocketAddr::V6(a) => format!("[{}]", a.ip()),
+                    std::net::SocketAddr::V4(a) => a.ip().to_string(),
+                };
+                for n in &names {
+                    uris.push(uri(scheme, n, Some((&host, local.port())), None));
+                }
+                tasks.spawn(server.clone().serve_tcp(listener));
+            }
+            Listener::Unix {
+                listener,
+                path,
+                made,
+            } => {
+                for n in &names {
+                    uris.push(uri(scheme, n, None, Some(&path)));
+                }
+                if made {
+                    made_sockets.push(path);
+                }
+                tasks.spawn(server.clone().serve_unix(listener));
+            }
         }
-        tasks.spawn(server.clone().serve_tcp(listener));
-    }
-    if let (Some(listener), Some(path)) = (unix, &args.socket) {
-        for n in &names {
-            uris.push(uri(scheme, n, None, Some(path)));
-        }
-        tasks.spawn(server.clone().serve_unix(listener));
     }
     for uri in &uris {
         println!("{uri}");
     }
     use std::io::Write;
     std::io::stdout().flush().ok();
+    notify_service_manager(sd_notify::NotifyState::Ready);
     tracing::info!(exports = ?names, "serving; stop with SIGINT or SIGTERM");
 
     let outcome = tokio::select! {
         sig = signals.recv() => {
             tracing::info!("{sig}: draining in-flight requests");
+            notify_service_manager(sd_notify::NotifyState::Stopping);
             Ok(())
         }
         Some(done) = tasks.join_next() => match done {
@@ -581,7 +705,7 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
     }
     metrics_task.shutdown().await;
     while tasks.join_next().await.is_some() {}
-    if let Some(path) = &args.socket {
+    for path in &made_sockets {
         let _ = std::fs::remove_file(path);
     }
     catalog.close_opened().await;
