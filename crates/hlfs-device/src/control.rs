@@ -12,7 +12,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use hlfs_volume::{Backend, ErrorKind, VolumeError};
+use hlfs_volume::{Backend, ErrorKind, Figures, VolumeError};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -38,10 +38,20 @@ const MAX_SOCKET_PATH: usize = 107;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
-    SnapshotCreate { name: String },
-    SnapshotDelete { name: String },
-    Rollback { name: String },
-    Resize { size: u64 },
+    SnapshotCreate {
+        name: String,
+    },
+    SnapshotDelete {
+        name: String,
+    },
+    Rollback {
+        name: String,
+    },
+    Resize {
+        size: u64,
+    },
+    /// How the served volume is doing now (`hlfs info` of a served volume).
+    Status,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,12 +61,45 @@ pub struct Request {
     pub command: Command,
 }
 
-/// The owner's answer: done (with the name of what the command made, for
-/// snapshot create and rollback), or an error with its kind.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What the owner answers a command that succeeded.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Answer {
+    /// Done; for snapshot create and rollback, the name of what it made.
+    Done(Option<String>),
+    Status(Live),
+}
+
+impl Answer {
+    /// The name a command that changes the volume answers with.
+    pub fn into_name(self) -> Result<Option<String>, VolumeError> {
+        match self {
+            Answer::Done(name) => Ok(name),
+            Answer::Status(_) => Err(VolumeError::Owner {
+                kind: ErrorKind::Io,
+                message: "the volume's server answered with its status, not a result".into(),
+            }),
+        }
+    }
+}
+
+/// A served volume's figures now, as its server sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Live {
+    /// The serving process.
+    pub pid: u32,
+    /// The export it is served as, and the clients connected to it.
+    pub export: String,
+    pub connections: u64,
+    pub figures: Figures,
+}
+
+/// The owner's answer, or an error with its kind.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Reply {
     Done { name: Option<String> },
+    Status { live: Live },
     Error { kind: String, message: String },
 }
 
@@ -97,9 +140,10 @@ fn kind_of(name: &str) -> ErrorKind {
 }
 
 impl Reply {
-    pub fn of(result: Result<Option<String>, VolumeError>) -> Reply {
+    pub fn of(result: Result<Answer, VolumeError>) -> Reply {
         match result {
-            Ok(name) => Reply::Done { name },
+            Ok(Answer::Done(name)) => Reply::Done { name },
+            Ok(Answer::Status(live)) => Reply::Status { live },
             Err(e) => Reply::Error {
                 kind: kind_name(e.kind()).to_string(),
                 message: e.to_string(),
@@ -107,9 +151,10 @@ impl Reply {
         }
     }
 
-    pub fn into_result(self) -> Result<Option<String>, VolumeError> {
+    pub fn into_result(self) -> Result<Answer, VolumeError> {
         match self {
-            Reply::Done { name } => Ok(name),
+            Reply::Done { name } => Ok(Answer::Done(name)),
+            Reply::Status { live } => Ok(Answer::Status(live)),
             Reply::Error { kind, message } => Err(VolumeError::Owner {
                 kind: kind_of(&kind),
                 message,
@@ -225,7 +270,7 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 /// What the owner does with a command.
 #[async_trait]
 pub trait Owner: Send + Sync {
-    async fn run(&self, command: Command) -> Result<Option<String>, VolumeError>;
+    async fn run(&self, command: Command) -> Result<Answer, VolumeError>;
 }
 
 /// Answers commands on `listener` until `stop` turns true, then waits for
@@ -342,7 +387,7 @@ impl Client {
     }
 
     /// Sends `command` and waits for the owner's answer.
-    pub async fn call(mut self, command: Command) -> Result<Option<String>, VolumeError> {
+    pub async fn call(mut self, command: Command) -> Result<Answer, VolumeError> {
         let request = Request {
             version: PROTOCOL_VERSION,
             command,
@@ -387,6 +432,34 @@ mod tests {
         let e = back.into_result().unwrap_err();
         assert_eq!(e.kind(), ErrorKind::AlreadyExists);
         assert_eq!(e.to_string(), "a snapshot named \"x\" already exists");
+        let status = Request {
+            version: PROTOCOL_VERSION,
+            command: Command::Status,
+        };
+        let json = serde_json::to_string(&status).unwrap();
+        assert_eq!(json, r#"{"version":1,"command":{"op":"status"}}"#);
+        assert_eq!(decode_request(json.as_bytes()).unwrap(), status);
+        let live = Live {
+            pid: 7,
+            export: "vm1".into(),
+            connections: 2,
+            figures: Figures {
+                written_bytes: 1 << 20,
+                journal_sync_seconds: 0.25,
+                ..Figures::default()
+            },
+        };
+        let reply = Reply::of(Ok(Answer::Status(live.clone())));
+        let back = decode_reply(&serde_json::to_vec(&reply).unwrap()).unwrap();
+        assert_eq!(back.into_result().unwrap(), Answer::Status(live));
+        assert!(Answer::Status(Live {
+            pid: 1,
+            export: String::new(),
+            connections: 0,
+            figures: Figures::default(),
+        })
+        .into_name()
+        .is_err());
         assert!(decode_request(br#"{"version":1,"command":{"op":"format_disk"}}"#).is_err());
         assert!(decode_request(br#"{"version":1,"command":{"op":"resize","size":-1}}"#).is_err());
         assert!(

@@ -72,6 +72,9 @@ pub struct ReadCache {
     /// volumes reserved for their journals.
     limit: u64,
     reserved: AtomicU64,
+    /// Reads found wholly present, and reads that fetched from the store.
+    hits: AtomicU64,
+    misses: AtomicU64,
     state: Mutex<State>,
     _lock: File,
     /// A private cache in a temporary directory, removed when dropped.
@@ -260,6 +263,8 @@ impl ReadCache {
             _lock: lock,
             scratch: false,
             reserved: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         };
         cache.evict(None);
         Ok(Some(cache))
@@ -283,6 +288,15 @@ impl ReadCache {
     }
 
     /// Bytes cached now.
+    /// Reads found wholly in the cache, and reads that had to fetch, by
+    /// every volume using it.
+    pub fn hits_and_misses(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn cached_bytes(&self) -> u64 {
         self.state.lock().bytes
     }
@@ -384,8 +398,10 @@ impl ReadCache {
     ) -> Result<()> {
         // The common case, a warm cache, without registering for wake-ups.
         if entry.chunks.lock().present[first..=last].iter().all(|&p| p) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
+        self.misses.fetch_add(1, Ordering::Relaxed);
         loop {
             // Registered before looking, so a fetch ending in between still
             // wakes us.

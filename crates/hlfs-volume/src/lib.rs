@@ -21,6 +21,7 @@
 //! | `runner` | the background-task runner |
 //! | `snapshot` | snapshots and rollback |
 //! | `info`, `check` | what a volume says of itself, and verification |
+//! | `figures` | what an open volume is doing, for monitoring |
 //! | `stats` | where the space goes, from metadata alone |
 //! | `segments`, `cache` | reading segments wherever they are; the read cache |
 //! | `map` | the block map: dirty tree, page cache, walker, usage |
@@ -31,6 +32,7 @@ mod check;
 mod checkpoint;
 mod core;
 mod error;
+mod figures;
 mod info;
 mod lifecycle;
 mod log;
@@ -52,6 +54,7 @@ pub use backend::{default_cache_dir, Backend, StoreOptions, LOCAL_JOURNAL_DIR};
 pub use cache::ReadCache;
 pub use check::{check, CheckReport};
 pub use error::{ErrorKind, Result, VolumeError};
+pub use figures::{Figures, ReadCacheFigures};
 pub use hlfs_store::CephSettings;
 pub use info::utc;
 pub use map::PageCache;

@@ -82,6 +82,22 @@ pub(crate) struct Log {
     gather_skips: AtomicU32,
     /// Told whenever a flush starts waiting.
     flush_arrived: tokio::sync::Notify,
+    /// What the log has done since the volume was opened, for monitoring.
+    pub counts: LogCounts,
+}
+
+/// What the log has done since the volume was opened (`Volume::figures`).
+#[derive(Default)]
+pub(crate) struct LogCounts {
+    /// Data bytes clients wrote (trims and zeroes carry none).
+    pub client_bytes: AtomicU64,
+    /// Bytes appended to the log: records, map pages, checkpoints.
+    pub appended_bytes: AtomicU64,
+    /// Flushes that had writes to make durable, and the journal syncs
+    /// that served them: flushes ÷ syncs is the group-commit batch.
+    pub flushes: AtomicU64,
+    pub syncs: AtomicU64,
+    pub sync_micros: AtomicU64,
 }
 
 /// Counts a flush among those waiting for a sync while it lives.
@@ -124,6 +140,7 @@ impl Log {
             last_sync_us: AtomicU64::new(0),
             gather_skips: AtomicU32::new(0),
             flush_arrived: tokio::sync::Notify::new(),
+            counts: LogCounts::default(),
         }
     }
 
@@ -184,6 +201,10 @@ impl Core {
         file.write_parts_at(at, parts)
             .map_err(|e| self.life.fail(e.into()))?;
         w.pos += len;
+        self.log
+            .counts
+            .appended_bytes
+            .fetch_add(len, Ordering::Relaxed);
         // Every chunk this record completed (a 32 MiB write completes four).
         for chunk in at / WRITEBACK_CHUNK..w.pos / WRITEBACK_CHUNK {
             if let Err(e) = file.start_writeback(chunk * WRITEBACK_CHUNK, WRITEBACK_CHUNK) {
@@ -256,6 +277,7 @@ impl Core {
             return Ok(());
         }
         let _waiting = Waiting::new(&self.log);
+        self.log.counts.flushes.fetch_add(1, Ordering::Relaxed);
         let _turn = self.log.sync_turn.lock().await;
         self.life.check(Need::Sync)?;
         if self.log.durable_lsn.load(Ordering::SeqCst) >= target {
@@ -269,10 +291,13 @@ impl Core {
         for file in self.log.in_log_order() {
             self.sync_file(file).await?;
         }
-        let took = started.elapsed();
+        let took = started.elapsed().as_micros() as u64;
+        self.log.last_sync_us.store(took, Ordering::SeqCst);
+        self.log.counts.syncs.fetch_add(1, Ordering::Relaxed);
         self.log
-            .last_sync_us
-            .store(took.as_micros() as u64, Ordering::SeqCst);
+            .counts
+            .sync_micros
+            .fetch_add(took, Ordering::Relaxed);
         self.log
             .last_batch
             .store(self.log.flushers.load(Ordering::SeqCst), Ordering::SeqCst);

@@ -55,6 +55,7 @@ pub(crate) struct Uploads {
     mailbox: Mutex<Option<Mailbox<Sealing>>>,
     /// Taken before a segment is sealed, released once it is stored.
     backlog: Arc<Semaphore>,
+    backlog_limit: usize,
     /// Every record up to this LSN is in the store.
     stored_lsn: watch::Sender<u64>,
     /// Since when, and why, uploads have been failing, while they are.
@@ -90,12 +91,20 @@ impl Uploads {
         Uploads {
             mailbox: Mutex::new(None),
             backlog: Arc::new(Semaphore::new(backlog)),
+            backlog_limit: backlog,
             stored_lsn: watch::Sender::new(0),
             store: Arc::new(store),
             outage,
             parallel,
             lease,
         }
+    }
+
+    /// Sealed segments not yet in the store (or being sealed), and the
+    /// most there may be before writers wait.
+    pub fn backlog(&self) -> (usize, usize) {
+        let free = self.backlog.available_permits();
+        (self.backlog_limit.saturating_sub(free), self.backlog_limit)
     }
 
     pub fn stored_lsn(&self) -> u64 {

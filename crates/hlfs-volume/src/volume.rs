@@ -78,6 +78,12 @@ impl Volume {
         self.core.pages.pages()
     }
 
+    /// What the volume is doing: counters since it was opened, caches and
+    /// the upload backlog now.
+    pub fn figures(&self) -> crate::Figures {
+        self.core.figures()
+    }
+
     /// Requests made to the volume's store so far, and their bytes, by
     /// every open of this backend.
     pub fn store_counts(&self) -> StoreCounts {

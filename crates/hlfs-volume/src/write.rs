@@ -32,6 +32,10 @@ impl Core {
         // Again under the lock: a rollback may have shrunk the volume.
         self.check_range(offset, data.len() as u64)?;
         self.make_room(&mut w).await?;
+        self.log
+            .counts
+            .client_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         let bs = self.block_size as u64;
         let end = offset + data.len() as u64;
         let per_record = (MAX_RECORD_BYTES as u64 / bs).max(1);

@@ -221,7 +221,15 @@ async fn the_read_cache_serves_stored_segments_and_survives_damage() {
     assert!(cached.len() >= 4, "{cached:?}");
     {
         let vol = Volume::open(backend(), &opts).await.unwrap();
+        let before = vol
+            .figures()
+            .read_cache
+            .expect("a remote volume has a read cache");
         assert_eq!(vol.read(0, data.len()).await.unwrap(), data);
+        let after = vol.figures().read_cache.unwrap();
+        assert!(after.hits > before.hits, "{before:?} -> {after:?}");
+        assert_eq!(after.misses, before.misses, "the store refuses reads");
+        assert!(after.bytes >= data.len() as u64, "{after:?}");
         vol.close().await.unwrap();
     }
     // Damaged cache files are noticed by the checksums and read again

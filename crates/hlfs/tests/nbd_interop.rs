@@ -1595,6 +1595,30 @@ fn prometheus_metrics_of_a_served_volume() {
         text.contains("hlfs_store_requests_total{export=\"vm.hlfs\",kind=\"put\"}"),
         "{text}"
     );
+    // What the engine did for that one client: 1 MiB written, appended to
+    // the log with its record headers, and made durable by the flush.
+    let volume = |name: &str| sample(&text, &format!("{name}{{export=\"vm.hlfs\"}}"));
+    assert_eq!(volume("hlfs_volume_written_bytes_total"), MIB as f64);
+    let appended = volume("hlfs_log_appended_bytes_total");
+    assert!(
+        appended > MIB as f64 && appended < (MIB + (64 << 10)) as f64,
+        "{appended}"
+    );
+    assert!(volume("hlfs_flushes_total") >= 1.0);
+    let syncs = volume("hlfs_journal_syncs_total");
+    assert!(
+        syncs >= 1.0 && syncs <= volume("hlfs_flushes_total"),
+        "{text}"
+    );
+    assert!(volume("hlfs_journal_sync_seconds_total") > 0.0);
+    assert!(volume("hlfs_upload_backlog_segments") <= volume("hlfs_upload_backlog_limit_segments"));
+    assert!(text.contains("hlfs_map_page_hits_total{export=\"vm.hlfs\"}"));
+    // A read cache exists only for volumes on a remote store.
+    assert_eq!(
+        text.contains("hlfs_read_cache_hits_total{export=\"vm.hlfs\"}"),
+        std::env::var_os("HLFS_TEST_REMOTE_BASE").is_some(),
+        "{text}"
+    );
 
     let checked = d.join("metrics.txt");
     std::fs::write(&checked, &text).unwrap();
@@ -1609,6 +1633,57 @@ fn prometheus_metrics_of_a_served_volume() {
     let (status, _) = http_get(&addr, "/elsewhere");
     assert!(status.contains("404"), "{status}");
     srv.stop_ok();
+}
+
+/// `hlfs info` of a served volume adds what its server sees now: the
+/// serving pid, connected clients, and the counts since it opened the
+/// volume; of a volume nobody serves, `live` is null.
+#[test]
+fn info_of_a_served_volume_gives_its_live_figures() {
+    require!("qemu-io" => "qemu-utils");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = volume_at(d, "vm.hlfs");
+    hlfs(&["create", &vol, "--size", "16M"]).ok();
+    let srv = Server::unix(d, &[&vol], &[]);
+    qemu_io_ok(srv.uri(), false, &["write -P 0x3c 0 1M", "flush"]);
+    // A client that stays connected while info asks.
+    let (_held, held_log) =
+        spawn_logged(d, "qemu-io", &["-f", "raw", "-c", "sleep 20000", srv.uri()]);
+    let deadline = Instant::now() + START_TIMEOUT;
+    let live = loop {
+        let out = hlfs(&["info", "--json", &vol]).ok();
+        let info: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        if info["live"]["connections"] == 1 {
+            break info["live"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the held client never showed: {info}\n{}",
+            std::fs::read_to_string(&held_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(live["pid"], srv.proc.pid(), "{live}");
+    assert_eq!(live["export"], "vm.hlfs", "{live}");
+    assert_eq!(live["figures"]["written_bytes"], MIB, "{live}");
+    assert!(live["figures"]["flushes"].as_u64() >= Some(1), "{live}");
+    assert!(live["flushes_per_sync"].as_f64() >= Some(1.0), "{live}");
+    let amplification = live["write_amplification"].as_f64().unwrap();
+    assert!((1.0..1.1).contains(&amplification), "{live}");
+    let text = hlfs(&["info", &vol]).ok().stdout;
+    assert!(
+        text.contains(&format!(
+            "served by:      pid {} as export vm.hlfs, 1 client connected",
+            srv.proc.pid()
+        )),
+        "{text}"
+    );
+    srv.stop_ok();
+    let out = hlfs(&["info", "--json", &vol]).ok();
+    let info: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert!(info["live"].is_null(), "{info}");
+    assert!(!hlfs(&["info", &vol]).ok().stdout.contains("served by"));
 }
 
 /// The URIs the server prints must work for export names that need

@@ -36,6 +36,9 @@ struct CacheState {
     budget_pages: usize,
     /// Dirty pages of every tree using the cache.
     dirty_pages: usize,
+    /// Lookups of a clean page that found it, and that did not.
+    hits: u64,
+    misses: u64,
 }
 
 impl PageCache {
@@ -48,6 +51,8 @@ impl PageCache {
                 clean: LruCache::unbounded(),
                 budget_pages,
                 dirty_pages: 0,
+                hits: 0,
+                misses: 0,
             }),
         })
     }
@@ -56,6 +61,13 @@ impl PageCache {
     pub fn pages(&self) -> (usize, usize) {
         let state = self.state.lock();
         (state.clean.len() + state.dirty_pages, state.budget_pages)
+    }
+
+    /// Lookups that found their page in memory, and that had to read it,
+    /// over every tree using the cache.
+    pub fn hits_and_misses(&self) -> (u64, u64) {
+        let state = self.state.lock();
+        (state.hits, state.misses)
     }
 
     pub fn budget_pages(&self) -> usize {
@@ -98,7 +110,12 @@ impl Pages<'_> {
     /// The clean page at `at`, if cached; it becomes the most recently used.
     pub fn get(&mut self, at: Entry) -> Option<Arc<MapPage>> {
         let key = self.key(at);
-        self.state.clean.get(&key).cloned()
+        let found = self.state.clean.get(&key).cloned();
+        match found {
+            Some(_) => self.state.hits += 1,
+            None => self.state.misses += 1,
+        }
+        found
     }
 
     /// Adds a clean page, evicting the least recently used beyond the budget.

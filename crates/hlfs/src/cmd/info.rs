@@ -1,6 +1,7 @@
 //! `hlfs info`: what a volume is and holds.
 
 use anyhow::Result;
+use hlfs_device::control::{Answer, Client, Command, Live};
 use hlfs_volume::{utc, View, Volume, VolumeInfo};
 
 use crate::args::{human, Settings};
@@ -15,14 +16,111 @@ pub struct InfoArgs {
 
 pub async fn run(args: InfoArgs, settings: &Settings) -> Result<()> {
     let backend = settings.backend(&args.volume, false)?;
+    let live = live(&backend).await;
     let vol = Volume::open_read_only(backend, &settings.open, View::Head).await?;
     let info = vol.info().await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&info_json(&info))?);
+        let mut json = info_json(&info);
+        json["live"] = match &live {
+            Some(live) => live_json(live)?,
+            None => serde_json::Value::Null,
+        };
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         print_info(&args.volume, &info);
+        if let Some(live) = &live {
+            print_live(live);
+        }
     }
     Ok(())
+}
+
+/// The figures of the server that serves the volume on this host, if one
+/// does. Info is still given without them if the server does not answer.
+async fn live(backend: &hlfs_volume::Backend) -> Option<Live> {
+    let asked: Result<Option<Live>> = async {
+        let Some(owner) = Client::connect(backend).await? else {
+            return Ok(None);
+        };
+        match owner.call(Command::Status).await? {
+            Answer::Status(live) => Ok(Some(live)),
+            Answer::Done(_) => anyhow::bail!("it answered without them"),
+        }
+    }
+    .await;
+    asked.unwrap_or_else(|e| {
+        eprintln!("hlfs: warning: the volume's server did not give its figures: {e:#}");
+        None
+    })
+}
+
+/// `a / b`, or None when there is nothing to divide.
+fn ratio(a: u64, b: u64) -> Option<f64> {
+    (b > 0).then(|| a as f64 / b as f64)
+}
+
+/// The live figures, and the ratios a reader wants from them.
+fn live_json(live: &Live) -> Result<serde_json::Value> {
+    let f = &live.figures;
+    let mut json = serde_json::to_value(live)?;
+    json["write_amplification"] = serde_json::json!(ratio(f.log_appended_bytes, f.written_bytes));
+    json["flushes_per_sync"] = serde_json::json!(ratio(f.flushes, f.journal_syncs));
+    json["map_page_hit_ratio"] =
+        serde_json::json!(ratio(f.map_page_hits, f.map_page_hits + f.map_page_misses));
+    json["read_cache_hit_ratio"] = serde_json::json!(f
+        .read_cache
+        .as_ref()
+        .and_then(|c| ratio(c.hits, c.hits + c.misses)));
+    Ok(json)
+}
+
+fn print_live(live: &Live) {
+    let f = &live.figures;
+    let percent = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{:.1}%", r * 100.0));
+    println!(
+        "served by:      pid {} as export {}, {} client{} connected",
+        live.pid,
+        live.export,
+        live.connections,
+        if live.connections == 1 { "" } else { "s" }
+    );
+    println!(
+        "  written:      {} by clients, {} to the log (x{}) since the server opened it",
+        human(f.written_bytes),
+        human(f.log_appended_bytes),
+        ratio(f.log_appended_bytes, f.written_bytes).map_or("-".into(), |r| format!("{r:.2}"))
+    );
+    println!(
+        "  flushes:      {} in {} journal syncs ({} per sync, {} each)",
+        f.flushes,
+        f.journal_syncs,
+        ratio(f.flushes, f.journal_syncs).map_or("-".into(), |r| format!("{r:.1}")),
+        if f.journal_syncs > 0 {
+            format!(
+                "{:.2} ms",
+                f.journal_sync_seconds * 1e3 / f.journal_syncs as f64
+            )
+        } else {
+            "-".into()
+        }
+    );
+    println!(
+        "  uploads:      {} of {} backlog slots in use",
+        f.upload_backlog_segments, f.upload_backlog_limit
+    );
+    println!(
+        "  map pages:    {} of {} in memory, {} of lookups found in memory",
+        f.map_pages,
+        f.map_page_limit,
+        percent(ratio(f.map_page_hits, f.map_page_hits + f.map_page_misses))
+    );
+    if let Some(c) = &f.read_cache {
+        println!(
+            "  read cache:   {} cached, {} of reads served from it",
+            human(c.bytes),
+            percent(ratio(c.hits, c.hits + c.misses))
+        );
+    }
 }
 
 fn info_json(info: &VolumeInfo) -> serde_json::Value {

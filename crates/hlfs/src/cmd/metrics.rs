@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use hlfs_nbd::Server;
-use hlfs_volume::Volume;
+use hlfs_volume::{Figures, Volume};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -63,47 +63,157 @@ fn per_export<M: EncodeMetric>(
 
 impl Collector for Served {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let exports = || self.volumes.iter();
+        let figures: Vec<(&String, Figures)> =
+            self.volumes.iter().map(|(e, v)| (e, v.figures())).collect();
         let label = |export: &String| vec![("export", export.clone())];
+        let gauge = |encoder: &mut DescriptorEncoder,
+                     name: &str,
+                     help: &str,
+                     value: fn(&Figures) -> u64|
+         -> std::fmt::Result {
+            per_export(
+                encoder,
+                name,
+                help,
+                MetricType::Gauge,
+                figures
+                    .iter()
+                    .map(|(e, f)| (label(e), ConstGauge::new(value(f) as i64))),
+            )
+        };
+        let counter = |encoder: &mut DescriptorEncoder,
+                       name: &str,
+                       help: &str,
+                       value: fn(&Figures) -> u64|
+         -> std::fmt::Result {
+            per_export(
+                encoder,
+                name,
+                help,
+                MetricType::Counter,
+                figures
+                    .iter()
+                    .map(|(e, f)| (label(e), ConstCounter::new(value(f)))),
+            )
+        };
         per_export(
             &mut encoder,
             "hlfs_nbd_connections",
             "Clients connected to the export now",
             MetricType::Gauge,
-            exports().map(|(e, _)| {
+            figures.iter().map(|(e, _)| {
                 let n = self.server.connections_to(e) as i64;
                 (label(e), ConstGauge::new(n))
             }),
         )?;
-        per_export(
+        gauge(
             &mut encoder,
             "hlfs_volume_size_bytes",
             "The volume's size",
-            MetricType::Gauge,
-            exports().map(|(e, v)| (label(e), ConstGauge::new(v.size() as i64))),
+            |f| f.size_bytes,
         )?;
-        per_export(
+        gauge(
             &mut encoder,
             "hlfs_volume_allocated_bytes",
             "Bytes of the volume that hold data (not holes)",
-            MetricType::Gauge,
-            exports().map(|(e, v)| (label(e), ConstGauge::new(v.allocated_bytes() as i64))),
+            |f| f.allocated_bytes,
+        )?;
+        counter(
+            &mut encoder,
+            "hlfs_volume_written_bytes",
+            "Data bytes clients wrote since the server opened the volume",
+            |f| f.written_bytes,
+        )?;
+        counter(
+            &mut encoder,
+            "hlfs_log_appended_bytes",
+            "Bytes appended to the volume's log (records, map pages, checkpoints) since it was opened; divided by hlfs_volume_written_bytes_total, the write amplification",
+            |f| f.log_appended_bytes,
+        )?;
+        counter(
+            &mut encoder,
+            "hlfs_flushes",
+            "Flushes that had writes to make durable",
+            |f| f.flushes,
+        )?;
+        counter(
+            &mut encoder,
+            "hlfs_journal_syncs",
+            "Journal syncs that flushes waited for; hlfs_flushes_total divided by it is the group-commit batch size",
+            |f| f.journal_syncs,
         )?;
         per_export(
+            &mut encoder,
+            "hlfs_journal_sync_seconds",
+            "Time spent in the journal syncs that flushes waited for",
+            MetricType::Counter,
+            figures
+                .iter()
+                .map(|(e, f)| (label(e), ConstCounter::new(f.journal_sync_seconds))),
+        )?;
+        gauge(
+            &mut encoder,
+            "hlfs_upload_backlog_segments",
+            "Sealed segments waiting to be stored",
+            |f| f.upload_backlog_segments,
+        )?;
+        gauge(
+            &mut encoder,
+            "hlfs_upload_backlog_limit_segments",
+            "Sealed segments that may wait before writes wait for the store",
+            |f| f.upload_backlog_limit,
+        )?;
+        gauge(
             &mut encoder,
             "hlfs_map_pages",
             "Block-map pages in memory now (in the page cache the volume uses)",
-            MetricType::Gauge,
-            exports().map(|(e, v)| (label(e), ConstGauge::new(v.map_pages().0 as i64))),
+            |f| f.map_pages,
         )?;
-        per_export(
+        gauge(
             &mut encoder,
             "hlfs_map_page_limit",
             "Block-map pages the memory budget allows",
-            MetricType::Gauge,
-            exports().map(|(e, v)| (label(e), ConstGauge::new(v.map_pages().1 as i64))),
+            |f| f.map_page_limit,
         )?;
-        let store = || exports().map(|(e, v)| (e, v.store_counts()));
+        counter(
+            &mut encoder,
+            "hlfs_map_page_hits",
+            "Block-map page lookups that found the page in memory (the page cache may be shared by several exports)",
+            |f| f.map_page_hits,
+        )?;
+        counter(
+            &mut encoder,
+            "hlfs_map_page_misses",
+            "Block-map page lookups that read the page from the log",
+            |f| f.map_page_misses,
+        )?;
+        let cached = || {
+            figures
+                .iter()
+                .filter_map(|(e, f)| f.read_cache.as_ref().map(|c| (label(e), c)))
+        };
+        per_export(
+            &mut encoder,
+            "hlfs_read_cache_hits",
+            "Reads of a remote volume served wholly from the local read cache (shared by the volumes on one cache directory)",
+            MetricType::Counter,
+            cached().map(|(l, c)| (l, ConstCounter::new(c.hits))),
+        )?;
+        per_export(
+            &mut encoder,
+            "hlfs_read_cache_misses",
+            "Reads of a remote volume that fetched from the store",
+            MetricType::Counter,
+            cached().map(|(l, c)| (l, ConstCounter::new(c.misses))),
+        )?;
+        per_export(
+            &mut encoder,
+            "hlfs_read_cache_bytes",
+            "Bytes of segments in the local read cache",
+            MetricType::Gauge,
+            cached().map(|(l, c)| (l, ConstGauge::new(c.bytes as i64))),
+        )?;
+        let store = || self.volumes.iter().map(|(e, v)| (e, v.store_counts()));
         let mut requests = encoder.encode_descriptor(
             "hlfs_store_requests",
             "Requests made to the volume's store, by kind",

@@ -51,7 +51,7 @@ async fn change<T>(
             ?command,
             "sending the command to the volume's server"
         );
-        return Ok(from_owner(owner.call(command).await?));
+        return Ok(from_owner(owner.call(command).await?.into_name()?));
     }
     let vol = Volume::open(backend, &settings.open).await?;
     let result = here(&vol).await;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use hlfs_device::control::{self, Command};
+use hlfs_device::control::{self, Answer, Command, Live};
 use hlfs_device::VolumeDevice;
 use hlfs_nbd::proto::MAX_PAYLOAD;
 use hlfs_nbd::{Export, Limits, Server};
@@ -339,14 +339,17 @@ struct Owned {
 
 #[async_trait::async_trait]
 impl control::Owner for Owned {
-    async fn run(&self, command: Command) -> Result<Option<String>, VolumeError> {
-        tracing::info!(export = %self.export, ?command, "command from the control socket");
+    async fn run(&self, command: Command) -> Result<Answer, VolumeError> {
+        if command != Command::Status {
+            tracing::info!(export = %self.export, ?command, "command from the control socket");
+        }
         match command {
-            Command::SnapshotCreate { name } => {
-                Ok(Some(self.volume.snapshot_create(&name).await?.name))
-            }
+            Command::SnapshotCreate { name } => Ok(Answer::Done(Some(
+                self.volume.snapshot_create(&name).await?.name,
+            ))),
             Command::SnapshotDelete { name } => {
-                self.volume.snapshot_delete(&name).await.map(|()| None)
+                self.volume.snapshot_delete(&name).await?;
+                Ok(Answer::Done(None))
             }
             Command::Rollback { name } => {
                 // New clients wait until the rollback is over.
@@ -365,9 +368,18 @@ impl control::Owner for Owned {
                         if clients == 1 { "it" } else { "them" },
                     ))
                 })?;
-                self.volume.rollback(&name).await.map(Some)
+                Ok(Answer::Done(Some(self.volume.rollback(&name).await?)))
             }
-            Command::Resize { size } => self.volume.resize(size).await.map(|()| None),
+            Command::Resize { size } => {
+                self.volume.resize(size).await?;
+                Ok(Answer::Done(None))
+            }
+            Command::Status => Ok(Answer::Status(Live {
+                pid: std::process::id(),
+                export: self.export.clone(),
+                connections: self.server.connections_to(&self.export) as u64,
+                figures: self.volume.figures(),
+            })),
         }
     }
 }
