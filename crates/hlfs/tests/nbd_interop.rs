@@ -2163,7 +2163,8 @@ fn a_restart_under_socket_activation_costs_a_client_a_pause_not_an_error() {
 }
 
 /// The server under systemd's own socket activation tool, with its
-/// options from a config file: it serves on the socket it is given, and
+/// options (two exports) from a config file: it serves on the socket it is
+/// given, and
 /// leaves that socket in place when it stops (it belongs to systemd). The
 /// packaged units pass `systemd-analyze verify`.
 #[test]
@@ -2177,10 +2178,16 @@ fn systemd_socket_activation_and_the_packaged_units() {
     let d = dir.path();
     let vol = volume_at(d, "vm.hlfs");
     hlfs(&["create", &vol, "--size", "24M"]).ok();
+    hlfs(&["snapshot", "create", &vol, "golden"]).ok();
+    hlfs(&["resize", &vol, "--size", "32M"]).ok();
+    // Two exports from the file: the volume, and its snapshot read-only.
     let config = d.join("serve.toml");
     std::fs::write(
         &config,
-        format!("volumes = [{vol:?}]\n[limits]\nmax-connections-per-export = 2\n"),
+        format!(
+            "volumes = [{vol:?}, {:?}]\n[limits]\nmax-connections-per-export = 2\n",
+            format!("{vol}@golden")
+        ),
     )
     .unwrap();
     let sock = path_str(&d.join("activated.sock"));
@@ -2200,7 +2207,10 @@ fn systemd_socket_activation_and_the_packaged_units() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // The first client starts the server, as systemd would.
-    assert_eq!(export_info(&uri)["export-size"], 24 * MIB);
+    assert_eq!(export_info(&uri)["export-size"], 32 * MIB);
+    let golden = export_info(&format!("nbd+unix:///vm.hlfs@golden?socket={sock}"));
+    assert_eq!(golden["export-size"], 24 * MIB);
+    assert_eq!(golden["is_read_only"], true, "{golden}");
     server.signal(libc::SIGTERM);
     let status = server.wait_timeout(STOP_TIMEOUT);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
