@@ -10,6 +10,44 @@ use anyhow::Result;
 use hlfs_volume::{Backend, Durability, OpenOptions, StoreOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// `println!` for a command's output. When the reader has gone away
+/// (`hlfs snapshot list vm1 | head -1`), the command ends as Unix tools
+/// do, by SIGPIPE, instead of panicking as `println!` does: Rust ignores
+/// SIGPIPE so that a closed socket is an error, not death, and that stays
+/// so for every socket.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::args::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for a command's output; see [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::args::write_out(format_args!($($arg)*))
+    };
+}
+
+pub fn write_out(text: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            // SAFETY: restoring a signal's default action and raising it;
+            // the process ends here, as a C tool writing to the pipe would.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+        }
+        Err(e) => {
+            eprintln!("hlfs: error: cannot write the output: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 /// Options every command takes.
 #[derive(clap::Args, Debug)]
 pub struct GlobalArgs {

@@ -1,6 +1,7 @@
 //! `hlfs`: create, inspect, import/export, snapshot, check and serve HLFS
 //! volumes.
 
+#[macro_use]
 mod args;
 mod cli;
 mod cmd;

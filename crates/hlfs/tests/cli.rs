@@ -582,3 +582,42 @@ fn serve_refuses_a_bad_config_file_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no volume to serve"));
 }
+
+/// Output into a pipe whose reader has gone (`hlfs snapshot list vm | head
+/// -1`) ends the command as SIGPIPE ends Unix tools, never with a panic.
+#[test]
+fn output_into_a_closed_pipe_is_not_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("v.hlfs");
+    let vol = vol.to_str().unwrap();
+    ok(&["create", vol, "--size", "1M"]);
+    for i in 0..20 {
+        ok(&["snapshot", "create", vol, &format!("s{i}")]);
+    }
+    for args in [
+        vec!["info", vol],
+        vec!["snapshot", "list", vol],
+        vec!["snapshot", "list", vol, "--json"],
+        vec!["gc", vol, "--stats"],
+        vec!["check", vol],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hlfs"))
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Gone before the command can have written anything.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.signal() == Some(libc::SIGPIPE) || out.status.success(),
+            "hlfs {args:?}: {:?}: {stderr}",
+            out.status
+        );
+        assert!(!stderr.contains("panicked"), "hlfs {args:?}: {stderr}");
+    }
+}

@@ -17,17 +17,21 @@ pub async fn run(args: CheckArgs, settings: &Settings) -> Result<ExitCode> {
     let volume = &args.volume;
     let report = check(settings.backend(volume, false)?).await?;
     for w in &report.warnings {
-        println!("warning: {w}");
+        outln!("warning: {w}");
     }
     for p in &report.problems {
-        println!("damaged: {p}");
+        outln!("damaged: {p}");
     }
-    println!(
+    outln!(
         "checked {} manifests, {} segments, {} records, {} map pages, {} blocks",
-        report.manifests, report.segments, report.records, report.map_pages, report.blocks
+        report.manifests,
+        report.segments,
+        report.records,
+        report.map_pages,
+        report.blocks
     );
     if report.is_ok() {
-        println!("{volume}: no damage found");
+        outln!("{volume}: no damage found");
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!(

@@ -26,7 +26,7 @@ pub async fn run(args: CreateArgs, settings: &Settings) -> Result<()> {
         segment_size: args.segment_size,
     };
     Volume::create(&settings.backend(&args.volume, true)?, &create).await?;
-    println!(
+    outln!(
         "created {}: {} ({} bytes), block size {}",
         args.volume,
         human(args.size),

@@ -30,7 +30,7 @@ pub async fn run(args: GcArgs, settings: &Settings) -> Result<()> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&stats_json(&stats, now))?
         );
@@ -101,32 +101,32 @@ fn age_text(secs: u64) -> String {
 }
 
 fn print_stats(volume: &str, stats: &SpaceStats, now: u64) {
-    println!(
+    outln!(
         "{volume}: space as of manifest {} ({})",
         stats.manifest_seq,
         utc(stats.manifest_written_ms)
     );
-    println!("live:          {}", bytes(stats.live_bytes));
-    println!("stored:        {}", bytes(stats.stored_bytes));
-    println!(
+    outln!("live:          {}", bytes(stats.live_bytes));
+    outln!("stored:        {}", bytes(stats.stored_bytes));
+    outln!(
         "  segments:    {} in {} segments",
         bytes(stats.segment_bytes),
         stats.segments.len()
     );
-    println!(
+    outln!(
         "  manifests:   {} in {} manifests",
         bytes(stats.manifest_bytes),
         stats.manifests
     );
-    println!("  journal:     {}", bytes(stats.journal_bytes));
-    println!("reclaimable:   {}", bytes(stats.reclaimable_bytes));
+    outln!("  journal:     {}", bytes(stats.journal_bytes));
+    outln!("reclaimable:   {}", bytes(stats.reclaimable_bytes));
     match space_ratio(stats) {
-        Some(r) => println!("stored/live:   {r:.2}"),
-        None => println!("stored/live:   - (nothing is live)"),
+        Some(r) => outln!("stored/live:   {r:.2}"),
+        None => outln!("stored/live:   - (nothing is live)"),
     }
-    println!("head only:     {}", bytes(stats.head_only_bytes));
+    outln!("head only:     {}", bytes(stats.head_only_bytes));
     for s in &stats.snapshots {
-        println!("snapshot {:?} alone holds {}", s.name, bytes(s.only_bytes));
+        outln!("snapshot {:?} alone holds {}", s.name, bytes(s.only_bytes));
     }
     let mut worst: Vec<&SegmentSpace> = stats.segments.iter().filter(|s| !s.recent).collect();
     worst.sort_by_key(|s| std::cmp::Reverse(s.size - s.live_bytes.min(s.size)));
@@ -134,17 +134,21 @@ fn print_stats(volume: &str, stats: &SpaceStats, now: u64) {
     if worst.is_empty() {
         return;
     }
-    println!(
+    outln!(
         "segments with the most to reclaim ({} of {}; --json lists all):",
         worst.len().min(SHOWN_SEGMENTS),
         stats.segments.len()
     );
-    println!(
+    outln!(
         "  {:>10} {:>10} {:>10} {:>6} {:>8}",
-        "ID", "SIZE", "LIVE", "LIVE%", "AGE"
+        "ID",
+        "SIZE",
+        "LIVE",
+        "LIVE%",
+        "AGE"
     );
     for s in worst.iter().take(SHOWN_SEGMENTS) {
-        println!(
+        outln!(
             "  {:>10} {:>10} {:>10} {:>5.1}% {:>8}",
             s.id,
             human(s.size),

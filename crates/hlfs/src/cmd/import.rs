@@ -71,7 +71,7 @@ pub async fn run(args: ImportArgs, settings: &Settings) -> Result<()> {
     let closed = vol.close().await;
     let (bytes, stored, elapsed) = result?;
     closed?;
-    println!(
+    outln!(
         "imported {} from {file} into {volume} in {:.1}s; {} of data stored",
         human(bytes),
         elapsed.as_secs_f64(),

@@ -25,7 +25,7 @@ pub async fn run(args: InfoArgs, settings: &Settings) -> Result<()> {
             Some(live) => live_json(live)?,
             None => serde_json::Value::Null,
         };
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        outln!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         print_info(&args.volume, &info);
         if let Some(live) = &live {
@@ -77,20 +77,20 @@ fn live_json(live: &Live) -> Result<serde_json::Value> {
 fn print_live(live: &Live) {
     let f = &live.figures;
     let percent = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{:.1}%", r * 100.0));
-    println!(
+    outln!(
         "served by:      pid {} as export {}, {} client{} connected",
         live.pid,
         live.export,
         live.connections,
         if live.connections == 1 { "" } else { "s" }
     );
-    println!(
+    outln!(
         "  written:      {} by clients, {} to the log (x{}) since the server opened it",
         human(f.written_bytes),
         human(f.log_appended_bytes),
         ratio(f.log_appended_bytes, f.written_bytes).map_or("-".into(), |r| format!("{r:.2}"))
     );
-    println!(
+    outln!(
         "  flushes:      {} in {} journal syncs ({} per sync, {} each)",
         f.flushes,
         f.journal_syncs,
@@ -104,18 +104,19 @@ fn print_live(live: &Live) {
             "-".into()
         }
     );
-    println!(
+    outln!(
         "  uploads:      {} of {} backlog slots in use",
-        f.upload_backlog_segments, f.upload_backlog_limit
+        f.upload_backlog_segments,
+        f.upload_backlog_limit
     );
-    println!(
+    outln!(
         "  map pages:    {} of {} in memory, {} of lookups found in memory",
         f.map_pages,
         f.map_page_limit,
         percent(ratio(f.map_page_hits, f.map_page_hits + f.map_page_misses))
     );
     if let Some(c) = &f.read_cache {
-        println!(
+        outln!(
             "  read cache:   {} cached, {} of reads served from it",
             human(c.bytes),
             percent(ratio(c.hits, c.hits + c.misses))
@@ -139,29 +140,29 @@ fn info_json(info: &VolumeInfo) -> serde_json::Value {
 }
 
 fn print_info(volume: &str, info: &VolumeInfo) {
-    println!("volume:         {volume}");
-    println!("uuid:           {}", info.uuid);
-    println!("size:           {} ({} bytes)", human(info.size), info.size);
-    println!("block size:     {}", info.block_size);
-    println!("segment size:   {}", human(info.segment_size));
-    println!(
+    outln!("volume:         {volume}");
+    outln!("uuid:           {}", info.uuid);
+    outln!("size:           {} ({} bytes)", human(info.size), info.size);
+    outln!("block size:     {}", info.block_size);
+    outln!("segment size:   {}", human(info.segment_size));
+    outln!(
         "allocated:      {} ({} bytes)",
         human(info.allocated_bytes),
         info.allocated_bytes
     );
-    println!(
+    outln!(
         "stored:         {} ({} bytes)",
         human(info.stored_bytes),
         info.stored_bytes
     );
-    println!("format version: {}", info.format_version);
-    println!("created:        {}", utc(info.created_ms));
-    println!(
+    outln!("format version: {}", info.format_version);
+    outln!("created:        {}", utc(info.created_ms));
+    outln!(
         "writer:         {}",
         info.writer.as_deref().unwrap_or("none")
     );
     let names: Vec<&str> = info.snapshots.iter().map(|s| s.name.as_str()).collect();
-    println!(
+    outln!(
         "snapshots:      {}",
         if names.is_empty() {
             "none".into()

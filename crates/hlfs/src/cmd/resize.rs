@@ -23,7 +23,7 @@ pub async fn run(args: ResizeArgs, settings: &Settings) -> Result<()> {
         async |vol| vol.resize(size).await,
     )
     .await?;
-    println!(
+    outln!(
         "{} is now {} ({} bytes)",
         args.volume,
         human(args.size),

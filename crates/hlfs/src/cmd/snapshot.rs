@@ -39,7 +39,7 @@ pub async fn run(command: SnapshotCommand, settings: &Settings) -> Result<()> {
                 async |vol| Ok(vol.snapshot_create(&name).await?.name),
             )
             .await?;
-            println!("created snapshot {made} of {volume}");
+            outln!("created snapshot {made} of {volume}");
         }
         SnapshotCommand::Delete { volume, name } => {
             let command = Command::SnapshotDelete { name: name.clone() };
@@ -51,7 +51,7 @@ pub async fn run(command: SnapshotCommand, settings: &Settings) -> Result<()> {
                 async |vol| vol.snapshot_delete(&name).await,
             )
             .await?;
-            println!("deleted snapshot {name} of {volume}");
+            outln!("deleted snapshot {name} of {volume}");
         }
         SnapshotCommand::Rollback { volume, name } => {
             let command = Command::Rollback { name: name.clone() };
@@ -63,7 +63,7 @@ pub async fn run(command: SnapshotCommand, settings: &Settings) -> Result<()> {
                 async |vol| vol.rollback(&name).await,
             )
             .await?;
-            println!("rolled {volume} back to snapshot {name}; its previous state is kept as snapshot {kept}");
+            outln!("rolled {volume} back to snapshot {name}; its previous state is kept as snapshot {kept}");
         }
         SnapshotCommand::List { volume, json } => list(&volume, json, settings).await?,
     }
@@ -106,18 +106,20 @@ async fn list(volume: &str, json: bool, settings: &Settings) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        outln!("{}", serde_json::to_string_pretty(&list)?);
     } else if snaps.is_empty() {
-        println!("{volume} has no snapshots");
+        outln!("{volume} has no snapshots");
     } else {
-        println!(
+        outln!(
             "{:<40} {:<24} {:<10} ONLY IT HOLDS",
-            "NAME", "CREATED", "KIND"
+            "NAME",
+            "CREATED",
+            "KIND"
         );
         for s in snaps {
             let kind = if s.automatic { "automatic" } else { "user" };
             let only = only_bytes(&s.name).map_or("-".into(), human);
-            println!("{:<40} {:<24} {kind:<10} {only}", s.name, utc(s.created_ms));
+            outln!("{:<40} {:<24} {kind:<10} {only}", s.name, utc(s.created_ms));
         }
     }
     Ok(())

@@ -157,9 +157,9 @@ pub async fn run(mut args: BenchArgs, settings: &Settings) -> Result<()> {
         Mode::Recovery => recovery(&args, &scratch.path).await?,
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", report.table());
+        out!("{}", report.table());
     }
     if let Some(failure) = report.failure() {
         bail!("{failure}");

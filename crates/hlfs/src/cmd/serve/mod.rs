@@ -687,11 +687,16 @@ pub async fn run(args: ServeArgs, settings: &Settings, inherited: ListenFd) -> R
             }
         }
     }
-    for uri in &uris {
-        println!("{uri}");
+    // Only for whoever started the server: if its stdout is gone, the
+    // server serves all the same.
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        for uri in &uris {
+            let _ = writeln!(stdout, "{uri}");
+        }
+        let _ = stdout.flush();
     }
-    use std::io::Write;
-    std::io::stdout().flush().ok();
     notify_service_manager(sd_notify::NotifyState::Ready);
     tracing::info!(exports = ?names, "serving; stop with SIGINT or SIGTERM");
 
