@@ -1365,6 +1365,95 @@ fn server_crash_recovery() {
     );
 }
 
+/// What a user sees of a command, with what differs between two volumes
+/// by nature masked: the volume's address, and times (digit runs of ten
+/// or more, as in automatic snapshot names).
+fn seen(vol: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let args: Vec<String> = args.iter().map(|a| a.replace("{v}", vol)).collect();
+    let out = hlfs(&args);
+    let mask = |text: &str| {
+        let text = text.replace(vol, "VOL");
+        let mut masked = String::new();
+        let mut digits = String::new();
+        for c in text.chars().chain(std::iter::once('\n')) {
+            if c.is_ascii_digit() {
+                digits.push(c);
+                continue;
+            }
+            masked.push_str(if digits.len() >= 10 { "TIME" } else { &digits });
+            digits.clear();
+            masked.push(c);
+        }
+        masked
+    };
+    (out.status.code(), mask(&out.stdout), mask(&out.stderr))
+}
+
+/// Every command that changes a volume answers exactly the same, output,
+/// errors and exit status, whether a server holds the volume (and carries
+/// the command out) or not; the commands that read a volume work on both.
+#[test]
+fn every_command_answers_the_same_served_or_not() {
+    let dir = tempdir();
+    let d = dir.path();
+    let alone = volume_at(d, "alone.hlfs");
+    let served = volume_at(d, "served.hlfs");
+    for vol in [&alone, &served] {
+        hlfs(&["create", vol, "--size", "32M"]).ok();
+    }
+    let srv = Server::unix(d, &[&served], &[]);
+    for command in [
+        &["snapshot", "create", "{v}", "s1"][..],
+        &["snapshot", "create", "{v}", "s1"],
+        &["snapshot", "create", "{v}", "bad/name"],
+        &["snapshot", "create", "{v}", "s2"],
+        &["resize", "{v}", "--size", "4K"],
+        &["resize", "{v}", "--size", "48M"],
+        &["snapshot", "delete", "{v}", "none"],
+        &["snapshot", "rollback", "{v}", "none"],
+        &["snapshot", "rollback", "{v}", "s1"],
+        &["snapshot", "delete", "{v}", "s2"],
+        &["snapshot", "list", "{v}"],
+    ] {
+        let (here, there) = (seen(&alone, command), seen(&served, command));
+        let status = here.0;
+        assert_eq!(here, there, "hlfs {command:?}: unserved, then served");
+        let expected = match command[command.len() - 1] {
+            "none" => Some(1),
+            "bad/name" | "4K" => Some(2),
+            _ if command[1] == "create" && here.2.contains("already exists") => Some(1),
+            _ => Some(0),
+        };
+        assert_eq!(status, expected, "hlfs {command:?}: {here:?}");
+    }
+    let info = |vol: &str| {
+        let out = hlfs(&["info", "--json", vol]).ok();
+        let info: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        [
+            "size",
+            "block_size",
+            "segment_size",
+            "allocated_bytes",
+            "format_version",
+        ]
+        .map(|key| info[key].clone())
+    };
+    assert_eq!(info(&alone), info(&served));
+    for vol in [&alone, &served] {
+        check_volume(vol);
+        let stats = gc_stats_of(vol);
+        assert_eq!(
+            stats["snapshots"].as_array().map(Vec::len),
+            Some(2),
+            "{stats}"
+        );
+    }
+    // Served throughout: had a command opened the volume itself, it would
+    // have been refused as busy.
+    assert!(!info_of(&served)["writer"].is_null());
+    srv.stop_ok();
+}
+
 /// Snapshots, rollback and resize of a volume while it is served, through
 /// the CLI as a user types them: the commands go to the server over its
 /// control socket. A snapshot holds what was acknowledged before it was
