@@ -1454,6 +1454,142 @@ fn every_command_answers_the_same_served_or_not() {
     srv.stop_ok();
 }
 
+/// One write of the snapshot model test, as its client saw it.
+struct Written {
+    first: u64,
+    blocks: u64,
+    seq: u64,
+    started: Instant,
+    acked: Instant,
+}
+
+/// Block `block` as write `seq` leaves it: seq and block, then a filler.
+fn model_block(seq: u64, block: u64) -> Vec<u8> {
+    let mut b = vec![(seq as u8) ^ (block as u8) ^ 0x5a; 4096];
+    b[..8].copy_from_slice(&seq.to_le_bytes());
+    b[8..16].copy_from_slice(&block.to_le_bytes());
+    b
+}
+
+/// Snapshots taken every second while two clients write: each, exported
+/// afterwards, is a state the model allows. Every block holds a write
+/// acknowledged before the snapshot was asked for or a later one started
+/// before the command returned, never an older one, a newer one or a torn
+/// block; and each write of several blocks is wholly in or wholly out.
+#[test]
+fn snapshots_taken_every_second_hold_states_the_model_allows() {
+    const BS: u64 = 4096;
+    const REGION: u64 = 512; // blocks per writer
+    const SNAPSHOTS: usize = 5;
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = volume_at(d, "vm.hlfs");
+    hlfs(&["create", &vol, "--size", "8M"]).ok();
+    let srv = Server::unix(d, &[&vol], &[]);
+    let socket = path_str(&d.join("nbd.sock"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let (socket, stop) = (socket.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut nbd = RawNbd::connect(&socket, "vm.hlfs");
+                let mut rng = rand::rngs::StdRng::seed_from_u64(w);
+                let mut log = Vec::new();
+                let mut seq = w + 1;
+                while !stop.load(Ordering::Relaxed) {
+                    let blocks = 1 + rng.next_u64() % 8;
+                    let first = w * REGION + rng.next_u64() % (REGION - blocks);
+                    let data: Vec<u8> = (first..first + blocks)
+                        .flat_map(|b| model_block(seq, b))
+                        .collect();
+                    let started = Instant::now();
+                    assert_eq!(nbd.write(first * BS, &data), 0, "write failed");
+                    log.push(Written {
+                        first,
+                        blocks,
+                        seq,
+                        started,
+                        acked: Instant::now(),
+                    });
+                    // Odd for one writer, even for the other: unique.
+                    seq += 2;
+                }
+                nbd.disconnect();
+                log
+            })
+        })
+        .collect();
+    let mut taken = Vec::new();
+    for i in 0..SNAPSHOTS {
+        std::thread::sleep(Duration::from_secs(1));
+        let name = format!("s{i}");
+        let asked = Instant::now();
+        hlfs(&["snapshot", "create", &vol, &name]).ok();
+        taken.push((name, asked, Instant::now()));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let log: Vec<Written> = writers
+        .into_iter()
+        .flat_map(|w| w.join().expect("a writer failed"))
+        .collect();
+    assert!(log.len() > 100, "only {} writes", log.len());
+    for (name, asked, returned) in &taken {
+        let image = d.join(format!("{name}.raw"));
+        hlfs(&["export", &format!("{vol}@{name}"), &path_str(&image)]).ok();
+        let bytes = std::fs::read(&image).unwrap();
+        let seq_at = |b: u64| -> u64 {
+            let block = &bytes[(b * BS) as usize..((b + 1) * BS) as usize];
+            if block.iter().all(|&x| x == 0) {
+                return 0;
+            }
+            let seq = u64::from_le_bytes(block[..8].try_into().unwrap());
+            assert_eq!(block, model_block(seq, b), "{name}: block {b} is torn");
+            seq
+        };
+        let mut in_before = 0;
+        for b in 0..2 * REGION {
+            let found = seq_at(b);
+            let covering = log
+                .iter()
+                .filter(|w| (w.first..w.first + w.blocks).contains(&b));
+            let lowest = covering
+                .clone()
+                .filter(|w| w.acked < *asked)
+                .map(|w| w.seq)
+                .max()
+                .unwrap_or(0);
+            let highest = covering
+                .clone()
+                .filter(|w| w.started < *returned)
+                .map(|w| w.seq)
+                .max()
+                .unwrap_or(0);
+            // Within one writer's region, seqs grow with time.
+            assert!(
+                found >= lowest && found <= highest,
+                "{name}: block {b} holds write {found}, outside {lowest}..={highest}"
+            );
+            assert!(found == 0 || covering.clone().any(|w| w.seq == found));
+            in_before += usize::from(found > 0);
+        }
+        // Each write wholly in or wholly out: none of its blocks shows an
+        // older write while another shows it.
+        for w in &log {
+            let seqs: Vec<u64> = (w.first..w.first + w.blocks).map(seq_at).collect();
+            assert!(
+                !(seqs.contains(&w.seq) && seqs.iter().any(|&s| s < w.seq)),
+                "{name}: write {} of blocks {}..{} is torn: {seqs:?}",
+                w.seq,
+                w.first,
+                w.first + w.blocks
+            );
+        }
+        assert!(in_before > 0, "{name} holds no write at all");
+    }
+    srv.stop_ok();
+    check_volume(&vol);
+}
+
 /// Snapshots, rollback and resize of a volume while it is served, through
 /// the CLI as a user types them: the commands go to the server over its
 /// control socket. A snapshot holds what was acknowledged before it was
