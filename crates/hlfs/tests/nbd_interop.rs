@@ -1780,13 +1780,7 @@ fn prometheus_metrics_of_a_served_volume() {
     let vol = volume_at(d, "vm.hlfs");
     hlfs(&["create", &vol, "--size", "16M"]).ok();
     let srv = Server::unix(d, &[&vol], &["--metrics", "0"]);
-    let log = srv.log();
-    let addr = log
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split("/metrics").next())
-        .unwrap_or_else(|| panic!("no metrics address in {log}"))
-        .to_string();
+    let addr = metrics_address(&srv.log());
     assert!(
         addr.starts_with("127.0.0.1:"),
         "a port alone is loopback: {addr}"
@@ -1857,6 +1851,102 @@ fn prometheus_metrics_of_a_served_volume() {
     assert!(out.status.success(), "promtool: {out}");
     let (status, _) = http_get(&addr, "/elsewhere");
     assert!(status.contains("404"), "{status}");
+    srv.stop_ok();
+}
+
+/// The metrics address `hlfs serve --metrics` printed in its log.
+fn metrics_address(log: &str) -> String {
+    log.split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split("/metrics").next())
+        .unwrap_or_else(|| panic!("no metrics address in {log}"))
+        .to_string()
+}
+
+/// Scraped during a fio run, the request counters have moved; after it,
+/// they have moved by exactly what fio reports having done.
+#[test]
+fn metrics_move_by_what_fio_did() {
+    require!("fio" => "fio");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = volume_at(d, "vm.hlfs");
+    hlfs(&["create", &vol, "--size", "64M"]).ok();
+    let srv = Server::unix(d, &[&vol], &["--metrics", "0"]);
+    let addr = metrics_address(&srv.log());
+    let scrape = || {
+        let (status, text) = http_get(&addr, "/metrics");
+        assert!(status.contains("200"), "{status}");
+        text
+    };
+    let writes = |text: &str, name: &str| {
+        let series = format!("{name}{{export=\"vm.hlfs\",op=\"write\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series)?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = scrape();
+    let (mut fio, log) = spawn_logged(
+        d,
+        "fio",
+        &fio_args(
+            srv.uri(),
+            &[
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=8",
+                "--numjobs=2",
+                "--size=32M",
+                "--time_based",
+                "--runtime=3",
+                "--output-format=json",
+            ],
+        ),
+    );
+    wait_for_fio(&log, 2);
+    std::thread::sleep(Duration::from_millis(1000));
+    let during = scrape();
+    let status = fio.wait_timeout(CLIENT_TIMEOUT).expect("fio ran too long");
+    assert!(
+        status.success(),
+        "fio: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let after = scrape();
+    // The log has fio's notes (the connections) before the JSON.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let fio_said: serde_json::Value = text
+        .find("\n{")
+        .map(|at| &text[at + 1..])
+        .or(text.starts_with('{').then_some(text.as_str()))
+        .and_then(|json| serde_json::from_str(json).ok())
+        .unwrap_or_else(|| panic!("no JSON in fio's output: {text}"));
+    let job = &fio_said["jobs"][0]["write"];
+    let (ios, bytes) = (
+        job["total_ios"].as_f64().unwrap(),
+        job["io_bytes"].as_f64().unwrap(),
+    );
+    assert!(ios > 0.0, "{fio_said}");
+    let moved = |text: &str, name: &str| writes(text, name) - writes(&before, name);
+    assert!(
+        moved(&during, "hlfs_nbd_requests_total") > 0.0
+            && moved(&during, "hlfs_nbd_requests_total") < ios,
+        "mid-run: {} of {ios}",
+        moved(&during, "hlfs_nbd_requests_total")
+    );
+    assert_eq!(moved(&after, "hlfs_nbd_requests_total"), ios);
+    assert_eq!(moved(&after, "hlfs_nbd_request_bytes_total"), bytes);
+    assert_eq!(
+        moved(&after, "hlfs_nbd_request_duration_seconds_count"),
+        ios
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "hlfs_volume_written_bytes_total{export=\"vm.hlfs\"}"
+        ),
+        bytes
+    );
     srv.stop_ok();
 }
 
