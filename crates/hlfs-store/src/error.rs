@@ -59,6 +59,36 @@ impl StoreError {
         }
     }
 
+    /// The kinds of error, by the names [`StoreError::kind_name`] gives.
+    pub const KIND_NAMES: [&'static str; 8] = [
+        "already_exists",
+        "not_found",
+        "out_of_range",
+        "io",
+        "locked",
+        "invalid",
+        "refused",
+        "unavailable",
+    ];
+
+    /// A stable name for the kind of error (metrics label it so).
+    pub fn kind_name(&self) -> &'static str {
+        Self::KIND_NAMES[self.kind_index()]
+    }
+
+    pub(crate) fn kind_index(&self) -> usize {
+        match self {
+            StoreError::AlreadyExists(_) => 0,
+            StoreError::NotFound(_) => 1,
+            StoreError::OutOfRange { .. } => 2,
+            StoreError::Io { .. } => 3,
+            StoreError::Locked { .. } => 4,
+            StoreError::Invalid(_) => 5,
+            StoreError::Refused(_) => 6,
+            StoreError::Unavailable(_) => 7,
+        }
+    }
+
     /// Whether the same request may well succeed if tried again shortly:
     /// what requests someone waits on are retried for.
     pub fn is_transient(&self) -> bool {

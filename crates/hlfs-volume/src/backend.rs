@@ -107,12 +107,15 @@ impl Backend {
     /// `retry_budget`, if there is one.
     pub fn requests(&self) -> Arc<dyn BlobStore> {
         match self.retry_budget {
-            Some(budget) => Arc::new(Retrying::new(
-                self.store.clone(),
-                RetryPolicy::within(budget),
-                self.clock.clone(),
-                self.jitter.clone(),
-            )),
+            Some(budget) => Arc::new(
+                Retrying::new(
+                    self.store.clone(),
+                    RetryPolicy::within(budget),
+                    self.clock.clone(),
+                    self.jitter.clone(),
+                )
+                .counting_in(self.metrics.clone()),
+            ),
             None => self.store.clone(),
         }
     }

@@ -55,7 +55,7 @@ pub use cache::ReadCache;
 pub use check::{check, CheckReport};
 pub use error::{ErrorKind, Result, VolumeError};
 pub use figures::{Figures, ReadCacheFigures};
-pub use hlfs_store::CephSettings;
+pub use hlfs_store::{CephSettings, StoreError};
 pub use info::utc;
 pub use map::PageCache;
 pub use options::{CreateOptions, Durability, Extent, OpenOptions, SnapshotInfo, View, VolumeInfo};

@@ -87,7 +87,8 @@ impl Uploads {
             backend.clock.clone(),
             backend.jitter.clone(),
         )
-        .reporting_to(outage.clone());
+        .reporting_to(outage.clone())
+        .counting_in(backend.metrics.clone());
         Uploads {
             mailbox: Mutex::new(None),
             backlog: Arc::new(Semaphore::new(backlog)),

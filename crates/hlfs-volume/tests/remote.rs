@@ -112,6 +112,11 @@ async fn a_store_that_goes_away_delays_uploads_not_flushes_and_service_resumes()
         "{:?}",
         again.elapsed()
     );
+    // The uploads kept trying, and the metrics say so. (The faults here
+    // sit above the counting layer, so the failures themselves are not
+    // counted; a real store's are, by kind.)
+    let counts = vol.store_counts();
+    assert!(counts.retries > 0, "{counts:?}");
     // The store comes back: the same volume takes writes again.
     world.faults.clear();
     let more = pattern(chunk, 231);

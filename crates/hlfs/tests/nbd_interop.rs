@@ -1832,6 +1832,8 @@ fn prometheus_metrics_of_a_served_volume() {
     assert!(volume("hlfs_journal_sync_seconds_total") > 0.0);
     assert!(volume("hlfs_upload_backlog_segments") <= volume("hlfs_upload_backlog_limit_segments"));
     assert!(text.contains("hlfs_map_page_hits_total{export=\"vm.hlfs\"}"));
+    assert_eq!(volume("hlfs_store_retries_total"), 0.0, "{text}");
+    assert!(text.contains("hlfs_store_errors_total{export=\"vm.hlfs\",kind=\"unavailable\"} 0"));
     // A read cache exists only for volumes on a remote store.
     assert_eq!(
         text.contains("hlfs_read_cache_hits_total{export=\"vm.hlfs\"}"),

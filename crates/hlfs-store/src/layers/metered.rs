@@ -1,5 +1,5 @@
 //! Counting what reaches a store: requests of each kind, bytes each way,
-//! failures.
+//! failures by kind of error, and the retries of the layer above.
 
 use std::fmt;
 use std::path::Path;
@@ -9,7 +9,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{BlobMeta, BlobReader, BlobStore, Result};
+use crate::{BlobMeta, BlobReader, BlobStore, Result, StoreError};
+
+const KINDS: usize = StoreError::KIND_NAMES.len();
 
 /// Counters of one store, shared by every handle that counts into them.
 #[derive(Debug, Default)]
@@ -21,7 +23,8 @@ pub struct StoreMetrics {
     heads: AtomicU64,
     lists: AtomicU64,
     deletes: AtomicU64,
-    failures: AtomicU64,
+    failures: [AtomicU64; KINDS],
+    retries: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -37,8 +40,13 @@ pub struct StoreCounts {
     pub heads: u64,
     pub lists: u64,
     pub deletes: u64,
-    /// Requests of any kind that returned an error.
+    /// Requests of any kind that returned an error: all of them, and by
+    /// the kind of error, in the order of [`StoreError::KIND_NAMES`].
     pub failures: u64,
+    pub failures_by_kind: [u64; KINDS],
+    /// Requests tried again after a failure (by a `Retrying` layer that
+    /// counts into these metrics).
+    pub retries: u64,
 }
 
 impl StoreMetrics {
@@ -52,14 +60,21 @@ impl StoreMetrics {
             heads: get(&self.heads),
             lists: get(&self.lists),
             deletes: get(&self.deletes),
-            failures: get(&self.failures),
+            failures: self.failures.iter().map(get).sum(),
+            failures_by_kind: self.failures.each_ref().map(get),
+            retries: get(&self.retries),
         }
+    }
+
+    /// A request is being tried again after a failure.
+    pub fn count_retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
     }
 
     fn count<T>(&self, request: &AtomicU64, result: &Result<T>) {
         request.fetch_add(1, Ordering::Relaxed);
-        if result.is_err() {
-            self.failures.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = result {
+            self.failures[e.kind_index()].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -218,7 +233,16 @@ mod tests {
                 lists: 1,
                 deletes: 1,
                 failures: 1,
+                failures_by_kind: [1, 0, 0, 0, 0, 0, 0, 0],
+                retries: 0,
             }
         );
+        assert!(store.get_range("a/9", 0, 1).await.is_err());
+        let counts = metrics.counts();
+        assert_eq!(counts.failures, 2);
+        let not_found = StoreError::KIND_NAMES
+            .iter()
+            .position(|k| *k == "not_found");
+        assert_eq!(counts.failures_by_kind[not_found.unwrap()], 1);
     }
 }

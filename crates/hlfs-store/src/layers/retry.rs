@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use super::StoreMetrics;
 use crate::time::{Backoff, Clock, Jitter};
 use crate::{BlobMeta, BlobStore, Result, StoreError};
 
@@ -114,6 +115,7 @@ pub struct Retrying {
     clock: Clock,
     jitter: Jitter,
     outage: Option<Arc<Outage>>,
+    metrics: Option<Arc<StoreMetrics>>,
 }
 
 impl Retrying {
@@ -129,7 +131,14 @@ impl Retrying {
             clock,
             jitter,
             outage: None,
+            metrics: None,
         }
+    }
+
+    /// Counts each retry into `metrics`.
+    pub fn counting_in(mut self, metrics: Arc<StoreMetrics>) -> Retrying {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Reports failures and recoveries to `outage`.
@@ -171,6 +180,9 @@ impl Retrying {
                 tracing::warn!(store = %self.inner.describe(), error = %error, "{what} failed; retrying until the store takes it");
             } else {
                 tracing::debug!(store = %self.inner.describe(), error = %error, ?pause, "{what} failed; retrying");
+            }
+            if let Some(metrics) = &self.metrics {
+                metrics.count_retry();
             }
             self.clock.sleep(pause).await;
         }
@@ -229,7 +241,7 @@ impl BlobStore for Retrying {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::{Fault, FaultOp, Faults};
+    use crate::layers::{Fault, FaultOp, Faults, Metered};
     use crate::time::ManualClock;
     use crate::{MemEnv, StoreError};
 
@@ -244,14 +256,19 @@ mod tests {
     async fn transient_failures_are_retried_on_the_clock_within_the_budget() {
         let manual = ManualClock::new(0);
         let faults = Faults::new();
+        let metrics = Arc::new(StoreMetrics::default());
         let store = Arc::new(
             Retrying::new(
-                faults.store(MemEnv::new().store()),
+                Arc::new(Metered::new(
+                    faults.store(MemEnv::new().store()),
+                    metrics.clone(),
+                )),
                 RetryPolicy::within(Duration::from_secs(2)),
                 manual.clock(),
                 Jitter::seeded(5),
             )
-            .reporting_to(Arc::new(Outage::default())),
+            .reporting_to(Arc::new(Outage::default()))
+            .counting_in(metrics.clone()),
         );
         faults.inject(Fault {
             op: FaultOp::Put,
@@ -275,6 +292,10 @@ mod tests {
             waited >= Duration::from_millis(520) && waited <= Duration::from_millis(900),
             "{waited:?}"
         );
+        // Each failure counted by kind below, each retry above.
+        let counts = metrics.counts();
+        assert_eq!((counts.puts, counts.retries), (4, 3), "{counts:?}");
+        assert_eq!(counts.failures_by_kind[7], 3, "unavailable: {counts:?}");
         // Not retried: an error trying again cannot fix.
         assert!(matches!(
             store.put_if_absent("a", Bytes::new()).await,

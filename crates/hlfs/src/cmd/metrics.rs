@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use hlfs_nbd::Server;
-use hlfs_volume::{Figures, Volume};
+use hlfs_volume::{Figures, StoreError, Volume};
+
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -247,12 +248,24 @@ impl Collector for Served {
                 ConstCounter::new(n).encode(bytes.encode_family(&labels)?)?;
             }
         }
+        let mut errors = encoder.encode_descriptor(
+            "hlfs_store_errors",
+            "Requests to the volume's store that failed, by kind of error (each attempt counts; already_exists and not_found are often answers the engine expects)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (export, c) in store() {
+            for (kind, n) in StoreError::KIND_NAMES.iter().zip(c.failures_by_kind) {
+                let labels = vec![("export", export.clone()), ("kind", kind.to_string())];
+                ConstCounter::new(n).encode(errors.encode_family(&labels)?)?;
+            }
+        }
         per_export(
             &mut encoder,
-            "hlfs_store_failures",
-            "Requests to the volume's store that failed (each retry counts)",
+            "hlfs_store_retries",
+            "Requests to the volume's store tried again after a failure",
             MetricType::Counter,
-            store().map(|(e, c)| (label(e), ConstCounter::new(c.failures))),
+            store().map(|(e, c)| (label(e), ConstCounter::new(c.retries))),
         )?;
         Ok(())
     }
