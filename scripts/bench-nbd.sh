@@ -34,8 +34,11 @@
 #   seqwrite         1 MiB sequential writes, QD 8
 #   seqread          1 MiB sequential reads, QD 8
 #   randwrite-fsync  4 KiB random writes, fsync=1 (NBD FLUSH after each), 8 jobs x QD 1
-# For each: IOPS, MB/s, p50/p99 completion latency, and the server process's
-# CPU seconds (utime+stime from /proc/PID/stat, all threads) over the fio run.
+# For each: IOPS, MB/s, p50/p99 completion latency, the server process's
+# CPU seconds (utime+stime from /proc/PID/stat, all threads) over the fio run
+# (also per GiB moved and per 100K I/Os), and its peak RSS during the
+# workload (VmHWM, reset before each). scripts/bench-nbd-repeat.sh runs the
+# whole benchmark several times and reports each ratio's median and spread.
 #
 # Servers listen on unix sockets in the run directory only. Every step is
 # bounded by `timeout`; the EXIT trap stops every server this script started
@@ -274,6 +277,9 @@ cpu_ticks() { # utime+stime of PID (all threads), in clock ticks
     echo $((${12} + ${13}))
 }
 rss_hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || true; }
+# Resets PID's peak RSS to its RSS now (Linux: 5 > clear_refs), so each
+# workload reports its own peak; if refused, the peak counts from the start.
+reset_rss_peak() { echo 5 >"/proc/$1/clear_refs" 2>/dev/null || log "cannot reset the peak RSS of pid $1: peaks are since the server started"; }
 now() { date +%s.%N; }
 
 wait_ready() { # wait_ready URI LOG: until nbdinfo answers, the server dies, or 30 s
@@ -298,6 +304,7 @@ run_fio() { # run_fio SERVER WORKLOAD URI DATA_PATH LIMIT_S FIO_ARGS...
     shift 5
     local out=$srv.$wl.json status=ok c0 c1 t0 t1 cpu wall rss disk
     log "$srv: $wl ($*)"
+    reset_rss_peak "$server_pid"
     c0=$(cpu_ticks "$server_pid")
     t0=$(now)
     # In the background so that a signal to this script is handled at once.

@@ -147,6 +147,9 @@ def main(argv):
                 r["note"] = str(e)
         if r.get("iops") and r.get("server_cpu_cores") is not None:
             r["server_cpu_us_per_op"] = r["server_cpu_cores"] / r["iops"] * 1e6
+            r["server_cpu_s_per_100k_io"] = r["server_cpu_cores"] / r["iops"] * 1e5
+        if r.get("mbps") and r.get("server_cpu_cores") is not None:
+            r["server_cpu_s_per_gib"] = r["server_cpu_cores"] / (r["mbps"] * 1e6 / 2**30)
         runs[(srv, wl)] = r
 
     order = [s for s in SERVERS if s in servers] + [s for s in servers if s not in SERVERS]
@@ -174,6 +177,17 @@ def main(argv):
             "target": target,
             "met": None if ratio is None else ratio >= target,
         })
+
+    # CPU per I/O: hlfs / qemu-nbd (lower is better; the target is <= 1).
+    cpu_ratios = []
+    for wl, label, _metric, _target in WORKLOADS:
+        h, q = ok("hlfs", wl), ok("qemu-nbd", wl)
+        hv = h.get("server_cpu_us_per_op") if h else None
+        qv = q.get("server_cpu_us_per_op") if q else None
+        ratio = hv / qv if (hv and qv) else None
+        cpu_ratios.append({"workload": wl, "label": label, "hlfs_us_per_op": hv,
+                           "qemu_nbd_us_per_op": qv, "ratio": ratio,
+                           "met": None if ratio is None else ratio <= 1.0})
 
     # ---- plain table (stderr) ----
     err = sys.stderr
@@ -225,22 +239,24 @@ def main(argv):
         cmd = s["command"] or "-"
         out.append(f"- **{srv}**: `{cmd}`" + ("" if s["status"] == "ok" else f" — **{s['status']}**: {s['note']}"))
     out.append("")
-    out.append("| workload | server | IOPS | MB/s | p50 µs | p99 µs | server CPU s | CPU µs/op |")
-    out.append("|---|---|---|---|---|---|---|---|")
+    out.append("| workload | server | IOPS | MB/s | p50 µs | p99 µs | server CPU s | CPU s / GiB | CPU s / 100K I/O | peak RSS MiB |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
     for wl, label, _metric, _t in WORKLOADS:
         for srv in order:
             r = runs.get((srv, wl))
             if r is None:
                 continue
             if r["status"] != "ok":
-                out.append(f"| {label} | {srv} | {r['status']} | | | | | |")
+                out.append(f"| {label} | {srv} | {r['status']} | | | | | | | |")
                 continue
             p99 = fnum(r.get("p99_us"))
             if r.get("sync_p99_us") is not None:
                 p99 += f" (fsync {fnum(r['sync_p99_us'])})"
             out.append(f"| {label} | {srv} | {fnum(r.get('iops'))} | {fnum(r.get('mbps'), 1)} | "
                        f"{fnum(r.get('p50_us'))} | {p99} | {fnum(r.get('server_cpu_s'), 2)} | "
-                       f"{fnum(r.get('server_cpu_us_per_op'), 1)} |")
+                       f"{fnum(r.get('server_cpu_s_per_gib'), 2)} | "
+                       f"{fnum(r.get('server_cpu_s_per_100k_io'), 2)} | "
+                       f"{fnum(r.get('server_rss_peak_mib'))} |")
     out.append("")
     out.append("| workload | metric | hlfs | best other | hlfs / best | target | |")
     out.append("|---|---|---|---|---|---|---|")
@@ -251,8 +267,16 @@ def main(argv):
         verdict = "n/a" if r["met"] is None else ("met" if r["met"] else "**missed**")
         out.append(f"| {r['label']} | {r['metric']} | {fnum(r['hlfs'], d)} | {bo} | {rv} | ≥ {r['target']} | {verdict} |")
     out.append("")
+    out.append("| workload | hlfs CPU µs/op | qemu-nbd CPU µs/op | hlfs / qemu-nbd | target | |")
+    out.append("|---|---|---|---|---|---|")
+    for r in cpu_ratios:
+        rv = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        verdict = "n/a" if r["met"] is None else ("met" if r["met"] else "**missed**")
+        out.append(f"| {r['label']} | {fnum(r['hlfs_us_per_op'], 1)} | {fnum(r['qemu_nbd_us_per_op'], 1)} | {rv} | ≤ 1.0 | {verdict} |")
+    out.append("")
     out.append("Server CPU is utime+stime of the server process (all threads) from fio's start to its exit, "
-               "ramp included; CPU µs/op = (CPU s / wall s) / IOPS.")
+               "ramp included; per I/O and per GiB it is the CPU rate (CPU s / wall s) over fio's rate. "
+               "Peak RSS is the server's VmHWM during the workload (reset before each).")
     print("\n".join(out))
 
     if json_out:
@@ -262,6 +286,7 @@ def main(argv):
             "servers": servers,
             "runs": [dict(server=s, workload=w, **r) for (s, w), r in runs.items()],
             "ratios": ratios,
+            "cpu_ratios": cpu_ratios,
         }
         with open(json_out, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=2)
