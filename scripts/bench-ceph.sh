@@ -55,6 +55,9 @@
 #                        the "warm cache" read)
 #       seqwrite         1 MiB sequential writes, QD 8
 #       seqread          1 MiB sequential reads, QD 8
+#       seqread-cold     the same after the workloads, cold: for HLFS a new hlfs serve
+#                        with its read cache emptied, so every byte comes from the store
+#                        (RBD: a new fio process, librbd's cache is per process)
 #       randwrite-fsync  4 KiB random writes, fsync=1 (a flush after each), 1 job x QD 1
 #     every workload but the precondition time_based for RUNTIME seconds. The RBD
 #     leg runs first; its image is removed before the HLFS legs start; the
@@ -471,12 +474,39 @@ leg_rbd() {
     log "== RBD leg: $note"
     local st=ok
     run_workloads rbd || st=failed
+    # librbd keeps no cache across processes: each fio run starts cold.
+    run_fio rbd seqread-cold $((runtime + 120)) --rw=read --bs=1M --iodepth=8 --time_based --runtime="$runtime" || true
     log "rbd: removing the image (frees the OSD for the HLFS leg)"
     "${RBD[@]}" rm --no-progress "$pool/$image" >&2 || log "WARNING: rbd rm failed"
     printf 'rbd\t%s\t%s\n' "$st" "$note" >>"$out/legs.tsv"
 }
 
 # ---------------------------------------------------------------- HLFS legs
+# start_serve LEG CMD...: starts hlfs serve in the background (serve_pid)
+# and sets serve_uri to the URI it prints; fails if it prints none within
+# 60 s. (Not in a subshell: serve_pid must reach stop_serve.)
+start_serve() {
+    local leg=$1
+    shift
+    log "starting: HLFS_CACHE_DIR=$HLFS_CACHE_DIR $*"
+    "${pdeath[@]}" "$@" >"$work/serve.stdout" 2>>"$out/$leg.serve.log" &
+    serve_pid=$!
+    local uri= i
+    for ((i = 0; i < 600; i++)); do
+        [[ -s $work/serve.stdout ]] && uri=$(head -1 "$work/serve.stdout")
+        [[ -n $uri ]] && break
+        kill -0 "$serve_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [[ -z $uri ]]; then
+        log "hlfs serve printed no URI within 60 s (or exited); its log:"
+        sed 's/^/  | /' "$out/$leg.serve.log" >&2
+        stop_serve
+        return 1
+    fi
+    serve_uri=$uri
+}
+
 # hlfs_leg LEG VOLUME: create VOLUME, serve it, run the workloads, delete it.
 hlfs_leg() {
     local leg=$1 vol=$2 sock=$work/hlfs.sock cache=$work/hlfs-cache
@@ -495,25 +525,12 @@ hlfs_leg() {
         return 0
     fi
     local cmd=("$hlfs" serve "$vol" --socket "$sock" "${sargs[@]}" "${extra[@]}")
-    log "starting: HLFS_CACHE_DIR=$cache ${cmd[*]}"
-    "${pdeath[@]}" "${cmd[@]}" >"$work/serve.stdout" 2>"$out/$leg.serve.log" &
-    serve_pid=$!
-    local uri= i
-    for ((i = 0; i < 600; i++)); do
-        [[ -s $work/serve.stdout ]] && uri=$(head -1 "$work/serve.stdout")
-        [[ -n $uri ]] && break
-        kill -0 "$serve_pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if [[ -z $uri ]]; then
-        log "hlfs serve printed no URI within 60 s (or exited); its log:"
-        sed 's/^/  | /' "$out/$leg.serve.log" >&2
-        stop_serve
+    if ! start_serve "$leg" "${cmd[@]}"; then
         printf '%s\tfailed\thlfs serve did not start\n' "$leg" >>"$out/legs.tsv"
         failures=$((failures + 1))
         return 0
     fi
-    local got
+    local uri=$serve_uri got
     got=$(timeout 30 nbdinfo --size "$uri" 2>&1) || got="nbdinfo failed: $got"
     if [[ $got != "$size" ]]; then
         log "hlfs: export size is '$got', expected $size"
@@ -532,6 +549,17 @@ hlfs_leg() {
         log "hlfs serve exited with status $serve_rc after SIGTERM; its log:"
         tail -n 30 "$out/$leg.serve.log" | sed 's/^/  | /' >&2
         st=bad-exit
+        failures=$((failures + 1))
+    fi
+    # A cold read: a new server with the read cache emptied (everything was
+    # uploaded by the clean stop), so every byte comes from the store.
+    rm -rf "$cache/segments"
+    if start_serve "$leg" "${cmd[@]}"; then
+        leg_args=(--ioengine=nbd --uri="$serve_uri")
+        run_fio "$leg" seqread-cold $((runtime + 120)) --rw=read --bs=1M --iodepth=8 --time_based --runtime="$runtime" || true
+        stop_serve
+    else
+        st=failed
         failures=$((failures + 1))
     fi
     local shown="HLFS_CACHE_DIR=TMP hlfs serve $vol --socket TMP/hlfs.sock${sargs[*]:+ --cache-dir TMP}${extra[*]:+ ${extra[*]}}"

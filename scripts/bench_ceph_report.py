@@ -30,6 +30,7 @@ WORKLOADS = [
     ("seqwrite", "seq-write 1 MiB, QD 8", "mbps", 1.0, False),
     ("seqread", "seq-read 1 MiB, QD 8", "mbps", 1.0, False),
     ("randwrite-fsync", "rand-write 4 KiB + fsync each, 1 job x QD 1", "iops", 3.0, True),
+    ("seqread-cold", "seq-read 1 MiB, QD 8, cold (HLFS: new server, empty read cache)", "mbps", 1.0, False),
 ]
 PRECONDITION = ("precondition", "precondition: seq-write 1 MiB QD 8, whole device", "mbps", None, False)
 LEGS = ["rbd", "hlfs", "rados"]

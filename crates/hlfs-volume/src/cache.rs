@@ -32,6 +32,19 @@ use tokio::sync::Notify;
 const CHUNK: u64 = 1 << 20;
 /// Neighbouring missing chunks are fetched in one request, up to this much.
 const MAX_FETCH: u64 = 8 << 20;
+/// A reader whose reads follow each other through a segment is fetched
+/// for ahead of its reads: first this much, doubling with each further
+/// read of the stream up to `READAHEAD_MAX`.
+const READAHEAD_FIRST: u64 = 4 << 20;
+const READAHEAD_MAX: u64 = 32 << 20;
+/// How far before the end of the last read, or after it, a read still
+/// continues the stream (several reads of one stream are in flight at
+/// once, and records have headers between their data).
+const STREAM_BEHIND: u64 = 8 << 20;
+const STREAM_GAP: u64 = 1 << 20;
+/// Read-ahead fetches in flight at once over the whole cache; each holds
+/// at most `MAX_FETCH` bytes in memory.
+const READAHEAD_PARALLEL: usize = 4;
 const SIDECAR_SUFFIX: &str = ".present";
 const LOCK_NAME: &str = "LOCK";
 
@@ -75,6 +88,8 @@ pub struct ReadCache {
     /// Reads found wholly present, and reads that fetched from the store.
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Places for read-ahead fetches in flight.
+    readahead: Arc<tokio::sync::Semaphore>,
     state: Mutex<State>,
     _lock: File,
     /// A private cache in a temporary directory, removed when dropped.
@@ -111,6 +126,32 @@ struct Entry {
     cached: AtomicU64,
     /// Signalled when a fetch ends, for readers waiting on its chunks.
     fetched: Notify,
+    /// How the entry has been read lately, to read ahead of a stream.
+    stream: Mutex<Stream>,
+}
+
+/// The last reads of one entry: where the last ended, and how many in a
+/// row continued the one before.
+#[derive(Default)]
+struct Stream {
+    end: Option<u64>,
+    run: u32,
+}
+
+impl Stream {
+    /// Records a read of `len` bytes at `off`; returns how far past its
+    /// end to fetch ahead (0 unless reads follow each other).
+    fn read(&mut self, off: u64, len: u64) -> u64 {
+        let continues = self
+            .end
+            .is_some_and(|end| off + STREAM_BEHIND >= end && off <= end + STREAM_GAP);
+        self.run = if continues { self.run + 1 } else { 0 };
+        self.end = Some(self.end.filter(|_| continues).unwrap_or(0).max(off + len));
+        match self.run {
+            0 | 1 => 0,
+            n => (READAHEAD_FIRST << (n - 2).min(3)).min(READAHEAD_MAX),
+        }
+    }
 }
 
 struct Chunks {
@@ -265,6 +306,7 @@ impl ReadCache {
             reserved: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            readahead: Arc::new(tokio::sync::Semaphore::new(READAHEAD_PARALLEL)),
         };
         cache.evict(None);
         Ok(Some(cache))
@@ -287,7 +329,6 @@ impl ReadCache {
             .saturating_sub(self.reserved.load(Ordering::SeqCst))
     }
 
-    /// Bytes cached now.
     /// Reads found wholly in the cache, and reads that had to fetch, by
     /// every volume using it.
     pub fn hits_and_misses(&self) -> (u64, u64) {
@@ -297,6 +338,7 @@ impl ReadCache {
         )
     }
 
+    /// Bytes cached now.
     pub fn cached_bytes(&self) -> u64 {
         self.state.lock().bytes
     }
@@ -313,7 +355,7 @@ impl ReadCache {
     /// Fills `buf` with segment `key` (blob `name` of `store`) from `off`,
     /// fetching the chunks that are missing.
     pub async fn read_into(
-        &self,
+        self: &Arc<Self>,
         key: SegmentKey,
         store: &Arc<dyn BlobStore>,
         name: &str,
@@ -335,6 +377,11 @@ impl ReadCache {
         }
         let first = (off / CHUNK) as usize;
         let last = ((off + len - 1) / CHUNK) as usize;
+        let ahead = entry.stream.lock().read(off, len);
+        if ahead > 0 {
+            let end = (off + len + ahead).min(entry.size);
+            self.read_ahead(&entry, store, name, last + 1, end.div_ceil(CHUNK) as usize);
+        }
         self.fetch_missing(&entry, store, name, first, last).await?;
         entry
             .file
@@ -381,6 +428,7 @@ impl ReadCache {
             }),
             cached: AtomicU64::new(0),
             fetched: Notify::new(),
+            stream: Mutex::new(Stream::default()),
         });
         state.entries.put(key, entry.clone());
         Ok(entry)
@@ -430,36 +478,97 @@ impl ReadCache {
             };
             match run {
                 None => fetched.await,
-                Some((i, j)) => {
-                    // Whatever ends this fetch, even the reader going away,
-                    // frees its chunks for others and wakes their waiters.
-                    let claim = FetchClaim { entry, i, j };
-                    let fetched = self.fetch(entry, store, name, i, j).await;
-                    let bitmap = {
-                        let mut chunks = entry.chunks.lock();
-                        if fetched.is_ok() {
-                            chunks.present[i..j].iter_mut().for_each(|p| *p = true);
-                        }
-                        chunks.present.clone()
-                    };
-                    drop(claim);
-                    fetched?;
-                    let bytes: u64 = (i..j).map(|k| entry.chunk_len(k)).sum();
-                    {
-                        // Counted together, so an eviction in between cannot
-                        // take away bytes that were never added; and only an
-                        // entry still in the cache records its chunks.
-                        let mut state = self.state.lock();
-                        entry.cached.fetch_add(bytes, Ordering::Relaxed);
-                        let current = state.entries.peek(&entry.key);
-                        if current.is_some_and(|c| Arc::ptr_eq(c, entry)) {
-                            state.bytes += bytes;
-                            self.write_sidecar(entry, &bitmap);
-                        }
-                    }
-                    self.evict(Some(entry.key));
-                }
+                Some((i, j)) => self.fetch_claimed(entry, store, name, i, j).await?,
             }
+        }
+    }
+
+    /// Fetches chunks `i..j` of `entry`, which the caller marked as being
+    /// fetched, and records them present.
+    async fn fetch_claimed(
+        &self,
+        entry: &Arc<Entry>,
+        store: &Arc<dyn BlobStore>,
+        name: &str,
+        i: usize,
+        j: usize,
+    ) -> Result<()> {
+        // Whatever ends this fetch, even the reader going away, frees its
+        // chunks for others and wakes their waiters.
+        let claim = FetchClaim { entry, i, j };
+        let fetched = self.fetch(entry, store, name, i, j).await;
+        let bitmap = {
+            let mut chunks = entry.chunks.lock();
+            if fetched.is_ok() {
+                chunks.present[i..j].iter_mut().for_each(|p| *p = true);
+            }
+            chunks.present.clone()
+        };
+        drop(claim);
+        fetched?;
+        let bytes: u64 = (i..j).map(|k| entry.chunk_len(k)).sum();
+        {
+            // Counted together, so an eviction in between cannot take away
+            // bytes that were never added; and only an entry still in the
+            // cache records its chunks.
+            let mut state = self.state.lock();
+            entry.cached.fetch_add(bytes, Ordering::Relaxed);
+            let current = state.entries.peek(&entry.key);
+            if current.is_some_and(|c| Arc::ptr_eq(c, entry)) {
+                state.bytes += bytes;
+                self.write_sidecar(entry, &bitmap);
+            }
+        }
+        self.evict(Some(entry.key));
+        Ok(())
+    }
+
+    /// Starts fetching the missing chunks `from..to` of `entry` in the
+    /// background, in runs of up to `MAX_FETCH`, as far as the read-ahead
+    /// places allow: a reader coming to them waits for these fetches
+    /// instead of making its own. A failed read-ahead only leaves its
+    /// chunks missing.
+    fn read_ahead(
+        self: &Arc<Self>,
+        entry: &Arc<Entry>,
+        store: &Arc<dyn BlobStore>,
+        name: &str,
+        from: usize,
+        to: usize,
+    ) {
+        let mut at = from;
+        while at < to {
+            let Ok(place) = self.readahead.clone().try_acquire_owned() else {
+                return;
+            };
+            let run = {
+                let mut chunks = entry.chunks.lock();
+                let Some(i) = (at..to).find(|&k| !chunks.present[k] && !chunks.fetching[k]) else {
+                    return;
+                };
+                let mut j = i + 1;
+                while j < to
+                    && !chunks.present[j]
+                    && !chunks.fetching[j]
+                    && (j - i + 1) as u64 * CHUNK <= MAX_FETCH
+                {
+                    j += 1;
+                }
+                chunks.fetching[i..j].iter_mut().for_each(|f| *f = true);
+                (i, j)
+            };
+            at = run.1;
+            let (cache, entry, store, name) =
+                (self.clone(), entry.clone(), store.clone(), name.to_string());
+            tokio::spawn(async move {
+                let _place = place;
+                if let Err(e) = cache
+                    .fetch_claimed(&entry, &store, &name, run.0, run.1)
+                    .await
+                {
+                    tracing::debug!(blob = %name, error = %e, "read-ahead failed");
+                }
+            });
         }
     }
 
@@ -529,6 +638,7 @@ impl ReadCache {
             }),
             cached: AtomicU64::new(len),
             fetched: Notify::new(),
+            stream: Mutex::new(Stream::default()),
         });
         self.write_sidecar(&entry, &vec![true; n]);
         {
@@ -616,6 +726,7 @@ fn load_entry(dir: &Path, key: SegmentKey) -> Option<Entry> {
         }),
         cached: AtomicU64::new(0),
         fetched: Notify::new(),
+        stream: Mutex::new(Stream::default()),
     };
     let cached = (0..n)
         .filter(|&i| present[i])
@@ -664,7 +775,7 @@ mod tests {
             seg: 1,
         };
         {
-            let cache = ReadCache::open(dir.path(), 64 << 20).unwrap().unwrap();
+            let cache = Arc::new(ReadCache::open(dir.path(), 64 << 20).unwrap().unwrap());
             // A second process cannot share the directory.
             assert!(ReadCache::open(dir.path(), 64 << 20).unwrap().is_none());
             let mut buf = vec![0u8; 5000];
@@ -694,7 +805,7 @@ mod tests {
         }
         // Reopened, the chunks are there without the store.
         let empty: Arc<dyn BlobStore> = MemEnv::new().store();
-        let cache = ReadCache::open(dir.path(), 64 << 20).unwrap().unwrap();
+        let cache = Arc::new(ReadCache::open(dir.path(), 64 << 20).unwrap().unwrap());
         assert_eq!(cache.cached_bytes(), 2 * CHUNK + 100);
         let mut buf = vec![0u8; 4096];
         cache
@@ -709,7 +820,7 @@ mod tests {
         assert!(miss.is_err());
         drop(cache);
         // A smaller limit evicts on open.
-        let cache = ReadCache::open(dir.path(), CHUNK).unwrap().unwrap();
+        let cache = Arc::new(ReadCache::open(dir.path(), CHUNK).unwrap().unwrap());
         assert_eq!(cache.cached_bytes(), 0);
         drop(cache);
         // Room reserved for a journal comes out of the cached bytes.
@@ -728,7 +839,7 @@ mod tests {
     #[tokio::test]
     async fn adopted_files_are_read_locally_and_forgotten_on_demand() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = ReadCache::open(dir.path(), 64 << 20).unwrap().unwrap();
+        let cache = Arc::new(ReadCache::open(dir.path(), 64 << 20).unwrap().unwrap());
         let elsewhere = tempfile::tempdir_in(dir.path()).unwrap();
         let journal = elsewhere.path().join("0000000007.journal");
         let data = vec![9u8; 3000];
@@ -787,7 +898,7 @@ mod tests {
             .await
             .unwrap();
         faults.set_latency(std::time::Duration::from_millis(200));
-        let cache = ReadCache::open(dir.path(), 64 << 20).unwrap().unwrap();
+        let cache = Arc::new(ReadCache::open(dir.path(), 64 << 20).unwrap().unwrap());
         let key = SegmentKey {
             volume: [4; 16],
             seg: 1,
@@ -809,6 +920,90 @@ mod tests {
         .await;
         assert!(matches!(again, Ok(Ok(()))), "{again:?}");
         assert_eq!(buf, vec![7u8; 4096]);
+    }
+
+    /// Chunks of `key` present now.
+    fn present(cache: &ReadCache, key: SegmentKey) -> Vec<bool> {
+        let entry = cache.state.lock().entries.peek(&key).unwrap().clone();
+        let present = entry.chunks.lock().present.clone();
+        present
+    }
+
+    #[tokio::test]
+    async fn a_sequential_reader_is_fetched_for_ahead_and_a_random_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(48 * CHUNK)).map(|i| (i * 13 % 251) as u8).collect();
+        let metrics = Arc::new(hlfs_store::layers::StoreMetrics::default());
+        let store: Arc<dyn BlobStore> = Arc::new(hlfs_store::layers::Metered::new(
+            store_with("segments/0000000001", &data).await,
+            metrics.clone(),
+        ));
+        let cache = Arc::new(ReadCache::open(dir.path(), 1 << 30).unwrap().unwrap());
+        let key = |seg| SegmentKey {
+            volume: [2; 16],
+            seg,
+        };
+        let name = "segments/0000000001";
+        let mut buf = vec![0u8; CHUNK as usize];
+        // Random reads: each fetches what it reads, nothing more.
+        for chunk in [40u64, 3, 27, 11] {
+            cache
+                .read_into(key(1), &store, name, chunk * CHUNK + 99, &mut buf[..4096])
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(present(&cache, key(1)).iter().filter(|p| **p).count(), 4);
+
+        // A stream of 1 MiB reads from chunk 12 on: from its third read,
+        // chunks ahead of it are fetched before it asks.
+        for chunk in 12..15u64 {
+            cache
+                .read_into(key(1), &store, name, chunk * CHUNK, &mut buf)
+                .await
+                .unwrap();
+            assert_eq!(
+                buf,
+                data[(chunk * CHUNK) as usize..((chunk + 1) * CHUNK) as usize]
+            );
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !present(&cache, key(1))[15..19].iter().all(|p| *p) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nothing was read ahead"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let (hits_before, _) = cache.hits_and_misses();
+        let gets_before = metrics.counts().gets;
+        for chunk in 15..19u64 {
+            cache
+                .read_into(key(1), &store, name, chunk * CHUNK, &mut buf)
+                .await
+                .unwrap();
+            assert_eq!(
+                buf,
+                data[(chunk * CHUNK) as usize..((chunk + 1) * CHUNK) as usize]
+            );
+        }
+        // Served from what was read ahead, with no request of their own,
+        // and the window grew with the stream.
+        assert_eq!(cache.hits_and_misses().0, hits_before + 4);
+        while !present(&cache, key(1))[19..27].iter().all(|p| *p) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the window did not grow"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(
+            metrics.counts().gets > gets_before,
+            "read-ahead made the requests"
+        );
+        // Behind the stream, only the random reads' chunks.
+        let ahead = present(&cache, key(1));
+        assert_eq!(ahead[..12].iter().filter(|p| **p).count(), 2, "{ahead:?}");
     }
 
     proptest::proptest! {
