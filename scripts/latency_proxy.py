@@ -1,0 +1,42 @@
+#!/usr/bin/env python3
+"""A TCP proxy on 127.0.0.1 that holds each HTTP GET request for a while
+before passing it on: a store that is far away (latency per request), with
+responses and uploads at full speed. For measuring read-ahead on a local
+gateway (scripts/bench-cold-read.sh).
+
+Usage: latency_proxy.py LISTEN_PORT TARGET_HOST TARGET_PORT DELAY_SECONDS
+Only the Python standard library is used.
+"""
+
+import asyncio
+import sys
+
+
+async def pipe(reader, writer, delay):
+    try:
+        while data := await reader.read(1 << 20):
+            if delay and data.startswith(b"GET "):
+                await asyncio.sleep(delay)
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+    finally:
+        writer.close()
+
+
+async def main(port, host, target, delay):
+    async def handle(client_r, client_w):
+        up_r, up_w = await asyncio.open_connection(host, target)
+        await asyncio.gather(pipe(client_r, up_w, delay), pipe(up_r, client_w, 0))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 5:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))
