@@ -55,11 +55,13 @@
 #                        the "warm cache" read)
 #       seqwrite         1 MiB sequential writes, QD 8
 #       seqread          1 MiB sequential reads, QD 8
-#       seqread-cold     the same after the workloads, cold: for HLFS a new hlfs serve
-#                        with its read cache emptied, so every byte comes from the store
-#                        (RBD: a new fio process, librbd's cache is per process)
+#       seqread-cold     after the workloads, one pass over the whole device (not
+#                        time_based: a second pass would read a warm cache), cold: for
+#                        HLFS a new hlfs serve with its read cache emptied, so every byte
+#                        comes from the store (RBD: a new fio process, librbd's cache is
+#                        per process)
 #       randwrite-fsync  4 KiB random writes, fsync=1 (a flush after each), 1 job x QD 1
-#     every workload but the precondition time_based for RUNTIME seconds. The RBD
+#     every workload but the precondition and the cold read time_based for RUNTIME seconds. The RBD
 #     leg runs first; its image is removed before the HLFS legs start; the
 #     rados leg runs last and its pool is deleted after it.
 #  4. For each run: IOPS, MB/s, p99 latency (fio JSON), CPU seconds of the Ceph
@@ -475,7 +477,7 @@ leg_rbd() {
     local st=ok
     run_workloads rbd || st=failed
     # librbd keeps no cache across processes: each fio run starts cold.
-    run_fio rbd seqread-cold $((runtime + 120)) --rw=read --bs=1M --iodepth=8 --time_based --runtime="$runtime" || true
+    run_fio rbd seqread-cold "$precond_timeout" --rw=read --bs=1M --iodepth=8 || true
     log "rbd: removing the image (frees the OSD for the HLFS leg)"
     "${RBD[@]}" rm --no-progress "$pool/$image" >&2 || log "WARNING: rbd rm failed"
     printf 'rbd\t%s\t%s\n' "$st" "$note" >>"$out/legs.tsv"
@@ -554,10 +556,17 @@ hlfs_leg() {
     # A cold read: a new server with the read cache emptied (everything was
     # uploaded by the clean stop), so every byte comes from the store.
     rm -rf "$cache/segments"
-    if start_serve "$leg" "${cmd[@]}"; then
+    if [[ $st != ok ]]; then
+        log "$leg: no cold read after a failed leg"
+    elif start_serve "$leg" "${cmd[@]}"; then
         leg_args=(--ioengine=nbd --uri="$serve_uri")
-        run_fio "$leg" seqread-cold $((runtime + 120)) --rw=read --bs=1M --iodepth=8 --time_based --runtime="$runtime" || true
+        run_fio "$leg" seqread-cold "$precond_timeout" --rw=read --bs=1M --iodepth=8 || true
         stop_serve
+        if [[ $serve_rc != 0 ]]; then
+            log "hlfs serve exited with status $serve_rc after the cold read"
+            st=bad-exit
+            failures=$((failures + 1))
+        fi
     else
         st=failed
         failures=$((failures + 1))

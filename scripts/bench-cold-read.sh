@@ -10,6 +10,9 @@
 #   --latency MS   hold each GET this long before the gateway sees it
 #                  (scripts/latency_proxy.py on 127.0.0.1:7491): a far store
 #
+# Each run leaves its volume (s3://hlfs-test/cold-read-PID/vm) in the
+# bucket; scripts/ceph-down.sh removes the whole cluster.
+#
 # Needs the cluster of scripts/ceph-up.sh (its s3.env), fio, curl, python3.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -52,8 +55,10 @@ serve() { # serve ARGS...: starts hlfs serve, sets uri
 }
 "$hlfs" create "$vol" --size "$size" >/dev/null
 serve
+pids+=("$server")
 timeout 600 fio --name=fill --ioengine=nbd --uri="$uri" --rw=write --bs=1M --iodepth=8 --output=/dev/null
 kill -TERM "$server"; wait "$server"
+unset 'pids[-1]'
 rm -rf "$HLFS_CACHE_DIR/segments"
 serve --metrics 0
 pids+=("$server")

@@ -30,7 +30,7 @@ WORKLOADS = [
     ("seqwrite", "seq-write 1 MiB, QD 8", "mbps", 1.0, False),
     ("seqread", "seq-read 1 MiB, QD 8", "mbps", 1.0, False),
     ("randwrite-fsync", "rand-write 4 KiB + fsync each, 1 job x QD 1", "iops", 3.0, True),
-    ("seqread-cold", "seq-read 1 MiB, QD 8, cold (HLFS: new server, empty read cache)", "mbps", 1.0, False),
+    ("seqread-cold", "seq-read 1 MiB, QD 8, one cold pass (HLFS: new server, empty read cache)", "mbps", 1.0, False),
 ]
 PRECONDITION = ("precondition", "precondition: seq-write 1 MiB QD 8, whole device", "mbps", None, False)
 LEGS = ["rbd", "hlfs", "rados"]
@@ -120,7 +120,7 @@ def main(argv):
         f"Commit `{p['commit']}`; {p['cpus']} CPUs ({p['cpu_model']}), {p['mem']} RAM, Linux {p['kernel']}; "
         f"{p['ceph']}; {p['fio']}. One throwaway single-node cluster (scripts/ceph-up.sh: mon, mgr, one "
         f"bluestore OSD on a sparse {p['osd_size']} file, radosgw, all on 127.0.0.1, pools of size 1). "
-        f"Device size {p['size_human']}; {p['runtime']} s per workload (time_based, no ramp), direct=1, "
+        f"Device size {p['size_human']}; {p['runtime']} s per workload (time_based, no ramp; the cold read is one pass), direct=1, "
         f"numjobs=1; each device written sequentially once before the workloads. Ceph daemons idle at "
         f"{p['ceph_idle_cores']:.3f} cores before the runs."
     )

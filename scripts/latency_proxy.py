@@ -27,7 +27,11 @@ async def pipe(reader, writer, delay):
 
 async def main(port, host, target, delay):
     async def handle(client_r, client_w):
-        up_r, up_w = await asyncio.open_connection(host, target)
+        try:
+            up_r, up_w = await asyncio.open_connection(host, target)
+        except OSError:
+            client_w.close()
+            return
         await asyncio.gather(pipe(client_r, up_w, delay), pipe(up_r, client_w, 0))
 
     server = await asyncio.start_server(handle, "127.0.0.1", port)

@@ -85,7 +85,8 @@ pub struct ReadCache {
     /// volumes reserved for their journals.
     limit: u64,
     reserved: AtomicU64,
-    /// Reads found wholly present, and reads that fetched from the store.
+    /// Reads found wholly present, and reads that found a chunk missing
+    /// (and fetched it, or waited for a fetch under way).
     hits: AtomicU64,
     misses: AtomicU64,
     /// Places for read-ahead fetches in flight.
@@ -145,7 +146,11 @@ impl Stream {
         let continues = self
             .end
             .is_some_and(|end| off + STREAM_BEHIND >= end && off <= end + STREAM_GAP);
-        self.run = if continues { self.run + 1 } else { 0 };
+        self.run = if continues {
+            self.run.saturating_add(1)
+        } else {
+            0
+        };
         self.end = Some(self.end.filter(|_| continues).unwrap_or(0).max(off + len));
         match self.run {
             0 | 1 => 0,
@@ -179,13 +184,27 @@ impl Drop for Reservation {
 }
 
 /// Chunks `i..j` of an entry being fetched by one reader.
-struct FetchClaim<'a> {
-    entry: &'a Entry,
+struct FetchClaim {
+    entry: Arc<Entry>,
     i: usize,
     j: usize,
 }
 
-impl Drop for FetchClaim<'_> {
+impl FetchClaim {
+    /// Marks chunks `i..j` of `entry` as being fetched; dropping the claim,
+    /// whatever becomes of the fetch, unmarks them and wakes their waiters.
+    /// Called with the entry's chunks locked (`chunks`).
+    fn mark(entry: &Arc<Entry>, chunks: &mut Chunks, i: usize, j: usize) -> FetchClaim {
+        chunks.fetching[i..j].iter_mut().for_each(|f| *f = true);
+        FetchClaim {
+            entry: entry.clone(),
+            i,
+            j,
+        }
+    }
+}
+
+impl Drop for FetchClaim {
     fn drop(&mut self) {
         let mut chunks = self.entry.chunks.lock();
         chunks.fetching[self.i..self.j]
@@ -329,8 +348,8 @@ impl ReadCache {
             .saturating_sub(self.reserved.load(Ordering::SeqCst))
     }
 
-    /// Reads found wholly in the cache, and reads that had to fetch, by
-    /// every volume using it.
+    /// Reads found wholly in the cache, and reads that found a chunk
+    /// missing, by every volume using it.
     pub fn hits_and_misses(&self) -> (u64, u64) {
         (
             self.hits.load(Ordering::Relaxed),
@@ -472,30 +491,25 @@ impl ReadCache {
                     {
                         j += 1;
                     }
-                    chunks.fetching[i..j].iter_mut().for_each(|f| *f = true);
-                    Some((i, j))
+                    Some(FetchClaim::mark(entry, &mut chunks, i, j))
                 }
             };
             match run {
                 None => fetched.await,
-                Some((i, j)) => self.fetch_claimed(entry, store, name, i, j).await?,
+                Some(claim) => self.fetch_claimed(claim, store, name).await?,
             }
         }
     }
 
-    /// Fetches chunks `i..j` of `entry`, which the caller marked as being
-    /// fetched, and records them present.
+    /// Fetches the chunks of `claim` and records them present.
     async fn fetch_claimed(
         &self,
-        entry: &Arc<Entry>,
+        claim: FetchClaim,
         store: &Arc<dyn BlobStore>,
         name: &str,
-        i: usize,
-        j: usize,
     ) -> Result<()> {
-        // Whatever ends this fetch, even the reader going away, frees its
-        // chunks for others and wakes their waiters.
-        let claim = FetchClaim { entry, i, j };
+        let (entry, i, j) = (claim.entry.clone(), claim.i, claim.j);
+        let entry = &entry;
         let fetched = self.fetch(entry, store, name, i, j).await;
         let bitmap = {
             let mut chunks = entry.chunks.lock();
@@ -554,18 +568,15 @@ impl ReadCache {
                 {
                     j += 1;
                 }
-                chunks.fetching[i..j].iter_mut().for_each(|f| *f = true);
-                (i, j)
+                // Claimed here, before the task exists: a task dropped
+                // before it runs still gives its chunks back.
+                FetchClaim::mark(entry, &mut chunks, i, j)
             };
-            at = run.1;
-            let (cache, entry, store, name) =
-                (self.clone(), entry.clone(), store.clone(), name.to_string());
+            at = run.j;
+            let (cache, store, name) = (self.clone(), store.clone(), name.to_string());
             tokio::spawn(async move {
                 let _place = place;
-                if let Err(e) = cache
-                    .fetch_claimed(&entry, &store, &name, run.0, run.1)
-                    .await
-                {
+                if let Err(e) = cache.fetch_claimed(run, &store, &name).await {
                     tracing::debug!(blob = %name, error = %e, "read-ahead failed");
                 }
             });

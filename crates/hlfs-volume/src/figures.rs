@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::Core;
 
+/// Unknown fields are ignored when decoding, so an older CLI can read the
+/// figures of a newer server.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Figures {
     pub size_bytes: u64,
     pub allocated_bytes: u64,
@@ -31,9 +32,11 @@ pub struct Figures {
     /// most there may be before writes wait.
     pub upload_backlog_segments: u64,
     pub upload_backlog_limit: u64,
-    /// Map pages in memory and the budget's limit, and lookups that found
-    /// their page in memory or had to read it (the page cache may be
-    /// shared with other volumes of this process).
+    /// Map pages in memory and the budget's limit; page lookups that found
+    /// their page in memory (a map operation that had to read a page looks
+    /// the pages above it up again, so these overstate a hit ratio), and
+    /// pages read from the log because they were not in memory. The page
+    /// cache may be shared with other volumes of this process.
     pub map_pages: u64,
     pub map_page_limit: u64,
     pub map_page_hits: u64,
@@ -44,10 +47,10 @@ pub struct Figures {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ReadCacheFigures {
-    /// Reads served wholly from the cache, and reads that fetched from the
-    /// store.
+    /// Reads served wholly from the cache, and reads that found a chunk
+    /// missing: they fetched it, or waited for a fetch under way (a
+    /// read-ahead, say).
     pub hits: u64,
     pub misses: u64,
     /// Bytes of segments in the cache.

@@ -40,6 +40,9 @@ pub fn write_out(text: std::fmt::Arguments) {
                 libc::signal(libc::SIGPIPE, libc::SIG_DFL);
                 libc::raise(libc::SIGPIPE);
             }
+            // Still here: SIGPIPE is blocked. The status a shell gives a
+            // command killed by it.
+            std::process::exit(128 + libc::SIGPIPE);
         }
         Err(e) => {
             eprintln!("hlfs: error: cannot write the output: {e}");

@@ -65,8 +65,6 @@ fn live_json(live: &Live) -> Result<serde_json::Value> {
     let mut json = serde_json::to_value(live)?;
     json["write_amplification"] = serde_json::json!(ratio(f.log_appended_bytes, f.written_bytes));
     json["flushes_per_sync"] = serde_json::json!(ratio(f.flushes, f.journal_syncs));
-    json["map_page_hit_ratio"] =
-        serde_json::json!(ratio(f.map_page_hits, f.map_page_hits + f.map_page_misses));
     json["read_cache_hit_ratio"] = serde_json::json!(f
         .read_cache
         .as_ref()
@@ -110,10 +108,10 @@ fn print_live(live: &Live) {
         f.upload_backlog_limit
     );
     outln!(
-        "  map pages:    {} of {} in memory, {} of lookups found in memory",
+        "  map pages:    {} of {} in memory, {} read from the log",
         f.map_pages,
         f.map_page_limit,
-        percent(ratio(f.map_page_hits, f.map_page_hits + f.map_page_misses))
+        f.map_page_misses
     );
     if let Some(c) = &f.read_cache {
         outln!(

@@ -179,13 +179,13 @@ impl Collector for Served {
         counter(
             &mut encoder,
             "hlfs_map_page_hits",
-            "Block-map page lookups that found the page in memory (the page cache may be shared by several exports)",
+            "Block-map page lookups that found the page in memory; an operation that had to read a page looks the pages above it up again (the page cache may be shared by several exports)",
             |f| f.map_page_hits,
         )?;
         counter(
             &mut encoder,
             "hlfs_map_page_misses",
-            "Block-map page lookups that read the page from the log",
+            "Block-map pages read from the log because they were not in memory",
             |f| f.map_page_misses,
         )?;
         let cached = || {
@@ -203,7 +203,7 @@ impl Collector for Served {
         per_export(
             &mut encoder,
             "hlfs_read_cache_misses",
-            "Reads of a remote volume that fetched from the store",
+            "Reads of a remote volume that found a chunk missing from the read cache (and fetched it, or waited for a fetch under way)",
             MetricType::Counter,
             cached().map(|(l, c)| (l, ConstCounter::new(c.misses))),
         )?;

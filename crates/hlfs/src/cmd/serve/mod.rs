@@ -518,7 +518,8 @@ async fn abandon(
 
 /// A socket clients connect to.
 enum Listener {
-    Tcp(TcpListener),
+    /// With its address, read once it is bound.
+    Tcp(TcpListener, std::net::SocketAddr),
     Unix {
         listener: UnixListener,
         path: PathBuf,
@@ -537,7 +538,8 @@ async fn listeners(args: &ServeArgs, mut inherited: ListenFd) -> Result<Vec<List
         let fd = i + 3;
         if let Ok(Some(tcp)) = inherited.take_tcp_listener(i) {
             tcp.set_nonblocking(true)?;
-            listeners.push(Listener::Tcp(TcpListener::from_std(tcp)?));
+            let addr = tcp.local_addr()?;
+            listeners.push(Listener::Tcp(TcpListener::from_std(tcp)?, addr));
             continue;
         }
         let unix = inherited
@@ -576,7 +578,8 @@ async fn listeners(args: &ServeArgs, mut inherited: ListenFd) -> Result<Vec<List
         let tcp = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
-        listeners.push(Listener::Tcp(tcp));
+        let local = tcp.local_addr()?;
+        listeners.push(Listener::Tcp(tcp, local));
     }
     if let Some(path) = &args.socket {
         listeners.push(Listener::Unix {
@@ -610,11 +613,11 @@ pub async fn run(args: ServeArgs, settings: &Settings, inherited: ListenFd) -> R
         None => None,
     };
     let scheme = if tls.is_some() { "nbds" } else { "nbd" };
-    let listeners = listeners(&args, inherited).await?;
     let metrics_listener = match &args.metrics {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
+    let listeners = listeners(&args, inherited).await?;
     let mut registry = Registry::default();
     let requests = metrics_listener
         .is_some()
@@ -661,8 +664,7 @@ pub async fn run(args: ServeArgs, settings: &Settings, inherited: ListenFd) -> R
     let mut made_sockets = Vec::new();
     for listener in listeners {
         match listener {
-            Listener::Tcp(listener) => {
-                let local = listener.local_addr()?;
+            Listener::Tcp(listener, local) => {
                 let host = match local {
                     std::net::SocketAddr::V6(a) => format!("[{}]", a.ip()),
                     std::net::SocketAddr::V4(a) => a.ip().to_string(),
