@@ -966,17 +966,23 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert_eq!(present(&cache, key(1)).iter().filter(|p| **p).count(), 4);
 
+        // Reads chunk `chunk` whole and checks it.
+        let read_chunk = |chunk: u64| {
+            let (cache, store) = (cache.clone(), store.clone());
+            let want = data[(chunk * CHUNK) as usize..((chunk + 1) * CHUNK) as usize].to_vec();
+            async move {
+                let mut buf = vec![0u8; CHUNK as usize];
+                cache
+                    .read_into(key(1), &store, name, chunk * CHUNK, &mut buf)
+                    .await
+                    .unwrap();
+                assert_eq!(buf, want, "chunk {chunk}");
+            }
+        };
         // A stream of 1 MiB reads from chunk 12 on: from its third read,
         // chunks ahead of it are fetched before it asks.
         for chunk in 12..15u64 {
-            cache
-                .read_into(key(1), &store, name, chunk * CHUNK, &mut buf)
-                .await
-                .unwrap();
-            assert_eq!(
-                buf,
-                data[(chunk * CHUNK) as usize..((chunk + 1) * CHUNK) as usize]
-            );
+            read_chunk(chunk).await;
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !present(&cache, key(1))[15..19].iter().all(|p| *p) {
@@ -989,14 +995,7 @@ mod tests {
         let (hits_before, _) = cache.hits_and_misses();
         let gets_before = metrics.counts().gets;
         for chunk in 15..19u64 {
-            cache
-                .read_into(key(1), &store, name, chunk * CHUNK, &mut buf)
-                .await
-                .unwrap();
-            assert_eq!(
-                buf,
-                data[(chunk * CHUNK) as usize..((chunk + 1) * CHUNK) as usize]
-            );
+            read_chunk(chunk).await;
         }
         // Served from what was read ahead, with no request of their own,
         // and the window grew with the stream.

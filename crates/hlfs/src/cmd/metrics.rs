@@ -67,35 +67,23 @@ impl Collector for Served {
         let figures: Vec<(&String, Figures)> =
             self.volumes.iter().map(|(e, v)| (e, v.figures())).collect();
         let label = |export: &String| vec![("export", export.clone())];
-        let gauge = |encoder: &mut DescriptorEncoder,
-                     name: &str,
-                     help: &str,
-                     value: fn(&Figures) -> u64|
+        // One sample per export of a figure, as a gauge or a counter.
+        let figure = |encoder: &mut DescriptorEncoder,
+                      kind: MetricType,
+                      name: &str,
+                      help: &str,
+                      value: fn(&Figures) -> u64|
          -> std::fmt::Result {
-            per_export(
-                encoder,
-                name,
-                help,
-                MetricType::Gauge,
-                figures
-                    .iter()
-                    .map(|(e, f)| (label(e), ConstGauge::new(value(f) as i64))),
-            )
-        };
-        let counter = |encoder: &mut DescriptorEncoder,
-                       name: &str,
-                       help: &str,
-                       value: fn(&Figures) -> u64|
-         -> std::fmt::Result {
-            per_export(
-                encoder,
-                name,
-                help,
-                MetricType::Counter,
-                figures
-                    .iter()
-                    .map(|(e, f)| (label(e), ConstCounter::new(value(f)))),
-            )
+            let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+            for (export, f) in &figures {
+                let labels = label(export);
+                let sample = metric.encode_family(&labels)?;
+                match kind {
+                    MetricType::Counter => ConstCounter::new(value(f)).encode(sample)?,
+                    _ => ConstGauge::new(value(f) as i64).encode(sample)?,
+                }
+            }
+            Ok(())
         };
         per_export(
             &mut encoder,
@@ -107,38 +95,40 @@ impl Collector for Served {
                 (label(e), ConstGauge::new(n))
             }),
         )?;
-        gauge(
+        figure(
             &mut encoder,
+            MetricType::Gauge,
             "hlfs_volume_size_bytes",
             "The volume's size",
             |f| f.size_bytes,
         )?;
-        gauge(
+        figure(
             &mut encoder,
+            MetricType::Gauge,
             "hlfs_volume_allocated_bytes",
             "Bytes of the volume that hold data (not holes)",
             |f| f.allocated_bytes,
         )?;
-        counter(
+        figure(
             &mut encoder,
+            MetricType::Counter,
             "hlfs_volume_written_bytes",
             "Data bytes clients wrote since the server opened the volume",
             |f| f.written_bytes,
         )?;
-        counter(
-            &mut encoder,
+        figure(&mut encoder, MetricType::Counter,
             "hlfs_log_appended_bytes",
             "Bytes appended to the volume's log (records, map pages, checkpoints) since it was opened; divided by hlfs_volume_written_bytes_total, the write amplification",
             |f| f.log_appended_bytes,
         )?;
-        counter(
+        figure(
             &mut encoder,
+            MetricType::Counter,
             "hlfs_flushes",
             "Flushes that had writes to make durable",
             |f| f.flushes,
         )?;
-        counter(
-            &mut encoder,
+        figure(&mut encoder, MetricType::Counter,
             "hlfs_journal_syncs",
             "Journal syncs that flushes waited for; hlfs_flushes_total divided by it is the group-commit batch size",
             |f| f.journal_syncs,
@@ -152,38 +142,42 @@ impl Collector for Served {
                 .iter()
                 .map(|(e, f)| (label(e), ConstCounter::new(f.journal_sync_seconds))),
         )?;
-        gauge(
+        figure(
             &mut encoder,
+            MetricType::Gauge,
             "hlfs_upload_backlog_segments",
             "Sealed segments waiting to be stored",
             |f| f.upload_backlog_segments,
         )?;
-        gauge(
+        figure(
             &mut encoder,
+            MetricType::Gauge,
             "hlfs_upload_backlog_limit_segments",
             "Sealed segments that may wait before writes wait for the store",
             |f| f.upload_backlog_limit,
         )?;
-        gauge(
+        figure(
             &mut encoder,
+            MetricType::Gauge,
             "hlfs_map_pages",
             "Block-map pages in memory now (in the page cache the volume uses)",
             |f| f.map_pages,
         )?;
-        gauge(
+        figure(
             &mut encoder,
+            MetricType::Gauge,
             "hlfs_map_page_limit",
             "Block-map pages the memory budget allows",
             |f| f.map_page_limit,
         )?;
-        counter(
-            &mut encoder,
+        figure(&mut encoder, MetricType::Counter,
             "hlfs_map_page_hits",
             "Block-map page lookups that found the page in memory; an operation that had to read a page looks the pages above it up again (the page cache may be shared by several exports)",
             |f| f.map_page_hits,
         )?;
-        counter(
+        figure(
             &mut encoder,
+            MetricType::Counter,
             "hlfs_map_page_misses",
             "Block-map pages read from the log because they were not in memory",
             |f| f.map_page_misses,
