@@ -165,10 +165,36 @@ struct Chunks {
 }
 
 impl Entry {
-    fn chunk_len(&self, i: usize) -> u64 {
-        let lo = i as u64 * CHUNK;
-        (self.size - lo).min(CHUNK)
+    /// The entry of segment `key` (`size` bytes, in `file`) whose chunks
+    /// `present` says are there.
+    fn new(key: SegmentKey, size: u64, file: File, present: Vec<bool>) -> Entry {
+        let chunk_len = |i: usize| (size - i as u64 * CHUNK).min(CHUNK);
+        let cached = (0..present.len())
+            .filter(|&i| present[i])
+            .map(chunk_len)
+            .sum();
+        Entry {
+            key,
+            size,
+            file,
+            chunks: Mutex::new(Chunks {
+                fetching: vec![false; present.len()],
+                present,
+            }),
+            cached: AtomicU64::new(cached),
+            fetched: Notify::new(),
+            stream: Mutex::new(Stream::default()),
+        }
     }
+
+    fn chunk_len(&self, i: usize) -> u64 {
+        chunk_len(self.size, i)
+    }
+}
+
+/// Bytes of chunk `i` of a segment of `size` bytes (the last may be short).
+fn chunk_len(size: u64, i: usize) -> u64 {
+    (size - i as u64 * CHUNK).min(CHUNK)
 }
 
 /// Part of a cache's limit set aside for a volume's journal.
@@ -437,18 +463,7 @@ impl ReadCache {
             .map_err(io)?;
         file.set_len(size).map_err(io)?;
         let n = size.div_ceil(CHUNK) as usize;
-        let entry = Arc::new(Entry {
-            key,
-            size,
-            file,
-            chunks: Mutex::new(Chunks {
-                present: vec![false; n],
-                fetching: vec![false; n],
-            }),
-            cached: AtomicU64::new(0),
-            fetched: Notify::new(),
-            stream: Mutex::new(Stream::default()),
-        });
+        let entry = Arc::new(Entry::new(key, size, file, vec![false; n]));
         state.entries.put(key, entry.clone());
         Ok(entry)
     }
@@ -639,18 +654,7 @@ impl ReadCache {
             }
         };
         let n = len.div_ceil(CHUNK) as usize;
-        let entry = Arc::new(Entry {
-            key,
-            size: len,
-            file,
-            chunks: Mutex::new(Chunks {
-                present: vec![true; n],
-                fetching: vec![false; n],
-            }),
-            cached: AtomicU64::new(len),
-            fetched: Notify::new(),
-            stream: Mutex::new(Stream::default()),
-        });
+        let entry = Arc::new(Entry::new(key, len, file, vec![true; n]));
         self.write_sidecar(&entry, &vec![true; n]);
         {
             let mut state = self.state.lock();
@@ -727,25 +731,7 @@ fn load_entry(dir: &Path, key: SegmentKey) -> Option<Entry> {
         return None;
     }
     let present: Vec<bool> = (0..n).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect();
-    let entry = Entry {
-        key,
-        size,
-        file,
-        chunks: Mutex::new(Chunks {
-            fetching: vec![false; n],
-            present: Vec::new(),
-        }),
-        cached: AtomicU64::new(0),
-        fetched: Notify::new(),
-        stream: Mutex::new(Stream::default()),
-    };
-    let cached = (0..n)
-        .filter(|&i| present[i])
-        .map(|i| entry.chunk_len(i))
-        .sum();
-    entry.cached.store(cached, Ordering::Relaxed);
-    entry.chunks.lock().present = present;
-    Some(entry)
+    Some(Entry::new(key, size, file, present))
 }
 
 #[cfg(test)]
