@@ -12,7 +12,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use hlfs_volume::{Backend, ErrorKind, Figures, VolumeError};
+use hlfs_volume::{Backend, ErrorKind, Figures, GcReport, VolumeError};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -35,7 +35,7 @@ const SOCKET_NAME: &str = "control.sock";
 const MAX_SOCKET_PATH: usize = 107;
 
 /// What a command asks of a volume's owner.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
     SnapshotCreate {
@@ -52,9 +52,15 @@ pub enum Command {
     },
     /// How the served volume is doing now (`hlfs info` of a served volume).
     Status,
+    /// A cleaning run (`hlfs gc`): until stored ≤ `target` × live, deleting
+    /// emptied segments `grace_ms` after the manifest that freed them.
+    Gc {
+        target: f64,
+        grace_ms: u64,
+    },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Request {
     pub version: u32,
@@ -67,6 +73,7 @@ pub enum Answer {
     /// Done; for snapshot create and rollback, the name of what it made.
     Done(Option<String>),
     Status(Live),
+    Gc(GcReport),
 }
 
 impl Answer {
@@ -74,10 +81,27 @@ impl Answer {
     pub fn into_name(self) -> Result<Option<String>, VolumeError> {
         match self {
             Answer::Done(name) => Ok(name),
-            Answer::Status(_) => Err(VolumeError::Owner {
-                kind: ErrorKind::Io,
-                message: "the volume's server answered with its status, not a result".into(),
-            }),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    /// The report a cleaning run answers with.
+    pub fn into_gc_report(self) -> Result<GcReport, VolumeError> {
+        match self {
+            Answer::Gc(report) => Ok(report),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    fn unexpected(&self) -> VolumeError {
+        let what = match self {
+            Answer::Done(_) => "a command's result",
+            Answer::Status(_) => "its status",
+            Answer::Gc(_) => "a cleaning report",
+        };
+        VolumeError::Owner {
+            kind: ErrorKind::Io,
+            message: format!("the volume's server answered with {what}, not what was asked"),
         }
     }
 }
@@ -100,6 +124,7 @@ pub struct Live {
 pub enum Reply {
     Done { name: Option<String> },
     Status { live: Live },
+    Gc { report: GcReport },
     Error { kind: String, message: String },
 }
 
@@ -144,6 +169,7 @@ impl Reply {
         match result {
             Ok(Answer::Done(name)) => Reply::Done { name },
             Ok(Answer::Status(live)) => Reply::Status { live },
+            Ok(Answer::Gc(report)) => Reply::Gc { report },
             Err(e) => Reply::Error {
                 kind: kind_name(e.kind()).to_string(),
                 message: e.to_string(),
@@ -155,6 +181,7 @@ impl Reply {
         match self {
             Reply::Done { name } => Ok(Answer::Done(name)),
             Reply::Status { live } => Ok(Answer::Status(live)),
+            Reply::Gc { report } => Ok(Answer::Gc(report)),
             Reply::Error { kind, message } => Err(VolumeError::Owner {
                 kind: kind_of(&kind),
                 message,
@@ -460,6 +487,38 @@ mod tests {
         })
         .into_name()
         .is_err());
+        let gc = Request {
+            version: PROTOCOL_VERSION,
+            command: Command::Gc {
+                target: 1.5,
+                grace_ms: 60_000,
+            },
+        };
+        let json = serde_json::to_string(&gc).unwrap();
+        assert_eq!(
+            json,
+            r#"{"version":1,"command":{"op":"gc","target":1.5,"grace_ms":60000}}"#
+        );
+        assert_eq!(decode_request(json.as_bytes()).unwrap(), gc);
+        let report = GcReport {
+            passes: 2,
+            deleted_segments: 3,
+            freed_bytes: 3 << 20,
+            copied_bytes: 1 << 20,
+            stored_before: 10 << 20,
+            live_before: 5 << 20,
+            stored_after: 7 << 20,
+            live_after: 5 << 20,
+            stopped: hlfs_volume::GcStop::TargetReached,
+        };
+        let reply = Reply::of(Ok(Answer::Gc(report.clone())));
+        let back = decode_reply(&serde_json::to_vec(&reply).unwrap()).unwrap();
+        assert_eq!(
+            back.into_result().unwrap().into_gc_report().unwrap(),
+            report
+        );
+        assert!(Answer::Done(None).into_gc_report().is_err());
+        assert!(decode_request(br#"{"version":1,"command":{"op":"gc","target":"all"}}"#).is_err());
         assert!(decode_request(br#"{"version":1,"command":{"op":"format_disk"}}"#).is_err());
         assert!(decode_request(br#"{"version":1,"command":{"op":"resize","size":-1}}"#).is_err());
         assert!(

@@ -11,6 +11,8 @@
 //! Taken in this order; a lock may be taken while holding those above it,
 //! never those below:
 //!
+//! 0. `cleaning` (async): one cleaning run at a time, held across the
+//!    whole run; its passes take the writer lock in turns.
 //! 1. `log.writer` (async): the writer's place in the log. Held across
 //!    awaits: appends, page loads, checkpoints, waiting for an upload slot
 //!    or for an upload (snapshot, close). So nothing an upload needs to
@@ -73,6 +75,8 @@ pub(crate) struct Core {
     pub log: Log,
     pub manifests: ManifestLog,
     pub uploads: Uploads,
+    /// One cleaning run at a time.
+    pub cleaning: tokio::sync::Mutex<()>,
 }
 
 impl Core {

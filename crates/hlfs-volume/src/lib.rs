@@ -20,6 +20,7 @@
 //! | `upload` | the upload task and the backlog writers wait on |
 //! | `runner` | the background-task runner |
 //! | `snapshot` | snapshots and rollback |
+//! | `clean` | segment cleaning |
 //! | `info`, `check` | what a volume says of itself, and verification |
 //! | `figures` | what an open volume is doing, for monitoring |
 //! | `stats` | where the space goes, from metadata alone |
@@ -30,6 +31,7 @@ mod backend;
 mod cache;
 mod check;
 mod checkpoint;
+mod clean;
 mod core;
 mod error;
 mod figures;
@@ -53,6 +55,7 @@ mod write;
 pub use backend::{default_cache_dir, Backend, StoreOptions, LOCAL_JOURNAL_DIR};
 pub use cache::ReadCache;
 pub use check::{check, CheckReport};
+pub use clean::{GcOptions, GcProgress, GcReport, GcStop};
 pub use error::{ErrorKind, Result, VolumeError};
 pub use figures::{Figures, ReadCacheFigures};
 pub use hlfs_store::{CephSettings, StoreError};

@@ -281,6 +281,7 @@ async fn load(
         log,
         manifests: ManifestLog::new(manifest),
         uploads: Uploads::new(&backend),
+        cleaning: tokio::sync::Mutex::new(()),
         clock: backend.clock.clone(),
         store,
         backend,

@@ -62,6 +62,15 @@ impl Segments {
         self.journals.lock().remove(&seg);
     }
 
+    /// Segment `seg` was deleted from the store: its open reader and cached
+    /// copy go too.
+    pub fn deleted(&self, seg: u32) {
+        self.readers.lock().pop(&seg);
+        if let Some(cache) = &self.cache {
+            cache.forget(self.key(seg));
+        }
+    }
+
     /// Moves the local file holding all of stored segment `seg` into the
     /// read cache; false if there is no cache or it would not take it.
     pub fn adopt(&self, seg: u32, path: &Path, len: u64) -> bool {

@@ -35,6 +35,10 @@ pub struct SegmentSpace {
     pub live_bytes: u64,
     /// When the store made it (ms since the epoch, the store's clock).
     pub made_ms: u64,
+    /// Of the live bytes, those a snapshot holds (alone or with the head).
+    /// A segment with none is held by the head alone, and cleaning can
+    /// empty it by moving the head's items.
+    pub snapshot_bytes: u64,
     /// Written after the head checkpoint: recovery replays it, so it counts
     /// as wholly live and is no candidate for cleaning.
     pub recent: bool,
@@ -104,20 +108,28 @@ fn hold<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Holders>, item: K, by: Hol
         .or_insert(by);
 }
 
-/// Live bytes per segment, and per root the bytes no other root holds.
+/// Live bytes per segment, those of them a snapshot holds, and per root
+/// the bytes no other root holds.
 struct Tally {
     live: HashMap<u32, u64>,
+    by_snapshots: HashMap<u32, u64>,
     only: Vec<u64>,
 }
 
 impl Tally {
     fn count(&mut self, at: Entry, bytes: u64, by: Holders) {
         *self.live.entry(at.seg).or_default() += bytes;
+        if by != Holders::One(HEAD) {
+            *self.by_snapshots.entry(at.seg).or_default() += bytes;
+        }
         if let Holders::One(root) = by {
             self.only[root] += bytes;
         }
     }
 }
+
+/// The head is root 0; the snapshots follow in the manifest's order.
+const HEAD: usize = 0;
 
 /// Accounts for the space of the volume at `backend` without changing it.
 pub async fn space(backend: Backend) -> Result<SpaceStats> {
@@ -135,6 +147,7 @@ pub async fn space(backend: Backend) -> Result<SpaceStats> {
         .collect();
     let mut tally = Tally {
         live: HashMap::new(),
+        by_snapshots: HashMap::new(),
         only: vec![0; roots.len()],
     };
     let mut checkpoints = HashMap::new();
@@ -195,7 +208,7 @@ pub async fn space(backend: Backend) -> Result<SpaceStats> {
     let mut stats = SpaceStats {
         manifest_seq: manifest.seq,
         manifest_written_ms: manifest.written_ms,
-        head_only_bytes: tally.only[0],
+        head_only_bytes: tally.only[HEAD],
         snapshots: manifest
             .snapshots
             .iter()
@@ -218,6 +231,7 @@ pub async fn space(backend: Backend) -> Result<SpaceStats> {
             id,
             size: blob.size,
             live_bytes,
+            snapshot_bytes: tally.by_snapshots.get(&id).copied().unwrap_or(0),
             made_ms: blob.modified_ms,
             recent,
         });
@@ -380,9 +394,13 @@ mod tests {
         let stats = space(backend.clone()).await.unwrap();
         let items = held_by_each_root(&backend).await;
         let mut live: HashMap<u32, u64> = HashMap::new();
+        let mut by_snapshots: HashMap<u32, u64> = HashMap::new();
         let mut only = vec![0u64; 1 + stats.snapshots.len()];
         for (at, (bytes, roots)) in &items {
             *live.entry(at.seg).or_default() += bytes;
+            if roots.iter().any(|&r| r != HEAD) {
+                *by_snapshots.entry(at.seg).or_default() += bytes;
+            }
             if roots.len() == 1 {
                 only[*roots.first().unwrap()] += bytes;
             }
@@ -396,6 +414,12 @@ mod tests {
                 s.id
             );
             assert!(s.live_bytes <= s.size);
+            assert_eq!(
+                s.snapshot_bytes,
+                by_snapshots.get(&s.id).copied().unwrap_or(0),
+                "snapshot bytes of segment {}",
+                s.id
+            );
         }
         assert!(live.is_empty(), "live items in unlisted segments: {live:?}");
         assert_eq!(stats.head_only_bytes, only[0]);

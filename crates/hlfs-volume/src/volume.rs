@@ -9,6 +9,7 @@ use std::sync::Arc;
 use hlfs_store::layers::StoreCounts;
 
 use crate::backend::Backend;
+use crate::clean::{GcOptions, GcProgress, GcReport};
 use crate::core::Core;
 use crate::error::Result;
 use crate::open::{self, Held};
@@ -160,6 +161,17 @@ impl Volume {
     /// as an automatic snapshot, whose name is returned.
     pub async fn rollback(&self, name: &str) -> Result<String> {
         self.core.rollback(name).await
+    }
+
+    /// Cleans segments until stored ≤ `opts.target` × live or nothing more
+    /// can be cleaned, telling `progress` after each recount, and deletes
+    /// the emptied segments once `opts.grace` has passed.
+    pub async fn gc(
+        &self,
+        opts: &GcOptions,
+        progress: &(dyn Fn(&GcProgress) + Send + Sync),
+    ) -> Result<GcReport> {
+        self.core.gc(opts, progress).await
     }
 
     /// Summary for `hlfs info`.

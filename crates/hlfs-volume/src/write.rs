@@ -57,7 +57,7 @@ impl Core {
 
     /// Appends one data record for blocks `first..first+n`, whose bytes from
     /// `skip` on are `src` and the rest are kept from what is there now.
-    async fn write_blocks(
+    pub(crate) async fn write_blocks(
         &self,
         w: &mut Writer,
         first: u64,

@@ -9,7 +9,9 @@ mod common;
 
 use common::{pattern, zero_steps, Image, World};
 use hlfs_store::layers::CrashMode;
-use hlfs_volume::{check, CreateOptions, OpenOptions, View, Volume, VolumeError};
+use std::time::Duration;
+
+use hlfs_volume::{check, CreateOptions, GcOptions, OpenOptions, View, Volume, VolumeError};
 
 #[derive(Clone, Debug)]
 enum Step {
@@ -21,6 +23,8 @@ enum Step {
     Grow(u64),
     Rollback(&'static str),
     Reopen,
+    /// A cleaning run down to this space target, deleting at once.
+    Gc(f64),
 }
 
 const BS: u32 = 4096;
@@ -59,6 +63,27 @@ fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
                 Reopen,
                 Write(3 << 20, 100_000, 5),
                 Zero(0, SIZE),
+            ],
+        ),
+        (
+            "cleaning around a snapshot",
+            vec![
+                Write(0, 200_000, 1),
+                Flush,
+                Snapshot("s"),
+                Write(0, 300_000, 2),
+                // Half of each 64 KiB segment of write 2 dies.
+                Write(0, 32_768, 3),
+                Write(65_536, 32_768, 4),
+                Write(131_072, 32_768, 5),
+                Write(196_608, 32_768, 6),
+                Flush,
+                Gc(1.0),
+                Write(4096, 8192, 7),
+                Flush,
+                Write(0, 300_000, 8),
+                Gc(1.5),
+                Write(50_000, 10_000, 9),
             ],
         ),
     ]
@@ -137,6 +162,14 @@ async fn run(world: &World, steps: &[Step]) -> Expect {
                 after = target;
                 e.history.push(after.clone());
                 vol.rollback(name).await.map(|_| ())
+            }
+            Step::Gc(target) => {
+                let opts = GcOptions {
+                    target: *target,
+                    grace: Duration::ZERO,
+                    ..GcOptions::default()
+                };
+                vol.gc(&opts, &|_| {}).await.map(drop)
             }
             Step::Reopen => match vol.close().await {
                 Ok(()) => match Volume::open(world.backend(), &options()).await {

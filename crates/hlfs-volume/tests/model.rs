@@ -1,6 +1,6 @@
 //! Reference-model property test: random interleavings of write, read, trim,
 //! write-zeroes, flush, FUA, grow, snapshot create/delete/rollback/read,
-//! reopen and crash, on volumes of odd sizes and every block size. Every read
+//! cleaning runs, reopen and crash, on volumes of odd sizes and every block size. Every read
 //! is compared with a plain model of the disk; after a crash the recovered
 //! image must be one of the states between the last durable point and the
 //! last write (a prefix of the writes, in order).
@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use hlfs_store::layers::CrashMode;
 use hlfs_store::{BlobStore, S3Store};
-use hlfs_volume::{Backend, CreateOptions, Durability, OpenOptions, View, Volume};
+use hlfs_volume::{Backend, CreateOptions, Durability, GcOptions, OpenOptions, View, Volume};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -65,6 +65,11 @@ enum Op {
         which: u8,
         at: Pos,
         len: u32,
+    },
+    /// A cleaning run down to this space target (in tenths), deleting at
+    /// once.
+    Gc {
+        target_tenths: u8,
     },
     Reopen,
     Crash {
@@ -127,6 +132,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(Op::DeleteSnapshot),
         1 => any::<u8>().prop_map(Op::Rollback),
         2 => (any::<u8>(), pos(), 1u32..100_000).prop_map(|(which, at, len)| Op::ReadSnapshot { which, at, len }),
+        1 => (10u8..30).prop_map(|target_tenths| Op::Gc { target_tenths }),
         1 => Just(Op::Reopen),
         1 => (0u8..3, any::<u64>()).prop_map(|(mode, seed)| Op::Crash { mode, seed }),
     ]
@@ -295,6 +301,14 @@ impl Harness {
                     snap.write(off, &[1]).await.is_err(),
                     "snapshot must be read-only"
                 );
+            }
+            Op::Gc { target_tenths } => {
+                let opts = GcOptions {
+                    target: *target_tenths as f64 / 10.0,
+                    grace: Duration::ZERO,
+                    ..GcOptions::default()
+                };
+                self.vol.gc(&opts, &|_| {}).await.expect("gc");
             }
             Op::Reopen => self.reopen().await,
             Op::Crash { .. } if self.remote_store.is_some() => self.reopen().await,

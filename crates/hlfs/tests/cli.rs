@@ -340,7 +340,7 @@ fn about(got: u64, data: u64) {
 }
 
 #[test]
-fn gc_stats_show_what_overwrites_free_and_what_snapshots_hold() {
+fn gc_shows_what_overwrites_free_and_what_snapshots_hold_and_gives_it_back() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
     random_file(&a, 8 << 20, 3);
@@ -401,9 +401,42 @@ fn gc_stats_show_what_overwrites_free_and_what_snapshots_hold() {
         text.contains("reclaimable:") && text.contains("LIVE%"),
         "{text}"
     );
-    // Cleaning passes are not built: `--stats` is required, and said so.
-    assert!(fails(&["gc", v]).contains("--stats"));
     fails(&["gc", dir.path().join("none").to_str().unwrap(), "--stats"]);
+
+    // Cleaning gives the dead half back, and the volume reads the same.
+    let exported = |name: &str| {
+        let out = dir.path().join(name);
+        ok(&["export", v, out.to_str().unwrap()]);
+        sha256(&out)
+    };
+    let before = exported("before.img");
+    let report: serde_json::Value =
+        serde_json::from_str(&ok(&["gc", v, "--grace", "0", "--json"])).unwrap();
+    assert_eq!(report["stopped"], "target-reached", "{report}");
+    assert!(figure(&report, "deleted_segments") >= 1, "{report}");
+    assert!(figure(&report, "freed_bytes") >= 4 << 20, "{report}");
+    assert!(
+        report["space_ratio_after"].as_f64().unwrap() <= 1.2,
+        "{report}"
+    );
+    let stats = space_of(v);
+    assert!(stats["space_ratio"].as_f64().unwrap() <= 1.2, "{stats}");
+    // The same, but for the manifest that closing the volume wrote.
+    let (stored, said) = (
+        figure(&stats, "stored_bytes"),
+        figure(&report, "stored_after"),
+    );
+    assert!((said..said + 4096).contains(&stored), "{stats} {report}");
+    assert_eq!(exported("after.img"), before);
+    ok(&["check", v]);
+    // Met already: nothing to do, and said so.
+    let text = ok(&["gc", v, "--grace", "0"]);
+    assert!(
+        text.contains("0 passes") && text.contains("target is met"),
+        "{text}"
+    );
+    assert!(fails(&["gc", v, "--target", "0.5"]).contains("space target"));
+    fails(&["gc", v, "--stats", "--target", "2"]);
 }
 
 #[test]

@@ -2133,6 +2133,53 @@ fn info_check_and_gc_stats_while_serving() {
     assert!(stats["reclaimable_bytes"].as_u64().unwrap() > 0, "{stats}");
 }
 
+/// `hlfs gc` of a served volume: its server cleans while a client writes
+/// elsewhere on the disk, and what was there before reads the same.
+#[test]
+fn gc_of_a_served_volume_while_its_client_writes() {
+    require!("fio" => "fio", "qemu-io" => "qemu-utils");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = volume_at(d, "vm.hlfs");
+    hlfs(&["create", &vol, "--size", "64M", "--segment-size", "1M"]).ok();
+    let srv = Server::unix(d, &[&vol], &[]);
+    // Half of each MiB of the first 32 is written twice: 16 MiB of
+    // garbage, in segments that stay half live.
+    let halves: Vec<String> = (0..32)
+        .map(|i| format!("write -P 0x22 {i}M 512k"))
+        .collect();
+    let mut writes = vec!["write -P 0x11 0 32M"];
+    writes.extend(halves.iter().map(String::as_str));
+    writes.push("flush");
+    qemu_io_ok(srv.uri(), false, &writes);
+    let (mut fio, log) = background_fio(d, srv.uri(), &["--bs=4k", "--iodepth=8", "--offset=32M"]);
+    let out = hlfs(&["gc", &vol, "--grace", "0", "--target", "1.1", "--json"]).ok();
+    assert_fio_running(&mut fio, &log);
+    let report: serde_json::Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"));
+    let figure = |key: &str| {
+        report[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key}: {report}"))
+    };
+    assert!(figure("deleted_segments") >= 4, "{report}");
+    assert!(figure("freed_bytes") >= 16 << 20, "{report}");
+    assert!(figure("copied_bytes") >= 8 << 20, "{report}");
+    fio.kill();
+    let reads: Vec<String> = (0..32)
+        .flat_map(|i| {
+            [
+                format!("read -P 0x22 {i}M 512k"),
+                format!("read -P 0x11 {}k 512k", i * 1024 + 512),
+            ]
+        })
+        .collect();
+    let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
+    qemu_io_ok(srv.uri(), true, &reads);
+    srv.stop_ok();
+    check_volume(&vol);
+}
+
 /// Hostile byte streams sent to the live server over its socket: each such
 /// connection is closed, and the server, its volume and other clients carry
 /// on.

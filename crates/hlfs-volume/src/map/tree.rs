@@ -137,8 +137,20 @@ impl DirtyTree {
 
     /// Makes the leaf holding `lba` and every page above it dirty.
     fn dirty_path(&mut self, pages: &mut Pages, lba: u64, pins: &Pins) -> MapResult<()> {
+        self.dirty_path_to(pages, 0, lba, pins)
+    }
+
+    /// Makes the page at `bottom` holding `lba` and every page above it
+    /// dirty.
+    fn dirty_path_to(
+        &mut self,
+        pages: &mut Pages,
+        bottom: u32,
+        lba: u64,
+        pins: &Pins,
+    ) -> MapResult<()> {
         let mut at = self.root;
-        for level in (0..self.depth).rev() {
+        for level in (bottom..self.depth).rev() {
             let key = (level, node_index(lba, level));
             if !self.dirty.contains_key(&key) {
                 let page = match self.node(pages, key, at, pins)? {
@@ -152,11 +164,43 @@ impl DirtyTree {
                 self.dirty.insert(key, page);
                 pages.add_dirty();
             }
-            if level > 0 {
+            if level > bottom {
                 at = self.dirty[&key].entries[slot(lba, level)];
             }
         }
         Ok(())
+    }
+
+    /// If the tree reaches node (level, index) as the clean page at `at`,
+    /// makes that page dirty, so that the next write-back puts a copy of
+    /// it elsewhere and the tree no longer needs `at`. Returns whether it
+    /// did. (Segment cleaning, moving the head's pages out of a victim.)
+    pub fn move_page(&mut self, level: u32, index: u64, at: Entry, pins: &Pins) -> MapResult<bool> {
+        if level >= self.depth || index.checked_shl(MAP_SHIFT * (level + 1)).is_none() {
+            return Ok(false);
+        }
+        let lba = index << (MAP_SHIFT * (level + 1));
+        if node_index(lba, level) != index {
+            return Ok(false);
+        }
+        let cache = self.cache.clone();
+        let mut pages = cache.lock(self.volume);
+        let mut here = self.root;
+        for l in (level..self.depth).rev() {
+            let key = (l, node_index(lba, l));
+            if l == level {
+                if self.dirty.contains_key(&key) || here != at {
+                    return Ok(false);
+                }
+                break;
+            }
+            match self.node(&mut pages, key, here, pins)? {
+                Some(page) => here = page.entries[slot(lba, l)],
+                None => return Ok(false),
+            }
+        }
+        self.dirty_path_to(&mut pages, level, lba, pins)?;
+        Ok(true)
     }
 
     /// Points blocks `first..first + entries.len()` at `entries`.

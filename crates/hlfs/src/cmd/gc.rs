@@ -1,30 +1,50 @@
-//! `hlfs gc --stats`: where a volume's space goes, from metadata alone.
+//! `hlfs gc`: clean a volume's segments until its space is back under a
+//! target; `hlfs gc --stats`: where its space goes, from metadata alone.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
-use hlfs_volume::{space, utc, SegmentSpace, SpaceStats};
+use hlfs_device::control::Command;
+use hlfs_volume::{space, utc, GcOptions, GcProgress, GcReport, GcStop, SegmentSpace, SpaceStats};
 
-use crate::args::{human, Settings};
+use super::change;
+use crate::args::{human, progress, Settings};
 
 /// Segments listed in the text report; `--json` lists them all.
 const SHOWN_SEGMENTS: usize = 10;
 
+/// Clean a volume: copy what is still live out of segments that are mostly
+/// garbage, then delete them, until stored ≤ TARGET × live. Works on a
+/// served volume (its server cleans, while its clients go on). Segments a
+/// snapshot holds are not cleaned yet: delete snapshots you no longer need
+/// first (`hlfs gc --stats` shows what each one holds).
 #[derive(clap::Args, Debug)]
 pub struct GcArgs {
     volume: String,
-    /// Report space: per segment its size, live bytes and age; the totals;
-    /// what each snapshot alone holds. Reads map pages only, never data,
-    /// and works on a served volume (as of its last checkpoint). Cleaning
-    /// passes themselves are not built yet, so this flag is required.
-    #[arg(long, required = true)]
+    /// Only report space, changing nothing: per segment its size, live
+    /// bytes and age; the totals; what each snapshot alone holds. Reads map
+    /// pages only, never data, and works on a served volume (as of its last
+    /// checkpoint).
+    #[arg(long)]
     stats: bool,
+    /// Clean until stored bytes ≤ TARGET × live bytes. Lower means more
+    /// copying for less space.
+    #[arg(long, default_value_t = GcOptions::default().target, conflicts_with = "stats")]
+    target: f64,
+    /// Keep emptied segments this long after the manifest that frees them,
+    /// for readers that opened the volume before (an export, a read-only
+    /// server). The command waits it out before deleting.
+    #[arg(long, value_name = "SECS", default_value_t = GcOptions::default().grace.as_secs(), conflicts_with = "stats")]
+    grace: u64,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
 }
 
 pub async fn run(args: GcArgs, settings: &Settings) -> Result<()> {
+    if !args.stats {
+        return clean(args, settings).await;
+    }
     let stats = space(settings.backend(&args.volume, false)?).await?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -38,6 +58,86 @@ pub async fn run(args: GcArgs, settings: &Settings) -> Result<()> {
         print_stats(&args.volume, &stats, now);
     }
     Ok(())
+}
+
+async fn clean(args: GcArgs, settings: &Settings) -> Result<()> {
+    let opts = GcOptions {
+        target: args.target,
+        grace: Duration::from_secs(args.grace),
+        ..GcOptions::default()
+    };
+    let bar = progress(None, "cleaning");
+    let shown = bar.clone();
+    let show = move |p: &GcProgress| {
+        shown.set_message(format!(
+            "cleaning: pass {}, stored {} of live {}, target {}",
+            p.passes + 1,
+            human(p.stored_bytes),
+            human(p.live_bytes),
+            human(p.target_bytes)
+        ));
+    };
+    let command = Command::Gc {
+        target: opts.target,
+        grace_ms: opts.grace.as_millis() as u64,
+    };
+    let report = change(
+        &args.volume,
+        settings,
+        command,
+        |answer| answer.into_gc_report(),
+        async |vol| vol.gc(&opts, &show).await,
+    )
+    .await;
+    bar.finish_and_clear();
+    let report = report?;
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&report_json(&report))?);
+    } else {
+        print_report(&args.volume, &report);
+    }
+    Ok(())
+}
+
+fn report_json(r: &GcReport) -> serde_json::Value {
+    let ratio = |stored: u64, live: u64| (live > 0).then(|| stored as f64 / live as f64);
+    serde_json::json!({
+        "passes": r.passes,
+        "deleted_segments": r.deleted_segments,
+        "freed_bytes": r.freed_bytes,
+        "copied_bytes": r.copied_bytes,
+        "stored_before": r.stored_before,
+        "live_before": r.live_before,
+        "space_ratio_before": ratio(r.stored_before, r.live_before),
+        "stored_after": r.stored_after,
+        "live_after": r.live_after,
+        "space_ratio_after": ratio(r.stored_after, r.live_after),
+        "stopped": r.stopped,
+    })
+}
+
+fn print_report(volume: &str, r: &GcReport) {
+    outln!(
+        "{volume}: {} pass{}, {} segment{} deleted, {} freed, {} copied",
+        r.passes,
+        if r.passes == 1 { "" } else { "es" },
+        r.deleted_segments,
+        if r.deleted_segments == 1 { "" } else { "s" },
+        human(r.freed_bytes),
+        human(r.copied_bytes)
+    );
+    outln!(
+        "stored: {} -> {} (live {})",
+        human(r.stored_before),
+        human(r.stored_after),
+        human(r.live_after)
+    );
+    match r.stopped {
+        GcStop::TargetReached => outln!("the space target is met"),
+        GcStop::NothingCleanable => outln!(
+            "nothing more can be cleaned now: what is left is held by snapshots or was written since the last checkpoint (`hlfs gc {volume} --stats` shows where)"
+        ),
+    }
 }
 
 /// Stored ÷ live, the figure a space target is stated in; None if nothing

@@ -44,7 +44,7 @@ async fn live(backend: &hlfs_volume::Backend) -> Option<Live> {
         };
         match owner.call(Command::Status).await? {
             Answer::Status(live) => Ok(Some(live)),
-            Answer::Done(_) => anyhow::bail!("it answered without them"),
+            _ => anyhow::bail!("it answered without them"),
         }
     }
     .await;

@@ -14,7 +14,7 @@ pub mod serve;
 pub mod snapshot;
 
 use anyhow::Result;
-use hlfs_device::control::{Client, Command};
+use hlfs_device::control::{Answer, Client, Command};
 use hlfs_volume::Volume;
 
 use crate::args::Settings;
@@ -41,7 +41,7 @@ async fn change<T>(
     volume: &str,
     settings: &Settings,
     command: Command,
-    from_owner: impl FnOnce(Option<String>) -> T,
+    from_owner: impl FnOnce(Answer) -> hlfs_volume::Result<T>,
     here: impl AsyncFnOnce(&Volume) -> hlfs_volume::Result<T>,
 ) -> Result<T> {
     let backend = settings.backend(volume, false)?;
@@ -51,7 +51,7 @@ async fn change<T>(
             ?command,
             "sending the command to the volume's server"
         );
-        return Ok(from_owner(owner.call(command).await?.into_name()?));
+        return Ok(from_owner(owner.call(command).await?)?);
     }
     let vol = Volume::open(backend, &settings.open).await?;
     let result = here(&vol).await;

@@ -19,7 +19,7 @@ pub async fn run(args: ResizeArgs, settings: &Settings) -> Result<()> {
         &args.volume,
         settings,
         Command::Resize { size },
-        |_| (),
+        |answer| answer.into_name().map(drop),
         async |vol| vol.resize(size).await,
     )
     .await?;

@@ -35,7 +35,7 @@ pub async fn run(command: SnapshotCommand, settings: &Settings) -> Result<()> {
                 &volume,
                 settings,
                 command,
-                |made| made.unwrap_or_else(|| name.clone()),
+                |answer| Ok(answer.into_name()?.unwrap_or_else(|| name.clone())),
                 async |vol| Ok(vol.snapshot_create(&name).await?.name),
             )
             .await?;
@@ -47,7 +47,7 @@ pub async fn run(command: SnapshotCommand, settings: &Settings) -> Result<()> {
                 &volume,
                 settings,
                 command,
-                |_| (),
+                |answer| answer.into_name().map(drop),
                 async |vol| vol.snapshot_delete(&name).await,
             )
             .await?;
@@ -59,7 +59,7 @@ pub async fn run(command: SnapshotCommand, settings: &Settings) -> Result<()> {
                 &volume,
                 settings,
                 command,
-                |kept| kept.unwrap_or_default(),
+                |answer| Ok(answer.into_name()?.unwrap_or_default()),
                 async |vol| vol.rollback(&name).await,
             )
             .await?;

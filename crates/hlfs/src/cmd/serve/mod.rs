@@ -11,7 +11,7 @@ use hlfs_device::control::{self, Answer, Command, Live};
 use hlfs_device::VolumeDevice;
 use hlfs_nbd::proto::MAX_PAYLOAD;
 use hlfs_nbd::{Export, Limits, Server};
-use hlfs_volume::{Backend, CreateOptions, View, Volume, VolumeError};
+use hlfs_volume::{Backend, CreateOptions, GcOptions, View, Volume, VolumeError};
 use listenfd::ListenFd;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::net::{TcpListener, UnixListener};
@@ -373,6 +373,14 @@ impl control::Owner for Owned {
             Command::Resize { size } => {
                 self.volume.resize(size).await?;
                 Ok(Answer::Done(None))
+            }
+            Command::Gc { target, grace_ms } => {
+                let opts = GcOptions {
+                    target,
+                    grace: Duration::from_millis(grace_ms),
+                    ..GcOptions::default()
+                };
+                Ok(Answer::Gc(self.volume.gc(&opts, &|_| {}).await?))
             }
             Command::Status => Ok(Answer::Status(Live {
                 pid: std::process::id(),

@@ -1,0 +1,428 @@
+//! Segment cleaning: space back from segments the head alone holds.
+//!
+//! A pass takes victims among the sealed segments that no snapshot
+//! reaches (from a recount, [`space`]), finds the head's items in them by
+//! scanning each once and looking every block and page up in the head,
+//! and moves them: blocks are appended again as data records (under the
+//! writer lock, and only where the head still points at the old copy), the
+//! head's pages there are made dirty, and a checkpoint commits the pass.
+//!
+//! Which segments are deleted is decided by the recount alone, never by
+//! what a pass believes it moved: a victim is deleted once a recount made
+//! after its pass committed finds nothing in it that any root reaches, and
+//! a grace period on the volume's clock has passed since that commit (for
+//! readers of older manifests). That is safe because reachability only
+//! shrinks: every root made later (a snapshot, a rollback's head, the head
+//! as it is written) is made of items some root held then and of items in
+//! newer segments. A pass that misses an item, or races a snapshot that
+//! takes one, leaves its victim live and nothing is lost.
+//!
+//! See docs/design/cleaning.md for the whole design and what is not built
+//! yet (segments snapshots hold, cold segments, the automatic task).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use hlfs_format::{segment_name, Entry, RecordKind, HEADER_LEN};
+use hlfs_store::StoreError;
+use serde::{Deserialize, Serialize};
+
+use crate::core::Core;
+use crate::error::{Result, VolumeError};
+use crate::lifecycle::Need;
+use crate::segments::{ScanSource, ScanStop, Scanner};
+use crate::stats::{space, SegmentSpace, SpaceStats};
+use crate::write::MAX_RECORD_BYTES;
+
+/// What a cleaning run aims at and how it may go about it.
+#[derive(Clone, Debug)]
+pub struct GcOptions {
+    /// Clean until stored bytes ≤ `target` × live bytes (or nothing more
+    /// can be cleaned).
+    pub target: f64,
+    /// How long a victim stays in the store after the manifest that no
+    /// longer needs it, for readers that opened an older one.
+    pub grace: Duration,
+    /// Live bytes one pass moves at most (it may take one victim more).
+    pub pass_bytes: u64,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            target: 1.2,
+            grace: Duration::from_secs(60),
+            pass_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Where a cleaning run is, told after each recount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GcProgress {
+    pub passes: u32,
+    /// Stored bytes, not counting victims waiting to be deleted.
+    pub stored_bytes: u64,
+    pub live_bytes: u64,
+    /// Stored bytes the run aims at.
+    pub target_bytes: u64,
+}
+
+/// Why a cleaning run stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GcStop {
+    /// Stored ≤ target × live.
+    TargetReached,
+    /// What is left to reclaim lies in segments snapshots hold, in segments
+    /// recovery may replay, or in segments no pass could empty.
+    NothingCleanable,
+}
+
+/// What a cleaning run did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GcReport {
+    pub passes: u32,
+    /// Segments deleted, and their bytes.
+    pub deleted_segments: u32,
+    pub freed_bytes: u64,
+    /// Live bytes appended again to empty the victims.
+    pub copied_bytes: u64,
+    pub stored_before: u64,
+    pub live_before: u64,
+    pub stored_after: u64,
+    pub live_after: u64,
+    pub stopped: GcStop,
+}
+
+/// Segments more live than this are not worth copying: the copy would be
+/// nearly as large, and its own metadata garbage again.
+const MAX_VICTIM_USE: f64 = 0.9;
+
+/// A victim whose pass has committed.
+struct Condemned {
+    id: u32,
+    size: u64,
+    since_ms: u64,
+}
+
+/// A block of the head found in a victim.
+struct Moving {
+    lba: u64,
+    at: Entry,
+}
+
+impl Core {
+    /// Cleans until stored ≤ `opts.target` × live, or until nothing more
+    /// can be cleaned, then deletes the emptied segments once their grace
+    /// period is over. One run at a time per volume.
+    pub(crate) async fn gc(
+        &self,
+        opts: &GcOptions,
+        progress: &(dyn Fn(&GcProgress) + Send + Sync),
+    ) -> Result<GcReport> {
+        if !(opts.target >= 1.0 && opts.target.is_finite()) {
+            return Err(VolumeError::InvalidArgument(format!(
+                "the space target must be a number ≥ 1 (stored ÷ live), not {}",
+                opts.target
+            )));
+        }
+        self.life.check(Need::Write)?;
+        let _turn = self.cleaning.lock().await;
+        {
+            // Checkpointed first, the recounts are exact: nothing is left
+            // for recovery to replay, which would count as wholly live.
+            let mut w = self.log.writer.lock().await;
+            self.life.check(Need::Write)?;
+            if w.changed {
+                self.checkpoint(&mut w, true, |_, _, _| Ok(())).await?;
+            }
+        }
+        let mut condemned: Vec<Condemned> = Vec::new();
+        // Victims a pass could not empty: not tried again in this run.
+        let mut stuck: HashSet<u32> = HashSet::new();
+        let mut passes = 0;
+        let mut copied_bytes = 0;
+        let mut before = None;
+        let mut last_stored = u64::MAX;
+        let (stats, stopped) = loop {
+            let stats = space(self.backend.clone()).await?;
+            self.life.check(Need::Write)?;
+            // Every committed victim has now been through a recount made
+            // after its commit: those still live are not deleted.
+            condemned.retain(|c| {
+                let live = stats
+                    .segments
+                    .iter()
+                    .any(|s| s.id == c.id && s.live_bytes > 0);
+                if live {
+                    tracing::warn!(
+                        segment = c.id,
+                        "a cleaning pass left items in its victim; it is kept"
+                    );
+                    stuck.insert(c.id);
+                }
+                !live
+            });
+            let waiting: u64 = condemned.iter().map(|c| c.size).sum();
+            let stored = stats.stored_bytes - waiting;
+            let target_bytes = (opts.target * stats.live_bytes as f64) as u64;
+            before.get_or_insert((stats.stored_bytes, stats.live_bytes));
+            progress(&GcProgress {
+                passes,
+                stored_bytes: stored,
+                live_bytes: stats.live_bytes,
+                target_bytes,
+            });
+            if stored <= target_bytes {
+                break (stats, GcStop::TargetReached);
+            }
+            // A pass that gave nothing back would be followed by another
+            // just like it.
+            if stored >= last_stored {
+                break (stats, GcStop::NothingCleanable);
+            }
+            last_stored = stored;
+            let skip: HashSet<u32> = condemned
+                .iter()
+                .map(|c| c.id)
+                .chain(stuck.iter().copied())
+                .collect();
+            let victims = choose_victims(&stats, &skip, opts.pass_bytes, self.clock.unix_ms());
+            if victims.is_empty() {
+                break (stats, GcStop::NothingCleanable);
+            }
+            copied_bytes += self.clean_pass(&victims).await?;
+            passes += 1;
+            let since_ms = self.clock.unix_ms();
+            condemned.extend(victims.iter().map(|v| Condemned {
+                id: v.id,
+                size: v.size,
+                since_ms,
+            }));
+        };
+        let (stored_before, live_before) = before.expect("one recount at least");
+        let mut freed_bytes = 0;
+        let mut deleted_segments = 0;
+        for c in &condemned {
+            let due = c.since_ms + opts.grace.as_millis() as u64;
+            let now = self.clock.unix_ms();
+            if due > now {
+                self.clock.sleep(Duration::from_millis(due - now)).await;
+            }
+            self.delete_segment(c.id).await?;
+            freed_bytes += c.size;
+            deleted_segments += 1;
+        }
+        Ok(GcReport {
+            passes,
+            deleted_segments,
+            freed_bytes,
+            copied_bytes,
+            stored_before,
+            live_before,
+            stored_after: stats.stored_bytes - freed_bytes,
+            live_after: stats.live_bytes,
+            stopped,
+        })
+    }
+
+    /// Moves the head's items out of `victims` and commits with a
+    /// checkpoint; returns the data bytes appended again.
+    async fn clean_pass(&self, victims: &[&SegmentSpace]) -> Result<u64> {
+        let bs = self.block_size as usize;
+        let mut copied = 0;
+        let mut pages = Vec::new();
+        for v in victims {
+            let reader = self.store.clone().open_reader(&segment_name(v.id)).await?;
+            let mut scan = Scanner::new(ScanSource::Store(reader), v.size);
+            loop {
+                let (off, header, payload) = match scan.next(&self.uuid).await? {
+                    Ok(record) => record,
+                    Err(ScanStop::End) => break,
+                    Err(ScanStop::Invalid { offset, reason, .. }) => {
+                        return Err(VolumeError::corrupt(format!(
+                            "{} offset {offset}: {reason}",
+                            segment_name(v.id)
+                        )))
+                    }
+                };
+                let at = Entry {
+                    seg: v.id,
+                    off: off as u32,
+                    crc: header.crc,
+                };
+                match header.kind {
+                    RecordKind::Data => {
+                        let base = off + HEADER_LEN as u64;
+                        let moving: Vec<Moving> = payload
+                            .chunks(bs)
+                            .enumerate()
+                            .map(|(k, block)| Moving {
+                                lba: header.arg0 + k as u64,
+                                at: Entry {
+                                    seg: v.id,
+                                    off: (base + (k * bs) as u64) as u32,
+                                    crc: crc32c::crc32c(block),
+                                },
+                            })
+                            .collect();
+                        copied += self.move_blocks(&moving, &payload).await?;
+                    }
+                    RecordKind::MapPage => pages.push((header.arg0 as u32, header.arg1, at)),
+                    _ => {}
+                }
+            }
+        }
+        let mut w = self.log.writer.lock().await;
+        self.life.check(Need::Write)?;
+        for &(level, index, at) in &pages {
+            self.map_op(|m, pins| m.move_page(level, index, at, pins))
+                .await?;
+        }
+        // The commit: the head written whole, without the victims.
+        self.checkpoint(&mut w, true, |_, _, _| Ok(())).await?;
+        Ok(copied)
+    }
+
+    /// Appends again the blocks of one data record (`payload`, described
+    /// by `moving`) that the head still points at, in runs of consecutive
+    /// blocks; returns their bytes.
+    async fn move_blocks(&self, moving: &[Moving], payload: &[u8]) -> Result<u64> {
+        let bs = self.block_size as usize;
+        let Some(first) = moving.first() else {
+            return Ok(0);
+        };
+        let mut current = vec![Entry::EMPTY; moving.len()];
+        let mut w = self.log.writer.lock().await;
+        self.life.check(Need::Write)?;
+        // Under the writer lock, so that no write can land between the
+        // lookup and the move.
+        self.map_op(|m, pins| m.lookup(first.lba, &mut current, pins))
+            .await?;
+        let per_record = (MAX_RECORD_BYTES / bs).max(1);
+        let mut moved = 0;
+        let mut k = 0;
+        while k < moving.len() {
+            if current[k] != moving[k].at {
+                k += 1;
+                continue;
+            }
+            let mut n = 1;
+            while k + n < moving.len() && n < per_record && current[k + n] == moving[k + n].at {
+                n += 1;
+            }
+            self.make_room(&mut w).await?;
+            let data = &payload[k * bs..(k + n) * bs];
+            self.write_blocks(&mut w, moving[k].lba, n as u64, 0, data)
+                .await?;
+            self.after_append(&mut w).await?;
+            moved += data.len() as u64;
+            k += n;
+        }
+        Ok(moved)
+    }
+
+    /// Deletes a segment no root reaches, and forgets it here.
+    async fn delete_segment(&self, id: u32) -> Result<()> {
+        match self.store.delete(&segment_name(id)).await {
+            Ok(()) | Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.segments.deleted(id);
+        Ok(())
+    }
+}
+
+/// The victims of the next pass: sealed segments the head alone holds,
+/// best first by cost-benefit (space gained × age ÷ cost of copying),
+/// until their live bytes reach `pass_bytes`.
+fn choose_victims<'a>(
+    stats: &'a SpaceStats,
+    skip: &HashSet<u32>,
+    pass_bytes: u64,
+    now_ms: u64,
+) -> Vec<&'a SegmentSpace> {
+    let mut candidates: Vec<(f64, &SegmentSpace)> = stats
+        .segments
+        .iter()
+        .filter(|s| {
+            !s.recent
+                && s.snapshot_bytes == 0
+                && (s.live_bytes < s.size || s.live_bytes == 0)
+                && !skip.contains(&s.id)
+        })
+        .map(|s| {
+            // An empty segment costs nothing to clean: it goes first.
+            if s.live_bytes == 0 {
+                return (f64::INFINITY, s);
+            }
+            let u = s.live_bytes as f64 / s.size as f64;
+            if u > MAX_VICTIM_USE {
+                return (f64::NEG_INFINITY, s);
+            }
+            let age = now_ms.saturating_sub(s.made_ms) as f64 + 1.0;
+            ((1.0 - u) * age / (1.0 + u), s)
+        })
+        .collect();
+    candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.id.cmp(&b.1.id)));
+    let mut victims = Vec::new();
+    let mut live = 0;
+    for (score, s) in candidates {
+        if live >= pass_bytes || score == f64::NEG_INFINITY {
+            break;
+        }
+        live += s.live_bytes;
+        victims.push(s);
+    }
+    victims
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(id: u32, size: u64, live: u64, made_ms: u64) -> SegmentSpace {
+        SegmentSpace {
+            id,
+            size,
+            live_bytes: live,
+            snapshot_bytes: 0,
+            made_ms,
+            recent: false,
+        }
+    }
+
+    #[test]
+    fn victims_are_the_emptiest_and_oldest_the_head_alone_holds() {
+        let mut held = seg(5, 100, 10, 0);
+        held.snapshot_bytes = 1;
+        let mut recent = seg(6, 100, 0, 0);
+        recent.recent = true;
+        let stats = SpaceStats {
+            segments: vec![
+                seg(1, 100, 90, 0),
+                seg(8, 100, 95, 0),
+                seg(2, 100, 10, 500),
+                seg(3, 100, 10, 0),
+                seg(4, 100, 100, 0),
+                held,
+                recent,
+                seg(7, 100, 0, 900),
+            ],
+            ..SpaceStats::default()
+        };
+        let ids = |v: Vec<&SegmentSpace>| v.iter().map(|s| s.id).collect::<Vec<_>>();
+        let none = HashSet::new();
+        // Empty first, then older before younger at equal use; full ones,
+        // snapshots' and recent ones never.
+        assert_eq!(
+            ids(choose_victims(&stats, &none, u64::MAX, 1000)),
+            [7, 3, 2, 1]
+        );
+        // Until the pass has its bytes.
+        assert_eq!(ids(choose_victims(&stats, &none, 15, 1000)), [7, 3, 2]);
+        let skip: HashSet<u32> = [3].into();
+        assert_eq!(ids(choose_victims(&stats, &skip, 1, 1000)), [7, 2]);
+    }
+}

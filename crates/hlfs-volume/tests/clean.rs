@@ -1,0 +1,188 @@
+//! Segment cleaning through the public API: space comes back, every read of
+//! the head and of every snapshot stays what it was, and readers of older
+//! manifests are given their grace period.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{pattern, Image, World};
+use hlfs_store::time::{Jitter, ManualClock};
+use hlfs_volume::{
+    check, space, Backend, CreateOptions, GcOptions, GcStop, OpenOptions, View, Volume,
+};
+
+const BS: u64 = 4096;
+const SIZE: u64 = 2 << 20;
+
+fn now_options(target: f64) -> GcOptions {
+    GcOptions {
+        target,
+        grace: Duration::ZERO,
+        ..GcOptions::default()
+    }
+}
+
+async fn create(backend: &Backend) {
+    let create = CreateOptions {
+        size: SIZE,
+        block_size: BS as u32,
+        segment_size: 128 << 10,
+    };
+    Volume::create(backend, &create).await.unwrap();
+}
+
+/// Overwrites scattered runs of blocks `rounds` times, in the model too.
+async fn churn(vol: &Volume, model: &mut Image, rounds: u8, seed: u64) {
+    let mut x = seed;
+    for round in 0..rounds {
+        for _ in 0..64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let blocks = 1 + (x >> 60);
+            let at = ((x >> 20) % (SIZE / BS - blocks)) * BS;
+            let data = pattern((blocks * BS) as usize, round ^ (x >> 8) as u8);
+            vol.write(at, &data).await.unwrap();
+            model.write(at, &data);
+        }
+        vol.flush().await.unwrap();
+    }
+}
+
+async fn assert_reads(vol: &Volume, model: &Image, what: &str) {
+    let got = vol.read(0, SIZE as usize).await.unwrap();
+    assert!(got == model.read(0, SIZE), "{what} differs from the model");
+}
+
+async fn assert_snapshot(backend: &Backend, name: &str, model: &Image) {
+    let snap = Volume::open_read_only(
+        backend.clone(),
+        &OpenOptions::default(),
+        View::Snapshot(name.into()),
+    )
+    .await
+    .unwrap();
+    assert_reads(&snap, model, &format!("snapshot {name}")).await;
+}
+
+async fn space_back_keeping_snapshots(backend: Backend) {
+    create(&backend).await;
+    let vol = Volume::open(backend.clone(), &OpenOptions::default())
+        .await
+        .unwrap();
+    let mut model = Image::new(SIZE);
+    churn(&vol, &mut model, 3, 1).await;
+    vol.snapshot_create("a").await.unwrap();
+    let at_a = model.clone();
+    churn(&vol, &mut model, 4, 2).await;
+
+    // With a snapshot: what only the head held comes back; what the
+    // snapshot holds stays.
+    let report = vol.gc(&now_options(1.0), &|_| {}).await.unwrap();
+    assert!(
+        report.passes > 0 && report.deleted_segments > 0,
+        "{report:?}"
+    );
+    assert!(report.stored_after < report.stored_before, "{report:?}");
+    assert_eq!(report.stopped, GcStop::NothingCleanable);
+    assert_reads(&vol, &model, "the head after cleaning").await;
+    assert_snapshot(&backend, "a", &at_a).await;
+
+    // Without it, everything can be cleaned down to the target.
+    vol.snapshot_delete("a").await.unwrap();
+    let report = vol.gc(&now_options(1.3), &|_| {}).await.unwrap();
+    assert_eq!(report.stopped, GcStop::TargetReached, "{report:?}");
+    assert!(report.deleted_segments > 0);
+    assert_reads(&vol, &model, "the head after the second run").await;
+
+    // What the run says it left is what a recount finds, and a reopen
+    // reads the same.
+    vol.close().await.unwrap();
+    let stats = space(backend.clone()).await.unwrap();
+    assert!(
+        stats.stored_bytes as f64 <= 1.3 * stats.live_bytes as f64,
+        "stored {} live {}",
+        stats.stored_bytes,
+        stats.live_bytes
+    );
+    let report = check(backend.clone()).await.unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    let vol = Volume::open(backend.clone(), &OpenOptions::default())
+        .await
+        .unwrap();
+    assert_reads(&vol, &model, "the head after a reopen").await;
+    vol.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn cleaning_gives_space_back_and_keeps_every_snapshot() {
+    space_back_keeping_snapshots(World::new().backend()).await;
+}
+
+#[tokio::test]
+async fn cleaning_a_remote_volume_goes_through_its_read_cache() {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let world = World::new();
+    let backend = Backend {
+        cache: hlfs_volume::ReadCache::shared(cache_dir.path(), 64 << 20).unwrap(),
+        ..world.remote()
+    };
+    space_back_keeping_snapshots(backend).await;
+}
+
+#[tokio::test]
+async fn a_bad_target_is_refused() {
+    let world = World::new();
+    create(&world.backend()).await;
+    let vol = Volume::open(world.backend(), &OpenOptions::default())
+        .await
+        .unwrap();
+    for target in [0.5, f64::NAN, f64::INFINITY] {
+        let err = vol.gc(&now_options(target), &|_| {}).await.unwrap_err();
+        assert!(err.to_string().contains("space target"), "{err}");
+    }
+    vol.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_reader_of_an_older_manifest_reads_on_through_the_grace_period() {
+    let world = World::new();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let backend = world.backend().with_time(clock.clock(), Jitter::seeded(1));
+    create(&backend).await;
+    let vol = Volume::open(backend.clone(), &OpenOptions::default())
+        .await
+        .unwrap();
+    let mut model = Image::new(SIZE);
+    churn(&vol, &mut model, 4, 3).await;
+    vol.snapshot_create("base").await.unwrap();
+    vol.snapshot_delete("base").await.unwrap();
+    // Opened before cleaning: it reads the segments the cleaner empties.
+    let reader = Volume::open_read_only(backend.clone(), &OpenOptions::default(), View::Head)
+        .await
+        .unwrap();
+    let grace = Duration::from_secs(60);
+    let opts = GcOptions {
+        target: 1.0,
+        grace,
+        ..GcOptions::default()
+    };
+    let cleaner = {
+        let vol = vol.clone();
+        tokio::spawn(async move { vol.gc(&opts, &|_| {}).await })
+    };
+    let mut waited = Duration::ZERO;
+    while !cleaner.is_finished() {
+        assert_reads(&reader, &model, "the older reader").await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        clock.advance(Duration::from_secs(1));
+        waited += Duration::from_secs(1);
+        assert!(waited < grace * 10, "cleaning does not end");
+    }
+    let report = cleaner.await.unwrap().unwrap();
+    assert!(report.deleted_segments > 0, "{report:?}");
+    assert!(waited >= grace, "deleted after {waited:?}");
+    assert_reads(&vol, &model, "the head").await;
+    vol.close().await.unwrap();
+}
