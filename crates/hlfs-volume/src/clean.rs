@@ -17,6 +17,8 @@
 //! newer segments. A pass that misses an item, or races a snapshot that
 //! takes one, leaves its victim live and nothing is lost.
 //!
+//! The views this process has open are roots too (`stats::ViewRoot`).
+//!
 //! See docs/design/cleaning.md for the whole design and what is not built
 //! yet (segments snapshots hold, cold segments, the automatic task).
 
@@ -77,6 +79,9 @@ pub enum GcStop {
     /// What is left to reclaim lies in segments snapshots hold, in segments
     /// recovery may replay, or in segments no pass could empty.
     NothingCleanable,
+    /// The volume is closing; emptied segments not deleted yet are found
+    /// empty, and deleted first, by the next run.
+    Interrupted,
 }
 
 /// What a cleaning run did.
@@ -128,6 +133,9 @@ impl Core {
             )));
         }
         self.life.check(Need::Write)?;
+        if *self.cleaning_stopped.borrow() {
+            return Err(VolumeError::Closed);
+        }
         let _turn = self.cleaning.lock().await;
         {
             // Checkpointed first, the recounts are exact: nothing is left
@@ -144,7 +152,8 @@ impl Core {
         let mut passes = 0;
         let mut copied_bytes = 0;
         let mut before = None;
-        let mut last_stored = u64::MAX;
+        let mut last_garbage = u64::MAX;
+        let mut stop = self.cleaning_stopped.subscribe();
         let (stats, stopped) = loop {
             let stats = space(self.backend.clone()).await?;
             self.life.check(Need::Write)?;
@@ -164,8 +173,14 @@ impl Core {
                 }
                 !live
             });
-            let waiting: u64 = condemned.iter().map(|c| c.size).sum();
-            let stored = stats.stored_bytes - waiting;
+            // Only what is still listed: a listing may lag a delete.
+            let waiting: u64 = condemned
+                .iter()
+                .filter(|c| stats.segments.iter().any(|s| s.id == c.id))
+                .map(|c| c.size)
+                .sum();
+            let stored = stats.stored_bytes.saturating_sub(waiting);
+            let garbage = stored.saturating_sub(stats.live_bytes);
             let target_bytes = (opts.target * stats.live_bytes as f64) as u64;
             before.get_or_insert((stats.stored_bytes, stats.live_bytes));
             progress(&GcProgress {
@@ -177,12 +192,16 @@ impl Core {
             if stored <= target_bytes {
                 break (stats, GcStop::TargetReached);
             }
+            if *stop.borrow_and_update() {
+                break (stats, GcStop::Interrupted);
+            }
             // A pass that gave nothing back would be followed by another
-            // just like it.
-            if stored >= last_stored {
+            // just like it. (Garbage, not stored bytes: clients may be
+            // writing meanwhile.)
+            if garbage >= last_garbage {
                 break (stats, GcStop::NothingCleanable);
             }
-            last_stored = stored;
+            last_garbage = garbage;
             let skip: HashSet<u32> = condemned
                 .iter()
                 .map(|c| c.id)
@@ -192,23 +211,42 @@ impl Core {
             if victims.is_empty() {
                 break (stats, GcStop::NothingCleanable);
             }
-            copied_bytes += self.clean_pass(&victims).await?;
-            passes += 1;
-            let since_ms = self.clock.unix_ms();
-            condemned.extend(victims.iter().map(|v| Condemned {
+            // Empty ones need no pass: nothing reaches them now, so nothing
+            // ever will.
+            let (empty, full): (Vec<_>, Vec<_>) =
+                victims.into_iter().partition(|v| v.live_bytes == 0);
+            condemned.extend(empty.iter().map(|v| Condemned {
                 id: v.id,
                 size: v.size,
-                since_ms,
+                since_ms: self.clock.unix_ms(),
             }));
+            if !full.is_empty() {
+                copied_bytes += self.clean_pass(&full).await?;
+                passes += 1;
+                let since_ms = self.clock.unix_ms();
+                condemned.extend(full.iter().map(|v| Condemned {
+                    id: v.id,
+                    size: v.size,
+                    since_ms,
+                }));
+            }
         };
         let (stored_before, live_before) = before.expect("one recount at least");
         let mut freed_bytes = 0;
         let mut deleted_segments = 0;
+        let mut stopped = stopped;
+        let grace_ms = u64::try_from(opts.grace.as_millis()).unwrap_or(u64::MAX);
         for c in &condemned {
-            let due = c.since_ms + opts.grace.as_millis() as u64;
+            let due = c.since_ms.saturating_add(grace_ms);
             let now = self.clock.unix_ms();
             if due > now {
-                self.clock.sleep(Duration::from_millis(due - now)).await;
+                tokio::select! {
+                    () = self.clock.sleep(Duration::from_millis(due - now)) => {}
+                    _ = stop.wait_for(|stop| *stop) => {
+                        stopped = GcStop::Interrupted;
+                        break;
+                    }
+                }
             }
             self.delete_segment(c.id).await?;
             freed_bytes += c.size;
@@ -221,10 +259,16 @@ impl Core {
             copied_bytes,
             stored_before,
             live_before,
-            stored_after: stats.stored_bytes - freed_bytes,
+            stored_after: stats.stored_bytes.saturating_sub(freed_bytes),
             live_after: stats.live_bytes,
             stopped,
         })
+    }
+
+    /// Makes a cleaning run stop as soon as it safely can, and refuses
+    /// runs from now on.
+    pub(crate) fn stop_cleaning(&self) {
+        self.cleaning_stopped.send_replace(true);
     }
 
     /// Moves the head's items out of `victims` and commits with a

@@ -50,6 +50,7 @@ use crate::manifest::ManifestLog;
 use crate::map::{DirtyTree, MapResult, Missing, PageCache, Pins};
 use crate::options::Durability;
 use crate::segments::Segments;
+use crate::stats::ViewRoot;
 use crate::upload::Uploads;
 
 pub(crate) struct Core {
@@ -77,6 +78,11 @@ pub(crate) struct Core {
     pub uploads: Uploads,
     /// One cleaning run at a time.
     pub cleaning: tokio::sync::Mutex<()>,
+    /// Set once cleaning must stop (the server is shutting down).
+    pub cleaning_stopped: tokio::sync::watch::Sender<bool>,
+    /// A read-only view's root, which this process's cleaning keeps.
+    #[expect(dead_code, reason = "held only to be dropped with the view")]
+    pub view_root: Option<ViewRoot>,
 }
 
 impl Core {

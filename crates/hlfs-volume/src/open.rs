@@ -29,6 +29,7 @@ use crate::map::{depth_for, DirtyTree, PageCache, SegmentUsage};
 use crate::options::{CreateOptions, OpenOptions, View};
 use crate::runner::Runner;
 use crate::segments::Segments;
+use crate::stats::ViewRoot;
 use crate::upload::{self, Uploads, UPLOAD_BACKLOG_REMOTE};
 use crate::write::MAX_RECORD_BYTES;
 
@@ -266,6 +267,11 @@ async fn load(
     let usage = SegmentUsage::from_checkpoint(manifest.block_size, cp.allocated_blocks, &cp.usage);
     let map = DirtyTree::new(uuid, pages.clone(), cp.root, cp.depth, usage);
     let log = Log::new(manifest.next_seg, manifest.replay_from_lsn.max(cp_lsn + 1));
+    // Cleaning by this process keeps what a view reads (the writes a head
+    // view replayed excepted: they are in segments recovery replays, which
+    // the grace period covers).
+    let view_root = (read_only && !manifest.checkpoint.is_empty())
+        .then(|| ViewRoot::hold(uuid, manifest.checkpoint));
     Ok(Arc::new(Core {
         uuid,
         block_size: manifest.block_size,
@@ -282,6 +288,8 @@ async fn load(
         manifests: ManifestLog::new(manifest),
         uploads: Uploads::new(&backend),
         cleaning: tokio::sync::Mutex::new(()),
+        cleaning_stopped: tokio::sync::watch::Sender::new(false),
+        view_root,
         clock: backend.clock.clone(),
         store,
         backend,

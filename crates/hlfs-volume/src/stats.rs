@@ -20,6 +20,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use hlfs_format::{parse_segment_name, segment_name, Entry, HEADER_LEN, MAP_FANOUT};
+use parking_lot::Mutex;
 
 use crate::backend::Backend;
 use crate::cache::ReadCache;
@@ -79,6 +80,33 @@ pub struct SpaceStats {
     pub stored_bytes: u64,
     /// Bytes in sealed segments that nothing can read any more.
     pub reclaimable_bytes: u64,
+}
+
+/// The checkpoints read-only views open in this process read from, by
+/// volume: roots like snapshots, so that cleaning run by this process (a
+/// server) keeps what they read even once their snapshot is deleted.
+static VIEWS: Mutex<Vec<([u8; 16], Entry)>> = Mutex::new(Vec::new());
+
+/// A read-only view's root, held while the view is open.
+pub(crate) struct ViewRoot {
+    volume: [u8; 16],
+    at: Entry,
+}
+
+impl ViewRoot {
+    pub fn hold(volume: [u8; 16], at: Entry) -> ViewRoot {
+        VIEWS.lock().push((volume, at));
+        ViewRoot { volume, at }
+    }
+}
+
+impl Drop for ViewRoot {
+    fn drop(&mut self) {
+        let mut views = VIEWS.lock();
+        if let Some(i) = views.iter().position(|v| *v == (self.volume, self.at)) {
+            views.swap_remove(i);
+        }
+    }
 }
 
 /// Bytes of a remote volume's map pages a walk keeps locally at most.
@@ -141,9 +169,17 @@ pub async fn space(backend: Backend) -> Result<SpaceStats> {
     };
     let segments = Segments::new(store.clone(), scratch, manifest.volume);
 
-    // Root 0 is the head, then the snapshots in order.
+    // Root 0 is the head, then the snapshots in order, then the views open
+    // in this process.
+    let views: Vec<Entry> = VIEWS
+        .lock()
+        .iter()
+        .filter(|(volume, _)| *volume == manifest.volume)
+        .map(|&(_, at)| at)
+        .collect();
     let roots: Vec<Entry> = std::iter::once(manifest.checkpoint)
         .chain(manifest.snapshots.iter().map(|s| s.checkpoint))
+        .chain(views)
         .collect();
     let mut tally = Tally {
         live: HashMap::new(),

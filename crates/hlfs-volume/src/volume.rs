@@ -174,6 +174,13 @@ impl Volume {
         self.core.gc(opts, progress).await
     }
 
+    /// Stops a running cleaning run as soon as it safely can (between
+    /// passes, or in its grace period), and refuses new runs: for a server
+    /// shutting down.
+    pub fn stop_cleaning(&self) {
+        self.core.stop_cleaning();
+    }
+
     /// Summary for `hlfs info`.
     pub async fn info(&self) -> Result<VolumeInfo> {
         self.core.info().await

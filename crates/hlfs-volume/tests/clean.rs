@@ -186,3 +186,85 @@ async fn a_reader_of_an_older_manifest_reads_on_through_the_grace_period() {
     assert_reads(&vol, &model, "the head").await;
     vol.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_view_open_in_this_process_keeps_its_deleted_snapshot() {
+    let world = World::new();
+    let backend = world.backend();
+    create(&backend).await;
+    let vol = Volume::open(backend.clone(), &OpenOptions::default())
+        .await
+        .unwrap();
+    let mut model = Image::new(SIZE);
+    churn(&vol, &mut model, 2, 4).await;
+    vol.snapshot_create("old").await.unwrap();
+    let at_old = model.clone();
+    let view = Volume::open_read_only(
+        backend.clone(),
+        &OpenOptions::default(),
+        View::Snapshot("old".into()),
+    )
+    .await
+    .unwrap();
+    churn(&vol, &mut model, 4, 5).await;
+    vol.snapshot_delete("old").await.unwrap();
+    let held = vol.gc(&now_options(1.0), &|_| {}).await.unwrap();
+    assert_reads(&view, &at_old, "the view of the deleted snapshot").await;
+    assert_reads(&vol, &model, "the head").await;
+    // Once the view is closed, what only it held goes too.
+    view.close().await.unwrap();
+    drop(view);
+    let freed = vol.gc(&now_options(1.0), &|_| {}).await.unwrap();
+    assert!(freed.deleted_segments > 0, "{held:?} then {freed:?}");
+    assert!(
+        freed.stored_after < held.stored_after,
+        "{held:?} then {freed:?}"
+    );
+    assert_reads(&vol, &model, "the head").await;
+    vol.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stopped_run_leaves_its_emptied_segments_to_the_next() {
+    let world = World::new();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let backend = world.backend().with_time(clock.clock(), Jitter::seeded(2));
+    create(&backend).await;
+    let vol = Volume::open(backend.clone(), &OpenOptions::default())
+        .await
+        .unwrap();
+    let mut model = Image::new(SIZE);
+    churn(&vol, &mut model, 4, 6).await;
+    let before = space(backend.clone()).await.unwrap();
+    let opts = GcOptions {
+        target: 1.0,
+        grace: Duration::from_secs(3600),
+        ..GcOptions::default()
+    };
+    let cleaner = {
+        let vol = vol.clone();
+        tokio::spawn(async move { vol.gc(&opts, &|_| {}).await })
+    };
+    // In its grace period, the run waits on the clock, which stands still.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!cleaner.is_finished());
+    vol.stop_cleaning();
+    let report = cleaner.await.unwrap().unwrap();
+    assert_eq!(report.stopped, GcStop::Interrupted);
+    assert_eq!(report.deleted_segments, 0);
+    assert!(
+        vol.gc(&now_options(1.0), &|_| {}).await.is_err(),
+        "runs are refused once stopped"
+    );
+    assert_reads(&vol, &model, "the head").await;
+    vol.close().await.unwrap();
+    // The next open's run finds the emptied segments and deletes them.
+    let vol = Volume::open(backend.clone(), &OpenOptions::default())
+        .await
+        .unwrap();
+    let report = vol.gc(&now_options(1.0), &|_| {}).await.unwrap();
+    assert!(report.deleted_segments > 0, "{report:?}");
+    assert!(report.stored_after < before.stored_bytes, "{report:?}");
+    assert_reads(&vol, &model, "the head after the next run").await;
+    vol.close().await.unwrap();
+}

@@ -180,7 +180,8 @@ impl DirtyTree {
             return Ok(false);
         }
         let lba = index << (MAP_SHIFT * (level + 1));
-        if node_index(lba, level) != index {
+        // Past the tree's reach, lookups would wrap onto the root's slots.
+        if node_index(lba, level) != index || node_index(lba, self.depth - 1) != 0 {
             return Ok(false);
         }
         let cache = self.cache.clone();

@@ -29,12 +29,13 @@ pub struct GcArgs {
     stats: bool,
     /// Clean until stored bytes ≤ TARGET × live bytes. Lower means more
     /// copying for less space.
-    #[arg(long, default_value_t = GcOptions::default().target, conflicts_with = "stats")]
+    #[arg(long, default_value_t = GcOptions::default().target, value_parser = parse_target, conflicts_with = "stats")]
     target: f64,
     /// Keep emptied segments this long after the manifest that frees them,
     /// for readers that opened the volume before (an export, a read-only
-    /// server). The command waits it out before deleting.
-    #[arg(long, value_name = "SECS", default_value_t = GcOptions::default().grace.as_secs(), conflicts_with = "stats")]
+    /// server). The command waits it out before deleting. A served volume
+    /// gets at least 5 s, for its own clients' reads in flight.
+    #[arg(long, value_name = "SECS", default_value_t = GcOptions::default().grace.as_secs(), value_parser = clap::value_parser!(u64).range(..=MAX_GRACE_SECS), conflicts_with = "stats")]
     grace: u64,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -58,6 +59,18 @@ pub async fn run(args: GcArgs, settings: &Settings) -> Result<()> {
         print_stats(&args.volume, &stats, now);
     }
     Ok(())
+}
+
+/// A day: longer would be a mistake, not a choice.
+const MAX_GRACE_SECS: u64 = 86_400;
+
+fn parse_target(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 1.0 => Ok(t),
+        _ => Err(format!(
+            "the space target is stored ÷ live, a number of at least 1 (such as 1.2), not {s:?}"
+        )),
+    }
 }
 
 async fn clean(args: GcArgs, settings: &Settings) -> Result<()> {
@@ -134,6 +147,9 @@ fn print_report(volume: &str, r: &GcReport) {
     );
     match r.stopped {
         GcStop::TargetReached => outln!("the space target is met"),
+        GcStop::Interrupted => outln!(
+            "interrupted: the volume's server is stopping; what this run emptied is deleted by the next"
+        ),
         GcStop::NothingCleanable => outln!(
             "nothing more can be cleaned now: what is left is held by snapshots or was written since the last checkpoint (`hlfs gc {volume} --stats` shows where)"
         ),

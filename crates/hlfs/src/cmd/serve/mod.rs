@@ -330,6 +330,10 @@ impl hlfs_nbd::Catalog for Exports {
     }
 }
 
+/// The shortest grace period a served volume's cleaning gets, whatever
+/// is asked: its own clients' reads in flight need it.
+const MIN_SERVED_GRACE: Duration = Duration::from_secs(5);
+
 /// A volume this server owns, as its control socket sees it.
 struct Owned {
     volume: Volume,
@@ -375,9 +379,11 @@ impl control::Owner for Owned {
                 Ok(Answer::Done(None))
             }
             Command::Gc { target, grace_ms } => {
+                // Reads of this server's clients that looked a block up
+                // before a pass committed may still be on their way to it.
                 let opts = GcOptions {
                     target,
-                    grace: Duration::from_millis(grace_ms),
+                    grace: Duration::from_millis(grace_ms).max(MIN_SERVED_GRACE),
                     ..GcOptions::default()
                 };
                 Ok(Answer::Gc(self.volume.gc(&opts, &|_| {}).await?))
@@ -723,6 +729,11 @@ pub async fn run(args: ServeArgs, settings: &Settings, inherited: ListenFd) -> R
         },
     };
     let _ = stop_tx.send(true);
+    // A cleaning run would hold the shutdown for its passes and its grace
+    // period: it stops at the next safe point instead.
+    for vol in &volumes {
+        vol.stop_cleaning();
+    }
     // No more commands, and those running answer before the volumes
     // close. A CLI started from now on finds no owner, and is refused by
     // the journal lock until the close below releases it.
