@@ -23,15 +23,19 @@
 //! yet (segments snapshots hold, cold segments, the automatic task).
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use hlfs_format::{segment_name, Entry, RecordKind, HEADER_LEN};
+use hlfs_format::{parse_segment_name, segment_name, Entry, RecordKind, HEADER_LEN};
 use hlfs_store::StoreError;
 use serde::{Deserialize, Serialize};
 
 use crate::core::Core;
 use crate::error::{Result, VolumeError};
 use crate::lifecycle::Need;
+use crate::options::AutoClean;
+use crate::runner::TaskContext;
 use crate::segments::{ScanSource, ScanStop, Scanner};
 use crate::stats::{space, SegmentSpace, SpaceStats};
 use crate::write::MAX_RECORD_BYTES;
@@ -47,6 +51,13 @@ pub struct GcOptions {
     pub grace: Duration,
     /// Live bytes one pass moves at most (it may take one victim more).
     pub pass_bytes: u64,
+    /// Do nothing unless stored is above this × live (the automatic
+    /// cleaner's start mark). Such a run does not checkpoint first, so its
+    /// first recount counts what recovery would replay as live.
+    pub start_above: Option<f64>,
+    /// Live bytes copied per second at most; `None` copies as fast as the
+    /// writer lock allows.
+    pub copy_rate: Option<u64>,
 }
 
 impl Default for GcOptions {
@@ -55,7 +66,31 @@ impl Default for GcOptions {
             target: 1.2,
             grace: Duration::from_secs(60),
             pass_bytes: 64 << 20,
+            start_above: None,
+            copy_rate: None,
         }
+    }
+}
+
+/// What cleaning has done since the volume was opened.
+#[derive(Default)]
+pub(crate) struct CleanCounts {
+    pub runs: AtomicU64,
+    pub passes: AtomicU64,
+    pub deleted_segments: AtomicU64,
+    pub freed_bytes: AtomicU64,
+    pub copied_bytes: AtomicU64,
+}
+
+impl CleanCounts {
+    fn add(&self, r: &GcReport) {
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        self.passes.fetch_add(r.passes as u64, Ordering::Relaxed);
+        self.deleted_segments
+            .fetch_add(r.deleted_segments as u64, Ordering::Relaxed);
+        self.freed_bytes.fetch_add(r.freed_bytes, Ordering::Relaxed);
+        self.copied_bytes
+            .fetch_add(r.copied_bytes, Ordering::Relaxed);
     }
 }
 
@@ -137,7 +172,17 @@ impl Core {
             return Err(VolumeError::Closed);
         }
         let _turn = self.cleaning.lock().await;
-        {
+        let report = self.gc_run(opts, progress).await?;
+        self.clean_counts.add(&report);
+        Ok(report)
+    }
+
+    async fn gc_run(
+        &self,
+        opts: &GcOptions,
+        progress: &(dyn Fn(&GcProgress) + Send + Sync),
+    ) -> Result<GcReport> {
+        if opts.start_above.is_none() {
             // Checkpointed first, the recounts are exact: nothing is left
             // for recovery to replay, which would count as wholly live.
             let mut w = self.log.writer.lock().await;
@@ -182,6 +227,7 @@ impl Core {
             let stored = stats.stored_bytes.saturating_sub(waiting);
             let garbage = stored.saturating_sub(stats.live_bytes);
             let target_bytes = (opts.target * stats.live_bytes as f64) as u64;
+            let first = before.is_none();
             before.get_or_insert((stats.stored_bytes, stats.live_bytes));
             progress(&GcProgress {
                 passes,
@@ -189,7 +235,10 @@ impl Core {
                 live_bytes: stats.live_bytes,
                 target_bytes,
             });
-            if stored <= target_bytes {
+            let below_start = opts
+                .start_above
+                .is_some_and(|start| stored as f64 <= start * stats.live_bytes as f64);
+            if stored <= target_bytes || (first && below_start) {
                 break (stats, GcStop::TargetReached);
             }
             if *stop.borrow_and_update() {
@@ -221,7 +270,7 @@ impl Core {
                 since_ms: self.clock.unix_ms(),
             }));
             if !full.is_empty() {
-                copied_bytes += self.clean_pass(&full).await?;
+                copied_bytes += self.clean_pass(&full, opts.copy_rate).await?;
                 passes += 1;
                 let since_ms = self.clock.unix_ms();
                 condemned.extend(full.iter().map(|v| Condemned {
@@ -273,7 +322,7 @@ impl Core {
 
     /// Moves the head's items out of `victims` and commits with a
     /// checkpoint; returns the data bytes appended again.
-    async fn clean_pass(&self, victims: &[&SegmentSpace]) -> Result<u64> {
+    async fn clean_pass(&self, victims: &[&SegmentSpace], copy_rate: Option<u64>) -> Result<u64> {
         let bs = self.block_size as usize;
         let mut copied = 0;
         let mut pages = Vec::new();
@@ -311,7 +360,16 @@ impl Core {
                                 },
                             })
                             .collect();
-                        copied += self.move_blocks(&moving, &payload).await?;
+                        let moved = self.move_blocks(&moving, &payload).await?;
+                        copied += moved;
+                        if let Some(rate) = copy_rate.filter(|&r| r > 0) {
+                            // Paid as it goes, a record at a time; pauses
+                            // too short to matter are let go.
+                            let pause = Duration::from_secs_f64(moved as f64 / rate as f64);
+                            if pause >= Duration::from_millis(1) {
+                                self.clock.sleep(pause).await;
+                            }
+                        }
                     }
                     RecordKind::MapPage => pages.push((header.arg0 as u32, header.arg1, at)),
                     _ => {}
@@ -374,6 +432,71 @@ impl Core {
             Err(e) => return Err(e.into()),
         }
         self.segments.deleted(id);
+        Ok(())
+    }
+}
+
+/// The cleaning task of a volume opened with [`AutoClean`]: at each tick,
+/// a look that costs one listing of the store, and a run when it finds
+/// stored above the start mark. Its failures are logged, never fatal: the
+/// volume goes on without cleaning until the next tick.
+pub(crate) async fn run(core: Arc<Core>, auto: AutoClean, mut cx: TaskContext<()>) -> Result<()> {
+    // After a run that found nothing it could clean, no other until this
+    // many bytes are stored.
+    let mut quiet_below = 0;
+    loop {
+        tokio::select! {
+            () = cx.stop.stopped() => return Ok(()),
+            () = cx.ticks.next() => {}
+        }
+        if let Err(e) = core.auto_clean(&auto, &mut quiet_below).await {
+            if core.life.check(Need::Write).is_err() || *core.cleaning_stopped.borrow() {
+                return Ok(());
+            }
+            tracing::warn!(volume = %core.location(), error = %e, "cleaning failed; trying again at the next tick");
+        }
+    }
+}
+
+impl Core {
+    /// One tick of the automatic cleaner.
+    async fn auto_clean(&self, auto: &AutoClean, quiet_below: &mut u64) -> Result<()> {
+        let stored: u64 = self
+            .store
+            .list("segments/")
+            .await?
+            .iter()
+            .filter(|b| parse_segment_name(&b.name).is_some())
+            .map(|b| b.size)
+            .sum();
+        // The head's data alone: never more than what is live, so a look
+        // that finds stored within the mark of it needs no recount.
+        let head_live = self.map.lock().usage().live_bytes();
+        if stored < *quiet_below || stored as f64 <= auto.start_above * head_live as f64 {
+            return Ok(());
+        }
+        let opts = GcOptions {
+            target: auto.target,
+            grace: auto.grace,
+            start_above: Some(auto.start_above),
+            copy_rate: Some(auto.copy_rate),
+            ..GcOptions::default()
+        };
+        let report = self.gc(&opts, &|_| {}).await?;
+        if report.passes == 0 && report.deleted_segments == 0 {
+            *quiet_below = stored + 4 * self.segment_size;
+        } else {
+            *quiet_below = 0;
+            tracing::info!(
+                volume = %self.location(),
+                passes = report.passes,
+                deleted_segments = report.deleted_segments,
+                freed_bytes = report.freed_bytes,
+                copied_bytes = report.copied_bytes,
+                stopped = ?report.stopped,
+                "cleaned"
+            );
+        }
         Ok(())
     }
 }

@@ -43,6 +43,7 @@ use hlfs_store::BlobStore;
 use parking_lot::Mutex;
 
 use crate::backend::Backend;
+use crate::clean::CleanCounts;
 use crate::error::{Result, VolumeError};
 use crate::lifecycle::Lifecycle;
 use crate::log::Log;
@@ -78,6 +79,8 @@ pub(crate) struct Core {
     pub uploads: Uploads,
     /// One cleaning run at a time.
     pub cleaning: tokio::sync::Mutex<()>,
+    /// What cleaning has done since the volume was opened.
+    pub clean_counts: CleanCounts,
     /// Set once cleaning must stop (the server is shutting down).
     pub cleaning_stopped: tokio::sync::watch::Sender<bool>,
     /// A read-only view's root, which this process's cleaning keeps.

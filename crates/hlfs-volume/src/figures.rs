@@ -44,6 +44,19 @@ pub struct Figures {
     /// For a volume on a remote store: its read cache (shared by every
     /// volume on the same cache directory).
     pub read_cache: Option<ReadCacheFigures>,
+    /// Cleaning runs finished (asked for, or by the automatic cleaner),
+    /// their passes, the segments they deleted and those segments' bytes,
+    /// and the live bytes they copied.
+    #[serde(default)]
+    pub gc_runs: u64,
+    #[serde(default)]
+    pub gc_passes: u64,
+    #[serde(default)]
+    pub gc_deleted_segments: u64,
+    #[serde(default)]
+    pub gc_freed_bytes: u64,
+    #[serde(default)]
+    pub gc_copied_bytes: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -64,6 +77,7 @@ impl Core {
         let (map_pages, map_page_limit) = self.pages.pages();
         let (map_page_hits, map_page_misses) = self.pages.hits_and_misses();
         let (backlog, backlog_limit) = self.uploads.backlog();
+        let clean = &self.clean_counts;
         Figures {
             size_bytes: self.size(),
             allocated_bytes: self.allocated_bytes(),
@@ -86,6 +100,11 @@ impl Core {
                     bytes: cache.cached_bytes(),
                 }
             }),
+            gc_runs: load(&clean.runs),
+            gc_passes: load(&clean.passes),
+            gc_deleted_segments: load(&clean.deleted_segments),
+            gc_freed_bytes: load(&clean.freed_bytes),
+            gc_copied_bytes: load(&clean.copied_bytes),
         }
     }
 }

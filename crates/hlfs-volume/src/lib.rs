@@ -61,7 +61,9 @@ pub use figures::{Figures, ReadCacheFigures};
 pub use hlfs_store::{CephSettings, StoreError};
 pub use info::utc;
 pub use map::PageCache;
-pub use options::{CreateOptions, Durability, Extent, OpenOptions, SnapshotInfo, View, VolumeInfo};
+pub use options::{
+    AutoClean, CreateOptions, Durability, Extent, OpenOptions, SnapshotInfo, View, VolumeInfo,
+};
 pub use snapshot::validate_snapshot_name;
 pub use stats::{space, SegmentSpace, SnapshotSpace, SpaceStats};
 pub use volume::Volume;

@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 
 use crate::backend::Backend;
 use crate::cache::Reservation;
+use crate::clean;
 use crate::core::Core;
 use crate::error::{Result, VolumeError};
 use crate::info::utc;
@@ -181,6 +182,12 @@ pub(crate) async fn open(backend: Backend, opts: &OpenOptions) -> Result<(Arc<Co
         .runner
         .spawn("upload", None, |cx| upload::run(uploader, cx));
     core.uploads.start(mailbox, &lock);
+    if let Some(auto) = opts.auto_clean.clone() {
+        let cleaner = core.clone();
+        let every = auto.every;
+        held.runner
+            .spawn("clean", Some(every), |cx| clean::run(cleaner, auto, cx));
+    }
     Ok((core, held))
 }
 
@@ -288,6 +295,7 @@ async fn load(
         manifests: ManifestLog::new(manifest),
         uploads: Uploads::new(&backend),
         cleaning: tokio::sync::Mutex::new(()),
+        clean_counts: Default::default(),
         cleaning_stopped: tokio::sync::watch::Sender::new(false),
         view_root,
         clock: backend.clock.clone(),
@@ -324,6 +332,9 @@ impl Core {
 
 /// Closes a writable volume: see `Volume::close`.
 pub(crate) async fn close_writer(core: &Core, held: &Held) -> Result<()> {
+    // A cleaning run stops at its next safe point rather than hold the
+    // close up (for its grace period, say).
+    core.stop_cleaning();
     let mut w = core.log.writer.lock().await;
     if !core.life.begin_close() {
         return Ok(());

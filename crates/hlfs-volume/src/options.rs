@@ -44,6 +44,9 @@ pub struct OpenOptions {
     /// uploads before it fails with an I/O error (the data stays safe in
     /// the local journal, and uploads go on in the background).
     pub store_wait: Duration,
+    /// Clean by itself, as a task of the open (for a server); `None`
+    /// cleans only when asked (`Volume::gc`).
+    pub auto_clean: Option<AutoClean>,
 }
 
 impl Default for OpenOptions {
@@ -53,6 +56,39 @@ impl Default for OpenOptions {
             page_cache: None,
             durability: Durability::Local,
             store_wait: Duration::from_secs(30),
+            auto_clean: None,
+        }
+    }
+}
+
+/// When an open volume cleans by itself, and how hard.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AutoClean {
+    /// A run starts once stored ÷ live is above this...
+    pub start_above: f64,
+    /// ...and cleans down to this (a lower mark, so that runs are few and
+    /// worth their recount).
+    pub target: f64,
+    /// How often the task looks.
+    pub every: Duration,
+    /// Live bytes copied per second at most, so that clients' I/O keeps
+    /// priority.
+    pub copy_rate: u64,
+    /// As `GcOptions::grace`.
+    pub grace: Duration,
+}
+
+impl AutoClean {
+    /// Starts above `space_target` (stored ÷ live, at least 1) and cleans
+    /// down to 60 % of the way from 1 to it (1.3 for 1.5), looking every
+    /// minute, copying at most 64 MiB/s.
+    pub fn new(space_target: f64) -> AutoClean {
+        AutoClean {
+            start_above: space_target,
+            target: 1.0 + (space_target - 1.0) * 0.6,
+            every: Duration::from_secs(60),
+            copy_rate: 64 << 20,
+            grace: Duration::from_secs(60),
         }
     }
 }

@@ -8,7 +8,7 @@
 //! the volume, which fails. Each task owns what it works on (shared state
 //! behind `Arc`s); none holds the volume's handle.
 //!
-//! The upload task is the first; segment cleaning, flatten and metrics are
+//! The tasks: uploads, and the automatic cleaner (`clean.rs`); flatten is
 //! to run the same way.
 
 use std::future::Future;
@@ -49,11 +49,6 @@ impl<M> Mailbox<M> {
 pub(crate) struct TaskContext<M> {
     pub inbox: Inbox<M>,
     pub stop: StopSignal,
-    /// No task of today ticks; cleaning and metrics will.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the first ticking tasks are to come")
-    )]
     pub ticks: Ticks,
 }
 
@@ -90,10 +85,6 @@ pub(crate) struct Ticks {
 }
 
 impl Ticks {
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the first ticking tasks are to come")
-    )]
     /// Resolves at the task's next periodic tick (never, for a task
     /// without ticks).
     pub async fn next(&self) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::{pattern, Image, World};
 use hlfs_store::time::{Jitter, ManualClock};
 use hlfs_volume::{
-    check, space, Backend, CreateOptions, GcOptions, GcStop, OpenOptions, View, Volume,
+    check, space, AutoClean, Backend, CreateOptions, GcOptions, GcStop, OpenOptions, View, Volume,
 };
 
 const BS: u64 = 4096;
@@ -266,5 +266,107 @@ async fn a_stopped_run_leaves_its_emptied_segments_to_the_next() {
     assert!(report.deleted_segments > 0, "{report:?}");
     assert!(report.stored_after < before.stored_bytes, "{report:?}");
     assert_reads(&vol, &model, "the head after the next run").await;
+    vol.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_automatic_cleaner_cleans_by_itself_above_its_start_mark() {
+    let world = World::new();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let backend = world.backend().with_time(clock.clock(), Jitter::seeded(3));
+    create(&backend).await;
+    let every = Duration::from_secs(10);
+    let opts = OpenOptions {
+        auto_clean: Some(AutoClean {
+            start_above: 1.5,
+            target: 1.2,
+            every,
+            copy_rate: 1 << 40,
+            grace: Duration::ZERO,
+        }),
+        ..OpenOptions::default()
+    };
+    let vol = Volume::open(backend.clone(), &opts).await.unwrap();
+    let ticks = |n: u32| {
+        let (clock, vol) = (clock.clone(), vol.clone());
+        async move {
+            for _ in 0..n {
+                clock.advance(every);
+                for _ in 0..20 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            vol.figures()
+        }
+    };
+    // Written once: below the start mark, the looks cost no run.
+    let mut model = Image::new(SIZE);
+    churn(&vol, &mut model, 1, 7).await;
+    assert_eq!(ticks(3).await.gc_runs, 0);
+    // Overwritten: above it, a run starts by itself and ends below it.
+    churn(&vol, &mut model, 5, 8).await;
+    let mut figures = ticks(1).await;
+    for _ in 0..50 {
+        if figures.gc_deleted_segments > 0 {
+            break;
+        }
+        figures = ticks(1).await;
+    }
+    assert!(
+        figures.gc_runs >= 1 && figures.gc_deleted_segments > 0,
+        "{figures:?}"
+    );
+    assert_reads(&vol, &model, "the head after automatic cleaning").await;
+    let stats = space(backend.clone()).await.unwrap();
+    assert!(
+        (stats.stored_bytes as f64) <= 1.5 * stats.live_bytes as f64,
+        "stored {} live {}",
+        stats.stored_bytes,
+        stats.live_bytes
+    );
+    // Closing stops the task, whatever it is doing.
+    vol.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_run_with_a_copy_rate_takes_the_time_its_rate_asks() {
+    let world = World::new();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let backend = world.backend().with_time(clock.clock(), Jitter::seeded(4));
+    create(&backend).await;
+    let vol = Volume::open(backend.clone(), &OpenOptions::default())
+        .await
+        .unwrap();
+    let mut model = Image::new(SIZE);
+    churn(&vol, &mut model, 5, 9).await;
+    let rate = 256 << 10;
+    let opts = GcOptions {
+        target: 1.0,
+        grace: Duration::ZERO,
+        copy_rate: Some(rate),
+        ..GcOptions::default()
+    };
+    let cleaner = {
+        let vol = vol.clone();
+        tokio::spawn(async move { vol.gc(&opts, &|_| {}).await })
+    };
+    let step = Duration::from_millis(50);
+    let mut waited = Duration::ZERO;
+    while !cleaner.is_finished() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        clock.advance(step);
+        waited += step;
+        assert!(waited < Duration::from_secs(3600), "cleaning does not end");
+    }
+    let report = cleaner.await.unwrap().unwrap();
+    assert!(report.copied_bytes > 2 * rate, "{report:?}");
+    // Paid a record at a time: the last record's pause may come after
+    // the clock last moved, never more.
+    let asked = Duration::from_secs_f64(report.copied_bytes as f64 / rate as f64);
+    assert!(
+        waited + Duration::from_secs(1) >= asked,
+        "{waited:?} for {asked:?}: {report:?}"
+    );
+    assert_reads(&vol, &model, "the head").await;
     vol.close().await.unwrap();
 }

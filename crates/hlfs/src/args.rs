@@ -186,6 +186,16 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
+/// A space target: stored ÷ live, a finite number of at least 1.
+pub fn parse_space_target(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 1.0 => Ok(t),
+        _ => Err(format!(
+            "the space target is stored ÷ live, a number of at least 1 (such as 1.2), not {s:?}"
+        )),
+    }
+}
+
 /// A progress bar on stderr, if it is a terminal: of `total` bytes, or a
 /// spinner when the total is unknown.
 pub fn progress(total: Option<u64>, what: &str) -> ProgressBar {

@@ -2180,6 +2180,59 @@ fn gc_of_a_served_volume_while_its_client_writes() {
     check_volume(&vol);
 }
 
+/// A served volume cleans by itself once its garbage passes the space
+/// target, and its client reads the same.
+#[test]
+fn a_served_volume_cleans_by_itself() {
+    require!("qemu-io" => "qemu-utils");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = volume_at(d, "vm.hlfs");
+    hlfs(&["create", &vol, "--size", "64M", "--segment-size", "1M"]).ok();
+    let srv = Server::unix(
+        d,
+        &[&vol],
+        &["--gc-target", "1.2", "--gc-every", "1", "--gc-grace", "0"],
+    );
+    // 16 MiB of garbage over 32 MiB written: stored ÷ live about 1.5.
+    let halves: Vec<String> = (0..32)
+        .map(|i| format!("write -P 0x22 {i}M 512k"))
+        .collect();
+    let mut writes = vec!["write -P 0x11 0 32M"];
+    writes.extend(halves.iter().map(String::as_str));
+    writes.push("flush");
+    qemu_io_ok(srv.uri(), false, &writes);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let live = loop {
+        let info = info_of(&vol);
+        let live = info["live"]["figures"].clone();
+        if live["gc_deleted_segments"].as_u64().unwrap_or(0) > 0 {
+            break live;
+        }
+        assert!(Instant::now() < deadline, "no cleaning after 60 s: {info}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(live["gc_runs"].as_u64().unwrap() >= 1, "{live}");
+    assert!(
+        live["gc_freed_bytes"].as_u64().unwrap() >= 8 << 20,
+        "{live}"
+    );
+    let reads: Vec<String> = (0..32)
+        .flat_map(|i| {
+            [
+                format!("read -P 0x22 {i}M 512k"),
+                format!("read -P 0x11 {}k 512k", i * 1024 + 512),
+            ]
+        })
+        .collect();
+    let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
+    qemu_io_ok(srv.uri(), true, &reads);
+    srv.stop_ok();
+    let stats = gc_stats_of(&vol);
+    assert!(stats["space_ratio"].as_f64().unwrap() <= 1.2, "{stats}");
+    check_volume(&vol);
+}
+
 /// Hostile byte streams sent to the live server over its socket: each such
 /// connection is closed, and the server, its volume and other clients carry
 /// on.

@@ -39,6 +39,11 @@ impl SegmentUsage {
         v
     }
 
+    /// Live data bytes over every segment.
+    pub fn live_bytes(&self) -> u64 {
+        self.live.values().sum()
+    }
+
     /// A block that pointed at `old` now points at `new`.
     pub fn account(&mut self, old: Entry, new: Entry) {
         if !old.is_empty() {

@@ -8,7 +8,7 @@ use hlfs_device::control::Command;
 use hlfs_volume::{space, utc, GcOptions, GcProgress, GcReport, GcStop, SegmentSpace, SpaceStats};
 
 use super::change;
-use crate::args::{human, progress, Settings};
+use crate::args::{human, parse_space_target, progress, Settings};
 
 /// Segments listed in the text report; `--json` lists them all.
 const SHOWN_SEGMENTS: usize = 10;
@@ -29,7 +29,7 @@ pub struct GcArgs {
     stats: bool,
     /// Clean until stored bytes ≤ TARGET × live bytes. Lower means more
     /// copying for less space.
-    #[arg(long, default_value_t = GcOptions::default().target, value_parser = parse_target, conflicts_with = "stats")]
+    #[arg(long, default_value_t = GcOptions::default().target, value_parser = parse_space_target, conflicts_with = "stats")]
     target: f64,
     /// Keep emptied segments this long after the manifest that frees them,
     /// for readers that opened the volume before (an export, a read-only
@@ -63,15 +63,6 @@ pub async fn run(args: GcArgs, settings: &Settings) -> Result<()> {
 
 /// A day: longer would be a mistake, not a choice.
 const MAX_GRACE_SECS: u64 = 86_400;
-
-fn parse_target(s: &str) -> std::result::Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(t) if t.is_finite() && t >= 1.0 => Ok(t),
-        _ => Err(format!(
-            "the space target is stored ÷ live, a number of at least 1 (such as 1.2), not {s:?}"
-        )),
-    }
-}
 
 async fn clean(args: GcArgs, settings: &Settings) -> Result<()> {
     let opts = GcOptions {

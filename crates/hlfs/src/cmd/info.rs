@@ -103,6 +103,14 @@ fn print_live(live: &Live) {
         }
     );
     outln!(
+        "  cleaning:     {} run{}, {} segments deleted, {} freed, {} copied",
+        f.gc_runs,
+        if f.gc_runs == 1 { "" } else { "s" },
+        f.gc_deleted_segments,
+        human(f.gc_freed_bytes),
+        human(f.gc_copied_bytes)
+    );
+    outln!(
         "  uploads:      {} of {} backlog slots in use",
         f.upload_backlog_segments,
         f.upload_backlog_limit

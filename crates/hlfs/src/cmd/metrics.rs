@@ -182,6 +182,39 @@ impl Collector for Served {
             "Block-map pages read from the log because they were not in memory",
             |f| f.map_page_misses,
         )?;
+        figure(
+            &mut encoder,
+            MetricType::Counter,
+            "hlfs_gc_runs",
+            "Cleaning runs finished since the server opened the volume (asked for with hlfs gc, or by the automatic cleaner)",
+            |f| f.gc_runs,
+        )?;
+        figure(
+            &mut encoder,
+            MetricType::Counter,
+            "hlfs_gc_passes",
+            "Cleaning passes: each copies what is live out of its victims and commits with a checkpoint",
+            |f| f.gc_passes,
+        )?;
+        figure(
+            &mut encoder,
+            MetricType::Counter,
+            "hlfs_gc_deleted_segments",
+            "Segments cleaning deleted",
+            |f| f.gc_deleted_segments,
+        )?;
+        figure(
+            &mut encoder,
+            MetricType::Counter,
+            "hlfs_gc_freed_bytes",
+            "Bytes of the segments cleaning deleted",
+            |f| f.gc_freed_bytes,
+        )?;
+        figure(&mut encoder, MetricType::Counter,
+            "hlfs_gc_copied_bytes",
+            "Live bytes cleaning copied to empty its victims; divided by hlfs_gc_freed_bytes_total, what each byte given back cost",
+            |f| f.gc_copied_bytes,
+        )?;
         let cached = || {
             figures
                 .iter()

@@ -34,6 +34,16 @@ pub struct ServeConfig {
     cache: Cache,
     #[serde(default)]
     store: Store,
+    #[serde(default)]
+    gc: Gc,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct Gc {
+    target: Option<f64>,
+    every: Option<u64>,
+    grace: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -222,6 +232,9 @@ impl ServeConfig {
             &mut global.map_budget,
             self.cache.map_budget.map(|s| s.0),
         );
+        set(given, "gc_target", &mut serve.gc_target, self.gc.target);
+        set(given, "gc_every", &mut serve.gc_every, self.gc.every);
+        set(given, "gc_grace", &mut serve.gc_grace, self.gc.grace);
         let store = self.store;
         set(
             given,
@@ -364,6 +377,10 @@ mod tests {
         assert_eq!(global.store_timeout, 30);
         assert_eq!(global.ceph_id.as_deref(), Some("hlfs"));
         assert_eq!(global.ceph_conf, Some(PathBuf::from("/etc/ceph/ceph.conf")));
+        assert_eq!(
+            (serve.gc_target, serve.gc_every, serve.gc_grace),
+            (1.4, 300, 120)
+        );
     }
 
     #[test]

@@ -11,7 +11,9 @@ use hlfs_device::control::{self, Answer, Command, Live};
 use hlfs_device::VolumeDevice;
 use hlfs_nbd::proto::MAX_PAYLOAD;
 use hlfs_nbd::{Export, Limits, Server};
-use hlfs_volume::{Backend, CreateOptions, GcOptions, View, Volume, VolumeError};
+use hlfs_volume::{
+    AutoClean, Backend, CreateOptions, GcOptions, OpenOptions, View, Volume, VolumeError,
+};
 use listenfd::ListenFd;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::net::{TcpListener, UnixListener};
@@ -21,7 +23,7 @@ use hlfs_device::metrics::RequestMetrics;
 use prometheus_client::registry::Registry;
 
 use super::metrics;
-use crate::args::{parse_size, split_snapshot, GlobalArgs, Settings};
+use crate::args::{parse_size, parse_space_target, split_snapshot, GlobalArgs, Settings};
 
 mod config;
 
@@ -86,9 +88,32 @@ pub struct ServeArgs {
     /// listens on 127.0.0.1.
     #[arg(long, value_name = "[HOST:]PORT")]
     metrics: Option<String>,
+    /// Clean each volume served writable by itself once its stored bytes
+    /// pass this many times its live bytes, down to 60 % of the way from 1
+    /// to it (1.3 for 1.5). Lower keeps less garbage for more copying.
+    #[arg(long, value_name = "RATIO", default_value_t = 1.5, value_parser = parse_space_target)]
+    gc_target: f64,
+    /// How often the automatic cleaner looks (one listing of the store
+    /// each time); 0 turns it off, leaving cleaning to `hlfs gc`.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    gc_every: u64,
+    /// How long the automatic cleaner keeps emptied segments after the
+    /// manifest that frees them, for readers that opened the volume before
+    /// (as `hlfs gc --grace`; 5 s at least).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    gc_grace: u64,
 }
 
 impl ServeArgs {
+    /// What the writable volumes' automatic cleaner does, if anything.
+    fn auto_clean(&self) -> Option<AutoClean> {
+        (self.gc_every > 0).then(|| AutoClean {
+            every: Duration::from_secs(self.gc_every),
+            grace: Duration::from_secs(self.gc_grace).max(MIN_SERVED_GRACE),
+            ..AutoClean::new(self.gc_target)
+        })
+    }
+
     /// Fills the options the user did not give from --config's file.
     pub fn read_config(&mut self, given: &Given, global: &mut GlobalArgs) -> Result<()> {
         if let Some(path) = &self.config {
@@ -111,6 +136,9 @@ impl ServeArgs {
                 "--tls-verify-clients needs --tls-certs".into(),
             ));
         }
+        // Given on the command line it was checked already; from the file, not.
+        parse_space_target(&self.gc_target.to_string())
+            .map_err(|e| VolumeError::InvalidArgument(format!("--gc-target: {e}")))?;
         Ok(())
     }
 
@@ -178,8 +206,12 @@ async fn open_exports(
             .await
             .with_context(|| format!("opening {arg}"))?,
             None => {
+                let open = OpenOptions {
+                    auto_clean: args.auto_clean(),
+                    ..settings.open.clone()
+                };
                 let opened = match Backend::parse(volume, false, &settings.store) {
-                    Ok(b) => Volume::open(b, &settings.open).await,
+                    Ok(b) => Volume::open(b, &open).await,
                     Err(e) => Err(e),
                 };
                 match opened {
@@ -190,7 +222,7 @@ async fn open_exports(
                         };
                         Volume::create(&settings.backend(volume, true)?, &create).await?;
                         eprintln!("created {volume}");
-                        Volume::open(settings.backend(volume, false)?, &settings.open)
+                        Volume::open(settings.backend(volume, false)?, &open)
                             .await
                             .with_context(|| format!("opening {volume}"))?
                     }
