@@ -236,8 +236,13 @@ pub async fn space(backend: Backend) -> Result<SpaceStats> {
         for (block, held) in blocks {
             tally.count(block, block_size, held);
         }
+        // The level below may hold roots already: those of shallower trees
+        // (a snapshot taken before the volume grew).
         if level > 0 && !below.is_empty() {
-            levels.insert(level - 1, below);
+            let next = levels.entry(level - 1).or_default();
+            for (key, by) in below {
+                hold(next, key, by);
+            }
         }
     }
 
@@ -323,6 +328,9 @@ mod tests {
             count: u8,
         },
         Snapshot,
+        /// Grows the volume by this many blocks (past 512 blocks, the tree
+        /// gets deeper: snapshots from before are shallower).
+        Grow(u16),
         /// Deletes the snapshot with this number modulo how many there are.
         Delete(u8),
         Rollback(u8),
@@ -334,6 +342,7 @@ mod tests {
             6 => (0u16..2048, 1u8..64).prop_map(|(first, count)| Op::Write { first, count }),
             1 => (0u16..2048, 1u8..64).prop_map(|(first, count)| Op::Trim { first, count }),
             2 => Just(Op::Snapshot),
+            1 => (1u16..400).prop_map(Op::Grow),
             1 => any::<u8>().prop_map(Op::Delete),
             1 => any::<u8>().prop_map(Op::Rollback),
             1 => Just(Op::Reopen),
@@ -381,7 +390,8 @@ mod tests {
         let env = MemEnv::new();
         let backend = Backend::memory(&env);
         let create = CreateOptions {
-            size: 2048 * 4096,
+            // One leaf deep: growing past 512 blocks deepens the tree.
+            size: 300 * 4096,
             block_size: 4096,
             segment_size: 256 << 10,
         };
@@ -396,15 +406,23 @@ mod tests {
         let mut taken = 0u32;
         for op in ops {
             let snaps = vol.snapshots();
+            // A rollback brings back the snapshot's size.
+            let blocks = vol.size() / 4096;
             match op {
                 Op::Write { first, count } => {
                     let data = vec![first as u8 ^ count; count as usize * 4096];
-                    let at = (first as u64).min(2048 - count as u64) * 4096;
-                    vol.write(at, &data).await.unwrap();
+                    let data = &data[..(count as u64).min(blocks) as usize * 4096];
+                    let count = (count as u64).min(blocks);
+                    let at = (first as u64).min(blocks - count) * 4096;
+                    vol.write(at, data).await.unwrap();
                 }
                 Op::Trim { first, count } => {
-                    let at = (first as u64).min(2048 - count as u64) * 4096;
+                    let count = (count as u64).min(blocks);
+                    let at = (first as u64).min(blocks - count) * 4096;
                     vol.trim(at, count as u64 * 4096).await.unwrap();
+                }
+                Op::Grow(extra) => {
+                    vol.resize(vol.size() + extra as u64 * 4096).await.unwrap();
                 }
                 Op::Snapshot => {
                     taken += 1;

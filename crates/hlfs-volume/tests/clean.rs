@@ -370,3 +370,42 @@ async fn a_run_with_a_copy_rate_takes_the_time_its_rate_asks() {
     assert_reads(&vol, &model, "the head").await;
     vol.close().await.unwrap();
 }
+
+/// A snapshot taken while the map was one page deep, then the volume grown
+/// past what one page maps: the recount once lost the shallower root, and
+/// cleaning deleted the snapshot's segment.
+#[tokio::test]
+async fn a_snapshot_from_before_the_volume_grew_keeps_its_segments() {
+    let world = World::new();
+    let backend = world.backend();
+    let create = CreateOptions {
+        size: 300 * BS,
+        block_size: BS as u32,
+        segment_size: 128 << 10,
+    };
+    Volume::create(&backend, &create).await.unwrap();
+    let vol = Volume::open(backend.clone(), &OpenOptions::default())
+        .await
+        .unwrap();
+    let mut model = Image::new(300 * BS);
+    let data = pattern(8 * BS as usize, 1);
+    vol.write(260 * BS, &data).await.unwrap();
+    model.write(260 * BS, &data);
+    vol.gc(&now_options(1.0), &|_| {}).await.unwrap();
+    vol.snapshot_create("small").await.unwrap();
+    let at_small = model.clone();
+    let data = pattern(33 * BS as usize, 2);
+    vol.write(228 * BS, &data).await.unwrap();
+    vol.resize(513 * BS).await.unwrap();
+    vol.gc(&now_options(1.0), &|_| {}).await.unwrap();
+    let snap = Volume::open_read_only(
+        backend.clone(),
+        &OpenOptions::default(),
+        View::Snapshot("small".into()),
+    )
+    .await
+    .unwrap();
+    let got = snap.read(0, 300 * BS as usize).await.unwrap();
+    assert!(got == at_small.read(0, 300 * BS), "the snapshot differs");
+    vol.close().await.unwrap();
+}
