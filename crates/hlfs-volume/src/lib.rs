@@ -24,6 +24,7 @@
 //! | `info`, `check` | what a volume says of itself, and verification |
 //! | `figures` | what an open volume is doing, for monitoring |
 //! | `stats` | where the space goes, from metadata alone |
+//! | `diff` | what changed between two roots, from metadata alone |
 //! | `segments`, `cache` | reading segments wherever they are; the read cache |
 //! | `map` | the block map: dirty tree, page cache, walker, usage |
 
@@ -33,6 +34,7 @@ mod check;
 mod checkpoint;
 mod clean;
 mod core;
+mod diff;
 mod error;
 mod figures;
 mod info;
@@ -56,6 +58,7 @@ pub use backend::{default_cache_dir, Backend, StoreOptions, LOCAL_JOURNAL_DIR};
 pub use cache::ReadCache;
 pub use check::{check, CheckReport};
 pub use clean::{GcOptions, GcProgress, GcReport, GcStop};
+pub use diff::{diff, Diff, DiffExtent};
 pub use error::{ErrorKind, Result, VolumeError};
 pub use figures::{Figures, ReadCacheFigures};
 pub use hlfs_store::{CephSettings, StoreError};

@@ -50,9 +50,13 @@ pub enum Command {
     /// Verify every record's checksum, every map page and every block;
     /// exits non-zero and says where if anything is damaged.
     Check(cmd::check::CheckArgs),
-    /// Segment cleaning. Today: `--stats`, where the space goes (live,
-    /// stored, reclaimable, what each snapshot alone holds).
+    /// Segment cleaning: give back the space overwrites and deleted
+    /// snapshots left; `--stats` shows where the space goes.
     Gc(cmd::gc::GcArgs),
+    /// List what changed between two snapshots (or from a snapshot to the
+    /// head): data and zeroed extents, from the map alone, at a cost that
+    /// grows with what changed.
+    Diff(cmd::diff::DiffArgs),
     /// Serve volumes and snapshots over NBD (to QEMU, nbd-client, libnbd,
     /// fio) until SIGINT or SIGTERM, then flush, seal and exit.
     Serve(cmd::serve::ServeArgs),
@@ -77,6 +81,7 @@ pub async fn run(mut cli: Cli, given: Given, inherited: ListenFd) -> Result<Exit
         Command::Snapshot(command) => cmd::snapshot::run(command, &settings).await?,
         Command::Check(args) => return cmd::check::run(args, &settings).await,
         Command::Gc(args) => cmd::gc::run(args, &settings).await?,
+        Command::Diff(args) => cmd::diff::run(args, &settings).await?,
         Command::Serve(args) => cmd::serve::run(args, &settings, inherited).await?,
         Command::Bench(args) => cmd::bench::run(args, &settings).await?,
     }

@@ -440,6 +440,50 @@ fn gc_shows_what_overwrites_free_and_what_snapshots_hold_and_gives_it_back() {
 }
 
 #[test]
+fn diff_lists_what_changed_between_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    random_file(&a, 4 << 20, 5);
+    // b: a with 64 KiB of zeros at 2 MiB.
+    let mut bytes = std::fs::read(&a).unwrap();
+    bytes[2 << 20..(2 << 20) + (64 << 10)].fill(0);
+    std::fs::write(&b, &bytes).unwrap();
+    let vol = dir.path().join("v.hlfs");
+    let v = vol.to_str().unwrap();
+    ok(&["create", v, "--size", "8M"]);
+    ok(&["import", a.to_str().unwrap(), v]);
+    ok(&["snapshot", "create", v, "s1"]);
+    ok(&["import", b.to_str().unwrap(), v]);
+    ok(&["snapshot", "create", v, "s2"]);
+    let diff = |to: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(&["diff", to, "--from", "s1", "--json"])).unwrap()
+    };
+    let at_s2 = diff(&format!("{v}@s2"));
+    // Import writes every block again: all of it is data, but the zeros.
+    let expected = serde_json::json!([
+        {"offset": 0, "length": 2 << 20, "zero": false},
+        {"offset": 2 << 20, "length": 64 << 10, "zero": true},
+        {"offset": (2 << 20) + (64 << 10), "length": (2 << 20) - (64 << 10), "zero": false},
+    ]);
+    assert_eq!(at_s2["extents"], expected, "{at_s2}");
+    assert_eq!(
+        (at_s2["from"].as_str(), at_s2["to"].as_str()),
+        (Some("s1"), Some("s2"))
+    );
+    assert_eq!(at_s2["size"], 8 << 20);
+    // The head of the closed volume is s2, and nothing changed since s2.
+    assert_eq!(diff(v)["extents"], expected);
+    assert_eq!(diff(v)["to"], serde_json::Value::Null);
+    let none: serde_json::Value =
+        serde_json::from_str(&ok(&["diff", &format!("{v}@s2"), "--from", "s2", "--json"])).unwrap();
+    assert_eq!(none["extents"], serde_json::json!([]));
+    let text = ok(&["diff", &format!("{v}@s2"), "--from", "s1"]);
+    assert!(text.contains("3 extents changed from s1 to s2"), "{text}");
+    assert!(fails(&["diff", v, "--from", "nope"]).contains("nope"));
+    fails(&["diff", v]);
+}
+
+#[test]
 fn errors_are_one_line_and_exit_non_zero() {
     let dir = tempfile::tempdir().unwrap();
     let v = dir.path().join("v.hlfs");

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod check;
 pub mod create;
+pub mod diff;
 pub mod export;
 pub mod gc;
 pub mod import;

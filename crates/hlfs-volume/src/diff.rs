@@ -1,0 +1,418 @@
+//! What changed between two roots of a volume (`hlfs diff`), from their map
+//! trees alone: no data is read, subtrees the two roots share (the same
+//! page location at the same node) are skipped whole, so the cost grows
+//! with what changed, not with the volume.
+//!
+//! Block `x` is in the diff when the two roots' entries for it differ: it
+//! was written (even with the same bytes), trimmed or zeroed in between.
+//! It is a zero extent when it reads as zeros in the newer root. Both
+//! roots come from one manifest (docs/design/diffs.md).
+
+use hlfs_format::{Checkpoint, Entry, MapPage, MAP_FANOUT, MAP_SHIFT};
+
+use crate::backend::Backend;
+use crate::cache::ReadCache;
+use crate::error::{Result, VolumeError};
+use crate::manifest::latest_manifest;
+use crate::map::depth_for;
+use crate::segments::Segments;
+
+/// A run of bytes that changed: all data, or all zeros now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiffExtent {
+    pub offset: u64,
+    pub len: u64,
+    pub zero: bool,
+}
+
+/// The changes from one root to another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diff {
+    /// The newer root's size: extents lie below it.
+    pub size: u64,
+    pub extents: Vec<DiffExtent>,
+}
+
+/// Bytes of a remote volume's map pages a diff keeps locally at most.
+const SCRATCH_CACHE: u64 = 256 << 20;
+
+/// One side of a node in the walk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    /// An empty subtree: every block a hole.
+    Empty,
+    /// A page written to the log.
+    Page(Entry),
+    /// Above a shallower tree's root (it was grown since): a page whose
+    /// slot 0 leads down to the root page at `root_level`, empty elsewhere.
+    Above { root: Entry, root_level: u32 },
+}
+
+/// The children of one side of the node at `level`.
+async fn children(segments: &Segments, side: Side, level: u32) -> Result<Vec<Side>> {
+    let mut out = vec![Side::Empty; MAP_FANOUT];
+    match side {
+        Side::Empty => {}
+        Side::Page(at) => {
+            let page = segments.read_page(at).await?;
+            for (slot, e) in page.entries.iter().enumerate() {
+                if !e.is_empty() {
+                    out[slot] = Side::Page(*e);
+                }
+            }
+        }
+        Side::Above { root, root_level } => {
+            out[0] = if level - 1 == root_level {
+                Side::Page(root)
+            } else {
+                side
+            };
+        }
+    }
+    Ok(out)
+}
+
+/// The leaf entries of one side.
+async fn leaf(segments: &Segments, side: Side) -> Result<MapPage> {
+    match side {
+        Side::Page(at) => segments.read_page(at).await,
+        _ => Ok(MapPage::default()),
+    }
+}
+
+/// A root's tree: where its root page is, how deep it is, its size.
+struct Root {
+    root: Entry,
+    depth: u32,
+    size: u64,
+}
+
+impl Root {
+    /// The side of the top node of a walk `depth` levels deep.
+    fn top(&self, depth: u32) -> Side {
+        if self.root.is_empty() {
+            Side::Empty
+        } else if self.depth == depth {
+            Side::Page(self.root)
+        } else {
+            Side::Above {
+                root: self.root,
+                root_level: self.depth - 1,
+            }
+        }
+    }
+}
+
+async fn root_of(
+    segments: &Segments,
+    checkpoint: Entry,
+    size: u64,
+    block_size: u32,
+) -> Result<Root> {
+    if checkpoint.is_empty() {
+        return Ok(Root {
+            root: Entry::EMPTY,
+            depth: depth_for(size.div_ceil(block_size as u64)),
+            size,
+        });
+    }
+    let (cp, _): (Checkpoint, u64) = segments.read_checkpoint(checkpoint).await?;
+    Ok(Root {
+        root: cp.root,
+        depth: cp.depth,
+        size: cp.size,
+    })
+}
+
+/// The changes from snapshot `from` to snapshot `to` of the volume at
+/// `backend`, or to its head when `to` is None. The head is only diffed on
+/// a volume no writer holds: a served one's writes since its last
+/// checkpoint are not in its manifest (take a snapshot and diff that).
+pub async fn diff(backend: Backend, from: &str, to: Option<&str>) -> Result<Diff> {
+    let store = backend.requests();
+    let manifest = latest_manifest(&*store, &backend.location).await?;
+    let snapshot = |name: &str| {
+        manifest
+            .snapshots
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| VolumeError::SnapshotNotFound(name.to_string()))
+    };
+    let from_snap = snapshot(from)?;
+    let (to_checkpoint, to_size) = match to {
+        Some(name) => (snapshot(name)?.checkpoint, None),
+        None => {
+            if let Some(w) = &manifest.writer {
+                return Err(VolumeError::Busy(format!(
+                    "{} is open for writing by process {} on {}: its latest writes are not in its manifest yet; take a snapshot and diff that (hlfs diff VOLUME@SNAP --from {from})",
+                    backend.location, w.pid, w.host
+                )));
+            }
+            (manifest.checkpoint, Some(manifest.size))
+        }
+    };
+    let scratch = match backend.remote {
+        true => Some(ReadCache::scratch(SCRATCH_CACHE)?),
+        false => None,
+    };
+    let segments = Segments::new(store, scratch, manifest.volume);
+    let bs = manifest.block_size;
+    let a = root_of(&segments, from_snap.checkpoint, 0, bs).await?;
+    let b = root_of(&segments, to_checkpoint, to_size.unwrap_or(0), bs).await?;
+    let depth = a.depth.max(b.depth);
+    let mut changes = Changes::new(bs as u64, b.size);
+    // Depth first, left to right, so blocks come out in order.
+    let mut stack = vec![(depth - 1, 0u64, a.top(depth), b.top(depth))];
+    while let Some((level, index, a_side, b_side)) = stack.pop() {
+        if a_side == b_side {
+            continue;
+        }
+        if level == 0 {
+            let (old, new) = (
+                leaf(&segments, a_side).await?,
+                leaf(&segments, b_side).await?,
+            );
+            for (slot, (o, n)) in old.entries.iter().zip(new.entries.iter()).enumerate() {
+                if o != n {
+                    changes.block((index << MAP_SHIFT) + slot as u64, n.is_empty());
+                }
+            }
+            continue;
+        }
+        let (olds, news) = (
+            children(&segments, a_side, level).await?,
+            children(&segments, b_side, level).await?,
+        );
+        for slot in (0..MAP_FANOUT).rev() {
+            if olds[slot] != news[slot] {
+                let child = index * MAP_FANOUT as u64 + slot as u64;
+                stack.push((level - 1, child, olds[slot], news[slot]));
+            }
+        }
+    }
+    Ok(changes.finish())
+}
+
+/// Changed blocks, in order, merged into extents.
+struct Changes {
+    block_size: u64,
+    size: u64,
+    extents: Vec<DiffExtent>,
+}
+
+impl Changes {
+    fn new(block_size: u64, size: u64) -> Changes {
+        Changes {
+            block_size,
+            size,
+            extents: Vec::new(),
+        }
+    }
+
+    fn block(&mut self, lba: u64, zero: bool) {
+        let offset = lba * self.block_size;
+        if offset >= self.size {
+            // Past the newer root's end: nothing there to read.
+            return;
+        }
+        let len = self.block_size.min(self.size - offset);
+        match self.extents.last_mut() {
+            Some(last) if last.offset + last.len == offset && last.zero == zero => last.len += len,
+            _ => self.extents.push(DiffExtent { offset, len, zero }),
+        }
+    }
+
+    fn finish(self) -> Diff {
+        Diff {
+            size: self.size,
+            extents: self.extents,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use hlfs_store::MemEnv;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::clean::GcOptions;
+    use crate::options::{CreateOptions, OpenOptions};
+    use crate::volume::Volume;
+
+    const BS: u64 = 4096;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write { first: u16, count: u8 },
+        Trim { first: u16, count: u8 },
+        Grow(u16),
+        Snapshot,
+        Rollback(u8),
+        Gc,
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            8 => (0u16..3000, 1u8..40).prop_map(|(first, count)| Op::Write { first, count }),
+            2 => (0u16..3000, 1u8..200).prop_map(|(first, count)| Op::Trim { first, count }),
+            1 => (1u16..600).prop_map(Op::Grow),
+            3 => Just(Op::Snapshot),
+            1 => any::<u8>().prop_map(Op::Rollback),
+            1 => Just(Op::Gc),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    /// A block's state: the write that put its bytes there, or a hole.
+    type State = (u64, BTreeMap<u64, u64>);
+
+    async fn run(ops: Vec<Op>) {
+        let env = MemEnv::new();
+        let backend = Backend::memory(&env);
+        // One leaf deep at first: growing past 512 blocks deepens the
+        // tree, so diffs across a resize compare trees of two depths.
+        let create = CreateOptions {
+            size: 300 * BS,
+            block_size: BS as u32,
+            segment_size: 256 << 10,
+        };
+        Volume::create(&backend, &create).await.unwrap();
+        let opts = OpenOptions {
+            map_budget: 64 << 10,
+            ..OpenOptions::default()
+        };
+        let mut vol = Volume::open(backend.clone(), &opts).await.unwrap();
+        // (size in blocks, block → write number) now and at each snapshot.
+        let mut head: State = (300, BTreeMap::new());
+        let mut snaps: Vec<(String, State)> = Vec::new();
+        let mut writes = 0u64;
+        for op in ops {
+            let blocks = head.0;
+            match op {
+                Op::Write { first, count } => {
+                    let count = (count as u64).min(blocks);
+                    let first = (first as u64).min(blocks - count);
+                    writes += 1;
+                    vol.write(first * BS, &vec![writes as u8; (count * BS) as usize])
+                        .await
+                        .unwrap();
+                    for b in first..first + count {
+                        head.1.insert(b, writes);
+                    }
+                }
+                Op::Trim { first, count } => {
+                    let count = (count as u64).min(blocks);
+                    let first = (first as u64).min(blocks - count);
+                    vol.trim(first * BS, count * BS).await.unwrap();
+                    for b in first..first + count {
+                        head.1.remove(&b);
+                    }
+                }
+                Op::Grow(extra) => {
+                    head.0 += extra as u64;
+                    vol.resize(head.0 * BS).await.unwrap();
+                }
+                Op::Snapshot => {
+                    let name = format!("s{}", snaps.len());
+                    vol.snapshot_create(&name).await.unwrap();
+                    snaps.push((name, head.clone()));
+                }
+                Op::Rollback(n) if !snaps.is_empty() => {
+                    let (name, state) = snaps[n as usize % snaps.len()].clone();
+                    let auto = vol.rollback(&name).await.unwrap();
+                    snaps.push((auto, head.clone()));
+                    head = state;
+                }
+                Op::Rollback(_) => {}
+                Op::Gc => {
+                    let gc = GcOptions {
+                        target: 1.0,
+                        grace: std::time::Duration::ZERO,
+                        ..GcOptions::default()
+                    };
+                    vol.gc(&gc, &|_| {}).await.unwrap();
+                }
+                Op::Reopen => {
+                    vol.close().await.unwrap();
+                    vol = Volume::open(backend.clone(), &opts).await.unwrap();
+                }
+            }
+        }
+        vol.close().await.unwrap();
+
+        // Every pair of snapshots, and each snapshot to the head.
+        let mut roots: Vec<(Option<&str>, &State)> =
+            snaps.iter().map(|(n, s)| (Some(n.as_str()), s)).collect();
+        roots.push((None, &head));
+        for (from, from_state) in &snaps {
+            for (to, to_state) in &roots {
+                let got = diff(backend.clone(), from, *to).await.unwrap();
+                assert_eq!(got.size, to_state.0 * BS);
+                let mut expected = Vec::new();
+                for b in 0..to_state.0 {
+                    let (old, new) = (from_state.1.get(&b), to_state.1.get(&b));
+                    if old != new {
+                        expected.push((b, new.is_none()));
+                    }
+                }
+                let mut listed = Vec::new();
+                let mut end = 0;
+                for e in &got.extents {
+                    assert!(
+                        e.offset >= end && e.len > 0,
+                        "extents in order: {:?}",
+                        got.extents
+                    );
+                    end = e.offset + e.len;
+                    assert!(end <= got.size);
+                    for b in e.offset / BS..end.div_ceil(BS) {
+                        listed.push((b, e.zero));
+                    }
+                }
+                assert_eq!(listed, expected, "diff from {from} to {to:?}");
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(32),
+            ..ProptestConfig::default()
+        })]
+
+        /// A diff lists exactly the blocks whose last write (or hole)
+        /// differs between the two roots, across writes, trims, growth,
+        /// rollbacks, cleaning and reopens.
+        #[test]
+        fn a_diff_is_exactly_what_changed(ops in proptest::collection::vec(op(), 1..40)) {
+            tokio::runtime::Runtime::new().unwrap().block_on(run(ops));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_head_of_a_volume_being_written_is_refused() {
+        let env = MemEnv::new();
+        let backend = Backend::memory(&env);
+        let create = CreateOptions {
+            size: 1 << 20,
+            ..CreateOptions::default()
+        };
+        Volume::create(&backend, &create).await.unwrap();
+        let vol = Volume::open(backend.clone(), &OpenOptions::default())
+            .await
+            .unwrap();
+        vol.snapshot_create("a").await.unwrap();
+        let err = diff(backend.clone(), "a", None).await.unwrap_err();
+        assert!(err.to_string().contains("take a snapshot"), "{err}");
+        assert!(matches!(
+            diff(backend.clone(), "nope", Some("a")).await,
+            Err(VolumeError::SnapshotNotFound(_))
+        ));
+        vol.close().await.unwrap();
+        assert_eq!(diff(backend, "a", None).await.unwrap().extents, []);
+    }
+}

@@ -1,0 +1,78 @@
+//! `hlfs diff`: what changed between two snapshots of a volume, or from a
+//! snapshot to the head of a closed volume, from map pages alone.
+
+use anyhow::Result;
+use hlfs_volume::{diff, Diff};
+
+use crate::args::{human, split_snapshot, Settings};
+
+#[derive(clap::Args, Debug)]
+pub struct DiffArgs {
+    /// VOLUME@SNAPSHOT, or VOLUME for its head (a volume no server holds:
+    /// a served one's newest writes are not in its manifest yet, so take
+    /// a snapshot and diff that).
+    #[arg(value_name = "VOLUME[@SNAPSHOT]")]
+    volume: String,
+    /// The older snapshot: extents are what changed since it.
+    #[arg(long, value_name = "SNAPSHOT")]
+    from: String,
+    /// Print JSON: {"from", "to", "size", "extents": [{"offset", "length",
+    /// "zero"}]}.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: DiffArgs, settings: &Settings) -> Result<()> {
+    let (volume, to) = split_snapshot(&args.volume);
+    let changes = diff(settings.backend(volume, false)?, &args.from, to).await?;
+    if args.json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&json(&args.from, to, &changes))?
+        );
+        return Ok(());
+    }
+    for e in &changes.extents {
+        outln!(
+            "{:>14} {:>12} {}",
+            e.offset,
+            e.len,
+            if e.zero { "zero" } else { "data" }
+        );
+    }
+    let (data, zero) = totals(&changes);
+    outln!(
+        "{} extent{} changed from {} to {}: {} of data, {} zeroed",
+        changes.extents.len(),
+        if changes.extents.len() == 1 { "" } else { "s" },
+        args.from,
+        to.unwrap_or("the head"),
+        human(data),
+        human(zero)
+    );
+    Ok(())
+}
+
+/// Bytes of data extents, and of zero extents.
+fn totals(changes: &Diff) -> (u64, u64) {
+    changes
+        .extents
+        .iter()
+        .fold((0, 0), |(data, zero), e| match e.zero {
+            true => (data, zero + e.len),
+            false => (data + e.len, zero),
+        })
+}
+
+fn json(from: &str, to: Option<&str>, changes: &Diff) -> serde_json::Value {
+    serde_json::json!({
+        "from": from,
+        "to": to,
+        "size": changes.size,
+        "extents": changes.extents.iter().map(|e| serde_json::json!({
+            "offset": e.offset,
+            "length": e.len,
+            "zero": e.zero,
+        })).collect::<Vec<_>>(),
+    })
+}
