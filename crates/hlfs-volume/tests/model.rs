@@ -1,6 +1,7 @@
 //! Reference-model property test: random interleavings of write, read, trim,
 //! write-zeroes, flush, FUA, grow, snapshot create/delete/rollback/read,
-//! cleaning runs, reopen and crash, on volumes of odd sizes and every block size. Every read
+//! cleaning runs (asked for, and for some cases the automatic cleaner
+//! racing every operation), reopen and crash, on volumes of odd sizes and every block size. Every read
 //! is compared with a plain model of the disk; after a crash the recovered
 //! image must be one of the states between the last durable point and the
 //! last write (a prefix of the writes, in order).
@@ -25,7 +26,9 @@ use std::time::Duration;
 
 use hlfs_store::layers::CrashMode;
 use hlfs_store::{BlobStore, S3Store};
-use hlfs_volume::{Backend, CreateOptions, Durability, GcOptions, OpenOptions, View, Volume};
+use hlfs_volume::{
+    AutoClean, Backend, CreateOptions, Durability, GcOptions, OpenOptions, View, Volume,
+};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -89,6 +92,8 @@ struct Config {
     remote: bool,
     /// FLUSH waits for the store (only with `remote`).
     remote_durability: bool,
+    /// The automatic cleaner runs all along, racing every operation.
+    auto_clean: bool,
 }
 
 fn config() -> impl Strategy<Value = Config> {
@@ -98,10 +103,17 @@ fn config() -> impl Strategy<Value = Config> {
         prop_oneof![Just(8u64), 16u64..64],
         any::<bool>(),
         proptest::collection::vec(any::<u64>(), 1..5),
-        (any::<bool>(), any::<bool>()),
+        (any::<bool>(), any::<bool>(), proptest::bool::weighted(0.3)),
     )
         .prop_map(
-            |(block_shift, size, segment_blocks, tiny_budget, spots, (remote, durability))| {
+            |(
+                block_shift,
+                size,
+                segment_blocks,
+                tiny_budget,
+                spots,
+                (remote, durability, auto_clean),
+            )| {
                 Config {
                     block_shift,
                     size,
@@ -110,6 +122,7 @@ fn config() -> impl Strategy<Value = Config> {
                     hot_spots: spots.into_iter().map(|s| s % size).collect(),
                     remote,
                     remote_durability: remote && durability,
+                    auto_clean,
                 }
             },
         )
@@ -158,6 +171,15 @@ fn budget(cfg: &Config) -> OpenOptions {
         } else {
             Durability::Local
         },
+        // Looking every few milliseconds, it cleans between (and during)
+        // the case's operations whenever there is garbage.
+        auto_clean: cfg.auto_clean.then(|| AutoClean {
+            start_above: 1.2,
+            target: 1.05,
+            every: Duration::from_millis(3),
+            copy_rate: 1 << 40,
+            grace: Duration::ZERO,
+        }),
         ..OpenOptions::default()
     }
 }
