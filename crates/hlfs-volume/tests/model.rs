@@ -1,7 +1,8 @@
 //! Reference-model property test: random interleavings of write, read, trim,
 //! write-zeroes, flush, FUA, grow, snapshot create/delete/rollback/read,
-//! cleaning runs (asked for, and for some cases the automatic cleaner
-//! racing every operation), reopen and crash, on volumes of odd sizes and every block size. Every read
+//! cleaning runs (asked for, and in some cases the automatic cleaner racing
+//! every operation), reopen and crash, on volumes of odd sizes and every
+//! block size. Every read
 //! is compared with a plain model of the disk; after a crash the recovered
 //! image must be one of the states between the last durable point and the
 //! last write (a prefix of the writes, in order).
