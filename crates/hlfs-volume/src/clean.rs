@@ -135,6 +135,9 @@ pub struct GcReport {
     pub stopped: GcStop,
 }
 
+/// A cleaner held to a copy rate waits once it is this far ahead of it.
+const PACE_SLACK: Duration = Duration::from_millis(10);
+
 /// Segments more live than this are not worth copying: the copy would be
 /// nearly as large, and its own metadata garbage again.
 const MAX_VICTIM_USE: f64 = 0.9;
@@ -270,7 +273,10 @@ impl Core {
                 since_ms: self.clock.unix_ms(),
             }));
             if !full.is_empty() {
-                copied_bytes += self.clean_pass(&full, opts.copy_rate).await?;
+                let Some(copied) = self.clean_pass(&full, opts.copy_rate).await? else {
+                    break (stats, GcStop::Interrupted);
+                };
+                copied_bytes += copied;
                 passes += 1;
                 let since_ms = self.clock.unix_ms();
                 condemned.extend(full.iter().map(|v| Condemned {
@@ -322,10 +328,16 @@ impl Core {
 
     /// Moves the head's items out of `victims` and commits with a
     /// checkpoint; returns the data bytes appended again.
-    async fn clean_pass(&self, victims: &[&SegmentSpace], copy_rate: Option<u64>) -> Result<u64> {
+    async fn clean_pass(
+        &self,
+        victims: &[&SegmentSpace],
+        copy_rate: Option<u64>,
+    ) -> Result<Option<u64>> {
         let bs = self.block_size as usize;
         let mut copied = 0;
         let mut pages = Vec::new();
+        let started = self.clock.now();
+        let mut stop = self.cleaning_stopped.subscribe();
         for v in victims {
             let reader = self.store.clone().open_reader(&segment_name(v.id)).await?;
             let mut scan = Scanner::new(ScanSource::Store(reader), v.size);
@@ -360,14 +372,22 @@ impl Core {
                                 },
                             })
                             .collect();
-                        let moved = self.move_blocks(&moving, &payload).await?;
-                        copied += moved;
+                        if *stop.borrow_and_update() {
+                            // Uncommitted: what was copied is garbage for
+                            // a later run, and the victims stay.
+                            return Ok(None);
+                        }
+                        copied += self.move_blocks(&moving, &payload).await?;
                         if let Some(rate) = copy_rate.filter(|&r| r > 0) {
-                            // Paid as it goes, a record at a time; pauses
-                            // too short to matter are let go.
-                            let pause = Duration::from_secs_f64(moved as f64 / rate as f64);
-                            if pause >= Duration::from_millis(1) {
-                                self.clock.sleep(pause).await;
+                            // Ahead of the rate by more than a few
+                            // milliseconds: wait until it catches up.
+                            let due = Duration::from_secs_f64(copied as f64 / rate as f64);
+                            let ahead = due.saturating_sub(self.clock.now() - started);
+                            if ahead >= PACE_SLACK {
+                                tokio::select! {
+                                    () = self.clock.sleep(ahead) => {}
+                                    _ = stop.wait_for(|stop| *stop) => return Ok(None),
+                                }
                             }
                         }
                     }
@@ -384,7 +404,7 @@ impl Core {
         }
         // The commit: the head written whole, without the victims.
         self.checkpoint(&mut w, true, |_, _, _| Ok(())).await?;
-        Ok(copied)
+        Ok(Some(copied))
     }
 
     /// Appends again the blocks of one data record (`payload`, described
@@ -396,6 +416,13 @@ impl Core {
             return Ok(0);
         };
         let mut current = vec![Entry::EMPTY; moving.len()];
+        // Most records of a victim are dead: found so without the writer
+        // lock, they cost clients nothing.
+        self.map_op(|m, pins| m.lookup(first.lba, &mut current, pins))
+            .await?;
+        if !current.iter().zip(moving).any(|(c, m)| *c == m.at) {
+            return Ok(0);
+        }
         let mut w = self.log.writer.lock().await;
         self.life.check(Need::Write)?;
         // Under the writer lock, so that no write can land between the
@@ -441,26 +468,32 @@ impl Core {
 /// stored above the start mark. Its failures are logged, never fatal: the
 /// volume goes on without cleaning until the next tick.
 pub(crate) async fn run(core: Arc<Core>, auto: AutoClean, mut cx: TaskContext<()>) -> Result<()> {
-    // After a run that found nothing it could clean, no other until this
-    // many bytes are stored.
-    let mut quiet_below = 0;
+    let mut quiet = None;
     loop {
         tokio::select! {
             () = cx.stop.stopped() => return Ok(()),
             () = cx.ticks.next() => {}
         }
-        if let Err(e) = core.auto_clean(&auto, &mut quiet_below).await {
+        if let Err(e) = core.auto_clean(&auto, &mut quiet).await {
             if core.life.check(Need::Write).is_err() || *core.cleaning_stopped.borrow() {
                 return Ok(());
             }
-            tracing::warn!(volume = %core.location(), error = %e, "cleaning failed; trying again at the next tick");
+            tracing::warn!(volume = %core.location(), error = %e, "cleaning failed; trying again once more is stored");
         }
     }
 }
 
+/// After a run that could not reach its target (or failed), the automatic
+/// cleaner waits until more is stored or the snapshots change (a deleted
+/// snapshot makes what it held cleanable), rather than recount every tick.
+struct Quiet {
+    below: u64,
+    snapshots: Vec<Entry>,
+}
+
 impl Core {
     /// One tick of the automatic cleaner.
-    async fn auto_clean(&self, auto: &AutoClean, quiet_below: &mut u64) -> Result<()> {
+    async fn auto_clean(&self, auto: &AutoClean, quiet: &mut Option<Quiet>) -> Result<()> {
         let stored: u64 = self
             .store
             .list("segments/")
@@ -469,10 +502,20 @@ impl Core {
             .filter(|b| parse_segment_name(&b.name).is_some())
             .map(|b| b.size)
             .sum();
-        // The head's data alone: never more than what is live, so a look
-        // that finds stored within the mark of it needs no recount.
+        let snapshots: Vec<Entry> = self
+            .manifests
+            .read(|m| m.snapshots.iter().map(|s| s.checkpoint).collect());
+        if quiet
+            .as_ref()
+            .is_some_and(|q| stored < q.below && q.snapshots == snapshots)
+        {
+            return Ok(());
+        }
+        // The head's data alone: about what is live or less (less what is
+        // not stored yet), so a look that finds stored within the mark of
+        // it needs no recount.
         let head_live = self.map.lock().usage().live_bytes();
-        if stored < *quiet_below || stored as f64 <= auto.start_above * head_live as f64 {
+        if stored as f64 <= auto.start_above * head_live as f64 {
             return Ok(());
         }
         let opts = GcOptions {
@@ -482,11 +525,12 @@ impl Core {
             copy_rate: Some(auto.copy_rate),
             ..GcOptions::default()
         };
+        *quiet = Some(Quiet {
+            below: stored + 4 * self.segment_size,
+            snapshots,
+        });
         let report = self.gc(&opts, &|_| {}).await?;
-        if report.passes == 0 && report.deleted_segments == 0 {
-            *quiet_below = stored + 4 * self.segment_size;
-        } else {
-            *quiet_below = 0;
+        if report.passes > 0 || report.deleted_segments > 0 {
             tracing::info!(
                 volume = %self.location(),
                 passes = report.passes,
@@ -496,6 +540,9 @@ impl Core {
                 stopped = ?report.stopped,
                 "cleaned"
             );
+        }
+        if report.stopped == GcStop::TargetReached && report.passes + report.deleted_segments > 0 {
+            *quiet = None;
         }
         Ok(())
     }

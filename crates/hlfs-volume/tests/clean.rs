@@ -23,6 +23,15 @@ fn now_options(target: f64) -> GcOptions {
     }
 }
 
+/// For a volume on a `ManualClock`: its time only moves when the test
+/// moves it, so waits on the store must not run out meanwhile.
+fn on_manual_clock() -> OpenOptions {
+    OpenOptions {
+        store_wait: Duration::from_secs(1 << 20),
+        ..OpenOptions::default()
+    }
+}
+
 async fn create(backend: &Backend) {
     let create = CreateOptions {
         size: SIZE,
@@ -151,7 +160,7 @@ async fn a_reader_of_an_older_manifest_reads_on_through_the_grace_period() {
     let clock = ManualClock::new(1_700_000_000_000);
     let backend = world.backend().with_time(clock.clock(), Jitter::seeded(1));
     create(&backend).await;
-    let vol = Volume::open(backend.clone(), &OpenOptions::default())
+    let vol = Volume::open(backend.clone(), &on_manual_clock())
         .await
         .unwrap();
     let mut model = Image::new(SIZE);
@@ -230,7 +239,7 @@ async fn a_stopped_run_leaves_its_emptied_segments_to_the_next() {
     let clock = ManualClock::new(1_700_000_000_000);
     let backend = world.backend().with_time(clock.clock(), Jitter::seeded(2));
     create(&backend).await;
-    let vol = Volume::open(backend.clone(), &OpenOptions::default())
+    let vol = Volume::open(backend.clone(), &on_manual_clock())
         .await
         .unwrap();
     let mut model = Image::new(SIZE);
@@ -259,7 +268,7 @@ async fn a_stopped_run_leaves_its_emptied_segments_to_the_next() {
     assert_reads(&vol, &model, "the head").await;
     vol.close().await.unwrap();
     // The next open's run finds the emptied segments and deletes them.
-    let vol = Volume::open(backend.clone(), &OpenOptions::default())
+    let vol = Volume::open(backend.clone(), &on_manual_clock())
         .await
         .unwrap();
     let report = vol.gc(&now_options(1.0), &|_| {}).await.unwrap();
@@ -284,7 +293,7 @@ async fn the_automatic_cleaner_cleans_by_itself_above_its_start_mark() {
             copy_rate: 1 << 40,
             grace: Duration::ZERO,
         }),
-        ..OpenOptions::default()
+        ..on_manual_clock()
     };
     let vol = Volume::open(backend.clone(), &opts).await.unwrap();
     let ticks = |n: u32| {
@@ -324,6 +333,31 @@ async fn the_automatic_cleaner_cleans_by_itself_above_its_start_mark() {
         stats.stored_bytes,
         stats.live_bytes
     );
+    // Garbage a snapshot holds: a run finds nothing it may clean, and the
+    // task goes quiet...
+    vol.snapshot_create("held").await.unwrap();
+    churn(&vol, &mut model, 5, 9).await;
+    let quiet = ticks(5).await;
+    let runs = quiet.gc_runs;
+    assert_eq!(
+        ticks(5).await.gc_runs,
+        runs,
+        "no run again while nothing changed"
+    );
+    // ...until the snapshot goes: then it cleans without another write.
+    vol.snapshot_delete("held").await.unwrap();
+    let mut figures = ticks(1).await;
+    for _ in 0..50 {
+        if figures.gc_deleted_segments > quiet.gc_deleted_segments {
+            break;
+        }
+        figures = ticks(1).await;
+    }
+    assert!(
+        figures.gc_deleted_segments > quiet.gc_deleted_segments,
+        "{quiet:?} then {figures:?}"
+    );
+    assert_reads(&vol, &model, "the head after the snapshot went").await;
     // Closing stops the task, whatever it is doing.
     vol.close().await.unwrap();
 }
@@ -334,7 +368,7 @@ async fn a_run_with_a_copy_rate_takes_the_time_its_rate_asks() {
     let clock = ManualClock::new(1_700_000_000_000);
     let backend = world.backend().with_time(clock.clock(), Jitter::seeded(4));
     create(&backend).await;
-    let vol = Volume::open(backend.clone(), &OpenOptions::default())
+    let vol = Volume::open(backend.clone(), &on_manual_clock())
         .await
         .unwrap();
     let mut model = Image::new(SIZE);
@@ -407,5 +441,44 @@ async fn a_snapshot_from_before_the_volume_grew_keeps_its_segments() {
     .unwrap();
     let got = snap.read(0, 300 * BS as usize).await.unwrap();
     assert!(got == at_small.read(0, 300 * BS), "the snapshot differs");
+    vol.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_paced_pass_stops_at_once_when_the_volume_closes() {
+    let world = World::new();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let backend = world.backend().with_time(clock.clock(), Jitter::seeded(5));
+    create(&backend).await;
+    let vol = Volume::open(backend.clone(), &on_manual_clock())
+        .await
+        .unwrap();
+    let mut model = Image::new(SIZE);
+    churn(&vol, &mut model, 5, 10).await;
+    let opts = GcOptions {
+        target: 1.0,
+        grace: Duration::ZERO,
+        copy_rate: Some(1024),
+        ..GcOptions::default()
+    };
+    let cleaner = {
+        let vol = vol.clone();
+        tokio::spawn(async move { vol.gc(&opts, &|_| {}).await })
+    };
+    // At 1 KiB/s on a clock that stands still, the pass waits on its pace.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!cleaner.is_finished());
+    tokio::time::timeout(Duration::from_secs(10), vol.close())
+        .await
+        .expect("close waits for no paced pass")
+        .unwrap();
+    let report = cleaner.await.unwrap().unwrap();
+    // (Segments found empty before the pass may have gone already.)
+    assert_eq!(report.stopped, GcStop::Interrupted, "{report:?}");
+    assert_eq!(report.passes, 0, "{report:?}");
+    let vol = Volume::open(backend.clone(), &on_manual_clock())
+        .await
+        .unwrap();
+    assert_reads(&vol, &model, "the head after the interrupted pass").await;
     vol.close().await.unwrap();
 }

@@ -186,6 +186,10 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
+/// The longest grace period cleaning takes: a day; longer would be a
+/// mistake, not a choice.
+pub const MAX_GRACE_SECS: u64 = 86_400;
+
 /// A space target: stored ÷ live, a finite number of at least 1.
 pub fn parse_space_target(s: &str) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {

@@ -658,6 +658,18 @@ fn serve_refuses_a_bad_config_file_naming_the_key() {
     let out = hlfs(&["serve"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no volume to serve"));
+
+    // A space target the automatic cleaner could never meet, from the
+    // command line or the file.
+    assert!(fails(&["serve", vol, "--gc-target", "1.0"]).contains("--gc-target"));
+    std::fs::write(
+        &config,
+        format!("volumes = [{vol:?}]\n[gc]\ntarget = 0.5\n"),
+    )
+    .unwrap();
+    let out = hlfs(&["serve", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--gc-target"));
 }
 
 /// Output into a pipe whose reader has gone (`hlfs snapshot list vm | head

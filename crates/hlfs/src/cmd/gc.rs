@@ -8,7 +8,7 @@ use hlfs_device::control::Command;
 use hlfs_volume::{space, utc, GcOptions, GcProgress, GcReport, GcStop, SegmentSpace, SpaceStats};
 
 use super::change;
-use crate::args::{human, parse_space_target, progress, Settings};
+use crate::args::{human, parse_space_target, progress, Settings, MAX_GRACE_SECS};
 
 /// Segments listed in the text report; `--json` lists them all.
 const SHOWN_SEGMENTS: usize = 10;
@@ -60,9 +60,6 @@ pub async fn run(args: GcArgs, settings: &Settings) -> Result<()> {
     }
     Ok(())
 }
-
-/// A day: longer would be a mistake, not a choice.
-const MAX_GRACE_SECS: u64 = 86_400;
 
 async fn clean(args: GcArgs, settings: &Settings) -> Result<()> {
     let opts = GcOptions {

@@ -23,7 +23,9 @@ use hlfs_device::metrics::RequestMetrics;
 use prometheus_client::registry::Registry;
 
 use super::metrics;
-use crate::args::{parse_size, parse_space_target, split_snapshot, GlobalArgs, Settings};
+use crate::args::{
+    parse_size, parse_space_target, split_snapshot, GlobalArgs, Settings, MAX_GRACE_SECS,
+};
 
 mod config;
 
@@ -136,9 +138,19 @@ impl ServeArgs {
                 "--tls-verify-clients needs --tls-certs".into(),
             ));
         }
-        // Given on the command line it was checked already; from the file, not.
-        parse_space_target(&self.gc_target.to_string())
-            .map_err(|e| VolumeError::InvalidArgument(format!("--gc-target: {e}")))?;
+        // Manifests and the journal count as stored and are never cleaned:
+        // a target of 1 could never be met, and the cleaner would churn.
+        if !(self.gc_target.is_finite() && self.gc_target >= MIN_AUTO_TARGET) {
+            return Err(VolumeError::InvalidArgument(format!(
+                "--gc-target must be a number of at least {MIN_AUTO_TARGET} (stored ÷ live), not {}",
+                self.gc_target
+            )));
+        }
+        if self.gc_grace > MAX_GRACE_SECS {
+            return Err(VolumeError::InvalidArgument(format!(
+                "--gc-grace must be at most {MAX_GRACE_SECS} seconds (a day)"
+            )));
+        }
         Ok(())
     }
 
@@ -361,6 +373,9 @@ impl hlfs_nbd::Catalog for Exports {
         names
     }
 }
+
+/// The lowest start mark the automatic cleaner takes.
+const MIN_AUTO_TARGET: f64 = 1.1;
 
 /// The shortest grace period a served volume's cleaning gets, whatever
 /// is asked: its own clients' reads in flight need it.
