@@ -36,7 +36,7 @@ use crate::error::{Result, VolumeError};
 use crate::lifecycle::Need;
 use crate::options::AutoClean;
 use crate::runner::TaskContext;
-use crate::segments::{ScanSource, ScanStop, Scanner};
+use crate::segments::{ScanStop, Scanner};
 use crate::stats::{space, SegmentSpace, SpaceStats};
 use crate::write::MAX_RECORD_BYTES;
 
@@ -339,8 +339,8 @@ impl Core {
         let started = self.clock.now();
         let mut stop = self.cleaning_stopped.subscribe();
         for v in victims {
-            let reader = self.store.clone().open_reader(&segment_name(v.id)).await?;
-            let mut scan = Scanner::new(ScanSource::Store(reader), v.size);
+            let source = self.segments.scan_source(v.id).await?;
+            let mut scan = Scanner::new(source, v.size);
             loop {
                 let (off, header, payload) = match scan.next(&self.uuid).await? {
                     Ok(record) => record,

@@ -62,6 +62,21 @@ impl Segments {
         self.journals.lock().remove(&seg);
     }
 
+    /// A source to scan stored segment `seg` from: the read cache, if the
+    /// store is remote (a segment uploaded by this host is often still in
+    /// it), or the store.
+    pub async fn scan_source(&self, seg: u32) -> Result<ScanSource> {
+        Ok(match &self.cache {
+            Some(cache) => ScanSource::Cached {
+                cache: cache.clone(),
+                key: self.key(seg),
+                store: self.store.clone(),
+                name: segment_name(seg),
+            },
+            None => ScanSource::Store(self.reader(seg).await?),
+        })
+    }
+
     /// Segment `seg` was deleted from the store: its open reader and cached
     /// copy go too.
     pub fn deleted(&self, seg: u32) {
@@ -233,6 +248,14 @@ impl Segments {
 pub enum ScanSource {
     Journal(Arc<dyn JournalFile>),
     Store(Arc<dyn BlobReader>),
+    /// Through the read cache: chunks it holds are read locally, the
+    /// others fetched (and kept, with read-ahead as for any reader).
+    Cached {
+        cache: Arc<ReadCache>,
+        key: SegmentKey,
+        store: Arc<dyn BlobStore>,
+        name: String,
+    },
 }
 
 impl ScanSource {
@@ -240,6 +263,16 @@ impl ScanSource {
         match self {
             ScanSource::Journal(f) => Ok(f.read_at(off, len)?),
             ScanSource::Store(r) => Ok(r.read_at(off, len).await?.to_vec()),
+            ScanSource::Cached {
+                cache,
+                key,
+                store,
+                name,
+            } => {
+                let mut buf = vec![0u8; len];
+                cache.read_into(*key, store, name, off, &mut buf).await?;
+                Ok(buf)
+            }
         }
     }
 }
