@@ -52,6 +52,9 @@ pub enum Command {
     },
     /// How the served volume is doing now (`hlfs info` of a served volume).
     Status,
+    /// Make the manifest's head everything written so far (`hlfs diff` of
+    /// a served volume's head reads the store next).
+    Checkpoint,
     /// A cleaning run (`hlfs gc`): until stored ≤ `target` × live, deleting
     /// emptied segments `grace_ms` after the manifest that freed them.
     Gc {
@@ -519,6 +522,13 @@ mod tests {
         );
         assert!(Answer::Done(None).into_gc_report().is_err());
         assert!(decode_request(br#"{"version":1,"command":{"op":"gc","target":"all"}}"#).is_err());
+        assert_eq!(
+            decode_request(br#"{"version":1,"command":{"op":"checkpoint"}}"#).unwrap(),
+            Request {
+                version: PROTOCOL_VERSION,
+                command: Command::Checkpoint
+            }
+        );
         assert!(decode_request(br#"{"version":1,"command":{"op":"format_disk"}}"#).is_err());
         assert!(decode_request(br#"{"version":1,"command":{"op":"resize","size":-1}}"#).is_err());
         assert!(

@@ -11,6 +11,7 @@ use hlfs_format::{crc_of_record, encode_record, Checkpoint, Entry, Manifest, Rec
 
 use crate::core::Core;
 use crate::error::Result;
+use crate::lifecycle::Need;
 use crate::log::Writer;
 
 /// A full segment is sealed alone, and with a checkpoint once this many
@@ -162,6 +163,18 @@ impl Core {
         w.changed = false;
         w.sealed_since_checkpoint = 0;
         w.bytes_since_checkpoint = 0;
+        Ok(())
+    }
+
+    /// Makes the manifest's head everything written so far (a checkpoint,
+    /// if anything changed since the last), so that readers of the store
+    /// alone (a recount, a diff of the head) see all of it.
+    pub(crate) async fn checkpoint_now(&self) -> Result<()> {
+        let mut w = self.log.writer.lock().await;
+        self.life.check(Need::Write)?;
+        if w.changed {
+            self.checkpoint(&mut w, true, |_, _, _| Ok(())).await?;
+        }
         Ok(())
     }
 

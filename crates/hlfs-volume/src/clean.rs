@@ -188,11 +188,7 @@ impl Core {
         if opts.start_above.is_none() {
             // Checkpointed first, the recounts are exact: nothing is left
             // for recovery to replay, which would count as wholly live.
-            let mut w = self.log.writer.lock().await;
-            self.life.check(Need::Write)?;
-            if w.changed {
-                self.checkpoint(&mut w, true, |_, _, _| Ok(())).await?;
-            }
+            self.checkpoint_now().await?;
         }
         let mut condemned: Vec<Condemned> = Vec::new();
         // Victims a pass could not empty: not tried again in this run.

@@ -125,10 +125,16 @@ async fn root_of(
 }
 
 /// The changes from snapshot `from` to snapshot `to` of the volume at
-/// `backend`, or to its head when `to` is None. The head is only diffed on
-/// a volume no writer holds: a served one's writes since its last
-/// checkpoint are not in its manifest (take a snapshot and diff that).
-pub async fn diff(backend: Backend, from: &str, to: Option<&str>) -> Result<Diff> {
+/// `backend`, or to its head when `to` is None. The head is that of the
+/// newest manifest: refused while a writer holds the volume, unless
+/// `head_checkpointed` says its writer has just made the manifest's head
+/// everything written (`Volume::checkpoint`), as a server does when asked.
+pub async fn diff(
+    backend: Backend,
+    from: &str,
+    to: Option<&str>,
+    head_checkpointed: bool,
+) -> Result<Diff> {
     let store = backend.requests();
     let manifest = latest_manifest(&*store, &backend.location).await?;
     let snapshot = |name: &str| {
@@ -142,9 +148,9 @@ pub async fn diff(backend: Backend, from: &str, to: Option<&str>) -> Result<Diff
     let (to_checkpoint, to_size) = match to {
         Some(name) => (snapshot(name)?.checkpoint, None),
         None => {
-            if let Some(w) = &manifest.writer {
+            if let Some(w) = manifest.writer.as_ref().filter(|_| !head_checkpointed) {
                 return Err(VolumeError::Busy(format!(
-                    "{} is open for writing by process {} on {}: its latest writes are not in its manifest yet; take a snapshot and diff that (hlfs diff VOLUME@SNAP --from {from})",
+                    "{} is held by process {} on {}, out of this command's reach: its latest writes are not in its manifest; run the diff where it is served, or diff a snapshot (hlfs diff VOLUME@SNAP --from {from})",
                     backend.location, w.pid, w.host
                 )));
             }
@@ -350,7 +356,7 @@ mod tests {
         roots.push((None, &head));
         for (from, from_state) in &snaps {
             for (to, to_state) in &roots {
-                let got = diff(backend.clone(), from, *to).await.unwrap();
+                let got = diff(backend.clone(), from, *to, false).await.unwrap();
                 assert_eq!(got.size, to_state.0 * BS);
                 let mut expected = Vec::new();
                 for b in 0..to_state.0 {
@@ -406,13 +412,28 @@ mod tests {
             .await
             .unwrap();
         vol.snapshot_create("a").await.unwrap();
-        let err = diff(backend.clone(), "a", None).await.unwrap_err();
-        assert!(err.to_string().contains("take a snapshot"), "{err}");
+        let err = diff(backend.clone(), "a", None, false).await.unwrap_err();
+        assert!(err.to_string().contains("diff a snapshot"), "{err}");
         assert!(matches!(
-            diff(backend.clone(), "nope", Some("a")).await,
+            diff(backend.clone(), "nope", Some("a"), false).await,
             Err(VolumeError::SnapshotNotFound(_))
         ));
+        // Its writer's checkpoint makes the head readable from the store.
+        vol.write(0, &[7; 4096]).await.unwrap();
+        vol.checkpoint().await.unwrap();
+        let changed = diff(backend.clone(), "a", None, true).await.unwrap();
+        assert_eq!(
+            changed.extents,
+            [DiffExtent {
+                offset: 0,
+                len: 4096,
+                zero: false
+            }]
+        );
         vol.close().await.unwrap();
-        assert_eq!(diff(backend, "a", None).await.unwrap().extents, []);
+        assert_eq!(
+            diff(backend, "a", None, false).await.unwrap().extents,
+            changed.extents
+        );
     }
 }

@@ -174,6 +174,12 @@ impl Volume {
         self.core.gc(opts, progress).await
     }
 
+    /// Makes the manifest's head everything written so far, so that what
+    /// reads the store alone (`diff` of the head, `space`) sees it all.
+    pub async fn checkpoint(&self) -> Result<()> {
+        self.core.checkpoint_now().await
+    }
+
     /// Stops a running cleaning run as soon as it safely can (between
     /// passes, or in its grace period), and refuses new runs: for a server
     /// shutting down.

@@ -2233,6 +2233,45 @@ fn a_served_volume_cleans_by_itself() {
     check_volume(&vol);
 }
 
+/// `hlfs diff` of a served volume, to its head: its server checkpoints,
+/// and the diff lists exactly what the client changed since the snapshot.
+#[test]
+fn diff_of_a_served_head_lists_what_the_client_changed() {
+    require!("qemu-io" => "qemu-utils");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = volume_at(d, "vm.hlfs");
+    hlfs(&["create", &vol, "--size", "16M"]).ok();
+    let srv = Server::unix(d, &[&vol], &[]);
+    qemu_io_ok(srv.uri(), false, &["write -P 0x11 0 4M", "flush"]);
+    hlfs(&["snapshot", "create", &vol, "s1"]).ok();
+    qemu_io_ok(
+        srv.uri(),
+        false,
+        &[
+            "write -P 0x22 1M 64k",
+            // -u lets the zeroes unmap; without it they stay allocated, as
+            // data that reads as zeros.
+            "write -z -u 2M 64k",
+            "write -P 0x33 8M 4k",
+        ],
+    );
+    let out = hlfs(&["diff", &vol, "--from", "s1", "--json"]).ok();
+    let diff: serde_json::Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"));
+    assert_eq!(
+        diff["extents"],
+        serde_json::json!([
+            {"offset": 1 << 20, "length": 64 << 10, "zero": false},
+            {"offset": 2 << 20, "length": 64 << 10, "zero": true},
+            {"offset": 8 << 20, "length": 4096, "zero": false},
+        ]),
+        "{diff}"
+    );
+    assert_eq!(diff["to"], serde_json::Value::Null);
+    srv.stop_ok();
+}
+
 /// Hostile byte streams sent to the live server over its socket: each such
 /// connection is closed, and the server, its volume and other clients carry
 /// on.

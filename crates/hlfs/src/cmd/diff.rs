@@ -2,15 +2,15 @@
 //! snapshot to the head of a closed volume, from map pages alone.
 
 use anyhow::Result;
+use hlfs_device::control::{Client, Command};
 use hlfs_volume::{diff, Diff};
 
 use crate::args::{human, split_snapshot, Settings};
 
 #[derive(clap::Args, Debug)]
 pub struct DiffArgs {
-    /// VOLUME@SNAPSHOT, or VOLUME for its head (a volume no server holds:
-    /// a served one's newest writes are not in its manifest yet, so take
-    /// a snapshot and diff that).
+    /// VOLUME@SNAPSHOT, or VOLUME for its head (of a served volume: as of
+    /// this command, through a checkpoint its server takes).
     #[arg(value_name = "VOLUME[@SNAPSHOT]")]
     volume: String,
     /// The older snapshot: extents are what changed since it.
@@ -24,7 +24,17 @@ pub struct DiffArgs {
 
 pub async fn run(args: DiffArgs, settings: &Settings) -> Result<()> {
     let (volume, to) = split_snapshot(&args.volume);
-    let changes = diff(settings.backend(volume, false)?, &args.from, to).await?;
+    let backend = settings.backend(volume, false)?;
+    // A served head: its server first makes its manifest's head all that
+    // was written, which the diff then reads from the store.
+    let mut checkpointed = false;
+    if to.is_none() {
+        if let Some(owner) = Client::connect(&backend).await? {
+            owner.call(Command::Checkpoint).await?.into_name()?;
+            checkpointed = true;
+        }
+    }
+    let changes = diff(backend, &args.from, to, checkpointed).await?;
     if args.json {
         outln!(
             "{}",

@@ -425,6 +425,10 @@ impl control::Owner for Owned {
                 self.volume.resize(size).await?;
                 Ok(Answer::Done(None))
             }
+            Command::Checkpoint => {
+                self.volume.checkpoint().await?;
+                Ok(Answer::Done(None))
+            }
             Command::Gc { target, grace_ms } => {
                 // Reads of this server's clients that looked a block up
                 // before a pass committed may still be on their way to it.
