@@ -70,3 +70,13 @@ pub use options::{
 pub use snapshot::validate_snapshot_name;
 pub use stats::{space, SegmentSpace, SnapshotSpace, SpaceStats};
 pub use volume::Volume;
+
+/// Cases per property in this crate's unit proptests: `PROPTEST_CASES` if
+/// set (CI and the soak scripts raise it), else `default`.
+#[cfg(test)]
+fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(default)
+}

@@ -493,7 +493,7 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig {
-            cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(32),
+            cases: crate::proptest_cases(32),
             ..ProptestConfig::default()
         })]
 

@@ -32,6 +32,17 @@ fn on_manual_clock() -> OpenOptions {
     }
 }
 
+/// A new volume on its own in-memory world, whose clock only moves when
+/// the test moves it.
+async fn created_on_a_manual_clock(seed: u64) -> (ManualClock, Backend) {
+    let clock = ManualClock::new(1_700_000_000_000);
+    let backend = World::new()
+        .backend()
+        .with_time(clock.clock(), Jitter::seeded(seed));
+    create(&backend).await;
+    (clock, backend)
+}
+
 async fn create(backend: &Backend) {
     let create = CreateOptions {
         size: SIZE,
@@ -156,10 +167,7 @@ async fn a_bad_target_is_refused() {
 
 #[tokio::test]
 async fn a_reader_of_an_older_manifest_reads_on_through_the_grace_period() {
-    let world = World::new();
-    let clock = ManualClock::new(1_700_000_000_000);
-    let backend = world.backend().with_time(clock.clock(), Jitter::seeded(1));
-    create(&backend).await;
+    let (clock, backend) = created_on_a_manual_clock(1).await;
     let vol = Volume::open(backend.clone(), &on_manual_clock())
         .await
         .unwrap();
@@ -235,10 +243,7 @@ async fn a_view_open_in_this_process_keeps_its_deleted_snapshot() {
 
 #[tokio::test]
 async fn a_stopped_run_leaves_its_emptied_segments_to_the_next() {
-    let world = World::new();
-    let clock = ManualClock::new(1_700_000_000_000);
-    let backend = world.backend().with_time(clock.clock(), Jitter::seeded(2));
-    create(&backend).await;
+    let (_never_moved, backend) = created_on_a_manual_clock(2).await;
     let vol = Volume::open(backend.clone(), &on_manual_clock())
         .await
         .unwrap();
@@ -280,10 +285,7 @@ async fn a_stopped_run_leaves_its_emptied_segments_to_the_next() {
 
 #[tokio::test]
 async fn the_automatic_cleaner_cleans_by_itself_above_its_start_mark() {
-    let world = World::new();
-    let clock = ManualClock::new(1_700_000_000_000);
-    let backend = world.backend().with_time(clock.clock(), Jitter::seeded(3));
-    create(&backend).await;
+    let (clock, backend) = created_on_a_manual_clock(3).await;
     let every = Duration::from_secs(10);
     let opts = OpenOptions {
         auto_clean: Some(AutoClean {
@@ -364,10 +366,7 @@ async fn the_automatic_cleaner_cleans_by_itself_above_its_start_mark() {
 
 #[tokio::test]
 async fn a_run_with_a_copy_rate_takes_the_time_its_rate_asks() {
-    let world = World::new();
-    let clock = ManualClock::new(1_700_000_000_000);
-    let backend = world.backend().with_time(clock.clock(), Jitter::seeded(4));
-    create(&backend).await;
+    let (clock, backend) = created_on_a_manual_clock(4).await;
     let vol = Volume::open(backend.clone(), &on_manual_clock())
         .await
         .unwrap();
@@ -446,10 +445,7 @@ async fn a_snapshot_from_before_the_volume_grew_keeps_its_segments() {
 
 #[tokio::test]
 async fn a_paced_pass_stops_at_once_when_the_volume_closes() {
-    let world = World::new();
-    let clock = ManualClock::new(1_700_000_000_000);
-    let backend = world.backend().with_time(clock.clock(), Jitter::seeded(5));
-    create(&backend).await;
+    let (_never_moved, backend) = created_on_a_manual_clock(5).await;
     let vol = Volume::open(backend.clone(), &on_manual_clock())
         .await
         .unwrap();

@@ -2133,6 +2133,32 @@ fn info_check_and_gc_stats_while_serving() {
     assert!(stats["reclaimable_bytes"].as_u64().unwrap() > 0, "{stats}");
 }
 
+/// Writes 0x11 over the first 32 MiB, then 0x22 over the first half of
+/// each of those MiB: 16 MiB of garbage, in segments that stay half live.
+fn half_overwrite(uri: &str) {
+    let halves: Vec<String> = (0..32)
+        .map(|i| format!("write -P 0x22 {i}M 512k"))
+        .collect();
+    let mut writes = vec!["write -P 0x11 0 32M"];
+    writes.extend(halves.iter().map(String::as_str));
+    writes.push("flush");
+    qemu_io_ok(uri, false, &writes);
+}
+
+/// What `half_overwrite` wrote reads back.
+fn assert_half_overwritten(uri: &str) {
+    let reads: Vec<String> = (0..32)
+        .flat_map(|i| {
+            [
+                format!("read -P 0x22 {i}M 512k"),
+                format!("read -P 0x11 {}k 512k", i * 1024 + 512),
+            ]
+        })
+        .collect();
+    let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
+    qemu_io_ok(uri, true, &reads);
+}
+
 /// `hlfs gc` of a served volume: its server cleans while a client writes
 /// elsewhere on the disk, and what was there before reads the same.
 #[test]
@@ -2143,17 +2169,12 @@ fn gc_of_a_served_volume_while_its_client_writes() {
     let vol = volume_at(d, "vm.hlfs");
     hlfs(&["create", &vol, "--size", "64M", "--segment-size", "1M"]).ok();
     let srv = Server::unix(d, &[&vol], &[]);
-    // Half of each MiB of the first 32 is written twice: 16 MiB of
-    // garbage, in segments that stay half live.
-    let halves: Vec<String> = (0..32)
-        .map(|i| format!("write -P 0x22 {i}M 512k"))
-        .collect();
-    let mut writes = vec!["write -P 0x11 0 32M"];
-    writes.extend(halves.iter().map(String::as_str));
-    writes.push("flush");
-    qemu_io_ok(srv.uri(), false, &writes);
+    half_overwrite(srv.uri());
     let (mut fio, log) = background_fio(d, srv.uri(), &["--bs=4k", "--iodepth=8", "--offset=32M"]);
+    let started = Instant::now();
     let out = hlfs(&["gc", &vol, "--grace", "0", "--target", "1.1", "--json"]).ok();
+    // A served volume's grace is 5 s at least, whatever is asked.
+    assert!(started.elapsed() >= Duration::from_secs(5), "{out}");
     assert_fio_running(&mut fio, &log);
     let report: serde_json::Value =
         serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"));
@@ -2166,16 +2187,7 @@ fn gc_of_a_served_volume_while_its_client_writes() {
     assert!(figure("freed_bytes") >= 16 << 20, "{report}");
     assert!(figure("copied_bytes") >= 8 << 20, "{report}");
     fio.kill();
-    let reads: Vec<String> = (0..32)
-        .flat_map(|i| {
-            [
-                format!("read -P 0x22 {i}M 512k"),
-                format!("read -P 0x11 {}k 512k", i * 1024 + 512),
-            ]
-        })
-        .collect();
-    let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
-    qemu_io_ok(srv.uri(), true, &reads);
+    assert_half_overwritten(srv.uri());
     srv.stop_ok();
     check_volume(&vol);
 }
@@ -2192,16 +2204,19 @@ fn a_served_volume_cleans_by_itself() {
     let srv = Server::unix(
         d,
         &[&vol],
-        &["--gc-target", "1.2", "--gc-every", "1", "--gc-grace", "0"],
+        &[
+            "--gc-target",
+            "1.2",
+            "--gc-every",
+            "1",
+            "--gc-grace",
+            "0",
+            "--metrics",
+            "0",
+        ],
     );
-    // 16 MiB of garbage over 32 MiB written: stored ÷ live about 1.5.
-    let halves: Vec<String> = (0..32)
-        .map(|i| format!("write -P 0x22 {i}M 512k"))
-        .collect();
-    let mut writes = vec!["write -P 0x11 0 32M"];
-    writes.extend(halves.iter().map(String::as_str));
-    writes.push("flush");
-    qemu_io_ok(srv.uri(), false, &writes);
+    // Stored ÷ live about 1.5.
+    half_overwrite(srv.uri());
     let deadline = Instant::now() + Duration::from_secs(60);
     let live = loop {
         let info = info_of(&vol);
@@ -2213,20 +2228,21 @@ fn a_served_volume_cleans_by_itself() {
         std::thread::sleep(Duration::from_millis(250));
     };
     assert!(live["gc_runs"].as_u64().unwrap() >= 1, "{live}");
+    // The same figures, as metrics.
+    let (status, text) = http_get(&metrics_address(&srv.log()), "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let series = |name: &str| sample(&text, &format!("{name}{{export=\"vm.hlfs\"}}"));
+    assert!(series("hlfs_gc_runs_total") >= 1.0, "{text}");
+    assert!(series("hlfs_gc_deleted_segments_total") >= 1.0, "{text}");
+    assert!(
+        series("hlfs_gc_freed_bytes_total") >= (8 << 20) as f64,
+        "{text}"
+    );
     assert!(
         live["gc_freed_bytes"].as_u64().unwrap() >= 8 << 20,
         "{live}"
     );
-    let reads: Vec<String> = (0..32)
-        .flat_map(|i| {
-            [
-                format!("read -P 0x22 {i}M 512k"),
-                format!("read -P 0x11 {}k 512k", i * 1024 + 512),
-            ]
-        })
-        .collect();
-    let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
-    qemu_io_ok(srv.uri(), true, &reads);
+    assert_half_overwritten(srv.uri());
     srv.stop_ok();
     let stats = gc_stats_of(&vol);
     assert!(stats["space_ratio"].as_f64().unwrap() <= 1.2, "{stats}");
