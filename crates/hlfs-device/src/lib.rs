@@ -11,8 +11,8 @@ pub mod metrics;
 
 use async_trait::async_trait;
 use hlfs_nbd::proto::{EINVAL, EIO, EPERM};
-use hlfs_nbd::{BlockDevice, DeviceError, DeviceExtent, DeviceResult};
-use hlfs_volume::{ErrorKind, Volume, VolumeError};
+use hlfs_nbd::{BlockDevice, ChangedRun, DeviceError, DeviceExtent, DeviceResult};
+use hlfs_volume::{DiffExtent, ErrorKind, Volume, VolumeError};
 use metrics::{ExportMetrics, Op};
 
 /// Zeros written as data at most this much at a time (NO_HOLE zeroing).
@@ -156,5 +156,100 @@ impl BlockDevice for VolumeDevice {
                 allocated: x.data,
             })
             .collect())
+    }
+
+    /// Each snapshot is a change set: what changed since it, in the head
+    /// (or, on a snapshot's export, in that snapshot). A read-only view
+    /// of the head has none (see `Volume::changes_since`).
+    fn change_sets(&self) -> Vec<String> {
+        if self.vol.is_read_only() && self.vol.snapshot().is_none() {
+            return Vec::new();
+        }
+        self.vol.snapshots().into_iter().map(|s| s.name).collect()
+    }
+
+    async fn changes(&self, set: &str, offset: u64, len: u64) -> DeviceResult<Vec<ChangedRun>> {
+        let diff = self
+            .measured(Op::BlockStatus, 0, self.vol.changes_since(set))
+            .await?;
+        Ok(changed_runs(&diff.extents, offset, len, EXTENTS_PER_REPLY))
+    }
+}
+
+/// The runs of `offset..offset + len` (at most `limit`), changed where
+/// `extents` (in order, apart) cover them.
+fn changed_runs(extents: &[DiffExtent], offset: u64, len: u64, limit: usize) -> Vec<ChangedRun> {
+    let end = offset + len;
+    let mut out: Vec<ChangedRun> = Vec::new();
+    let push = |out: &mut Vec<ChangedRun>, len: u64, changed: bool| match out.last_mut() {
+        Some(last) if last.changed == changed => last.len += len,
+        _ => out.push(ChangedRun { len, changed }),
+    };
+    let mut at = offset;
+    let first = extents.partition_point(|e| e.offset + e.len <= offset);
+    for e in &extents[first..] {
+        if e.offset >= end || out.len() >= limit {
+            break;
+        }
+        if e.offset > at {
+            push(&mut out, e.offset - at, false);
+            at = e.offset;
+        }
+        let stop = (e.offset + e.len).min(end);
+        push(&mut out, stop - at, true);
+        at = stop;
+    }
+    if at < end && out.len() < limit {
+        push(&mut out, end - at, false);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn x(offset: u64, len: u64, zero: bool) -> DiffExtent {
+        DiffExtent { offset, len, zero }
+    }
+
+    fn run(len: u64, changed: bool) -> ChangedRun {
+        ChangedRun { len, changed }
+    }
+
+    #[test]
+    fn changed_runs_cover_the_range_asked_and_merge_data_with_zeros() {
+        let extents = [
+            x(4096, 4096, false),
+            x(8192, 4096, true),
+            x(65536, 8192, false),
+        ];
+        assert_eq!(
+            changed_runs(&extents, 0, 1 << 20, 100),
+            [
+                run(4096, false),
+                run(8192, true),
+                run(65536 - 12288, false),
+                run(8192, true),
+                run((1 << 20) - 73728, false)
+            ]
+        );
+        // From inside an extent, to inside the next.
+        assert_eq!(
+            changed_runs(&extents, 10000, 60000, 100),
+            [run(2288, true), run(53248, false), run(4464, true)]
+        );
+        // Past every extent, and with nothing changed.
+        assert_eq!(
+            changed_runs(&extents, 1 << 19, 4096, 100),
+            [run(4096, false)]
+        );
+        assert_eq!(changed_runs(&[], 0, 512, 100), [run(512, false)]);
+        // The limit cuts the answer short after an extent; the client asks
+        // again from its end.
+        assert_eq!(
+            changed_runs(&extents, 0, 1 << 20, 1),
+            [run(4096, false), run(4096, true)]
+        );
     }
 }

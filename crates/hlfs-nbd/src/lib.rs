@@ -1,5 +1,5 @@
 //! An NBD server (fixed newstyle handshake, structured replies, block
-//! status, many requests in flight per connection), generic over a
+//! status of allocation and of change sets, many requests in flight per connection), generic over a
 //! [`BlockDevice`]. It knows nothing about how the device stores its blocks.
 
 pub mod proto;
@@ -36,6 +36,14 @@ pub struct DeviceExtent {
     pub allocated: bool,
 }
 
+/// A run of the device as a change set sees it: changed since the set
+/// began, or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangedRun {
+    pub len: u64,
+    pub changed: bool,
+}
+
 /// What the server serves. All methods may be called from many tasks at
 /// once; the server checks ranges against `size` before calling.
 #[async_trait]
@@ -56,6 +64,12 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Runs from `offset` covering at most `len` bytes; may cover less (at
     /// least one byte), as a client asks again for the rest.
     async fn extents(&self, offset: u64, len: u64) -> DeviceResult<Vec<DeviceExtent>>;
+    /// The change sets a client may ask block status of, by name: served
+    /// as the metadata contexts `qemu:dirty-bitmap:NAME`.
+    fn change_sets(&self) -> Vec<String>;
+    /// Runs from `offset` covering at most `len` bytes (at least one), of
+    /// what changed since change set `set` began.
+    async fn changes(&self, set: &str, offset: u64, len: u64) -> DeviceResult<Vec<ChangedRun>>;
 }
 
 pub mod tls;

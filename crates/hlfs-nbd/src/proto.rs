@@ -87,10 +87,68 @@ pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
 
-/// The one metadata context served, and its id once selected (a context
-/// only listed is given id 0).
+// qemu:dirty-bitmap:NAME status bit.
+pub const STATE_DIRTY: u32 = 1 << 0;
+
 pub const BASE_ALLOCATION: &str = "base:allocation";
-pub const BASE_ALLOCATION_ID: u32 = 1;
+/// The namespace and prefix of change sets, as qemu-nbd names its bitmaps.
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+
+/// A metadata context a client can ask block status of. Once selected, a
+/// context's id is its place in the selection plus one (a context only
+/// listed is given id 0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaContext {
+    /// Which runs hold data and which are holes.
+    Allocation,
+    /// Which runs changed since the device's change set of this name.
+    Changes(String),
+}
+
+impl MetaContext {
+    pub fn name(&self) -> String {
+        match self {
+            MetaContext::Allocation => BASE_ALLOCATION.to_string(),
+            MetaContext::Changes(set) => format!("{DIRTY_BITMAP_PREFIX}{set}"),
+        }
+    }
+}
+
+/// The contexts an export offers that a LIST (`set` false) or SET of
+/// `queries` names, each once, in the order first named. SET takes whole
+/// names only; LIST also takes a namespace ("base:", "qemu:", or the
+/// bitmap prefix) for all its contexts, and no query at all for every
+/// context. Names the export lacks are left out, as the protocol asks.
+pub fn choose_contexts(queries: &[String], set: bool, change_sets: &[String]) -> Vec<MetaContext> {
+    let offered = || {
+        std::iter::once(MetaContext::Allocation)
+            .chain(change_sets.iter().map(|s| MetaContext::Changes(s.clone())))
+    };
+    let mut chosen: Vec<MetaContext> = Vec::new();
+    let mut choose = |c: MetaContext| {
+        if !chosen.contains(&c) {
+            chosen.push(c);
+        }
+    };
+    if queries.is_empty() && !set {
+        offered().for_each(&mut choose);
+    }
+    for q in queries {
+        for c in offered() {
+            let name = c.name();
+            let whole = *q == name;
+            let namespace = !set
+                && match c {
+                    MetaContext::Allocation => q == "base:" || q.is_empty(),
+                    MetaContext::Changes(_) => q == "qemu:" || q == DIRTY_BITMAP_PREFIX,
+                };
+            if whole || namespace {
+                choose(c);
+            }
+        }
+    }
+    chosen
+}
 
 // errno values on the wire (fixed by the protocol, not the host).
 pub const EPERM: u32 = 1;
@@ -351,6 +409,41 @@ mod tests {
         assert_eq!(r.name, "vm1");
         assert_eq!(r.infos, vec![INFO_NAME, INFO_BLOCK_SIZE]);
         assert!(decode_info_request(&data[..data.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn contexts_are_chosen_by_whole_name_or_listed_by_namespace() {
+        let sets = vec!["s1".to_string(), "s2".to_string()];
+        let q = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let names = |c: Vec<MetaContext>| c.iter().map(MetaContext::name).collect::<Vec<_>>();
+        assert_eq!(
+            names(choose_contexts(&[], false, &sets)),
+            [
+                "base:allocation",
+                "qemu:dirty-bitmap:s1",
+                "qemu:dirty-bitmap:s2"
+            ]
+        );
+        assert!(choose_contexts(&[], true, &sets).is_empty());
+        assert_eq!(
+            names(choose_contexts(&q(&["qemu:"]), false, &sets)),
+            ["qemu:dirty-bitmap:s1", "qemu:dirty-bitmap:s2"]
+        );
+        // SET takes whole names only, each once, in the order asked.
+        assert!(choose_contexts(&q(&["qemu:", "base:"]), true, &sets).is_empty());
+        assert_eq!(
+            choose_contexts(
+                &q(&[
+                    "qemu:dirty-bitmap:s2",
+                    "base:allocation",
+                    "qemu:dirty-bitmap:s2",
+                    "qemu:dirty-bitmap:s3"
+                ]),
+                true,
+                &sets
+            ),
+            vec![MetaContext::Changes("s2".into()), MetaContext::Allocation]
+        );
     }
 
     #[test]

@@ -126,7 +126,7 @@ impl From<ProtoError> for ConnError {
 /// What haggling settles: the export, whether replies are structured,
 /// whether block status was negotiated, and the client's place among the
 /// export's connections.
-type Chosen<'a> = (Export, bool, bool, ExportSlot<'a>);
+type Chosen<'a> = (Export, bool, Vec<MetaContext>, ExportSlot<'a>);
 
 /// An export's clients now, and whether its owner keeps new ones off.
 #[derive(Default)]
@@ -452,7 +452,7 @@ impl Server {
         let chosen = self
             .before(deadline, self.haggle(&mut rd, &mut wr, no_zeroes, tls))
             .await;
-        let (export, structured, meta, slot) = match chosen {
+        let (export, structured, contexts, slot) = match chosen {
             Ok(Some(chosen)) => chosen,
             other => {
                 // Over TLS this says goodbye properly (close_notify).
@@ -471,7 +471,7 @@ impl Server {
         let ctx = Ctx {
             export,
             structured,
-            meta,
+            contexts,
         };
         let served = transmission(rd, wr, ctx, budget, self.shutdown.clone()).await;
         drop(slot);
@@ -531,7 +531,13 @@ impl Server {
         W: AsyncWrite + Unpin,
     {
         let mut structured = false;
-        let mut meta = false;
+        // The contexts a SET chose, and for which export.
+        let mut meta: Option<(String, Vec<MetaContext>)> = None;
+        // Contexts apply only to the export they were chosen for.
+        let contexts_for = |meta: &Option<(String, Vec<MetaContext>)>, export: &Export| match meta {
+            Some((name, chosen)) if *name == export.name => chosen.clone(),
+            _ => Vec::new(),
+        };
         loop {
             let (opt, data) = read_option(rd).await?;
             let reply = |kind: u32, payload: &[u8]| option_reply(opt.option, kind, payload);
@@ -554,7 +560,8 @@ impl Server {
                         wr.write_all(&[0u8; 124]).await?;
                     }
                     wr.flush().await?;
-                    return Ok(Some((export, structured, meta, slot)));
+                    let contexts = contexts_for(&meta, &export);
+                    return Ok(Some((export, structured, contexts, slot)));
                 }
                 OPT_ABORT => {
                     let _ = wr.write_all(&reply(REP_ACK, &[])).await;
@@ -633,7 +640,8 @@ impl Server {
                             wr.write_all(&reply(REP_ACK, &[])).await?;
                             if let Some(slot) = slot {
                                 wr.flush().await?;
-                                return Ok(Some((export, structured, meta, slot)));
+                                let contexts = contexts_for(&meta, &export);
+                                return Ok(Some((export, structured, contexts, slot)));
                             }
                         }
                     },
@@ -652,7 +660,7 @@ impl Server {
                     if set {
                         // A SET replaces what an earlier one chose, even
                         // when it fails.
-                        meta = false;
+                        meta = None;
                     }
                     match decode_meta_context_request(&data) {
                         Err(e) => {
@@ -666,31 +674,27 @@ impl Server {
                             ))
                             .await?
                         }
-                        Ok(req) if self.exports.find(&req.export).await.is_none() => {
-                            let msg = format!("no export named {:?}", short_text(&req.export));
-                            wr.write_all(&reply(REP_ERR_UNKNOWN, msg.as_bytes()))
-                                .await?;
-                        }
-                        Ok(req) => {
-                            let matches = |q: &str| {
-                                q == BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()))
-                            };
-                            let chosen = if req.queries.is_empty() {
-                                !set
-                            } else {
-                                req.queries.iter().any(|q| matches(q))
-                            };
-                            if chosen {
-                                let id = if set { BASE_ALLOCATION_ID } else { 0 };
-                                let mut payload = id.to_be_bytes().to_vec();
-                                payload.extend_from_slice(BASE_ALLOCATION.as_bytes());
-                                wr.write_all(&reply(REP_META_CONTEXT, &payload)).await?;
+                        Ok(req) => match self.exports.find(&req.export).await {
+                            None => {
+                                let msg = format!("no export named {:?}", short_text(&req.export));
+                                wr.write_all(&reply(REP_ERR_UNKNOWN, msg.as_bytes()))
+                                    .await?;
                             }
-                            if set {
-                                meta = chosen;
+                            Some(export) => {
+                                let sets = export.device.change_sets();
+                                let chosen = choose_contexts(&req.queries, set, &sets);
+                                for (i, c) in chosen.iter().enumerate() {
+                                    let id = if set { i as u32 + 1 } else { 0 };
+                                    let mut payload = id.to_be_bytes().to_vec();
+                                    payload.extend_from_slice(c.name().as_bytes());
+                                    wr.write_all(&reply(REP_META_CONTEXT, &payload)).await?;
+                                }
+                                if set {
+                                    meta = Some((export.name.clone(), chosen));
+                                }
+                                wr.write_all(&reply(REP_ACK, &[])).await?;
                             }
-                            wr.write_all(&reply(REP_ACK, &[])).await?;
-                        }
+                        },
                     }
                 }
                 other => {

@@ -113,7 +113,8 @@ type Reply = Vec<u8>;
 pub(crate) struct Ctx {
     pub export: Export,
     pub structured: bool,
-    pub meta: bool,
+    /// The metadata contexts chosen, in the order of their ids (from 1).
+    pub contexts: Vec<MetaContext>,
 }
 
 /// Reads requests, runs each in its own task, and sends the replies in the
@@ -467,7 +468,7 @@ impl Ctx {
 
     async fn block_status(&self, req: Request) -> Reply {
         let cookie = req.cookie;
-        if !self.structured || !self.meta {
+        if !self.structured || self.contexts.is_empty() {
             let e = DeviceError::new(EINVAL, "no metadata context was negotiated");
             return self.error(cookie, e);
         }
@@ -477,49 +478,82 @@ impl Ctx {
         if let Err(e) = self.check_range(&req, false) {
             return self.error(cookie, e);
         }
-        let extents = match self.dev().extents(req.offset, req.len as u64).await {
-            Ok(x) => x,
-            Err(e) => return self.error(cookie, e),
-        };
-        let mut descriptors = Vec::new();
-        let mut left = req.len as u64;
-        for x in extents {
-            if left == 0 {
-                break;
-            }
-            // Descriptor lengths are 32-bit: stay block aligned below 4 GiB.
-            let whole = x.len.min(left);
-            let len = whole.min(0xFFFF_F000);
-            if len == 0 {
-                continue;
-            }
-            let flags = if x.allocated {
-                0
-            } else {
-                STATE_HOLE | STATE_ZERO
+        // One chunk per context, the last one done; nothing is sent before
+        // every context has answered, so a failure is one error reply.
+        let per_context = MAX_DESCRIPTORS / self.contexts.len();
+        let mut out = Vec::new();
+        for (i, context) in self.contexts.iter().enumerate() {
+            let (offset, len) = (req.offset, req.len as u64);
+            let runs: Result<Vec<(u64, u32)>, DeviceError> = match context {
+                MetaContext::Allocation => self.dev().extents(offset, len).await.map(|x| {
+                    x.iter()
+                        .map(|x| {
+                            (
+                                x.len,
+                                if x.allocated {
+                                    0
+                                } else {
+                                    STATE_HOLE | STATE_ZERO
+                                },
+                            )
+                        })
+                        .collect()
+                }),
+                MetaContext::Changes(set) => self.dev().changes(set, offset, len).await.map(|x| {
+                    x.iter()
+                        .map(|x| (x.len, if x.changed { STATE_DIRTY } else { 0 }))
+                        .collect()
+                }),
             };
-            descriptors.extend_from_slice(&(len as u32).to_be_bytes());
-            descriptors.extend_from_slice(&flags.to_be_bytes());
-            left -= len;
-            // A clamped run must end the answer: the next device extent
-            // does not start where the clamp stopped.
-            if len < whole || req.flags & CMD_FLAG_REQ_ONE != 0 || descriptors.len() >= 8 * 1024 {
-                break;
+            let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+            let descriptors = match runs {
+                Ok(runs) => descriptors(&runs, len, if one { 1 } else { per_context }),
+                Err(e) => return self.error(cookie, e),
+            };
+            if descriptors.is_empty() {
+                let e = DeviceError::new(EIO, "the device reported no extents");
+                return self.error(cookie, e);
             }
+            let last = i + 1 == self.contexts.len();
+            out.extend_from_slice(&chunk_header(
+                if last { REPLY_FLAG_DONE } else { 0 },
+                REPLY_TYPE_BLOCK_STATUS,
+                cookie,
+                4 + descriptors.len() as u32,
+            ));
+            out.extend_from_slice(&(i as u32 + 1).to_be_bytes());
+            out.extend_from_slice(&descriptors);
         }
-        if descriptors.is_empty() {
-            let e = DeviceError::new(EIO, "the device reported no extents");
-            return self.error(cookie, e);
-        }
-        let mut out = Vec::with_capacity(24 + descriptors.len());
-        out.extend_from_slice(&chunk_header(
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_BLOCK_STATUS,
-            cookie,
-            4 + descriptors.len() as u32,
-        ));
-        out.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
-        out.extend_from_slice(&descriptors);
         out
     }
+}
+
+/// Block status descriptors per reply, at most (over all its contexts).
+const MAX_DESCRIPTORS: usize = 8 * 1024;
+
+/// The descriptors (length, flags) of `runs` over at most `len` bytes, at
+/// most `limit` of them.
+fn descriptors(runs: &[(u64, u32)], len: u64, limit: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut left = len;
+    for &(run, flags) in runs {
+        if left == 0 || out.len() >= limit * 8 {
+            break;
+        }
+        // Descriptor lengths are 32-bit: stay block aligned below 4 GiB.
+        let whole = run.min(left);
+        let n = whole.min(0xFFFF_F000);
+        if n == 0 {
+            continue;
+        }
+        out.extend_from_slice(&(n as u32).to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+        left -= n;
+        // A clamped run must end the answer: the next run does not start
+        // where the clamp stopped.
+        if n < whole {
+            break;
+        }
+    }
+    out
 }

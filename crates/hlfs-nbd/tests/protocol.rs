@@ -8,17 +8,22 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hlfs_nbd::proto::*;
-use hlfs_nbd::{BlockDevice, DeviceError, DeviceExtent, DeviceResult, Export, Limits, Server};
+use hlfs_nbd::{
+    BlockDevice, ChangedRun, DeviceError, DeviceExtent, DeviceResult, Export, Limits, Server,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::{watch, Mutex};
 
 const BS: u64 = 4096;
 
 /// A RAM disk; reads of offsets with bit 20 set sleep a little so replies
-/// come back out of order; `fail` makes every request fail with EIO.
+/// come back out of order; `fail` makes every request fail with EIO. Its
+/// one change set, `since-start`, holds the blocks written or zeroed.
 struct MemDevice {
     size: u64,
     data: Mutex<Vec<u8>>,
+    /// Per block: changed since the device was made.
+    changed: Mutex<Vec<bool>>,
     read_only: bool,
     fail: AtomicBool,
     /// Reads served so far.
@@ -30,10 +35,17 @@ impl MemDevice {
         Arc::new(MemDevice {
             size: size as u64,
             data: Mutex::new(vec![0; size]),
+            changed: Mutex::new(vec![false; size.div_ceil(BS as usize)]),
             read_only,
             fail: AtomicBool::new(false),
             reads: AtomicU64::new(0),
         })
+    }
+    async fn touch(&self, offset: u64, len: u64) {
+        let mut changed = self.changed.lock().await;
+        for b in offset / BS..(offset + len).div_ceil(BS) {
+            changed[b as usize] = true;
+        }
     }
     fn check(&self) -> DeviceResult<()> {
         if self.fail.load(Ordering::SeqCst) {
@@ -69,6 +81,7 @@ impl BlockDevice for MemDevice {
         self.check()?;
         let mut d = self.data.lock().await;
         d[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        self.touch(offset, data.len() as u64).await;
         Ok(())
     }
     async fn flush(&self) -> DeviceResult<()> {
@@ -81,6 +94,7 @@ impl BlockDevice for MemDevice {
         self.check()?;
         let mut d = self.data.lock().await;
         d[offset as usize..(offset + len) as usize].fill(0);
+        self.touch(offset, len).await;
         Ok(())
     }
     /// All-zero blocks are holes.
@@ -95,6 +109,28 @@ impl BlockDevice for MemDevice {
             match out.last_mut() {
                 Some(x) if x.allocated == allocated => x.len += n,
                 _ => out.push(DeviceExtent { len: n, allocated }),
+            }
+            at += n;
+        }
+        Ok(out)
+    }
+    fn change_sets(&self) -> Vec<String> {
+        vec!["since-start".to_string()]
+    }
+    async fn changes(&self, set: &str, offset: u64, len: u64) -> DeviceResult<Vec<ChangedRun>> {
+        self.check()?;
+        if set != "since-start" {
+            return Err(DeviceError::new(EINVAL, format!("no change set {set:?}")));
+        }
+        let changed = self.changed.lock().await;
+        let mut out: Vec<ChangedRun> = Vec::new();
+        let mut at = offset;
+        while at < offset + len {
+            let n = (BS - at % BS).min(offset + len - at);
+            let c = changed[(at / BS) as usize];
+            match out.last_mut() {
+                Some(x) if x.changed == c => x.len += n,
+                _ => out.push(ChangedRun { len: n, changed: c }),
             }
             at += n;
         }
@@ -373,8 +409,7 @@ async fn haggling_goes_on_after_unknown_options_and_lists_exports() {
     .await;
     assert_eq!(option_reply(&mut c).await.1, REP_ERR_INVALID);
     send_option(&mut c, OPT_LIST_META_CONTEXT, &meta_request("disk", &[])).await;
-    assert_eq!(option_reply(&mut c).await.1, REP_META_CONTEXT);
-    assert_eq!(option_reply(&mut c).await.1, REP_ACK);
+    assert_eq!(contexts(&mut c).await.len(), 2);
     send_option(
         &mut c,
         OPT_INFO,
@@ -605,10 +640,7 @@ async fn sparse_reads_and_block_status_report_holes() {
     request(&mut c, CMD_BLOCK_STATUS, 0, 3, 0, 1 << 20).await;
     let (flags, kind, _, data) = chunk(&mut c).await;
     assert_eq!((flags, kind), (REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS));
-    assert_eq!(
-        u32::from_be_bytes(data[..4].try_into().unwrap()),
-        BASE_ALLOCATION_ID
-    );
+    assert_eq!(u32::from_be_bytes(data[..4].try_into().unwrap()), 1);
     let descs: Vec<(u32, u32)> = data[4..]
         .chunks(8)
         .map(|d| {
@@ -799,6 +831,12 @@ impl BlockDevice for Huge {
         }
         Ok(out)
     }
+    fn change_sets(&self) -> Vec<String> {
+        Vec::new()
+    }
+    async fn changes(&self, set: &str, _: u64, _: u64) -> DeviceResult<Vec<ChangedRun>> {
+        Err(DeviceError::new(EINVAL, format!("no change set {set:?}")))
+    }
 }
 
 #[tokio::test]
@@ -841,10 +879,14 @@ async fn meta_contexts_are_replaced_by_a_failed_set_and_listed_with_id_zero() {
     send_option(&mut c, OPT_STRUCTURED_REPLY, &[]).await;
     assert_eq!(option_reply(&mut c).await.1, REP_ACK);
     send_option(&mut c, OPT_LIST_META_CONTEXT, &meta_request("disk", &[])).await;
-    let (_, kind, data) = option_reply(&mut c).await;
-    assert_eq!(kind, REP_META_CONTEXT);
-    assert_eq!(&data[..4], &0u32.to_be_bytes(), "a listed context has id 0");
-    assert_eq!(option_reply(&mut c).await.1, REP_ACK);
+    assert_eq!(
+        contexts(&mut c).await,
+        [
+            (0, BASE_ALLOCATION.to_string()),
+            (0, "qemu:dirty-bitmap:since-start".to_string())
+        ],
+        "a listed context has id 0"
+    );
     send_option(
         &mut c,
         OPT_SET_META_CONTEXT,
@@ -878,6 +920,118 @@ async fn meta_contexts_are_replaced_by_a_failed_set_and_listed_with_id_zero() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// The META_CONTEXT replies up to the ACK: each context's id and name.
+async fn contexts(c: &mut DuplexStream) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    loop {
+        let (_, kind, data) = option_reply(c).await;
+        if kind == REP_ACK {
+            return out;
+        }
+        assert_eq!(kind, REP_META_CONTEXT);
+        let id = u32::from_be_bytes(data[..4].try_into().unwrap());
+        out.push((id, String::from_utf8(data[4..].to_vec()).unwrap()));
+    }
+}
+
+/// Block status descriptors (length, flags) of a chunk's payload, after
+/// its context id.
+fn descriptors(data: &[u8]) -> Vec<(u32, u32)> {
+    data[4..]
+        .chunks(8)
+        .map(|d| {
+            (
+                u32::from_be_bytes(d[..4].try_into().unwrap()),
+                u32::from_be_bytes(d[4..].try_into().unwrap()),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn change_sets_are_served_as_dirty_bitmaps_beside_allocation() {
+    let h = harness();
+    let (mut c, _task) = h.connect();
+    greet(&mut c, CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).await;
+    send_option(&mut c, OPT_STRUCTURED_REPLY, &[]).await;
+    assert_eq!(option_reply(&mut c).await.1, REP_ACK);
+    send_option(
+        &mut c,
+        OPT_LIST_META_CONTEXT,
+        &meta_request("disk", &["qemu:"]),
+    )
+    .await;
+    let bitmap = "qemu:dirty-bitmap:since-start";
+    assert_eq!(contexts(&mut c).await, [(0, bitmap.to_string())]);
+    send_option(
+        &mut c,
+        OPT_SET_META_CONTEXT,
+        &meta_request("disk", &[bitmap, "qemu:dirty-bitmap:nope", BASE_ALLOCATION]),
+    )
+    .await;
+    assert_eq!(
+        contexts(&mut c).await,
+        [(1, bitmap.to_string()), (2, BASE_ALLOCATION.to_string())]
+    );
+    send_option(&mut c, OPT_GO, &name_request("disk", &[])).await;
+    while option_reply(&mut c).await.1 != REP_ACK {}
+
+    // Written data, then zeros written over data that was never there:
+    // both changed; only the first allocated.
+    let data = vec![0x77u8; 8192];
+    request(&mut c, CMD_WRITE, 0, 1, 16384, data.len() as u32).await;
+    c.write_all(&data).await.unwrap();
+    assert_eq!(outcome(&mut c).await, (0, 1));
+    request(&mut c, CMD_WRITE_ZEROES, 0, 2, 24576, 4096).await;
+    assert_eq!(outcome(&mut c).await, (0, 2));
+    request(&mut c, CMD_BLOCK_STATUS, 0, 3, 0, 65536).await;
+    let (flags, kind, cookie, first) = chunk(&mut c).await;
+    assert_eq!((flags, kind, cookie), (0, REPLY_TYPE_BLOCK_STATUS, 3));
+    assert_eq!(u32::from_be_bytes(first[..4].try_into().unwrap()), 1);
+    assert_eq!(
+        descriptors(&first),
+        [(16384, 0), (12288, STATE_DIRTY), (65536 - 28672, 0)]
+    );
+    let (flags, kind, cookie, second) = chunk(&mut c).await;
+    assert_eq!(
+        (flags, kind, cookie),
+        (REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 3)
+    );
+    assert_eq!(u32::from_be_bytes(second[..4].try_into().unwrap()), 2);
+    let hz = STATE_HOLE | STATE_ZERO;
+    assert_eq!(
+        descriptors(&second),
+        [(16384, hz), (8192, 0), (65536 - 24576, hz)]
+    );
+    // REQ_ONE: one descriptor per context.
+    request(&mut c, CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 4, 20480, 65536).await;
+    assert_eq!(descriptors(&chunk(&mut c).await.3), [(8192, STATE_DIRTY)]);
+    assert_eq!(descriptors(&chunk(&mut c).await.3), [(4096, 0)]);
+
+    // A failing change set is one error reply, not half an answer.
+    h.rw.fail.store(true, Ordering::SeqCst);
+    request(&mut c, CMD_BLOCK_STATUS, 0, 5, 0, 4096).await;
+    assert_eq!(outcome(&mut c).await, (EIO, 5));
+    h.rw.fail.store(false, Ordering::SeqCst);
+
+    // Contexts chosen for one export are not those of another.
+    let (mut d, _task) = h.connect();
+    greet(&mut d, CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).await;
+    send_option(&mut d, OPT_STRUCTURED_REPLY, &[]).await;
+    assert_eq!(option_reply(&mut d).await.1, REP_ACK);
+    send_option(
+        &mut d,
+        OPT_SET_META_CONTEXT,
+        &meta_request("disk", &[bitmap]),
+    )
+    .await;
+    assert_eq!(contexts(&mut d).await.len(), 1);
+    send_option(&mut d, OPT_GO, &name_request("disk@snap", &[])).await;
+    while option_reply(&mut d).await.1 != REP_ACK {}
+    request(&mut d, CMD_BLOCK_STATUS, 0, 1, 0, 4096).await;
+    assert_eq!(outcome(&mut d).await, (EINVAL, 1));
 }
 
 /// A client that connects and says nothing is cut off after the handshake

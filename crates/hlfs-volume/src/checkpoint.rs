@@ -173,9 +173,12 @@ impl Core {
         let mut w = self.log.writer.lock().await;
         self.life.check(Need::Write)?;
         if w.changed {
-            self.checkpoint(&mut w, true, |_, _, _| Ok(())).await?;
+            return self.checkpoint(&mut w, true, |_, _, _| Ok(())).await;
         }
-        Ok(())
+        // A seal may have ended with a checkpoint the upload task has yet
+        // to make the head: the manifest names it once its segment is
+        // stored.
+        self.wait_stored(w.sealed_lsn).await
     }
 
     /// Seals the open segment without stopping writes for long: it is

@@ -44,6 +44,7 @@ use parking_lot::Mutex;
 
 use crate::backend::Backend;
 use crate::clean::CleanCounts;
+use crate::diff::{ChangesKey, Diff};
 use crate::error::{Result, VolumeError};
 use crate::lifecycle::Lifecycle;
 use crate::log::Log;
@@ -86,6 +87,10 @@ pub(crate) struct Core {
     /// A read-only view's root, which this process's cleaning keeps.
     #[expect(dead_code, reason = "held only to be dropped with the view")]
     pub view_root: Option<ViewRoot>,
+    /// The snapshot a read-only view shows; None for the head.
+    pub snapshot: Option<String>,
+    /// Recent answers of `changes_since`, newest last.
+    pub changes: Mutex<Vec<(ChangesKey, Arc<Diff>)>>,
 }
 
 impl Core {

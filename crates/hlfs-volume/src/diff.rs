@@ -8,10 +8,13 @@
 //! It is a zero extent when it reads as zeros in the newer root. Both
 //! roots come from one manifest (docs/design/diffs.md).
 
+use std::sync::Arc;
+
 use hlfs_format::{Checkpoint, Entry, MapPage, MAP_FANOUT, MAP_SHIFT};
 
 use crate::backend::Backend;
 use crate::cache::ReadCache;
+use crate::core::Core;
 use crate::error::{Result, VolumeError};
 use crate::manifest::latest_manifest;
 use crate::map::depth_for;
@@ -165,6 +168,68 @@ pub async fn diff(
     let bs = manifest.block_size;
     let a = root_of(&segments, from_snap.checkpoint, 0, bs).await?;
     let b = root_of(&segments, to_checkpoint, to_size.unwrap_or(0), bs).await?;
+    walk(&segments, bs, a, b).await
+}
+
+/// What identifies a diff's answer: the two roots it compares, and the
+/// size of the newer (an empty root's extent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ChangesKey {
+    from: Entry,
+    to: Entry,
+    size: u64,
+}
+
+/// Answers `changes_since` keeps, for a client that asks about one range
+/// after another, or about several snapshots in turn.
+const CHANGES_KEPT: usize = 4;
+
+impl Core {
+    /// What changed from snapshot `from` to what this volume shows: the
+    /// head of a writable volume, as of a checkpoint taken now (so every
+    /// write acknowledged before the call is in it), or the snapshot a
+    /// read-only view shows. A read-only view of the head has replayed
+    /// writes no manifest's root holds, so it has no answer.
+    pub(crate) async fn changes_since(&self, from: &str) -> Result<Arc<Diff>> {
+        if self.life.read_only() && self.snapshot.is_none() {
+            return Err(VolumeError::InvalidArgument(
+                "a read-only view of the head has no changes to list: open a snapshot, or the volume for writing".into(),
+            ));
+        }
+        if !self.life.read_only() {
+            self.checkpoint_now().await?;
+        }
+        // One manifest gives both roots (docs/design/diffs.md).
+        let (from_checkpoint, to) = self.manifests.read(|m| {
+            let from = m.snapshots.iter().find(|s| s.name == from);
+            (from.map(|s| s.checkpoint), m.checkpoint)
+        });
+        let from_checkpoint =
+            from_checkpoint.ok_or_else(|| VolumeError::SnapshotNotFound(from.to_string()))?;
+        let key = ChangesKey {
+            from: from_checkpoint,
+            to,
+            size: self.size(),
+        };
+        if let Some((_, known)) = self.changes.lock().iter().find(|(k, _)| *k == key) {
+            return Ok(known.clone());
+        }
+        let bs = self.block_size;
+        let a = root_of(&self.segments, key.from, 0, bs).await?;
+        let b = root_of(&self.segments, key.to, key.size, bs).await?;
+        let answer = Arc::new(walk(&self.segments, bs, a, b).await?);
+        let mut kept = self.changes.lock();
+        if kept.len() >= CHANGES_KEPT {
+            kept.remove(0);
+        }
+        kept.push((key, answer.clone()));
+        Ok(answer)
+    }
+}
+
+/// The blocks whose entries differ between roots `a` and `b`, as extents
+/// below `b`'s size.
+async fn walk(segments: &Segments, bs: u32, a: Root, b: Root) -> Result<Diff> {
     let depth = a.depth.max(b.depth);
     let mut changes = Changes::new(bs as u64, b.size);
     // Depth first, left to right, so blocks come out in order.
@@ -174,10 +239,7 @@ pub async fn diff(
             continue;
         }
         if level == 0 {
-            let (old, new) = (
-                leaf(&segments, a_side).await?,
-                leaf(&segments, b_side).await?,
-            );
+            let (old, new) = (leaf(segments, a_side).await?, leaf(segments, b_side).await?);
             for (slot, (o, n)) in old.entries.iter().zip(new.entries.iter()).enumerate() {
                 if o != n {
                     changes.block((index << MAP_SHIFT) + slot as u64, n.is_empty());
@@ -186,8 +248,8 @@ pub async fn diff(
             continue;
         }
         let (olds, news) = (
-            children(&segments, a_side, level).await?,
-            children(&segments, b_side, level).await?,
+            children(segments, a_side, level).await?,
+            children(segments, b_side, level).await?,
         );
         for slot in (0..MAP_FANOUT).rev() {
             if olds[slot] != news[slot] {
@@ -245,7 +307,7 @@ mod tests {
 
     use super::*;
     use crate::clean::GcOptions;
-    use crate::options::{CreateOptions, OpenOptions};
+    use crate::options::{CreateOptions, OpenOptions, View};
     use crate::volume::Volume;
 
     const BS: u64 = 4096;
@@ -348,7 +410,29 @@ mod tests {
                 }
             }
         }
+        // The owner's answer for the head, checkpointing as it goes.
+        let mut live = Vec::new();
+        for (name, _) in &snaps {
+            live.push(vol.changes_since(name).await.unwrap());
+        }
         vol.close().await.unwrap();
+        for ((name, _), live) in snaps.iter().zip(&live) {
+            let stored = diff(backend.clone(), name, None, false).await.unwrap();
+            assert_eq!(**live, stored, "changes since {name} in the head");
+        }
+        // A view of the newest snapshot answers as a diff to it does.
+        if let Some((newest, _)) = snaps.last() {
+            let view = View::Snapshot(newest.clone());
+            let view = Volume::open_read_only(backend.clone(), &opts, view)
+                .await
+                .unwrap();
+            for (name, _) in &snaps {
+                let stored = diff(backend.clone(), name, Some(newest), false)
+                    .await
+                    .unwrap();
+                assert_eq!(*view.changes_since(name).await.unwrap(), stored);
+            }
+        }
 
         // Every pair of snapshots, and each snapshot to the head.
         let mut roots: Vec<(Option<&str>, &State)> =
@@ -399,6 +483,47 @@ mod tests {
         }
     }
 
+    /// A write that seals a segment with a checkpoint leaves that
+    /// checkpoint to the upload task to make the head; the owner's answer
+    /// must wait for it, or it misses what the checkpoint holds.
+    #[tokio::test]
+    async fn the_owner_answers_after_a_checkpoint_still_being_uploaded() {
+        let segment = 64 << 10;
+        // Some count of blocks ends with the write that seals the fourth
+        // segment, with a checkpoint, and nothing after it.
+        for blocks in 60..68u64 {
+            let env = MemEnv::new();
+            let faults = hlfs_store::layers::Faults::new();
+            let backend = Backend::memory(&env).with_faults(&faults);
+            let create = CreateOptions {
+                size: 1 << 20,
+                segment_size: segment,
+                ..CreateOptions::default()
+            };
+            Volume::create(&backend, &create).await.unwrap();
+            let vol = Volume::open(backend.clone(), &OpenOptions::default())
+                .await
+                .unwrap();
+            vol.snapshot_create("a").await.unwrap();
+            faults.set_latency(std::time::Duration::from_millis(20));
+            for b in 0..blocks {
+                vol.write(b * BS, &[1; BS as usize]).await.unwrap();
+            }
+            let changed = vol.changes_since("a").await.unwrap();
+            assert_eq!(
+                changed.extents,
+                [DiffExtent {
+                    offset: 0,
+                    len: blocks * BS,
+                    zero: false
+                }],
+                "after {blocks} blocks"
+            );
+            faults.set_latency(std::time::Duration::ZERO);
+            vol.close().await.unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn the_head_of_a_volume_being_written_is_refused() {
         let env = MemEnv::new();
@@ -432,8 +557,17 @@ mod tests {
         );
         vol.close().await.unwrap();
         assert_eq!(
-            diff(backend, "a", None, false).await.unwrap().extents,
+            diff(backend.clone(), "a", None, false)
+                .await
+                .unwrap()
+                .extents,
             changed.extents
         );
+        // A read-only view of the head replayed writes no root holds.
+        let head = Volume::open_read_only(backend, &OpenOptions::default(), View::Head)
+            .await
+            .unwrap();
+        let err = head.changes_since("a").await.unwrap_err();
+        assert!(err.to_string().contains("open a snapshot"), "{err}");
     }
 }

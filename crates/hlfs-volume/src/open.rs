@@ -153,7 +153,7 @@ pub(crate) async fn open(backend: Backend, opts: &OpenOptions) -> Result<(Arc<Co
         // Same host and we hold the journal lock: that writer is gone.
         tracing::warn!(volume = %backend.location, pid = w.pid, "taking over from a writer that did not close the volume");
     }
-    let core = load(backend, manifest, false, opts).await?;
+    let core = load(backend, manifest, false, None, opts).await?;
     core.recover().await?;
     let held = Arc::new(Held::new(&core));
     let lock = Arc::new(lock);
@@ -222,17 +222,15 @@ pub(crate) async fn open_read_only(
                 })?,
         ),
     };
-    if let Some(s) = &snap {
+    if let Some(s) = snap {
         manifest.checkpoint = s.checkpoint;
-    }
-    if snap.is_some() {
-        return load(backend, manifest, true, opts).await;
+        return load(backend, manifest, true, Some(s.name), opts).await;
     }
     // The head of a volume a writer is using: its journal can be sealed
     // and removed while we read it. Start again from the newer manifest.
     let mut attempt = 1;
     loop {
-        let core = load(backend.clone(), manifest, true, opts).await?;
+        let core = load(backend.clone(), manifest, true, None, opts).await?;
         match core.recover().await {
             Err(VolumeError::Store(StoreError::NotFound(what))) if attempt < HEAD_OPEN_ATTEMPTS => {
                 tracing::debug!(%what, attempt, "the writer sealed a journal while we read it; retrying");
@@ -244,11 +242,13 @@ pub(crate) async fn open_read_only(
     }
 }
 
-/// Builds the in-memory volume from a manifest and its checkpoint.
+/// Builds the in-memory volume from a manifest and its checkpoint, which
+/// for a view of a snapshot is that snapshot's.
 async fn load(
     backend: Backend,
     manifest: Manifest,
     read_only: bool,
+    snapshot: Option<String>,
     opts: &OpenOptions,
 ) -> Result<Arc<Core>> {
     let uuid = manifest.volume;
@@ -298,6 +298,8 @@ async fn load(
         clean_counts: Default::default(),
         cleaning_stopped: tokio::sync::watch::Sender::new(false),
         view_root,
+        snapshot,
+        changes: Mutex::new(Vec::new()),
         clock: backend.clock.clone(),
         store,
         backend,

@@ -11,6 +11,7 @@ use hlfs_store::layers::StoreCounts;
 use crate::backend::Backend;
 use crate::clean::{GcOptions, GcProgress, GcReport};
 use crate::core::Core;
+use crate::diff::Diff;
 use crate::error::Result;
 use crate::open::{self, Held};
 use crate::options::{CreateOptions, Extent, OpenOptions, SnapshotInfo, View, VolumeInfo};
@@ -58,6 +59,11 @@ impl Volume {
 
     pub fn block_size(&self) -> u32 {
         self.core.block_size
+    }
+
+    /// The snapshot a read-only view shows; None for the head.
+    pub fn snapshot(&self) -> Option<&str> {
+        self.core.snapshot.as_deref()
     }
 
     pub fn is_read_only(&self) -> bool {
@@ -178,6 +184,14 @@ impl Volume {
     /// reads the store alone (`diff` of the head, `space`) sees it all.
     pub async fn checkpoint(&self) -> Result<()> {
         self.core.checkpoint_now().await
+    }
+
+    /// What changed since snapshot `from`: in the head as of now (every
+    /// write acknowledged before the call), or in the snapshot a read-only
+    /// view shows. From map pages alone; answers are kept while the two
+    /// roots stay the same.
+    pub async fn changes_since(&self, from: &str) -> Result<Arc<Diff>> {
+        self.core.changes_since(from).await
     }
 
     /// Stops a running cleaning run as soon as it safely can (between

@@ -525,10 +525,15 @@ fn export_info(uri: &str) -> serde_json::Value {
     exports[0].clone()
 }
 
-/// `nbdinfo --map`: (offset, length, type, description), adjacent extents
-/// of the same type merged.
+/// `nbdinfo --map` of base:allocation: (offset, length, type,
+/// description), adjacent extents of the same type merged.
 fn nbd_map(uri: &str) -> Vec<(u64, u64, u32, String)> {
-    let out = run("nbdinfo", &["--map=base:allocation", uri]).ok();
+    nbd_map_of(uri, "base:allocation")
+}
+
+/// `nbdinfo --map=CONTEXT`, as `nbd_map`.
+fn nbd_map_of(uri: &str, context: &str) -> Vec<(u64, u64, u32, String)> {
+    let out = run("nbdinfo", &[&format!("--map={context}"), uri]).ok();
     let mut map: Vec<(u64, u64, u32, String)> = Vec::new();
     for line in out.stdout.lines().filter(|l| !l.trim().is_empty()) {
         let mut cols = line.split_whitespace();
@@ -2285,6 +2290,56 @@ fn diff_of_a_served_head_lists_what_the_client_changed() {
         "{diff}"
     );
     assert_eq!(diff["to"], serde_json::Value::Null);
+    srv.stop_ok();
+}
+
+/// `qemu:dirty-bitmap:SNAP` answers block status with what changed since
+/// snapshot SNAP: on the head, up to the moment of the query; on a
+/// snapshot's export, up to that snapshot.
+#[test]
+fn dirty_bitmaps_show_what_changed_since_a_snapshot() {
+    require!("qemu-io" => "qemu-utils", "nbdinfo" => "libnbd-bin");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = volume_at(d, "vm.hlfs");
+    hlfs(&["create", &vol, "--size", "16M"]).ok();
+    let srv = Server::unix(d, &[&vol], &[]);
+    qemu_io_ok(srv.uri(), false, &["write -P 0x11 0 4M", "flush"]);
+    hlfs(&["snapshot", "create", &vol, "s1"]).ok();
+    // Changed since s1: nothing yet.
+    let dirty = |uri: &str| -> Vec<(u64, u64)> {
+        nbd_map_of(uri, "qemu:dirty-bitmap:s1")
+            .into_iter()
+            .filter(|x| x.2 != 0)
+            .map(|x| (x.0, x.1))
+            .collect()
+    };
+    assert_eq!(dirty(srv.uri()), []);
+    qemu_io_ok(
+        srv.uri(),
+        false,
+        &[
+            "write -P 0x22 1M 64k",
+            "write -z -u 2M 64k",
+            "write -P 0x33 8M 4k",
+        ],
+    );
+    // No flush: what was acknowledged is what changed.
+    let written = [(1 << 20, 64 << 10), (2 << 20, 64 << 10), (8 << 20, 4096)];
+    assert_eq!(dirty(srv.uri()), written);
+    let map = nbd_map_of(srv.uri(), "qemu:dirty-bitmap:s1");
+    assert_eq!(map.last().map(|x| x.0 + x.1), Some(16 * MIB), "{map:?}");
+    // A name no snapshot has is not offered.
+    let out = run("nbdinfo", &["--map=qemu:dirty-bitmap:nope", srv.uri()]);
+    assert!(!out.status.success(), "{out}");
+    hlfs(&["snapshot", "create", &vol, "s2"]).ok();
+    qemu_io_ok(srv.uri(), false, &["write -P 0x44 12M 4k"]);
+    assert_eq!(dirty(srv.uri()).len(), 4);
+    srv.stop_ok();
+
+    let s2 = format!("{vol}@s2");
+    let srv = Server::unix(d, &[&vol, &s2], &[]);
+    assert_eq!(dirty(srv.uri_of("vm.hlfs@s2")), written);
     srv.stop_ok();
 }
 
