@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hlfs_nbd::{BlockDevice, DeviceExtent, DeviceResult, Export, Limits, Server};
+use hlfs_nbd::{BlockDevice, ChangedRun, DeviceExtent, DeviceResult, Export, Limits, Server};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A 1 MiB device of zeros that accepts and forgets writes.
+/// A 1 MiB device of zeros that accepts and forgets writes; its one change
+/// set, `s`, says all of it changed.
 struct Zeros;
 
 #[async_trait]
@@ -42,6 +43,12 @@ impl BlockDevice for Zeros {
     }
     async fn extents(&self, _: u64, len: u64) -> DeviceResult<Vec<DeviceExtent>> {
         Ok(vec![DeviceExtent { len, allocated: false }])
+    }
+    fn change_sets(&self) -> Vec<String> {
+        vec!["s".to_string()]
+    }
+    async fn changes(&self, _: &str, _: u64, len: u64) -> DeviceResult<Vec<ChangedRun>> {
+        Ok(vec![ChangedRun { len, changed: true }])
     }
 }
 

@@ -8,6 +8,7 @@
 //! never a panic.
 
 mod manifest;
+pub mod rbd_diff;
 mod record;
 pub mod wire;
 

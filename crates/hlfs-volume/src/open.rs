@@ -30,6 +30,7 @@ use crate::map::{depth_for, DirtyTree, PageCache, SegmentUsage};
 use crate::options::{CreateOptions, OpenOptions, View};
 use crate::runner::Runner;
 use crate::segments::Segments;
+use crate::snapshot::IMPORT_GUARD;
 use crate::stats::ViewRoot;
 use crate::upload::{self, Uploads, UPLOAD_BACKLOG_REMOTE};
 use crate::write::MAX_RECORD_BYTES;
@@ -187,6 +188,10 @@ pub(crate) async fn open(backend: Backend, opts: &OpenOptions) -> Result<(Arc<Co
         let every = auto.every;
         held.runner
             .spawn("clean", Some(every), |cx| clean::run(cleaner, auto, cx));
+    }
+    if core.snapshots().iter().any(|s| s.name == IMPORT_GUARD) {
+        tracing::warn!(volume = %core.location(), "an import-diff was cut off; rolling back what it wrote");
+        core.end_import(None).await?;
     }
     Ok((core, held))
 }

@@ -33,6 +33,10 @@ pub fn validate_snapshot_name(name: &str) -> Result<()> {
     }
 }
 
+/// The snapshot an import keeps of the head it started from, while it
+/// runs: a name no user can give (it starts with '-').
+pub const IMPORT_GUARD: &str = "-import-diff-in-progress";
+
 /// `base` (cut to fit) and `stamp`, with a number added if a snapshot has
 /// that name already.
 fn unused_name(m: &Manifest, base: &str, stamp: u64) -> String {
@@ -60,6 +64,69 @@ impl Core {
     /// Takes a snapshot holding every write acknowledged before the call.
     pub(crate) async fn snapshot_create(&self, name: &str) -> Result<SnapshotInfo> {
         validate_snapshot_name(name)?;
+        self.take_snapshot(name, false).await
+    }
+
+    /// Starts an import (`diff_stream::import_diff`): the head as it is
+    /// becomes the guard snapshot, which an import that fails, or is cut
+    /// off by a crash, rolls the head back to.
+    pub(crate) async fn begin_import(&self) -> Result<()> {
+        if self.find_snapshot(IMPORT_GUARD).is_some() {
+            return Err(VolumeError::Busy(format!(
+                "an import into {} is under way",
+                self.location()
+            )));
+        }
+        self.take_snapshot(IMPORT_GUARD, true).await.map(|_| ())
+    }
+
+    /// Ends an import. With `Some(to)` it kept what it wrote: the head as
+    /// it is becomes snapshot `to` (if named) and the guard goes, in one
+    /// manifest. With None it failed: the head goes back to the guard,
+    /// which goes too, in one manifest, and nothing it wrote is kept.
+    pub(crate) async fn end_import(&self, kept: Option<Option<&str>>) -> Result<()> {
+        self.life.check(Need::Write)?;
+        let mut w = self.log.writer.lock().await;
+        self.life.check(Need::Write)?;
+        let guard = self
+            .find_snapshot(IMPORT_GUARD)
+            .ok_or_else(|| VolumeError::SnapshotNotFound(IMPORT_GUARD.to_string()))?;
+        let created_ms = self.clock.unix_ms();
+        let Some(to) = kept else {
+            let (cp, _) = self.segments.read_checkpoint(guard.checkpoint).await?;
+            self.checkpoint(&mut w, true, |m, _, _| {
+                m.snapshots.retain(|s| s.name != IMPORT_GUARD);
+                m.checkpoint = guard.checkpoint;
+                m.size = cp.size;
+                Ok(())
+            })
+            .await?;
+            let usage =
+                SegmentUsage::from_checkpoint(self.block_size, cp.allocated_blocks, &cp.usage);
+            self.map.lock().reset(cp.root, cp.depth, usage);
+            self.size.store(cp.size, Ordering::SeqCst);
+            return Ok(());
+        };
+        self.checkpoint(&mut w, true, |m, at, lsn| {
+            m.snapshots.retain(|s| s.name != IMPORT_GUARD);
+            if let Some(to) = to {
+                if m.snapshots.iter().any(|s| s.name == to) {
+                    return Err(VolumeError::SnapshotExists(to.to_string()));
+                }
+                m.snapshots.push(SnapshotEntry {
+                    name: to.to_string(),
+                    checkpoint: at,
+                    lsn,
+                    created_ms,
+                    automatic: false,
+                });
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn take_snapshot(&self, name: &str, automatic: bool) -> Result<SnapshotInfo> {
         self.life.check(Need::Write)?;
         let mut w = self.log.writer.lock().await;
         self.life.check(Need::Write)?;
@@ -79,7 +146,7 @@ impl Core {
                 checkpoint: at,
                 lsn,
                 created_ms,
-                automatic: false,
+                automatic,
             };
             taken = Some(SnapshotInfo::from(&s));
             m.snapshots.push(s);

@@ -20,7 +20,7 @@ use crate::options::{CreateOptions, Extent, OpenOptions, SnapshotInfo, View, Vol
 /// methods may be called from many tasks at once.
 #[derive(Clone)]
 pub struct Volume {
-    core: Arc<Core>,
+    pub(crate) core: Arc<Core>,
     /// What a writable open holds: background tasks, the journal lock.
     /// Dropping the last clone releases them.
     held: Option<Arc<Held>>,

@@ -57,6 +57,15 @@ pub enum Command {
     /// head): data and zeroed extents, from the map alone, at a cost that
     /// grows with what changed.
     Diff(cmd::diff::DiffArgs),
+    /// Write what changed since a snapshot (or all the data) as an RBD diff
+    /// stream, the format of `rbd export-diff`: an incremental backup that
+    /// `hlfs import-diff` or `rbd import-diff` applies.
+    ExportDiff(cmd::rbd_diff::ExportDiffArgs),
+    /// Apply an RBD diff stream (from `hlfs export-diff` or `rbd
+    /// export-diff`) to a volume, all or nothing: it must have the stream's
+    /// from-snapshot, gets its to-snapshot, and is left as it was if the
+    /// stream is cut off or malformed.
+    ImportDiff(cmd::rbd_diff::ImportDiffArgs),
     /// Serve volumes and snapshots over NBD (to QEMU, nbd-client, libnbd,
     /// fio) until SIGINT or SIGTERM, then flush, seal and exit.
     Serve(cmd::serve::ServeArgs),
@@ -82,6 +91,8 @@ pub async fn run(mut cli: Cli, given: Given, inherited: ListenFd) -> Result<Exit
         Command::Check(args) => return cmd::check::run(args, &settings).await,
         Command::Gc(args) => cmd::gc::run(args, &settings).await?,
         Command::Diff(args) => cmd::diff::run(args, &settings).await?,
+        Command::ExportDiff(args) => cmd::rbd_diff::export(args, &settings).await?,
+        Command::ImportDiff(args) => cmd::rbd_diff::import(args, &settings).await?,
         Command::Serve(args) => cmd::serve::run(args, &settings, inherited).await?,
         Command::Bench(args) => cmd::bench::run(args, &settings).await?,
     }

@@ -483,6 +483,104 @@ fn diff_lists_what_changed_between_snapshots() {
     fails(&["diff", v]);
 }
 
+/// A replica kept by diffs: a full export-diff starts it, incremental
+/// ones (through a file, and through a pipe) keep it equal to its source
+/// snapshot by snapshot, and a stream cut short or damaged is refused with
+/// the replica left exactly as it was.
+#[test]
+fn export_diff_and_import_diff_keep_a_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (src, dst) = (p("src.hlfs"), p("dst.hlfs"));
+    let (a, b, c) = (p("a.img"), p("b.img"), p("c.img"));
+    random_file(Path::new(&a), 3 << 20, 11);
+    let mut bytes = std::fs::read(&a).unwrap();
+    bytes[1 << 20..(1 << 20) + 8192].fill(0);
+    bytes[12345..20000].fill(0x5a);
+    std::fs::write(&b, &bytes).unwrap();
+    ok(&["create", &src, "--size", "4M"]);
+    ok(&["import", &a, &src]);
+    ok(&["snapshot", "create", &src, "s1"]);
+    ok(&["import", &b, &src]);
+    ok(&["snapshot", "create", &src, "s2"]);
+    ok(&["create", &dst, "--size", "4M"]);
+
+    let full = p("full.diff");
+    let out = ok(&["export-diff", &format!("{src}@s1"), &full, "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["to"], "s1", "{report}");
+    assert_eq!(report["data_bytes"], 3 << 20, "{report}");
+    ok(&["import-diff", &full, &dst]);
+    ok(&["export", &format!("{dst}@s1"), &c]);
+    let s1 = p("s1.img");
+    ok(&["export", &format!("{src}@s1"), &s1]);
+    assert_eq!(sha256(Path::new(&c)), sha256(Path::new(&s1)));
+
+    let inc = p("inc.diff");
+    ok(&["export-diff", &format!("{src}@s2"), &inc, "--from", "s1"]);
+    let stream = std::fs::read(&inc).unwrap();
+    assert!(stream.starts_with(b"rbd diff v1\n"));
+    // Cut short, damaged: refused, and the replica's head is still s1.
+    let before = p("before.img");
+    ok(&["export", &dst, &before]);
+    let cut = p("cut.diff");
+    std::fs::write(&cut, &stream[..stream.len() / 2]).unwrap();
+    let e = fails(&["import-diff", &cut, &dst]);
+    assert!(e.contains("bad diff stream"), "{e}");
+    let mut damaged = stream.clone();
+    let last = damaged.len() - 1;
+    damaged[last] = b'x';
+    std::fs::write(&cut, &damaged).unwrap();
+    fails(&["import-diff", &cut, &dst]);
+    ok(&["export", &dst, &c]);
+    assert_eq!(sha256(Path::new(&c)), sha256(Path::new(&before)));
+    let list = ok(&["snapshot", "list", &dst]);
+    assert!(!list.contains("s2") && !list.contains("import"), "{list}");
+
+    // Through a pipe, as `hlfs export-diff ... - | hlfs import-diff - ...`.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hlfs"))
+        .args(["import-diff", "-", &dst, "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exported = hlfs(&["export-diff", &format!("{src}@s2"), "-", "--from", "s1"]);
+    assert!(exported.status.success());
+    assert_eq!(exported.stdout, stream, "the same stream to stdout");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&exported.stdout)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (report["from"].as_str(), report["to"].as_str()),
+        (Some("s1"), Some("s2"))
+    );
+    let s2 = p("s2.img");
+    ok(&["export", &format!("{src}@s2"), &s2]);
+    ok(&["export", &format!("{dst}@s2"), &c]);
+    assert_eq!(sha256(Path::new(&c)), sha256(Path::new(&s2)));
+    ok(&["export", &dst, &c]);
+    assert_eq!(sha256(Path::new(&c)), sha256(Path::new(&s2)));
+
+    // Again: s2 is there now. A diff from a snapshot the target lacks.
+    assert!(fails(&["import-diff", &inc, &dst]).contains("s2"));
+    ok(&["snapshot", "delete", &dst, "s1"]);
+    ok(&["snapshot", "delete", &dst, "s2"]);
+    assert!(fails(&["import-diff", &inc, &dst]).contains("no snapshot \"s1\""));
+    assert!(fails(&["import-diff", &a, &dst]).contains("not an RBD diff stream"));
+    fails(&["export-diff", &format!("{src}@s2"), "-", "--json"]);
+    fails(&["export-diff", &src, &c, "--from", "nope"]);
+}
+
 #[test]
 fn errors_are_one_line_and_exit_non_zero() {
     let dir = tempfile::tempdir().unwrap();

@@ -10,6 +10,7 @@ pub mod gc;
 pub mod import;
 pub mod info;
 pub mod metrics;
+pub mod rbd_diff;
 pub mod resize;
 pub mod serve;
 pub mod snapshot;

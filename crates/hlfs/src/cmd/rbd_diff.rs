@@ -1,0 +1,162 @@
+//! `hlfs export-diff` and `hlfs import-diff`: changes as an RBD diff
+//! stream (the format of `rbd export-diff` and `rbd import-diff`), to back
+//! a volume up incrementally, or move changes between HLFS and Ceph RBD.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use hlfs_device::control::Client;
+use hlfs_volume::{export_diff, import_diff, DiffStreamReport, View, Volume};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{finish, open_writer};
+use crate::args::{human, progress, split_snapshot, Settings};
+
+#[derive(clap::Args, Debug)]
+pub struct ExportDiffArgs {
+    /// VOLUME@SNAPSHOT, or VOLUME for its head (only of a volume no server
+    /// holds: take a snapshot of a served one and export that).
+    #[arg(value_name = "VOLUME[@SNAPSHOT]")]
+    volume: String,
+    /// Where to write the stream: a file (replaced), or - for stdout.
+    #[arg(value_name = "FILE")]
+    file: String,
+    /// The older snapshot: only what changed since it. Without it, all the
+    /// data (the start of a new replica).
+    #[arg(long, value_name = "SNAPSHOT")]
+    from: Option<String>,
+    /// Print a JSON summary: {"from", "to", "size", "data_bytes",
+    /// "zero_bytes"}.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ImportDiffArgs {
+    /// The stream: a file, or - for stdin.
+    #[arg(value_name = "FILE")]
+    file: String,
+    /// The volume to apply it to (no server may hold it).
+    volume: String,
+    /// Print a JSON summary, as export-diff does.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn export(args: ExportDiffArgs, settings: &Settings) -> Result<()> {
+    if args.json && args.file == "-" {
+        bail!("--json prints to stdout, where the stream goes: write the stream to a file");
+    }
+    let (volume, snap) = split_snapshot(&args.volume);
+    let backend = settings.backend(volume, false)?;
+    let vol = match snap {
+        Some(s) => {
+            let view = View::Snapshot(s.to_string());
+            Volume::open_read_only(backend, &settings.open, view).await?
+        }
+        None => {
+            if Client::connect(&backend).await?.is_some() {
+                bail!(
+                    "{volume} is served here, and its head changes while it is read: take a snapshot (hlfs snapshot create {volume} NAME) and export {volume}@NAME"
+                );
+            }
+            // Held for writing, the head holds still while it is read.
+            open_writer(volume, settings).await?
+        }
+    };
+    let started = Instant::now();
+    let bar = progress(None, "exporting changes");
+    let tell = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    let exported = async {
+        match args.file.as_str() {
+            "-" => export_diff(&vol, args.from.as_deref(), tokio::io::stdout(), &tell).await,
+            path => {
+                let file = tokio::fs::File::create(path).await.map_err(|e| {
+                    hlfs_volume::VolumeError::InvalidArgument(format!("cannot create {path}: {e}"))
+                })?;
+                let report = export_diff(&vol, args.from.as_deref(), writer(file), &tell).await;
+                if report.is_err() {
+                    let _ = std::fs::remove_file(path);
+                }
+                report
+            }
+        }
+    }
+    .await;
+    bar.finish_and_clear();
+    let report = match snap {
+        Some(_) => exported?,
+        None => finish(vol, exported).await?,
+    };
+    summary(&report, args.json, "exported", &args.file, started)
+}
+
+pub async fn import(args: ImportDiffArgs, settings: &Settings) -> Result<()> {
+    let backend = settings.backend(&args.volume, false)?;
+    if Client::connect(&backend).await?.is_some() {
+        bail!(
+            "{} is served here: stop its server first (an import changes the disk under its clients)",
+            args.volume
+        );
+    }
+    let (input, total): (Box<dyn AsyncRead + Unpin + Send>, Option<u64>) = match args.file.as_str()
+    {
+        "-" => (Box::new(tokio::io::stdin()), None),
+        path => {
+            let file = tokio::fs::File::open(path)
+                .await
+                .with_context(|| format!("cannot open {path}"))?;
+            let len = file.metadata().await.ok().map(|m| m.len());
+            (Box::new(tokio::io::BufReader::new(file)), len)
+        }
+    };
+    let vol = open_writer(&args.volume, settings).await?;
+    let started = Instant::now();
+    let bar = progress(total, "importing changes");
+    let imported = import_diff(&vol, input, &|read| bar.set_position(read)).await;
+    bar.finish_and_clear();
+    let report = finish(vol, imported).await?;
+    summary(&report, args.json, "imported", &args.volume, started)
+}
+
+/// A file written through a buffer.
+fn writer(file: tokio::fs::File) -> impl AsyncWrite + Unpin {
+    tokio::io::BufWriter::with_capacity(1 << 20, file)
+}
+
+fn summary(
+    r: &DiffStreamReport,
+    json: bool,
+    verb: &str,
+    place: &str,
+    started: Instant,
+) -> Result<()> {
+    if json {
+        let v = serde_json::json!({
+            "from": r.from,
+            "to": r.to,
+            "size": r.size,
+            "data_bytes": r.data_bytes,
+            "zero_bytes": r.zero_bytes,
+        });
+        outln!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let span = match (&r.from, &r.to) {
+        (Some(f), Some(t)) => format!("from {f} to {t}"),
+        (Some(f), None) => format!("from {f} to the head"),
+        (None, Some(t)) => format!("all of {t}"),
+        (None, None) => "all of the head".to_string(),
+    };
+    eprintln!(
+        "{verb} {span} ({place}): {} of data, {} zeroed, image {} in {:.1}s",
+        human(r.data_bytes),
+        human(r.zero_bytes),
+        human(r.size),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! RBD diff streams (`hlfs import-diff`): any bytes, fed in pieces of any
+//! size, are decoded or refused with an error, never a panic; data never
+//! lands past the size the stream declared.
+#![no_main]
+use hlfs_format::rbd_diff::{DiffDecoder, DiffEvent};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&piece, stream)) = data.split_first() else {
+        return;
+    };
+    let mut d = DiffDecoder::new();
+    let mut size = None;
+    for chunk in stream.chunks(piece as usize + 1) {
+        let mut at = 0;
+        loop {
+            match d.next(&chunk[at..]) {
+                Err(_) => return,
+                Ok((used, event)) => {
+                    at += used;
+                    match event {
+                        None => break,
+                        Some(DiffEvent::Size(s)) => size = Some(s),
+                        Some(DiffEvent::Data { offset, bytes }) => {
+                            assert!(offset + bytes.len() as u64 <= size.unwrap());
+                        }
+                        Some(DiffEvent::Zero { offset, len }) => {
+                            assert!(offset + len <= size.unwrap());
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+    }
+    let _ = d.finish();
+});
