@@ -11,7 +11,8 @@
 #     with the Ceph settings as flags and from CEPH_ARGS;
 #  5. faults: the OSD stopped mid-workload and restarted, segment objects
 #     deleted or corrupted behind our back;
-#  6. fencing: a second "host" (another cache directory) is refused.
+#  6. fencing: a second "host" (another cache directory) is refused;
+#  7. RBD diff streams both ways between an RBD image and HLFS volumes.
 # Usage: scripts/test-rados.sh     (as root; CI runs it from .ci/run)
 # Env: MODEL_CASES (default 200) cases of the model test; RADOS_SUITES=0
 # skips steps 1-3 (the cargo test suites), to rerun the rest quickly.
@@ -89,6 +90,54 @@ cmp <(head -c $((300 << 20)) "$work/big.out") "$work/big.img"
 rados -p "$pool" -N "big-$run_id/vm" ls | grep -q '^\.pieces/' || fail "no pieces stored"
 rm -f "$work/big.img" "$work/big.out"
 echo "   300 MiB in 200 MiB segments written in pieces and read back equal from the store alone"
+
+step "RBD diff streams both ways: rbd export-diff into HLFS, hlfs export-diff into RBD"
+rbd_pool=rbd
+ceph --connect-timeout 15 osd pool create "$rbd_pool" 8 >/dev/null
+rbd pool init "$rbd_pool"
+sha() { sha256sum | cut -d' ' -f1; }
+# An RBD image with two snapshots: s1 holds an image, s2 random 4K writes
+# over it and a discarded range.
+head -c $((6 << 20)) /dev/urandom > "$work/rbd-a.img"
+rbd import --no-progress "$work/rbd-a.img" "$rbd_pool/img"
+rbd resize --no-progress --size 8M "$rbd_pool/img"
+rbd snap create --no-progress "$rbd_pool/img@s1"
+rbd bench --io-type write --io-size 4K --io-pattern rand --io-total 512K "$rbd_pool/img" >/dev/null
+rbd bench --io-type write --io-size 64K --io-pattern seq --io-total 128K "$rbd_pool/img" >/dev/null
+rbd snap create --no-progress "$rbd_pool/img@s2"
+rbd export-diff --no-progress "$rbd_pool/img@s1" "$work/rbd-s1.diff"
+rbd export-diff --no-progress --from-snap s1 "$rbd_pool/img@s2" "$work/rbd-s2.diff"
+vol="$work/from-rbd.hlfs"
+$hlfs create "$vol" --size 8M
+$hlfs import-diff "$work/rbd-s1.diff" "$vol"
+$hlfs import-diff "$work/rbd-s2.diff" "$vol"
+for s in s1 s2; do
+    want=$(rbd export --no-progress "$rbd_pool/img@$s" - | sha)
+    got=$($hlfs export "$vol@$s" - | sha)
+    [ "$want" = "$got" ] || fail "$s imported from rbd export-diff differs: rbd $want, hlfs $got"
+done
+got=$($hlfs export "$vol" - | sha)
+[ "$want" = "$got" ] || fail "the head after rbd's diffs is not s2"
+# The reverse: HLFS's diffs applied by rbd import-diff.
+$hlfs create "$work/src.hlfs" --size 8M
+$hlfs import "$work/rbd-a.img" "$work/src.hlfs"
+$hlfs snapshot create "$work/src.hlfs" s1
+# New data, then zeros over old data: data and zero records.
+{ head -c $((1 << 20)) /dev/urandom; head -c $((256 << 10)) /dev/zero; } > "$work/rbd-b.img"
+$hlfs import "$work/rbd-b.img" "$work/src.hlfs"
+$hlfs snapshot create "$work/src.hlfs" s2
+$hlfs export-diff "$work/src.hlfs@s1" "$work/hlfs-s1.diff"
+$hlfs export-diff "$work/src.hlfs@s2" "$work/hlfs-s2.diff" --from s1 --json > "$work/hlfs-s2.json"
+grep -q '"zero_bytes": 262144' "$work/hlfs-s2.json" || fail "no zero records: $(cat "$work/hlfs-s2.json")"
+rbd create --size 1M "$rbd_pool/img2"
+rbd import-diff --no-progress "$work/hlfs-s1.diff" "$rbd_pool/img2"
+rbd import-diff --no-progress "$work/hlfs-s2.diff" "$rbd_pool/img2"
+for s in s1 s2; do
+    want=$($hlfs export "$work/src.hlfs@$s" - | sha)
+    got=$(rbd export --no-progress "$rbd_pool/img2@$s" - | sha)
+    [ "$want" = "$got" ] || fail "$s applied by rbd import-diff differs: hlfs $want, rbd $got"
+done
+echo "   rbd's diffs rebuild both snapshots in HLFS, and HLFS's rebuild them in RBD (sha256 equal)"
 
 osd_pid="$state/run/osd.0.pid"
 osd_stop() {

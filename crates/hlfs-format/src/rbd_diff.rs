@@ -1,6 +1,6 @@
 //! The RBD incremental diff stream, version 1: what `rbd export-diff`
 //! writes and `rbd import-diff` reads, so that diffs move between HLFS
-//! volumes and Ceph RBD images both ways (docs/FORMAT.md §10).
+//! volumes and Ceph RBD images both ways (docs/FORMAT.md §11).
 //!
 //! A 12-byte banner, then records, each a one-byte tag and its fields
 //! (integers little-endian): the from- and to-snapshot names (`f`, `t`:

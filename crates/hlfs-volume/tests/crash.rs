@@ -25,6 +25,40 @@ enum Step {
     Reopen,
     /// A cleaning run down to this space target, deleting at once.
     Gc(f64),
+    /// `import_diff` of the stream `import_stream` makes, ending at
+    /// snapshot `to`; with `cut`, of the stream cut short, which must fail
+    /// and change nothing.
+    ImportDiff {
+        to: &'static str,
+        cut: bool,
+    },
+}
+
+/// What `import_stream` writes: data (offset, length, pattern seed) and
+/// zeroed ranges, none aligned to blocks.
+const IMPORT_DATA: [(u64, usize, u8); 2] = [(20_481, 20_000, 21), (300_003, 70_000, 22)];
+const IMPORT_ZERO: (u64, u64) = (100_001, 50_000);
+
+/// An RBD diff stream of `IMPORT_DATA` and `IMPORT_ZERO` ending at `to`.
+fn import_stream(to: &str) -> Vec<u8> {
+    use hlfs_format::rbd_diff::{DiffRecord, BANNER};
+    let mut s = BANNER.to_vec();
+    s.extend(DiffRecord::ToSnapshot(to.to_string()).encode());
+    s.extend(DiffRecord::Size(SIZE).encode());
+    for (offset, len, seed) in IMPORT_DATA {
+        s.extend(
+            DiffRecord::DataHeader {
+                offset,
+                len: len as u64,
+            }
+            .encode(),
+        );
+        s.extend(pattern(len, seed));
+    }
+    let (offset, len) = IMPORT_ZERO;
+    s.extend(DiffRecord::Zero { offset, len }.encode());
+    s.extend(DiffRecord::End.encode());
+    s
 }
 
 const BS: u32 = 4096;
@@ -84,6 +118,20 @@ fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
                 Write(0, 300_000, 8),
                 Gc(1.5),
                 Write(50_000, 10_000, 9),
+            ],
+        ),
+        (
+            "an import-diff, and one cut off",
+            vec![
+                Write(0, 50_000, 1),
+                Flush,
+                ImportDiff {
+                    to: "b",
+                    cut: false,
+                },
+                Write(8192, 4096, 3),
+                ImportDiff { to: "c", cut: true },
+                Write(0, 4096, 4),
             ],
         ),
     ]
@@ -171,6 +219,24 @@ async fn run(world: &World, steps: &[Step]) -> Expect {
                 };
                 vol.gc(&opts, &|_| {}).await.map(drop)
             }
+            Step::ImportDiff { to, cut } => {
+                let mut stream = import_stream(to);
+                if *cut {
+                    stream.truncate(stream.len() - 100);
+                } else {
+                    for (offset, len, seed) in IMPORT_DATA {
+                        after.write(offset, &pattern(len, seed));
+                    }
+                    after.zero(IMPORT_ZERO.0, IMPORT_ZERO.1);
+                    // All or nothing: no state in between.
+                    e.history.push(after.clone());
+                }
+                match hlfs_volume::import_diff(&vol, &stream[..], &|_| {}).await {
+                    Ok(_) if *cut => panic!("a cut stream was applied"),
+                    Err(VolumeError::InvalidArgument(_)) if *cut => Ok(()),
+                    result => result.map(drop),
+                }
+            }
             Step::Reopen => match vol.close().await {
                 Ok(()) => match Volume::open(world.backend(), &options()).await {
                     Ok(v) => {
@@ -190,10 +256,15 @@ async fn run(world: &World, steps: &[Step]) -> Expect {
         e.model = after;
         match step {
             Step::Fua(..) | Step::Flush | Step::Reopen | Step::Rollback(_) => e.durable(),
-            Step::Snapshot(name) => {
+            Step::Snapshot(name)
+            | Step::ImportDiff {
+                to: name,
+                cut: false,
+            } => {
                 e.snapshots.push((name.to_string(), e.model.clone()));
                 e.durable();
             }
+            Step::ImportDiff { cut: true, .. } => e.durable(),
             _ => e.changed(),
         }
     }
@@ -233,6 +304,10 @@ async fn verify(after: World, e: &Expect, what: &str) {
             );
         }
     }
+    assert!(
+        vol.snapshots().iter().all(|s| !s.name.starts_with('-')),
+        "{what}: an import guard outlived its open"
+    );
     vol.close().await.expect("close after recovery");
     let report = check(after.backend()).await.expect("check");
     assert!(report.is_ok(), "{what}: check found {:?}", report.problems);
@@ -255,7 +330,10 @@ async fn crash_at_every_sync_point() {
             e.snapshots.len()
                 == steps
                     .iter()
-                    .filter(|s| matches!(s, Step::Snapshot(_)))
+                    .filter(|s| matches!(
+                        s,
+                        Step::Snapshot(_) | Step::ImportDiff { cut: false, .. }
+                    ))
                     .count()
         );
         let total = world.faults.durable_ops() - base;

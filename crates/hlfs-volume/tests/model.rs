@@ -80,6 +80,16 @@ enum Op {
         mode: u8,
         seed: u64,
     },
+    /// `import_diff` of a stream from the newest snapshot (if any) to a
+    /// new one, with data at `at` and zeros after it; with `cut`, the
+    /// stream cut short, which must change nothing.
+    ImportDiff {
+        at: Pos,
+        len: u32,
+        seed: u8,
+        zero_len: u32,
+        cut: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -149,6 +159,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (10u8..30).prop_map(|target_tenths| Op::Gc { target_tenths }),
         1 => Just(Op::Reopen),
         1 => (0u8..3, any::<u64>()).prop_map(|(mode, seed)| Op::Crash { mode, seed }),
+        1 => (pos(), 1u32..100_000, any::<u8>(), 0u32..50_000, any::<bool>()).prop_map(
+            |(at, len, seed, zero_len, cut)| Op::ImportDiff { at, len, seed, zero_len, cut }
+        ),
     ]
 }
 
@@ -277,6 +290,52 @@ impl Harness {
                 self.vol.resize(new_size).await.expect("resize");
                 self.model.size = new_size;
                 self.changed();
+            }
+            Op::ImportDiff {
+                at,
+                len,
+                seed,
+                zero_len,
+                cut,
+            } => {
+                use hlfs_format::rbd_diff::{DiffRecord, BANNER};
+                let (off, len) = place(&self.cfg, at, *len, size);
+                let zero_len = (*zero_len as u64).min(size - off - len);
+                let data = common::pattern(len as usize, *seed);
+                let to = format!("s{}", self.next_snap);
+                self.next_snap += 1;
+                let mut stream = BANNER.to_vec();
+                if let Some((from, _)) = self.snapshots.last() {
+                    stream.extend(DiffRecord::FromSnapshot(from.clone()).encode());
+                }
+                stream.extend(DiffRecord::ToSnapshot(to.clone()).encode());
+                stream.extend(DiffRecord::Size(size).encode());
+                stream.extend(DiffRecord::DataHeader { offset: off, len }.encode());
+                stream.extend_from_slice(&data);
+                stream.extend(
+                    DiffRecord::Zero {
+                        offset: off + len,
+                        len: zero_len,
+                    }
+                    .encode(),
+                );
+                stream.extend(DiffRecord::End.encode());
+                if *cut {
+                    stream.pop();
+                    let err = hlfs_volume::import_diff(&self.vol, &stream[..], &|_| {})
+                        .await
+                        .expect_err("a cut stream was applied");
+                    assert!(err.to_string().contains("bad diff stream"), "{err}");
+                } else {
+                    hlfs_volume::import_diff(&self.vol, &stream[..], &|_| {})
+                        .await
+                        .expect("import-diff");
+                    self.model.write(off, &data);
+                    self.model.zero(off + len, zero_len);
+                    self.snapshots.push((to, self.model.clone()));
+                }
+                // Either way it ends with a checkpoint.
+                self.durable();
             }
             Op::Snapshot => {
                 let name = format!("s{}", self.next_snap);
