@@ -58,6 +58,10 @@ pub struct GcOptions {
     /// Live bytes copied per second at most; `None` copies as fast as the
     /// writer lock allows.
     pub copy_rate: Option<u64>,
+    /// While clients are busy (a read or write in the last 100 ms),
+    /// bytes scanned and copied per second at most, so that foreground
+    /// I/O keeps priority; `None` does not yield.
+    pub busy_rate: Option<u64>,
 }
 
 impl Default for GcOptions {
@@ -68,6 +72,7 @@ impl Default for GcOptions {
             pass_bytes: 64 << 20,
             start_above: None,
             copy_rate: None,
+            busy_rate: None,
         }
     }
 }
@@ -137,6 +142,9 @@ pub struct GcReport {
 
 /// A cleaner held to a copy rate waits once it is this far ahead of it.
 const PACE_SLACK: Duration = Duration::from_millis(10);
+
+/// Clients count as busy for this long after a request of theirs.
+const BUSY_WINDOW: Duration = Duration::from_millis(100);
 
 /// Segments more live than this are not worth copying: the copy would be
 /// nearly as large, and its own metadata garbage again.
@@ -269,7 +277,10 @@ impl Core {
                 since_ms: self.clock.unix_ms(),
             }));
             if !full.is_empty() {
-                let Some(copied) = self.clean_pass(&full, opts.copy_rate).await? else {
+                let Some(copied) = self
+                    .clean_pass(&full, opts.copy_rate, opts.busy_rate)
+                    .await?
+                else {
                     break (stats, GcStop::Interrupted);
                 };
                 copied_bytes += copied;
@@ -328,11 +339,17 @@ impl Core {
         &self,
         victims: &[&SegmentSpace],
         copy_rate: Option<u64>,
+        busy_rate: Option<u64>,
     ) -> Result<Option<u64>> {
         let bs = self.block_size as usize;
         let mut copied = 0;
         let mut pages = Vec::new();
         let started = self.clock.now();
+        // The time the pass owes its rates so far.
+        let mut owed = Duration::ZERO;
+        let mut client_ops = self.client_ops.load(Ordering::Relaxed);
+        // When the pass last saw clients' requests move.
+        let mut clients_seen = None;
         let mut stop = self.cleaning_stopped.subscribe();
         for v in victims {
             let source = self.segments.scan_source(v.id).await?;
@@ -353,6 +370,7 @@ impl Core {
                     off: off as u32,
                     crc: header.crc,
                 };
+                let mut moved = 0;
                 match header.kind {
                     RecordKind::Data => {
                         let base = off + HEADER_LEN as u64;
@@ -373,22 +391,40 @@ impl Core {
                             // a later run, and the victims stay.
                             return Ok(None);
                         }
-                        copied += self.move_blocks(&moving, &payload).await?;
-                        if let Some(rate) = copy_rate.filter(|&r| r > 0) {
-                            // Ahead of the rate by more than a few
-                            // milliseconds: wait until it catches up.
-                            let due = Duration::from_secs_f64(copied as f64 / rate as f64);
-                            let ahead = due.saturating_sub(self.clock.now() - started);
-                            if ahead >= PACE_SLACK {
-                                tokio::select! {
-                                    () = self.clock.sleep(ahead) => {}
-                                    _ = stop.wait_for(|stop| *stop) => return Ok(None),
-                                }
-                            }
-                        }
+                        moved = self.move_blocks(&moving, &payload).await?;
+                        copied += moved;
                     }
                     RecordKind::MapPage => pages.push((header.arg0 as u32, header.arg1, at)),
                     _ => {}
+                }
+                // Busy clients: this record's bytes at the busy rate.
+                // Otherwise its copies at the copy rate.
+                let now = self.clock.now();
+                let ops = self.client_ops.load(Ordering::Relaxed);
+                if ops != client_ops {
+                    client_ops = ops;
+                    clients_seen = Some(now);
+                }
+                let busy = clients_seen.is_some_and(|seen| now - seen < BUSY_WINDOW);
+                let cost = match (busy, busy_rate, copy_rate) {
+                    (true, Some(rate), _) if rate > 0 => {
+                        let bytes = (HEADER_LEN + payload.len()) as u64 + moved;
+                        Some(bytes as f64 / rate as f64)
+                    }
+                    (_, _, Some(rate)) if rate > 0 => Some(moved as f64 / rate as f64),
+                    _ => None,
+                };
+                if let Some(cost) = cost {
+                    owed += Duration::from_secs_f64(cost);
+                    // Ahead of the rates by more than a few milliseconds:
+                    // wait until they catch up.
+                    let ahead = owed.saturating_sub(self.clock.now() - started);
+                    if ahead >= PACE_SLACK {
+                        tokio::select! {
+                            () = self.clock.sleep(ahead) => {}
+                            _ = stop.wait_for(|stop| *stop) => return Ok(None),
+                        }
+                    }
                 }
             }
         }
@@ -519,6 +555,7 @@ impl Core {
             grace: auto.grace,
             start_above: Some(auto.start_above),
             copy_rate: Some(auto.copy_rate),
+            busy_rate: Some(auto.busy_rate),
             ..GcOptions::default()
         };
         *quiet = Some(Quiet {

@@ -74,6 +74,10 @@ pub struct AutoClean {
     /// Live bytes copied per second at most, so that clients' I/O keeps
     /// priority.
     pub copy_rate: u64,
+    /// Bytes scanned and copied per second at most while clients are
+    /// busy (as `GcOptions::busy_rate`): the cleaner yields to them, yet
+    /// goes on under a constant load.
+    pub busy_rate: u64,
     /// As `GcOptions::grace`.
     pub grace: Duration,
 }
@@ -81,13 +85,15 @@ pub struct AutoClean {
 impl AutoClean {
     /// Starts above `space_target` (stored ÷ live, at least 1) and cleans
     /// down to 60 % of the way from 1 to it (1.3 for 1.5), looking every
-    /// minute, copying at most 64 MiB/s.
+    /// minute, copying at most 64 MiB/s, and going through at most
+    /// 8 MiB/s while clients are busy.
     pub fn new(space_target: f64) -> AutoClean {
         AutoClean {
             start_above: space_target,
             target: 1.0 + (space_target - 1.0) * 0.6,
             every: Duration::from_secs(60),
             copy_rate: 64 << 20,
+            busy_rate: 8 << 20,
             grace: Duration::from_secs(60),
         }
     }

@@ -293,6 +293,7 @@ async fn the_automatic_cleaner_cleans_by_itself_above_its_start_mark() {
             target: 1.2,
             every,
             copy_rate: 1 << 40,
+            busy_rate: 1 << 40,
             grace: Duration::ZERO,
         }),
         ..on_manual_clock()
@@ -402,6 +403,60 @@ async fn a_run_with_a_copy_rate_takes_the_time_its_rate_asks() {
     );
     assert_reads(&vol, &model, "the head").await;
     vol.close().await.unwrap();
+}
+
+/// With a busy rate, a run goes through the victims at that rate while
+/// clients read, and at once when they are idle.
+#[tokio::test]
+async fn a_run_yields_to_busy_clients() {
+    let rate = 1 << 20;
+    for busy in [false, true] {
+        let (clock, backend) = created_on_a_manual_clock(4).await;
+        let vol = Volume::open(backend.clone(), &on_manual_clock())
+            .await
+            .unwrap();
+        let mut model = Image::new(SIZE);
+        churn(&vol, &mut model, 5, 9).await;
+        let opts = GcOptions {
+            target: 1.0,
+            grace: Duration::ZERO,
+            busy_rate: Some(rate),
+            ..GcOptions::default()
+        };
+        let cleaner = {
+            let vol = vol.clone();
+            tokio::spawn(async move { vol.gc(&opts, &|_| {}).await })
+        };
+        let step = Duration::from_millis(50);
+        let mut waited = Duration::ZERO;
+        while !cleaner.is_finished() {
+            if busy {
+                vol.read(0, BS as usize).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            clock.advance(step);
+            waited += step;
+            assert!(waited < Duration::from_secs(3600), "cleaning does not end");
+        }
+        let report = cleaner.await.unwrap().unwrap();
+        assert!(report.copied_bytes > rate, "{report:?}");
+        // Busy, each record's bytes and copies at the rate: at least the
+        // copies' time. Idle, no pause at all.
+        let copies = Duration::from_secs_f64(report.copied_bytes as f64 / rate as f64);
+        if busy {
+            assert!(
+                waited + Duration::from_secs(1) >= copies,
+                "busy: {waited:?} for {copies:?}: {report:?}"
+            );
+        } else {
+            assert!(
+                waited <= Duration::from_secs(1),
+                "idle: {waited:?}: {report:?}"
+            );
+        }
+        assert_reads(&vol, &model, "the head").await;
+        vol.close().await.unwrap();
+    }
 }
 
 /// A snapshot taken while the map was one page deep, then the volume grown

@@ -195,6 +195,7 @@ fn budget(cfg: &Config) -> OpenOptions {
                 target: 1.05,
                 every: Duration::from_millis(3),
                 copy_rate: 1 << 40,
+                busy_rate: 1 << 40,
                 grace: Duration::ZERO,
             },
         ),
