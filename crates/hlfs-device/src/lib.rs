@@ -165,7 +165,13 @@ impl BlockDevice for VolumeDevice {
         if self.vol.is_read_only() && self.vol.snapshot().is_none() {
             return Vec::new();
         }
-        self.vol.snapshots().into_iter().map(|s| s.name).collect()
+        // Names starting with '-' are the engine's own (an import's guard).
+        self.vol
+            .snapshots()
+            .into_iter()
+            .map(|s| s.name)
+            .filter(|name| !name.starts_with('-'))
+            .collect()
     }
 
     async fn changes(&self, set: &str, offset: u64, len: u64) -> DeviceResult<Vec<ChangedRun>> {

@@ -480,7 +480,7 @@ impl Ctx {
         }
         // One chunk per context, the last one done; nothing is sent before
         // every context has answered, so a failure is one error reply.
-        let per_context = MAX_DESCRIPTORS / self.contexts.len();
+        let per_context = (MAX_DESCRIPTORS / self.contexts.len()).max(1);
         let mut out = Vec::new();
         for (i, context) in self.contexts.iter().enumerate() {
             let (offset, len) = (req.offset, req.len as u64);

@@ -143,6 +143,23 @@ pub struct GcReport {
 /// A cleaner held to a copy rate waits once it is this far ahead of it.
 const PACE_SLACK: Duration = Duration::from_millis(10);
 
+/// How a pass ended.
+enum Pass {
+    /// With its checkpoint; the data bytes it appended again.
+    Committed(u64),
+    /// Uncommitted: cleaning was stopped.
+    Stopped,
+    /// Uncommitted: a snapshot was taken while it ran.
+    Raced,
+}
+
+/// The automatic cleaner stops yielding to busy clients once stored is
+/// this many times its start mark.
+const URGENT: f64 = 2.0;
+
+/// Passes a run starts again after a snapshot raced them, at most.
+const MAX_RACED_PASSES: u32 = 3;
+
 /// Clients count as busy for this long after a request of theirs.
 const BUSY_WINDOW: Duration = Duration::from_millis(100);
 
@@ -205,6 +222,7 @@ impl Core {
         let mut copied_bytes = 0;
         let mut before = None;
         let mut last_garbage = u64::MAX;
+        let mut raced = 0;
         let mut stop = self.cleaning_stopped.subscribe();
         let (stats, stopped) = loop {
             let stats = space(self.backend.clone()).await?;
@@ -277,11 +295,19 @@ impl Core {
                 since_ms: self.clock.unix_ms(),
             }));
             if !full.is_empty() {
-                let Some(copied) = self
+                let copied = match self
                     .clean_pass(&full, opts.copy_rate, opts.busy_rate)
                     .await?
-                else {
-                    break (stats, GcStop::Interrupted);
+                {
+                    Pass::Committed(copied) => copied,
+                    Pass::Stopped => break (stats, GcStop::Interrupted),
+                    Pass::Raced if raced < MAX_RACED_PASSES => {
+                        // Count again, the new snapshot included.
+                        raced += 1;
+                        last_garbage = u64::MAX;
+                        continue;
+                    }
+                    Pass::Raced => break (stats, GcStop::NothingCleanable),
                 };
                 copied_bytes += copied;
                 passes += 1;
@@ -334,13 +360,13 @@ impl Core {
     }
 
     /// Moves the head's items out of `victims` and commits with a
-    /// checkpoint; returns the data bytes appended again.
+    /// checkpoint.
     async fn clean_pass(
         &self,
         victims: &[&SegmentSpace],
         copy_rate: Option<u64>,
         busy_rate: Option<u64>,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Pass> {
         let bs = self.block_size as usize;
         let mut copied = 0;
         let mut pages = Vec::new();
@@ -351,6 +377,11 @@ impl Core {
         // When the pass last saw clients' requests move.
         let mut clients_seen = None;
         let mut stop = self.cleaning_stopped.subscribe();
+        // The victims are those no snapshot held at the recount: a
+        // snapshot taken since may share them with the head, and moving
+        // the head's blocks then would part the two (their contents stay
+        // equal, but a diff between them would list the moved blocks).
+        let snapshots = self.snapshot_roots();
         for v in victims {
             let source = self.segments.scan_source(v.id).await?;
             let mut scan = Scanner::new(source, v.size);
@@ -389,9 +420,13 @@ impl Core {
                         if *stop.borrow_and_update() {
                             // Uncommitted: what was copied is garbage for
                             // a later run, and the victims stay.
-                            return Ok(None);
+                            return Ok(Pass::Stopped);
                         }
-                        moved = self.move_blocks(&moving, &payload).await?;
+                        let Some(n) = self.move_blocks(&moving, &payload, &snapshots).await? else {
+                            // Uncommitted, as when stopped.
+                            return Ok(Pass::Raced);
+                        };
+                        moved = n;
                         copied += moved;
                     }
                     RecordKind::MapPage => pages.push((header.arg0 as u32, header.arg1, at)),
@@ -422,7 +457,7 @@ impl Core {
                     if ahead >= PACE_SLACK {
                         tokio::select! {
                             () = self.clock.sleep(ahead) => {}
-                            _ = stop.wait_for(|stop| *stop) => return Ok(None),
+                            _ = stop.wait_for(|stop| *stop) => return Ok(Pass::Stopped),
                         }
                     }
                 }
@@ -436,16 +471,28 @@ impl Core {
         }
         // The commit: the head written whole, without the victims.
         self.checkpoint(&mut w, true, |_, _, _| Ok(())).await?;
-        Ok(Some(copied))
+        Ok(Pass::Committed(copied))
+    }
+
+    /// The checkpoints of the snapshots, as the manifest lists them now.
+    fn snapshot_roots(&self) -> Vec<Entry> {
+        self.manifests
+            .read(|m| m.snapshots.iter().map(|s| s.checkpoint).collect())
     }
 
     /// Appends again the blocks of one data record (`payload`, described
     /// by `moving`) that the head still points at, in runs of consecutive
-    /// blocks; returns their bytes.
-    async fn move_blocks(&self, moving: &[Moving], payload: &[u8]) -> Result<u64> {
+    /// blocks; returns their bytes, or None without moving anything if a
+    /// snapshot was taken since the pass began (`snapshots`).
+    async fn move_blocks(
+        &self,
+        moving: &[Moving],
+        payload: &[u8],
+        snapshots: &[Entry],
+    ) -> Result<Option<u64>> {
         let bs = self.block_size as usize;
         let Some(first) = moving.first() else {
-            return Ok(0);
+            return Ok(Some(0));
         };
         let mut current = vec![Entry::EMPTY; moving.len()];
         // Most records of a victim are dead: found so without the writer
@@ -453,10 +500,19 @@ impl Core {
         self.map_op(|m, pins| m.lookup(first.lba, &mut current, pins))
             .await?;
         if !current.iter().zip(moving).any(|(c, m)| *c == m.at) {
-            return Ok(0);
+            return Ok(Some(0));
         }
         let mut w = self.log.writer.lock().await;
         self.life.check(Need::Write)?;
+        // Snapshots are taken under the writer lock: none can come between
+        // this look and the moves.
+        if self
+            .snapshot_roots()
+            .iter()
+            .any(|root| !snapshots.contains(root))
+        {
+            return Ok(None);
+        }
         // Under the writer lock, so that no write can land between the
         // lookup and the move.
         self.map_op(|m, pins| m.lookup(first.lba, &mut current, pins))
@@ -481,7 +537,7 @@ impl Core {
             moved += data.len() as u64;
             k += n;
         }
-        Ok(moved)
+        Ok(Some(moved))
     }
 
     /// Deletes a segment no root reaches, and forgets it here.
@@ -550,12 +606,16 @@ impl Core {
         if stored as f64 <= auto.start_above * head_live as f64 {
             return Ok(());
         }
+        // Far above its mark (clients writing faster than a yielding
+        // cleaner keeps up with), it stops yielding: space must not grow
+        // without bound.
+        let urgent = stored as f64 > URGENT * auto.start_above * head_live as f64;
         let opts = GcOptions {
             target: auto.target,
             grace: auto.grace,
             start_above: Some(auto.start_above),
             copy_rate: Some(auto.copy_rate),
-            busy_rate: Some(auto.busy_rate),
+            busy_rate: (!urgent).then_some(auto.busy_rate),
             ..GcOptions::default()
         };
         *quiet = Some(Quiet {

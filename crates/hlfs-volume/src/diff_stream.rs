@@ -10,7 +10,7 @@ use hlfs_store::StoreError;
 
 use crate::diff::DiffExtent;
 use crate::error::{Result, VolumeError};
-use crate::snapshot::validate_snapshot_name;
+use crate::snapshot::{validate_snapshot_name, IMPORT_GUARD};
 use crate::volume::Volume;
 
 /// Data is read, and written, at most this much at a time.
@@ -103,13 +103,23 @@ pub async fn export_diff<W: AsyncWrite + Unpin>(
     Ok(report)
 }
 
-/// Applies the RBD diff stream `input` to `vol`'s head, all or nothing:
-/// the head (and its size) is kept as a guard first, and if the stream is
-/// refused (malformed, cut off, a from-snapshot the volume lacks, a
-/// to-snapshot it has) or anything fails, the head goes back to it; after
-/// a crash, the next open does that. On success the head holds the
-/// stream's changes and, if the stream names one, snapshot `to` holds the
-/// same. `progress` hears the stream's bytes read so far.
+/// An error of the stream's reader or writer (a file, a pipe).
+fn stream_io(source: std::io::Error) -> VolumeError {
+    VolumeError::Store(StoreError::Io {
+        name: "the diff stream".into(),
+        source,
+    })
+}
+
+/// Applies the RBD diff stream `input` to `vol`'s head, all or nothing.
+/// The stream must fit the volume: a stream from snapshot F applies to a
+/// head that has not changed since F, and a stream from nothing to a
+/// volume that holds no data. Its to-snapshot must be new. The head (and
+/// its size) is then kept as a guard, and if the stream turns out bad
+/// (malformed, cut off) or anything fails, the head goes back to it;
+/// after a crash, the next writable open does that. On success the head
+/// holds the stream's changes and, if the stream names one, snapshot `to`
+/// holds the same. `progress` hears the stream's bytes read so far.
 pub async fn import_diff<R: AsyncRead + Unpin>(
     vol: &Volume,
     mut input: R,
@@ -121,7 +131,7 @@ pub async fn import_diff<R: AsyncRead + Unpin>(
     let mut read = 0u64;
     // Stream bytes not yet decoded.
     let (mut start, mut end) = (0, 0);
-    let mut guarded = false;
+    let mut guard = Guard::None;
     let mut sized = false;
     let mut pending = Pending::default();
     let applied: Result<()> = async {
@@ -140,79 +150,109 @@ pub async fn import_diff<R: AsyncRead + Unpin>(
             let event = event.map(owned);
             start += used;
             let Some(event) = event else { continue };
-            match event {
-                Owned::From(name) => report.from = Some(name),
-                Owned::To(name) => report.to = Some(name),
+            // The first change, or the end: the metadata is all there.
+            let metadata_done =
+                matches!(event, Owned::Data { .. } | Owned::Zero { .. } | Owned::End);
+            match &event {
+                Owned::From(name) => report.from = Some(name.clone()),
+                Owned::To(name) => report.to = Some(name.clone()),
                 Owned::Size(size) => {
-                    report.size = size;
+                    report.size = *size;
                     sized = true;
                 }
-                Owned::End => {}
-                Owned::Data { .. } | Owned::Zero { .. } if !guarded => {
-                    start_import(vol, &report).await?;
-                    guarded = true;
-                    apply(vol, &mut pending, event, &mut report).await?;
-                }
-                event => apply(vol, &mut pending, event, &mut report).await?,
+                _ => {}
             }
-            if decoder.ended() && !guarded {
+            if metadata_done && guard == Guard::None {
                 if !sized {
                     return Err(VolumeError::InvalidArgument(
                         "bad diff stream: it gives no image size".into(),
                     ));
                 }
-                // A stream with no changes still makes its snapshot.
-                start_import(vol, &report).await?;
-                guarded = true;
+                check_fit(vol, &report).await?;
+                // Until it answers, the guard may or may not be there.
+                guard = Guard::Asked;
+                vol.core.begin_import().await?;
+                guard = Guard::Taken;
+                if report.size > vol.size() {
+                    vol.resize(report.size).await?;
+                }
             }
+            apply(vol, &mut pending, event, &mut report).await?;
         }
         pending.write(vol).await?;
-        vol.flush().await
+        vol.flush().await?;
+        vol.core.end_import(Some(report.to.as_deref())).await
     }
     .await;
-    match applied {
-        Ok(()) => {
-            vol.core.end_import(Some(report.to.as_deref())).await?;
-            Ok(report)
+    let Err(e) = applied else {
+        return Ok(report);
+    };
+    let rollback = match guard {
+        Guard::None => false,
+        Guard::Asked => !matches!(e, VolumeError::Busy(_)) && has_guard(vol),
+        Guard::Taken => has_guard(vol),
+    };
+    if rollback {
+        if let Err(undo) = vol.core.end_import(None).await {
+            tracing::error!(error = %undo, "could not roll back a failed import; the next writable open will");
         }
-        Err(e) if guarded => {
-            if let Err(undo) = vol.core.end_import(None).await {
-                tracing::error!(error = %undo, "could not roll back a failed import; the next open will");
-            }
-            Err(e)
-        }
-        Err(e) => Err(e),
     }
+    Err(e)
 }
 
-/// An error of the stream's reader or writer (a file, a pipe).
-fn stream_io(source: std::io::Error) -> VolumeError {
-    VolumeError::Store(StoreError::Io {
-        name: "the diff stream".into(),
-        source,
-    })
+/// How far an import got with its guard.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Guard {
+    None,
+    /// Asked for: a lost answer may have taken it, or another import
+    /// (Busy) holds it.
+    Asked,
+    Taken,
+}
+
+fn has_guard(vol: &Volume) -> bool {
+    vol.snapshots().iter().any(|s| s.name == IMPORT_GUARD)
 }
 
 fn bad_stream(e: hlfs_format::rbd_diff::DiffStreamError) -> VolumeError {
     VolumeError::InvalidArgument(format!("bad diff stream: {e}"))
 }
 
-/// Checks what the stream's metadata asks of the volume, then keeps the
-/// head as the guard and grows the volume to the stream's size.
-async fn start_import(vol: &Volume, report: &DiffStreamReport) -> Result<()> {
+/// Checks that the stream fits the volume, before anything changes: its
+/// from-snapshot is there and the head has not changed since (or, with no
+/// from-snapshot, the volume holds no data), its to-snapshot is new and
+/// valid, and its size is at least the volume's.
+async fn check_fit(vol: &Volume, report: &DiffStreamReport) -> Result<()> {
     let snapshots = vol.snapshots();
-    if let Some(from) = &report.from {
-        if !snapshots.iter().any(|s| &s.name == from) {
-            return Err(VolumeError::InvalidArgument(format!(
-                "{} has no snapshot {from:?}, which this diff starts from",
-                vol.location()
-            )));
-        }
-    }
+    // First: a stream applied already is refused as such.
     if let Some(to) = &report.to {
         validate_snapshot_name(to)?;
         if snapshots.iter().any(|s| &s.name == to) {
             return Err(VolumeError::SnapshotExists(to.clone()));
+        }
+    }
+    match &report.from {
+        Some(from) => {
+            if !snapshots.iter().any(|s| &s.name == from) {
+                return Err(VolumeError::InvalidArgument(format!(
+                    "{} has no snapshot {from:?}, which this diff starts from",
+                    vol.location()
+                )));
+            }
+            if !vol.changes_since(from).await?.extents.is_empty() {
+                return Err(VolumeError::InvalidArgument(format!(
+                    "the head of {} has changed since snapshot {from:?}, which this diff starts from: roll back to it first (hlfs snapshot rollback)",
+                    vol.location()
+                )));
+            }
+        }
+        None => {
+            if vol.extents(0, vol.size(), 1).await?.iter().any(|x| x.data) {
+                return Err(VolumeError::InvalidArgument(format!(
+                    "this diff starts from nothing, but {} holds data: apply it to a new volume",
+                    vol.location()
+                )));
+            }
         }
     }
     if report.size < vol.size() {
@@ -221,10 +261,6 @@ async fn start_import(vol: &Volume, report: &DiffStreamReport) -> Result<()> {
             report.size,
             vol.size()
         )));
-    }
-    vol.core.begin_import().await?;
-    if report.size > vol.size() {
-        vol.resize(report.size).await?;
     }
     Ok(())
 }
@@ -399,13 +435,26 @@ mod tests {
 
     #[tokio::test]
     async fn a_bad_stream_leaves_the_volume_as_it_was() {
-        let (_src, b, incremental) = source_and_replica().await;
-        b.write(0, &[0x44; 4096]).await.unwrap();
-        let before = image(&b).await;
+        let (src, b, incremental) = source_and_replica().await;
         let check = |what: String, err: VolumeError, b: &Volume| {
             assert_eq!(b.size(), 4 * MIB, "{what}: {err}");
             assert_eq!(names(b), ["s1"], "{what}: {err}");
         };
+        // A head that moved on since s1, and a volume with data for a
+        // stream from nothing: refused before anything changes.
+        let s1 = image(&b).await;
+        b.write(0, &[0x44; 4096]).await.unwrap();
+        let err = import_diff(&b, &incremental[..], &|_| {})
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("has changed since"), "{err}");
+        let full = export(&src, "s2", None).await;
+        let err = import_diff(&b, &full[..], &|_| {}).await.unwrap_err();
+        assert!(err.to_string().contains("holds data"), "{err}");
+        let auto = b.rollback("s1").await.unwrap();
+        b.snapshot_delete(&auto).await.unwrap();
+        let before = image(&b).await;
+        assert_eq!(before, s1);
         // Cut anywhere: in the banner, the metadata, a data record's bytes,
         // just before the end record.
         let len = incremental.len();

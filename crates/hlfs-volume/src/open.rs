@@ -219,7 +219,7 @@ pub(crate) async fn open_read_only(
             manifest
                 .snapshots
                 .iter()
-                .filter(|s| s.created_ms <= *t)
+                .filter(|s| s.created_ms <= *t && s.name != IMPORT_GUARD)
                 .max_by_key(|s| (s.created_ms, s.lsn))
                 .cloned()
                 .ok_or_else(|| {

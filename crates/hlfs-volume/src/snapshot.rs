@@ -110,6 +110,13 @@ impl Core {
         self.checkpoint(&mut w, true, |m, at, lsn| {
             m.snapshots.retain(|s| s.name != IMPORT_GUARD);
             if let Some(to) = to {
+                if m.snapshots
+                    .iter()
+                    .any(|s| s.name == to && s.checkpoint == at)
+                {
+                    // An earlier attempt whose answer was lost landed.
+                    return Ok(());
+                }
                 if m.snapshots.iter().any(|s| s.name == to) {
                     return Err(VolumeError::SnapshotExists(to.to_string()));
                 }

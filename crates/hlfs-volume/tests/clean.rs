@@ -405,6 +405,48 @@ async fn a_run_with_a_copy_rate_takes_the_time_its_rate_asks() {
     vol.close().await.unwrap();
 }
 
+/// A snapshot taken while a pass runs shares the head's blocks in the
+/// victims: the pass stops moving them (and starts again, counting the
+/// snapshot), so the head and the snapshot stay equal entry for entry and
+/// a diff between them lists nothing.
+#[tokio::test]
+async fn a_snapshot_taken_during_a_pass_keeps_its_diff_empty() {
+    let (clock, backend) = created_on_a_manual_clock(4).await;
+    let vol = Volume::open(backend.clone(), &on_manual_clock())
+        .await
+        .unwrap();
+    let mut model = Image::new(SIZE);
+    churn(&vol, &mut model, 5, 9).await;
+    let opts = GcOptions {
+        target: 1.0,
+        grace: Duration::ZERO,
+        copy_rate: Some(64 << 10),
+        ..GcOptions::default()
+    };
+    let cleaner = {
+        let vol = vol.clone();
+        tokio::spawn(async move { vol.gc(&opts, &|_| {}).await })
+    };
+    // Let the pass copy a little and wait on its rate.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(!cleaner.is_finished());
+    vol.snapshot_create("mid").await.unwrap();
+    let mut waited = Duration::ZERO;
+    while !cleaner.is_finished() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        clock.advance(Duration::from_millis(50));
+        waited += Duration::from_millis(50);
+        assert!(waited < Duration::from_secs(3600), "cleaning does not end");
+    }
+    cleaner.await.unwrap().unwrap();
+    let changed = vol.changes_since("mid").await.unwrap();
+    assert!(changed.extents.is_empty(), "{:?}", changed.extents);
+    assert_reads(&vol, &model, "the head").await;
+    vol.close().await.unwrap();
+}
+
 /// With a busy rate, a run goes through the victims at that rate while
 /// clients read, and at once when they are idle.
 #[tokio::test]

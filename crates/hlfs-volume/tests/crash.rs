@@ -25,10 +25,12 @@ enum Step {
     Reopen,
     /// A cleaning run down to this space target, deleting at once.
     Gc(f64),
-    /// `import_diff` of the stream `import_stream` makes, ending at
-    /// snapshot `to`; with `cut`, of the stream cut short, which must fail
-    /// and change nothing.
+    /// `import_diff` of the stream `import_stream` makes, from snapshot
+    /// `from` (the head must not have changed since) to snapshot `to`;
+    /// with `cut`, of the stream cut short, which must fail and change
+    /// nothing.
     ImportDiff {
+        from: &'static str,
         to: &'static str,
         cut: bool,
     },
@@ -39,10 +41,12 @@ enum Step {
 const IMPORT_DATA: [(u64, usize, u8); 2] = [(20_481, 20_000, 21), (300_003, 70_000, 22)];
 const IMPORT_ZERO: (u64, u64) = (100_001, 50_000);
 
-/// An RBD diff stream of `IMPORT_DATA` and `IMPORT_ZERO` ending at `to`.
-fn import_stream(to: &str) -> Vec<u8> {
+/// An RBD diff stream of `IMPORT_DATA` and `IMPORT_ZERO` from `from` to
+/// `to`.
+fn import_stream(from: &str, to: &str) -> Vec<u8> {
     use hlfs_format::rbd_diff::{DiffRecord, BANNER};
     let mut s = BANNER.to_vec();
+    s.extend(DiffRecord::FromSnapshot(from.to_string()).encode());
     s.extend(DiffRecord::ToSnapshot(to.to_string()).encode());
     s.extend(DiffRecord::Size(SIZE).encode());
     for (offset, len, seed) in IMPORT_DATA {
@@ -125,12 +129,17 @@ fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
             vec![
                 Write(0, 50_000, 1),
                 Flush,
+                Snapshot("a"),
                 ImportDiff {
+                    from: "a",
                     to: "b",
                     cut: false,
                 },
-                Write(8192, 4096, 3),
-                ImportDiff { to: "c", cut: true },
+                ImportDiff {
+                    from: "b",
+                    to: "c",
+                    cut: true,
+                },
                 Write(0, 4096, 4),
             ],
         ),
@@ -219,8 +228,8 @@ async fn run(world: &World, steps: &[Step]) -> Expect {
                 };
                 vol.gc(&opts, &|_| {}).await.map(drop)
             }
-            Step::ImportDiff { to, cut } => {
-                let mut stream = import_stream(to);
+            Step::ImportDiff { from, to, cut } => {
+                let mut stream = import_stream(from, to);
                 if *cut {
                     stream.truncate(stream.len() - 100);
                 } else {
@@ -260,6 +269,7 @@ async fn run(world: &World, steps: &[Step]) -> Expect {
             | Step::ImportDiff {
                 to: name,
                 cut: false,
+                ..
             } => {
                 e.snapshots.push((name.to_string(), e.model.clone()));
                 e.durable();

@@ -80,15 +80,18 @@ enum Op {
         mode: u8,
         seed: u64,
     },
-    /// `import_diff` of a stream from the newest snapshot (if any) to a
-    /// new one, with data at `at` and zeros after it; with `cut`, the
-    /// stream cut short, which must change nothing.
+    /// `import_diff` of a stream from the newest snapshot to a new one,
+    /// with data at `at` and zeros after it. With `fresh`, a snapshot is
+    /// taken first, so the head has not changed since; otherwise the head
+    /// may have, and then it must be refused. With `cut`, the stream is
+    /// cut short, which must change nothing.
     ImportDiff {
         at: Pos,
         len: u32,
         seed: u8,
         zero_len: u32,
         cut: bool,
+        fresh: bool,
     },
 }
 
@@ -159,8 +162,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (10u8..30).prop_map(|target_tenths| Op::Gc { target_tenths }),
         1 => Just(Op::Reopen),
         1 => (0u8..3, any::<u64>()).prop_map(|(mode, seed)| Op::Crash { mode, seed }),
-        1 => (pos(), 1u32..100_000, any::<u8>(), 0u32..50_000, any::<bool>()).prop_map(
-            |(at, len, seed, zero_len, cut)| Op::ImportDiff { at, len, seed, zero_len, cut }
+        1 => (pos(), 1u32..100_000, any::<u8>(), 0u32..50_000, any::<bool>(), any::<bool>()).prop_map(
+            |(at, len, seed, zero_len, cut, fresh)| Op::ImportDiff { at, len, seed, zero_len, cut, fresh }
         ),
     ]
 }
@@ -242,6 +245,14 @@ impl Harness {
             .expect("reopen");
     }
 
+    async fn snapshot(&mut self) {
+        let name = format!("s{}", self.next_snap);
+        self.next_snap += 1;
+        self.vol.snapshot_create(&name).await.expect("snapshot");
+        self.snapshots.push((name, self.model.clone()));
+        self.durable();
+    }
+
     async fn run(&mut self, op: &Op) {
         let size = self.model.size;
         match op {
@@ -298,53 +309,61 @@ impl Harness {
                 seed,
                 zero_len,
                 cut,
+                fresh,
             } => {
                 use hlfs_format::rbd_diff::{DiffRecord, BANNER};
+                if *fresh || self.snapshots.is_empty() {
+                    self.snapshot().await;
+                }
+                let (from, from_image) = self.snapshots.last().cloned().expect("a snapshot");
                 let (off, len) = place(&self.cfg, at, *len, size);
                 let zero_len = (*zero_len as u64).min(size - off - len);
                 let data = common::pattern(len as usize, *seed);
                 let to = format!("s{}", self.next_snap);
                 self.next_snap += 1;
                 let mut stream = BANNER.to_vec();
-                if let Some((from, _)) = self.snapshots.last() {
-                    stream.extend(DiffRecord::FromSnapshot(from.clone()).encode());
-                }
+                stream.extend(DiffRecord::FromSnapshot(from.clone()).encode());
                 stream.extend(DiffRecord::ToSnapshot(to.clone()).encode());
                 stream.extend(DiffRecord::Size(size).encode());
                 stream.extend(DiffRecord::DataHeader { offset: off, len }.encode());
                 stream.extend_from_slice(&data);
-                stream.extend(
-                    DiffRecord::Zero {
-                        offset: off + len,
-                        len: zero_len,
-                    }
-                    .encode(),
-                );
+                let zero = DiffRecord::Zero {
+                    offset: off + len,
+                    len: zero_len,
+                };
+                stream.extend(zero.encode());
                 stream.extend(DiffRecord::End.encode());
                 if *cut {
                     stream.pop();
-                    let err = hlfs_volume::import_diff(&self.vol, &stream[..], &|_| {})
-                        .await
-                        .expect_err("a cut stream was applied");
-                    assert!(err.to_string().contains("bad diff stream"), "{err}");
-                } else {
-                    hlfs_volume::import_diff(&self.vol, &stream[..], &|_| {})
-                        .await
-                        .expect("import-diff");
-                    self.model.write(off, &data);
-                    self.model.zero(off + len, zero_len);
-                    self.snapshots.push((to, self.model.clone()));
                 }
-                // Either way it ends with a checkpoint.
+                let result = hlfs_volume::import_diff(&self.vol, &stream[..], &|_| {}).await;
+                match result {
+                    Err(e) if e.to_string().contains("has changed since") => {
+                        assert!(!*fresh, "refused after a fresh snapshot: {e}");
+                        // Refused before anything changed; a head that
+                        // differs from the snapshot must be refused.
+                        return;
+                    }
+                    Err(e) => {
+                        assert!(*cut, "import-diff: {e}");
+                        assert!(e.to_string().contains("bad diff stream"), "{e}");
+                    }
+                    Ok(_) => {
+                        assert!(!*cut, "a cut stream was applied");
+                        let same = self.model.size == from_image.size
+                            && common::touched_ranges([&self.model, &from_image].into_iter(), size)
+                                .into_iter()
+                                .all(|(o, l)| self.model.read(o, l) == from_image.read(o, l));
+                        assert!(same, "applied onto a head that differs from {from}");
+                        self.model.write(off, &data);
+                        self.model.zero(off + len, zero_len);
+                        self.snapshots.push((to, self.model.clone()));
+                    }
+                }
+                // Applied or rolled back, it ends with a checkpoint.
                 self.durable();
             }
-            Op::Snapshot => {
-                let name = format!("s{}", self.next_snap);
-                self.next_snap += 1;
-                self.vol.snapshot_create(&name).await.expect("snapshot");
-                self.snapshots.push((name, self.model.clone()));
-                self.durable();
-            }
+            Op::Snapshot => self.snapshot().await,
             Op::DeleteSnapshot(i) => {
                 if self.snapshots.is_empty() {
                     return;

@@ -578,7 +578,26 @@ fn export_diff_and_import_diff_keep_a_replica() {
     assert!(fails(&["import-diff", &inc, &dst]).contains("no snapshot \"s1\""));
     assert!(fails(&["import-diff", &a, &dst]).contains("not an RBD diff stream"));
     fails(&["export-diff", &format!("{src}@s2"), "-", "--json"]);
+    // A failed export leaves the file it would have replaced as it was.
+    let kept = sha256(Path::new(&c));
     fails(&["export-diff", &src, &c, "--from", "nope"]);
+    assert_eq!(sha256(Path::new(&c)), kept);
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // A replica whose head moved on, and a full stream into a volume with
+    // data, are refused.
+    let other = p("other.hlfs");
+    ok(&["create", &other, "--size", "4M"]);
+    ok(&["import-diff", &full, &other]);
+    ok(&["import", &b, &other]);
+    assert!(fails(&["import-diff", &inc, &other]).contains("has changed since"));
+    let full2 = p("full2.diff");
+    ok(&["export-diff", &format!("{src}@s2"), &full2]);
+    assert!(fails(&["import-diff", &full2, &other]).contains("holds data"));
 }
 
 #[test]

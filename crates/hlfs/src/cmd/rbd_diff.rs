@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use hlfs_device::control::Client;
 use hlfs_volume::{export_diff, import_diff, DiffStreamReport, View, Volume};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncRead;
 
 use super::{finish, open_writer};
 use crate::args::{human, progress, split_snapshot, Settings};
@@ -18,7 +18,8 @@ pub struct ExportDiffArgs {
     /// holds: take a snapshot of a served one and export that).
     #[arg(value_name = "VOLUME[@SNAPSHOT]")]
     volume: String,
-    /// Where to write the stream: a file (replaced), or - for stdout.
+    /// Where to write the stream: a file (replaced once the export is
+    /// whole and synced; left as it was if it fails), or - for stdout.
     #[arg(value_name = "FILE")]
     file: String,
     /// The older snapshot: only what changed since it. Without it, all the
@@ -73,16 +74,7 @@ pub async fn export(args: ExportDiffArgs, settings: &Settings) -> Result<()> {
     let exported = async {
         match args.file.as_str() {
             "-" => export_diff(&vol, args.from.as_deref(), tokio::io::stdout(), &tell).await,
-            path => {
-                let file = tokio::fs::File::create(path).await.map_err(|e| {
-                    hlfs_volume::VolumeError::InvalidArgument(format!("cannot create {path}: {e}"))
-                })?;
-                let report = export_diff(&vol, args.from.as_deref(), writer(file), &tell).await;
-                if report.is_err() {
-                    let _ = std::fs::remove_file(path);
-                }
-                report
-            }
+            path => export_to_file(&vol, args.from.as_deref(), path, &tell).await,
         }
     }
     .await;
@@ -122,9 +114,40 @@ pub async fn import(args: ImportDiffArgs, settings: &Settings) -> Result<()> {
     summary(&report, args.json, "imported", &args.volume, started)
 }
 
-/// A file written through a buffer.
-fn writer(file: tokio::fs::File) -> impl AsyncWrite + Unpin {
-    tokio::io::BufWriter::with_capacity(1 << 20, file)
+/// Exports into `path` all or nothing: the stream goes to a temporary
+/// file beside it, synced, then renamed over `path`; a failed export
+/// leaves `path` as it was (an earlier backup of the same name included).
+async fn export_to_file(
+    vol: &Volume,
+    from: Option<&str>,
+    path: &str,
+    tell: &(dyn Fn(u64, u64) + Send + Sync),
+) -> hlfs_volume::Result<DiffStreamReport> {
+    let target = std::path::Path::new(path);
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned());
+    let temp = target.with_file_name(format!(
+        ".{}.{}.partial",
+        name.unwrap_or_default(),
+        std::process::id()
+    ));
+    let io = |what: &str, e: std::io::Error| {
+        hlfs_volume::VolumeError::InvalidArgument(format!("cannot {what} {}: {e}", temp.display()))
+    };
+    let file = tokio::fs::File::create(&temp)
+        .await
+        .map_err(|e| io("create", e))?;
+    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
+    let written = async {
+        let report = export_diff(vol, from, &mut out, tell).await?;
+        out.get_ref().sync_all().await.map_err(|e| io("sync", e))?;
+        std::fs::rename(&temp, target).map_err(|e| io("rename", e))?;
+        Ok(report)
+    }
+    .await;
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written
 }
 
 fn summary(
