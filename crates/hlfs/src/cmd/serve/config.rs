@@ -44,6 +44,7 @@ struct Gc {
     target: Option<f64>,
     every: Option<u64>,
     grace: Option<u64>,
+    busy_rate: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -235,6 +236,12 @@ impl ServeConfig {
         set(given, "gc_target", &mut serve.gc_target, self.gc.target);
         set(given, "gc_every", &mut serve.gc_every, self.gc.every);
         set(given, "gc_grace", &mut serve.gc_grace, self.gc.grace);
+        set(
+            given,
+            "gc_busy_rate",
+            &mut serve.gc_busy_rate,
+            self.gc.busy_rate,
+        );
         let store = self.store;
         set(
             given,
@@ -378,8 +385,13 @@ mod tests {
         assert_eq!(global.ceph_id.as_deref(), Some("hlfs"));
         assert_eq!(global.ceph_conf, Some(PathBuf::from("/etc/ceph/ceph.conf")));
         assert_eq!(
-            (serve.gc_target, serve.gc_every, serve.gc_grace),
-            (1.4, 300, 120)
+            (
+                serve.gc_target,
+                serve.gc_every,
+                serve.gc_grace,
+                serve.gc_busy_rate
+            ),
+            (1.4, 300, 120, 16)
         );
     }
 

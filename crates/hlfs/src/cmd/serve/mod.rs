@@ -104,6 +104,12 @@ pub struct ServeArgs {
     /// (as `hlfs gc --grace`; 5 s at least).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     gc_grace: u64,
+    /// While clients have made a request in the last 100 ms, the automatic
+    /// cleaner goes through at most this many MiB of segments per second,
+    /// so that they keep priority (unless stored passes twice the target's
+    /// mark); 0 never yields.
+    #[arg(long, value_name = "MIB", default_value_t = 8)]
+    gc_busy_rate: u64,
 }
 
 impl ServeArgs {
@@ -112,6 +118,7 @@ impl ServeArgs {
         (self.gc_every > 0).then(|| AutoClean {
             every: Duration::from_secs(self.gc_every),
             grace: Duration::from_secs(self.gc_grace).max(MIN_SERVED_GRACE),
+            busy_rate: self.gc_busy_rate.saturating_mul(1 << 20),
             ..AutoClean::new(self.gc_target)
         })
     }
