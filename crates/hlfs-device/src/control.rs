@@ -12,7 +12,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use hlfs_volume::{Backend, ErrorKind, Figures, GcReport, VolumeError};
+use hlfs_volume::{Backend, DiffStreamReport, ErrorKind, Figures, GcReport, VolumeError};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -61,6 +61,11 @@ pub enum Command {
         target: f64,
         grace_ms: u64,
     },
+    /// Apply the RBD diff stream in the file at `path` (`hlfs import-diff`
+    /// of a served volume: the owner reads the file, on the same host).
+    ImportDiff {
+        path: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -77,6 +82,7 @@ pub enum Answer {
     Done(Option<String>),
     Status(Live),
     Gc(GcReport),
+    Imported(DiffStreamReport),
 }
 
 impl Answer {
@@ -96,11 +102,20 @@ impl Answer {
         }
     }
 
+    /// The report an import answers with.
+    pub fn into_import_report(self) -> Result<DiffStreamReport, VolumeError> {
+        match self {
+            Answer::Imported(report) => Ok(report),
+            other => Err(other.unexpected()),
+        }
+    }
+
     fn unexpected(&self) -> VolumeError {
         let what = match self {
             Answer::Done(_) => "a command's result",
             Answer::Status(_) => "its status",
             Answer::Gc(_) => "a cleaning report",
+            Answer::Imported(_) => "an import's report",
         };
         VolumeError::Owner {
             kind: ErrorKind::Io,
@@ -128,6 +143,7 @@ pub enum Reply {
     Done { name: Option<String> },
     Status { live: Live },
     Gc { report: GcReport },
+    Imported { report: DiffStreamReport },
     Error { kind: String, message: String },
 }
 
@@ -173,6 +189,7 @@ impl Reply {
             Ok(Answer::Done(name)) => Reply::Done { name },
             Ok(Answer::Status(live)) => Reply::Status { live },
             Ok(Answer::Gc(report)) => Reply::Gc { report },
+            Ok(Answer::Imported(report)) => Reply::Imported { report },
             Err(e) => Reply::Error {
                 kind: kind_name(e.kind()).to_string(),
                 message: e.to_string(),
@@ -185,6 +202,7 @@ impl Reply {
             Reply::Done { name } => Ok(Answer::Done(name)),
             Reply::Status { live } => Ok(Answer::Status(live)),
             Reply::Gc { report } => Ok(Answer::Gc(report)),
+            Reply::Imported { report } => Ok(Answer::Imported(report)),
             Reply::Error { kind, message } => Err(VolumeError::Owner {
                 kind: kind_of(&kind),
                 message,
@@ -521,6 +539,30 @@ mod tests {
             report
         );
         assert!(Answer::Done(None).into_gc_report().is_err());
+        let import = decode_request(
+            br#"{"version":1,"command":{"op":"import_diff","path":"/backups/vm1-2.diff"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            import.command,
+            Command::ImportDiff {
+                path: "/backups/vm1-2.diff".into()
+            }
+        );
+        let imported = DiffStreamReport {
+            from: Some("s1".into()),
+            to: Some("s2".into()),
+            size: 4 << 20,
+            data_bytes: 1 << 20,
+            zero_bytes: 4096,
+        };
+        let reply = Reply::of(Ok(Answer::Imported(imported.clone())));
+        let back = decode_reply(&serde_json::to_vec(&reply).unwrap()).unwrap();
+        assert_eq!(
+            back.into_result().unwrap().into_import_report().unwrap(),
+            imported
+        );
+        assert!(Answer::Done(None).into_import_report().is_err());
         assert!(decode_request(br#"{"version":1,"command":{"op":"gc","target":"all"}}"#).is_err());
         assert_eq!(
             decode_request(br#"{"version":1,"command":{"op":"checkpoint"}}"#).unwrap(),

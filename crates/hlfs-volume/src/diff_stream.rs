@@ -17,7 +17,8 @@ use crate::volume::Volume;
 const CHUNK: u64 = 4 << 20;
 
 /// What an export or import moved.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DiffStreamReport {
     pub from: Option<String>,
     pub to: Option<String>,

@@ -2343,6 +2343,72 @@ fn dirty_bitmaps_show_what_changed_since_a_snapshot() {
     srv.stop_ok();
 }
 
+/// `hlfs import-diff` into a served volume goes through its server: refused
+/// while a client is connected, then applied, and what clients read next
+/// is the stream's snapshot, exported at once as `vm.hlfs@s2`.
+#[test]
+fn import_diff_into_a_served_volume_goes_through_its_server() {
+    require!("qemu-img" => "qemu-utils");
+    let dir = tempdir();
+    let d = dir.path();
+    let (src, dst) = (volume_at(d, "src.hlfs"), volume_at(d, "vm.hlfs"));
+    let file = |name: &str| path_str(&d.join(name));
+    random_file(&d.join("a.img"), 2 * MIB, 1);
+    random_file(&d.join("b.img"), MIB, 2);
+    hlfs(&["create", &src, "--size", "4M"]).ok();
+    hlfs(&["import", &file("a.img"), &src]).ok();
+    hlfs(&["snapshot", "create", &src, "s1"]).ok();
+    hlfs(&["import", &file("b.img"), &src]).ok();
+    hlfs(&["snapshot", "create", &src, "s2"]).ok();
+    let (full, inc) = (file("full.diff"), file("inc.diff"));
+    hlfs(&["export-diff", &format!("{src}@s1"), &full]).ok();
+    hlfs(&["export-diff", &format!("{src}@s2"), &inc, "--from", "s1"]).ok();
+    hlfs(&["export", &format!("{src}@s2"), &file("s2.img")]).ok();
+    hlfs(&["create", &dst, "--size", "4M"]).ok();
+    hlfs(&["import-diff", &full, &dst]).ok();
+
+    let srv = Server::unix(d, &[&dst], &[]);
+    let client = RawNbd::connect(&file("nbd.sock"), "vm.hlfs");
+    let out = hlfs(&["import-diff", &inc, &dst]);
+    assert!(
+        !out.status.success() && out.text().contains("1 client is connected"),
+        "{out}"
+    );
+    assert!(hlfs(&["import-diff", "-", &dst])
+        .text()
+        .contains("from a file"));
+    client.disconnect();
+    // The server notices the client has gone a moment later.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let out = hlfs(&["import-diff", &inc, &dst, "--json"]);
+        if out.status.success() || !out.text().contains("connected") || Instant::now() > deadline {
+            break out.ok();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["to"], "s2", "{report}");
+    let read = file("read.img");
+    for uri in [
+        srv.uri().to_string(),
+        srv.uri().replace("vm.hlfs?", "vm.hlfs@s2?"),
+    ] {
+        run(
+            "qemu-img",
+            &["convert", "-f", "raw", "-O", "raw", &uri, &read],
+        )
+        .ok();
+        assert_eq!(
+            sha256(Path::new(&read)),
+            sha256(Path::new(&file("s2.img"))),
+            "{uri}"
+        );
+    }
+    srv.stop_ok();
+    check_volume(&dst);
+}
+
 /// Hostile byte streams sent to the live server over its socket: each such
 /// connection is closed, and the server, its volume and other clients carry
 /// on.

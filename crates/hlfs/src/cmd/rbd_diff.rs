@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use hlfs_device::control::Client;
+use hlfs_device::control::{Client, Command};
 use hlfs_volume::{export_diff, import_diff, DiffStreamReport, View, Volume};
 use tokio::io::AsyncRead;
 
@@ -37,7 +37,8 @@ pub struct ImportDiffArgs {
     /// The stream: a file, or - for stdin.
     #[arg(value_name = "FILE")]
     file: String,
-    /// The volume to apply it to (no server may hold it).
+    /// The volume to apply it to. A served volume's server applies it (from
+    /// a file, not stdin), and only while no client is connected.
     volume: String,
     /// Print a JSON summary, as export-diff does.
     #[arg(long)]
@@ -88,11 +89,23 @@ pub async fn export(args: ExportDiffArgs, settings: &Settings) -> Result<()> {
 
 pub async fn import(args: ImportDiffArgs, settings: &Settings) -> Result<()> {
     let backend = settings.backend(&args.volume, false)?;
-    if Client::connect(&backend).await?.is_some() {
-        bail!(
-            "{} is served here: stop its server first (an import changes the disk under its clients)",
-            args.volume
-        );
+    if let Some(owner) = Client::connect(&backend).await? {
+        // Its server applies it, reading the file itself; it refuses while
+        // clients are connected, as for a rollback.
+        if args.file == "-" {
+            bail!(
+                "{} is served here, and its server reads the stream from a file: write it to a file first",
+                args.volume
+            );
+        }
+        let path = std::fs::canonicalize(&args.file)
+            .with_context(|| format!("cannot open {}", args.file))?;
+        let started = Instant::now();
+        let command = Command::ImportDiff {
+            path: path.to_string_lossy().into_owned(),
+        };
+        let report = owner.call(command).await?.into_import_report()?;
+        return summary(&report, args.json, "imported", &args.volume, started);
     }
     let (input, total): (Box<dyn AsyncRead + Unpin + Send>, Option<u64>) = match args.file.as_str()
     {

@@ -10,9 +10,10 @@ use anyhow::{bail, Context, Result};
 use hlfs_device::control::{self, Answer, Command, Live};
 use hlfs_device::VolumeDevice;
 use hlfs_nbd::proto::MAX_PAYLOAD;
-use hlfs_nbd::{Export, Limits, Server};
+use hlfs_nbd::{Export, ExportHold, Limits, Server};
 use hlfs_volume::{
-    AutoClean, Backend, CreateOptions, GcOptions, OpenOptions, View, Volume, VolumeError,
+    import_diff, AutoClean, Backend, CreateOptions, GcOptions, OpenOptions, View, Volume,
+    VolumeError,
 };
 use listenfd::ListenFd;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -395,6 +396,28 @@ struct Owned {
     export: String,
 }
 
+impl Owned {
+    /// Keeps new clients off the export while `what` (which changes the
+    /// disk under them) runs; refused while any client is connected.
+    fn hold_idle(&self, what: &str) -> Result<ExportHold, VolumeError> {
+        self.server.hold_idle(&self.export).map_err(|clients| {
+            if clients == 0 {
+                return VolumeError::Busy(format!(
+                    "a rollback or an import of export {:?} is running",
+                    self.export
+                ));
+            }
+            VolumeError::Busy(format!(
+                "{clients} client{} connected to export {:?}: {what} would change the disk under {}; disconnect {} first",
+                if clients == 1 { " is" } else { "s are" },
+                self.export,
+                if clients == 1 { "it" } else { "them" },
+                if clients == 1 { "it" } else { "them" },
+            ))
+        })
+    }
+}
+
 #[async_trait::async_trait]
 impl control::Owner for Owned {
     async fn run(&self, command: Command) -> Result<Answer, VolumeError> {
@@ -411,22 +434,19 @@ impl control::Owner for Owned {
             }
             Command::Rollback { name } => {
                 // New clients wait until the rollback is over.
-                let _idle = self.server.hold_idle(&self.export).map_err(|clients| {
-                    if clients == 0 {
-                        return VolumeError::Busy(format!(
-                            "another rollback of export {:?} is running",
-                            self.export
-                        ));
-                    }
-                    VolumeError::Busy(format!(
-                        "{clients} client{} connected to export {:?}: a rollback would change the disk under {}; disconnect {} first",
-                        if clients == 1 { " is" } else { "s are" },
-                        self.export,
-                        if clients == 1 { "it" } else { "them" },
-                        if clients == 1 { "it" } else { "them" },
-                    ))
-                })?;
+                let _idle = self.hold_idle("a rollback")?;
                 Ok(Answer::Done(Some(self.volume.rollback(&name).await?)))
+            }
+            Command::ImportDiff { path } => {
+                // As a rollback: it changes the disk under any client.
+                let _idle = self.hold_idle("an import")?;
+                let file = tokio::fs::File::open(&path).await.map_err(|e| {
+                    VolumeError::InvalidArgument(format!("the server cannot open {path}: {e}"))
+                })?;
+                let input = tokio::io::BufReader::new(file);
+                Ok(Answer::Imported(
+                    import_diff(&self.volume, input, &|_| {}).await?,
+                ))
             }
             Command::Resize { size } => {
                 self.volume.resize(size).await?;
