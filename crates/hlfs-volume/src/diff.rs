@@ -33,6 +33,9 @@ pub struct DiffExtent {
 pub struct Diff {
     /// The newer root's size: extents lie below it.
     pub size: u64,
+    /// The older root's size. When it is larger, the blocks past `size`
+    /// are gone, and no extent says so.
+    pub from_size: u64,
     pub extents: Vec<DiffExtent>,
 }
 
@@ -231,6 +234,7 @@ impl Core {
 /// below `b`'s size.
 async fn walk(segments: &Segments, bs: u32, a: Root, b: Root) -> Result<Diff> {
     let depth = a.depth.max(b.depth);
+    let from_size = a.size;
     let mut changes = Changes::new(bs as u64, b.size);
     // Depth first, left to right, so blocks come out in order.
     let mut stack = vec![(depth - 1, 0u64, a.top(depth), b.top(depth))];
@@ -258,7 +262,7 @@ async fn walk(segments: &Segments, bs: u32, a: Root, b: Root) -> Result<Diff> {
             }
         }
     }
-    Ok(changes.finish())
+    Ok(changes.finish(from_size))
 }
 
 /// Changed blocks, in order, merged into extents.
@@ -290,8 +294,9 @@ impl Changes {
         }
     }
 
-    fn finish(self) -> Diff {
+    fn finish(self, from_size: u64) -> Diff {
         Diff {
+            from_size,
             size: self.size,
             extents: self.extents,
         }

@@ -240,7 +240,9 @@ async fn check_fit(vol: &Volume, report: &DiffStreamReport) -> Result<()> {
                     vol.location()
                 )));
             }
-            if !vol.changes_since(from).await?.extents.is_empty() {
+            let changed = vol.changes_since(from).await?;
+            // A head smaller than the snapshot lost its end: changed too.
+            if !changed.extents.is_empty() || changed.from_size > changed.size {
                 return Err(VolumeError::InvalidArgument(format!(
                     "the head of {} has changed since snapshot {from:?}, which this diff starts from: roll back to it first (hlfs snapshot rollback)",
                     vol.location()

@@ -15,8 +15,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::{RngCore, SeedableRng};
@@ -2193,6 +2194,69 @@ fn gc_of_a_served_volume_while_its_client_writes() {
     assert!(figure("copied_bytes") >= 8 << 20, "{report}");
     fio.kill();
     assert_half_overwritten(srv.uri());
+    srv.stop_ok();
+    check_volume(&vol);
+}
+
+/// Another process serves a snapshot and its client reads it over and
+/// over while the volume's server cleans and deletes segments: every read
+/// gives the snapshot's bytes, during the run and after its deletes.
+#[test]
+fn a_snapshot_served_by_another_process_reads_the_same_through_cleaning() {
+    require!("qemu-io" => "qemu-utils");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = volume_at(d, "vm.hlfs");
+    hlfs(&["create", &vol, "--size", "64M", "--segment-size", "1M"]).ok();
+    let srv = Server::unix(d, &[&vol], &[]);
+    qemu_io_ok(srv.uri(), false, &["write -P 0x11 0 16M", "flush"]);
+    hlfs(&["snapshot", "create", &vol, "s1"]).ok();
+    // The head moves on: what s1 holds stays, and rewrites of the rest
+    // leave garbage only the head ever held.
+    let mut writes = vec!["write -P 0x22 0 16M".to_string()];
+    for round in 0..3 {
+        writes.push(format!("write -P 0x3{round} 16M 16M"));
+    }
+    writes.push("flush".to_string());
+    let writes: Vec<&str> = writes.iter().map(String::as_str).collect();
+    qemu_io_ok(srv.uri(), false, &writes);
+
+    let other = d.join("other");
+    std::fs::create_dir(&other).unwrap();
+    let reader_srv = Server::unix(&other, &[&format!("{vol}@s1")], &[]);
+    let uri = reader_srv.uri().to_string();
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (uri, done) = (uri.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut rounds = 0;
+            while !done.load(Ordering::SeqCst) || rounds == 0 {
+                qemu_io_ok(&uri, true, &["read -P 0x11 0 16M"]);
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let out = hlfs(&["gc", &vol, "--target", "1.0", "--grace", "0", "--json"]).ok();
+    done.store(true, Ordering::SeqCst);
+    let rounds = reader.join().expect("every read of s1 gave its bytes");
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert!(
+        report["deleted_segments"].as_u64().unwrap_or(0) >= 8,
+        "{report}"
+    );
+    assert!(rounds >= 2, "{rounds} rounds of reads during the run");
+    // After the deletes, from the same open view and from a new one.
+    qemu_io_ok(&uri, true, &["read -P 0x11 0 16M"]);
+    reader_srv.stop_ok();
+    let reader_srv = Server::unix(&other, &[&format!("{vol}@s1")], &[]);
+    qemu_io_ok(reader_srv.uri(), true, &["read -P 0x11 0 16M"]);
+    reader_srv.stop_ok();
+    qemu_io_ok(
+        srv.uri(),
+        true,
+        &["read -P 0x22 0 16M", "read -P 0x32 16M 16M"],
+    );
     srv.stop_ok();
     check_volume(&vol);
 }

@@ -12,8 +12,8 @@ use hlfs_device::VolumeDevice;
 use hlfs_nbd::proto::MAX_PAYLOAD;
 use hlfs_nbd::{Export, ExportHold, Limits, Server};
 use hlfs_volume::{
-    import_diff, AutoClean, Backend, CreateOptions, GcOptions, OpenOptions, View, Volume,
-    VolumeError,
+    import_diff, AutoClean, Backend, CreateOptions, GcOptions, OpenOptions, SnapshotInfo, View,
+    Volume, VolumeError,
 };
 use listenfd::ListenFd;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -298,6 +298,14 @@ struct Exports {
     opened: tokio::sync::Mutex<BTreeMap<String, (Export, Volume, SnapshotId)>>,
 }
 
+/// The snapshots of a volume served writable that are exported: not the
+/// engine's own (names starting with '-', such as an import's guard).
+fn exported_snapshots(vol: &Volume) -> impl Iterator<Item = SnapshotInfo> {
+    vol.snapshots()
+        .into_iter()
+        .filter(|s| !s.name.starts_with('-'))
+}
+
 /// What tells a snapshot from a later one of the same name.
 type SnapshotId = (u64, u64);
 
@@ -306,7 +314,7 @@ impl Exports {
     /// identity of its snapshot `snap`, if it has one by that name now.
     fn snapshot_of(&self, export: &str, snap: &str) -> Option<(&Backend, SnapshotId)> {
         let (_, backend, vol) = self.owned.iter().find(|(name, _, _)| name == export)?;
-        let found = vol.snapshots().into_iter().find(|s| s.name == snap)?;
+        let found = exported_snapshots(vol).find(|s| s.name == snap)?;
         Some((backend, (found.lsn, found.created_ms)))
     }
 
@@ -371,11 +379,7 @@ impl hlfs_nbd::Catalog for Exports {
             .cloned()
             .collect();
         for (export, _, vol) in &self.owned {
-            names.extend(
-                vol.snapshots()
-                    .iter()
-                    .map(|s| format!("{export}@{}", s.name)),
-            );
+            names.extend(exported_snapshots(vol).map(|s| format!("{export}@{}", s.name)));
         }
         names.sort();
         names
