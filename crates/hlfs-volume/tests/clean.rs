@@ -9,7 +9,8 @@ use std::time::Duration;
 use common::{pattern, Image, World};
 use hlfs_store::time::{Jitter, ManualClock};
 use hlfs_volume::{
-    check, space, AutoClean, Backend, CreateOptions, GcOptions, GcStop, OpenOptions, View, Volume,
+    check, space, AutoClean, Backend, CreateOptions, GcOptions, GcReport, GcStop, OpenOptions,
+    View, Volume,
 };
 
 const BS: u64 = 4096;
@@ -41,6 +42,36 @@ async fn created_on_a_manual_clock(seed: u64) -> (ManualClock, Backend) {
         .with_time(clock.clock(), Jitter::seeded(seed));
     create(&backend).await;
     (clock, backend)
+}
+
+type Cleaner = tokio::task::JoinHandle<hlfs_volume::Result<GcReport>>;
+
+/// A cleaning run of `vol` in a task of its own.
+fn spawn_gc(vol: &Volume, opts: GcOptions) -> Cleaner {
+    let vol = vol.clone();
+    tokio::spawn(async move { vol.gc(&opts, &|_| {}).await })
+}
+
+/// Moves the manual clock 50 ms at a time, letting `cleaner` run between
+/// steps, until it is done; with `client`, a block of it is read before
+/// each step, as a busy client would. Returns the clock time it took.
+async fn advance_until_done(
+    clock: &ManualClock,
+    cleaner: &Cleaner,
+    client: Option<&Volume>,
+) -> Duration {
+    let step = Duration::from_millis(50);
+    let mut waited = Duration::ZERO;
+    while !cleaner.is_finished() {
+        if let Some(vol) = client {
+            vol.read(0, BS as usize).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        clock.advance(step);
+        waited += step;
+        assert!(waited < Duration::from_secs(3600), "cleaning does not end");
+    }
+    waited
 }
 
 async fn create(backend: &Backend) {
@@ -185,10 +216,7 @@ async fn a_reader_of_an_older_manifest_reads_on_through_the_grace_period() {
         grace,
         ..GcOptions::default()
     };
-    let cleaner = {
-        let vol = vol.clone();
-        tokio::spawn(async move { vol.gc(&opts, &|_| {}).await })
-    };
+    let cleaner = spawn_gc(&vol, opts);
     let mut waited = Duration::ZERO;
     while !cleaner.is_finished() {
         assert_reads(&reader, &model, "the older reader").await;
@@ -255,10 +283,7 @@ async fn a_stopped_run_leaves_its_emptied_segments_to_the_next() {
         grace: Duration::from_secs(3600),
         ..GcOptions::default()
     };
-    let cleaner = {
-        let vol = vol.clone();
-        tokio::spawn(async move { vol.gc(&opts, &|_| {}).await })
-    };
+    let cleaner = spawn_gc(&vol, opts);
     // In its grace period, the run waits on the clock, which stands still.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!cleaner.is_finished());
@@ -380,18 +405,8 @@ async fn a_run_with_a_copy_rate_takes_the_time_its_rate_asks() {
         copy_rate: Some(rate),
         ..GcOptions::default()
     };
-    let cleaner = {
-        let vol = vol.clone();
-        tokio::spawn(async move { vol.gc(&opts, &|_| {}).await })
-    };
-    let step = Duration::from_millis(50);
-    let mut waited = Duration::ZERO;
-    while !cleaner.is_finished() {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        clock.advance(step);
-        waited += step;
-        assert!(waited < Duration::from_secs(3600), "cleaning does not end");
-    }
+    let cleaner = spawn_gc(&vol, opts);
+    let waited = advance_until_done(&clock, &cleaner, None).await;
     let report = cleaner.await.unwrap().unwrap();
     assert!(report.copied_bytes > 2 * rate, "{report:?}");
     // Paid a record at a time: the last record's pause may come after
@@ -423,23 +438,14 @@ async fn a_snapshot_taken_during_a_pass_keeps_its_diff_empty() {
         copy_rate: Some(64 << 10),
         ..GcOptions::default()
     };
-    let cleaner = {
-        let vol = vol.clone();
-        tokio::spawn(async move { vol.gc(&opts, &|_| {}).await })
-    };
+    let cleaner = spawn_gc(&vol, opts);
     // Let the pass copy a little and wait on its rate.
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     assert!(!cleaner.is_finished());
     vol.snapshot_create("mid").await.unwrap();
-    let mut waited = Duration::ZERO;
-    while !cleaner.is_finished() {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        clock.advance(Duration::from_millis(50));
-        waited += Duration::from_millis(50);
-        assert!(waited < Duration::from_secs(3600), "cleaning does not end");
-    }
+    advance_until_done(&clock, &cleaner, None).await;
     cleaner.await.unwrap().unwrap();
     let changed = vol.changes_since("mid").await.unwrap();
     assert!(changed.extents.is_empty(), "{:?}", changed.extents);
@@ -465,21 +471,9 @@ async fn a_run_yields_to_busy_clients() {
             busy_rate: Some(rate),
             ..GcOptions::default()
         };
-        let cleaner = {
-            let vol = vol.clone();
-            tokio::spawn(async move { vol.gc(&opts, &|_| {}).await })
-        };
-        let step = Duration::from_millis(50);
-        let mut waited = Duration::ZERO;
-        while !cleaner.is_finished() {
-            if busy {
-                vol.read(0, BS as usize).await.unwrap();
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            clock.advance(step);
-            waited += step;
-            assert!(waited < Duration::from_secs(3600), "cleaning does not end");
-        }
+        let cleaner = spawn_gc(&vol, opts);
+        let client = busy.then_some(&vol);
+        let waited = advance_until_done(&clock, &cleaner, client).await;
         let report = cleaner.await.unwrap().unwrap();
         assert!(report.copied_bytes > rate, "{report:?}");
         // Busy, each record's bytes and copies at the rate: at least the
@@ -554,10 +548,7 @@ async fn a_paced_pass_stops_at_once_when_the_volume_closes() {
         copy_rate: Some(1024),
         ..GcOptions::default()
     };
-    let cleaner = {
-        let vol = vol.clone();
-        tokio::spawn(async move { vol.gc(&opts, &|_| {}).await })
-    };
+    let cleaner = spawn_gc(&vol, opts);
     // At 1 KiB/s on a clock that stands still, the pass waits on its pace.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!cleaner.is_finished());
