@@ -44,6 +44,23 @@ async fn created_on_a_manual_clock(seed: u64) -> (ManualClock, Backend) {
     (clock, backend)
 }
 
+/// A volume on a manual clock (its jitter seeded by `seed`), opened, with
+/// `churn(rounds, churn_seed)` written: the clock, the backend, the
+/// volume, and what it holds.
+async fn churned_on_a_manual_clock(
+    seed: u64,
+    rounds: u8,
+    churn_seed: u64,
+) -> (ManualClock, Backend, Volume, Image) {
+    let (clock, backend) = created_on_a_manual_clock(seed).await;
+    let vol = Volume::open(backend.clone(), &on_manual_clock())
+        .await
+        .unwrap();
+    let mut model = Image::new(SIZE);
+    churn(&vol, &mut model, rounds, churn_seed).await;
+    (clock, backend, vol, model)
+}
+
 type Cleaner = tokio::task::JoinHandle<hlfs_volume::Result<GcReport>>;
 
 /// A cleaning run of `vol` in a task of its own.
@@ -198,12 +215,7 @@ async fn a_bad_target_is_refused() {
 
 #[tokio::test]
 async fn a_reader_of_an_older_manifest_reads_on_through_the_grace_period() {
-    let (clock, backend) = created_on_a_manual_clock(1).await;
-    let vol = Volume::open(backend.clone(), &on_manual_clock())
-        .await
-        .unwrap();
-    let mut model = Image::new(SIZE);
-    churn(&vol, &mut model, 4, 3).await;
+    let (clock, backend, vol, model) = churned_on_a_manual_clock(1, 4, 3).await;
     vol.snapshot_create("base").await.unwrap();
     vol.snapshot_delete("base").await.unwrap();
     // Opened before cleaning: it reads the segments the cleaner empties.
@@ -271,12 +283,7 @@ async fn a_view_open_in_this_process_keeps_its_deleted_snapshot() {
 
 #[tokio::test]
 async fn a_stopped_run_leaves_its_emptied_segments_to_the_next() {
-    let (_never_moved, backend) = created_on_a_manual_clock(2).await;
-    let vol = Volume::open(backend.clone(), &on_manual_clock())
-        .await
-        .unwrap();
-    let mut model = Image::new(SIZE);
-    churn(&vol, &mut model, 4, 6).await;
+    let (_never_moved, backend, vol, model) = churned_on_a_manual_clock(2, 4, 6).await;
     let before = space(backend.clone()).await.unwrap();
     let opts = GcOptions {
         target: 1.0,
@@ -392,12 +399,7 @@ async fn the_automatic_cleaner_cleans_by_itself_above_its_start_mark() {
 
 #[tokio::test]
 async fn a_run_with_a_copy_rate_takes_the_time_its_rate_asks() {
-    let (clock, backend) = created_on_a_manual_clock(4).await;
-    let vol = Volume::open(backend.clone(), &on_manual_clock())
-        .await
-        .unwrap();
-    let mut model = Image::new(SIZE);
-    churn(&vol, &mut model, 5, 9).await;
+    let (clock, _, vol, model) = churned_on_a_manual_clock(4, 5, 9).await;
     let rate = 256 << 10;
     let opts = GcOptions {
         target: 1.0,
@@ -426,12 +428,7 @@ async fn a_run_with_a_copy_rate_takes_the_time_its_rate_asks() {
 /// a diff between them lists nothing.
 #[tokio::test]
 async fn a_snapshot_taken_during_a_pass_keeps_its_diff_empty() {
-    let (clock, backend) = created_on_a_manual_clock(4).await;
-    let vol = Volume::open(backend.clone(), &on_manual_clock())
-        .await
-        .unwrap();
-    let mut model = Image::new(SIZE);
-    churn(&vol, &mut model, 5, 9).await;
+    let (clock, _, vol, model) = churned_on_a_manual_clock(4, 5, 9).await;
     let opts = GcOptions {
         target: 1.0,
         grace: Duration::ZERO,
@@ -459,12 +456,7 @@ async fn a_snapshot_taken_during_a_pass_keeps_its_diff_empty() {
 async fn a_run_yields_to_busy_clients() {
     let rate = 1 << 20;
     for busy in [false, true] {
-        let (clock, backend) = created_on_a_manual_clock(4).await;
-        let vol = Volume::open(backend.clone(), &on_manual_clock())
-            .await
-            .unwrap();
-        let mut model = Image::new(SIZE);
-        churn(&vol, &mut model, 5, 9).await;
+        let (clock, _, vol, model) = churned_on_a_manual_clock(4, 5, 9).await;
         let opts = GcOptions {
             target: 1.0,
             grace: Duration::ZERO,
@@ -536,12 +528,7 @@ async fn a_snapshot_from_before_the_volume_grew_keeps_its_segments() {
 
 #[tokio::test]
 async fn a_paced_pass_stops_at_once_when_the_volume_closes() {
-    let (_never_moved, backend) = created_on_a_manual_clock(5).await;
-    let vol = Volume::open(backend.clone(), &on_manual_clock())
-        .await
-        .unwrap();
-    let mut model = Image::new(SIZE);
-    churn(&vol, &mut model, 5, 10).await;
+    let (_never_moved, backend, vol, model) = churned_on_a_manual_clock(5, 5, 10).await;
     let opts = GcOptions {
         target: 1.0,
         grace: Duration::ZERO,
