@@ -488,6 +488,22 @@ mod tests {
         }
     }
 
+    /// A 1 MiB volume created at `backend` with segments of
+    /// `segment_size`, opened, with an empty snapshot "a".
+    async fn with_snapshot_a(backend: &Backend, segment_size: u64) -> Volume {
+        let create = CreateOptions {
+            size: 1 << 20,
+            segment_size,
+            ..CreateOptions::default()
+        };
+        Volume::create(backend, &create).await.unwrap();
+        let vol = Volume::open(backend.clone(), &OpenOptions::default())
+            .await
+            .unwrap();
+        vol.snapshot_create("a").await.unwrap();
+        vol
+    }
+
     /// A write that seals a segment with a checkpoint leaves that
     /// checkpoint to the upload task to make the head; the owner's answer
     /// must wait for it, or it misses what the checkpoint holds.
@@ -497,19 +513,9 @@ mod tests {
         // Some count of blocks ends with the write that seals the fourth
         // segment, with a checkpoint, and nothing after it.
         for blocks in 60..68u64 {
-            let env = MemEnv::new();
             let faults = hlfs_store::layers::Faults::new();
-            let backend = Backend::memory(&env).with_faults(&faults);
-            let create = CreateOptions {
-                size: 1 << 20,
-                segment_size: segment,
-                ..CreateOptions::default()
-            };
-            Volume::create(&backend, &create).await.unwrap();
-            let vol = Volume::open(backend.clone(), &OpenOptions::default())
-                .await
-                .unwrap();
-            vol.snapshot_create("a").await.unwrap();
+            let backend = Backend::memory(&MemEnv::new()).with_faults(&faults);
+            let vol = with_snapshot_a(&backend, segment).await;
             faults.set_latency(std::time::Duration::from_millis(20));
             for b in 0..blocks {
                 vol.write(b * BS, &[1; BS as usize]).await.unwrap();
@@ -531,17 +537,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_head_of_a_volume_being_written_is_refused() {
-        let env = MemEnv::new();
-        let backend = Backend::memory(&env);
-        let create = CreateOptions {
-            size: 1 << 20,
-            ..CreateOptions::default()
-        };
-        Volume::create(&backend, &create).await.unwrap();
-        let vol = Volume::open(backend.clone(), &OpenOptions::default())
-            .await
-            .unwrap();
-        vol.snapshot_create("a").await.unwrap();
+        let backend = Backend::memory(&MemEnv::new());
+        let vol = with_snapshot_a(&backend, CreateOptions::default().segment_size).await;
         let err = diff(backend.clone(), "a", None, false).await.unwrap_err();
         assert!(err.to_string().contains("diff a snapshot"), "{err}");
         assert!(matches!(
