@@ -148,16 +148,17 @@ pub async fn import_diff<R: AsyncRead + Unpin>(
                 progress(read);
             }
             let (used, event) = decoder.next(&buf[start..end]).map_err(bad_stream)?;
-            let event = event.map(owned);
             start += used;
             let Some(event) = event else { continue };
             // The first change, or the end: the metadata is all there.
-            let metadata_done =
-                matches!(event, Owned::Data { .. } | Owned::Zero { .. } | Owned::End);
+            let metadata_done = matches!(
+                event,
+                DiffEvent::Data { .. } | DiffEvent::Zero { .. } | DiffEvent::End
+            );
             match &event {
-                Owned::From(name) => report.from = Some(name.clone()),
-                Owned::To(name) => report.to = Some(name.clone()),
-                Owned::Size(size) => {
+                DiffEvent::FromSnapshot(name) => report.from = Some(name.clone()),
+                DiffEvent::ToSnapshot(name) => report.to = Some(name.clone()),
+                DiffEvent::Size(size) => {
                     report.size = *size;
                     sized = true;
                 }
@@ -268,30 +269,6 @@ async fn check_fit(vol: &Volume, report: &DiffStreamReport) -> Result<()> {
     Ok(())
 }
 
-/// A stream event, its data copied out of the read buffer.
-enum Owned {
-    From(String),
-    To(String),
-    Size(u64),
-    Data { offset: u64, bytes: Vec<u8> },
-    Zero { offset: u64, len: u64 },
-    End,
-}
-
-fn owned(e: DiffEvent<'_>) -> Owned {
-    match e {
-        DiffEvent::FromSnapshot(n) => Owned::From(n),
-        DiffEvent::ToSnapshot(n) => Owned::To(n),
-        DiffEvent::Size(s) => Owned::Size(s),
-        DiffEvent::Data { offset, bytes } => Owned::Data {
-            offset,
-            bytes: bytes.to_vec(),
-        },
-        DiffEvent::Zero { offset, len } => Owned::Zero { offset, len },
-        DiffEvent::End => Owned::End,
-    }
-}
-
 /// Data gathered into one write: the stream gives it in read-sized pieces.
 #[derive(Default)]
 struct Pending {
@@ -312,20 +289,20 @@ impl Pending {
 async fn apply(
     vol: &Volume,
     pending: &mut Pending,
-    event: Owned,
+    event: DiffEvent<'_>,
     report: &mut DiffStreamReport,
 ) -> Result<()> {
     match event {
-        Owned::Data { offset, bytes } => {
+        DiffEvent::Data { offset, bytes } => {
             report.data_bytes += bytes.len() as u64;
             let follows = pending.offset + pending.bytes.len() as u64 == offset;
             if !follows || pending.bytes.len() as u64 >= CHUNK {
                 pending.write(vol).await?;
                 pending.offset = offset;
             }
-            pending.bytes.extend_from_slice(&bytes);
+            pending.bytes.extend_from_slice(bytes);
         }
-        Owned::Zero { offset, len } => {
+        DiffEvent::Zero { offset, len } => {
             report.zero_bytes += len;
             pending.write(vol).await?;
             vol.write_zeroes(offset, len).await?;
@@ -494,6 +471,19 @@ mod tests {
         assert!(err.to_string().contains("no snapshot \"s0\""), "{err}");
         check("from s0".into(), err, &b);
         assert_eq!(image(&b).await, before);
+        // A to-snapshot name RBD allows and HLFS does not; a size past
+        // what a volume can be, refused by the grow after the guard was
+        // taken, which is rolled back.
+        for (to, size) in [("with space", 4 * MIB), ("s9", 1 << 63)] {
+            let mut other = hlfs_format::rbd_diff::BANNER.to_vec();
+            other.extend(DiffRecord::FromSnapshot("s1".into()).encode());
+            other.extend(DiffRecord::ToSnapshot(to.into()).encode());
+            other.extend(DiffRecord::Size(size).encode());
+            other.extend(DiffRecord::End.encode());
+            let err = import_diff(&b, &other[..], &|_| {}).await.unwrap_err();
+            check(format!("to {to:?}, size {size}"), err, &b);
+            assert_eq!(image(&b).await, before);
+        }
         // After all that, the stream applies.
         import_diff(&b, &incremental[..], &|_| {}).await.unwrap();
         assert_eq!(names(&b), ["s1", "s2"]);
