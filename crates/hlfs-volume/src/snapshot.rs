@@ -8,11 +8,12 @@
 
 use std::sync::atomic::Ordering;
 
-use hlfs_format::{Manifest, SnapshotEntry, MAX_NAME_LEN};
+use hlfs_format::{Entry, Manifest, SnapshotEntry, MAX_NAME_LEN};
 
 use crate::core::Core;
 use crate::error::{Result, VolumeError};
 use crate::lifecycle::Need;
+use crate::log::Writer;
 use crate::map::SegmentUsage;
 use crate::options::SnapshotInfo;
 
@@ -93,19 +94,12 @@ impl Core {
             .ok_or_else(|| VolumeError::SnapshotNotFound(IMPORT_GUARD.to_string()))?;
         let created_ms = self.clock.unix_ms();
         let Some(to) = kept else {
-            let (cp, _) = self.segments.read_checkpoint(guard.checkpoint).await?;
-            self.checkpoint(&mut w, true, |m, _, _| {
-                m.snapshots.retain(|s| s.name != IMPORT_GUARD);
-                m.checkpoint = guard.checkpoint;
-                m.size = cp.size;
-                Ok(())
-            })
-            .await?;
-            let usage =
-                SegmentUsage::from_checkpoint(self.block_size, cp.allocated_blocks, &cp.usage);
-            self.map.lock().reset(cp.root, cp.depth, usage);
-            self.size.store(cp.size, Ordering::SeqCst);
-            return Ok(());
+            return self
+                .reset_head_to(&mut w, &guard, |m, _, _| {
+                    m.snapshots.retain(|s| s.name != IMPORT_GUARD);
+                    Ok(())
+                })
+                .await;
         };
         self.checkpoint(&mut w, true, |m, at, lsn| {
             m.snapshots.retain(|s| s.name != IMPORT_GUARD);
@@ -177,6 +171,30 @@ impl Core {
         .await
     }
 
+    /// Makes the head snapshot `target`'s (its tree and size) with a
+    /// checkpoint whose manifest `edit` also changes (it gets the abandoned
+    /// head's checkpoint place and LSN, and may refuse), then switches the
+    /// head in memory to it.
+    async fn reset_head_to(
+        &self,
+        w: &mut Writer,
+        target: &SnapshotEntry,
+        mut edit: impl FnMut(&mut Manifest, Entry, u64) -> Result<()>,
+    ) -> Result<()> {
+        let (cp, _) = self.segments.read_checkpoint(target.checkpoint).await?;
+        self.checkpoint(w, true, |m, at, lsn| {
+            edit(m, at, lsn)?;
+            m.checkpoint = target.checkpoint;
+            m.size = cp.size;
+            Ok(())
+        })
+        .await?;
+        let usage = SegmentUsage::from_checkpoint(self.block_size, cp.allocated_blocks, &cp.usage);
+        self.map.lock().reset(cp.root, cp.depth, usage);
+        self.size.store(cp.size, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// Makes the head equal to snapshot `name`. The abandoned head is kept
     /// as an automatic snapshot, whose name is returned.
     pub(crate) async fn rollback(&self, name: &str) -> Result<String> {
@@ -186,10 +204,9 @@ impl Core {
         let target = self
             .find_snapshot(name)
             .ok_or_else(|| VolumeError::SnapshotNotFound(name.to_string()))?;
-        let (cp, _) = self.segments.read_checkpoint(target.checkpoint).await?;
         let stamp = self.clock.unix_ms();
         let mut auto_name = String::new();
-        self.checkpoint(&mut w, true, |m, at, lsn| {
+        self.reset_head_to(&mut w, &target, |m, at, lsn| {
             // Again on the manifest written: an earlier attempt whose
             // answer was lost may have changed the snapshots.
             if !m.snapshots.contains(&target) {
@@ -203,15 +220,9 @@ impl Core {
                 created_ms: stamp,
                 automatic: true,
             });
-            m.checkpoint = target.checkpoint;
-            m.size = cp.size;
             Ok(())
         })
         .await?;
-        // Now the manifest's head is the snapshot: switch memory to it.
-        let usage = SegmentUsage::from_checkpoint(self.block_size, cp.allocated_blocks, &cp.usage);
-        self.map.lock().reset(cp.root, cp.depth, usage);
-        self.size.store(cp.size, Ordering::SeqCst);
         Ok(auto_name)
     }
 }
