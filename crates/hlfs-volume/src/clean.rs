@@ -606,16 +606,12 @@ impl Core {
         if stored as f64 <= auto.start_above * head_live as f64 {
             return Ok(());
         }
-        // Far above its mark (clients writing faster than a yielding
-        // cleaner keeps up with), it stops yielding: space must not grow
-        // without bound.
-        let urgent = stored as f64 > URGENT * auto.start_above * head_live as f64;
         let opts = GcOptions {
             target: auto.target,
             grace: auto.grace,
             start_above: Some(auto.start_above),
             copy_rate: Some(auto.copy_rate),
-            busy_rate: (!urgent).then_some(auto.busy_rate),
+            busy_rate: busy_rate(auto, stored, head_live),
             ..GcOptions::default()
         };
         *quiet = Some(Quiet {
@@ -639,6 +635,15 @@ impl Core {
         }
         Ok(())
     }
+}
+
+/// The busy rate of an automatic run that starts with `stored` bytes in
+/// the store and `head_live` in the head. Far above its mark (clients
+/// writing faster than a yielding cleaner keeps up with) it does not
+/// yield: space must not grow without bound.
+fn busy_rate(auto: &AutoClean, stored: u64, head_live: u64) -> Option<u64> {
+    let urgent = stored as f64 > URGENT * auto.start_above * head_live as f64;
+    (!urgent).then_some(auto.busy_rate)
 }
 
 /// The victims of the next pass: sealed segments the head alone holds,
@@ -688,6 +693,15 @@ fn choose_victims<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_automatic_cleaner_stops_yielding_past_twice_its_mark() {
+        let auto = AutoClean::new(1.5);
+        let live = 100 << 20;
+        assert_eq!(busy_rate(&auto, live * 2, live), Some(8 << 20));
+        assert_eq!(busy_rate(&auto, live * 3, live), Some(8 << 20));
+        assert_eq!(busy_rate(&auto, live * 3 + 1, live), None);
+    }
 
     fn seg(id: u32, size: u64, live: u64, made_ms: u64) -> SegmentSpace {
         SegmentSpace {
