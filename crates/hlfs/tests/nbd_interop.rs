@@ -2151,6 +2151,14 @@ fn half_overwrite(uri: &str) {
     qemu_io_ok(uri, false, &writes);
 }
 
+/// A 64 MiB volume `vm.hlfs` in `d` with 1 MiB segments, so that a few
+/// MiB of overwrites give cleaning many segments to work on.
+fn cleanable_volume(d: &Path) -> String {
+    let vol = volume_at(d, "vm.hlfs");
+    hlfs(&["create", &vol, "--size", "64M", "--segment-size", "1M"]).ok();
+    vol
+}
+
 /// What `half_overwrite` wrote reads back.
 fn assert_half_overwritten(uri: &str) {
     let reads: Vec<String> = (0..32)
@@ -2172,8 +2180,7 @@ fn gc_of_a_served_volume_while_its_client_writes() {
     require!("fio" => "fio", "qemu-io" => "qemu-utils");
     let dir = tempdir();
     let d = dir.path();
-    let vol = volume_at(d, "vm.hlfs");
-    hlfs(&["create", &vol, "--size", "64M", "--segment-size", "1M"]).ok();
+    let vol = cleanable_volume(d);
     let srv = Server::unix(d, &[&vol], &[]);
     half_overwrite(srv.uri());
     let (mut fio, log) = background_fio(d, srv.uri(), &["--bs=4k", "--iodepth=8", "--offset=32M"]);
@@ -2206,8 +2213,7 @@ fn a_snapshot_served_by_another_process_reads_the_same_through_cleaning() {
     require!("qemu-io" => "qemu-utils");
     let dir = tempdir();
     let d = dir.path();
-    let vol = volume_at(d, "vm.hlfs");
-    hlfs(&["create", &vol, "--size", "64M", "--segment-size", "1M"]).ok();
+    let vol = cleanable_volume(d);
     let srv = Server::unix(d, &[&vol], &[]);
     qemu_io_ok(srv.uri(), false, &["write -P 0x11 0 16M", "flush"]);
     hlfs(&["snapshot", "create", &vol, "s1"]).ok();
@@ -2268,8 +2274,7 @@ fn a_served_volume_cleans_by_itself() {
     require!("qemu-io" => "qemu-utils");
     let dir = tempdir();
     let d = dir.path();
-    let vol = volume_at(d, "vm.hlfs");
-    hlfs(&["create", &vol, "--size", "64M", "--segment-size", "1M"]).ok();
+    let vol = cleanable_volume(d);
     let srv = Server::unix(
         d,
         &[&vol],
