@@ -181,6 +181,22 @@ struct Moving {
 }
 
 impl Core {
+    /// Marks clients as busy now; the façade calls it on each read and
+    /// write.
+    pub(crate) fn note_client_op(&self) {
+        let now = self.clock.now().as_nanos() as u64 + 1;
+        self.last_client_op.store(now, Ordering::Relaxed);
+    }
+
+    /// Whether a client asked for a read or a write within the last
+    /// [`BUSY_WINDOW`], before the pass started as well as during it.
+    fn clients_busy(&self, now: Duration) -> bool {
+        match self.last_client_op.load(Ordering::Relaxed) {
+            0 => false,
+            last => now.saturating_sub(Duration::from_nanos(last - 1)) < BUSY_WINDOW,
+        }
+    }
+
     /// Cleans until stored ≤ `opts.target` × live, or until nothing more
     /// can be cleaned, then deletes the emptied segments once their grace
     /// period is over. One run at a time per volume.
@@ -373,9 +389,6 @@ impl Core {
         let started = self.clock.now();
         // The time the pass owes its rates so far.
         let mut owed = Duration::ZERO;
-        let mut client_ops = self.client_ops.load(Ordering::Relaxed);
-        // When the pass last saw clients' requests move.
-        let mut clients_seen = None;
         let mut stop = self.cleaning_stopped.subscribe();
         // The victims are those no snapshot held at the recount: a
         // snapshot taken since may share them with the head, and moving
@@ -434,13 +447,7 @@ impl Core {
                 }
                 // Busy clients: this record's bytes at the busy rate.
                 // Otherwise its copies at the copy rate.
-                let now = self.clock.now();
-                let ops = self.client_ops.load(Ordering::Relaxed);
-                if ops != client_ops {
-                    client_ops = ops;
-                    clients_seen = Some(now);
-                }
-                let busy = clients_seen.is_some_and(|seen| now - seen < BUSY_WINDOW);
+                let busy = self.clients_busy(self.clock.now());
                 let cost = match (busy, busy_rate, copy_rate) {
                     (true, Some(rate), _) if rate > 0 => {
                         let bytes = (HEADER_LEN + payload.len()) as u64 + moved;

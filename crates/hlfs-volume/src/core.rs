@@ -82,9 +82,9 @@ pub(crate) struct Core {
     pub cleaning: tokio::sync::Mutex<()>,
     /// What cleaning has done since the volume was opened.
     pub clean_counts: CleanCounts,
-    /// Reads and writes clients asked for since the volume was opened: the
-    /// cleaner yields while it moves.
-    pub client_ops: AtomicU64,
+    /// When a client last asked for a read or a write: nanoseconds on the
+    /// clock, plus one (0: never). The cleaner yields while it is recent.
+    pub last_client_op: AtomicU64,
     /// Set once cleaning must stop (the server is shutting down).
     pub cleaning_stopped: tokio::sync::watch::Sender<bool>,
     /// A read-only view's root, which this process's cleaning keeps.

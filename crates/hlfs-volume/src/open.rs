@@ -301,7 +301,7 @@ async fn load(
         uploads: Uploads::new(&backend),
         cleaning: tokio::sync::Mutex::new(()),
         clean_counts: Default::default(),
-        client_ops: AtomicU64::new(0),
+        last_client_op: AtomicU64::new(0),
         cleaning_stopped: tokio::sync::watch::Sender::new(false),
         view_root,
         snapshot,

@@ -4,7 +4,6 @@
 //! room (see `core.rs` for the list and the order of locks); this file only
 //! says what a caller can do.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use hlfs_store::layers::StoreCounts;
@@ -100,7 +99,7 @@ impl Volume {
 
     /// Reads `buf.len()` bytes at `offset`.
     pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.core.client_ops.fetch_add(1, Ordering::Relaxed);
+        self.core.note_client_op();
         self.core.read_into(offset, buf).await
     }
 
@@ -120,7 +119,7 @@ impl Volume {
 
     /// Writes `data` at `offset`.
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.core.client_ops.fetch_add(1, Ordering::Relaxed);
+        self.core.note_client_op();
         self.core.write(offset, data).await
     }
 
@@ -139,7 +138,7 @@ impl Volume {
 
     /// Makes `offset..offset+len` read as zeros and releases its space.
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.core.client_ops.fetch_add(1, Ordering::Relaxed);
+        self.core.note_client_op();
         self.core.write_zeroes(offset, len).await
     }
 
