@@ -110,6 +110,13 @@ pub async fn check(backend: Backend) -> Result<CheckReport> {
                     prev = Some(h.lsn);
                 }
                 Err(ScanStop::End) => break,
+                Err(ScanStop::Unwritten { offset }) => {
+                    report.problems.push(format!(
+                        "{} offset {offset}: zeros where a record should start",
+                        segment_name(id)
+                    ));
+                    break;
+                }
                 Err(ScanStop::Invalid { offset, reason, .. }) => {
                     report
                         .problems
@@ -135,7 +142,8 @@ pub async fn check(backend: Backend) -> Result<CheckReport> {
         loop {
             match scan.next(&uuid).await? {
                 Ok(_) => report.records += 1,
-                Err(ScanStop::End) => break,
+                // The window a served volume writes ahead of its log.
+                Err(ScanStop::End | ScanStop::Unwritten { .. }) => break,
                 Err(ScanStop::Invalid {
                     offset,
                     other_volume: true,

@@ -402,6 +402,12 @@ impl Core {
                 let (off, header, payload) = match scan.next(&self.uuid).await? {
                     Ok(record) => record,
                     Err(ScanStop::End) => break,
+                    Err(ScanStop::Unwritten { offset }) => {
+                        return Err(VolumeError::corrupt(format!(
+                            "{} offset {offset}: zeros where a record should start",
+                            segment_name(v.id)
+                        )))
+                    }
                     Err(ScanStop::Invalid { offset, reason, .. }) => {
                         return Err(VolumeError::corrupt(format!(
                             "{} offset {offset}: {reason}",

@@ -53,6 +53,7 @@ mod snapshot;
 mod stats;
 mod upload;
 mod volume;
+mod window;
 mod write;
 
 pub use backend::{default_cache_dir, Backend, StoreOptions, LOCAL_JOURNAL_DIR};
@@ -67,7 +68,8 @@ pub use hlfs_store::{CephSettings, StoreError};
 pub use info::utc;
 pub use map::PageCache;
 pub use options::{
-    AutoClean, CreateOptions, Durability, Extent, OpenOptions, SnapshotInfo, View, VolumeInfo,
+    AutoClean, CreateOptions, Durability, Extent, OpenOptions, Prewrite, SnapshotInfo, View,
+    VolumeInfo,
 };
 pub use snapshot::validate_snapshot_name;
 pub use stats::{space, SegmentSpace, SnapshotSpace, SpaceStats};

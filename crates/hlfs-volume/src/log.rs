@@ -21,6 +21,7 @@ use crate::error::{Result, VolumeError};
 use crate::lifecycle::Need;
 use crate::options::Durability;
 use crate::upload::Sealing;
+use crate::window::Window;
 
 /// Journal bytes are pushed towards the disk in chunks this large as they
 /// are appended, so the sync when a segment is sealed finds little left to
@@ -84,6 +85,8 @@ pub(crate) struct Log {
     flush_arrived: tokio::sync::Notify,
     /// What the log has done since the volume was opened, for monitoring.
     pub counts: LogCounts,
+    /// The journal's pre-written window.
+    pub window: Arc<Window>,
 }
 
 /// What the log has done since the volume was opened (`Volume::figures`).
@@ -119,7 +122,7 @@ impl Drop for Waiting<'_> {
 
 impl Log {
     /// A log whose next record gets `next_lsn`, in segment `seg`.
-    pub fn new(seg: u32, next_lsn: u64) -> Log {
+    pub fn new(seg: u32, next_lsn: u64, window: Window) -> Log {
         Log {
             writer: tokio::sync::Mutex::new(Writer {
                 seg,
@@ -141,6 +144,7 @@ impl Log {
             gather_skips: AtomicU32::new(0),
             flush_arrived: tokio::sync::Notify::new(),
             counts: LogCounts::default(),
+            window: Arc::new(window),
         }
     }
 
@@ -155,8 +159,9 @@ impl Log {
         self.durable_lsn.fetch_max(lsn, Ordering::SeqCst);
     }
 
-    /// `file` is the one appended to now.
-    pub fn set_current(&self, file: Option<Arc<dyn JournalFile>>) {
+    /// `file` is the one appended to now, its log ending at `end`.
+    pub fn set_current(&self, file: Option<Arc<dyn JournalFile>>, end: u64) {
+        self.window.switch_to(file.clone(), end);
         self.files.lock().current = file;
     }
 
@@ -185,7 +190,7 @@ impl Core {
         w.seg = id;
         w.pos = 0;
         w.file = Some(file.clone());
-        self.log.set_current(Some(file));
+        self.log.set_current(Some(file), 0);
         Ok(())
     }
 
@@ -198,8 +203,12 @@ impl Core {
         if at + len > u32::MAX as u64 {
             return Err(VolumeError::InvalidArgument("segment overflow".into()));
         }
-        file.write_parts_at(at, parts)
-            .map_err(|e| self.life.fail(e.into()))?;
+        {
+            let _window = self.log.window.before_append(at, len);
+            file.write_parts_at(at, parts)
+                .map_err(|e| self.life.fail(e.into()))?;
+            self.log.window.appended(at + len);
+        }
         w.pos += len;
         self.log
             .counts
@@ -234,9 +243,17 @@ impl Core {
         head: Option<HeadUpdate>,
     ) -> Result<Sealing> {
         let file = w.file.take().ok_or(VolumeError::Closed)?;
+        // Cut the window off, durably, before the next journal holds a
+        // record: a segment holds its log and nothing else, and zeros never
+        // sit between two parts of the log.
+        self.log.window.switch_to(None, 0);
+        if file.len().map_err(|e| self.life.fail(e.into()))? > w.pos {
+            file.truncate(w.pos).map_err(|e| self.life.fail(e.into()))?;
+        }
         let sealing = Sealing {
             seg: w.seg,
             file: file.clone(),
+            len: w.pos,
             last_lsn: w.next_lsn - 1,
             head,
             _slot: slot,
@@ -251,7 +268,7 @@ impl Core {
         } else {
             w.seg = sealing.seg + 1;
             w.pos = 0;
-            self.log.set_current(None);
+            self.log.set_current(None, 0);
         }
         Ok(sealing)
     }
@@ -302,6 +319,7 @@ impl Core {
             .last_batch
             .store(self.log.flushers.load(Ordering::SeqCst), Ordering::SeqCst);
         self.log.synced_up_to(upto);
+        self.log.window.after_sync();
         Ok(())
     }
 

@@ -27,12 +27,13 @@ use crate::lifecycle::{Lifecycle, Need};
 use crate::log::{Log, Writer};
 use crate::manifest::{latest_manifest, ManifestLog};
 use crate::map::{depth_for, DirtyTree, PageCache, SegmentUsage};
-use crate::options::{CreateOptions, OpenOptions, View};
+use crate::options::{CreateOptions, Durability, OpenOptions, Prewrite, View};
 use crate::runner::Runner;
 use crate::segments::Segments;
 use crate::snapshot::IMPORT_GUARD;
 use crate::stats::ViewRoot;
 use crate::upload::{self, Uploads, UPLOAD_BACKLOG_REMOTE};
+use crate::window::Window;
 use crate::write::MAX_RECORD_BYTES;
 
 /// Tries at a read-only open of a head that a writer keeps changing.
@@ -278,7 +279,25 @@ async fn load(
     };
     let usage = SegmentUsage::from_checkpoint(manifest.block_size, cp.allocated_blocks, &cp.usage);
     let map = DirtyTree::new(uuid, pages.clone(), cp.root, cp.depth, usage);
-    let log = Log::new(manifest.next_seg, manifest.replay_from_lsn.max(cp_lsn + 1));
+    let life = Arc::new(Lifecycle::new(&backend.location, read_only));
+    let uploads = Uploads::new(&backend);
+    // With remote durability each FLUSH seals its segment: a window
+    // written ahead would be cut off at once.
+    let prewrite = match opts.durability {
+        Durability::Remote => Prewrite::Off,
+        Durability::Local => opts.prewrite,
+    };
+    let window = Window::new(
+        prewrite,
+        manifest.segment_size,
+        life.clone(),
+        uploads.lease(),
+    );
+    let log = Log::new(
+        manifest.next_seg,
+        manifest.replay_from_lsn.max(cp_lsn + 1),
+        window,
+    );
     // Cleaning by this process keeps what a view reads (the writes a head
     // view replayed excepted: they are in segments recovery replays, which
     // the grace period covers).
@@ -291,14 +310,14 @@ async fn load(
         segment_size: manifest.segment_size,
         durability: opts.durability,
         store_wait: opts.store_wait,
-        life: Arc::new(Lifecycle::new(&backend.location, read_only)),
+        life,
         size: AtomicU64::new(cp.size),
         map: Mutex::new(map),
         pages,
         segments,
         log,
         manifests: ManifestLog::new(manifest),
-        uploads: Uploads::new(&backend),
+        uploads,
         cleaning: tokio::sync::Mutex::new(()),
         clean_counts: Default::default(),
         last_client_op: AtomicU64::new(0),
@@ -328,7 +347,7 @@ impl Core {
         if let Some(file) = w.file.take() {
             drop(file);
             self.backend.journal.remove(&journal_name(w.seg))?;
-            self.log.set_current(None);
+            self.log.set_current(None, 0);
         }
         self.write_manifest(&*self.store, |m| {
             m.writer = None;

@@ -47,6 +47,22 @@ pub struct OpenOptions {
     /// Clean by itself, as a task of the open (for a server); `None`
     /// cleans only when asked (`Volume::gc`).
     pub auto_clean: Option<AutoClean>,
+    /// When the journal is written ahead of the log with zeros, so that a
+    /// flush has no file metadata to commit.
+    pub prewrite: Prewrite,
+}
+
+/// When the journal's next bytes are written ahead of the log (zeros,
+/// synced), so that the syncs of frequent flushes commit data only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Prewrite {
+    /// While flushes come many times a second (synced load), not for
+    /// sequential writes, which would write their space twice.
+    #[default]
+    Auto,
+    /// Always (for tests of the window).
+    Always,
+    Off,
 }
 
 impl Default for OpenOptions {
@@ -57,6 +73,7 @@ impl Default for OpenOptions {
             durability: Durability::Local,
             store_wait: Duration::from_secs(30),
             auto_clean: None,
+            prewrite: Prewrite::Auto,
         }
     }
 }

@@ -178,7 +178,7 @@ impl Core {
                 w.seg = id;
                 w.pos = valid_len;
                 w.file = Some(file.clone());
-                self.log.set_current(Some(file));
+                self.log.set_current(Some(file), valid_len);
             }
             None => {
                 let id = m.next_seg.max(max_seen + 1);
@@ -225,6 +225,19 @@ impl Core {
                         valid_len: len,
                         ended: false,
                     })
+                }
+                // The window written ahead of the log (a journal followed
+                // by another was cut to its log before the next one held a
+                // record), or space a power cut kept from being written:
+                // the log ends here.
+                Err(ScanStop::Unwritten { offset }) if origin == Origin::Journal => {
+                    return Ok(Replayed {
+                        valid_len: offset,
+                        ended: true,
+                    })
+                }
+                Err(ScanStop::Unwritten { offset }) => {
+                    (offset, "zeros where a record should start".to_string())
                 }
                 Err(ScanStop::Invalid {
                     offset,

@@ -282,6 +282,10 @@ impl ScanSource {
 pub enum ScanStop {
     /// Clean end of the segment.
     End,
+    /// Zeros at `offset` where a record header would start: space written
+    /// ahead of the log (a journal's pre-written window) or never written.
+    /// A journal's log ends there; a stored segment never holds it.
+    Unwritten { offset: u64 },
     /// The bytes at `offset` are not a valid record (torn or corrupt tail),
     /// or are an intact record of another volume (`other_volume`): never a
     /// torn tail of this one.
@@ -357,6 +361,9 @@ impl Scanner {
             return invalid("truncated record header".into());
         }
         let head = self.slice(HEADER_LEN).to_vec();
+        if head.iter().all(|&b| b == 0) {
+            return Ok(Err(ScanStop::Unwritten { offset }));
+        }
         let header = match decode_header(&head) {
             Ok(h) => h,
             Err(e) => return invalid(format!("bad record header: {e}")),

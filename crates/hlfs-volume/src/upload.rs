@@ -43,6 +43,8 @@ const PARALLEL_UPLOADS_REMOTE: usize = 3;
 pub(crate) struct Sealing {
     pub seg: u32,
     pub file: Arc<dyn JournalFile>,
+    /// Where its log ends: the file may go on with its pre-written window.
+    pub len: u64,
     pub last_lsn: u64,
     /// The checkpoint it ends with, to make the head once it is stored.
     pub head: Option<HeadUpdate>,
@@ -115,6 +117,11 @@ impl Uploads {
     /// Everything up to `lsn` is in the store (after recovery).
     pub fn set_stored(&self, lsn: u64) {
         self.stored_lsn.send_replace(lsn);
+    }
+
+    /// The journal lock, as the volume holds it (for the window's filler).
+    pub fn lease(&self) -> Arc<Mutex<Weak<JournalLock>>> {
+        self.lease.clone()
     }
 
     /// Sealed segments go to this task from now on, which holds `lock`
@@ -267,8 +274,7 @@ impl Core {
 /// Once a segment is in the store (and every one before it): switches its
 /// reads away from the journal and makes its checkpoint, if any, the head.
 async fn finish_upload(core: &Arc<Core>, sealing: Sealing) -> Result<()> {
-    let len = sealing.file.len().map_err(|e| core.life.fail(e.into()))?;
-    core.retire_journal(sealing.seg, len);
+    core.retire_journal(sealing.seg, sealing.len);
     core.log.stored(&sealing.file);
     if let Some(head) = sealing.head {
         let store = core.uploads.store.clone();

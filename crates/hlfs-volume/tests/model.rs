@@ -28,7 +28,7 @@ use std::time::Duration;
 use hlfs_store::layers::CrashMode;
 use hlfs_store::{BlobStore, S3Store};
 use hlfs_volume::{
-    AutoClean, Backend, CreateOptions, Durability, GcOptions, OpenOptions, View, Volume,
+    AutoClean, Backend, CreateOptions, Durability, GcOptions, OpenOptions, Prewrite, View, Volume,
 };
 use proptest::prelude::*;
 
@@ -108,6 +108,8 @@ struct Config {
     remote_durability: bool,
     /// The automatic cleaner runs all along, racing every operation.
     auto_clean: bool,
+    /// The journal is written ahead with zeros after every sync.
+    prewrite: bool,
 }
 
 fn config() -> impl Strategy<Value = Config> {
@@ -118,6 +120,7 @@ fn config() -> impl Strategy<Value = Config> {
         any::<bool>(),
         proptest::collection::vec(any::<u64>(), 1..5),
         (any::<bool>(), any::<bool>(), proptest::bool::weighted(0.3)),
+        proptest::bool::weighted(0.3),
     )
         .prop_map(
             |(
@@ -127,6 +130,7 @@ fn config() -> impl Strategy<Value = Config> {
                 tiny_budget,
                 spots,
                 (remote, durability, auto_clean),
+                prewrite,
             )| {
                 Config {
                     block_shift,
@@ -137,6 +141,7 @@ fn config() -> impl Strategy<Value = Config> {
                     remote,
                     remote_durability: remote && durability,
                     auto_clean,
+                    prewrite,
                 }
             },
         )
@@ -202,6 +207,11 @@ fn budget(cfg: &Config) -> OpenOptions {
                 grace: Duration::ZERO,
             },
         ),
+        prewrite: if cfg.prewrite {
+            Prewrite::Always
+        } else {
+            Prewrite::Off
+        },
         ..OpenOptions::default()
     }
 }

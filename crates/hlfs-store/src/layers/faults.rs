@@ -115,6 +115,11 @@ struct State {
     /// Bytes of each journal file (by name) that the last sync made
     /// durable. Files the layer never saw written count as whole.
     synced: HashMap<String, u64>,
+    /// Each journal file's length at its last sync. Bytes written over
+    /// since, and lost to a power cut, read as zeros up to it (the engine
+    /// writes over synced bytes only in the zeros of its pre-written
+    /// window); past it, the file ends where the crash mode cuts it.
+    durable_len: HashMap<String, u64>,
     store: Option<Arc<dyn BlobStore>>,
     journal: Option<Arc<dyn JournalDir>>,
 }
@@ -239,13 +244,14 @@ impl Faults {
     /// journal this layer wraps: every blob, and every journal file's synced
     /// bytes plus what `mode` keeps of the rest.
     pub async fn power_cut(&self, mode: CrashMode) -> Result<MemEnv> {
-        let (store, journal, synced) = {
+        let (store, journal, synced, durable_len) = {
             let mut state = self.state.lock();
             state.dead = true;
             (
                 state.store.clone(),
                 state.journal.clone(),
                 state.synced.clone(),
+                state.durable_len.clone(),
             )
         };
         let mut blobs = BTreeMap::new();
@@ -271,7 +277,12 @@ impl Faults {
                     Err(e) => return Err(e),
                 };
                 let durable = synced.get(&name).map_or(data.len(), |&n| n as usize);
-                files.insert(name, after_power_cut(data, durable, mode, &mut rng));
+                let mut after = after_power_cut(data, durable, mode, &mut rng);
+                let len = durable_len.get(&name).map_or(0, |&n| n as usize);
+                if after.len() < len {
+                    after.resize(len, 0);
+                }
+                files.insert(name, after);
             }
         }
         Ok(MemEnv::with_contents(blobs, files))
@@ -498,6 +509,7 @@ impl JournalDir for FaultyJournal {
             .journal_op(FaultOp::JournalCreate, name, Durable::Yes, |state| {
                 let file = self.inner.create(name)?;
                 state.synced.insert(name.to_string(), 0);
+                state.durable_len.insert(name.to_string(), 0);
                 Ok(file)
             })?;
         Ok(self.wrap(name, file))
@@ -522,6 +534,7 @@ impl JournalDir for FaultyJournal {
             .journal_op(FaultOp::JournalRemove, name, Durable::Yes, |state| {
                 self.inner.remove(name)?;
                 state.synced.remove(name);
+                state.durable_len.remove(name);
                 Ok(())
             })
     }
@@ -613,6 +626,7 @@ impl JournalFile for FaultyFile {
                 let len = self.inner.len()?;
                 self.inner.sync()?;
                 state.synced.insert(self.name.clone(), len);
+                state.durable_len.insert(self.name.clone(), len);
                 Ok(())
             })
     }
@@ -622,6 +636,7 @@ impl JournalFile for FaultyFile {
             .journal_op(FaultOp::JournalSync, &self.name, Durable::Yes, |state| {
                 self.inner.truncate(len)?;
                 state.synced.insert(self.name.clone(), len);
+                state.durable_len.insert(self.name.clone(), len);
                 Ok(())
             })
     }
