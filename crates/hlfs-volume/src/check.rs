@@ -138,12 +138,24 @@ pub async fn check(backend: Backend) -> Result<CheckReport> {
             Err(e) => return Err(e.into()),
         };
         let len = file.len()?;
-        let mut scan = Scanner::new(ScanSource::Journal(file), len);
+        let mut scan = Scanner::new(ScanSource::Journal(file.clone()), len);
         loop {
             match scan.next(&uuid).await? {
                 Ok(_) => report.records += 1,
-                // The window a served volume writes ahead of its log.
-                Err(ScanStop::End | ScanStop::Unwritten { .. }) => break,
+                Err(ScanStop::End) => break,
+                // The window a served volume writes ahead of its log is
+                // zeros to the end; anything else after them is a lost
+                // write of the disk's.
+                Err(ScanStop::Unwritten { offset }) => {
+                    let rest = file.read_at(offset, (len - offset) as usize)?;
+                    if let Some(at) = rest.iter().position(|&b| b != 0) {
+                        report.warnings.push(format!(
+                            "journal {name}: the log ends at offset {offset} (zeros), yet bytes follow at offset {}; they will be dropped at the next open, as after a crash",
+                            offset + at as u64
+                        ));
+                    }
+                    break;
+                }
                 Err(ScanStop::Invalid {
                     offset,
                     other_volume: true,

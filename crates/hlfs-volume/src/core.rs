@@ -23,8 +23,15 @@
 //! 3. `log.sync_turn` (async): one fdatasync at a time, held across it, so
 //!    that whoever sees a sync error fails the volume before anyone else
 //!    can report a clean sync (the kernel reports a writeback error once).
-//!    Taken by FLUSH and by the upload task; never by a holder of 2.
-//! 4. Short locks (`parking_lot`), never held across an await: `map` (the
+//!    Taken by FLUSH and by the upload task; never by a holder of 2. The
+//!    window's filler syncs through its own handle of the journal instead
+//!    (the kernel reports a writeback error to each open file), so its
+//!    syncs neither wait for FLUSH's nor take their errors.
+//! 4. `log.window.fill` (`parking_lot`): held by the filler across one
+//!    write of zeros (up to 1 MiB, on its blocking thread), and by an
+//!    append that reaches past the window under lock 1. The filler takes
+//!    the lease's mutex inside it, and nothing else.
+//! 5. Short locks (`parking_lot`), never held across an await: `map` (the
 //!    head's tree), then the page cache inside it; `log.files`;
 //!    `manifests.current`; the lifecycle's state; `segments`' tables; the
 //!    read cache's state; `changes` (answers of `changes_since`). None is taken while holding another, except the

@@ -28,6 +28,10 @@ pub struct Figures {
     pub flushes: u64,
     pub journal_syncs: u64,
     pub journal_sync_seconds: f64,
+    /// Zeros written ahead of the log under synced load (the journal's
+    /// window), so that those syncs commit no file size.
+    #[serde(default)]
+    pub journal_prewritten_bytes: u64,
     /// Sealed segments waiting for their upload (or their seal), and the
     /// most there may be before writes wait.
     pub upload_backlog_segments: u64,
@@ -86,6 +90,7 @@ impl Core {
             flushes: load(&counts.flushes),
             journal_syncs: load(&counts.syncs),
             journal_sync_seconds: load(&counts.sync_micros) as f64 / 1e6,
+            journal_prewritten_bytes: load(&self.log.window.prewritten_bytes),
             upload_backlog_segments: backlog as u64,
             upload_backlog_limit: backlog_limit as u64,
             map_pages: map_pages as u64,

@@ -7,19 +7,19 @@
 //! task has it in the store.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use hlfs_format::journal_name;
-use hlfs_store::JournalFile;
+use hlfs_store::{JournalDir, JournalFile, JournalLock};
 use parking_lot::Mutex;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::checkpoint::HeadUpdate;
 use crate::core::Core;
 use crate::error::{Result, VolumeError};
-use crate::lifecycle::Need;
-use crate::options::Durability;
+use crate::lifecycle::{Lifecycle, Need};
+use crate::options::{Durability, Prewrite};
 use crate::upload::Sealing;
 use crate::window::Window;
 
@@ -57,11 +57,12 @@ pub(crate) struct Writer {
     pub sealed_lsn: u64,
 }
 
-/// Journal files not yet stored: the one appended to and those retired.
+/// Journal files not yet stored: the one appended to and those retired,
+/// each with the length of its log (the file may go on with the window).
 #[derive(Default)]
 struct OpenFiles {
     current: Option<Arc<dyn JournalFile>>,
-    retiring: Vec<Arc<dyn JournalFile>>,
+    retiring: Vec<(Arc<dyn JournalFile>, u64)>,
 }
 
 pub(crate) struct Log {
@@ -121,8 +122,18 @@ impl Drop for Waiting<'_> {
 }
 
 impl Log {
-    /// A log whose next record gets `next_lsn`, in segment `seg`.
-    pub fn new(seg: u32, next_lsn: u64, window: Window) -> Log {
+    /// A log whose next record gets `next_lsn`, in segment `seg`; its
+    /// window as `prewrite` says.
+    pub fn new(
+        seg: u32,
+        next_lsn: u64,
+        prewrite: Prewrite,
+        segment_size: u64,
+        life: Arc<Lifecycle>,
+        lease: Arc<Mutex<Weak<JournalLock>>>,
+        journal: Arc<dyn JournalDir>,
+    ) -> Log {
+        let window = Window::new(prewrite, segment_size, life, lease, journal);
         Log {
             writer: tokio::sync::Mutex::new(Writer {
                 seg,
@@ -159,25 +170,30 @@ impl Log {
         self.durable_lsn.fetch_max(lsn, Ordering::SeqCst);
     }
 
-    /// `file` is the one appended to now, its log ending at `end`.
-    pub fn set_current(&self, file: Option<Arc<dyn JournalFile>>, end: u64) {
-        self.window.switch_to(file.clone(), end);
+    /// `file` is the one appended to now (of segment `seg`), its log
+    /// ending at `end`.
+    pub fn set_current(&self, file: Option<Arc<dyn JournalFile>>, seg: u32, end: u64) {
+        self.window.switch_to(file.clone(), seg, end);
         self.files.lock().current = file;
     }
 
     /// A retired file is in the store: FLUSH no longer syncs it.
     pub fn stored(&self, file: &Arc<dyn JournalFile>) {
-        self.files.lock().retiring.retain(|f| !Arc::ptr_eq(f, file));
+        self.files
+            .lock()
+            .retiring
+            .retain(|(f, _)| !Arc::ptr_eq(f, file));
     }
 
-    /// Older files first, so that what a FLUSH makes durable is a prefix.
-    fn in_log_order(&self) -> Vec<Arc<dyn JournalFile>> {
+    /// Older files first, so that what a FLUSH makes durable is a prefix;
+    /// retired ones with the length to cut them to.
+    fn in_log_order(&self) -> Vec<(Arc<dyn JournalFile>, Option<u64>)> {
         let files = self.files.lock();
         files
             .retiring
             .iter()
-            .cloned()
-            .chain(files.current.clone())
+            .map(|(f, len)| (f.clone(), Some(*len)))
+            .chain(files.current.clone().map(|f| (f, None)))
             .collect()
     }
 }
@@ -190,7 +206,7 @@ impl Core {
         w.seg = id;
         w.pos = 0;
         w.file = Some(file.clone());
-        self.log.set_current(Some(file), 0);
+        self.log.set_current(Some(file), id, 0);
         Ok(())
     }
 
@@ -243,13 +259,12 @@ impl Core {
         head: Option<HeadUpdate>,
     ) -> Result<Sealing> {
         let file = w.file.take().ok_or(VolumeError::Closed)?;
-        // Cut the window off, durably, before the next journal holds a
-        // record: a segment holds its log and nothing else, and zeros never
-        // sit between two parts of the log.
-        self.log.window.switch_to(None, 0);
-        if file.len().map_err(|e| self.life.fail(e.into()))? > w.pos {
-            file.truncate(w.pos).map_err(|e| self.life.fail(e.into()))?;
-        }
+        // No more zeros in it. Every sync of it from now on (FLUSH's, in
+        // log order, and the upload task's) cuts it to its log first: so a
+        // record of the next journal is acknowledged only once zeros can no
+        // longer sit between the two logs, and a segment holds its log and
+        // nothing else.
+        self.log.window.switch_to(None, 0, 0);
         let sealing = Sealing {
             seg: w.seg,
             file: file.clone(),
@@ -258,7 +273,7 @@ impl Core {
             head,
             _slot: slot,
         };
-        self.log.files.lock().retiring.push(file);
+        self.log.files.lock().retiring.push((file, w.pos));
         w.sealed_since_checkpoint += 1;
         w.bytes_since_checkpoint += w.pos;
         w.sealed_lsn = sealing.last_lsn;
@@ -268,7 +283,7 @@ impl Core {
         } else {
             w.seg = sealing.seg + 1;
             w.pos = 0;
-            self.log.set_current(None, 0);
+            self.log.set_current(None, 0, 0);
         }
         Ok(sealing)
     }
@@ -305,9 +320,12 @@ impl Core {
         // one of them, or in a segment whose sealing already synced it.
         let upto = self.log.written_lsn.load(Ordering::SeqCst);
         let started = std::time::Instant::now();
-        for file in self.log.in_log_order() {
-            self.sync_file(file).await?;
+        for (file, cut) in self.log.in_log_order() {
+            self.sync_file(file, cut).await?;
         }
+        // A sync of the window's may have failed meanwhile (its error is
+        // this sync's too, but the volume failed first).
+        self.life.check(Need::Sync)?;
         let took = started.elapsed().as_micros() as u64;
         self.log.last_sync_us.store(took, Ordering::SeqCst);
         self.log.counts.syncs.fetch_add(1, Ordering::Relaxed);
@@ -370,17 +388,24 @@ impl Core {
     pub(crate) async fn sync_sealed(&self, sealing: &Sealing) -> Result<()> {
         let _turn = self.log.sync_turn.lock().await;
         self.life.check(Need::Sync)?;
-        self.sync_file(sealing.file.clone()).await?;
+        self.sync_file(sealing.file.clone(), Some(sealing.len))
+            .await?;
         self.log.synced_up_to(sealing.last_lsn);
         Ok(())
     }
 
-    /// fdatasyncs a journal file off the runtime. A failure stops the
-    /// volume even if the caller has gone (a cancelled FLUSH): the kernel
-    /// reports a writeback error once, and the next sync would succeed.
-    async fn sync_file(&self, file: Arc<dyn JournalFile>) -> Result<()> {
+    /// fdatasyncs a journal file off the runtime, first cutting a retired
+    /// one to its log (`cut`) if its window goes further: the cut is made
+    /// durable by the same sync. A failure stops the volume even if the
+    /// caller has gone (a cancelled FLUSH): the kernel reports a writeback
+    /// error once, and the next sync would succeed.
+    async fn sync_file(&self, file: Arc<dyn JournalFile>, cut: Option<u64>) -> Result<()> {
         let life = self.life.clone();
-        tokio::task::spawn_blocking(move || file.sync().map_err(|e| life.fail(e.into())))
+        let sync = move || match cut {
+            Some(len) if file.len()? > len => file.truncate(len),
+            _ => file.sync(),
+        };
+        tokio::task::spawn_blocking(move || sync().map_err(|e| life.fail(e.into())))
             .await
             .map_err(|e| self.life.fail(VolumeError::Failed(e.to_string())))?
     }

@@ -33,7 +33,6 @@ use crate::segments::Segments;
 use crate::snapshot::IMPORT_GUARD;
 use crate::stats::ViewRoot;
 use crate::upload::{self, Uploads, UPLOAD_BACKLOG_REMOTE};
-use crate::window::Window;
 use crate::write::MAX_RECORD_BYTES;
 
 /// Tries at a read-only open of a head that a writer keeps changing.
@@ -287,16 +286,14 @@ async fn load(
         Durability::Remote => Prewrite::Off,
         Durability::Local => opts.prewrite,
     };
-    let window = Window::new(
+    let log = Log::new(
+        manifest.next_seg,
+        manifest.replay_from_lsn.max(cp_lsn + 1),
         prewrite,
         manifest.segment_size,
         life.clone(),
         uploads.lease(),
-    );
-    let log = Log::new(
-        manifest.next_seg,
-        manifest.replay_from_lsn.max(cp_lsn + 1),
-        window,
+        backend.journal.clone(),
     );
     // Cleaning by this process keeps what a view reads (the writes a head
     // view replayed excepted: they are in segments recovery replays, which
@@ -345,9 +342,9 @@ impl Core {
         }
         self.wait_stored(w.sealed_lsn).await?;
         if let Some(file) = w.file.take() {
+            self.log.set_current(None, 0, 0);
             drop(file);
             self.backend.journal.remove(&journal_name(w.seg))?;
-            self.log.set_current(None, 0);
         }
         self.write_manifest(&*self.store, |m| {
             m.writer = None;

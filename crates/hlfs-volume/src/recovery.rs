@@ -178,7 +178,7 @@ impl Core {
                 w.seg = id;
                 w.pos = valid_len;
                 w.file = Some(file.clone());
-                self.log.set_current(Some(file), valid_len);
+                self.log.set_current(Some(file), id, valid_len);
             }
             None => {
                 let id = m.next_seg.max(max_seen + 1);

@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use hlfs_store::{JournalFile, JournalLock};
+use hlfs_format::journal_name;
+use hlfs_store::{JournalDir, JournalFile, JournalLock};
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{Lifecycle, Need};
 use crate::options::Prewrite;
 
 /// How far past the end of the log the filler keeps the journal written.
@@ -49,8 +50,16 @@ pub(crate) struct Window {
     ready: AtomicU64,
     /// Where the log of the current journal ends, as appends left it.
     end: AtomicU64,
+    /// Where the filler opens its own handle of the journal to sync: the
+    /// kernel reports a writeback error once to each open file, so the
+    /// filler's syncs never take one from a FLUSH's (which go through the
+    /// log's handle, one at a time under `sync_turn`).
+    journal: Arc<dyn JournalDir>,
     /// A filler is running.
     filling: AtomicBool,
+    /// A write of zeros failed (a full disk, say): no more filling in this
+    /// open. Appends go on as without a window.
+    broken: AtomicBool,
     rate: Mutex<SyncRate>,
     /// Zero bytes written ahead since the volume was opened.
     pub prewritten_bytes: AtomicU64,
@@ -58,6 +67,8 @@ pub(crate) struct Window {
 
 struct Fill {
     file: Option<Arc<dyn JournalFile>>,
+    /// Its segment id.
+    seg: u32,
     /// Bytes `0..ready` of `file` are written and synced: log or zeros.
     ready: u64,
 }
@@ -80,14 +91,18 @@ impl Window {
         segment_size: u64,
         life: Arc<Lifecycle>,
         lease: Arc<Mutex<Weak<JournalLock>>>,
+        journal: Arc<dyn JournalDir>,
     ) -> Window {
         Window {
             mode,
             segment_size,
             life,
             lease,
+            journal,
+            broken: AtomicBool::new(false),
             fill: Mutex::new(Fill {
                 file: None,
+                seg: 0,
                 ready: 0,
             }),
             ready: AtomicU64::new(0),
@@ -98,11 +113,13 @@ impl Window {
         }
     }
 
-    /// `file` is the journal appended to now, its log ending at `end`. A
-    /// filler still at work on the one before stops at its next piece.
-    pub fn switch_to(&self, file: Option<Arc<dyn JournalFile>>, end: u64) {
+    /// `file` is the journal appended to now (of segment `seg`), its log
+    /// ending at `end`. A filler still at work on the one before stops at
+    /// its next piece.
+    pub fn switch_to(&self, file: Option<Arc<dyn JournalFile>>, seg: u32, end: u64) {
         let mut fill = self.fill.lock();
         fill.file = file;
+        fill.seg = seg;
         fill.ready = end;
         self.ready.store(end, Ordering::SeqCst);
         self.end.store(end, Ordering::SeqCst);
@@ -125,7 +142,7 @@ impl Window {
     /// A journal sync served flushes: counts it towards synced mode, and
     /// starts a filler if the window is short.
     pub fn after_sync(self: &Arc<Self>) {
-        if !self.note_sync() {
+        if !self.note_sync() || self.broken.load(Ordering::SeqCst) {
             return;
         }
         let end = self.end.load(Ordering::SeqCst);
@@ -134,12 +151,8 @@ impl Window {
         if short && !self.filling.swap(true, Ordering::SeqCst) {
             let window = self.clone();
             tokio::task::spawn_blocking(move || {
-                if let Err(e) = window.fill_ahead() {
-                    // Its fdatasync may have dropped pages of the log:
-                    // treated as a failed sync of the journal.
-                    window.life.fail(e.into());
-                }
-                window.filling.store(false, Ordering::SeqCst);
+                let _done = Filling(&window.filling);
+                window.fill_ahead();
             });
         }
     }
@@ -183,38 +196,98 @@ impl Window {
     /// Writes and syncs zeros a piece at a time until the window reaches
     /// [`WINDOW`] past the log (or the segment's end), synced mode ends,
     /// or the journal changes.
-    fn fill_ahead(&self) -> hlfs_store::Result<()> {
+    fn fill_ahead(&self) {
         let zeros = vec![0u8; PIECE as usize];
-        while self.synced_mode() && self.life.check(crate::lifecycle::Need::Write).is_ok() {
-            let Some(_lease) = self.lease.lock().upgrade() else {
-                return Ok(());
-            };
-            let (file, to) = {
+        // The filler's own handle of the journal it syncs, by segment.
+        let mut own: Option<(u32, Arc<dyn JournalFile>)> = None;
+        while self.synced_mode() && self.life.check(Need::Write).is_ok() {
+            let (file, seg, to) = {
                 let fill = self.fill.lock();
                 let Some(file) = fill.file.clone() else {
-                    return Ok(());
+                    return;
+                };
+                // Zeros only while the volume holds the journal lock: none
+                // lands in a journal a later opener appends to.
+                let Some(_lease) = self.lease.lock().upgrade() else {
+                    return;
                 };
                 let end = self.end.load(Ordering::SeqCst);
                 let from = fill.ready.max(end);
                 let to = (from + PIECE).min(end + WINDOW).min(self.segment_size);
                 if to <= from {
-                    return Ok(());
+                    return;
                 }
-                file.write_at(from, &zeros[..(to - from) as usize])?;
+                if let Err(e) = file.write_at(from, &zeros[..(to - from) as usize]) {
+                    // Past the log: nothing written is at stake.
+                    tracing::warn!(error = %e, "writing the journal's window failed; going on without one");
+                    self.broken.store(true, Ordering::SeqCst);
+                    return;
+                }
                 self.prewritten_bytes
                     .fetch_add(to - from, Ordering::Relaxed);
-                (file, to)
+                (file, fill.seg, to)
             };
-            file.sync()?;
+            let handle = match &own {
+                Some((s, handle)) if *s == seg => handle.clone(),
+                _ => match self.journal.open(&journal_name(seg)) {
+                    Ok(handle) => own.insert((seg, handle)).1.clone(),
+                    // Sealed and stored meanwhile.
+                    Err(_) => return,
+                },
+            };
+            if let Err(e) = handle.sync() {
+                // It may have lost pages of the log too (which the log's
+                // own next sync reports as well).
+                self.life.fail(e.into());
+                return;
+            }
             let mut fill = self.fill.lock();
             match &fill.file {
                 Some(current) if Arc::ptr_eq(current, &file) => {
                     fill.ready = fill.ready.max(to);
                     self.ready.store(fill.ready, Ordering::SeqCst);
                 }
-                _ => return Ok(()),
+                _ => return,
             }
         }
-        Ok(())
+    }
+}
+
+/// Marks the filler done however it ends.
+struct Filling<'a>(&'a AtomicBool);
+
+impl Drop for Filling<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(mode: Prewrite) -> Window {
+        Window::new(
+            mode,
+            64 << 20,
+            Arc::new(Lifecycle::new("test", false)),
+            Arc::new(Mutex::new(Weak::new())),
+            hlfs_store::MemEnv::new().journal(),
+        )
+    }
+
+    /// Synced mode starts once a second holds `SYNCED_RATE` syncs, not
+    /// before; `Always` and `Off` do not count.
+    #[test]
+    fn synced_mode_needs_many_syncs_a_second() {
+        let auto = window(Prewrite::Auto);
+        for _ in 1..SYNCED_RATE {
+            assert!(!auto.note_sync());
+        }
+        assert!(!auto.synced_mode());
+        assert!(auto.note_sync());
+        assert!(auto.synced_mode());
+        assert!(window(Prewrite::Always).note_sync());
+        assert!(!window(Prewrite::Off).note_sync());
     }
 }

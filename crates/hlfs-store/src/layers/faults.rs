@@ -559,9 +559,10 @@ struct FaultyFile {
 
 impl FaultyFile {
     /// Bytes from `offset` on are no longer durable. Overwriting synced
-    /// bytes makes them, and so everything after them, undurable again: the
-    /// engine only appends, so this is the simple conservative model rather
-    /// than a per-byte one. A file first seen now counts as synced up to
+    /// bytes makes them, and so everything after them, undurable again
+    /// (and a power cut reads them as zeros up to the synced length): the
+    /// engine writes over synced bytes only in its window of zeros, so this
+    /// is the simple conservative model rather than a per-byte one. A file first seen now counts as synced up to
     /// where it is written.
     fn unsync_from(&self, state: &mut State, offset: u64) {
         let synced = state.synced.entry(self.name.clone()).or_insert(offset);

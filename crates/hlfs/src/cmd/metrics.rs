@@ -144,6 +144,13 @@ impl Collector for Served {
         )?;
         figure(
             &mut encoder,
+            MetricType::Counter,
+            "hlfs_journal_prewritten_bytes",
+            "Zeros written ahead of the journal's log under synced load, so that flushes' syncs commit no file size",
+            |f| f.journal_prewritten_bytes,
+        )?;
+        figure(
+            &mut encoder,
             MetricType::Gauge,
             "hlfs_upload_backlog_segments",
             "Sealed segments waiting to be stored",
