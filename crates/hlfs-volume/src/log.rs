@@ -7,19 +7,19 @@
 //! task has it in the store.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hlfs_format::journal_name;
-use hlfs_store::{JournalDir, JournalFile, JournalLock};
+use hlfs_store::JournalFile;
 use parking_lot::Mutex;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::checkpoint::HeadUpdate;
 use crate::core::Core;
 use crate::error::{Result, VolumeError};
-use crate::lifecycle::{Lifecycle, Need};
-use crate::options::{Durability, Prewrite};
+use crate::lifecycle::Need;
+use crate::options::Durability;
 use crate::upload::Sealing;
 use crate::window::Window;
 
@@ -122,18 +122,8 @@ impl Drop for Waiting<'_> {
 }
 
 impl Log {
-    /// A log whose next record gets `next_lsn`, in segment `seg`; its
-    /// window as `prewrite` says.
-    pub fn new(
-        seg: u32,
-        next_lsn: u64,
-        prewrite: Prewrite,
-        segment_size: u64,
-        life: Arc<Lifecycle>,
-        lease: Arc<Mutex<Weak<JournalLock>>>,
-        journal: Arc<dyn JournalDir>,
-    ) -> Log {
-        let window = Window::new(prewrite, segment_size, life, lease, journal);
+    /// A log whose next record gets `next_lsn`, in segment `seg`.
+    pub fn new(seg: u32, next_lsn: u64, window: Window) -> Log {
         Log {
             writer: tokio::sync::Mutex::new(Writer {
                 seg,

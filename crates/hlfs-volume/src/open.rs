@@ -33,6 +33,7 @@ use crate::segments::Segments;
 use crate::snapshot::IMPORT_GUARD;
 use crate::stats::ViewRoot;
 use crate::upload::{self, Uploads, UPLOAD_BACKLOG_REMOTE};
+use crate::window::Window;
 use crate::write::MAX_RECORD_BYTES;
 
 /// Tries at a read-only open of a head that a writer keeps changing.
@@ -286,14 +287,17 @@ async fn load(
         Durability::Remote => Prewrite::Off,
         Durability::Local => opts.prewrite,
     };
-    let log = Log::new(
-        manifest.next_seg,
-        manifest.replay_from_lsn.max(cp_lsn + 1),
+    let window = Window::new(
         prewrite,
         manifest.segment_size,
         life.clone(),
         uploads.lease(),
         backend.journal.clone(),
+    );
+    let log = Log::new(
+        manifest.next_seg,
+        manifest.replay_from_lsn.max(cp_lsn + 1),
+        window,
     );
     // Cleaning by this process keeps what a view reads (the writes a head
     // view replayed excepted: they are in segments recovery replays, which

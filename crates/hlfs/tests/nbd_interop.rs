@@ -1809,10 +1809,7 @@ fn prometheus_metrics_of_a_served_volume() {
     require!("promtool" => "prometheus");
     let dir = tempdir();
     let d = dir.path();
-    let vol = volume_at(d, "vm.hlfs");
-    hlfs(&["create", &vol, "--size", "16M"]).ok();
-    let srv = Server::unix(d, &[&vol], &["--metrics", "0"]);
-    let addr = metrics_address(&srv.log());
+    let (_, srv, addr) = served_with_metrics(d);
     assert!(
         addr.starts_with("127.0.0.1:"),
         "a port alone is loopback: {addr}"
@@ -1898,10 +1895,7 @@ fn synced_writes_go_through_the_journals_window() {
     require!("qemu-io" => "qemu-utils");
     let dir = tempdir();
     let d = dir.path();
-    let vol = volume_at(d, "vm.hlfs");
-    hlfs(&["create", &vol, "--size", "16M"]).ok();
-    let srv = Server::unix(d, &[&vol], &["--metrics", "0"]);
-    let addr = metrics_address(&srv.log());
+    let (vol, srv, addr) = served_with_metrics(d);
     const WRITES: usize = 600;
     let pattern = |i: usize| (i % 255 + 1) as u8;
     let cmds: Vec<String> = (0..WRITES)
@@ -1931,6 +1925,16 @@ fn synced_writes_go_through_the_journals_window() {
         assert!(block.iter().all(|&b| b == pattern(i)), "block {i}");
     }
     assert!(bytes[WRITES * 4096..].iter().all(|&b| b == 0));
+}
+
+/// A new 16 MiB volume `vm.hlfs` in `dir`, served with metrics: the
+/// volume, its server, and the metrics address.
+fn served_with_metrics(dir: &Path) -> (String, Server, String) {
+    let vol = volume_at(dir, "vm.hlfs");
+    hlfs(&["create", &vol, "--size", "16M"]).ok();
+    let srv = Server::unix(dir, &[&vol], &["--metrics", "0"]);
+    let addr = metrics_address(&srv.log());
+    (vol, srv, addr)
 }
 
 /// The metrics address `hlfs serve --metrics` printed in its log.
