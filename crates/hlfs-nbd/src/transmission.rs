@@ -109,6 +109,44 @@ fn cost(req: &Request) -> u32 {
 
 type Reply = Vec<u8>;
 
+/// Buffers of written replies, kept for the connection's next large reads:
+/// such a read's reply is written over an earlier one instead of into
+/// fresh memory that must first be zeroed (and faulted in). Every byte of
+/// a reply made from a spare is written before it is sent.
+#[derive(Clone, Default)]
+struct Spares(Arc<parking_lot::Mutex<Vec<Vec<u8>>>>);
+
+/// Replies smaller than this are cheap to allocate: not kept.
+const MIN_SPARE: usize = 64 << 10;
+/// Nor are buffers larger than this, so that an idle connection keeps
+/// little memory: at most `MAX_SPARES` × `MAX_SPARE`.
+const MAX_SPARE: usize = 2 << 20;
+const MAX_SPARES: usize = 8;
+
+impl Spares {
+    /// A buffer of `len` bytes whose contents the caller overwrites.
+    fn take(&self, len: usize) -> Vec<u8> {
+        if len >= MIN_SPARE {
+            if let Some(mut buf) = self.0.lock().pop() {
+                // Zeros only what it grows by.
+                buf.resize(len, 0);
+                return buf;
+            }
+        }
+        vec![0u8; len]
+    }
+
+    /// A reply that has been written.
+    fn give(&self, buf: Vec<u8>) {
+        if (MIN_SPARE..=MAX_SPARE).contains(&buf.capacity()) {
+            let mut spares = self.0.lock();
+            if spares.len() < MAX_SPARES {
+                spares.push(buf);
+            }
+        }
+    }
+}
+
 /// What the reader and the requests' tasks of one connection share.
 pub(crate) struct Ctx {
     pub export: Export,
@@ -131,13 +169,17 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Reply, Spent)>();
+    let spares = Spares::default();
+    let written_spares = spares.clone();
     let mut writer = tokio::spawn(async move {
         while let Some((reply, spent)) = rx.recv().await {
             wr.write_all(&reply).await?;
+            written_spares.give(reply);
             drop(spent);
             // Batch: flush only once no other reply is waiting.
             while let Ok((reply, spent)) = rx.try_recv() {
                 wr.write_all(&reply).await?;
+                written_spares.give(reply);
                 drop(spent);
             }
             wr.flush().await?;
@@ -209,8 +251,9 @@ where
         }
         let ctx = ctx.clone();
         let tx = tx.clone();
+        let spares = spares.clone();
         tasks.spawn(async move {
-            let reply = ctx.execute(req, payload).await;
+            let reply = ctx.execute(req, payload, &spares).await;
             let _ = tx.send((reply, spent));
             drop(slot);
         });
@@ -293,7 +336,7 @@ impl Ctx {
         Ok(())
     }
 
-    async fn execute(&self, req: Request, payload: Vec<u8>) -> Reply {
+    async fn execute(&self, req: Request, payload: Vec<u8>, spares: &Spares) -> Reply {
         let cookie = req.cookie;
         let known = matches!(
             req.command,
@@ -313,7 +356,7 @@ impl Ctx {
             return self.error(cookie, e);
         }
         match req.command {
-            CMD_READ => self.read(req).await,
+            CMD_READ => self.read(req, spares).await,
             CMD_WRITE => {
                 let r = async {
                     self.check_writable()?;
@@ -367,7 +410,7 @@ impl Ctx {
         }
     }
 
-    async fn read(&self, req: Request) -> Reply {
+    async fn read(&self, req: Request, spares: &Spares) -> Reply {
         let cookie = req.cookie;
         if req.len > MAX_PAYLOAD {
             let e = DeviceError::new(EINVAL, format!("read of {} bytes is too large", req.len));
@@ -378,7 +421,7 @@ impl Ctx {
         }
         let len = req.len as usize;
         if !self.structured {
-            let mut out = vec![0u8; 16 + len];
+            let mut out = spares.take(16 + len);
             return match self.dev().read(req.offset, &mut out[16..]).await {
                 Ok(()) => {
                     out[..16].copy_from_slice(&simple_reply(0, cookie));
@@ -403,34 +446,48 @@ impl Ctx {
                 Err(e) => return self.error(cookie, e),
             }
         };
-        let mut out = Vec::with_capacity(28 * extents.len() + len);
+        // Every byte of the reply, chunk by chunk, is written below.
+        let size = extents
+            .iter()
+            .map(|x| 28 + if x.allocated { x.len as usize } else { 4 })
+            .sum();
+        let mut out = spares.take(size);
+        let mut pos = 0;
+        fn put(out: &mut [u8], pos: &mut usize, bytes: &[u8]) {
+            out[*pos..*pos + bytes.len()].copy_from_slice(bytes);
+            *pos += bytes.len();
+        }
         let mut at = req.offset;
         let last = extents.len() - 1;
         for (i, ext) in extents.iter().enumerate() {
             let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
             if ext.allocated {
-                let start = out.len();
-                out.extend_from_slice(&chunk_header(
-                    flags,
-                    REPLY_TYPE_OFFSET_DATA,
-                    cookie,
-                    8 + ext.len as u32,
-                ));
-                out.extend_from_slice(&at.to_be_bytes());
-                let data_at = out.len();
-                out.resize(data_at + ext.len as usize, 0);
-                if let Err(e) = self.dev().read(at, &mut out[data_at..]).await {
+                let start = pos;
+                put(
+                    &mut out,
+                    &mut pos,
+                    &chunk_header(flags, REPLY_TYPE_OFFSET_DATA, cookie, 8 + ext.len as u32),
+                );
+                put(&mut out, &mut pos, &at.to_be_bytes());
+                let data = &mut out[pos..pos + ext.len as usize];
+                if let Err(e) = self.dev().read(at, data).await {
                     out.truncate(start);
                     out.extend_from_slice(&self.error(cookie, e));
                     return out;
                 }
+                pos += ext.len as usize;
             } else {
-                out.extend_from_slice(&chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, cookie, 12));
-                out.extend_from_slice(&at.to_be_bytes());
-                out.extend_from_slice(&(ext.len as u32).to_be_bytes());
+                put(
+                    &mut out,
+                    &mut pos,
+                    &chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, cookie, 12),
+                );
+                put(&mut out, &mut pos, &at.to_be_bytes());
+                put(&mut out, &mut pos, &(ext.len as u32).to_be_bytes());
             }
             at += ext.len;
         }
+        debug_assert_eq!(pos, out.len());
         out
     }
 

@@ -637,6 +637,25 @@ async fn sparse_reads_and_block_status_report_holes() {
     assert!(out[65536..73728].iter().all(|&b| b == 0x5a));
     assert!(out[73728..].iter().all(|&b| b == 0));
 
+    // Replies are written over the buffers of earlier ones: after a large
+    // read of data, reads of the same size elsewhere (whole, with DF, or
+    // sparse) carry none of its bytes.
+    let big = 256 * 1024;
+    request(&mut c, CMD_WRITE, CMD_FLAG_FUA, 10, 1 << 20, big as u32).await;
+    c.write_all(&vec![0x77; big]).await.unwrap();
+    assert_eq!(simple(&mut c).await, (0, 10));
+    for (cookie, offset, flags) in [(11, 1 << 20, 0), (12, 2 << 20, CMD_FLAG_DF), (13, 0, 0)] {
+        let mut got = vec![0xffu8; big];
+        request(&mut c, CMD_READ, flags, cookie, offset, big as u32).await;
+        assert_eq!(structured_read(&mut c, offset, &mut got).await.0, cookie);
+        let expected = match cookie {
+            11 => vec![0x77; big],
+            12 => vec![0; big],
+            _ => out.clone(),
+        };
+        assert!(got == expected, "read {cookie}");
+    }
+
     request(&mut c, CMD_BLOCK_STATUS, 0, 3, 0, 1 << 20).await;
     let (flags, kind, _, data) = chunk(&mut c).await;
     assert_eq!((flags, kind), (REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS));
