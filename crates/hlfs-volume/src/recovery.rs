@@ -226,16 +226,11 @@ impl Core {
                         ended: false,
                     })
                 }
-                // The window written ahead of the log (a journal followed
-                // by another was cut to its log before the next one held a
-                // record), or space a power cut kept from being written:
-                // the log ends here.
-                Err(ScanStop::Unwritten { offset }) if origin == Origin::Journal => {
-                    return Ok(Replayed {
-                        valid_len: offset,
-                        ended: true,
-                    })
-                }
+                // In a journal, the window written ahead of the log (a
+                // journal followed by another was cut to its log before the
+                // next one's records were acknowledged), or space a power
+                // cut kept from being written: the log ends here, as at a
+                // torn record. In a segment, damage.
                 Err(ScanStop::Unwritten { offset }) => {
                     (offset, "zeros where a record should start".to_string())
                 }
