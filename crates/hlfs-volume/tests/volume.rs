@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 use common::{pattern, World};
 use hlfs_format::{manifest_name, Manifest, WriterClaim};
 use hlfs_store::layers::{CrashMode, Fault, FaultOp};
-use hlfs_store::BlobStore;
-use hlfs_volume::{check, Backend, CreateOptions, OpenOptions, View, Volume, VolumeError};
+use hlfs_store::{BlobStore, JournalDir};
+use hlfs_volume::{
+    check, Backend, CreateOptions, Durability, OpenOptions, Prewrite, View, Volume, VolumeError,
+};
 
 async fn mem_volume(world: &World, size: u64) -> Volume {
     let create = CreateOptions {
@@ -738,6 +740,78 @@ async fn writers_sharing_a_page_cache_stay_within_its_budget() {
         }
     }
     for vol in &vols {
+        vol.close().await.unwrap();
+    }
+}
+
+/// Under synced load the journal is written ahead with zeros, except with
+/// remote durability (each flush seals its segment, so a window would be
+/// cut off at once). `check` takes the zeros past a journal's log as its
+/// end, and warns once other bytes follow them.
+#[tokio::test]
+async fn the_journals_window_and_what_check_says_of_it() {
+    for (durability, ahead) in [(Durability::Local, true), (Durability::Remote, false)] {
+        let world = World::new();
+        let create = CreateOptions {
+            size: 16 << 20,
+            block_size: 4096,
+            segment_size: 1 << 20,
+        };
+        Volume::create(&world.backend(), &create).await.unwrap();
+        let opts = OpenOptions {
+            durability,
+            prewrite: Prewrite::Always,
+            ..OpenOptions::default()
+        };
+        let vol = Volume::open(world.backend(), &opts).await.unwrap();
+        for i in 0..20u64 {
+            vol.write(i * 4096, &pattern(4096, i as u8)).await.unwrap();
+            vol.flush().await.unwrap();
+        }
+        // The filler runs on a thread of its own.
+        let started = Instant::now();
+        while ahead
+            && vol.figures().journal_prewritten_bytes == 0
+            && started.elapsed() < Duration::from_secs(10)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let prewritten = vol.figures().journal_prewritten_bytes;
+        assert_eq!(prewritten > 0, ahead, "{durability:?}: {prewritten}");
+        if !ahead {
+            continue;
+        }
+        let image = world.power_cut(CrashMode::DropUnsynced).await;
+        let report = check(image.backend()).await.unwrap();
+        assert!(report.is_ok() && report.warnings.is_empty(), "{report:?}");
+        let journal = image.env.journal();
+        let name = journal
+            .list()
+            .unwrap()
+            .into_iter()
+            .find(|n| n.ends_with(".journal"))
+            .expect("a journal");
+        let file = journal.open(&name).unwrap();
+        let len = file.len().unwrap();
+        file.write_at(len - 1, b"x").unwrap();
+        let report = check(image.backend()).await.unwrap();
+        assert!(
+            report
+                .warnings
+                .iter()
+                .any(|w| w.contains("yet bytes follow")),
+            "{report:?}"
+        );
+        // What was flushed is all there.
+        let vol = Volume::open(image.backend(), &OpenOptions::default())
+            .await
+            .unwrap();
+        for i in 0..20u64 {
+            assert_eq!(
+                vol.read(i * 4096, 4096).await.unwrap(),
+                pattern(4096, i as u8)
+            );
+        }
         vol.close().await.unwrap();
     }
 }
