@@ -173,7 +173,7 @@ pub async fn import_diff<R: AsyncRead + Unpin>(
                 check_fit(vol, &report).await?;
                 // Until it answers, the guard may or may not be there.
                 guard = Guard::Asked;
-                vol.core.begin_import().await?;
+                vol.core().begin_import().await?;
                 guard = Guard::Taken;
                 if report.size > vol.size() {
                     vol.resize(report.size).await?;
@@ -183,7 +183,7 @@ pub async fn import_diff<R: AsyncRead + Unpin>(
         }
         pending.write(vol).await?;
         vol.flush().await?;
-        vol.core.end_import(Some(report.to.as_deref())).await
+        vol.core().end_import(Some(report.to.as_deref())).await
     }
     .await;
     let Err(e) = applied else {
@@ -195,7 +195,7 @@ pub async fn import_diff<R: AsyncRead + Unpin>(
         Guard::Taken => has_guard(vol),
     };
     if rollback {
-        if let Err(undo) = vol.core.end_import(None).await {
+        if let Err(undo) = vol.core().end_import(None).await {
             tracing::error!(error = %undo, "could not roll back a failed import; the next writable open will");
         }
     }
@@ -495,7 +495,7 @@ mod tests {
         let (backend, vol) = volume(&env, 4 * MIB).await;
         vol.write(0, &[1; 4096]).await.unwrap();
         let before = image(&vol).await;
-        vol.core.begin_import().await.unwrap();
+        vol.core().begin_import().await.unwrap();
         vol.write(0, &[2; 8192]).await.unwrap();
         vol.flush().await.unwrap();
         drop(vol);

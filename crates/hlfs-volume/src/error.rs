@@ -45,6 +45,11 @@ pub enum VolumeError {
     Store(StoreError),
     #[error("corrupt volume: {0}")]
     Corrupt(String),
+    /// A segment the map points into is not in the store: damage, or, for
+    /// a read-only view, segment cleaning by the volume's writer since the
+    /// view was opened (the view then reopens at the newer manifest).
+    #[error("corrupt volume: {0} is missing")]
+    SegmentMissing(String),
     #[error("no HLFS volume at {0}")]
     NotFound(String),
     #[error("a volume already exists at {0}")]
@@ -96,7 +101,7 @@ impl VolumeError {
                 StoreError::Invalid(_) => ErrorKind::InvalidInput,
                 StoreError::Unavailable(_) => ErrorKind::Unavailable,
             },
-            VolumeError::Corrupt(_) => ErrorKind::Corrupt,
+            VolumeError::Corrupt(_) | VolumeError::SegmentMissing(_) => ErrorKind::Corrupt,
             VolumeError::NotFound(_) | VolumeError::SnapshotNotFound(_) => ErrorKind::NotFound,
             VolumeError::AlreadyExists(_) | VolumeError::SnapshotExists(_) => {
                 ErrorKind::AlreadyExists

@@ -61,6 +61,10 @@ pub struct Figures {
     pub gc_freed_bytes: u64,
     #[serde(default)]
     pub gc_copied_bytes: u64,
+    /// For a read-only view: the times it reopened at the newest manifest
+    /// because the volume's writer had cleaned away segments it read.
+    #[serde(default)]
+    pub view_reopens: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -110,6 +114,7 @@ impl Core {
             gc_deleted_segments: load(&clean.deleted_segments),
             gc_freed_bytes: load(&clean.freed_bytes),
             gc_copied_bytes: load(&clean.copied_bytes),
+            view_reopens: 0,
         }
     }
 }

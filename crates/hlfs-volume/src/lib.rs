@@ -8,6 +8,7 @@
 //! | module | owns |
 //! |---|---|
 //! | `volume` | the public façade, [`Volume`] |
+//! | `follow` | read-only views that reopen when cleaning deletes what they read |
 //! | `options` | what callers choose and the values they get back |
 //! | `core` | the state the rooms share, and the order of its locks |
 //! | `lifecycle` | open, closing, closed, failed: one state, one check |
@@ -38,6 +39,7 @@ mod diff;
 mod diff_stream;
 mod error;
 mod figures;
+mod follow;
 mod info;
 mod lifecycle;
 mod log;

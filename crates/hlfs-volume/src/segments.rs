@@ -95,7 +95,7 @@ impl Segments {
         }
     }
 
-    async fn reader(&self, seg: u32) -> Result<Arc<dyn BlobReader>> {
+    async fn reader(&self, seg: u32) -> std::result::Result<Arc<dyn BlobReader>, StoreError> {
         if let Some(r) = self.readers.lock().get(&seg) {
             return Ok(r.clone());
         }
@@ -129,14 +129,15 @@ impl Segments {
                     .read_into(self.key(seg), &self.store, &segment_name(seg), off, buf)
                     .await
             }
-            (None, None) => self.reader(seg).await?.read_into(off, buf).await,
+            (None, None) => match self.reader(seg).await {
+                Ok(reader) => reader.read_into(off, buf).await,
+                Err(e) => Err(e),
+            },
         };
         match result {
             Ok(()) => Ok(()),
             Err(StoreError::OutOfRange { .. }) => Err(past_end()),
-            Err(StoreError::NotFound(name)) => {
-                Err(VolumeError::corrupt(format!("{name} is missing")))
-            }
+            Err(StoreError::NotFound(name)) => Err(VolumeError::SegmentMissing(name)),
             Err(e) => Err(e.into()),
         }
     }

@@ -13,6 +13,7 @@ use crate::clean::{GcOptions, GcProgress, GcReport};
 use crate::core::Core;
 use crate::diff::Diff;
 use crate::error::Result;
+use crate::follow::Follow;
 use crate::open::{self, Held};
 use crate::options::{CreateOptions, Extent, OpenOptions, SnapshotInfo, View, VolumeInfo};
 
@@ -20,10 +21,18 @@ use crate::options::{CreateOptions, Extent, OpenOptions, SnapshotInfo, View, Vol
 /// methods may be called from many tasks at once.
 #[derive(Clone)]
 pub struct Volume {
-    pub(crate) core: Arc<Core>,
-    /// What a writable open holds: background tasks, the journal lock.
-    /// Dropping the last clone releases them.
-    held: Option<Arc<Held>>,
+    engine: Engine,
+}
+
+#[derive(Clone)]
+enum Engine {
+    /// With what a writable open holds: background tasks, the journal
+    /// lock. Dropping the last clone releases them.
+    Writable {
+        core: Arc<Core>,
+        held: Arc<Held>,
+    },
+    View(Arc<Follow>),
 }
 
 impl Volume {
@@ -37,70 +46,98 @@ impl Volume {
     pub async fn open(backend: Backend, opts: &OpenOptions) -> Result<Volume> {
         let (core, held) = open::open(backend, opts).await?;
         Ok(Volume {
-            core,
-            held: Some(held),
+            engine: Engine::Writable { core, held },
         })
     }
 
     /// Opens an image read-only: the head (replaying unsealed writes in
-    /// memory, writing nothing) or a snapshot.
+    /// memory, writing nothing) or a snapshot. If the volume's writer
+    /// cleans away segments the view reads, the view reopens at the newest
+    /// manifest: a snapshot reads the same, the head reads as it is then.
     pub async fn open_read_only(
         backend: Backend,
         opts: &OpenOptions,
         view: View,
     ) -> Result<Volume> {
-        let core = open::open_read_only(backend, opts, view).await?;
-        Ok(Volume { core, held: None })
+        let core = open::open_read_only(backend.clone(), opts, view).await?;
+        Ok(Volume {
+            engine: Engine::View(Arc::new(Follow::new(core, backend, opts.clone()))),
+        })
+    }
+
+    /// The engine's state: for a view, as of its latest reopen.
+    pub(crate) fn core(&self) -> Arc<Core> {
+        match &self.engine {
+            Engine::Writable { core, .. } => core.clone(),
+            Engine::View(follow) => follow.current(),
+        }
     }
 
     pub fn size(&self) -> u64 {
-        self.core.size()
+        self.core().size()
     }
 
     pub fn block_size(&self) -> u32 {
-        self.core.block_size
+        self.core().block_size
     }
 
     /// The snapshot a read-only view shows; None for the head.
     pub fn snapshot(&self) -> Option<&str> {
-        self.core.snapshot.as_deref()
+        match &self.engine {
+            Engine::Writable { .. } => None,
+            Engine::View(follow) => follow.snapshot(),
+        }
     }
 
     pub fn is_read_only(&self) -> bool {
-        self.core.life.read_only()
+        matches!(self.engine, Engine::View(_))
     }
 
     pub fn location(&self) -> &str {
-        self.core.location()
+        match &self.engine {
+            Engine::Writable { core, .. } => core.location(),
+            Engine::View(follow) => follow.location(),
+        }
     }
 
     /// Bytes of the volume that hold data.
     pub fn allocated_bytes(&self) -> u64 {
-        self.core.allocated_bytes()
+        self.core().allocated_bytes()
     }
 
     /// Map pages in memory now and the most allowed, in this volume's page
     /// cache (which other opens may share).
     pub fn map_pages(&self) -> (usize, usize) {
-        self.core.pages.pages()
+        self.core().pages.pages()
     }
 
     /// What the volume is doing: counters since it was opened, caches and
     /// the upload backlog now.
     pub fn figures(&self) -> crate::Figures {
-        self.core.figures()
+        match &self.engine {
+            Engine::Writable { core, .. } => core.figures(),
+            Engine::View(follow) => crate::Figures {
+                view_reopens: follow.reopens(),
+                ..follow.current().figures()
+            },
+        }
     }
 
     /// Requests made to the volume's store so far, and their bytes, by
     /// every open of this backend.
     pub fn store_counts(&self) -> StoreCounts {
-        self.core.backend.metrics.counts()
+        self.core().backend.metrics.counts()
     }
 
     /// Reads `buf.len()` bytes at `offset`.
     pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.core.note_client_op();
-        self.core.read_into(offset, buf).await
+        match &self.engine {
+            Engine::Writable { core, .. } => {
+                core.note_client_op();
+                core.read_into(offset, buf).await
+            }
+            Engine::View(follow) => follow.read_into(offset, buf).await,
+        }
     }
 
     pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
@@ -114,13 +151,21 @@ impl Volume {
     /// once it has `limit` runs; ask again from where it ends. Empty
     /// subtrees of the map are skipped whole, so a huge hole costs one step.
     pub async fn extents(&self, offset: u64, len: u64, limit: usize) -> Result<Vec<Extent>> {
-        self.core.extents(offset, len, limit).await
+        match &self.engine {
+            Engine::Writable { core, .. } => core.extents(offset, len, limit).await,
+            Engine::View(follow) => {
+                follow
+                    .run(|core| async move { core.extents(offset, len, limit).await })
+                    .await
+            }
+        }
     }
 
     /// Writes `data` at `offset`.
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.core.note_client_op();
-        self.core.write(offset, data).await
+        let core = self.core();
+        core.note_client_op();
+        core.write(offset, data).await
     }
 
     /// Writes and returns only once the data is durable.
@@ -133,13 +178,14 @@ impl Volume {
     /// sync serves every write appended before it started), and with remote
     /// durability in the store too.
     pub async fn flush(&self) -> Result<()> {
-        self.core.flush().await
+        self.core().flush().await
     }
 
     /// Makes `offset..offset+len` read as zeros and releases its space.
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.core.note_client_op();
-        self.core.write_zeroes(offset, len).await
+        let core = self.core();
+        core.note_client_op();
+        core.write_zeroes(offset, len).await
     }
 
     /// Trim: the range reads as zeros afterwards and holds no space.
@@ -149,27 +195,27 @@ impl Volume {
 
     /// Grows the volume to `new_size` bytes; the new space reads as zeros.
     pub async fn resize(&self, new_size: u64) -> Result<()> {
-        self.core.resize(new_size).await
+        self.core().resize(new_size).await
     }
 
     /// The snapshots, oldest first.
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
-        self.core.snapshots()
+        self.core().snapshots()
     }
 
     /// Takes a snapshot holding every write acknowledged before the call.
     pub async fn snapshot_create(&self, name: &str) -> Result<SnapshotInfo> {
-        self.core.snapshot_create(name).await
+        self.core().snapshot_create(name).await
     }
 
     pub async fn snapshot_delete(&self, name: &str) -> Result<()> {
-        self.core.snapshot_delete(name).await
+        self.core().snapshot_delete(name).await
     }
 
     /// Makes the head equal to snapshot `name`. The abandoned head is kept
     /// as an automatic snapshot, whose name is returned.
     pub async fn rollback(&self, name: &str) -> Result<String> {
-        self.core.rollback(name).await
+        self.core().rollback(name).await
     }
 
     /// Cleans segments until stored ≤ `opts.target` × live or nothing more
@@ -180,13 +226,13 @@ impl Volume {
         opts: &GcOptions,
         progress: &(dyn Fn(&GcProgress) + Send + Sync),
     ) -> Result<GcReport> {
-        self.core.gc(opts, progress).await
+        self.core().gc(opts, progress).await
     }
 
     /// Makes the manifest's head everything written so far, so that what
     /// reads the store alone (`diff` of the head, `space`) sees it all.
     pub async fn checkpoint(&self) -> Result<()> {
-        self.core.checkpoint_now().await
+        self.core().checkpoint_now().await
     }
 
     /// What changed since snapshot `from`: in the head as of now (every
@@ -194,32 +240,41 @@ impl Volume {
     /// view shows. From map pages alone; answers are kept while the two
     /// roots stay the same.
     pub async fn changes_since(&self, from: &str) -> Result<Arc<Diff>> {
-        self.core.changes_since(from).await
+        match &self.engine {
+            Engine::Writable { core, .. } => core.changes_since(from).await,
+            Engine::View(follow) => {
+                follow
+                    .run(|core| async move { core.changes_since(from).await })
+                    .await
+            }
+        }
     }
 
     /// Stops a running cleaning run as soon as it safely can (between
     /// passes, or in its grace period), and refuses new runs: for a server
     /// shutting down.
     pub fn stop_cleaning(&self) {
-        self.core.stop_cleaning();
+        self.core().stop_cleaning();
     }
 
     /// Summary for `hlfs info`.
     pub async fn info(&self) -> Result<VolumeInfo> {
-        self.core.info().await
+        self.core().info().await
     }
 
     /// Seals what is unsealed, waits for every upload and releases the
     /// writer claim. Writes after close fail; a volume dropped without
     /// close, or whose uploads could not finish, is recovered on next open.
     pub async fn close(&self) -> Result<()> {
-        let Some(held) = self.held.clone() else {
-            self.core.life.closed();
-            return Ok(());
+        let (core, held) = match &self.engine {
+            Engine::Writable { core, held } => (core.clone(), held.clone()),
+            Engine::View(follow) => {
+                follow.current().life.closed();
+                return Ok(());
+            }
         };
         // Runs to the end even if the caller goes away: half a close would
         // keep the lock and the background tasks.
-        let core = self.core.clone();
         tokio::spawn(async move { open::close_writer(&core, &held).await })
             .await
             .map_err(|e| crate::VolumeError::Failed(format!("close stopped: {e}")))?

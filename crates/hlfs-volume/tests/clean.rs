@@ -244,6 +244,31 @@ async fn a_reader_of_an_older_manifest_reads_on_through_the_grace_period() {
     vol.close().await.unwrap();
 }
 
+/// What a reader in another process meets: its view points into
+/// segments the writer cleaned and deleted after their grace period. (In
+/// this process, a view's checkpoint is a root the cleaner keeps; the
+/// writes a head view replays are not, which is what this test reads.)
+#[tokio::test]
+async fn a_view_reopens_when_cleaning_deletes_what_it_reads() {
+    let (clock, backend, vol, mut model) = churned_on_a_manual_clock(2, 4, 6).await;
+    let head = Volume::open_read_only(backend.clone(), &OpenOptions::default(), View::Head)
+        .await
+        .unwrap();
+    assert_reads(&head, &model, "the head view").await;
+    churn(&vol, &mut model, 3, 7).await;
+    let cleaner = spawn_gc(&vol, now_options(1.0));
+    advance_until_done(&clock, &cleaner, None).await;
+    let report = cleaner.await.unwrap().unwrap();
+    assert!(report.deleted_segments > 0, "{report:?}");
+    // The head view reopened at the newest manifest: it reads the head as
+    // it is now.
+    assert_reads(&head, &model, "the head view after the deletes").await;
+    assert_eq!(head.figures().view_reopens, 1);
+    let blocks = head.extents(0, SIZE, 1 << 20).await.unwrap();
+    assert!(blocks.iter().any(|e| e.data), "{blocks:?}");
+    vol.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_view_open_in_this_process_keeps_its_deleted_snapshot() {
     let world = World::new();

@@ -2316,6 +2316,55 @@ fn a_snapshot_served_by_another_process_reads_the_same_through_cleaning() {
     check_volume(&vol);
 }
 
+/// `hlfs export` of a served volume's head, held up by a slow reader of
+/// its output while the server cleans and deletes the segments the export
+/// was about to read: it reopens at the newer manifest and exports what
+/// the client wrote, whole.
+#[test]
+fn an_export_of_a_served_head_reads_on_through_cleaning() {
+    require!("qemu-io" => "qemu-utils");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = cleanable_volume(d);
+    let srv = Server::unix(d, &[&vol], &[]);
+    half_overwrite(srv.uri());
+    let errors = std::fs::File::create(d.join("export.log")).unwrap();
+    let mut export = Proc::spawn(
+        Command::new(HLFS)
+            .args(["export", &vol, "-"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(errors),
+    );
+    let mut image = export.child.stdout.take().unwrap();
+    // The export has opened its view and read its first chunk; the pipe
+    // holds it there.
+    let mut exported = vec![0u8; 1 << 20];
+    image.read_exact(&mut exported).unwrap();
+    let out = hlfs(&["gc", &vol, "--target", "1.0", "--grace", "0", "--json"]).ok();
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert!(
+        report["deleted_segments"].as_u64().unwrap_or(0) >= 8,
+        "{report}"
+    );
+    image.read_to_end(&mut exported).unwrap();
+    let status = export.wait_timeout(CLIENT_TIMEOUT).expect("export ends");
+    let log = std::fs::read_to_string(d.join("export.log")).unwrap();
+    assert!(status.success(), "export: {status}\n{log}");
+    let mut expected = Vec::with_capacity(64 << 20);
+    for _ in 0..32 {
+        expected.extend(std::iter::repeat_n(0x22u8, 512 << 10));
+        expected.extend(std::iter::repeat_n(0x11u8, 512 << 10));
+    }
+    expected.resize(64 << 20, 0);
+    assert!(
+        exported == expected,
+        "the export differs from what was written"
+    );
+    srv.stop_ok();
+    check_volume(&vol);
+}
+
 /// A served volume cleans by itself once its garbage passes the space
 /// target, and its client reads the same.
 #[test]

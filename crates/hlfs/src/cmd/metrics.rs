@@ -151,6 +151,13 @@ impl Collector for Served {
         )?;
         figure(
             &mut encoder,
+            MetricType::Counter,
+            "hlfs_view_reopens",
+            "Times a read-only export reopened at the newest manifest because the volume's writer cleaned away segments it read",
+            |f| f.view_reopens,
+        )?;
+        figure(
+            &mut encoder,
             MetricType::Gauge,
             "hlfs_upload_backlog_segments",
             "Sealed segments waiting to be stored",
