@@ -1,4 +1,4 @@
-//! On-store encodings of HLFS format v1: log records, map pages, checkpoints
+//! On-store encodings of HLFS formats v1 and v2: log records, map pages, checkpoints
 //! and manifests. Pure functions over byte slices, no I/O, so that every
 //! decoder can be fuzzed. docs/FORMAT.md describes the same layouts byte by
 //! byte; keep the two in step.
@@ -18,8 +18,11 @@ pub use record::{
     Checkpoint, RecordHeader, RecordKind, HEADER_LEN, MAX_DEPTH, MAX_PAYLOAD_LEN, RECORD_MAGIC,
 };
 
-/// The on-store format version this code writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The newest on-store format version this code writes and reads. It reads
+/// every older one too: each manifest and record says its own version.
+pub const FORMAT_VERSION: u16 = 2;
+/// The first format. A volume stays v1 until it uses a v2 feature.
+pub const FORMAT_V1: u16 = 1;
 
 /// Entries per map page; the map is a radix tree of this fanout.
 pub const MAP_FANOUT: usize = 512;

@@ -3,8 +3,8 @@
 
 use crate::wire::Reader;
 use crate::{
-    Entry, FormatError, Result, FORMAT_VERSION, MAX_BLOCK_SIZE, MAX_SEGMENT_SIZE, MIN_BLOCK_SIZE,
-    MIN_SEGMENT_SIZE,
+    Entry, FormatError, Result, FORMAT_V1, FORMAT_VERSION, MAX_BLOCK_SIZE, MAX_SEGMENT_SIZE,
+    MIN_BLOCK_SIZE, MIN_SEGMENT_SIZE,
 };
 
 pub const MANIFEST_MAGIC: [u8; 4] = *b"HLMF";
@@ -36,6 +36,9 @@ pub struct SnapshotEntry {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Manifest {
+    /// The volume's format version: the newest whose features its store
+    /// may hold. Readers that do not know it must not open the volume.
+    pub version: u16,
     pub volume: [u8; 16],
     /// Equals the number in the blob's name.
     pub seq: u64,
@@ -74,7 +77,7 @@ impl Manifest {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(128 + self.snapshots.len() * 64);
         out.extend_from_slice(&MANIFEST_MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.version.to_le_bytes());
         let flags = if self.writer.is_some() {
             FLAG_WRITER_OPEN
         } else {
@@ -129,7 +132,7 @@ impl Manifest {
         let mut r = Reader::new(body);
         r.bytes(4)?;
         let version = r.u16()?;
-        if version != FORMAT_VERSION {
+        if !(FORMAT_V1..=FORMAT_VERSION).contains(&version) {
             return Err(FormatError::UnsupportedVersion(version));
         }
         let flags = r.u16()?;
@@ -190,6 +193,7 @@ impl Manifest {
         }
         r.finish()?;
         Ok(Manifest {
+            version,
             volume,
             seq,
             written_ms,
@@ -214,6 +218,7 @@ mod tests {
 
     fn sample() -> Manifest {
         Manifest {
+            version: FORMAT_VERSION,
             volume: [3; 16],
             seq: 42,
             written_ms: 1000,
@@ -264,6 +269,27 @@ mod tests {
         for len in 0..bytes.len() {
             assert!(Manifest::decode(&bytes[..len]).is_err());
         }
+    }
+
+    #[test]
+    fn v1_and_v2_manifests_decode_and_later_ones_are_refused() {
+        for version in [FORMAT_V1, FORMAT_VERSION] {
+            let m = Manifest {
+                version,
+                ..sample()
+            };
+            let bytes = m.encode();
+            assert_eq!(bytes[4..6], version.to_le_bytes());
+            assert_eq!(Manifest::decode(&bytes).unwrap(), m);
+        }
+        let later = Manifest {
+            version: FORMAT_VERSION + 1,
+            ..sample()
+        };
+        assert_eq!(
+            Manifest::decode(&later.encode()),
+            Err(FormatError::UnsupportedVersion(FORMAT_VERSION + 1))
+        );
     }
 
     proptest! {

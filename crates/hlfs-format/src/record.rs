@@ -1,7 +1,7 @@
 //! Log records: the unit of everything written to a segment.
 
 use crate::wire::Reader;
-use crate::{Entry, FormatError, Result, FORMAT_VERSION};
+use crate::{Entry, FormatError, Result, FORMAT_V1, FORMAT_VERSION};
 
 pub const RECORD_MAGIC: [u8; 4] = *b"HLRC";
 /// Bytes in a record header.
@@ -28,6 +28,10 @@ pub enum RecordKind {
     Checkpoint = 4,
     /// `arg0` = new logical size in bytes; no payload.
     Resize = 5,
+    /// Format v2. Laid out as `Data`: blocks segment cleaning copied for
+    /// snapshots alone (the head no longer holds them). Only map pages
+    /// point at them; recovery never replays them into the head.
+    Copy = 6,
 }
 
 impl RecordKind {
@@ -38,8 +42,18 @@ impl RecordKind {
             3 => RecordKind::MapPage,
             4 => RecordKind::Checkpoint,
             5 => RecordKind::Resize,
+            6 => RecordKind::Copy,
             other => return Err(FormatError::UnknownKind(other)),
         })
+    }
+
+    /// The format version that introduced this kind, which records of it
+    /// carry: logs of v1 kinds stay byte for byte what v1 wrote.
+    pub fn version(self) -> u16 {
+        match self {
+            RecordKind::Copy => 2,
+            _ => FORMAT_V1,
+        }
     }
 }
 
@@ -71,7 +85,7 @@ fn header_prefix(
 ) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(&RECORD_MAGIC);
-    h[4..6].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[4..6].copy_from_slice(&kind.version().to_le_bytes());
     h[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
     h[8..24].copy_from_slice(volume);
     h[24..32].copy_from_slice(&lsn.to_le_bytes());
@@ -139,10 +153,15 @@ pub fn decode_header(bytes: &[u8]) -> Result<RecordHeader> {
         return Err(FormatError::BadMagic);
     }
     let version = r.u16()?;
-    if version != FORMAT_VERSION {
+    if !(FORMAT_V1..=FORMAT_VERSION).contains(&version) {
         return Err(FormatError::UnsupportedVersion(version));
     }
     let kind = RecordKind::from_u16(r.u16()?)?;
+    if kind.version() != version {
+        return Err(FormatError::Invalid(
+            "record kind of another format version",
+        ));
+    }
     let volume = r.uuid()?;
     let lsn = r.u64()?;
     let arg0 = r.u64()?;
@@ -156,13 +175,15 @@ pub fn decode_header(bytes: &[u8]) -> Result<RecordHeader> {
         return Err(FormatError::Invalid("zero LSN"));
     }
     let payload_ok = match kind {
-        RecordKind::Data | RecordKind::MapPage | RecordKind::Checkpoint => payload_len > 0,
+        RecordKind::Data | RecordKind::Copy | RecordKind::MapPage | RecordKind::Checkpoint => {
+            payload_len > 0
+        }
         RecordKind::Zero | RecordKind::Resize => payload_len == 0,
     };
     if !payload_ok {
         return Err(FormatError::Invalid("payload length for record kind"));
     }
-    if matches!(kind, RecordKind::Data | RecordKind::Zero)
+    if matches!(kind, RecordKind::Data | RecordKind::Copy | RecordKind::Zero)
         && (arg1 == 0 || arg0.checked_add(arg1).is_none())
     {
         return Err(FormatError::Invalid("block range"));
@@ -304,6 +325,24 @@ mod tests {
                 Ok(h) => verify_record(&h, &bad, &bad[HEADER_LEN..], &VOL).is_err(),
             };
             assert!(caught, "flip at {pos} not detected");
+        }
+    }
+
+    #[test]
+    fn each_kind_carries_the_version_that_made_it() {
+        let data = encode_record(RecordKind::Data, &VOL, 5, 100, 1, &[1u8; 4096]);
+        // Logs of v1 kinds stay byte for byte what v1 wrote.
+        assert_eq!(data[4..6], 1u16.to_le_bytes());
+        let copy = encode_record(RecordKind::Copy, &VOL, 6, 100, 1, &[1u8; 4096]);
+        assert_eq!(copy[4..6], 2u16.to_le_bytes());
+        let h = decode_header(&copy).unwrap();
+        assert_eq!((h.kind, h.arg0, h.arg1), (RecordKind::Copy, 100, 1));
+        // A kind under another version's number is refused, and so is a
+        // version from the future.
+        for (record, version) in [(&data, 2u16), (&copy, 1), (&data, 3), (&copy, 3)] {
+            let mut bad = record.clone();
+            bad[4..6].copy_from_slice(&version.to_le_bytes());
+            assert!(decode_header(&bad).is_err(), "version {version} accepted");
         }
     }
 

@@ -7,12 +7,21 @@
 //! checkpoint, made the head by the upload task. Every fourth segment's
 //! worth of log gets a checkpoint, which bounds what recovery replays.
 
-use hlfs_format::{crc_of_record, encode_record, Checkpoint, Entry, Manifest, RecordKind};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use hlfs_format::{crc_of_record, encode_record, Checkpoint, Entry, Manifest, MapPage, RecordKind};
+use parking_lot::Mutex;
 
 use crate::core::Core;
 use crate::error::Result;
 use crate::lifecycle::Need;
 use crate::log::Writer;
+use crate::map::DirtyTree;
+
+/// Map pages written by one commit, by node (level, index): see
+/// `Core::write_back_tree`.
+pub(crate) type SharedPages = HashMap<(u32, u64), Vec<(Arc<MapPage>, Entry)>>;
 
 /// A full segment is sealed alone, and with a checkpoint once this many
 /// segments' worth of log has been sealed since the last one: writing every
@@ -71,13 +80,35 @@ impl Core {
     /// pressure this is what bounds the map: scattered writes dirty about as
     /// many inner pages as leaves, so writing back leaves alone would not.
     async fn write_back(&self, w: &mut Writer) -> Result<()> {
+        self.write_back_tree(w, &self.map, None)
+    }
+
+    /// Writes every dirty page of `tree` to the log, bottom-up. With
+    /// `shared`, a page equal to one written there for the same node is
+    /// not written again: the trees point at one copy, so roots that
+    /// shared pages before a cleaning pass rewrote them share them after.
+    pub(crate) fn write_back_tree(
+        &self,
+        w: &mut Writer,
+        tree: &Mutex<DirtyTree>,
+        mut shared: Option<&mut SharedPages>,
+    ) -> Result<()> {
         loop {
-            let next = self.map.lock().next_dirty();
+            let next = tree.lock().next_dirty();
             let Some((level, index, page)) = next else {
                 return Ok(());
             };
+            let same = shared.as_deref().and_then(|written| {
+                written
+                    .get(&(level, index))?
+                    .iter()
+                    .find(|(p, _)| **p == *page)
+                    .map(|&(_, at)| at)
+            });
             let at = if page.is_empty() {
                 Entry::EMPTY
+            } else if let Some(at) = same {
+                at
             } else {
                 let record = encode_record(
                     RecordKind::MapPage,
@@ -89,30 +120,27 @@ impl Core {
                 );
                 let crc = crc_of_record(&record);
                 let off = self.append(w, &[&record])?;
-                Entry {
+                let at = Entry {
                     seg: w.seg,
                     off: off as u32,
                     crc,
+                };
+                if let Some(written) = shared.as_deref_mut() {
+                    written.entry((level, index)).or_default().push((page, at));
                 }
+                at
             };
-            self.map.lock().written_back(level, index, at);
+            tree.lock().written_back(level, index, at);
         }
     }
 
-    /// Appends every dirty map page and a checkpoint record describing the
-    /// map now; returns where the checkpoint is, its LSN and its contents.
-    async fn append_checkpoint(&self, w: &mut Writer) -> Result<(Entry, u64, Checkpoint)> {
-        self.write_back(w).await?;
-        let cp = {
-            let m = self.map.lock();
-            Checkpoint {
-                root: m.root(),
-                depth: m.depth(),
-                size: self.size(),
-                allocated_blocks: m.usage().allocated_blocks(),
-                usage: m.usage().live(),
-            }
-        };
+    /// Appends a checkpoint record of `cp`; returns where it is and its
+    /// LSN.
+    pub(crate) fn append_checkpoint_record(
+        &self,
+        w: &mut Writer,
+        cp: &Checkpoint,
+    ) -> Result<(Entry, u64)> {
         let cp_lsn = w.next_lsn;
         let record = encode_record(
             RecordKind::Checkpoint,
@@ -129,6 +157,24 @@ impl Core {
             off: off as u32,
             crc,
         };
+        Ok((at, cp_lsn))
+    }
+
+    /// Appends every dirty map page and a checkpoint record describing the
+    /// map now; returns where the checkpoint is, its LSN and its contents.
+    async fn append_checkpoint(&self, w: &mut Writer) -> Result<(Entry, u64, Checkpoint)> {
+        self.write_back(w).await?;
+        let cp = {
+            let m = self.map.lock();
+            Checkpoint {
+                root: m.root(),
+                depth: m.depth(),
+                size: self.size(),
+                allocated_blocks: m.usage().allocated_blocks(),
+                usage: m.usage().live(),
+            }
+        };
+        let (at, cp_lsn) = self.append_checkpoint_record(w, &cp)?;
         Ok((at, cp_lsn, cp))
     }
 

@@ -1,39 +1,49 @@
-//! Segment cleaning: space back from segments the head alone holds.
+//! Segment cleaning: space back from segments, whoever holds them.
 //!
-//! A pass takes victims among the sealed segments that no snapshot
-//! reaches (from a recount, [`space`]), finds the head's items in them by
-//! scanning each once and looking every block and page up in the head,
-//! and moves them: blocks are appended again as data records (under the
-//! writer lock, and only where the head still points at the old copy), the
-//! head's pages there are made dirty, and a checkpoint commits the pass.
+//! A pass takes victims among the sealed segments (from a recount,
+//! [`space`]), finds the items the head and the snapshots hold in them by
+//! scanning each once and looking every block and page up in every root,
+//! and moves them: the head's blocks are appended again as data records
+//! (under the writer lock, and only where the head still points at the
+//! old copy), blocks only snapshots hold as copy records (format v2, never
+//! replayed), and every root that held a block is pointed at its one new
+//! copy. Pages of any root there are made dirty. Each snapshot that changed
+//! gets a checkpoint record of its own, pages equal between roots are
+//! written once, and a checkpoint of the head commits the pass with the
+//! snapshots' new checkpoints in its manifest.
 //!
 //! Which segments are deleted is decided by the recount alone, never by
 //! what a pass believes it moved: a victim is deleted once a recount made
 //! after its pass committed finds nothing in it that any root reaches, and
 //! a grace period on the volume's clock has passed since that commit (for
-//! readers of older manifests). That is safe because reachability only
-//! shrinks: every root made later (a snapshot, a rollback's head, the head
-//! as it is written) is made of items some root held then and of items in
-//! newer segments. A pass that misses an item, or races a snapshot that
-//! takes one, leaves its victim live and nothing is lost.
+//! readers of older manifests, which then reopen: `follow.rs`). That is
+//! safe because reachability only shrinks: every root made later (a
+//! snapshot, a rollback's head, the head as it is written) is made of
+//! items some root held then and of items in newer segments. A pass that
+//! misses an item, or races a snapshot that takes one, leaves its victim
+//! live and nothing is lost.
 //!
 //! The views this process has open are roots too (`stats::ViewRoot`).
 //!
 //! See docs/design/cleaning.md for the whole design and what is not built
-//! yet (segments snapshots hold, cold segments, the automatic task).
+//! yet (cold segments, the persisted condemned list, retention).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hlfs_format::{parse_segment_name, segment_name, Entry, RecordKind, HEADER_LEN};
+use hlfs_format::{
+    parse_segment_name, segment_name, Checkpoint, Entry, RecordKind, SnapshotEntry, HEADER_LEN,
+};
 use hlfs_store::StoreError;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::SharedPages;
 use crate::core::Core;
 use crate::error::{Result, VolumeError};
 use crate::lifecycle::Need;
+use crate::map::{DirtyTree, SegmentUsage};
 use crate::options::AutoClean;
 use crate::runner::TaskContext;
 use crate::segments::{ScanStop, Scanner};
@@ -116,8 +126,9 @@ pub struct GcProgress {
 pub enum GcStop {
     /// Stored ≤ target × live.
     TargetReached,
-    /// What is left to reclaim lies in segments snapshots hold, in segments
-    /// recovery may replay, or in segments no pass could empty.
+    /// What is left to reclaim lies in segments recovery may replay, in
+    /// segments too full to be worth copying, or in segments no pass could
+    /// empty.
     NothingCleanable,
     /// The volume is closing; emptied segments not deleted yet are found
     /// empty, and deleted first, by the next run.
@@ -174,7 +185,20 @@ struct Condemned {
     since_ms: u64,
 }
 
-/// A block of the head found in a victim.
+/// A snapshot's tree as a pass rewrites it: pointed at the copies of what
+/// it held in the victims, then given a checkpoint record of its own.
+struct SnapshotTree {
+    /// As the manifest listed it when the pass began.
+    entry: SnapshotEntry,
+    size: u64,
+    blocks: u64,
+    tree: parking_lot::Mutex<DirtyTree>,
+    /// Its root page when the pass began: the tree changed if its root
+    /// moved.
+    root: Entry,
+}
+
+/// A block found in a victim.
 struct Moving {
     lba: u64,
     at: Entry,
@@ -375,8 +399,8 @@ impl Core {
         self.cleaning_stopped.send_replace(true);
     }
 
-    /// Moves the head's items out of `victims` and commits with a
-    /// checkpoint.
+    /// Moves the items of the head and of the snapshots out of `victims`
+    /// and commits with a checkpoint.
     async fn clean_pass(
         &self,
         victims: &[&SegmentSpace],
@@ -390,11 +414,12 @@ impl Core {
         // The time the pass owes its rates so far.
         let mut owed = Duration::ZERO;
         let mut stop = self.cleaning_stopped.subscribe();
-        // The victims are those no snapshot held at the recount: a
-        // snapshot taken since may share them with the head, and moving
-        // the head's blocks then would part the two (their contents stay
-        // equal, but a diff between them would list the moved blocks).
+        // A snapshot taken while the pass runs may share the victims with
+        // the head: moving the head's blocks then would part the two
+        // (their contents stay equal, but a diff between them would list
+        // the moved blocks). The pass stops, uncommitted, if one appears.
         let snapshots = self.snapshot_roots();
+        let trees = self.snapshot_trees().await?;
         for v in victims {
             let source = self.segments.scan_source(v.id).await?;
             let mut scan = Scanner::new(source, v.size);
@@ -422,7 +447,7 @@ impl Core {
                 };
                 let mut moved = 0;
                 match header.kind {
-                    RecordKind::Data => {
+                    RecordKind::Data | RecordKind::Copy => {
                         let base = off + HEADER_LEN as u64;
                         let moving: Vec<Moving> = payload
                             .chunks(bs)
@@ -436,12 +461,20 @@ impl Core {
                                 },
                             })
                             .collect();
+                        let held = if v.snapshot_bytes > 0 {
+                            self.held_by_snapshots(&trees, &moving).await?
+                        } else {
+                            vec![Vec::new(); trees.len()]
+                        };
                         if *stop.borrow_and_update() {
                             // Uncommitted: what was copied is garbage for
                             // a later run, and the victims stay.
                             return Ok(Pass::Stopped);
                         }
-                        let Some(n) = self.move_blocks(&moving, &payload, &snapshots).await? else {
+                        let Some(n) = self
+                            .move_blocks(&moving, &payload, &snapshots, &trees, &held)
+                            .await?
+                        else {
                             // Uncommitted, as when stopped.
                             return Ok(Pass::Raced);
                         };
@@ -478,12 +511,60 @@ impl Core {
         }
         let mut w = self.log.writer.lock().await;
         self.life.check(Need::Write)?;
+        if self
+            .snapshot_roots()
+            .iter()
+            .any(|root| !snapshots.contains(root))
+        {
+            return Ok(Pass::Raced);
+        }
         for &(level, index, at) in &pages {
             self.map_op(|m, pins| m.move_page(level, index, at, pins))
                 .await?;
+            for t in &trees {
+                self.tree_op(&t.tree, |m, pins| m.move_page(level, index, at, pins))
+                    .await?;
+            }
         }
-        // The commit: the head written whole, without the victims.
-        self.checkpoint(&mut w, true, |_, _, _| Ok(())).await?;
+        // Each snapshot that changed, or whose checkpoint record is in a
+        // victim, gets a checkpoint record of its own: its contents and
+        // LSN stay, only where it is changes. Pages equal to another
+        // root's are written once (`SharedPages`), the head's included.
+        let victim_ids: HashSet<u32> = victims.iter().map(|v| v.id).collect();
+        let mut shared = SharedPages::new();
+        let mut rerooted = Vec::new();
+        for t in &trees {
+            self.write_back_tree(&mut w, &t.tree, Some(&mut shared))?;
+            let unchanged = t.tree.lock().root() == t.root;
+            if unchanged && !victim_ids.contains(&t.entry.checkpoint.seg) {
+                continue;
+            }
+            let cp = {
+                let m = t.tree.lock();
+                Checkpoint {
+                    root: m.root(),
+                    depth: m.depth(),
+                    size: t.size,
+                    allocated_blocks: m.usage().allocated_blocks(),
+                    usage: m.usage().live(),
+                }
+            };
+            let (at, _) = self.append_checkpoint_record(&mut w, &cp)?;
+            rerooted.push((t.entry.clone(), at));
+        }
+        self.write_back_tree(&mut w, &self.map, Some(&mut shared))?;
+        // The commit: the head written whole, without the victims, and the
+        // snapshots at their new checkpoints (those deleted meanwhile
+        // excepted).
+        self.checkpoint(&mut w, true, |m, _, _| {
+            for (old, at) in &rerooted {
+                if let Some(s) = m.snapshots.iter_mut().find(|s| *s == old) {
+                    s.checkpoint = *at;
+                }
+            }
+            Ok(())
+        })
+        .await?;
         Ok(Pass::Committed(copied))
     }
 
@@ -493,26 +574,87 @@ impl Core {
             .read(|m| m.snapshots.iter().map(|s| s.checkpoint).collect())
     }
 
-    /// Appends again the blocks of one data record (`payload`, described
-    /// by `moving`) that the head still points at, in runs of consecutive
-    /// blocks; returns their bytes, or None without moving anything if a
+    /// The snapshots' trees, for a pass to rewrite.
+    async fn snapshot_trees(&self) -> Result<Vec<SnapshotTree>> {
+        let listed = self.manifests.read(|m| m.snapshots.clone());
+        let mut trees = Vec::with_capacity(listed.len());
+        for entry in listed {
+            let (cp, _) = self.segments.read_checkpoint(entry.checkpoint).await?;
+            let usage =
+                SegmentUsage::from_checkpoint(self.block_size, cp.allocated_blocks, &cp.usage);
+            let tree = DirtyTree::new(self.uuid, self.pages.clone(), cp.root, cp.depth, usage);
+            trees.push(SnapshotTree {
+                entry,
+                size: cp.size,
+                blocks: cp.size.div_ceil(self.block_size as u64),
+                tree: parking_lot::Mutex::new(tree),
+                root: cp.root,
+            });
+        }
+        Ok(trees)
+    }
+
+    /// For each snapshot tree, which of the blocks of `moving` it holds.
+    /// (Only the pass changes those trees, so no lock is needed.)
+    async fn held_by_snapshots(
+        &self,
+        trees: &[SnapshotTree],
+        moving: &[Moving],
+    ) -> Result<Vec<Vec<bool>>> {
+        let Some(first) = moving.first() else {
+            return Ok(vec![Vec::new(); trees.len()]);
+        };
+        let mut held = Vec::with_capacity(trees.len());
+        for t in trees {
+            let mut current = vec![Entry::EMPTY; moving.len()];
+            // Past a snapshot's size (the volume grew since) it has no
+            // blocks, and lookups there would wrap onto its root's slots.
+            let within = t.blocks.saturating_sub(first.lba).min(moving.len() as u64) as usize;
+            if within > 0 {
+                self.tree_op(&t.tree, |m, pins| {
+                    m.lookup(first.lba, &mut current[..within], pins)
+                })
+                .await?;
+            }
+            held.push(
+                current
+                    .iter()
+                    .zip(moving)
+                    .map(|(c, m)| *c == m.at)
+                    .collect(),
+            );
+        }
+        Ok(held)
+    }
+
+    /// Appends again the blocks of one record of a victim (`payload`,
+    /// described by `moving`) that the head or a snapshot (`held`, per
+    /// tree of `trees`) still points at, in runs of consecutive blocks:
+    /// the head's as data records, through the write path; those only
+    /// snapshots hold as copy records, which recovery does not replay.
+    /// Every tree that held a block is pointed at its one new copy.
+    /// Returns the bytes appended, or None without moving anything if a
     /// snapshot was taken since the pass began (`snapshots`).
     async fn move_blocks(
         &self,
         moving: &[Moving],
         payload: &[u8],
         snapshots: &[Entry],
+        trees: &[SnapshotTree],
+        held: &[Vec<bool>],
     ) -> Result<Option<u64>> {
         let bs = self.block_size as usize;
         let Some(first) = moving.first() else {
             return Ok(Some(0));
         };
+        let by_snapshot = |k: usize| held.iter().any(|h| h.get(k) == Some(&true));
         let mut current = vec![Entry::EMPTY; moving.len()];
         // Most records of a victim are dead: found so without the writer
         // lock, they cost clients nothing.
         self.map_op(|m, pins| m.lookup(first.lba, &mut current, pins))
             .await?;
-        if !current.iter().zip(moving).any(|(c, m)| *c == m.at) {
+        let live = |current: &[Entry], k: usize| current[k] == moving[k].at || by_snapshot(k);
+        if !(0..moving.len()).any(|k| live(&current, k)) {
             return Ok(Some(0));
         }
         let mut w = self.log.writer.lock().await;
@@ -534,23 +676,61 @@ impl Core {
         let mut moved = 0;
         let mut k = 0;
         while k < moving.len() {
-            if current[k] != moving[k].at {
+            if !live(&current, k) {
                 k += 1;
                 continue;
             }
+            let by_head = current[k] == moving[k].at;
             let mut n = 1;
-            while k + n < moving.len() && n < per_record && current[k + n] == moving[k + n].at {
+            while k + n < moving.len()
+                && n < per_record
+                && live(&current, k + n)
+                && (current[k + n] == moving[k + n].at) == by_head
+            {
                 n += 1;
             }
             self.make_room(&mut w).await?;
+            let lba = moving[k].lba;
             let data = &payload[k * bs..(k + n) * bs];
-            self.write_blocks(&mut w, moving[k].lba, n as u64, 0, data)
-                .await?;
+            let copies = if by_head {
+                self.write_blocks(&mut w, lba, n as u64, 0, data).await?
+            } else {
+                self.allow_format(RecordKind::Copy.version()).await?;
+                self.append_blocks(&mut w, RecordKind::Copy, lba, data)?
+            };
+            for (t, h) in trees.iter().zip(held) {
+                for (i, copy) in copies.iter().enumerate() {
+                    if h.get(k + i) == Some(&true) {
+                        self.tree_op(&t.tree, |m, pins| m.set(lba + i as u64, &[*copy], pins))
+                            .await?;
+                    }
+                }
+            }
             self.after_append(&mut w).await?;
             moved += data.len() as u64;
             k += n;
         }
+        // The snapshots' dirty pages count against the map's budget too.
+        for t in trees {
+            if t.tree.lock().needs_writeback() {
+                self.write_back_tree(&mut w, &t.tree, None)?;
+            }
+        }
         Ok(Some(moved))
+    }
+
+    /// Makes the manifest say the volume's format is `version` at least,
+    /// before anything of that version is written: binaries that do not
+    /// know it then refuse the volume instead of misreading its log.
+    async fn allow_format(&self, version: u16) -> Result<()> {
+        if self.manifests.read(|m| m.version) >= version {
+            return Ok(());
+        }
+        self.write_manifest(&*self.store, |m| {
+            m.version = m.version.max(version);
+            Ok(())
+        })
+        .await
     }
 
     /// Deletes a segment no root reaches, and forgets it here.
@@ -672,10 +852,7 @@ fn choose_victims<'a>(
         .segments
         .iter()
         .filter(|s| {
-            !s.recent
-                && s.snapshot_bytes == 0
-                && (s.live_bytes < s.size || s.live_bytes == 0)
-                && !skip.contains(&s.id)
+            !s.recent && (s.live_bytes < s.size || s.live_bytes == 0) && !skip.contains(&s.id)
         })
         .map(|s| {
             // An empty segment costs nothing to clean: it goes first.

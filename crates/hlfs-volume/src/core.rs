@@ -124,11 +124,21 @@ impl Core {
     /// finds missing (outside the lock) and trying again.
     pub async fn map_op<T>(
         &self,
+        op: impl FnMut(&mut DirtyTree, &Pins) -> MapResult<T>,
+    ) -> Result<T> {
+        self.tree_op(&self.map, op).await
+    }
+
+    /// `map_op` on any tree of this volume (a snapshot's, which segment
+    /// cleaning rewrites).
+    pub async fn tree_op<T>(
+        &self,
+        tree: &Mutex<DirtyTree>,
         mut op: impl FnMut(&mut DirtyTree, &Pins) -> MapResult<T>,
     ) -> Result<T> {
         let mut pins = Pins::new();
         loop {
-            let result = op(&mut self.map.lock(), &pins);
+            let result = op(&mut tree.lock(), &pins);
             match result {
                 Ok(v) => return Ok(v),
                 Err(Missing(at)) => {

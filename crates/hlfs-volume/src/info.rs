@@ -1,7 +1,5 @@
 //! What a volume says about itself (`hlfs info`), and how it writes times.
 
-use hlfs_format::FORMAT_VERSION;
-
 use crate::core::Core;
 use crate::error::Result;
 use crate::options::{SnapshotInfo, VolumeInfo};
@@ -60,7 +58,7 @@ impl Core {
             segment_size: self.segment_size,
             allocated_bytes: self.allocated_bytes(),
             stored_bytes: stored,
-            format_version: FORMAT_VERSION,
+            format_version: m.version,
             snapshots: m.snapshots.iter().map(SnapshotInfo::from).collect(),
             writer: m.writer.map(|w| format!("process {} on {}", w.pid, w.host)),
             created_ms: m.volume_created_ms,

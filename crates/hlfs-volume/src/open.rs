@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hlfs_format::{
-    journal_name, manifest_name, Checkpoint, Entry, Manifest, WriterClaim, MAX_BLOCK_SIZE,
-    MAX_SEGMENT_SIZE, MIN_BLOCK_SIZE, MIN_SEGMENT_SIZE,
+    journal_name, manifest_name, Checkpoint, Entry, Manifest, WriterClaim, FORMAT_V1,
+    MAX_BLOCK_SIZE, MAX_SEGMENT_SIZE, MIN_BLOCK_SIZE, MIN_SEGMENT_SIZE,
 };
 use hlfs_store::{JournalLock, StoreError};
 use parking_lot::Mutex;
@@ -104,6 +104,7 @@ pub(crate) async fn create(backend: &Backend, opts: &CreateOptions) -> Result<()
     }
     let now = backend.clock.unix_ms();
     let m = Manifest {
+        version: FORMAT_V1,
         volume: *uuid::Uuid::new_v4().as_bytes(),
         seq: 1,
         written_ms: now,

@@ -308,7 +308,8 @@ impl Core {
                 self.map.lock().grow_to(h.arg0.div_ceil(bs));
                 Ok(())
             }
-            RecordKind::MapPage | RecordKind::Checkpoint => Ok(()),
+            // Only map pages point at copies: the head never had them.
+            RecordKind::MapPage | RecordKind::Checkpoint | RecordKind::Copy => Ok(()),
         }
     }
 }

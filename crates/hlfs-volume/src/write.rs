@@ -56,7 +56,8 @@ impl Core {
     }
 
     /// Appends one data record for blocks `first..first+n`, whose bytes from
-    /// `skip` on are `src` and the rest are kept from what is there now.
+    /// `skip` on are `src` and the rest are kept from what is there now;
+    /// returns where the blocks now are.
     pub(crate) async fn write_blocks(
         &self,
         w: &mut Writer,
@@ -64,7 +65,7 @@ impl Core {
         n: u64,
         skip: u64,
         src: &[u8],
-    ) -> Result<()> {
+    ) -> Result<Vec<Entry>> {
         let bs = self.block_size as usize;
         let len = n as usize * bs;
         let tail = skip as usize + src.len();
@@ -85,12 +86,30 @@ impl Core {
             merged[skip as usize..tail].copy_from_slice(src);
             &merged
         };
+        let entries = self.append_blocks(w, RecordKind::Data, first, payload)?;
+        w.changed = true;
+        self.map_op(|m, pins| m.set(first, &entries, pins)).await?;
+        Ok(entries)
+    }
+
+    /// Appends whole blocks from block `first` on as one record of `kind`
+    /// (`Data`, or `Copy` for segment cleaning); returns where each block
+    /// now is, for the map.
+    pub(crate) fn append_blocks(
+        &self,
+        w: &mut Writer,
+        kind: RecordKind,
+        first: u64,
+        payload: &[u8],
+    ) -> Result<Vec<Entry>> {
+        let bs = self.block_size as usize;
+        let n = (payload.len() / bs) as u64;
         let crcs: Vec<u32> = payload.chunks(bs).map(crc32c::crc32c).collect();
-        let header = encode_header(RecordKind::Data, &self.uuid, w.next_lsn, first, n, payload);
+        let header = encode_header(kind, &self.uuid, w.next_lsn, first, n, payload);
         let at = self.append(w, &[&header, payload])?;
         let base = at + HEADER_LEN as u64;
         let seg = w.seg;
-        let entries: Vec<Entry> = crcs
+        Ok(crcs
             .iter()
             .enumerate()
             .map(|(i, &crc)| Entry {
@@ -98,9 +117,7 @@ impl Core {
                 off: (base + (i * bs) as u64) as u32,
                 crc,
             })
-            .collect();
-        w.changed = true;
-        self.map_op(|m, pins| m.set(first, &entries, pins)).await
+            .collect())
     }
 
     /// The current contents of one block, for read-modify-write. Only the

@@ -127,6 +127,30 @@ fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
             ],
         ),
         (
+            "cleaning what snapshots hold",
+            vec![
+                Write(0, 262_144, 1),
+                // Half of each 64 KiB segment of write 1 dies before the
+                // snapshots...
+                Write(0, 32_768, 2),
+                Write(65_536, 32_768, 3),
+                Write(131_072, 32_768, 4),
+                Write(196_608, 32_768, 5),
+                Flush,
+                Snapshot("s"),
+                Snapshot("t"),
+                // ...and the other half after them: only they hold it.
+                Write(32_768, 32_768, 6),
+                Write(98_304, 32_768, 7),
+                Write(163_840, 32_768, 8),
+                Write(229_376, 32_768, 9),
+                Flush,
+                Gc(1.0),
+                Write(4096, 8192, 10),
+                Gc(1.0),
+            ],
+        ),
+        (
             "an import-diff, and one cut off",
             vec![
                 Write(0, 50_000, 1),
