@@ -43,6 +43,7 @@ use crate::checkpoint::SharedPages;
 use crate::core::Core;
 use crate::error::{Result, VolumeError};
 use crate::lifecycle::Need;
+use crate::log::Writer;
 use crate::map::{DirtyTree, SegmentUsage};
 use crate::options::AutoClean;
 use crate::runner::TaskContext;
@@ -415,130 +416,166 @@ impl Core {
         let mut owed = Duration::ZERO;
         let mut stop = self.cleaning_stopped.subscribe();
         // A snapshot taken while the pass runs may share the victims with
-        // the head: moving the head's blocks then would part the two
-        // (their contents stay equal, but a diff between them would list
-        // the moved blocks). The pass stops, uncommitted, if one appears.
+        // the head: the head's blocks moved after it would no longer be
+        // the snapshot's (their contents stay equal, but a diff between
+        // them would list the moved blocks). The pass stops if one appears.
         let snapshots = self.snapshot_roots();
         let trees = self.snapshot_trees().await?;
-        for v in victims {
-            let source = self.segments.scan_source(v.id).await?;
-            let mut scan = Scanner::new(source, v.size);
-            loop {
-                let (off, header, payload) = match scan.next(&self.uuid).await? {
-                    Ok(record) => record,
-                    Err(ScanStop::End) => break,
-                    Err(ScanStop::Unwritten { offset }) => {
-                        return Err(VolumeError::corrupt(format!(
-                            "{} offset {offset}: zeros where a record should start",
-                            segment_name(v.id)
-                        )))
-                    }
-                    Err(ScanStop::Invalid { offset, reason, .. }) => {
-                        return Err(VolumeError::corrupt(format!(
-                            "{} offset {offset}: {reason}",
-                            segment_name(v.id)
-                        )))
-                    }
-                };
-                let at = Entry {
-                    seg: v.id,
-                    off: off as u32,
-                    crc: header.crc,
-                };
-                let mut moved = 0;
-                match header.kind {
-                    RecordKind::Data | RecordKind::Copy => {
-                        let base = off + HEADER_LEN as u64;
-                        let moving: Vec<Moving> = payload
-                            .chunks(bs)
-                            .enumerate()
-                            .map(|(k, block)| Moving {
-                                lba: header.arg0 + k as u64,
-                                at: Entry {
-                                    seg: v.id,
-                                    off: (base + (k * bs) as u64) as u32,
-                                    crc: crc32c::crc32c(block),
-                                },
-                            })
-                            .collect();
-                        let held = if v.snapshot_bytes > 0 {
-                            self.held_by_snapshots(&trees, &moving).await?
-                        } else {
-                            vec![Vec::new(); trees.len()]
-                        };
-                        if *stop.borrow_and_update() {
-                            // Uncommitted: what was copied is garbage for
-                            // a later run, and the victims stay.
-                            return Ok(Pass::Stopped);
+        // Pages written for the snapshots during the pass and at its
+        // commit, so that roots that shared a page share its copy.
+        let mut shared = SharedPages::new();
+        let ended = 'scan: {
+            for v in victims {
+                let source = self.segments.scan_source(v.id).await?;
+                let mut scan = Scanner::new(source, v.size);
+                loop {
+                    let (off, header, payload) = match scan.next(&self.uuid).await? {
+                        Ok(record) => record,
+                        Err(ScanStop::End) => break,
+                        Err(ScanStop::Unwritten { offset }) => {
+                            return Err(VolumeError::corrupt(format!(
+                                "{} offset {offset}: zeros where a record should start",
+                                segment_name(v.id)
+                            )))
                         }
-                        let Some(n) = self
-                            .move_blocks(&moving, &payload, &snapshots, &trees, &held)
-                            .await?
-                        else {
-                            // Uncommitted, as when stopped.
-                            return Ok(Pass::Raced);
-                        };
-                        moved = n;
-                        copied += moved;
+                        Err(ScanStop::Invalid { offset, reason, .. }) => {
+                            return Err(VolumeError::corrupt(format!(
+                                "{} offset {offset}: {reason}",
+                                segment_name(v.id)
+                            )))
+                        }
+                    };
+                    let at = Entry {
+                        seg: v.id,
+                        off: off as u32,
+                        crc: header.crc,
+                    };
+                    let mut moved = 0;
+                    match header.kind {
+                        RecordKind::Data | RecordKind::Copy => {
+                            let base = off + HEADER_LEN as u64;
+                            let moving: Vec<Moving> = payload
+                                .chunks(bs)
+                                .enumerate()
+                                .map(|(k, block)| Moving {
+                                    lba: header.arg0 + k as u64,
+                                    at: Entry {
+                                        seg: v.id,
+                                        off: (base + (k * bs) as u64) as u32,
+                                        crc: crc32c::crc32c(block),
+                                    },
+                                })
+                                .collect();
+                            let held = self.held_by_snapshots(&trees, &moving).await?;
+                            if *stop.borrow_and_update() {
+                                break 'scan Pass::Stopped;
+                            }
+                            let Some(n) = self
+                                .move_blocks(
+                                    &moving,
+                                    &payload,
+                                    &snapshots,
+                                    &trees,
+                                    &held,
+                                    &mut shared,
+                                )
+                                .await?
+                            else {
+                                break 'scan Pass::Raced;
+                            };
+                            moved = n;
+                            copied += moved;
+                        }
+                        RecordKind::MapPage => pages.push((header.arg0 as u32, header.arg1, at)),
+                        _ => {}
                     }
-                    RecordKind::MapPage => pages.push((header.arg0 as u32, header.arg1, at)),
-                    _ => {}
-                }
-                // Busy clients: this record's bytes at the busy rate.
-                // Otherwise its copies at the copy rate.
-                let busy = self.clients_busy(self.clock.now());
-                let cost = match (busy, busy_rate, copy_rate) {
-                    (true, Some(rate), _) if rate > 0 => {
-                        let bytes = (HEADER_LEN + payload.len()) as u64 + moved;
-                        Some(bytes as f64 / rate as f64)
-                    }
-                    (_, _, Some(rate)) if rate > 0 => Some(moved as f64 / rate as f64),
-                    _ => None,
-                };
-                if let Some(cost) = cost {
-                    owed += Duration::from_secs_f64(cost);
-                    // Ahead of the rates by more than a few milliseconds:
-                    // wait until they catch up.
-                    let ahead = owed.saturating_sub(self.clock.now() - started);
-                    if ahead >= PACE_SLACK {
-                        tokio::select! {
-                            () = self.clock.sleep(ahead) => {}
-                            _ = stop.wait_for(|stop| *stop) => return Ok(Pass::Stopped),
+                    // Busy clients: this record's bytes at the busy rate.
+                    // Otherwise its copies at the copy rate.
+                    let busy = self.clients_busy(self.clock.now());
+                    let cost = match (busy, busy_rate, copy_rate) {
+                        (true, Some(rate), _) if rate > 0 => {
+                            let bytes = (HEADER_LEN + payload.len()) as u64 + moved;
+                            Some(bytes as f64 / rate as f64)
+                        }
+                        (_, _, Some(rate)) if rate > 0 => Some(moved as f64 / rate as f64),
+                        _ => None,
+                    };
+                    if let Some(cost) = cost {
+                        owed += Duration::from_secs_f64(cost);
+                        // Ahead of the rates by more than a few milliseconds:
+                        // wait until they catch up.
+                        let ahead = owed.saturating_sub(self.clock.now() - started);
+                        if ahead >= PACE_SLACK {
+                            tokio::select! {
+                                () = self.clock.sleep(ahead) => {}
+                                _ = stop.wait_for(|stop| *stop) => break 'scan Pass::Stopped,
+                            }
                         }
                     }
                 }
             }
-        }
+            Pass::Committed(copied)
+        };
+        // A pass cut short commits what it moved, so that every root that
+        // held a moved block points at its copy, and the head and its
+        // snapshots stay equal entry for entry. Its victims stay.
+        let pages = match ended {
+            Pass::Committed(_) => pages,
+            _ if copied == 0 => return Ok(ended),
+            _ => Vec::new(),
+        };
         let mut w = self.log.writer.lock().await;
+        if matches!(ended, Pass::Stopped) && self.life.check(Need::Write).is_err() {
+            // Closed meanwhile: there is no more committing.
+            return Ok(ended);
+        }
         self.life.check(Need::Write)?;
-        if self
+        let raced = self
             .snapshot_roots()
             .iter()
-            .any(|root| !snapshots.contains(root))
-        {
-            return Ok(Pass::Raced);
-        }
-        for &(level, index, at) in &pages {
+            .any(|root| !snapshots.contains(root));
+        self.commit_pass(&mut w, victims, &pages, &trees, shared)
+            .await?;
+        Ok(match ended {
+            Pass::Committed(_) if raced => Pass::Raced,
+            ended => ended,
+        })
+    }
+
+    /// Commits a pass: the pages it found in the victims moved in every
+    /// root, each snapshot that changed given a checkpoint record of its
+    /// own (its contents and LSN stay, only where it is changes), and a
+    /// checkpoint of the head whose manifest points the snapshots at
+    /// theirs (those deleted meanwhile excepted). Pages equal to another
+    /// root's for the same node are written once (`shared`), the head's
+    /// included.
+    async fn commit_pass(
+        &self,
+        w: &mut Writer,
+        victims: &[&SegmentSpace],
+        pages: &[(u32, u64, Entry)],
+        trees: &[SnapshotTree],
+        mut shared: SharedPages,
+    ) -> Result<()> {
+        for &(level, index, at) in pages {
             self.map_op(|m, pins| m.move_page(level, index, at, pins))
                 .await?;
-            for t in &trees {
+            for t in trees {
                 self.tree_op(&t.tree, |m, pins| m.move_page(level, index, at, pins))
                     .await?;
             }
         }
-        // Each snapshot that changed, or whose checkpoint record is in a
-        // victim, gets a checkpoint record of its own: its contents and
-        // LSN stay, only where it is changes. Pages equal to another
-        // root's are written once (`SharedPages`), the head's included.
         let victim_ids: HashSet<u32> = victims.iter().map(|v| v.id).collect();
-        let mut shared = SharedPages::new();
         let mut rerooted = Vec::new();
-        for t in &trees {
-            self.write_back_tree(&mut w, &t.tree, Some(&mut shared))?;
+        for t in trees {
+            self.write_back_tree(w, &t.tree, Some(&mut shared))?;
             let unchanged = t.tree.lock().root() == t.root;
             if unchanged && !victim_ids.contains(&t.entry.checkpoint.seg) {
                 continue;
             }
+            // A moved snapshot is a v2 feature: v1 said a snapshot's LSN
+            // is its checkpoint record's.
+            self.allow_format(2).await?;
             let cp = {
                 let m = t.tree.lock();
                 Checkpoint {
@@ -549,14 +586,11 @@ impl Core {
                     usage: m.usage().live(),
                 }
             };
-            let (at, _) = self.append_checkpoint_record(&mut w, &cp)?;
+            let (at, _) = self.append_checkpoint_record(w, &cp)?;
             rerooted.push((t.entry.clone(), at));
         }
-        self.write_back_tree(&mut w, &self.map, Some(&mut shared))?;
-        // The commit: the head written whole, without the victims, and the
-        // snapshots at their new checkpoints (those deleted meanwhile
-        // excepted).
-        self.checkpoint(&mut w, true, |m, _, _| {
+        self.write_back_tree(w, &self.map, Some(&mut shared))?;
+        self.checkpoint(w, true, |m, _, _| {
             for (old, at) in &rerooted {
                 if let Some(s) = m.snapshots.iter_mut().find(|s| *s == old) {
                     s.checkpoint = *at;
@@ -564,8 +598,7 @@ impl Core {
             }
             Ok(())
         })
-        .await?;
-        Ok(Pass::Committed(copied))
+        .await
     }
 
     /// The checkpoints of the snapshots, as the manifest lists them now.
@@ -642,6 +675,7 @@ impl Core {
         snapshots: &[Entry],
         trees: &[SnapshotTree],
         held: &[Vec<bool>],
+        shared: &mut SharedPages,
     ) -> Result<Option<u64>> {
         let bs = self.block_size as usize;
         let Some(first) = moving.first() else {
@@ -713,7 +747,7 @@ impl Core {
         // The snapshots' dirty pages count against the map's budget too.
         for t in trees {
             if t.tree.lock().needs_writeback() {
-                self.write_back_tree(&mut w, &t.tree, None)?;
+                self.write_back_tree(&mut w, &t.tree, Some(shared))?;
             }
         }
         Ok(Some(moved))
@@ -783,9 +817,7 @@ impl Core {
             .filter(|b| parse_segment_name(&b.name).is_some())
             .map(|b| b.size)
             .sum();
-        let snapshots: Vec<Entry> = self
-            .manifests
-            .read(|m| m.snapshots.iter().map(|s| s.checkpoint).collect());
+        let snapshots = self.snapshot_roots();
         if quiet
             .as_ref()
             .is_some_and(|q| stored < q.below && q.snapshots == snapshots)
@@ -807,11 +839,17 @@ impl Core {
             busy_rate: busy_rate(auto, stored, head_live),
             ..GcOptions::default()
         };
+        // Quiet unless the run says otherwise, as of the snapshots it
+        // leaves (its passes move their checkpoints).
         *quiet = Some(Quiet {
             below: stored + 4 * self.segment_size,
             snapshots,
         });
-        let report = self.gc(&opts, &|_| {}).await?;
+        let report = self.gc(&opts, &|_| {}).await;
+        if let Some(q) = quiet.as_mut() {
+            q.snapshots = self.snapshot_roots();
+        }
+        let report = report?;
         if report.passes > 0 || report.deleted_segments > 0 {
             tracing::info!(
                 volume = %self.location(),
@@ -839,8 +877,8 @@ fn busy_rate(auto: &AutoClean, stored: u64, head_live: u64) -> Option<u64> {
     (!urgent).then_some(auto.busy_rate)
 }
 
-/// The victims of the next pass: sealed segments the head alone holds,
-/// best first by cost-benefit (space gained × age ÷ cost of copying),
+/// The victims of the next pass: sealed segments recovery does not
+/// replay, best first by cost-benefit (space gained × age ÷ cost of copying),
 /// until their live bytes reach `pass_bytes`.
 fn choose_victims<'a>(
     stats: &'a SpaceStats,
@@ -852,7 +890,10 @@ fn choose_victims<'a>(
         .segments
         .iter()
         .filter(|s| {
-            !s.recent && (s.live_bytes < s.size || s.live_bytes == 0) && !skip.contains(&s.id)
+            !s.recent
+                && s.view_bytes == 0
+                && (s.live_bytes < s.size || s.live_bytes == 0)
+                && !skip.contains(&s.id)
         })
         .map(|s| {
             // An empty segment costs nothing to clean: it goes first.
@@ -899,15 +940,18 @@ mod tests {
             size,
             live_bytes: live,
             snapshot_bytes: 0,
+            view_bytes: 0,
             made_ms,
             recent: false,
         }
     }
 
     #[test]
-    fn victims_are_the_emptiest_and_oldest_the_head_alone_holds() {
+    fn victims_are_the_emptiest_and_oldest_and_never_those_views_hold() {
         let mut held = seg(5, 100, 10, 0);
         held.snapshot_bytes = 1;
+        let mut viewed = seg(9, 100, 10, 0);
+        (viewed.snapshot_bytes, viewed.view_bytes) = (1, 1);
         let mut recent = seg(6, 100, 0, 0);
         recent.recent = true;
         let stats = SpaceStats {
@@ -918,6 +962,7 @@ mod tests {
                 seg(3, 100, 10, 0),
                 seg(4, 100, 100, 0),
                 held,
+                viewed,
                 recent,
                 seg(7, 100, 0, 900),
             ],
@@ -925,15 +970,15 @@ mod tests {
         };
         let ids = |v: Vec<&SegmentSpace>| v.iter().map(|s| s.id).collect::<Vec<_>>();
         let none = HashSet::new();
-        // Empty first, then older before younger at equal use; full ones,
-        // snapshots' and recent ones never.
+        // Empty first, then older before younger at equal use (snapshots'
+        // too); full ones, those a view here holds and recent ones never.
         assert_eq!(
             ids(choose_victims(&stats, &none, u64::MAX, 1000)),
-            [7, 3, 2, 1]
+            [7, 3, 5, 2, 1]
         );
         // Until the pass has its bytes.
-        assert_eq!(ids(choose_victims(&stats, &none, 15, 1000)), [7, 3, 2]);
+        assert_eq!(ids(choose_victims(&stats, &none, 25, 1000)), [7, 3, 5, 2]);
         let skip: HashSet<u32> = [3].into();
-        assert_eq!(ids(choose_victims(&stats, &skip, 1, 1000)), [7, 2]);
+        assert_eq!(ids(choose_victims(&stats, &skip, 1, 1000)), [7, 5]);
     }
 }

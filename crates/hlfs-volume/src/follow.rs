@@ -10,7 +10,7 @@
 //! reused and every item is checked against its CRC, so a stale view finds
 //! a segment missing and never reads wrong bytes.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -33,6 +33,9 @@ pub(crate) struct Follow {
     snapshot: Option<(String, u64)>,
     reopening: tokio::sync::Mutex<()>,
     reopens: AtomicU64,
+    /// Set once a reopen found the snapshot deleted: later requests fail
+    /// at once instead of reading the store again.
+    gone: AtomicBool,
 }
 
 impl Follow {
@@ -52,6 +55,7 @@ impl Follow {
             snapshot,
             reopening: tokio::sync::Mutex::new(()),
             reopens: AtomicU64::new(0),
+            gone: AtomicBool::new(false),
         }
     }
 
@@ -104,6 +108,10 @@ impl Follow {
         if *reopens == REOPENS_PER_REQUEST {
             return Ok(false);
         }
+        if self.gone.load(Ordering::Relaxed) {
+            let name = self.snapshot().unwrap_or_default().to_string();
+            return Err(VolumeError::SnapshotNotFound(name));
+        }
         tracing::info!(volume = %core.location(), segment = %name,
             "a segment this view reads was cleaned away; reopening at the newest manifest");
         self.reopen(core).await?;
@@ -134,13 +142,20 @@ impl Follow {
             Some((name, _)) => View::Snapshot(name.clone()),
             None => View::Head,
         };
-        let fresh = open::open_read_only(self.backend.clone(), &self.opts, view).await?;
+        let fresh = match open::open_read_only(self.backend.clone(), &self.opts, view).await {
+            Err(VolumeError::SnapshotNotFound(name)) => {
+                self.gone.store(true, Ordering::Relaxed);
+                return Err(VolumeError::SnapshotNotFound(name));
+            }
+            opened => opened?,
+        };
         if let Some((name, lsn)) = &self.snapshot {
             let same = fresh
                 .snapshots()
                 .iter()
                 .any(|s| &s.name == name && s.lsn == *lsn);
             if !same {
+                self.gone.store(true, Ordering::Relaxed);
                 return Err(VolumeError::SnapshotNotFound(name.clone()));
             }
         }

@@ -359,11 +359,17 @@ impl Core {
     }
 }
 
+/// How long a close waits for a cleaning run to stop and commit.
+const CLEANING_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Closes a writable volume: see `Volume::close`.
 pub(crate) async fn close_writer(core: &Core, held: &Held) -> Result<()> {
     // A cleaning run stops at its next safe point rather than hold the
-    // close up (for its grace period, say).
+    // close up (for its grace period, say). A pass cut short commits what
+    // it moved first, so that the head and its snapshots stay equal entry
+    // for entry: a moment, which the close waits for, within a bound.
     core.stop_cleaning();
+    let _run = tokio::time::timeout(CLEANING_STOP_WAIT, core.cleaning.lock()).await;
     let mut w = core.log.writer.lock().await;
     if !core.life.begin_close() {
         return Ok(());

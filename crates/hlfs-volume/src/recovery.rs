@@ -308,7 +308,8 @@ impl Core {
                 self.map.lock().grow_to(h.arg0.div_ceil(bs));
                 Ok(())
             }
-            // Only map pages point at copies: the head never had them.
+            // Only map pages point at copies (a snapshot's, or the head's
+            // rolled back to one): replay never gives them to the head.
             RecordKind::MapPage | RecordKind::Checkpoint | RecordKind::Copy => Ok(()),
         }
     }

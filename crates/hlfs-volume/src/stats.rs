@@ -40,6 +40,10 @@ pub struct SegmentSpace {
     /// A segment with none is held by the head alone, and cleaning can
     /// empty it by moving the head's items.
     pub snapshot_bytes: u64,
+    /// Of the live bytes, those a read-only view open in this process
+    /// holds (alone or with other roots). Cleaning leaves such a segment
+    /// alone: the view would keep it however much the pass copied out.
+    pub view_bytes: u64,
     /// Written after the head checkpoint: recovery replays it, so it counts
     /// as wholly live and is no candidate for cleaning.
     pub recent: bool,
@@ -112,11 +116,13 @@ impl Drop for ViewRoot {
 /// Bytes of a remote volume's map pages a walk keeps locally at most.
 const SCRATCH_CACHE: u64 = 256 << 20;
 
-/// Who holds an item: one root (its index), or several.
+/// Who holds an item: one root (its index), one view open in this
+/// process (its root's index), or several, a view among them or not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Holders {
     One(usize),
-    Many,
+    View(usize),
+    Many { view: bool },
 }
 
 impl Holders {
@@ -124,8 +130,14 @@ impl Holders {
         if self == other {
             self
         } else {
-            Holders::Many
+            Holders::Many {
+                view: self.has_view() || other.has_view(),
+            }
         }
+    }
+
+    fn has_view(self) -> bool {
+        matches!(self, Holders::View(_) | Holders::Many { view: true })
     }
 }
 
@@ -141,6 +153,7 @@ fn hold<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Holders>, item: K, by: Hol
 struct Tally {
     live: HashMap<u32, u64>,
     by_snapshots: HashMap<u32, u64>,
+    by_views: HashMap<u32, u64>,
     only: Vec<u64>,
 }
 
@@ -149,6 +162,9 @@ impl Tally {
         *self.live.entry(at.seg).or_default() += bytes;
         if by != Holders::One(HEAD) {
             *self.by_snapshots.entry(at.seg).or_default() += bytes;
+        }
+        if by.has_view() {
+            *self.by_views.entry(at.seg).or_default() += bytes;
         }
         if let Holders::One(root) = by {
             self.only[root] += bytes;
@@ -184,12 +200,18 @@ pub async fn space(backend: Backend) -> Result<SpaceStats> {
     let mut tally = Tally {
         live: HashMap::new(),
         by_snapshots: HashMap::new(),
+        by_views: HashMap::new(),
         only: vec![0; roots.len()],
     };
+    let first_view = 1 + manifest.snapshots.len();
     let mut checkpoints = HashMap::new();
     for (root, &at) in roots.iter().enumerate() {
+        let by = match root < first_view {
+            true => Holders::One(root),
+            false => Holders::View(root),
+        };
         if !at.is_empty() {
-            hold(&mut checkpoints, at, Holders::One(root));
+            hold(&mut checkpoints, at, by);
         }
     }
     // Pages to visit, by level, as (node index, location) → holders.
@@ -273,6 +295,7 @@ pub async fn space(backend: Backend) -> Result<SpaceStats> {
             size: blob.size,
             live_bytes,
             snapshot_bytes: tally.by_snapshots.get(&id).copied().unwrap_or(0),
+            view_bytes: tally.by_views.get(&id).copied().unwrap_or(0),
             made_ms: blob.modified_ms,
             recent,
         });

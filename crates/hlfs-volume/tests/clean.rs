@@ -637,6 +637,35 @@ async fn a_snapshot_from_before_the_volume_grew_keeps_its_segments() {
     vol.close().await.unwrap();
 }
 
+/// A pass stopped halfway still commits what it moved: the head and a
+/// snapshot that shared blocks point at the same copies, and a diff
+/// between them stays empty.
+#[tokio::test]
+async fn a_stopped_pass_keeps_the_head_and_its_snapshots_equal() {
+    let (clock, backend, vol, model) = churned_on_a_manual_clock(7, 5, 11).await;
+    vol.snapshot_create("s").await.unwrap();
+    let opts = GcOptions {
+        target: 1.0,
+        grace: Duration::ZERO,
+        copy_rate: Some(1024),
+        ..GcOptions::default()
+    };
+    let cleaner = spawn_gc(&vol, opts);
+    // At 1 KiB/s on a clock that stands still, the pass waits on its pace
+    // after its first copies.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!cleaner.is_finished());
+    vol.stop_cleaning();
+    let report = cleaner.await.unwrap().unwrap();
+    assert_eq!(report.stopped, GcStop::Interrupted, "{report:?}");
+    let changed = vol.changes_since("s").await.unwrap();
+    assert!(changed.extents.is_empty(), "{changed:?}");
+    assert_reads(&vol, &model, "the head").await;
+    assert_snapshot(&backend, "s", &model).await;
+    drop(clock);
+    vol.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_paced_pass_stops_at_once_when_the_volume_closes() {
     let (_never_moved, backend, vol, model) = churned_on_a_manual_clock(5, 5, 10).await;
