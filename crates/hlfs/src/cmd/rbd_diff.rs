@@ -37,8 +37,10 @@ pub struct ImportDiffArgs {
     /// The stream: a file, or - for stdin.
     #[arg(value_name = "FILE")]
     file: String,
-    /// The volume to apply it to. A served volume's server applies it (from
-    /// a file, not stdin), and only while no client is connected.
+    /// The volume to apply it to. A served volume's server applies it, and
+    /// only while no client is connected; it reads the stream from a file
+    /// (stdin is first copied to one in $TMPDIR, which the server must be
+    /// able to read: same user).
     volume: String,
     /// Print a JSON summary, as export-diff does.
     #[arg(long)]
@@ -92,15 +94,16 @@ pub async fn import(args: ImportDiffArgs, settings: &Settings) -> Result<()> {
     if let Some(owner) = Client::connect(&backend).await? {
         // Its server applies it, reading the file itself; it refuses while
         // clients are connected, as for a rollback.
-        if args.file == "-" {
-            bail!(
-                "{} is served here, and its server reads the stream from a file: write it to a file first",
-                args.volume
-            );
-        }
-        let path = std::fs::canonicalize(&args.file)
-            .with_context(|| format!("cannot open {}", args.file))?;
         let started = Instant::now();
+        let spooled = match args.file.as_str() {
+            "-" => Some(spool_stdin().await?),
+            _ => None,
+        };
+        let path = match &spooled {
+            Some(file) => file.path().to_path_buf(),
+            None => std::fs::canonicalize(&args.file)
+                .with_context(|| format!("cannot open {}", args.file))?,
+        };
         let command = Command::ImportDiff {
             path: path.to_string_lossy().into_owned(),
         };
@@ -125,6 +128,26 @@ pub async fn import(args: ImportDiffArgs, settings: &Settings) -> Result<()> {
     bar.finish_and_clear();
     let report = finish(vol, imported).await?;
     summary(&report, args.json, "imported", &args.volume, started)
+}
+
+/// Copies stdin to a new file in the temporary directory (readable by this
+/// user alone, removed when dropped), for a server that reads a stream
+/// from a file.
+async fn spool_stdin() -> Result<tempfile::NamedTempFile> {
+    tokio::task::spawn_blocking(|| {
+        let mut spool = tempfile::Builder::new()
+            .prefix(".hlfs-import-diff-")
+            .tempfile()
+            .context("cannot create a file in the temporary directory to hold stdin")?;
+        let bar = progress(None, "reading stdin");
+        let mut input = bar.wrap_read(std::io::stdin().lock());
+        let copied = std::io::copy(&mut input, spool.as_file_mut());
+        bar.finish_and_clear();
+        copied.with_context(|| format!("cannot copy stdin to {}", spool.path().display()))?;
+        Ok(spool)
+    })
+    .await
+    .context("copying stdin stopped")?
 }
 
 /// Exports into `path` all or nothing: the stream goes to a temporary
