@@ -12,7 +12,7 @@ pub mod rbd_diff;
 mod record;
 pub mod wire;
 
-pub use manifest::{Manifest, SnapshotEntry, WriterClaim, MAX_NAME_LEN};
+pub use manifest::{LogCounters, Manifest, SnapshotEntry, WriterClaim, MAX_NAME_LEN};
 pub use record::{
     crc_of_record, decode_header, encode_header, encode_record, record_crc, verify_record,
     Checkpoint, RecordHeader, RecordKind, HEADER_LEN, MAX_DEPTH, MAX_PAYLOAD_LEN, RECORD_MAGIC,

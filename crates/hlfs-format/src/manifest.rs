@@ -34,6 +34,18 @@ pub struct SnapshotEntry {
     pub automatic: bool,
 }
 
+/// What the volume's log has taken since counting began (format v2): the
+/// data clients wrote, and the bytes appended for it and for everything
+/// else (map pages, checkpoints, cleaning's copies). Their ratio is the
+/// write amplification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LogCounters {
+    /// When counting began: the volume's creation, or its upgrade from v1.
+    pub since_ms: u64,
+    pub written_bytes: u64,
+    pub appended_bytes: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Manifest {
     /// The volume's format version: the newest whose features its store
@@ -58,6 +70,8 @@ pub struct Manifest {
     pub next_seg: u32,
     pub writer: Option<WriterClaim>,
     pub snapshots: Vec<SnapshotEntry>,
+    /// Present in v2 manifests (as of this one's writing), absent in v1.
+    pub counters: Option<LogCounters>,
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -107,6 +121,12 @@ impl Manifest {
             out.extend_from_slice(&s.created_ms.to_le_bytes());
             let flags = if s.automatic { SNAP_AUTOMATIC } else { 0 };
             out.extend_from_slice(&flags.to_le_bytes());
+        }
+        if self.version >= 2 {
+            let c = self.counters.unwrap_or_default();
+            out.extend_from_slice(&c.since_ms.to_le_bytes());
+            out.extend_from_slice(&c.written_bytes.to_le_bytes());
+            out.extend_from_slice(&c.appended_bytes.to_le_bytes());
         }
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
@@ -191,6 +211,14 @@ impl Manifest {
                 automatic: flags & SNAP_AUTOMATIC != 0,
             });
         }
+        let counters = match version {
+            FORMAT_V1 => None,
+            _ => Some(LogCounters {
+                since_ms: r.u64()?,
+                written_bytes: r.u64()?,
+                appended_bytes: r.u64()?,
+            }),
+        };
         r.finish()?;
         Ok(Manifest {
             version,
@@ -207,6 +235,7 @@ impl Manifest {
             next_seg,
             writer,
             snapshots,
+            counters,
         })
     }
 }
@@ -250,6 +279,11 @@ mod tests {
                 created_ms: 950,
                 automatic: true,
             }],
+            counters: Some(LogCounters {
+                since_ms: 900,
+                written_bytes: 1 << 30,
+                appended_bytes: 3 << 29,
+            }),
         }
     }
 
@@ -271,11 +305,50 @@ mod tests {
         }
     }
 
+    /// The examples of docs/FORMAT.md §8, byte for byte.
+    #[test]
+    fn the_documented_examples_are_what_encode_writes() {
+        let new_volume = |version, counters| Manifest {
+            version,
+            volume: core::array::from_fn(|i| i as u8),
+            seq: 1,
+            written_ms: 0,
+            volume_created_ms: 0,
+            block_size: 4096,
+            segment_size: 64 << 20,
+            size: 1 << 30,
+            checkpoint: Entry::EMPTY,
+            replay_from_seg: 1,
+            replay_from_lsn: 1,
+            next_seg: 1,
+            writer: None,
+            snapshots: Vec::new(),
+            counters,
+        };
+        let hex = |m: &Manifest| {
+            let bytes = m.encode();
+            assert_eq!(Manifest::decode(&bytes).unwrap(), *m);
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        };
+        let v1 = hex(&new_volume(FORMAT_V1, None));
+        assert_eq!(v1.len(), 2 * 118);
+        assert!(v1.starts_with("484c4d460100"), "{v1}");
+        assert!(v1.ends_with("0000f1a32c3f"), "{v1}");
+        let v2 = hex(&new_volume(2, Some(LogCounters::default())));
+        assert_eq!(v2.len(), 2 * 142);
+        assert!(v2.starts_with("484c4d460200"), "{v2}");
+        assert!(
+            v2.ends_with(&format!("{}7b8babbf", "00".repeat(24 + 2))),
+            "{v2}"
+        );
+    }
+
     #[test]
     fn v1_and_v2_manifests_decode_and_later_ones_are_refused() {
-        for version in [FORMAT_V1, FORMAT_VERSION] {
+        for (version, counters) in [(FORMAT_V1, None), (FORMAT_VERSION, sample().counters)] {
             let m = Manifest {
                 version,
+                counters,
                 ..sample()
             };
             let bytes = m.encode();

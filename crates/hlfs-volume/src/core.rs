@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hlfs_format::Manifest;
+use hlfs_format::{LogCounters, Manifest};
 use hlfs_store::time::Clock;
 use hlfs_store::BlobStore;
 use parking_lot::Mutex;
@@ -84,6 +84,10 @@ pub(crate) struct Core {
     pub segments: Segments,
     pub log: Log,
     pub manifests: ManifestLog,
+    /// The log's counters as the manifest had them when this open (or the
+    /// volume's upgrade to v2) began, and this open's counts of written
+    /// and appended bytes then: each manifest written carries the sum.
+    pub counted: Mutex<Option<(LogCounters, u64, u64)>>,
     pub uploads: Uploads,
     /// One cleaning run at a time.
     pub cleaning: tokio::sync::Mutex<()>,
@@ -152,13 +156,40 @@ impl Core {
 
     /// Writes the next manifest, changed by `edit`, through `store` (see
     /// `ManifestLog::advance`: the edit checks what it relies on).
+    /// A v2 manifest also gets the log's counters as of now.
     pub async fn write_manifest(
         &self,
         store: &dyn BlobStore,
-        edit: impl FnMut(&mut Manifest) -> Result<()>,
+        mut edit: impl FnMut(&mut Manifest) -> Result<()>,
     ) -> Result<()> {
+        let counts = &self.log.counts;
+        let written = counts.client_bytes.load(Ordering::Relaxed);
+        let appended = counts.appended_bytes.load(Ordering::Relaxed);
+        // A volume just made v2 (or one created so) counts from now on.
+        let base = self.counted.lock().unwrap_or((
+            LogCounters {
+                since_ms: self.clock.unix_ms(),
+                ..LogCounters::default()
+            },
+            written,
+            appended,
+        ));
+        let (from, written_then, appended_then) = base;
+        let now = LogCounters {
+            since_ms: from.since_ms,
+            written_bytes: from.written_bytes + written - written_then,
+            appended_bytes: from.appended_bytes + appended - appended_then,
+        };
         self.manifests
-            .advance(store, &self.life, &self.clock, self.location(), edit)
-            .await
+            .advance(store, &self.life, &self.clock, self.location(), |m| {
+                edit(m)?;
+                m.counters = (m.version >= 2).then_some(now);
+                Ok(())
+            })
+            .await?;
+        if self.manifests.read(|m| m.version >= 2) {
+            self.counted.lock().get_or_insert(base);
+        }
+        Ok(())
     }
 }

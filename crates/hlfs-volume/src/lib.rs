@@ -66,6 +66,7 @@ pub use diff::{diff, Diff, DiffExtent};
 pub use diff_stream::{export_diff, import_diff, DiffStreamReport};
 pub use error::{ErrorKind, Result, VolumeError};
 pub use figures::{Figures, ReadCacheFigures};
+pub use hlfs_format::LogCounters;
 pub use hlfs_store::{CephSettings, StoreError};
 pub use info::utc;
 pub use map::PageCache;

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hlfs_format::{
-    journal_name, manifest_name, Checkpoint, Entry, Manifest, WriterClaim, FORMAT_V1,
-    MAX_BLOCK_SIZE, MAX_SEGMENT_SIZE, MIN_BLOCK_SIZE, MIN_SEGMENT_SIZE,
+    journal_name, manifest_name, Checkpoint, Entry, LogCounters, Manifest, WriterClaim,
+    FORMAT_VERSION, MAX_BLOCK_SIZE, MAX_SEGMENT_SIZE, MIN_BLOCK_SIZE, MIN_SEGMENT_SIZE,
 };
 use hlfs_store::{JournalLock, StoreError};
 use parking_lot::Mutex;
@@ -104,7 +104,7 @@ pub(crate) async fn create(backend: &Backend, opts: &CreateOptions) -> Result<()
     }
     let now = backend.clock.unix_ms();
     let m = Manifest {
-        version: FORMAT_V1,
+        version: FORMAT_VERSION,
         volume: *uuid::Uuid::new_v4().as_bytes(),
         seq: 1,
         written_ms: now,
@@ -118,6 +118,10 @@ pub(crate) async fn create(backend: &Backend, opts: &CreateOptions) -> Result<()
         next_seg: 1,
         writer: None,
         snapshots: Vec::new(),
+        counters: Some(LogCounters {
+            since_ms: now,
+            ..LogCounters::default()
+        }),
     };
     match store
         .put_if_absent(&manifest_name(1), m.encode().into())
@@ -318,6 +322,7 @@ async fn load(
         pages,
         segments,
         log,
+        counted: Mutex::new(manifest.counters.map(|c| (c, 0, 0))),
         manifests: ManifestLog::new(manifest),
         uploads,
         cleaning: tokio::sync::Mutex::new(()),

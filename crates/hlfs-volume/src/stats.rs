@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use hlfs_format::{parse_segment_name, segment_name, Entry, HEADER_LEN, MAP_FANOUT};
+use hlfs_format::{parse_segment_name, segment_name, Entry, LogCounters, HEADER_LEN, MAP_FANOUT};
 use parking_lot::Mutex;
 
 use crate::backend::Backend;
@@ -84,6 +84,9 @@ pub struct SpaceStats {
     pub stored_bytes: u64,
     /// Bytes in sealed segments that nothing can read any more.
     pub reclaimable_bytes: u64,
+    /// What the log has taken since counting began, as of the manifest
+    /// (format v2; None for a v1 volume).
+    pub counters: Option<LogCounters>,
 }
 
 /// The checkpoints read-only views open in this process read from, by
@@ -269,6 +272,7 @@ pub async fn space(backend: Backend) -> Result<SpaceStats> {
     }
 
     let mut stats = SpaceStats {
+        counters: manifest.counters,
         manifest_seq: manifest.seq,
         manifest_written_ms: manifest.written_ms,
         head_only_bytes: tally.only[HEAD],

@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{pattern, Image, World};
+use hlfs_format::{manifest_name, Manifest};
 use hlfs_store::time::{Jitter, ManualClock};
 use hlfs_volume::{
     check, space, AutoClean, Backend, CreateOptions, GcOptions, GcReport, GcStop, OpenOptions,
@@ -260,6 +261,69 @@ async fn cleaning_moves_what_snapshots_hold() {
     assert_snapshot(&backend, "a", &at_a).await;
     vol.rollback("a").await.unwrap();
     assert_reads(&vol, &at_a, "the head rolled back to a").await;
+    vol.close().await.unwrap();
+}
+
+/// A volume an older binary wrote in format v1 (a v1 manifest, no log
+/// counters) opens, reads and is written as before, and stays v1 while it
+/// needs nothing of v2, cleaning of what the head alone holds included.
+/// Cleaning that moves what a snapshot holds makes it v2, and its log is
+/// counted from then on.
+#[tokio::test]
+async fn a_v1_volume_stays_v1_until_cleaning_moves_a_snapshot() {
+    let world = World::new();
+    let backend = world.backend();
+    create(&backend).await;
+    let store = backend.requests();
+    let created = store.get(&manifest_name(1)).await.unwrap();
+    let created = Manifest::decode(&created).unwrap();
+    let v1 = Manifest {
+        version: 1,
+        counters: None,
+        seq: 2,
+        ..created
+    };
+    let bytes = v1.encode();
+    assert_eq!(bytes[4..6], 1u16.to_le_bytes());
+    store
+        .put_if_absent(&manifest_name(2), bytes.into())
+        .await
+        .unwrap();
+
+    let vol = Volume::open(backend.clone(), &OpenOptions::default())
+        .await
+        .unwrap();
+    let mut model = Image::new(SIZE);
+    churn(&vol, &mut model, 3, 12).await;
+    let report = vol.gc(&now_options(1.0), &|_| {}).await.unwrap();
+    assert!(report.deleted_segments > 0, "{report:?}");
+    assert_eq!(vol.info().await.unwrap().format_version, 1);
+    assert_eq!(space(backend.clone()).await.unwrap().counters, None);
+
+    // Garbage in segments a snapshot will hold: overwrites before it.
+    churn(&vol, &mut model, 3, 13).await;
+    vol.snapshot_create("s").await.unwrap();
+    let at_s = model.clone();
+    churn(&vol, &mut model, 3, 14).await;
+    vol.gc(&now_options(1.0), &|_| {}).await.unwrap();
+    assert_eq!(vol.info().await.unwrap().format_version, 2);
+    vol.close().await.unwrap();
+    let counters = space(backend.clone()).await.unwrap().counters.unwrap();
+    // Counted from the upgrade, in the last run: its copies, and no
+    // client write.
+    assert_eq!(counters.written_bytes, 0, "{counters:?}");
+    assert!(counters.appended_bytes > 0, "{counters:?}");
+    assert!(
+        counters.since_ms >= created.volume_created_ms,
+        "{counters:?}"
+    );
+    let report = check(backend.clone()).await.unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    let vol = Volume::open(backend.clone(), &OpenOptions::default())
+        .await
+        .unwrap();
+    assert_reads(&vol, &model, "the head").await;
+    assert_snapshot(&backend, "s", &at_s).await;
     vol.close().await.unwrap();
 }
 

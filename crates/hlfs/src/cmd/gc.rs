@@ -154,8 +154,24 @@ fn age_secs(made_ms: u64, now: u64) -> u64 {
     now.saturating_sub(made_ms) / 1000
 }
 
+/// Bytes appended to the log per byte clients wrote, since counting began.
+fn write_amplification(stats: &SpaceStats) -> Option<f64> {
+    let c = stats.counters?;
+    (c.written_bytes > 0).then(|| c.appended_bytes as f64 / c.written_bytes as f64)
+}
+
 fn stats_json(stats: &SpaceStats, now: u64) -> serde_json::Value {
+    let counters = stats.counters.map(|c| {
+        serde_json::json!({
+            "since": utc(c.since_ms),
+            "since_ms": c.since_ms,
+            "written_bytes": c.written_bytes,
+            "appended_bytes": c.appended_bytes,
+        })
+    });
     serde_json::json!({
+        "write_amplification": write_amplification(stats),
+        "log": counters,
         "manifest": stats.manifest_seq,
         "as_of": utc(stats.manifest_written_ms),
         "as_of_ms": stats.manifest_written_ms,
@@ -227,6 +243,16 @@ fn print_stats(volume: &str, stats: &SpaceStats, now: u64) {
     match space_ratio(stats) {
         Some(r) => outln!("stored/live:   {r:.2}"),
         None => outln!("stored/live:   - (nothing is live)"),
+    }
+    match (stats.counters, write_amplification(stats)) {
+        (Some(c), Some(wa)) => outln!(
+            "write amp.:    {wa:.2} ({} appended to the log for {} written by clients since {})",
+            human(c.appended_bytes),
+            human(c.written_bytes),
+            utc(c.since_ms)
+        ),
+        (Some(c), None) => outln!("write amp.:    - (nothing written since {})", utc(c.since_ms)),
+        (None, _) => outln!("write amp.:    - (not counted: a format v1 volume counts from its first v2 feature on)"),
     }
     outln!("head only:     {}", bytes(stats.head_only_bytes));
     for s in &stats.snapshots {
