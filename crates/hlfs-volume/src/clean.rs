@@ -157,20 +157,21 @@ const PACE_SLACK: Duration = Duration::from_millis(10);
 
 /// How a pass ended.
 enum Pass {
-    /// With its checkpoint; the data bytes it appended again.
+    /// With its checkpoint; the data bytes it copied.
     Committed(u64),
-    /// Uncommitted: cleaning was stopped.
+    /// Cleaning was stopped: what it gathered since its last commit is
+    /// dropped, and its victims stay.
     Stopped,
-    /// Uncommitted: a snapshot was taken while it ran.
-    Raced,
 }
+
+/// A pass commits once it has gathered this many bytes of blocks to copy,
+/// so that what it holds in memory, and the writer lock's hold at each
+/// commit, stay bounded.
+const COMMIT_BYTES: usize = 16 << 20;
 
 /// The automatic cleaner stops yielding to busy clients once stored is
 /// this many times its start mark.
 const URGENT: f64 = 2.0;
-
-/// Passes a run starts again after a snapshot raced them, at most.
-const MAX_RACED_PASSES: u32 = 3;
 
 /// Clients count as busy for this long after a request of theirs.
 const BUSY_WINDOW: Duration = Duration::from_millis(100);
@@ -186,15 +187,46 @@ struct Condemned {
     since_ms: u64,
 }
 
-/// A snapshot's tree as a pass rewrites it: pointed at the copies of what
-/// it held in the victims, then given a checkpoint record of its own.
+/// Blocks a pass found live in its victims, to copy at its next commit:
+/// where each was, and its bytes (block `i` at `i * block_size`).
+#[derive(Default)]
+struct Gathered {
+    blocks: Vec<Moving>,
+    data: Vec<u8>,
+}
+
+impl Gathered {
+    fn push(&mut self, m: &Moving, block: &[u8]) {
+        self.blocks.push(Moving {
+            lba: m.lba,
+            at: m.at,
+        });
+        self.data.extend_from_slice(block);
+    }
+
+    /// Index ranges of consecutive block numbers.
+    fn runs(&self) -> Vec<std::ops::Range<usize>> {
+        let mut runs = Vec::new();
+        let mut start = 0;
+        for i in 1..=self.blocks.len() {
+            if i == self.blocks.len() || self.blocks[i].lba != self.blocks[i - 1].lba + 1 {
+                runs.push(start..i);
+                start = i;
+            }
+        }
+        runs
+    }
+}
+
+/// A snapshot's tree as a commit rewrites it: pointed at the copies of
+/// what it held in the victims, then given a checkpoint record of its own.
 struct SnapshotTree {
-    /// As the manifest listed it when the pass began.
+    /// As the manifest listed it when the commit began.
     entry: SnapshotEntry,
     size: u64,
     blocks: u64,
     tree: parking_lot::Mutex<DirtyTree>,
-    /// Its root page when the pass began: the tree changed if its root
+    /// Its root page when the commit began: the tree changed if its root
     /// moved.
     root: Entry,
 }
@@ -263,7 +295,6 @@ impl Core {
         let mut copied_bytes = 0;
         let mut before = None;
         let mut last_garbage = u64::MAX;
-        let mut raced = 0;
         let mut stop = self.cleaning_stopped.subscribe();
         let (stats, stopped) = loop {
             let stats = space(self.backend.clone()).await?;
@@ -342,13 +373,6 @@ impl Core {
                 {
                     Pass::Committed(copied) => copied,
                     Pass::Stopped => break (stats, GcStop::Interrupted),
-                    Pass::Raced if raced < MAX_RACED_PASSES => {
-                        // Count again, the new snapshot included.
-                        raced += 1;
-                        last_garbage = u64::MAX;
-                        continue;
-                    }
-                    Pass::Raced => break (stats, GcStop::NothingCleanable),
                 };
                 copied_bytes += copied;
                 passes += 1;
@@ -400,8 +424,12 @@ impl Core {
         self.cleaning_stopped.send_replace(true);
     }
 
-    /// Moves the items of the head and of the snapshots out of `victims`
-    /// and commits with a checkpoint.
+    /// Moves the items of the head and of the snapshots out of `victims`.
+    /// The scan only gathers what some root holds (and pages); nothing
+    /// moves until a commit, which copies under the writer lock what the
+    /// roots still hold then, into segments of their own, and points every
+    /// root at the copies in one checkpoint: a pass stopped, or a crash,
+    /// before a commit leaves every root where it was.
     async fn clean_pass(
         &self,
         victims: &[&SegmentSpace],
@@ -415,190 +443,105 @@ impl Core {
         // The time the pass owes its rates so far.
         let mut owed = Duration::ZERO;
         let mut stop = self.cleaning_stopped.subscribe();
-        // A snapshot taken while the pass runs may share the victims with
-        // the head: the head's blocks moved after it would no longer be
-        // the snapshot's (their contents stay equal, but a diff between
-        // them would list the moved blocks). The pass stops if one appears.
-        let snapshots = self.snapshot_roots();
-        let trees = self.snapshot_trees().await?;
-        // Pages written for the snapshots during the pass and at its
-        // commit, so that roots that shared a page share its copy.
-        let mut shared = SharedPages::new();
-        let ended = 'scan: {
-            for v in victims {
-                let source = self.segments.scan_source(v.id).await?;
-                let mut scan = Scanner::new(source, v.size);
-                loop {
-                    let (off, header, payload) = match scan.next(&self.uuid).await? {
-                        Ok(record) => record,
-                        Err(ScanStop::End) => break,
-                        Err(ScanStop::Unwritten { offset }) => {
-                            return Err(VolumeError::corrupt(format!(
-                                "{} offset {offset}: zeros where a record should start",
-                                segment_name(v.id)
-                            )))
-                        }
-                        Err(ScanStop::Invalid { offset, reason, .. }) => {
-                            return Err(VolumeError::corrupt(format!(
-                                "{} offset {offset}: {reason}",
-                                segment_name(v.id)
-                            )))
-                        }
-                    };
-                    let at = Entry {
-                        seg: v.id,
-                        off: off as u32,
-                        crc: header.crc,
-                    };
-                    let mut moved = 0;
-                    match header.kind {
-                        RecordKind::Data | RecordKind::Copy => {
-                            let base = off + HEADER_LEN as u64;
-                            let moving: Vec<Moving> = payload
-                                .chunks(bs)
-                                .enumerate()
-                                .map(|(k, block)| Moving {
-                                    lba: header.arg0 + k as u64,
-                                    at: Entry {
-                                        seg: v.id,
-                                        off: (base + (k * bs) as u64) as u32,
-                                        crc: crc32c::crc32c(block),
-                                    },
-                                })
-                                .collect();
-                            let held = self.held_by_snapshots(&trees, &moving).await?;
-                            if *stop.borrow_and_update() {
-                                break 'scan Pass::Stopped;
-                            }
-                            let Some(n) = self
-                                .move_blocks(
-                                    &moving,
-                                    &payload,
-                                    &snapshots,
-                                    &trees,
-                                    &held,
-                                    &mut shared,
-                                )
-                                .await?
-                            else {
-                                break 'scan Pass::Raced;
-                            };
-                            moved = n;
-                            copied += moved;
-                        }
-                        RecordKind::MapPage => pages.push((header.arg0 as u32, header.arg1, at)),
-                        _ => {}
+        // The snapshots, to tell which blocks to gather (with the head);
+        // loaded again whenever they change, so that a block the head
+        // gave up after a snapshot took it is gathered too.
+        let mut trees = self.snapshot_trees().await?;
+        let mut gathered = Gathered::default();
+        for v in victims {
+            let source = self.segments.scan_source(v.id).await?;
+            let mut scan = Scanner::new(source, v.size);
+            loop {
+                let (off, header, payload) = match scan.next(&self.uuid).await? {
+                    Ok(record) => record,
+                    Err(ScanStop::End) => break,
+                    Err(ScanStop::Unwritten { offset }) => {
+                        return Err(VolumeError::corrupt(format!(
+                            "{} offset {offset}: zeros where a record should start",
+                            segment_name(v.id)
+                        )))
                     }
-                    // Busy clients: this record's bytes at the busy rate.
-                    // Otherwise its copies at the copy rate.
-                    let busy = self.clients_busy(self.clock.now());
-                    let cost = match (busy, busy_rate, copy_rate) {
-                        (true, Some(rate), _) if rate > 0 => {
-                            let bytes = (HEADER_LEN + payload.len()) as u64 + moved;
-                            Some(bytes as f64 / rate as f64)
+                    Err(ScanStop::Invalid { offset, reason, .. }) => {
+                        return Err(VolumeError::corrupt(format!(
+                            "{} offset {offset}: {reason}",
+                            segment_name(v.id)
+                        )))
+                    }
+                };
+                let mut moving_bytes = 0;
+                match header.kind {
+                    RecordKind::Data | RecordKind::Copy => {
+                        let base = off + HEADER_LEN as u64;
+                        let moving: Vec<Moving> = payload
+                            .chunks(bs)
+                            .enumerate()
+                            .map(|(k, block)| Moving {
+                                lba: header.arg0 + k as u64,
+                                at: Entry {
+                                    seg: v.id,
+                                    off: (base + (k * bs) as u64) as u32,
+                                    crc: crc32c::crc32c(block),
+                                },
+                            })
+                            .collect();
+                        let listed = self.snapshot_roots();
+                        if !trees.iter().map(|t| t.entry.checkpoint).eq(listed) {
+                            trees = self.snapshot_trees().await?;
                         }
-                        (_, _, Some(rate)) if rate > 0 => Some(moved as f64 / rate as f64),
-                        _ => None,
-                    };
-                    if let Some(cost) = cost {
-                        owed += Duration::from_secs_f64(cost);
-                        // Ahead of the rates by more than a few milliseconds:
-                        // wait until they catch up.
-                        let ahead = owed.saturating_sub(self.clock.now() - started);
-                        if ahead >= PACE_SLACK {
-                            tokio::select! {
-                                () = self.clock.sleep(ahead) => {}
-                                _ = stop.wait_for(|stop| *stop) => break 'scan Pass::Stopped,
+                        let live = self.held_by_any(&trees, &moving).await?;
+                        for (k, m) in moving.iter().enumerate() {
+                            if live[k] {
+                                gathered.push(m, &payload[k * bs..(k + 1) * bs]);
+                                moving_bytes += bs as u64;
                             }
+                        }
+                    }
+                    RecordKind::MapPage => pages.push((
+                        header.arg0 as u32,
+                        header.arg1,
+                        Entry {
+                            seg: v.id,
+                            off: off as u32,
+                            crc: header.crc,
+                        },
+                    )),
+                    _ => {}
+                }
+                if *stop.borrow_and_update() {
+                    // What was gathered since the last commit is dropped:
+                    // no root points at anything new.
+                    return Ok(Pass::Stopped);
+                }
+                if gathered.data.len() >= COMMIT_BYTES {
+                    copied += self.commit_moves(&mut gathered, &[], &[]).await?;
+                }
+                // Busy clients: this record's bytes at the busy rate.
+                // Otherwise its copies at the copy rate.
+                let busy = self.clients_busy(self.clock.now());
+                let cost = match (busy, busy_rate, copy_rate) {
+                    (true, Some(rate), _) if rate > 0 => {
+                        let bytes = (HEADER_LEN + payload.len()) as u64 + moving_bytes;
+                        Some(bytes as f64 / rate as f64)
+                    }
+                    (_, _, Some(rate)) if rate > 0 => Some(moving_bytes as f64 / rate as f64),
+                    _ => None,
+                };
+                if let Some(cost) = cost {
+                    owed += Duration::from_secs_f64(cost);
+                    // Ahead of the rates by more than a few milliseconds:
+                    // wait until they catch up.
+                    let ahead = owed.saturating_sub(self.clock.now() - started);
+                    if ahead >= PACE_SLACK {
+                        tokio::select! {
+                            () = self.clock.sleep(ahead) => {}
+                            _ = stop.wait_for(|stop| *stop) => return Ok(Pass::Stopped),
                         }
                     }
                 }
             }
-            Pass::Committed(copied)
-        };
-        // A pass cut short commits what it moved, so that every root that
-        // held a moved block points at its copy, and the head and its
-        // snapshots stay equal entry for entry. Its victims stay.
-        let pages = match ended {
-            Pass::Committed(_) => pages,
-            _ if copied == 0 => return Ok(ended),
-            _ => Vec::new(),
-        };
-        let mut w = self.log.writer.lock().await;
-        if matches!(ended, Pass::Stopped) && self.life.check(Need::Write).is_err() {
-            // Closed meanwhile: there is no more committing.
-            return Ok(ended);
         }
-        self.life.check(Need::Write)?;
-        let raced = self
-            .snapshot_roots()
-            .iter()
-            .any(|root| !snapshots.contains(root));
-        self.commit_pass(&mut w, victims, &pages, &trees, shared)
-            .await?;
-        Ok(match ended {
-            Pass::Committed(_) if raced => Pass::Raced,
-            ended => ended,
-        })
-    }
-
-    /// Commits a pass: the pages it found in the victims moved in every
-    /// root, each snapshot that changed given a checkpoint record of its
-    /// own (its contents and LSN stay, only where it is changes), and a
-    /// checkpoint of the head whose manifest points the snapshots at
-    /// theirs (those deleted meanwhile excepted). Pages equal to another
-    /// root's for the same node are written once (`shared`), the head's
-    /// included.
-    async fn commit_pass(
-        &self,
-        w: &mut Writer,
-        victims: &[&SegmentSpace],
-        pages: &[(u32, u64, Entry)],
-        trees: &[SnapshotTree],
-        mut shared: SharedPages,
-    ) -> Result<()> {
-        for &(level, index, at) in pages {
-            self.map_op(|m, pins| m.move_page(level, index, at, pins))
-                .await?;
-            for t in trees {
-                self.tree_op(&t.tree, |m, pins| m.move_page(level, index, at, pins))
-                    .await?;
-            }
-        }
-        let victim_ids: HashSet<u32> = victims.iter().map(|v| v.id).collect();
-        let mut rerooted = Vec::new();
-        for t in trees {
-            self.write_back_tree(w, &t.tree, Some(&mut shared))?;
-            let unchanged = t.tree.lock().root() == t.root;
-            if unchanged && !victim_ids.contains(&t.entry.checkpoint.seg) {
-                continue;
-            }
-            // A moved snapshot is a v2 feature: v1 said a snapshot's LSN
-            // is its checkpoint record's.
-            self.allow_format(2).await?;
-            let cp = {
-                let m = t.tree.lock();
-                Checkpoint {
-                    root: m.root(),
-                    depth: m.depth(),
-                    size: t.size,
-                    allocated_blocks: m.usage().allocated_blocks(),
-                    usage: m.usage().live(),
-                }
-            };
-            let (at, _) = self.append_checkpoint_record(w, &cp)?;
-            rerooted.push((t.entry.clone(), at));
-        }
-        self.write_back_tree(w, &self.map, Some(&mut shared))?;
-        self.checkpoint(w, true, |m, _, _| {
-            for (old, at) in &rerooted {
-                if let Some(s) = m.snapshots.iter_mut().find(|s| *s == old) {
-                    s.checkpoint = *at;
-                }
-            }
-            Ok(())
-        })
-        .await
+        copied += self.commit_moves(&mut gathered, victims, &pages).await?;
+        Ok(Pass::Committed(copied))
     }
 
     /// The checkpoints of the snapshots, as the manifest lists them now.
@@ -607,7 +550,7 @@ impl Core {
             .read(|m| m.snapshots.iter().map(|s| s.checkpoint).collect())
     }
 
-    /// The snapshots' trees, for a pass to rewrite.
+    /// The snapshots' trees, as the manifest lists them now.
     async fn snapshot_trees(&self) -> Result<Vec<SnapshotTree>> {
         let listed = self.manifests.read(|m| m.snapshots.clone());
         let mut trees = Vec::with_capacity(listed.len());
@@ -627,8 +570,33 @@ impl Core {
         Ok(trees)
     }
 
+    /// Which of the blocks of `moving` the head or one of `trees` holds.
+    async fn held_by_any(&self, trees: &[SnapshotTree], moving: &[Moving]) -> Result<Vec<bool>> {
+        let mut live = self.held_by_head(moving).await?;
+        for held in self.held_by_snapshots(trees, moving).await? {
+            for (l, h) in live.iter_mut().zip(held) {
+                *l |= h;
+            }
+        }
+        Ok(live)
+    }
+
+    /// Which of the blocks of `moving` the head holds now.
+    async fn held_by_head(&self, moving: &[Moving]) -> Result<Vec<bool>> {
+        let Some(first) = moving.first() else {
+            return Ok(Vec::new());
+        };
+        let mut current = vec![Entry::EMPTY; moving.len()];
+        self.map_op(|m, pins| m.lookup(first.lba, &mut current, pins))
+            .await?;
+        Ok(current
+            .iter()
+            .zip(moving)
+            .map(|(c, m)| *c == m.at)
+            .collect())
+    }
+
     /// For each snapshot tree, which of the blocks of `moving` it holds.
-    /// (Only the pass changes those trees, so no lock is needed.)
     async fn held_by_snapshots(
         &self,
         trees: &[SnapshotTree],
@@ -660,97 +628,148 @@ impl Core {
         Ok(held)
     }
 
-    /// Appends again the blocks of one record of a victim (`payload`,
-    /// described by `moving`) that the head or a snapshot (`held`, per
-    /// tree of `trees`) still points at, in runs of consecutive blocks:
-    /// the head's as data records, through the write path; those only
-    /// snapshots hold as copy records, which recovery does not replay.
-    /// Every tree that held a block is pointed at its one new copy.
-    /// Returns the bytes appended, or None without moving anything if a
-    /// snapshot was taken since the pass began (`snapshots`).
-    async fn move_blocks(
+    /// Commits what a pass gathered, under the writer lock, so that no
+    /// write, snapshot or rollback comes between its looks and its moves:
+    /// the blocks the head or a snapshot still holds are appended as copy
+    /// records (never replayed: until the commit's manifest, recovery
+    /// finds every root where it was), into a segment of their own (cold
+    /// data apart from fresh writes), and every root that held one points
+    /// at its one copy; the pages found in the victims (`pages`) move in
+    /// every root; each snapshot that changed, or whose checkpoint record
+    /// is in a victim, gets a checkpoint record of its own (contents and
+    /// LSN the same, only its place changes), pages equal between roots
+    /// are written once (`SharedPages`), and a checkpoint of the head
+    /// whose manifest points the snapshots at their new records commits.
+    /// Returns the bytes copied.
+    async fn commit_moves(
         &self,
-        moving: &[Moving],
-        payload: &[u8],
-        snapshots: &[Entry],
-        trees: &[SnapshotTree],
-        held: &[Vec<bool>],
-        shared: &mut SharedPages,
-    ) -> Result<Option<u64>> {
-        let bs = self.block_size as usize;
-        let Some(first) = moving.first() else {
-            return Ok(Some(0));
-        };
-        let by_snapshot = |k: usize| held.iter().any(|h| h.get(k) == Some(&true));
-        let mut current = vec![Entry::EMPTY; moving.len()];
-        // Most records of a victim are dead: found so without the writer
-        // lock, they cost clients nothing.
-        self.map_op(|m, pins| m.lookup(first.lba, &mut current, pins))
-            .await?;
-        let live = |current: &[Entry], k: usize| current[k] == moving[k].at || by_snapshot(k);
-        if !(0..moving.len()).any(|k| live(&current, k)) {
-            return Ok(Some(0));
-        }
+        gathered: &mut Gathered,
+        victims: &[&SegmentSpace],
+        pages: &[(u32, u64, Entry)],
+    ) -> Result<u64> {
+        let gathered = std::mem::take(gathered);
         let mut w = self.log.writer.lock().await;
         self.life.check(Need::Write)?;
-        // Snapshots are taken under the writer lock: none can come between
-        // this look and the moves.
-        if self
-            .snapshot_roots()
-            .iter()
-            .any(|root| !snapshots.contains(root))
-        {
-            return Ok(None);
+        // The snapshots as they are now: those taken since the pass began
+        // hold the same old blocks as the head did, and move with it.
+        let trees = self.snapshot_trees().await?;
+        if !gathered.blocks.is_empty() {
+            self.allow_format(RecordKind::Copy.version()).await?;
+            // Cold data starts a segment of its own.
+            if w.pos > 0 {
+                self.seal_in_background(&mut w).await?;
+            }
         }
-        // Under the writer lock, so that no write can land between the
-        // lookup and the move.
-        self.map_op(|m, pins| m.lookup(first.lba, &mut current, pins))
-            .await?;
-        let per_record = (MAX_RECORD_BYTES / bs).max(1);
-        let mut moved = 0;
-        let mut k = 0;
-        while k < moving.len() {
-            if !live(&current, k) {
-                k += 1;
+        // No checkpoint of the head may fall due in the middle: it would
+        // make the head's new places durable before the snapshots'.
+        w.no_checkpoint = true;
+        let moved = self.copy_gathered(&mut w, &gathered, &trees).await;
+        w.no_checkpoint = false;
+        let copied = moved?;
+        for &(level, index, at) in pages {
+            self.map_op(|m, pins| m.move_page(level, index, at, pins))
+                .await?;
+            for t in &trees {
+                self.tree_op(&t.tree, |m, pins| m.move_page(level, index, at, pins))
+                    .await?;
+            }
+        }
+        let victim_ids: HashSet<u32> = victims.iter().map(|v| v.id).collect();
+        let mut shared = SharedPages::new();
+        let mut rerooted = Vec::new();
+        for t in &trees {
+            self.write_back_tree(&mut w, &t.tree, Some(&mut shared))?;
+            let unchanged = t.tree.lock().root() == t.root;
+            if unchanged && !victim_ids.contains(&t.entry.checkpoint.seg) {
                 continue;
             }
-            let by_head = current[k] == moving[k].at;
-            let mut n = 1;
-            while k + n < moving.len()
-                && n < per_record
-                && live(&current, k + n)
-                && (current[k + n] == moving[k + n].at) == by_head
-            {
-                n += 1;
-            }
-            self.make_room(&mut w).await?;
-            let lba = moving[k].lba;
-            let data = &payload[k * bs..(k + n) * bs];
-            let copies = if by_head {
-                self.write_blocks(&mut w, lba, n as u64, 0, data).await?
-            } else {
-                self.allow_format(RecordKind::Copy.version()).await?;
-                self.append_blocks(&mut w, RecordKind::Copy, lba, data)?
+            // A moved snapshot is a v2 feature: v1 said a snapshot's LSN
+            // is its checkpoint record's.
+            self.allow_format(2).await?;
+            let cp = {
+                let m = t.tree.lock();
+                Checkpoint {
+                    root: m.root(),
+                    depth: m.depth(),
+                    size: t.size,
+                    allocated_blocks: m.usage().allocated_blocks(),
+                    usage: m.usage().live(),
+                }
             };
-            for (t, h) in trees.iter().zip(held) {
-                for (i, copy) in copies.iter().enumerate() {
-                    if h.get(k + i) == Some(&true) {
-                        self.tree_op(&t.tree, |m, pins| m.set(lba + i as u64, &[*copy], pins))
-                            .await?;
-                    }
+            let (at, _) = self.append_checkpoint_record(&mut w, &cp)?;
+            rerooted.push((t.entry.clone(), at));
+        }
+        self.write_back_tree(&mut w, &self.map, Some(&mut shared))?;
+        self.checkpoint(&mut w, true, |m, _, _| {
+            for (old, at) in &rerooted {
+                if let Some(s) = m.snapshots.iter_mut().find(|s| *s == old) {
+                    s.checkpoint = *at;
                 }
             }
-            self.after_append(&mut w).await?;
-            moved += data.len() as u64;
-            k += n;
-        }
-        // The snapshots' dirty pages count against the map's budget too.
-        for t in trees {
-            if t.tree.lock().needs_writeback() {
-                self.write_back_tree(&mut w, &t.tree, Some(shared))?;
+            Ok(())
+        })
+        .await?;
+        Ok(copied)
+    }
+
+    /// Appends the gathered blocks the head or a snapshot of `trees` still
+    /// holds as copy records, in runs of consecutive blocks, and points
+    /// each root that held one at its copy. Returns the bytes appended.
+    async fn copy_gathered(
+        &self,
+        w: &mut Writer,
+        gathered: &Gathered,
+        trees: &[SnapshotTree],
+    ) -> Result<u64> {
+        let bs = self.block_size as usize;
+        let per_record = (MAX_RECORD_BYTES / bs).max(1);
+        let mut copied = 0;
+        for run in gathered.runs() {
+            let moving = &gathered.blocks[run.clone()];
+            let data = &gathered.data[run.start * bs..run.end * bs];
+            let by_head = self.held_by_head(moving).await?;
+            let held = self.held_by_snapshots(trees, moving).await?;
+            let holds = |k: usize| by_head[k] || held.iter().any(|h| h[k]);
+            let mut k = 0;
+            while k < moving.len() {
+                if !holds(k) {
+                    k += 1;
+                    continue;
+                }
+                let mut n = 1;
+                while k + n < moving.len() && n < per_record && holds(k + n) {
+                    n += 1;
+                }
+                self.make_room(w).await?;
+                let lba = moving[k].lba;
+                let copies =
+                    self.append_blocks(w, RecordKind::Copy, lba, &data[k * bs..(k + n) * bs])?;
+                for (i, copy) in copies.iter().enumerate() {
+                    let block = lba + i as u64;
+                    if by_head[k + i] {
+                        self.map_op(|m, pins| m.set(block, &[*copy], pins)).await?;
+                        w.changed = true;
+                    }
+                    for (t, h) in trees.iter().zip(&held) {
+                        if h[k + i] {
+                            self.tree_op(&t.tree, |m, pins| m.set(block, &[*copy], pins))
+                                .await?;
+                        }
+                    }
+                }
+                self.after_append(w).await?;
+                // The snapshots' dirty pages count against the map's
+                // budget too.
+                for t in trees {
+                    if t.tree.lock().needs_writeback() {
+                        self.write_back_tree(w, &t.tree, None)?;
+                    }
+                }
+                copied += (n * bs) as u64;
+                k += n;
             }
         }
-        Ok(Some(moved))
+        Ok(copied)
     }
 
     /// Makes the manifest say the volume's format is `version` at least,

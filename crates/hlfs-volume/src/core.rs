@@ -59,7 +59,7 @@ use crate::manifest::ManifestLog;
 use crate::map::{DirtyTree, MapResult, Missing, PageCache, Pins};
 use crate::options::Durability;
 use crate::segments::Segments;
-use crate::stats::ViewRoot;
+use crate::stats::ViewHeld;
 use crate::upload::Uploads;
 
 pub(crate) struct Core {
@@ -100,7 +100,7 @@ pub(crate) struct Core {
     pub cleaning_stopped: tokio::sync::watch::Sender<bool>,
     /// A read-only view's root, which this process's cleaning keeps.
     #[expect(dead_code, reason = "held only to be dropped with the view")]
-    pub view_root: Option<ViewRoot>,
+    pub view_root: Option<ViewHeld>,
     /// The snapshot a read-only view shows; None for the head.
     pub snapshot: Option<String>,
     /// Recent answers of `changes_since`, newest last.

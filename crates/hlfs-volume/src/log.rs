@@ -55,6 +55,9 @@ pub(crate) struct Writer {
     pub bytes_since_checkpoint: u64,
     /// The last LSN in a retired journal file.
     pub sealed_lsn: u64,
+    /// Seals append no checkpoint while set: a cleaning commit is moving
+    /// roots, and the head's half alone must not become durable.
+    pub no_checkpoint: bool,
 }
 
 /// Journal files not yet stored: the one appended to and those retired,
@@ -134,6 +137,7 @@ impl Log {
                 sealed_since_checkpoint: 0,
                 bytes_since_checkpoint: 0,
                 sealed_lsn: 0,
+                no_checkpoint: false,
             }),
             files: Mutex::new(OpenFiles::default()),
             sync_turn: tokio::sync::Mutex::new(()),

@@ -304,11 +304,13 @@ async fn load(
         manifest.replay_from_lsn.max(cp_lsn + 1),
         window,
     );
-    // Cleaning by this process keeps what a view reads (the writes a head
-    // view replayed excepted: they are in segments recovery replays, which
-    // the grace period covers).
-    let view_root = (read_only && !manifest.checkpoint.is_empty())
-        .then(|| ViewRoot::hold(uuid, manifest.checkpoint));
+    // Cleaning by this process keeps what a view of a snapshot reads once
+    // the snapshot is deleted. Until then, and for a view of the head, the
+    // view follows the volume as readers elsewhere do (`follow.rs`).
+    let view_root = snapshot.as_deref().and_then(|name| {
+        let s = manifest.snapshots.iter().find(|s| s.name == name)?;
+        Some(ViewRoot::hold(uuid, s.checkpoint, name, s.lsn))
+    });
     Ok(Arc::new(Core {
         uuid,
         block_size: manifest.block_size,
@@ -364,17 +366,11 @@ impl Core {
     }
 }
 
-/// How long a close waits for a cleaning run to stop and commit.
-const CLEANING_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// Closes a writable volume: see `Volume::close`.
 pub(crate) async fn close_writer(core: &Core, held: &Held) -> Result<()> {
     // A cleaning run stops at its next safe point rather than hold the
-    // close up (for its grace period, say). A pass cut short commits what
-    // it moved first, so that the head and its snapshots stay equal entry
-    // for entry: a moment, which the close waits for, within a bound.
+    // close up (for its grace period, say).
     core.stop_cleaning();
-    let _run = tokio::time::timeout(CLEANING_STOP_WAIT, core.cleaning.lock()).await;
     let mut w = core.log.writer.lock().await;
     if !core.life.begin_close() {
         return Ok(());

@@ -89,28 +89,45 @@ pub struct SpaceStats {
     pub counters: Option<LogCounters>,
 }
 
-/// The checkpoints read-only views open in this process read from, by
-/// volume: roots like snapshots, so that cleaning run by this process (a
-/// server) keeps what they read even once their snapshot is deleted.
-static VIEWS: Mutex<Vec<([u8; 16], Entry)>> = Mutex::new(Vec::new());
+/// The snapshot views open in this process, by volume: each view's
+/// checkpoint and its snapshot's name and LSN. A view whose snapshot is
+/// deleted is a root like a snapshot, so that cleaning run by this process
+/// (a server) keeps what it reads. Views of snapshots that still exist
+/// follow them as readers elsewhere do (`follow.rs`), and so do views of
+/// the head.
+static VIEWS: Mutex<Vec<ViewRoot>> = Mutex::new(Vec::new());
 
-/// A read-only view's root, held while the view is open.
+/// A snapshot view's root, registered while the view is open.
+#[derive(Clone, PartialEq)]
 pub(crate) struct ViewRoot {
     volume: [u8; 16],
     at: Entry,
+    name: String,
+    lsn: u64,
 }
 
 impl ViewRoot {
-    pub fn hold(volume: [u8; 16], at: Entry) -> ViewRoot {
-        VIEWS.lock().push((volume, at));
-        ViewRoot { volume, at }
+    /// Registers the view; the registration ends when what this returns
+    /// is dropped.
+    pub fn hold(volume: [u8; 16], at: Entry, name: &str, lsn: u64) -> ViewHeld {
+        let root = ViewRoot {
+            volume,
+            at,
+            name: name.to_string(),
+            lsn,
+        };
+        VIEWS.lock().push(root.clone());
+        ViewHeld(root)
     }
 }
 
-impl Drop for ViewRoot {
+/// A registered view (see `ViewRoot::hold`).
+pub(crate) struct ViewHeld(ViewRoot);
+
+impl Drop for ViewHeld {
     fn drop(&mut self) {
         let mut views = VIEWS.lock();
-        if let Some(i) = views.iter().position(|v| *v == (self.volume, self.at)) {
+        if let Some(i) = views.iter().position(|v| *v == self.0) {
             views.swap_remove(i);
         }
     }
@@ -189,12 +206,18 @@ pub async fn space(backend: Backend) -> Result<SpaceStats> {
     let segments = Segments::new(store.clone(), scratch, manifest.volume);
 
     // Root 0 is the head, then the snapshots in order, then the views open
-    // in this process.
+    // in this process of snapshots deleted since.
     let views: Vec<Entry> = VIEWS
         .lock()
         .iter()
-        .filter(|(volume, _)| *volume == manifest.volume)
-        .map(|&(_, at)| at)
+        .filter(|v| {
+            v.volume == manifest.volume
+                && !manifest
+                    .snapshots
+                    .iter()
+                    .any(|s| s.name == v.name && s.lsn == v.lsn)
+        })
+        .map(|v| v.at)
         .collect();
     let roots: Vec<Entry> = std::iter::once(manifest.checkpoint)
         .chain(manifest.snapshots.iter().map(|s| s.checkpoint))

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{pattern, Image, World};
-use hlfs_format::{manifest_name, Manifest};
+use hlfs_format::{decode_header, manifest_name, Manifest, RecordKind};
 use hlfs_store::time::{Jitter, ManualClock};
 use hlfs_volume::{
     check, space, AutoClean, Backend, CreateOptions, GcOptions, GcReport, GcStop, OpenOptions,
@@ -119,6 +119,26 @@ async fn churn(vol: &Volume, model: &mut Image, rounds: u8, seed: u64) {
     }
 }
 
+/// The kinds of record in each stored segment.
+async fn record_kinds(backend: &Backend) -> Vec<(String, Vec<RecordKind>)> {
+    let store = backend.requests();
+    let mut out = Vec::new();
+    for blob in store.list("segments/").await.unwrap() {
+        let bytes = store.get(&blob.name).await.unwrap();
+        let mut kinds = Vec::new();
+        let mut off = 0;
+        while off < bytes.len() {
+            let h = decode_header(&bytes[off..]).unwrap();
+            if !kinds.contains(&h.kind) {
+                kinds.push(h.kind);
+            }
+            off += h.record_len() as usize;
+        }
+        out.push((blob.name, kinds));
+    }
+    out
+}
+
 async fn assert_reads(vol: &Volume, model: &Image, what: &str) {
     let got = vol.read(0, SIZE as usize).await.unwrap();
     assert!(got == model.read(0, SIZE), "{what} differs from the model");
@@ -217,10 +237,30 @@ async fn cleaning_moves_what_snapshots_hold() {
         vol.write(at, &data).await.unwrap();
         model.write(at, &data);
     }
+    // And one block more, which stays in the open journal.
+    let data = pattern(BS as usize, 99);
+    vol.write(0, &data).await.unwrap();
+    model.write(0, &data);
     vol.flush().await.unwrap();
     let before = space(backend.clone()).await.unwrap();
+    // A view of a, open in this process (as a server exporting vol@a has
+    // one), does not keep a's segments: it follows a to its copies.
+    let view_a = Volume::open_read_only(
+        backend.clone(),
+        &OpenOptions::default(),
+        View::Snapshot("a".into()),
+    )
+    .await
+    .unwrap();
+    assert_reads(&view_a, &at_a, "the view of a").await;
 
-    let report = vol.gc(&now_options(1.0), &|_| {}).await.unwrap();
+    // As the automatic cleaner runs: no checkpoint first, so the last
+    // writes are still in the open journal when the copies come.
+    let opts = GcOptions {
+        start_above: Some(1.0),
+        ..now_options(1.0)
+    };
+    let report = vol.gc(&opts, &|_| {}).await.unwrap();
     assert!(report.deleted_segments > 0, "{report:?}");
     let after = space(backend.clone()).await.unwrap();
     // Stored was about 2 × the volume (the first write whole, then both
@@ -242,15 +282,24 @@ async fn cleaning_moves_what_snapshots_hold() {
         assert!(s.only_bytes < 1024, "{s:?}");
     }
     assert_reads(&vol, &model, "the head after cleaning").await;
+    assert_reads(&view_a, &at_a, "the view of a after cleaning").await;
+    assert!(view_a.figures().view_reopens >= 1);
     assert_snapshot(&backend, "a", &at_a).await;
     assert_snapshot(&backend, "b", &at_a).await;
     let changed = vol.changes_since("a").await.unwrap();
     let changed_bytes: u64 = changed.extents.iter().map(|e| e.len).sum();
-    assert_eq!(changed_bytes, SIZE / 2, "{changed:?}");
+    assert_eq!(changed_bytes, SIZE / 2 + BS, "{changed:?}");
     assert!(vol.changes_since("b").await.unwrap().extents == changed.extents);
     // Copies are format v2: the manifest says so.
     assert_eq!(vol.info().await.unwrap().format_version, 2);
     vol.close().await.unwrap();
+    // Cleaned data is cold: kept apart from what clients wrote.
+    for (segment, kinds) in record_kinds(&backend).await {
+        assert!(
+            !(kinds.contains(&RecordKind::Copy) && kinds.contains(&RecordKind::Data)),
+            "{segment} mixes copies with client writes: {kinds:?}"
+        );
+    }
 
     let report = check(backend.clone()).await.unwrap();
     assert!(report.is_ok(), "{:?}", report.problems);
@@ -265,12 +314,11 @@ async fn cleaning_moves_what_snapshots_hold() {
 }
 
 /// A volume an older binary wrote in format v1 (a v1 manifest, no log
-/// counters) opens, reads and is written as before, and stays v1 while it
-/// needs nothing of v2, cleaning of what the head alone holds included.
-/// Cleaning that moves what a snapshot holds makes it v2, and its log is
-/// counted from then on.
+/// counters) opens, reads and is written, snapshotted and rolled back as
+/// before, and stays v1 while it needs nothing of v2. Cleaning, whose
+/// copies are v2 records, makes it v2, and its log is counted from then.
 #[tokio::test]
-async fn a_v1_volume_stays_v1_until_cleaning_moves_a_snapshot() {
+async fn a_v1_volume_stays_v1_until_cleaning_copies() {
     let world = World::new();
     let backend = world.backend();
     create(&backend).await;
@@ -295,24 +343,27 @@ async fn a_v1_volume_stays_v1_until_cleaning_moves_a_snapshot() {
         .unwrap();
     let mut model = Image::new(SIZE);
     churn(&vol, &mut model, 3, 12).await;
-    let report = vol.gc(&now_options(1.0), &|_| {}).await.unwrap();
-    assert!(report.deleted_segments > 0, "{report:?}");
+    vol.snapshot_create("s").await.unwrap();
+    let at_s = model.clone();
+    churn(&vol, &mut model, 3, 13).await;
+    vol.rollback("s").await.unwrap();
+    let mut model = at_s.clone();
+    churn(&vol, &mut model, 2, 14).await;
+    vol.checkpoint().await.unwrap();
     assert_eq!(vol.info().await.unwrap().format_version, 1);
     assert_eq!(space(backend.clone()).await.unwrap().counters, None);
 
-    // Garbage in segments a snapshot will hold: overwrites before it.
-    churn(&vol, &mut model, 3, 13).await;
-    vol.snapshot_create("s").await.unwrap();
-    let at_s = model.clone();
-    churn(&vol, &mut model, 3, 14).await;
-    vol.gc(&now_options(1.0), &|_| {}).await.unwrap();
+    let report = vol.gc(&now_options(1.0), &|_| {}).await.unwrap();
+    assert!(report.copied_bytes > 0, "{report:?}");
     assert_eq!(vol.info().await.unwrap().format_version, 2);
     vol.close().await.unwrap();
     let counters = space(backend.clone()).await.unwrap().counters.unwrap();
-    // Counted from the upgrade, in the last run: its copies, and no
-    // client write.
+    // Counted from the upgrade, in the run: its copies, no client write.
     assert_eq!(counters.written_bytes, 0, "{counters:?}");
-    assert!(counters.appended_bytes > 0, "{counters:?}");
+    assert!(
+        counters.appended_bytes >= report.copied_bytes,
+        "{counters:?} {report:?}"
+    );
     assert!(
         counters.since_ms >= created.volume_created_ms,
         "{counters:?}"
@@ -701,9 +752,9 @@ async fn a_snapshot_from_before_the_volume_grew_keeps_its_segments() {
     vol.close().await.unwrap();
 }
 
-/// A pass stopped halfway still commits what it moved: the head and a
-/// snapshot that shared blocks point at the same copies, and a diff
-/// between them stays empty.
+/// A pass stopped halfway moves nothing it has not committed: the head
+/// and a snapshot that shared blocks still share them, and a diff between
+/// them stays empty.
 #[tokio::test]
 async fn a_stopped_pass_keeps_the_head_and_its_snapshots_equal() {
     let (clock, backend, vol, model) = churned_on_a_manual_clock(7, 5, 11).await;

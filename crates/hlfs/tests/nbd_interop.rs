@@ -2533,6 +2533,17 @@ fn import_diff_into_a_served_volume_goes_through_its_server() {
         !out.status.success() && out.text().contains("1 client is connected"),
         "{out}"
     );
+    // From stdin, refused before the stream is read.
+    let stream = std::fs::File::open(&inc).unwrap();
+    let out = run_cmd_fed(
+        Command::new(HLFS).args(["import-diff", "-", &dst]),
+        stream.into(),
+        CLIENT_TIMEOUT,
+    );
+    assert!(
+        !out.status.success() && out.text().contains("nothing was read from stdin"),
+        "{out}"
+    );
     client.disconnect();
     // The server notices the client has gone a moment later.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -5,9 +5,10 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use hlfs_device::control::{Client, Command};
+use hlfs_device::control::{Answer, Client, Command};
 use hlfs_volume::{export_diff, import_diff, DiffStreamReport, View, Volume};
 use tokio::io::AsyncRead;
+use tokio::signal::unix::SignalKind;
 
 use super::{finish, open_writer};
 use crate::args::{human, progress, split_snapshot, Settings};
@@ -95,12 +96,28 @@ pub async fn import(args: ImportDiffArgs, settings: &Settings) -> Result<()> {
         // Its server applies it, reading the file itself; it refuses while
         // clients are connected, as for a rollback.
         let started = Instant::now();
-        let spooled = match args.file.as_str() {
-            "-" => Some(spool_stdin().await?),
-            _ => None,
+        let (owner, spooled) = match args.file.as_str() {
+            "-" => {
+                // Refused before stdin is read: it cannot be read again.
+                if let Answer::Status(live) = owner.call(Command::Status).await? {
+                    if live.connections > 0 {
+                        bail!(
+                            "{} is served here and {} client(s) connected: an import waits for none (nothing was read from stdin)",
+                            args.volume,
+                            live.connections
+                        );
+                    }
+                }
+                let spool = Spool::from_stdin().await?;
+                let owner = Client::connect(&backend)
+                    .await?
+                    .with_context(|| format!("the server of {} has stopped", args.volume))?;
+                (owner, Some(spool))
+            }
+            _ => (owner, None),
         };
         let path = match &spooled {
-            Some(file) => file.path().to_path_buf(),
+            Some(spool) => spool.file.path().to_path_buf(),
             None => std::fs::canonicalize(&args.file)
                 .with_context(|| format!("cannot open {}", args.file))?,
         };
@@ -130,24 +147,56 @@ pub async fn import(args: ImportDiffArgs, settings: &Settings) -> Result<()> {
     summary(&report, args.json, "imported", &args.volume, started)
 }
 
-/// Copies stdin to a new file in the temporary directory (readable by this
-/// user alone, removed when dropped), for a server that reads a stream
-/// from a file.
-async fn spool_stdin() -> Result<tempfile::NamedTempFile> {
-    tokio::task::spawn_blocking(|| {
-        let mut spool = tempfile::Builder::new()
+/// Stdin copied to a new file in the temporary directory (readable by
+/// this user alone), for a server that reads a stream from a file. The
+/// file goes when this is dropped, or when the command is interrupted.
+struct Spool {
+    file: tempfile::NamedTempFile,
+    on_signal: tokio::task::JoinHandle<()>,
+}
+
+impl Spool {
+    async fn from_stdin() -> Result<Spool> {
+        let file = tempfile::Builder::new()
             .prefix(".hlfs-import-diff-")
             .tempfile()
             .context("cannot create a file in the temporary directory to hold stdin")?;
-        let bar = progress(None, "reading stdin");
-        let mut input = bar.wrap_read(std::io::stdin().lock());
-        let copied = std::io::copy(&mut input, spool.as_file_mut());
-        bar.finish_and_clear();
-        copied.with_context(|| format!("cannot copy stdin to {}", spool.path().display()))?;
+        let path = file.path().to_path_buf();
+        let on_signal = tokio::spawn(async move {
+            let mut term = match tokio::signal::unix::signal(SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => return,
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            let _ = std::fs::remove_file(&path);
+            std::process::exit(130);
+        });
+        let spool = Spool { file, on_signal };
+        let copy = spool
+            .file
+            .reopen()
+            .context("cannot reopen the file holding stdin")?;
+        tokio::task::spawn_blocking(move || {
+            let bar = progress(None, "reading stdin");
+            let mut input = bar.wrap_read(std::io::stdin().lock());
+            let mut copy = copy;
+            let copied = std::io::copy(&mut input, &mut copy);
+            bar.finish_and_clear();
+            copied.context("cannot copy stdin to a temporary file")
+        })
+        .await
+        .context("copying stdin stopped")??;
         Ok(spool)
-    })
-    .await
-    .context("copying stdin stopped")?
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        self.on_signal.abort();
+    }
 }
 
 /// Exports into `path` all or nothing: the stream goes to a temporary
