@@ -101,6 +101,19 @@ async fn create(backend: &Backend) {
     Volume::create(backend, &create).await.unwrap();
 }
 
+/// The volume opened for writing, with default options.
+async fn open(backend: &Backend) -> Volume {
+    Volume::open(backend.clone(), &OpenOptions::default())
+        .await
+        .unwrap()
+}
+
+/// `hlfs check` finds nothing wrong.
+async fn assert_checks(backend: &Backend) {
+    let report = check(backend.clone()).await.unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
+
 /// Overwrites scattered runs of blocks `rounds` times, in the model too.
 async fn churn(vol: &Volume, model: &mut Image, rounds: u8, seed: u64) {
     let mut x = seed;
@@ -157,9 +170,7 @@ async fn assert_snapshot(backend: &Backend, name: &str, model: &Image) {
 
 async fn space_back_keeping_snapshots(backend: Backend) {
     create(&backend).await;
-    let vol = Volume::open(backend.clone(), &OpenOptions::default())
-        .await
-        .unwrap();
+    let vol = open(&backend).await;
     let mut model = Image::new(SIZE);
     churn(&vol, &mut model, 3, 1).await;
     vol.snapshot_create("a").await.unwrap();
@@ -195,11 +206,8 @@ async fn space_back_keeping_snapshots(backend: Backend) {
         stats.stored_bytes,
         stats.live_bytes
     );
-    let report = check(backend.clone()).await.unwrap();
-    assert!(report.is_ok(), "{:?}", report.problems);
-    let vol = Volume::open(backend.clone(), &OpenOptions::default())
-        .await
-        .unwrap();
+    assert_checks(&backend).await;
+    let vol = open(&backend).await;
     assert_reads(&vol, &model, "the head after a reopen").await;
     vol.close().await.unwrap();
 }
@@ -213,9 +221,7 @@ async fn cleaning_moves_what_snapshots_hold() {
     let world = World::new();
     let backend = world.backend();
     create(&backend).await;
-    let vol = Volume::open(backend.clone(), &OpenOptions::default())
-        .await
-        .unwrap();
+    let vol = open(&backend).await;
     let mut model = Image::new(SIZE);
     let whole = pattern(SIZE as usize, 1);
     vol.write(0, &whole).await.unwrap();
@@ -301,11 +307,8 @@ async fn cleaning_moves_what_snapshots_hold() {
         );
     }
 
-    let report = check(backend.clone()).await.unwrap();
-    assert!(report.is_ok(), "{:?}", report.problems);
-    let vol = Volume::open(backend.clone(), &OpenOptions::default())
-        .await
-        .unwrap();
+    assert_checks(&backend).await;
+    let vol = open(&backend).await;
     assert_reads(&vol, &model, "the head after a reopen").await;
     assert_snapshot(&backend, "a", &at_a).await;
     vol.rollback("a").await.unwrap();
@@ -338,9 +341,7 @@ async fn a_v1_volume_stays_v1_until_cleaning_copies() {
         .await
         .unwrap();
 
-    let vol = Volume::open(backend.clone(), &OpenOptions::default())
-        .await
-        .unwrap();
+    let vol = open(&backend).await;
     let mut model = Image::new(SIZE);
     churn(&vol, &mut model, 3, 12).await;
     vol.snapshot_create("s").await.unwrap();
@@ -368,11 +369,8 @@ async fn a_v1_volume_stays_v1_until_cleaning_copies() {
         counters.since_ms >= created.volume_created_ms,
         "{counters:?}"
     );
-    let report = check(backend.clone()).await.unwrap();
-    assert!(report.is_ok(), "{:?}", report.problems);
-    let vol = Volume::open(backend.clone(), &OpenOptions::default())
-        .await
-        .unwrap();
+    assert_checks(&backend).await;
+    let vol = open(&backend).await;
     assert_reads(&vol, &model, "the head").await;
     assert_snapshot(&backend, "s", &at_s).await;
     vol.close().await.unwrap();
@@ -469,9 +467,7 @@ async fn a_view_open_in_this_process_keeps_its_deleted_snapshot() {
     let world = World::new();
     let backend = world.backend();
     create(&backend).await;
-    let vol = Volume::open(backend.clone(), &OpenOptions::default())
-        .await
-        .unwrap();
+    let vol = open(&backend).await;
     let mut model = Image::new(SIZE);
     churn(&vol, &mut model, 2, 4).await;
     vol.snapshot_create("old").await.unwrap();
@@ -726,9 +722,7 @@ async fn a_snapshot_from_before_the_volume_grew_keeps_its_segments() {
         segment_size: 128 << 10,
     };
     Volume::create(&backend, &create).await.unwrap();
-    let vol = Volume::open(backend.clone(), &OpenOptions::default())
-        .await
-        .unwrap();
+    let vol = open(&backend).await;
     let mut model = Image::new(300 * BS);
     let data = pattern(8 * BS as usize, 1);
     vol.write(260 * BS, &data).await.unwrap();
