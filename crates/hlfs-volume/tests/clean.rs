@@ -114,6 +114,15 @@ async fn assert_checks(backend: &Backend) {
     assert!(report.is_ok(), "{:?}", report.problems);
 }
 
+/// A new volume on its own in-memory world, opened, and its model.
+async fn created_and_opened() -> (World, Backend, Volume, Image) {
+    let world = World::new();
+    let backend = world.backend();
+    create(&backend).await;
+    let vol = open(&backend).await;
+    (world, backend, vol, Image::new(SIZE))
+}
+
 /// Overwrites scattered runs of blocks `rounds` times, in the model too.
 async fn churn(vol: &Volume, model: &mut Image, rounds: u8, seed: u64) {
     let mut x = seed;
@@ -218,11 +227,7 @@ async fn space_back_keeping_snapshots(backend: Backend) {
 /// every root reads the same before and after, and after a reopen.
 #[tokio::test]
 async fn cleaning_moves_what_snapshots_hold() {
-    let world = World::new();
-    let backend = world.backend();
-    create(&backend).await;
-    let vol = open(&backend).await;
-    let mut model = Image::new(SIZE);
+    let (_world, backend, vol, mut model) = created_and_opened().await;
     let whole = pattern(SIZE as usize, 1);
     vol.write(0, &whole).await.unwrap();
     model.write(0, &whole);
@@ -464,11 +469,7 @@ async fn a_view_reopens_when_cleaning_deletes_what_it_reads() {
 
 #[tokio::test]
 async fn a_view_open_in_this_process_keeps_its_deleted_snapshot() {
-    let world = World::new();
-    let backend = world.backend();
-    create(&backend).await;
-    let vol = open(&backend).await;
-    let mut model = Image::new(SIZE);
+    let (_world, backend, vol, mut model) = created_and_opened().await;
     churn(&vol, &mut model, 2, 4).await;
     vol.snapshot_create("old").await.unwrap();
     let at_old = model.clone();
