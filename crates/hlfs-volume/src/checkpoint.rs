@@ -234,7 +234,7 @@ impl Core {
     /// outrunning the disk and the store.
     pub(crate) async fn seal_in_background(&self, w: &mut Writer) -> Result<()> {
         let slot = self.upload_slot().await?;
-        let due = !w.no_checkpoint
+        let due = !self.log.checkpoints_held()
             && (w.bytes_since_checkpoint + w.pos >= CHECKPOINT_EVERY * self.segment_size
                 || w.sealed_since_checkpoint + 1 >= MAX_SEGMENTS_BETWEEN_CHECKPOINTS);
         let head = if due {

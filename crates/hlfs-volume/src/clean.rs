@@ -1,16 +1,16 @@
 //! Segment cleaning: space back from segments, whoever holds them.
 //!
 //! A pass takes victims among the sealed segments (from a recount,
-//! [`space`]), finds the items the head and the snapshots hold in them by
-//! scanning each once and looking every block and page up in every root,
-//! and moves them: the head's blocks are appended again as data records
-//! (under the writer lock, and only where the head still points at the
-//! old copy), blocks only snapshots hold as copy records (format v2, never
-//! replayed), and every root that held a block is pointed at its one new
-//! copy. Pages of any root there are made dirty. Each snapshot that changed
-//! gets a checkpoint record of its own, pages equal between roots are
-//! written once, and a checkpoint of the head commits the pass with the
-//! snapshots' new checkpoints in its manifest.
+//! [`space`]), scans each once, and gathers the blocks the head or a
+//! snapshot holds there, and the pages. Nothing moves until a commit
+//! (every 16 MiB gathered, and at the end), which under the writer lock
+//! looks every gathered block up again in every root, appends those still
+//! held as copy records (format v2, never replayed) into segments of their
+//! own, points every root that held one at its one copy, makes the pages
+//! dirty in every root that reaches them, gives each snapshot that changed
+//! a checkpoint record of its own, writes pages equal between roots once,
+//! and checkpoints the head with the snapshots' new checkpoints in its
+//! manifest. A commit that fails puts the head's blocks back.
 //!
 //! Which segments are deleted is decided by the recount alone, never by
 //! what a pass believes it moved: a victim is deleted once a recount made
@@ -23,7 +23,8 @@
 //! misses an item, or races a snapshot that takes one, leaves its victim
 //! live and nothing is lost.
 //!
-//! The views this process has open are roots too (`stats::ViewRoot`).
+//! Views this process has open of snapshots deleted since are roots too
+//! (`stats::ViewRoot`); other views follow the volume (`follow.rs`).
 //!
 //! See docs/design/cleaning.md for the whole design and what is not built
 //! yet (cold segments, the persisted condemned list, retention).
@@ -160,8 +161,8 @@ enum Pass {
     /// With its checkpoint; the data bytes it copied.
     Committed(u64),
     /// Cleaning was stopped: what it gathered since its last commit is
-    /// dropped, and its victims stay.
-    Stopped,
+    /// dropped, and its victims stay; the bytes its commits copied.
+    Stopped(u64),
 }
 
 /// A pass commits once it has gathered this many bytes of blocks to copy,
@@ -372,7 +373,10 @@ impl Core {
                     .await?
                 {
                     Pass::Committed(copied) => copied,
-                    Pass::Stopped => break (stats, GcStop::Interrupted),
+                    Pass::Stopped(copied) => {
+                        copied_bytes += copied;
+                        break (stats, GcStop::Interrupted);
+                    }
                 };
                 copied_bytes += copied;
                 passes += 1;
@@ -510,10 +514,12 @@ impl Core {
                 if *stop.borrow_and_update() {
                     // What was gathered since the last commit is dropped:
                     // no root points at anything new.
-                    return Ok(Pass::Stopped);
+                    return Ok(Pass::Stopped(copied));
                 }
                 if gathered.data.len() >= COMMIT_BYTES {
-                    copied += self.commit_moves(&mut gathered, &[], &[]).await?;
+                    copied += self
+                        .commit_moves(&mut gathered, &mut trees, &[], &[])
+                        .await?;
                 }
                 // Busy clients: this record's bytes at the busy rate.
                 // Otherwise its copies at the copy rate.
@@ -534,13 +540,15 @@ impl Core {
                     if ahead >= PACE_SLACK {
                         tokio::select! {
                             () = self.clock.sleep(ahead) => {}
-                            _ = stop.wait_for(|stop| *stop) => return Ok(Pass::Stopped),
+                            _ = stop.wait_for(|stop| *stop) => return Ok(Pass::Stopped(copied)),
                         }
                     }
                 }
             }
         }
-        copied += self.commit_moves(&mut gathered, victims, &pages).await?;
+        copied += self
+            .commit_moves(&mut gathered, &mut trees, victims, &pages)
+            .await?;
         Ok(Pass::Committed(copied))
     }
 
@@ -644,6 +652,7 @@ impl Core {
     async fn commit_moves(
         &self,
         gathered: &mut Gathered,
+        trees: &mut Vec<SnapshotTree>,
         victims: &[&SegmentSpace],
         pages: &[(u32, u64, Entry)],
     ) -> Result<u64> {
@@ -651,8 +660,20 @@ impl Core {
         let mut w = self.log.writer.lock().await;
         self.life.check(Need::Write)?;
         // The snapshots as they are now: those taken since the pass began
-        // hold the same old blocks as the head did, and move with it.
-        let trees = self.snapshot_trees().await?;
+        // hold the same old blocks as the head did, and move with it. The
+        // pass's trees serve while the snapshots have not changed (only a
+        // commit changes those trees); the commit uses them up, so the
+        // pass loads them again after it.
+        let trees = if trees
+            .iter()
+            .map(|t| t.entry.checkpoint)
+            .eq(self.snapshot_roots())
+        {
+            std::mem::take(trees)
+        } else {
+            trees.clear();
+            self.snapshot_trees().await?
+        };
         if !gathered.blocks.is_empty() {
             self.allow_format(RecordKind::Copy.version()).await?;
             // Cold data starts a segment of its own.
@@ -660,25 +681,80 @@ impl Core {
                 self.seal_in_background(&mut w).await?;
             }
         }
-        // No checkpoint of the head may fall due in the middle: it would
-        // make the head's new places durable before the snapshots'.
-        w.no_checkpoint = true;
-        let moved = self.copy_gathered(&mut w, &gathered, &trees).await;
-        w.no_checkpoint = false;
-        let copied = moved?;
+        // No checkpoint of the head may fall due before the commit's own:
+        // it would make the head's new places durable before the
+        // snapshots'.
+        let _held = self.log.hold_checkpoints();
+        let mut moved_in_head = Vec::new();
+        let committed = self
+            .commit_locked(
+                &mut w,
+                &gathered,
+                &trees,
+                victims,
+                pages,
+                &mut moved_in_head,
+            )
+            .await;
+        if let Err(e) = &committed {
+            self.undo_head_moves(&moved_in_head, e).await;
+        }
+        committed
+    }
+
+    /// Puts the head's blocks a failed commit moved (block, old place,
+    /// copy) back where they were, so that the head and its snapshots stay
+    /// equal: the old places are still there, as no victim was condemned.
+    /// If that fails too, the volume fails, and recovery (which never
+    /// replays copies) finds the head as it was.
+    async fn undo_head_moves(&self, moved: &[(u64, Entry, Entry)], why: &VolumeError) {
+        for &(block, old, copy) in moved.iter().rev() {
+            let undone = self
+                .map_op(|m, pins| {
+                    let mut now = [Entry::EMPTY];
+                    m.lookup(block, &mut now, pins)?;
+                    if now[0] == copy {
+                        m.set(block, &[old], pins)?;
+                    }
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = undone {
+                self.life.fail(VolumeError::Failed(format!(
+                    "a cleaning commit failed ({why}) and could not be undone: {e}"
+                )));
+                return;
+            }
+        }
+    }
+
+    /// `commit_moves` under the writer lock, noting in `moved_in_head`
+    /// each head block it moved.
+    async fn commit_locked(
+        &self,
+        w: &mut Writer,
+        gathered: &Gathered,
+        trees: &[SnapshotTree],
+        victims: &[&SegmentSpace],
+        pages: &[(u32, u64, Entry)],
+        moved_in_head: &mut Vec<(u64, Entry, Entry)>,
+    ) -> Result<u64> {
+        let mut shared = SharedPages::new();
+        let copied = self
+            .copy_gathered(w, gathered, trees, &mut shared, moved_in_head)
+            .await?;
         for &(level, index, at) in pages {
             self.map_op(|m, pins| m.move_page(level, index, at, pins))
                 .await?;
-            for t in &trees {
+            for t in trees {
                 self.tree_op(&t.tree, |m, pins| m.move_page(level, index, at, pins))
                     .await?;
             }
         }
         let victim_ids: HashSet<u32> = victims.iter().map(|v| v.id).collect();
-        let mut shared = SharedPages::new();
         let mut rerooted = Vec::new();
-        for t in &trees {
-            self.write_back_tree(&mut w, &t.tree, Some(&mut shared))?;
+        for t in trees {
+            self.write_back_tree(w, &t.tree, Some(&mut shared))?;
             let unchanged = t.tree.lock().root() == t.root;
             if unchanged && !victim_ids.contains(&t.entry.checkpoint.seg) {
                 continue;
@@ -696,11 +772,11 @@ impl Core {
                     usage: m.usage().live(),
                 }
             };
-            let (at, _) = self.append_checkpoint_record(&mut w, &cp)?;
+            let (at, _) = self.append_checkpoint_record(w, &cp)?;
             rerooted.push((t.entry.clone(), at));
         }
-        self.write_back_tree(&mut w, &self.map, Some(&mut shared))?;
-        self.checkpoint(&mut w, true, |m, _, _| {
+        self.write_back_tree(w, &self.map, Some(&mut shared))?;
+        self.checkpoint(w, true, |m, _, _| {
             for (old, at) in &rerooted {
                 if let Some(s) = m.snapshots.iter_mut().find(|s| *s == old) {
                     s.checkpoint = *at;
@@ -720,6 +796,8 @@ impl Core {
         w: &mut Writer,
         gathered: &Gathered,
         trees: &[SnapshotTree],
+        shared: &mut SharedPages,
+        moved_in_head: &mut Vec<(u64, Entry, Entry)>,
     ) -> Result<u64> {
         let bs = self.block_size as usize;
         let per_record = (MAX_RECORD_BYTES / bs).max(1);
@@ -748,6 +826,7 @@ impl Core {
                     let block = lba + i as u64;
                     if by_head[k + i] {
                         self.map_op(|m, pins| m.set(block, &[*copy], pins)).await?;
+                        moved_in_head.push((block, moving[k + i].at, *copy));
                         w.changed = true;
                     }
                     for (t, h) in trees.iter().zip(&held) {
@@ -762,7 +841,7 @@ impl Core {
                 // budget too.
                 for t in trees {
                     if t.tree.lock().needs_writeback() {
-                        self.write_back_tree(w, &t.tree, None)?;
+                        self.write_back_tree(w, &t.tree, Some(shared))?;
                     }
                 }
                 copied += (n * bs) as u64;

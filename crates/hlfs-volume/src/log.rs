@@ -6,7 +6,7 @@
 //! file is retired: it stays readable and synced by FLUSH until the upload
 //! task has it in the store.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,9 +55,6 @@ pub(crate) struct Writer {
     pub bytes_since_checkpoint: u64,
     /// The last LSN in a retired journal file.
     pub sealed_lsn: u64,
-    /// Seals append no checkpoint while set: a cleaning commit is moving
-    /// roots, and the head's half alone must not become durable.
-    pub no_checkpoint: bool,
 }
 
 /// Journal files not yet stored: the one appended to and those retired,
@@ -91,6 +88,17 @@ pub(crate) struct Log {
     pub counts: LogCounts,
     /// The journal's pre-written window.
     pub window: Arc<Window>,
+    /// Seals append no checkpoint while set (`hold_checkpoints`).
+    checkpoints_held: AtomicBool,
+}
+
+/// Keeps seals from appending a checkpoint while it lives.
+pub(crate) struct CheckpointsHeld<'a>(&'a AtomicBool);
+
+impl Drop for CheckpointsHeld<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 /// What the log has done since the volume was opened (`Volume::figures`).
@@ -137,7 +145,6 @@ impl Log {
                 sealed_since_checkpoint: 0,
                 bytes_since_checkpoint: 0,
                 sealed_lsn: 0,
-                no_checkpoint: false,
             }),
             files: Mutex::new(OpenFiles::default()),
             sync_turn: tokio::sync::Mutex::new(()),
@@ -150,7 +157,21 @@ impl Log {
             flush_arrived: tokio::sync::Notify::new(),
             counts: LogCounts::default(),
             window: Arc::new(window),
+            checkpoints_held: AtomicBool::new(false),
         }
+    }
+
+    /// Seals append no checkpoint of the head until what this returns is
+    /// dropped: a cleaning commit is moving roots, and the head's half of
+    /// the move alone must not become durable. (Taken under the writer
+    /// lock, one at a time.)
+    pub fn hold_checkpoints(&self) -> CheckpointsHeld<'_> {
+        self.checkpoints_held.store(true, Ordering::SeqCst);
+        CheckpointsHeld(&self.checkpoints_held)
+    }
+
+    pub fn checkpoints_held(&self) -> bool {
+        self.checkpoints_held.load(Ordering::SeqCst)
     }
 
     /// After recovery: every record up to `lsn` is in the log, and durable.

@@ -192,6 +192,21 @@ impl Tally {
     }
 }
 
+/// Whether only views open in this process hold an item.
+fn by_view_alone(by: Holders) -> bool {
+    matches!(by, Holders::View(_))
+}
+
+/// A view of a deleted snapshot whose segments cleaning had moved it from
+/// before the deletion (it had not read since, so had not followed): it
+/// can no longer read them, and holds nothing.
+fn view_cleaned_away(segment: &str) {
+    tracing::warn!(
+        %segment,
+        "a view of a deleted snapshot lost its segments to cleaning before the deletion; it holds nothing"
+    );
+}
+
 /// The head is root 0; the snapshots follow in the manifest's order.
 const HEAD: usize = 0;
 
@@ -243,7 +258,13 @@ pub async fn space(backend: Backend) -> Result<SpaceStats> {
     // Pages to visit, by level, as (node index, location) → holders.
     let mut levels: BTreeMap<u32, HashMap<(u64, Entry), Holders>> = BTreeMap::new();
     for (at, by) in checkpoints {
-        let (cp, _) = segments.read_checkpoint(at).await?;
+        let (cp, _) = match segments.read_checkpoint(at).await {
+            Err(VolumeError::SegmentMissing(name)) if by_view_alone(by) => {
+                view_cleaned_away(&name);
+                continue;
+            }
+            read => read?,
+        };
         tally.count(at, (HEADER_LEN + cp.encode().len()) as u64, by);
         if !cp.root.is_empty() {
             hold(levels.entry(cp.depth - 1).or_default(), (0, cp.root), by);
@@ -259,7 +280,13 @@ pub async fn space(backend: Backend) -> Result<SpaceStats> {
         let mut blocks: HashMap<Entry, Holders> = HashMap::new();
         let mut leaf_index = None;
         for ((index, at), by) in nodes {
-            let page = segments.read_page(at).await?;
+            let page = match segments.read_page(at).await {
+                Err(VolumeError::SegmentMissing(name)) if by_view_alone(by) => {
+                    view_cleaned_away(&name);
+                    continue;
+                }
+                read => read?,
+            };
             tally.count(at, (HEADER_LEN + page.encoded_len()) as u64, by);
             if level > 0 {
                 for (slot, child) in page.entries.iter().enumerate() {

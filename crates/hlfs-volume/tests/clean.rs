@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::{pattern, Image, World};
 use hlfs_format::{decode_header, manifest_name, Manifest, RecordKind};
+use hlfs_store::layers::{Fault, FaultOp};
 use hlfs_store::time::{Jitter, ManualClock};
 use hlfs_volume::{
     check, space, AutoClean, Backend, CreateOptions, GcOptions, GcReport, GcStop, OpenOptions,
@@ -318,6 +319,48 @@ async fn cleaning_moves_what_snapshots_hold() {
     assert_snapshot(&backend, "a", &at_a).await;
     vol.rollback("a").await.unwrap();
     assert_reads(&vol, &at_a, "the head rolled back to a").await;
+    vol.close().await.unwrap();
+}
+
+/// A commit that fails after moving the head's blocks (its manifest
+/// cannot be written) puts them back: the head and the snapshot that
+/// shared them still share them, and every read and a later run are right.
+#[tokio::test]
+async fn a_failed_commit_puts_the_heads_blocks_back() {
+    let world = World::new();
+    let backend = world.backend();
+    create(&backend).await;
+    let opts = OpenOptions {
+        store_wait: Duration::from_millis(300),
+        ..OpenOptions::default()
+    };
+    let vol = Volume::open(backend.clone(), &opts).await.unwrap();
+    let mut model = Image::new(SIZE);
+    churn(&vol, &mut model, 4, 15).await;
+    vol.snapshot_create("s").await.unwrap();
+    world.faults.inject(Fault {
+        op: FaultOp::Put,
+        name_prefix: "manifest/".into(),
+        remaining: None,
+    });
+    let gc = GcOptions {
+        start_above: Some(1.0),
+        ..now_options(1.0)
+    };
+    let failed = vol.gc(&gc, &|_| {}).await;
+    assert!(failed.is_err(), "{failed:?}");
+    world.faults.clear();
+    let changed = vol.changes_since("s").await.unwrap();
+    assert!(changed.extents.is_empty(), "{changed:?}");
+    assert_reads(&vol, &model, "the head after the failed commit").await;
+    assert_snapshot(&backend, "s", &model).await;
+    let report = vol.gc(&now_options(1.0), &|_| {}).await.unwrap();
+    assert!(report.copied_bytes > 0, "{report:?}");
+    assert!(vol.changes_since("s").await.unwrap().extents.is_empty());
+    vol.close().await.unwrap();
+    assert_checks(&backend).await;
+    let vol = open(&backend).await;
+    assert_reads(&vol, &model, "the head after a reopen").await;
     vol.close().await.unwrap();
 }
 

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use hlfs_device::control::{Answer, Client, Command};
 use hlfs_volume::{export_diff, import_diff, DiffStreamReport, View, Volume};
 use tokio::io::AsyncRead;
-use tokio::signal::unix::SignalKind;
+use tokio::signal::unix::{signal, SignalKind};
 
 use super::{finish, open_writer};
 use crate::args::{human, progress, split_snapshot, Settings};
@@ -162,17 +162,19 @@ impl Spool {
             .tempfile()
             .context("cannot create a file in the temporary directory to hold stdin")?;
         let path = file.path().to_path_buf();
+        // Registered before anything can be interrupted.
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for Ctrl-C")?;
+        let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
         let on_signal = tokio::spawn(async move {
-            let mut term = match tokio::signal::unix::signal(SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => return,
+            let code = tokio::select! {
+                _ = interrupt.recv() => 130,
+                _ = terminate.recv() => 143,
             };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
             let _ = std::fs::remove_file(&path);
-            std::process::exit(130);
+            eprintln!(
+                "hlfs: interrupted; the copy of stdin is removed (a server already importing it goes on: `hlfs snapshot list` tells)"
+            );
+            std::process::exit(code);
         });
         let spool = Spool { file, on_signal };
         let copy = spool
