@@ -1,4 +1,4 @@
-//! On-store encodings of HLFS formats v1 and v2: log records, map pages, checkpoints
+//! On-store encodings of HLFS formats v1 to v3: log records, map pages, checkpoints
 //! and manifests. Pure functions over byte slices, no I/O, so that every
 //! decoder can be fuzzed. docs/FORMAT.md describes the same layouts byte by
 //! byte; keep the two in step.
@@ -12,7 +12,10 @@ pub mod rbd_diff;
 mod record;
 pub mod wire;
 
-pub use manifest::{LogCounters, Manifest, SnapshotEntry, WriterClaim, MAX_NAME_LEN};
+pub use manifest::{
+    LogCounters, Manifest, Retention, RetentionPoint, SnapshotEntry, WriterClaim, MAX_NAME_LEN,
+    RETENTION_POINT_PREFIX,
+};
 pub use record::{
     crc_of_record, decode_header, encode_header, encode_record, record_crc, verify_record,
     Checkpoint, RecordHeader, RecordKind, HEADER_LEN, MAX_DEPTH, MAX_PAYLOAD_LEN, RECORD_MAGIC,
@@ -20,7 +23,7 @@ pub use record::{
 
 /// The newest on-store format version this code writes and reads. It reads
 /// every older one too: each manifest and record says its own version.
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 /// The first format. A volume stays v1 until it uses a v2 feature.
 pub const FORMAT_V1: u16 = 1;
 

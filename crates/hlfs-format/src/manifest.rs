@@ -46,6 +46,29 @@ pub struct LogCounters {
     pub appended_bytes: u64,
 }
 
+/// Names of the snapshot entries that are retention points start so; no
+/// user can give such a name (user names never start with `-`).
+pub const RETENTION_POINT_PREFIX: &str = "-retain-";
+
+/// A retention point (format v3): a head checkpoint the manifest keeps so
+/// that moments of the retention window can be opened. Its tree and LSN
+/// are those of the snapshot entry of the same name; the moment's replay
+/// reads the log from `replay_seg` on, records after that LSN.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetentionPoint {
+    pub name: String,
+    pub replay_seg: u32,
+}
+
+/// The retention window (format v3): off when `window_ms` is 0, and then
+/// there are no points.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Retention {
+    pub window_ms: u64,
+    /// Oldest first.
+    pub points: Vec<RetentionPoint>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Manifest {
     /// The volume's format version: the newest whose features its store
@@ -72,6 +95,8 @@ pub struct Manifest {
     pub snapshots: Vec<SnapshotEntry>,
     /// Present in v2 manifests (as of this one's writing), absent in v1.
     pub counters: Option<LogCounters>,
+    /// Written in v3 manifests; before v3 it must be the default (off).
+    pub retention: Retention,
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -127,6 +152,17 @@ impl Manifest {
             out.extend_from_slice(&c.since_ms.to_le_bytes());
             out.extend_from_slice(&c.written_bytes.to_le_bytes());
             out.extend_from_slice(&c.appended_bytes.to_le_bytes());
+        }
+        if self.version >= 3 {
+            let r = &self.retention;
+            out.extend_from_slice(&r.window_ms.to_le_bytes());
+            out.extend_from_slice(&(r.points.len() as u32).to_le_bytes());
+            for p in &r.points {
+                put_str(&mut out, &p.name);
+                out.extend_from_slice(&p.replay_seg.to_le_bytes());
+            }
+        } else {
+            debug_assert_eq!(self.retention, Retention::default(), "retention needs v3");
         }
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
@@ -219,6 +255,11 @@ impl Manifest {
                 appended_bytes: r.u64()?,
             }),
         };
+        let retention = if version >= 3 {
+            decode_retention(&mut r, &snapshots)?
+        } else {
+            Retention::default()
+        };
         r.finish()?;
         Ok(Manifest {
             version,
@@ -236,8 +277,36 @@ impl Manifest {
             writer,
             snapshots,
             counters,
+            retention,
         })
     }
+}
+
+/// The v3 retention fields. Each point names a snapshot entry with the
+/// reserved prefix, and each such entry is a point: the two lists agree.
+fn decode_retention(r: &mut Reader<'_>, snapshots: &[SnapshotEntry]) -> Result<Retention> {
+    let window_ms = r.u64()?;
+    let count = r.u32()? as usize;
+    let reserved = snapshots
+        .iter()
+        .filter(|s| s.name.starts_with(RETENTION_POINT_PREFIX))
+        .count();
+    if count != reserved || (window_ms == 0 && count > 0) {
+        return Err(FormatError::Invalid("retention points"));
+    }
+    let mut points: Vec<RetentionPoint> = Vec::with_capacity(count);
+    for _ in 0..count {
+        let name = get_str(r)?;
+        let replay_seg = r.u32()?;
+        let known = name.starts_with(RETENTION_POINT_PREFIX)
+            && snapshots.iter().any(|s| s.name == name)
+            && !points.iter().any(|p| p.name == name);
+        if !known || replay_seg == 0 {
+            return Err(FormatError::Invalid("retention point"));
+        }
+        points.push(RetentionPoint { name, replay_seg });
+    }
+    Ok(Retention { window_ms, points })
 }
 
 #[cfg(test)]
@@ -268,23 +337,79 @@ mod tests {
                 pid: 9,
                 since_ms: 5,
             }),
-            snapshots: vec![SnapshotEntry {
-                name: "before-upgrade".into(),
-                checkpoint: Entry {
-                    seg: 4,
-                    off: 8,
-                    crc: 2,
+            snapshots: vec![
+                SnapshotEntry {
+                    name: "before-upgrade".into(),
+                    checkpoint: Entry {
+                        seg: 4,
+                        off: 8,
+                        crc: 2,
+                    },
+                    lsn: 1000,
+                    created_ms: 950,
+                    automatic: true,
                 },
-                lsn: 1000,
-                created_ms: 950,
-                automatic: true,
-            }],
+                SnapshotEntry {
+                    name: "-retain-1100".into(),
+                    checkpoint: Entry {
+                        seg: 5,
+                        off: 70,
+                        crc: 3,
+                    },
+                    lsn: 1100,
+                    created_ms: 990,
+                    automatic: true,
+                },
+            ],
             counters: Some(LogCounters {
                 since_ms: 900,
                 written_bytes: 1 << 30,
                 appended_bytes: 3 << 29,
             }),
+            retention: Retention {
+                window_ms: 3_600_000,
+                points: vec![RetentionPoint {
+                    name: "-retain-1100".into(),
+                    replay_seg: 6,
+                }],
+            },
         }
+    }
+
+    #[test]
+    fn retention_points_and_their_snapshots_must_agree() {
+        let bad = |edit: &dyn Fn(&mut Manifest)| {
+            let mut m = sample();
+            edit(&mut m);
+            Manifest::decode(&m.encode())
+        };
+        assert!(bad(&|_| {}).is_ok());
+        assert!(
+            bad(&|m| m.retention.points.clear()).is_err(),
+            "an entry without its point"
+        );
+        assert!(
+            bad(&|m| m.snapshots.truncate(1)).is_err(),
+            "a point without its entry"
+        );
+        assert!(
+            bad(&|m| m.retention.window_ms = 0).is_err(),
+            "points while off"
+        );
+        assert!(bad(&|m| m.retention.points[0].replay_seg = 0).is_err());
+        assert!(
+            bad(&|m| {
+                m.snapshots[1].name = "plain".into();
+                m.retention.points[0].name = "plain".into();
+            })
+            .is_err(),
+            "a point without the reserved name"
+        );
+        let off = bad(&|m| {
+            m.snapshots.truncate(1);
+            m.retention = Retention::default();
+        });
+        assert_eq!(off.unwrap().retention, Retention::default());
     }
 
     #[test]
@@ -324,6 +449,7 @@ mod tests {
             writer: None,
             snapshots: Vec::new(),
             counters,
+            retention: Retention::default(),
         };
         let hex = |m: &Manifest| {
             let bytes = m.encode();
@@ -341,15 +467,45 @@ mod tests {
             v2.ends_with(&format!("{}7b8babbf", "00".repeat(24 + 2))),
             "{v2}"
         );
+        let v3 = hex(&Manifest {
+            retention: Retention {
+                window_ms: 3_600_000,
+                points: Vec::new(),
+            },
+            ..new_volume(3, Some(LogCounters::default()))
+        });
+        assert_eq!(v3.len(), 2 * 154);
+        assert!(v3.starts_with("484c4d460300"), "{v3}");
+        assert!(
+            v3.ends_with(&format!(
+                "{}80ee360000000000{}7a7f3b86",
+                "00".repeat(24),
+                "00".repeat(4)
+            )),
+            "{v3}"
+        );
     }
 
     #[test]
-    fn v1_and_v2_manifests_decode_and_later_ones_are_refused() {
-        for (version, counters) in [(FORMAT_V1, None), (FORMAT_VERSION, sample().counters)] {
+    fn v1_to_v3_manifests_decode_and_later_ones_are_refused() {
+        let before_v3 = Manifest {
+            snapshots: sample().snapshots[..1].to_vec(),
+            retention: Retention::default(),
+            ..sample()
+        };
+        for (version, counters) in [
+            (FORMAT_V1, None),
+            (2, sample().counters),
+            (FORMAT_VERSION, sample().counters),
+        ] {
             let m = Manifest {
                 version,
                 counters,
-                ..sample()
+                ..if version >= 3 {
+                    sample()
+                } else {
+                    before_v3.clone()
+                }
             };
             let bytes = m.encode();
             assert_eq!(bytes[4..6], version.to_le_bytes());

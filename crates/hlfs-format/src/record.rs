@@ -32,6 +32,11 @@ pub enum RecordKind {
     /// snapshots alone (the head no longer holds them). Only map pages
     /// point at them; recovery never replays them into the head.
     Copy = 6,
+    /// Format v3. `arg0` = a time (ms since the epoch), `arg1` = 0; no
+    /// payload. Written while a retention window is on: the records after
+    /// it, up to the next Mark, were appended in that millisecond. Recovery
+    /// skips it.
+    Mark = 7,
 }
 
 impl RecordKind {
@@ -43,6 +48,7 @@ impl RecordKind {
             4 => RecordKind::Checkpoint,
             5 => RecordKind::Resize,
             6 => RecordKind::Copy,
+            7 => RecordKind::Mark,
             other => return Err(FormatError::UnknownKind(other)),
         })
     }
@@ -52,6 +58,7 @@ impl RecordKind {
     pub fn version(self) -> u16 {
         match self {
             RecordKind::Copy => 2,
+            RecordKind::Mark => 3,
             _ => FORMAT_V1,
         }
     }
@@ -178,7 +185,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<RecordHeader> {
         RecordKind::Data | RecordKind::Copy | RecordKind::MapPage | RecordKind::Checkpoint => {
             payload_len > 0
         }
-        RecordKind::Zero | RecordKind::Resize => payload_len == 0,
+        RecordKind::Zero | RecordKind::Resize | RecordKind::Mark => payload_len == 0,
     };
     if !payload_ok {
         return Err(FormatError::Invalid("payload length for record kind"));
@@ -337,9 +344,24 @@ mod tests {
         assert_eq!(copy[4..6], 2u16.to_le_bytes());
         let h = decode_header(&copy).unwrap();
         assert_eq!((h.kind, h.arg0, h.arg1), (RecordKind::Copy, 100, 1));
+        let mark = encode_record(RecordKind::Mark, &VOL, 7, 1_700_000_000_000, 0, &[]);
+        assert_eq!(mark[4..6], 3u16.to_le_bytes());
+        let h = decode_header(&mark).unwrap();
+        assert_eq!((h.kind, h.arg0), (RecordKind::Mark, 1_700_000_000_000));
+        assert!(
+            decode_header(&encode_record(RecordKind::Mark, &VOL, 7, 1, 0, &[1])).is_err(),
+            "a mark with a payload"
+        );
         // A kind under another version's number is refused, and so is a
         // version from the future.
-        for (record, version) in [(&data, 2u16), (&copy, 1), (&data, 3), (&copy, 3)] {
+        for (record, version) in [
+            (&data, 2u16),
+            (&copy, 1),
+            (&data, 3),
+            (&copy, 3),
+            (&mark, 2),
+            (&mark, 4),
+        ] {
             let mut bad = record.clone();
             bad[4..6].copy_from_slice(&version.to_le_bytes());
             assert!(decode_header(&bad).is_err(), "version {version} accepted");

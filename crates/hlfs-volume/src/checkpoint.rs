@@ -203,7 +203,10 @@ impl Core {
         };
         self.write_manifest(&*self.store.clone(), |m| {
             head.apply(m);
-            edit(m, cp_at, cp_lsn)
+            edit(m, cp_at, cp_lsn)?;
+            // An edit that points the head at another tree reset it.
+            self.note_head(m, m.checkpoint != cp_at);
+            Ok(())
         })
         .await?;
         w.changed = false;

@@ -851,20 +851,6 @@ impl Core {
         Ok(copied)
     }
 
-    /// Makes the manifest say the volume's format is `version` at least,
-    /// before anything of that version is written: binaries that do not
-    /// know it then refuse the volume instead of misreading its log.
-    async fn allow_format(&self, version: u16) -> Result<()> {
-        if self.manifests.read(|m| m.version) >= version {
-            return Ok(());
-        }
-        self.write_manifest(&*self.store, |m| {
-            m.version = m.version.max(version);
-            Ok(())
-        })
-        .await
-    }
-
     /// Deletes a segment no root reaches, and forgets it here.
     async fn delete_segment(&self, id: u32) -> Result<()> {
         match self.store.delete(&segment_name(id)).await {

@@ -62,6 +62,29 @@ use crate::segments::Segments;
 use crate::stats::ViewHeld;
 use crate::upload::Uploads;
 
+/// What an open volume shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Shows {
+    Head,
+    /// A snapshot, by name.
+    Snapshot(String),
+    /// A moment of the retention window (ms since the epoch), opened from
+    /// the retention point of this name.
+    Moment {
+        at_ms: u64,
+        point: String,
+    },
+}
+
+impl Shows {
+    pub fn snapshot(&self) -> Option<&str> {
+        match self {
+            Shows::Snapshot(name) => Some(name),
+            _ => None,
+        }
+    }
+}
+
 pub(crate) struct Core {
     pub backend: Backend,
     /// The store for requests someone waits on (retried within the store
@@ -101,8 +124,8 @@ pub(crate) struct Core {
     /// A read-only view's root, which this process's cleaning keeps.
     #[expect(dead_code, reason = "held only to be dropped with the view")]
     pub view_root: Option<ViewHeld>,
-    /// The snapshot a read-only view shows; None for the head.
-    pub snapshot: Option<String>,
+    /// What a read-only view shows (the head for a writable volume).
+    pub shows: Shows,
     /// Recent answers of `changes_since`, newest last.
     pub changes: Mutex<Vec<(ChangesKey, Arc<Diff>)>>,
 }
@@ -191,5 +214,19 @@ impl Core {
             self.counted.lock().get_or_insert(base);
         }
         Ok(())
+    }
+
+    /// Makes the manifest say the volume's format is `version` at least,
+    /// before anything of that version is written: binaries that do not
+    /// know it then refuse the volume instead of misreading its log.
+    pub(crate) async fn allow_format(&self, version: u16) -> Result<()> {
+        if self.manifests.read(|m| m.version) >= version {
+            return Ok(());
+        }
+        self.write_manifest(&*self.store, |m| {
+            m.version = m.version.max(version);
+            Ok(())
+        })
+        .await
     }
 }

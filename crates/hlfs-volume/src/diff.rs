@@ -194,9 +194,9 @@ impl Core {
     /// read-only view shows. A read-only view of the head has replayed
     /// writes no manifest's root holds, so it has no answer.
     pub(crate) async fn changes_since(&self, from: &str) -> Result<Arc<Diff>> {
-        if self.life.read_only() && self.snapshot.is_none() {
+        if self.life.read_only() && self.shows.snapshot().is_none() {
             return Err(VolumeError::InvalidArgument(
-                "a read-only view of the head has no changes to list: open a snapshot, or the volume for writing".into(),
+                "a read-only view of the head or of a moment has no changes to list: open a snapshot, or the volume for writing".into(),
             ));
         }
         if !self.life.read_only() {

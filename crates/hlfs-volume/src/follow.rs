@@ -16,7 +16,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 use crate::backend::Backend;
-use crate::core::Core;
+use crate::core::{Core, Shows};
 use crate::error::{Result, VolumeError};
 use crate::open;
 use crate::options::{OpenOptions, View};
@@ -29,8 +29,9 @@ pub(crate) struct Follow {
     current: RwLock<Arc<Core>>,
     backend: Backend,
     opts: OpenOptions,
-    /// The snapshot the view shows, by name and LSN; None for the head.
-    snapshot: Option<(String, u64)>,
+    /// What the view shows, and for a snapshot its LSN.
+    shows: Shows,
+    lsn: u64,
     reopening: tokio::sync::Mutex<()>,
     reopens: AtomicU64,
     /// Set once a reopen found the snapshot deleted: later requests fail
@@ -40,19 +41,19 @@ pub(crate) struct Follow {
 
 impl Follow {
     pub fn new(core: Arc<Core>, backend: Backend, opts: OpenOptions) -> Follow {
-        let snapshot = core.snapshot.clone().map(|name| {
-            let lsn = core
-                .snapshots()
+        let shows = core.shows.clone();
+        let lsn = shows.snapshot().map_or(0, |name| {
+            core.snapshots()
                 .iter()
                 .find(|s| s.name == name)
-                .map_or(0, |s| s.lsn);
-            (name, lsn)
+                .map_or(0, |s| s.lsn)
         });
         Follow {
             current: RwLock::new(core),
             backend,
             opts,
-            snapshot,
+            shows,
+            lsn,
             reopening: tokio::sync::Mutex::new(()),
             reopens: AtomicU64::new(0),
             gone: AtomicBool::new(false),
@@ -109,14 +110,24 @@ impl Follow {
             return Ok(false);
         }
         if self.gone.load(Ordering::Relaxed) {
-            let name = self.snapshot().unwrap_or_default().to_string();
-            return Err(VolumeError::SnapshotNotFound(name));
+            return Err(VolumeError::SnapshotNotFound(self.gone_name()));
         }
         tracing::info!(volume = %core.location(), segment = %name,
             "a segment this view reads was cleaned away; reopening at the newest manifest");
         self.reopen(core).await?;
         *reopens += 1;
         Ok(true)
+    }
+
+    /// What a view whose snapshot or moment is gone says it missed.
+    fn gone_name(&self) -> String {
+        match &self.shows {
+            Shows::Moment { at_ms, .. } => format!(
+                "(the moment {} has left the retention window)",
+                crate::info::utc(*at_ms)
+            ),
+            shows => shows.snapshot().unwrap_or_default().to_string(),
+        }
     }
 
     pub fn reopens(&self) -> u64 {
@@ -128,7 +139,15 @@ impl Follow {
     }
 
     pub fn snapshot(&self) -> Option<&str> {
-        self.snapshot.as_ref().map(|(name, _)| name.as_str())
+        self.shows.snapshot()
+    }
+
+    /// The moment of the retention window the view shows, if it does.
+    pub fn moment(&self) -> Option<u64> {
+        match self.shows {
+            Shows::Moment { at_ms, .. } => Some(at_ms),
+            _ => None,
+        }
     }
 
     /// Replaces `stale` with a view of the newest manifest, unless another
@@ -138,9 +157,10 @@ impl Follow {
         if !Arc::ptr_eq(&self.current(), stale) {
             return Ok(());
         }
-        let view = match &self.snapshot {
-            Some((name, _)) => View::Snapshot(name.clone()),
-            None => View::Head,
+        let view = match &self.shows {
+            Shows::Head => View::Head,
+            Shows::Snapshot(name) => View::Snapshot(name.clone()),
+            Shows::Moment { at_ms, .. } => View::AsOf(*at_ms),
         };
         let fresh = match open::open_read_only(self.backend.clone(), &self.opts, view).await {
             Err(VolumeError::SnapshotNotFound(name)) => {
@@ -149,15 +169,19 @@ impl Follow {
             }
             opened => opened?,
         };
-        if let Some((name, lsn)) = &self.snapshot {
-            let same = fresh
+        // The same snapshot (by name and LSN), or the same moment from
+        // the same point: contents cleaning moved, never changed.
+        let same = match &self.shows {
+            Shows::Head => true,
+            Shows::Snapshot(name) => fresh
                 .snapshots()
                 .iter()
-                .any(|s| &s.name == name && s.lsn == *lsn);
-            if !same {
-                self.gone.store(true, Ordering::Relaxed);
-                return Err(VolumeError::SnapshotNotFound(name.clone()));
-            }
+                .any(|s| &s.name == name && s.lsn == self.lsn),
+            Shows::Moment { .. } => fresh.shows == self.shows,
+        };
+        if !same {
+            self.gone.store(true, Ordering::Relaxed);
+            return Err(VolumeError::SnapshotNotFound(self.gone_name()));
         }
         // Requests still running on the stale view finish on it.
         *self.current.write() = fresh;

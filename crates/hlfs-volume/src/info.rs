@@ -59,7 +59,13 @@ impl Core {
             allocated_bytes: self.allocated_bytes(),
             stored_bytes: stored,
             format_version: m.version,
-            snapshots: m.snapshots.iter().map(SnapshotInfo::from).collect(),
+            snapshots: m
+                .snapshots
+                .iter()
+                .filter(|s| !crate::retain::is_point(&s.name))
+                .map(SnapshotInfo::from)
+                .collect(),
+            retention: crate::retain::info(&m),
             writer: m.writer.map(|w| format!("process {} on {}", w.pid, w.host)),
             created_ms: m.volume_created_ms,
         })

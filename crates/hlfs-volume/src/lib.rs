@@ -21,6 +21,7 @@
 //! | `upload` | the upload task and the backlog writers wait on |
 //! | `runner` | the background-task runner |
 //! | `snapshot` | snapshots and rollback |
+//! | `retain` | the retention window: time marks, retention points |
 //! | `clean` | segment cleaning |
 //! | `info`, `check` | what a volume says of itself, and verification |
 //! | `figures` | what an open volume is doing, for monitoring |
@@ -49,6 +50,7 @@ mod open;
 mod options;
 mod read;
 mod recovery;
+mod retain;
 mod runner;
 mod segments;
 mod snapshot;
@@ -71,9 +73,10 @@ pub use hlfs_store::{CephSettings, StoreError};
 pub use info::utc;
 pub use map::PageCache;
 pub use options::{
-    AutoClean, CreateOptions, Durability, Extent, OpenOptions, Prewrite, SnapshotInfo, View,
-    VolumeInfo,
+    AutoClean, CreateOptions, Durability, Extent, OpenOptions, Prewrite, RetentionInfo,
+    SnapshotInfo, View, VolumeInfo,
 };
+pub use retain::MAX_RETAIN_MS;
 pub use snapshot::validate_snapshot_name;
 pub use stats::{space, SegmentSpace, SnapshotSpace, SpaceStats};
 pub use volume::Volume;

@@ -55,6 +55,8 @@ pub(crate) struct Writer {
     pub bytes_since_checkpoint: u64,
     /// The last LSN in a retired journal file.
     pub sealed_lsn: u64,
+    /// The time of the last Mark this open appended (0: none yet).
+    pub last_mark_ms: u64,
 }
 
 /// Journal files not yet stored: the one appended to and those retired,
@@ -90,6 +92,11 @@ pub(crate) struct Log {
     pub window: Arc<Window>,
     /// Seals append no checkpoint while set (`hold_checkpoints`).
     checkpoints_held: AtomicBool,
+    /// A retention window is on: client records follow time marks.
+    pub marking: AtomicBool,
+    /// The time of the last Mark appended, for points made outside the
+    /// writer lock (`Core::note_head`).
+    pub last_mark_ms: AtomicU64,
 }
 
 /// Keeps seals from appending a checkpoint while it lives.
@@ -145,6 +152,7 @@ impl Log {
                 sealed_since_checkpoint: 0,
                 bytes_since_checkpoint: 0,
                 sealed_lsn: 0,
+                last_mark_ms: 0,
             }),
             files: Mutex::new(OpenFiles::default()),
             sync_turn: tokio::sync::Mutex::new(()),
@@ -158,6 +166,8 @@ impl Log {
             counts: LogCounts::default(),
             window: Arc::new(window),
             checkpoints_held: AtomicBool::new(false),
+            marking: AtomicBool::new(false),
+            last_mark_ms: AtomicU64::new(0),
         }
     }
 

@@ -6,12 +6,12 @@
 //! seals what is unsealed, waits for every upload, releases the claim and
 //! stops the tasks.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hlfs_format::{
-    journal_name, manifest_name, Checkpoint, Entry, LogCounters, Manifest, WriterClaim,
+    journal_name, manifest_name, Checkpoint, Entry, LogCounters, Manifest, Retention, WriterClaim,
     FORMAT_VERSION, MAX_BLOCK_SIZE, MAX_SEGMENT_SIZE, MIN_BLOCK_SIZE, MIN_SEGMENT_SIZE,
 };
 use hlfs_store::{JournalLock, StoreError};
@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use crate::backend::Backend;
 use crate::cache::Reservation;
 use crate::clean;
-use crate::core::Core;
+use crate::core::{Core, Shows};
 use crate::error::{Result, VolumeError};
 use crate::info::utc;
 use crate::lifecycle::{Lifecycle, Need};
@@ -122,6 +122,7 @@ pub(crate) async fn create(backend: &Backend, opts: &CreateOptions) -> Result<()
             since_ms: now,
             ..LogCounters::default()
         }),
+        retention: Retention::default(),
     };
     match store
         .put_if_absent(&manifest_name(1), m.encode().into())
@@ -160,8 +161,8 @@ pub(crate) async fn open(backend: Backend, opts: &OpenOptions) -> Result<(Arc<Co
         // Same host and we hold the journal lock: that writer is gone.
         tracing::warn!(volume = %backend.location, pid = w.pid, "taking over from a writer that did not close the volume");
     }
-    let core = load(backend, manifest, false, None, opts).await?;
-    core.recover().await?;
+    let core = load(backend, manifest, false, Shows::Head, opts).await?;
+    core.recover(None).await?;
     let held = Arc::new(Held::new(&core));
     let lock = Arc::new(lock);
     *held.lock.lock() = Some(lock.clone());
@@ -199,6 +200,17 @@ pub(crate) async fn open(backend: Backend, opts: &OpenOptions) -> Result<(Arc<Co
         tracing::warn!(volume = %core.location(), "an import-diff was cut off; rolling back what it wrote");
         core.end_import(None).await?;
     }
+    let (retaining, first) = core
+        .manifests
+        .read(|m| (m.retention.window_ms > 0, m.retention.points.is_empty()));
+    if retaining {
+        core.log.marking.store(true, Ordering::Relaxed);
+        if first {
+            // The window starts with a point (`hlfs create --retain`).
+            let mut w = core.log.writer.lock().await;
+            core.checkpoint(&mut w, true, |_, _, _| Ok(())).await?;
+        }
+    }
     Ok((core, held))
 }
 
@@ -221,28 +233,40 @@ pub(crate) async fn open_read_only(
                 .cloned()
                 .ok_or_else(|| VolumeError::SnapshotNotFound(name.clone()))?,
         ),
-        View::AsOf(t) => Some(
-            manifest
-                .snapshots
-                .iter()
-                .filter(|s| s.created_ms <= *t && s.name != IMPORT_GUARD)
-                .max_by_key(|s| (s.created_ms, s.lsn))
-                .cloned()
-                .ok_or_else(|| {
-                    VolumeError::SnapshotNotFound(format!("(none taken at or before {})", utc(*t)))
-                })?,
-        ),
+        View::AsOf(t) => {
+            if let Some(point) = crate::retain::point_for(&manifest, *t) {
+                return open_moment(backend, manifest, point, *t, opts).await;
+            }
+            Some(
+                manifest
+                    .snapshots
+                    .iter()
+                    .filter(|s| {
+                        s.created_ms <= *t
+                            && s.name != IMPORT_GUARD
+                            && !crate::retain::is_point(&s.name)
+                    })
+                    .max_by_key(|s| (s.created_ms, s.lsn))
+                    .cloned()
+                    .ok_or_else(|| {
+                        VolumeError::SnapshotNotFound(format!(
+                            "(none taken at or before {})",
+                            utc(*t)
+                        ))
+                    })?,
+            )
+        }
     };
     if let Some(s) = snap {
         manifest.checkpoint = s.checkpoint;
-        return load(backend, manifest, true, Some(s.name), opts).await;
+        return load(backend, manifest, true, Shows::Snapshot(s.name), opts).await;
     }
     // The head of a volume a writer is using: its journal can be sealed
     // and removed while we read it. Start again from the newer manifest.
     let mut attempt = 1;
     loop {
-        let core = load(backend.clone(), manifest, true, None, opts).await?;
-        match core.recover().await {
+        let core = load(backend.clone(), manifest, true, Shows::Head, opts).await?;
+        match core.recover(None).await {
             Err(VolumeError::Store(StoreError::NotFound(what))) if attempt < HEAD_OPEN_ATTEMPTS => {
                 tracing::debug!(%what, attempt, "the writer sealed a journal while we read it; retrying");
                 attempt += 1;
@@ -253,13 +277,61 @@ pub(crate) async fn open_read_only(
     }
 }
 
+/// Opens moment `t` of the retention window: the tree of `point`, then
+/// the log after it up to the first time mark later than `t`.
+async fn open_moment(
+    backend: Backend,
+    mut manifest: Manifest,
+    mut point: crate::retain::Point,
+    t: u64,
+    opts: &OpenOptions,
+) -> Result<Arc<Core>> {
+    let store = backend.requests();
+    let mut attempt = 1;
+    loop {
+        manifest.checkpoint = point.entry.checkpoint;
+        manifest.replay_from_seg = point.replay_seg;
+        manifest.replay_from_lsn = point.entry.lsn + 1;
+        let shows = Shows::Moment {
+            at_ms: t,
+            point: point.entry.name.clone(),
+        };
+        let opened = match load(backend.clone(), manifest, true, shows, opts).await {
+            Ok(core) => core.recover(Some(t)).await.map(|()| core),
+            Err(e) => Err(e),
+        };
+        match opened {
+            // A journal the writer stored meanwhile, or a segment of the
+            // point's tree that cleaning moved: the newer manifest says
+            // where the point is now.
+            Err(
+                VolumeError::Store(StoreError::NotFound(what)) | VolumeError::SegmentMissing(what),
+            ) if attempt < HEAD_OPEN_ATTEMPTS => {
+                tracing::debug!(%what, attempt, "the log or the point moved while we read it; retrying");
+                attempt += 1;
+                manifest = latest_manifest(&*store, &backend.location).await?;
+                point = crate::retain::point_for(&manifest, t)
+                    .filter(|p| p.entry.name == point.entry.name)
+                    .ok_or_else(|| {
+                        VolumeError::SnapshotNotFound(format!(
+                            "(the moment {} left the retention window)",
+                            utc(t)
+                        ))
+                    })?;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Builds the in-memory volume from a manifest and its checkpoint, which
-/// for a view of a snapshot is that snapshot's.
+/// for a view of a snapshot is that snapshot's, and for a moment its
+/// retention point's (the manifest then says where its replay starts).
 async fn load(
     backend: Backend,
     manifest: Manifest,
     read_only: bool,
-    snapshot: Option<String>,
+    shows: Shows,
     opts: &OpenOptions,
 ) -> Result<Arc<Core>> {
     let uuid = manifest.volume;
@@ -299,15 +371,17 @@ async fn load(
         uploads.lease(),
         backend.journal.clone(),
     );
-    let log = Log::new(
-        manifest.next_seg,
-        manifest.replay_from_lsn.max(cp_lsn + 1),
-        window,
-    );
+    // A moment replays from its point's LSN exactly: cleaning may have
+    // moved the point's tree to a later checkpoint record.
+    let first_lsn = match shows {
+        Shows::Moment { .. } => manifest.replay_from_lsn,
+        _ => manifest.replay_from_lsn.max(cp_lsn + 1),
+    };
+    let log = Log::new(manifest.next_seg, first_lsn, window);
     // Cleaning by this process keeps what a view of a snapshot reads once
     // the snapshot is deleted. Until then, and for a view of the head, the
     // view follows the volume as readers elsewhere do (`follow.rs`).
-    let view_root = snapshot.as_deref().and_then(|name| {
+    let view_root = shows.snapshot().and_then(|name| {
         let s = manifest.snapshots.iter().find(|s| s.name == name)?;
         Some(ViewRoot::hold(uuid, s.checkpoint, name, s.lsn))
     });
@@ -332,7 +406,7 @@ async fn load(
         last_client_op: AtomicU64::new(0),
         cleaning_stopped: tokio::sync::watch::Sender::new(false),
         view_root,
-        snapshot,
+        shows,
         changes: Mutex::new(Vec::new()),
         clock: backend.clock.clone(),
         store,

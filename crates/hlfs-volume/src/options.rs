@@ -130,6 +130,8 @@ pub enum Durability {
     Remote,
 }
 
+pub use crate::retain::RetentionInfo;
+
 /// Which image a read-only open shows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum View {
@@ -137,7 +139,9 @@ pub enum View {
     Head,
     /// A snapshot by name.
     Snapshot(String),
-    /// The newest snapshot taken at or before this time (ms since the epoch).
+    /// The volume as it was at this time (ms since the epoch): inside the
+    /// retention window, exactly; outside it, the newest snapshot taken at
+    /// or before it.
     AsOf(u64),
 }
 
@@ -181,4 +185,5 @@ pub struct VolumeInfo {
     pub snapshots: Vec<SnapshotInfo>,
     pub writer: Option<String>,
     pub created_ms: u64,
+    pub retention: RetentionInfo,
 }

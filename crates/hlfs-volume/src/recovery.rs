@@ -37,12 +37,16 @@ struct Replayed {
     valid_len: u64,
     /// The log ends in this segment: nothing after it may be replayed.
     ended: bool,
+    /// A time mark past the moment being opened was reached.
+    past_moment: bool,
 }
 
 impl Core {
     /// Replays the log after the head checkpoint. Writable opens then seal
-    /// recovered journals and open one to append to.
-    pub(crate) async fn recover(&self) -> Result<()> {
+    /// recovered journals and open one to append to. With `until` (a
+    /// read-only view of a moment), the replay stops at the first time
+    /// mark later than it.
+    pub(crate) async fn recover(&self, until: Option<u64>) -> Result<()> {
         let m = self.manifests.get();
         let read_only = self.life.read_only();
         let journal = &self.backend.journal;
@@ -106,8 +110,20 @@ impl Core {
                 }
                 let reader = self.store.clone().open_reader(&segment_name(id)).await?;
                 let source = ScanSource::Store(reader);
-                self.replay(id, source, size, Origin::Stored, from_lsn, &mut expected)
+                let replayed = self
+                    .replay(
+                        id,
+                        source,
+                        size,
+                        Origin::Stored,
+                        from_lsn,
+                        until,
+                        &mut expected,
+                    )
                     .await?;
+                if replayed.past_moment {
+                    break;
+                }
                 continue;
             }
             if ended.is_some() || id < m.replay_from_seg {
@@ -134,8 +150,19 @@ impl Core {
             };
             let first_lsn = expected;
             let replayed = self
-                .replay(id, source, len, Origin::Journal, from_lsn, &mut expected)
+                .replay(
+                    id,
+                    source,
+                    len,
+                    Origin::Journal,
+                    from_lsn,
+                    until,
+                    &mut expected,
+                )
                 .await?;
+            if replayed.past_moment {
+                break;
+            }
             if replayed.ended {
                 ended = Some(id);
             }
@@ -190,7 +217,9 @@ impl Core {
     }
 
     /// Replays the records of segment `seg` from LSN `from_lsn` on,
-    /// expecting them in sequence from `expected` (which it advances).
+    /// expecting them in sequence from `expected` (which it advances), up
+    /// to a time mark later than `until`.
+    #[allow(clippy::too_many_arguments)]
     async fn replay(
         &self,
         seg: u32,
@@ -198,6 +227,7 @@ impl Core {
         len: u64,
         origin: Origin,
         from_lsn: u64,
+        until: Option<u64>,
         expected: &mut u64,
     ) -> Result<Replayed> {
         let damaged = |offset: u64, why: String| {
@@ -211,6 +241,13 @@ impl Core {
                         continue;
                     }
                     if h.lsn == *expected {
+                        if h.kind == RecordKind::Mark && until.is_some_and(|t| h.arg0 > t) {
+                            return Ok(Replayed {
+                                valid_len: off,
+                                ended: true,
+                                past_moment: true,
+                            });
+                        }
                         self.apply(seg, off, &h, &payload).await?;
                         *expected += 1;
                         continue;
@@ -224,6 +261,7 @@ impl Core {
                     return Ok(Replayed {
                         valid_len: len,
                         ended: false,
+                        past_moment: false,
                     })
                 }
                 // In a journal, the window written ahead of the log (a
@@ -256,6 +294,7 @@ impl Core {
                     Ok(Replayed {
                         valid_len: offset,
                         ended: true,
+                        past_moment: false,
                     })
                 }
             };
@@ -310,7 +349,9 @@ impl Core {
             }
             // Only map pages point at copies (a snapshot's, or the head's
             // rolled back to one): replay never gives them to the head.
-            RecordKind::MapPage | RecordKind::Checkpoint | RecordKind::Copy => Ok(()),
+            RecordKind::MapPage | RecordKind::Checkpoint | RecordKind::Copy | RecordKind::Mark => {
+                Ok(())
+            }
         }
     }
 }

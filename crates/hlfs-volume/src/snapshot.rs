@@ -52,9 +52,15 @@ fn unused_name(m: &Manifest, base: &str, stamp: u64) -> String {
 }
 
 impl Core {
+    /// The snapshots, without the retention points.
     pub(crate) fn snapshots(&self) -> Vec<SnapshotInfo> {
-        self.manifests
-            .read(|m| m.snapshots.iter().map(SnapshotInfo::from).collect())
+        self.manifests.read(|m| {
+            m.snapshots
+                .iter()
+                .filter(|s| !crate::retain::is_point(&s.name))
+                .map(SnapshotInfo::from)
+                .collect()
+        })
     }
 
     fn find_snapshot(&self, name: &str) -> Option<SnapshotEntry> {

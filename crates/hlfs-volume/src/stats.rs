@@ -44,8 +44,9 @@ pub struct SegmentSpace {
     /// holds (alone or with other roots). Cleaning leaves such a segment
     /// alone: the view would keep it however much the pass copied out.
     pub view_bytes: u64,
-    /// Written after the head checkpoint: recovery replays it, so it counts
-    /// as wholly live and is no candidate for cleaning.
+    /// Written after the head checkpoint, or after the oldest retention
+    /// point: recovery, or the opening of a moment, replays it, so it
+    /// counts as wholly live and is no candidate for cleaning.
     pub recent: bool,
 }
 
@@ -330,6 +331,7 @@ pub async fn space(backend: Backend) -> Result<SpaceStats> {
             .snapshots
             .iter()
             .zip(&tally.only[1..])
+            .filter(|(s, _)| !crate::retain::is_point(&s.name))
             .map(|(s, &only_bytes)| SnapshotSpace {
                 name: s.name.clone(),
                 only_bytes,
@@ -337,11 +339,16 @@ pub async fn space(backend: Backend) -> Result<SpaceStats> {
             .collect(),
         ..SpaceStats::default()
     };
+    // What recovery replays, and what a moment of the retention window may.
+    let replay_floor = crate::retain::replay_floor(&manifest)
+        .map_or(manifest.replay_from_seg, |f| {
+            f.min(manifest.replay_from_seg)
+        });
     for blob in store.list("segments/").await? {
         let Some(id) = parse_segment_name(&blob.name) else {
             continue;
         };
-        let recent = id >= manifest.replay_from_seg;
+        let recent = id >= replay_floor;
         let counted = tally.live.remove(&id).unwrap_or(0);
         let live_bytes = if recent { blob.size } else { counted };
         stats.segments.push(SegmentSpace {

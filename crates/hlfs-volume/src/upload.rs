@@ -280,6 +280,7 @@ async fn finish_upload(core: &Arc<Core>, sealing: Sealing) -> Result<()> {
         let store = core.uploads.store.clone();
         core.write_manifest(&*store, |m| {
             head.apply(m);
+            core.note_head(m, false);
             Ok(())
         })
         .await?;

@@ -15,7 +15,9 @@ use crate::diff::Diff;
 use crate::error::Result;
 use crate::follow::Follow;
 use crate::open::{self, Held};
-use crate::options::{CreateOptions, Extent, OpenOptions, SnapshotInfo, View, VolumeInfo};
+use crate::options::{
+    CreateOptions, Extent, OpenOptions, RetentionInfo, SnapshotInfo, View, VolumeInfo,
+};
 
 /// An open volume. Cheap to clone; every clone is the same volume, and all
 /// methods may be called from many tasks at once.
@@ -196,6 +198,27 @@ impl Volume {
     /// Grows the volume to `new_size` bytes; the new space reads as zeros.
     pub async fn resize(&self, new_size: u64) -> Result<()> {
         self.core().resize(new_size).await
+    }
+
+    /// Turns the retention window on for `window_ms` (a first retention
+    /// point is taken now) or, with 0, off (its points are dropped, and
+    /// cleaning may take what only they held).
+    pub async fn set_retention(&self, window_ms: u64) -> Result<()> {
+        self.core().set_retention(window_ms).await
+    }
+
+    /// The retention window, as the manifest this open knows says.
+    pub fn retention(&self) -> RetentionInfo {
+        self.core().manifests.read(crate::retain::info)
+    }
+
+    /// The moment of the retention window a read-only view shows, if it
+    /// was opened at one (`View::AsOf` inside the window).
+    pub fn moment(&self) -> Option<u64> {
+        match &self.engine {
+            Engine::Writable { .. } => None,
+            Engine::View(follow) => follow.moment(),
+        }
     }
 
     /// The snapshots, oldest first.

@@ -86,6 +86,7 @@ impl Core {
             merged[skip as usize..tail].copy_from_slice(src);
             &merged
         };
+        self.mark_time(w)?;
         let entries = self.append_blocks(w, RecordKind::Data, first, payload)?;
         w.changed = true;
         self.map_op(|m, pins| m.set(first, &entries, pins)).await?;
@@ -161,6 +162,7 @@ impl Core {
             if tail_start < end {
                 self.write_zero_bytes(&mut w, tail_start, end).await?;
             }
+            self.mark_time(&mut w)?;
             let header = encode_header(
                 RecordKind::Zero,
                 &self.uuid,
@@ -220,6 +222,7 @@ impl Core {
         if new_size == size {
             return Ok(());
         }
+        self.mark_time(&mut w)?;
         let header = encode_header(RecordKind::Resize, &self.uuid, w.next_lsn, new_size, 0, &[]);
         self.append(&mut w, &[&header])?;
         w.changed = true;

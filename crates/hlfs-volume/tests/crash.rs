@@ -27,6 +27,9 @@ enum Step {
     Reopen,
     /// A cleaning run down to this space target, deleting at once.
     Gc(f64),
+    /// Retention on, with a window of an hour: every durable state after
+    /// it is a moment that must open as it was.
+    Retain,
     /// `import_diff` of the stream `import_stream` makes, from snapshot
     /// `from` (the head must not have changed since) to snapshot `to`;
     /// with `cut`, of the stream cut short, which must fail and change
@@ -151,6 +154,33 @@ fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
             ],
         ),
         (
+            "a retention window, a rollback and cleaning in it",
+            vec![
+                Write(0, 262_144, 1),
+                // Half of each 64 KiB segment of write 1 dies before the
+                // window starts: cleaning may take it.
+                Write(0, 32_768, 2),
+                Write(65_536, 32_768, 3),
+                Write(131_072, 32_768, 4),
+                Write(196_608, 32_768, 5),
+                Flush,
+                Retain,
+                Write(32_768, 32_768, 6),
+                Flush,
+                Snapshot("a"),
+                Write(4096, 8192, 7),
+                Fua(300_000, 70_000, 8),
+                Rollback("a"),
+                Write(8192, 4096, 9),
+                Flush,
+                Gc(1.0),
+                Write(0, 100_000, 10),
+                Flush,
+                Gc(1.0),
+                Write(12_288, 4096, 11),
+            ],
+        ),
+        (
             "an import-diff, and one cut off",
             vec![
                 Write(0, 50_000, 1),
@@ -177,6 +207,8 @@ struct Expect {
     model: Image,
     history: Vec<Image>,
     snapshots: Vec<(String, Image)>,
+    /// With retention on: the durable states, each at its moment.
+    moments: Option<Vec<(u64, Image)>>,
 }
 
 impl Expect {
@@ -186,6 +218,26 @@ impl Expect {
     fn durable(&mut self) {
         self.history = vec![self.model.clone()];
     }
+
+    /// With retention on, the state now is a moment to check; the next
+    /// step's records fall in a later millisecond.
+    async fn moment(&mut self) {
+        let Some(moments) = &mut self.moments else {
+            return;
+        };
+        let now = unix_ms();
+        moments.push((now, self.model.clone()));
+        while unix_ms() <= now {
+            tokio::time::sleep(Duration::from_micros(300)).await;
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 fn options(prewrite: Prewrite) -> OpenOptions {
@@ -203,6 +255,7 @@ async fn run(world: &World, steps: &[Step], prewrite: Prewrite) -> Expect {
         model: Image::new(SIZE),
         history: vec![Image::new(SIZE)],
         snapshots: Vec::new(),
+        moments: None,
     };
     let Ok(mut vol) = Volume::open(world.backend(), &options(prewrite)).await else {
         return e;
@@ -255,6 +308,7 @@ async fn run(world: &World, steps: &[Step], prewrite: Prewrite) -> Expect {
                 };
                 vol.gc(&opts, &|_| {}).await.map(drop)
             }
+            Step::Retain => vol.set_retention(3_600_000).await,
             Step::ImportDiff { from, to, cut } => {
                 let mut stream = import_stream(from, to);
                 if *cut {
@@ -291,7 +345,15 @@ async fn run(world: &World, steps: &[Step], prewrite: Prewrite) -> Expect {
         }
         e.model = after;
         match step {
-            Step::Fua(..) | Step::Flush | Step::Reopen | Step::Rollback(_) => e.durable(),
+            Step::Retain => {
+                e.moments = Some(Vec::new());
+                e.durable();
+                e.moment().await;
+            }
+            Step::Fua(..) | Step::Flush | Step::Reopen | Step::Rollback(_) => {
+                e.durable();
+                e.moment().await;
+            }
             Step::Snapshot(name)
             | Step::ImportDiff {
                 to: name,
@@ -300,6 +362,7 @@ async fn run(world: &World, steps: &[Step], prewrite: Prewrite) -> Expect {
             } => {
                 e.snapshots.push((name.to_string(), e.model.clone()));
                 e.durable();
+                e.moment().await;
             }
             Step::ImportDiff { cut: true, .. } => e.durable(),
             _ => e.changed(),
@@ -348,6 +411,19 @@ async fn verify(after: World, e: &Expect, what: &str, prewrite: Prewrite) {
         vol.snapshots().iter().all(|s| !s.name.starts_with('-')),
         "{what}: an import guard outlived its open"
     );
+    for (t, image) in e.moments.iter().flatten() {
+        let view = Volume::open_read_only(after.backend(), &options(prewrite), View::AsOf(*t))
+            .await
+            .unwrap_or_else(|err| panic!("{what}: moment {t} lost: {err}"));
+        assert_eq!(view.moment(), Some(*t), "{what}: {t} is no moment");
+        assert_eq!(view.size(), image.size, "{what}: size at moment {t}");
+        for (off, len) in common::touched_ranges(std::iter::once(image), image.size) {
+            assert!(
+                view.read(off, len as usize).await.expect("read moment") == image.read(off, len),
+                "{what}: moment {t} changed"
+            );
+        }
+    }
     vol.close().await.expect("close after recovery");
     let report = check(after.backend()).await.expect("check");
     assert!(report.is_ok(), "{what}: check found {:?}", report.problems);

@@ -70,6 +70,12 @@ enum Op {
         at: Pos,
         len: u32,
     },
+    /// A read of a moment inside the retention window, if it is on.
+    ReadMoment {
+        which: u8,
+        at: Pos,
+        len: u32,
+    },
     /// A cleaning run down to this space target (in tenths), deleting at
     /// once.
     Gc {
@@ -110,6 +116,9 @@ struct Config {
     auto_clean: bool,
     /// The journal is written ahead with zeros after every sync.
     prewrite: bool,
+    /// A retention window (ms): an hour (points only at the first
+    /// checkpoint and at resets), or short enough to be pruned as it goes.
+    retain_ms: Option<u64>,
 }
 
 fn config() -> impl Strategy<Value = Config> {
@@ -121,6 +130,7 @@ fn config() -> impl Strategy<Value = Config> {
         proptest::collection::vec(any::<u64>(), 1..5),
         (any::<bool>(), any::<bool>(), proptest::bool::weighted(0.3)),
         proptest::bool::weighted(0.3),
+        prop_oneof![5 => Just(None), 3 => Just(Some(3_600_000)), 2 => Just(Some(25))],
     )
         .prop_map(
             |(
@@ -131,6 +141,7 @@ fn config() -> impl Strategy<Value = Config> {
                 spots,
                 (remote, durability, auto_clean),
                 prewrite,
+                retain_ms,
             )| {
                 Config {
                     block_shift,
@@ -142,6 +153,7 @@ fn config() -> impl Strategy<Value = Config> {
                     remote_durability: remote && durability,
                     auto_clean,
                     prewrite,
+                    retain_ms,
                 }
             },
         )
@@ -164,6 +176,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(Op::DeleteSnapshot),
         1 => any::<u8>().prop_map(Op::Rollback),
         2 => (any::<u8>(), pos(), 1u32..100_000).prop_map(|(which, at, len)| Op::ReadSnapshot { which, at, len }),
+        2 => (any::<u8>(), pos(), 1u32..100_000).prop_map(|(which, at, len)| Op::ReadMoment { which, at, len }),
         1 => (10u8..30).prop_map(|target_tenths| Op::Gc { target_tenths }),
         1 => Just(Op::Reopen),
         1 => (0u8..3, any::<u64>()).prop_map(|(mode, seed)| Op::Crash { mode, seed }),
@@ -227,6 +240,22 @@ struct Harness {
     history: Vec<Image>,
     snapshots: Vec<(String, Image)>,
     next_snap: u32,
+    /// With a retention window: the state at the end of each operation,
+    /// and its place in `history` while it is not yet durable.
+    moments: Vec<Moment>,
+}
+
+struct Moment {
+    at_ms: u64,
+    image: Image,
+    pending: Option<usize>,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 impl Harness {
@@ -236,6 +265,26 @@ impl Harness {
 
     fn durable(&mut self) {
         self.history = vec![self.model.clone()];
+        for m in &mut self.moments {
+            m.pending = None;
+        }
+    }
+
+    /// After an operation, with retention on: the state now is a moment,
+    /// and the next operation's records fall in a later millisecond.
+    async fn moment(&mut self) {
+        if self.cfg.retain_ms.is_none() {
+            return;
+        }
+        let at_ms = unix_ms();
+        self.moments.push(Moment {
+            at_ms,
+            image: self.model.clone(),
+            pending: Some(self.history.len() - 1),
+        });
+        while unix_ms() <= at_ms {
+            tokio::time::sleep(Duration::from_micros(300)).await;
+        }
     }
 
     async fn reopen(&mut self) {
@@ -420,6 +469,32 @@ impl Harness {
                     "snapshot must be read-only"
                 );
             }
+            Op::ReadMoment { which, at, len } => {
+                let Some(window) = self.cfg.retain_ms else {
+                    return;
+                };
+                // Moments at or after the window's start: the volume keeps them.
+                let start = unix_ms().saturating_sub(window);
+                let inside: Vec<&Moment> =
+                    self.moments.iter().filter(|m| m.at_ms >= start).collect();
+                if inside.is_empty() {
+                    return;
+                }
+                let m = inside[*which as usize % inside.len()];
+                let view =
+                    Volume::open_read_only(self.backend(), &budget(&self.cfg), View::AsOf(m.at_ms))
+                        .await
+                        .expect("open a moment");
+                assert_eq!(view.moment(), Some(m.at_ms), "not opened as a moment");
+                assert_eq!(view.size(), m.image.size, "size at moment {}", m.at_ms);
+                let (off, len) = place(&self.cfg, at, *len, m.image.size);
+                let got = view.read(off, len as usize).await.expect("read moment");
+                assert!(
+                    got == m.image.read(off, len),
+                    "moment {} read {off}+{len} differs",
+                    m.at_ms
+                );
+            }
             Op::Gc { target_tenths } => {
                 let opts = GcOptions {
                     target: *target_tenths as f64 / 10.0,
@@ -440,6 +515,12 @@ impl Harness {
                 self.open().await;
                 let recovered = self.recovered_state().await;
                 self.model = self.history[recovered].clone();
+                // A moment after the crash's survivors holds what survived.
+                for m in &mut self.moments {
+                    if m.pending.is_some_and(|i| i > recovered) {
+                        m.image = self.model.clone();
+                    }
+                }
                 self.durable();
             }
         }
@@ -561,9 +642,16 @@ async fn run_case(cfg: Config, ops: Vec<Op>) {
         model,
         snapshots: Vec::new(),
         next_snap: 0,
+        moments: Vec::new(),
     };
+    if let Some(window) = h.cfg.retain_ms {
+        h.vol.set_retention(window).await.expect("retention on");
+        h.durable();
+        h.moment().await;
+    }
     for op in &ops {
         h.run(op).await;
+        h.moment().await;
     }
     h.verify_all().await;
     h.vol.close().await.expect("final close");
