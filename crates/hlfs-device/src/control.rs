@@ -50,6 +50,10 @@ pub enum Command {
     Resize {
         size: u64,
     },
+    /// Set the retention window (`hlfs retain`): its length, 0 for off.
+    Retain {
+        window_ms: u64,
+    },
     /// How the served volume is doing now (`hlfs info` of a served volume).
     Status,
     /// Make the manifest's head everything written so far (`hlfs diff` of
@@ -570,6 +574,17 @@ mod tests {
                 version: PROTOCOL_VERSION,
                 command: Command::Checkpoint
             }
+        );
+        assert_eq!(
+            decode_request(br#"{"version":1,"command":{"op":"retain","window_ms":3600000}}"#)
+                .unwrap()
+                .command,
+            Command::Retain {
+                window_ms: 3_600_000
+            }
+        );
+        assert!(
+            decode_request(br#"{"version":1,"command":{"op":"retain","window_ms":"1h"}}"#).is_err()
         );
         assert!(decode_request(br#"{"version":1,"command":{"op":"format_disk"}}"#).is_err());
         assert!(decode_request(br#"{"version":1,"command":{"op":"resize","size":-1}}"#).is_err());

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
-use hlfs_volume::{Backend, Durability, OpenOptions, StoreOptions};
+use hlfs_volume::{Backend, Durability, OpenOptions, StoreOptions, View, Volume, VolumeError};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// `println!` for a command's output. When the reader has gone away
@@ -170,6 +170,87 @@ pub fn split_snapshot(arg: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// A retention window: a duration such as 30m, 1h or 7d (in ms), or
+/// `off` (0).
+pub fn parse_window(s: &str) -> std::result::Result<u64, String> {
+    if s == "off" || s == "0" {
+        return Ok(0);
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) if d.as_millis() >= 1 => Ok(d.as_millis().min(u64::MAX as u128) as u64),
+        _ => Err(format!(
+            "{s:?} is not a retention window: give a duration such as 30m, 1h or 7d, or off"
+        )),
+    }
+}
+
+/// What the part after `@` of VOLUME@X names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum At {
+    /// A snapshot (names never start with `-`).
+    Snapshot(String),
+    /// A moment before now (`-10m`), in ms since the epoch.
+    Moment(u64),
+    /// A UTC time (`2026-12-07T10:00:00Z`): a snapshot of that name if
+    /// there is one, else that moment.
+    SnapshotOrMoment(String, u64),
+}
+
+impl At {
+    pub fn parse(s: &str, now_ms: u64) -> std::result::Result<At, String> {
+        if let Some(ago) = s.strip_prefix('-') {
+            let d = humantime::parse_duration(ago).map_err(|e| {
+                format!("@{s}: {e}; a moment before now is written like @-10m or @-2h30m")
+            })?;
+            return Ok(At::Moment(
+                now_ms.saturating_sub(d.as_millis().min(u64::MAX as u128) as u64),
+            ));
+        }
+        Ok(match humantime::parse_rfc3339_weak(s) {
+            Ok(t) => {
+                let ms = t
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_err(|_| format!("@{s} is before 1970"))?
+                    .as_millis() as u64;
+                At::SnapshotOrMoment(s.to_string(), ms)
+            }
+            Err(_) => At::Snapshot(s.to_string()),
+        })
+    }
+}
+
+/// Opens VOLUME or VOLUME@X read-only: the head, a snapshot, or a moment
+/// (inside the retention window exactly; before it, the newest snapshot
+/// taken at or before it).
+pub async fn open_view(
+    settings: &Settings,
+    volume: &str,
+    at: Option<&str>,
+) -> anyhow::Result<Volume> {
+    let backend = settings.backend(volume, false)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let view = match at
+        .map(|s| At::parse(s, now))
+        .transpose()
+        .map_err(anyhow::Error::msg)?
+    {
+        None => View::Head,
+        Some(At::Snapshot(name)) => View::Snapshot(name),
+        Some(At::Moment(t)) => View::AsOf(t),
+        Some(At::SnapshotOrMoment(name, t)) => {
+            match Volume::open_read_only(backend.clone(), &settings.open, View::Snapshot(name))
+                .await
+            {
+                Err(VolumeError::SnapshotNotFound(_)) => View::AsOf(t),
+                opened => return Ok(opened?),
+            }
+        }
+    };
+    Ok(Volume::open_read_only(backend, &settings.open, view).await?)
+}
+
 /// 1536 -> "1.5 KiB".
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -247,6 +328,24 @@ mod tests {
         std::fs::create_dir(&odd).unwrap();
         let odd = odd.to_str().unwrap();
         assert_eq!(split_snapshot(odd), (odd, None));
+    }
+
+    #[test]
+    fn windows_and_moments_parse() {
+        assert_eq!(parse_window("1h"), Ok(3_600_000));
+        assert_eq!(parse_window("off"), Ok(0));
+        assert!(parse_window("soon").is_err());
+        let now = 1_800_000_000_000;
+        assert_eq!(At::parse("-10m", now), Ok(At::Moment(now - 600_000)));
+        assert!(At::parse("-ages", now).is_err());
+        assert_eq!(At::parse("s1", now), Ok(At::Snapshot("s1".into())));
+        assert_eq!(
+            At::parse("2026-12-07T10:00:00Z", now),
+            Ok(At::SnapshotOrMoment(
+                "2026-12-07T10:00:00Z".into(),
+                1_796_637_600_000
+            ))
+        );
     }
 
     #[test]

@@ -39,11 +39,17 @@ pub enum Command {
     /// sparse FILE are not even read. Into a volume that has data, holes
     /// and zeros are written as zeros.
     Import(cmd::import::ImportArgs),
-    /// Copy a volume, or one of its snapshots (VOLUME@SNAPSHOT), to a raw
-    /// image FILE (sparse where the volume has holes), or - for stdout.
+    /// Copy a volume, one of its snapshots (VOLUME@SNAPSHOT), or a moment
+    /// of its retention window (VOLUME@-10m, VOLUME@2026-12-07T10:00:00Z),
+    /// to a raw image FILE (sparse where the volume has holes), or - for
+    /// stdout.
     Export(cmd::export::ExportArgs),
     /// Grow a volume to a new size.
     Resize(cmd::resize::ResizeArgs),
+    /// Keep a window of the volume's past: with `hlfs retain VOLUME 1h`,
+    /// VOLUME@-10m or VOLUME@2026-12-07T10:00:00Z (UTC) opens it exactly as
+    /// it was then, in `export` and `serve`. `off` turns it off.
+    Retain(cmd::retain::RetainArgs),
     /// Create, list, delete or roll back to snapshots.
     #[command(subcommand)]
     Snapshot(cmd::snapshot::SnapshotCommand),
@@ -87,6 +93,7 @@ pub async fn run(mut cli: Cli, given: Given, inherited: ListenFd) -> Result<Exit
         Command::Import(args) => cmd::import::run(args, &settings).await?,
         Command::Export(args) => cmd::export::run(args, &settings).await?,
         Command::Resize(args) => cmd::resize::run(args, &settings).await?,
+        Command::Retain(args) => cmd::retain::run(args, &settings).await?,
         Command::Snapshot(command) => cmd::snapshot::run(command, &settings).await?,
         Command::Check(args) => return cmd::check::run(args, &settings).await,
         Command::Gc(args) => cmd::gc::run(args, &settings).await?,

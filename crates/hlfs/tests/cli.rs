@@ -102,7 +102,8 @@ fn a_one_tib_thin_volume_is_created_and_described_fast_and_small() {
     assert_eq!(info["size"], 1u64 << 40);
     assert_eq!(info["block_size"], 4096);
     assert_eq!(info["allocated_bytes"], 0);
-    assert_eq!(info["format_version"], 2);
+    assert_eq!(info["format_version"], 3);
+    assert_eq!(info["retention"], serde_json::Value::Null);
     assert!(info["stored_bytes"].as_u64().unwrap() < 4096);
     assert_eq!(info["snapshots"], serde_json::json!([]));
     assert!(
@@ -843,4 +844,60 @@ fn output_into_a_closed_pipe_is_not_a_panic() {
         );
         assert!(!stderr.contains("panicked"), "hlfs {args:?}: {stderr}");
     }
+}
+
+/// A volume created with a retention window exports as it was at a UTC
+/// moment between two imports (to the millisecond), and at a moment
+/// before now; before the window began, "as of" has no snapshot to give.
+/// Turned off, the window is gone and the moment too.
+#[test]
+fn a_moment_of_the_retention_window_exports_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (a, b) = (path("a.img"), path("b.img"));
+    random_file(Path::new(&a), 2 << 20, 41);
+    random_file(Path::new(&b), 2 << 20, 42);
+    let v = path("v.hlfs");
+    ok(&[
+        "create",
+        &v,
+        "--size",
+        "2M",
+        "--segment-size",
+        "256K",
+        "--retain",
+        "1h",
+    ]);
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info", &v, "--json"])).unwrap();
+    assert_eq!(info["retention"]["window_ms"], 3_600_000, "{info}");
+    assert_eq!(info["format_version"], 3, "{info}");
+    ok(&["import", &a, &v]);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let between = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    ok(&["import", &b, &v]);
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+
+    let out = path("out.img");
+    ok(&["export", &format!("{v}@{between}"), &out]);
+    assert_eq!(
+        sha256(Path::new(&out)),
+        sha256(Path::new(&a)),
+        "at {between}"
+    );
+    // A second ago, the second import had landed.
+    ok(&["export", &format!("{v}@-1s"), &out]);
+    assert_eq!(sha256(Path::new(&out)), sha256(Path::new(&b)));
+    let err = fails(&["export", &format!("{v}@-1h"), &out]);
+    assert!(err.contains("none taken at or before"), "{err}");
+    let err = fails(&["export", &format!("{v}@-soon"), &out]);
+    assert!(err.contains("@-10m"), "{err}");
+
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["retain", &v, "off", "--json"])).unwrap();
+    assert_eq!(json["retain_ms"], 0);
+    assert!(ok(&["info", &v]).contains("retention:      off"));
+    fails(&["export", &format!("{v}@{between}"), &out]);
+    let err = fails(&["retain", &v, "whenever"]);
+    assert!(err.contains("30m, 1h or 7d"), "{err}");
 }

@@ -3059,3 +3059,43 @@ fn systemd_socket_activation_and_the_packaged_units() {
     .ok();
     assert!(out.text().trim().is_empty(), "{out}");
 }
+
+/// `hlfs serve VOL VOL@TIME`: a moment of the retention window served
+/// next to its volume reads as the volume was then, read-only, while the
+/// volume's head goes on being written.
+#[test]
+fn a_moment_served_next_to_its_volume_reads_as_it_was() {
+    require!("qemu-io" => "qemu-utils");
+    let dir = tempdir();
+    let d = dir.path();
+    let vol = volume_at(d, "vm.hlfs");
+    hlfs(&["create", &vol, "--size", "16M", "--retain", "1h"]).ok();
+    let srv = Server::unix(d, &[&vol], &[]);
+    qemu_io_ok(srv.uri(), false, &["write -P 0x11 0 64K", "flush"]);
+    std::thread::sleep(Duration::from_millis(50));
+    let then = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    std::thread::sleep(Duration::from_millis(50));
+    qemu_io_ok(srv.uri(), false, &["write -P 0x22 0 64K", "flush"]);
+    srv.stop_ok();
+
+    let moment = format!("{vol}@{then}");
+    let srv = Server::unix(d, &[&vol, &moment], &[]);
+    let head = srv.uri_of("vm.hlfs").to_string();
+    let at = srv
+        .uris
+        .iter()
+        .find(|u| export_of(u) != "vm.hlfs")
+        .expect("the moment's export")
+        .clone();
+    qemu_io_ok(&at, true, &["read -P 0x11 0 64K"]);
+    qemu_io_ok(
+        &head,
+        false,
+        &["read -P 0x22 0 64K", "write -P 0x33 0 4K", "flush"],
+    );
+    qemu_io_ok(&at, true, &["read -P 0x11 0 64K"]);
+    let w = qemu_io(&at, false, &["write -P 0x99 0 4096"]);
+    assert!(!w.text().contains("wrote 4096/4096"), "{w}");
+    srv.stop_ok();
+    check_volume(&vol);
+}

@@ -6,9 +6,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use hlfs_volume::{View, Volume};
 
-use crate::args::{human, progress, split_snapshot, Settings};
+use crate::args::{human, open_view, progress, split_snapshot, Settings};
 
 /// Bytes read from the volume at a time.
 const CHUNK: usize = 4 << 20;
@@ -21,13 +20,8 @@ pub struct ExportArgs {
 
 pub async fn run(args: ExportArgs, settings: &Settings) -> Result<()> {
     let (arg, file) = (&args.volume, &args.file);
-    let (volume, snap) = split_snapshot(arg);
-    let view = match snap {
-        Some(s) => View::Snapshot(s.to_string()),
-        None => View::Head,
-    };
-    let vol =
-        Volume::open_read_only(settings.backend(volume, false)?, &settings.open, view).await?;
+    let (volume, at) = split_snapshot(arg);
+    let vol = open_view(settings, volume, at).await?;
     let size = vol.size();
     let start = Instant::now();
     let bar = progress(Some(size), "exporting");

@@ -142,6 +142,21 @@ fn info_json(info: &VolumeInfo) -> serde_json::Value {
         "snapshots": info.snapshots.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
         "created": utc(info.created_ms),
         "writer": info.writer,
+        "retention": retention_json(info),
+    })
+}
+
+/// The retention window, or null when it is off.
+fn retention_json(info: &VolumeInfo) -> serde_json::Value {
+    let r = &info.retention;
+    if r.window_ms == 0 {
+        return serde_json::Value::Null;
+    }
+    serde_json::json!({
+        "window_ms": r.window_ms,
+        "oldest_moment": r.oldest_ms.map(utc),
+        "oldest_moment_ms": r.oldest_ms,
+        "points": r.points,
     })
 }
 
@@ -167,6 +182,17 @@ fn print_info(volume: &str, info: &VolumeInfo) {
         "writer:         {}",
         info.writer.as_deref().unwrap_or("none")
     );
+    let r = &info.retention;
+    if r.window_ms == 0 {
+        outln!("retention:      off");
+    } else {
+        outln!(
+            "retention:      {} (moments from {} can be opened, {} points)",
+            humantime::format_duration(std::time::Duration::from_millis(r.window_ms)),
+            r.oldest_ms.map_or("-".into(), utc),
+            r.points
+        );
+    }
     let names: Vec<&str> = info.snapshots.iter().map(|s| s.name.as_str()).collect();
     outln!(
         "snapshots:      {}",

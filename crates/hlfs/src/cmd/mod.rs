@@ -12,6 +12,7 @@ pub mod info;
 pub mod metrics;
 pub mod rbd_diff;
 pub mod resize;
+pub mod retain;
 pub mod serve;
 pub mod snapshot;
 

@@ -25,7 +25,7 @@ use prometheus_client::registry::Registry;
 
 use super::metrics;
 use crate::args::{
-    parse_size, parse_space_target, split_snapshot, GlobalArgs, Settings, MAX_GRACE_SECS,
+    open_view, parse_size, parse_space_target, split_snapshot, GlobalArgs, Settings, MAX_GRACE_SECS,
 };
 
 mod config;
@@ -218,13 +218,9 @@ async fn open_exports(
     for arg in &args.volumes {
         let (volume, snap) = split_snapshot(arg);
         let vol = match snap {
-            Some(s) => Volume::open_read_only(
-                settings.backend(volume, false)?,
-                &settings.open,
-                View::Snapshot(s.to_string()),
-            )
-            .await
-            .with_context(|| format!("opening {arg}"))?,
+            Some(at) => open_view(settings, volume, Some(at))
+                .await
+                .with_context(|| format!("opening {arg}"))?,
             None => {
                 let open = OpenOptions {
                     auto_clean: args.auto_clean(),
@@ -353,7 +349,11 @@ impl hlfs_nbd::Catalog for Exports {
         if let Some((_, stale, _)) = opened.remove(name) {
             let _ = stale.close().await;
         }
-        let (backend, id) = current?;
+        // Not a snapshot now: a moment of its retention window named when
+        // the server started (EXPORT@TIME), if it is one.
+        let Some((backend, id)) = current else {
+            return self.fixed.get(name).cloned();
+        };
         let view = View::Snapshot(snap.to_string());
         let vol = match Volume::open_read_only(backend.clone(), &self.open, view).await {
             Ok(vol) => vol,
@@ -454,6 +454,10 @@ impl control::Owner for Owned {
             }
             Command::Resize { size } => {
                 self.volume.resize(size).await?;
+                Ok(Answer::Done(None))
+            }
+            Command::Retain { window_ms } => {
+                self.volume.set_retention(window_ms).await?;
                 Ok(Answer::Done(None))
             }
             Command::Checkpoint => {
