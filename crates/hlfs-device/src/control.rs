@@ -50,6 +50,10 @@ pub enum Command {
     Resize {
         size: u64,
     },
+    /// Roll back to a moment of the retention window (ms since the epoch).
+    RollbackToMoment {
+        at_ms: u64,
+    },
     /// Set the retention window (`hlfs retain`): its length, 0 for off.
     Retain {
         window_ms: u64,
@@ -585,6 +589,16 @@ mod tests {
         );
         assert!(
             decode_request(br#"{"version":1,"command":{"op":"retain","window_ms":"1h"}}"#).is_err()
+        );
+        assert_eq!(
+            decode_request(
+                br#"{"version":1,"command":{"op":"rollback_to_moment","at_ms":1796637600000}}"#
+            )
+            .unwrap()
+            .command,
+            Command::RollbackToMoment {
+                at_ms: 1_796_637_600_000
+            }
         );
         assert!(decode_request(br#"{"version":1,"command":{"op":"format_disk"}}"#).is_err());
         assert!(decode_request(br#"{"version":1,"command":{"op":"resize","size":-1}}"#).is_err());

@@ -8,14 +8,15 @@
 
 use std::sync::atomic::Ordering;
 
-use hlfs_format::{Entry, Manifest, SnapshotEntry, MAX_NAME_LEN};
+use hlfs_format::{Checkpoint, Entry, Manifest, SnapshotEntry, MAX_NAME_LEN};
 
-use crate::core::Core;
+use crate::core::{Core, Shows};
 use crate::error::{Result, VolumeError};
+use crate::info::utc;
 use crate::lifecycle::Need;
 use crate::log::Writer;
 use crate::map::SegmentUsage;
-use crate::options::SnapshotInfo;
+use crate::options::{OpenOptions, SnapshotInfo, View};
 
 /// Checks a snapshot name: printable, no separators the CLI or export names use.
 pub fn validate_snapshot_name(name: &str) -> Result<()> {
@@ -219,6 +220,66 @@ impl Core {
                 return Err(VolumeError::SnapshotNotFound(name.to_string()));
             }
             auto_name = unused_name(m, &format!("before-rollback-to-{name}"), stamp);
+            m.snapshots.push(SnapshotEntry {
+                name: auto_name.clone(),
+                checkpoint: at,
+                lsn,
+                created_ms: stamp,
+                automatic: true,
+            });
+            Ok(())
+        })
+        .await?;
+        Ok(auto_name)
+    }
+
+    /// Makes the head what it was at moment `t` of the retention window:
+    /// the moment's tree (its point's, with the log after it replayed up
+    /// to `t`) is written to the log as a checkpoint record, and the head
+    /// is reset to it as to a snapshot. The abandoned head is kept as an
+    /// automatic snapshot, whose name is returned.
+    pub(crate) async fn rollback_to_moment(&self, t: u64) -> Result<String> {
+        self.life.check(Need::Write)?;
+        let mut w = self.log.writer.lock().await;
+        self.life.check(Need::Write)?;
+        let not_in_window = || {
+            VolumeError::SnapshotNotFound(format!("(no moment {} in the retention window)", utc(t)))
+        };
+        let moment = match crate::open::open_read_only(
+            self.backend.clone(),
+            &OpenOptions::default(),
+            View::AsOf(t),
+        )
+        .await
+        {
+            Ok(view) if matches!(view.shows, Shows::Moment { .. }) => view,
+            Ok(_) | Err(VolumeError::SnapshotNotFound(_)) => return Err(not_in_window()),
+            Err(e) => return Err(e),
+        };
+        self.write_back_tree(&mut w, &moment.map, None)?;
+        let cp = {
+            let m = moment.map.lock();
+            Checkpoint {
+                root: m.root(),
+                depth: m.depth(),
+                size: moment.size(),
+                allocated_blocks: m.usage().allocated_blocks(),
+                usage: m.usage().live(),
+            }
+        };
+        let (at, lsn) = self.append_checkpoint_record(&mut w, &cp)?;
+        let target = SnapshotEntry {
+            name: String::new(),
+            checkpoint: at,
+            lsn,
+            created_ms: t,
+            automatic: true,
+        };
+        let stamp = self.clock.unix_ms();
+        let label = utc(t).replace(' ', "_");
+        let mut auto_name = String::new();
+        self.reset_head_to(&mut w, &target, |m, at, lsn| {
+            auto_name = unused_name(m, &format!("before-rollback-to-{label}"), stamp);
             m.snapshots.push(SnapshotEntry {
                 name: auto_name.clone(),
                 checkpoint: at,

@@ -241,6 +241,13 @@ impl Volume {
         self.core().rollback(name).await
     }
 
+    /// Makes the head what it was at moment `t` (ms since the epoch) of
+    /// the retention window. The abandoned head is kept as an automatic
+    /// snapshot, whose name is returned.
+    pub async fn rollback_to_moment(&self, t: u64) -> Result<String> {
+        self.core().rollback_to_moment(t).await
+    }
+
     /// Cleans segments until stored ≤ `opts.target` × live or nothing more
     /// can be cleaned, telling `progress` after each recount, and deletes
     /// the emptied segments once `opts.grace` has passed.

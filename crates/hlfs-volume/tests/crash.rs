@@ -30,6 +30,8 @@ enum Step {
     /// Retention on, with a window of an hour: every durable state after
     /// it is a moment that must open as it was.
     Retain,
+    /// A rollback to the durable moment of this index (since `Retain`).
+    RollbackToMoment(usize),
     /// `import_diff` of the stream `import_stream` makes, from snapshot
     /// `from` (the head must not have changed since) to snapshot `to`;
     /// with `cut`, of the stream cut short, which must fail and change
@@ -173,6 +175,7 @@ fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
                 Rollback("a"),
                 Write(8192, 4096, 9),
                 Flush,
+                RollbackToMoment(3),
                 Gc(1.0),
                 Write(0, 100_000, 10),
                 Flush,
@@ -309,6 +312,12 @@ async fn run(world: &World, steps: &[Step], prewrite: Prewrite) -> Expect {
                 vol.gc(&opts, &|_| {}).await.map(drop)
             }
             Step::Retain => vol.set_retention(3_600_000).await,
+            Step::RollbackToMoment(i) => {
+                let (at, image) = e.moments.as_ref().expect("scripted")[*i].clone();
+                after = image;
+                e.history.push(after.clone());
+                vol.rollback_to_moment(at).await.map(drop)
+            }
             Step::ImportDiff { from, to, cut } => {
                 let mut stream = import_stream(from, to);
                 if *cut {
@@ -350,7 +359,11 @@ async fn run(world: &World, steps: &[Step], prewrite: Prewrite) -> Expect {
                 e.durable();
                 e.moment().await;
             }
-            Step::Fua(..) | Step::Flush | Step::Reopen | Step::Rollback(_) => {
+            Step::Fua(..)
+            | Step::Flush
+            | Step::Reopen
+            | Step::Rollback(_)
+            | Step::RollbackToMoment(_) => {
                 e.durable();
                 e.moment().await;
             }

@@ -70,6 +70,8 @@ enum Op {
         at: Pos,
         len: u32,
     },
+    /// A rollback to a moment inside the retention window, if it is on.
+    RollbackMoment(u8),
     /// A read of a moment inside the retention window, if it is on.
     ReadMoment {
         which: u8,
@@ -177,6 +179,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(Op::Rollback),
         2 => (any::<u8>(), pos(), 1u32..100_000).prop_map(|(which, at, len)| Op::ReadSnapshot { which, at, len }),
         2 => (any::<u8>(), pos(), 1u32..100_000).prop_map(|(which, at, len)| Op::ReadMoment { which, at, len }),
+        1 => any::<u8>().prop_map(Op::RollbackMoment),
         1 => (10u8..30).prop_map(|target_tenths| Op::Gc { target_tenths }),
         1 => Just(Op::Reopen),
         1 => (0u8..3, any::<u64>()).prop_map(|(mode, seed)| Op::Crash { mode, seed }),
@@ -469,18 +472,26 @@ impl Harness {
                     "snapshot must be read-only"
                 );
             }
-            Op::ReadMoment { which, at, len } => {
-                let Some(window) = self.cfg.retain_ms else {
+            Op::RollbackMoment(which) => {
+                let Some((at_ms, image)) = self
+                    .moment_inside(*which)
+                    .map(|m| (m.at_ms, m.image.clone()))
+                else {
                     return;
                 };
-                // Moments at or after the window's start: the volume keeps them.
-                let start = unix_ms().saturating_sub(window);
-                let inside: Vec<&Moment> =
-                    self.moments.iter().filter(|m| m.at_ms >= start).collect();
-                if inside.is_empty() {
+                let auto = self
+                    .vol
+                    .rollback_to_moment(at_ms)
+                    .await
+                    .expect("rollback to a moment");
+                self.snapshots.push((auto, self.model.clone()));
+                self.model = image;
+                self.durable();
+            }
+            Op::ReadMoment { which, at, len } => {
+                let Some(m) = self.moment_inside(*which) else {
                     return;
-                }
-                let m = inside[*which as usize % inside.len()];
+                };
                 let view =
                     Volume::open_read_only(self.backend(), &budget(&self.cfg), View::AsOf(m.at_ms))
                         .await
@@ -524,6 +535,14 @@ impl Harness {
                 self.durable();
             }
         }
+    }
+
+    /// A moment at or after the window's start (the volume keeps those),
+    /// chosen by `which`.
+    fn moment_inside(&self, which: u8) -> Option<&Moment> {
+        let start = unix_ms().saturating_sub(self.cfg.retain_ms?);
+        let inside: Vec<&Moment> = self.moments.iter().filter(|m| m.at_ms >= start).collect();
+        (!inside.is_empty()).then(|| inside[which as usize % inside.len()])
     }
 
     /// Which history state the reopened volume holds; panics if none.

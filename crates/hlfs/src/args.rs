@@ -219,6 +219,18 @@ impl At {
     }
 }
 
+/// Now, in ms since the epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A moment as RFC 3339 UTC with milliseconds, as `VOL@TIME` takes it.
+pub fn utc_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
 /// Opens VOLUME or VOLUME@X read-only: the head, a snapshot, or a moment
 /// (inside the retention window exactly; before it, the newest snapshot
 /// taken at or before it).
@@ -228,11 +240,8 @@ pub async fn open_view(
     at: Option<&str>,
 ) -> anyhow::Result<Volume> {
     let backend = settings.backend(volume, false)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
     let view = match at
-        .map(|s| At::parse(s, now))
+        .map(|s| At::parse(s, now_ms()))
         .transpose()
         .map_err(anyhow::Error::msg)?
     {

@@ -893,6 +893,17 @@ fn a_moment_of_the_retention_window_exports_as_it_was() {
     let err = fails(&["export", &format!("{v}@-soon"), &out]);
     assert!(err.contains("@-10m"), "{err}");
 
+    // Back to the moment between the imports; the head it left is kept.
+    let said = ok(&["snapshot", "rollback", &v, &between]);
+    assert!(said.contains("back to its moment"), "{said}");
+    ok(&["export", &v, &out]);
+    assert_eq!(sha256(Path::new(&out)), sha256(Path::new(&a)));
+    let kept = said.trim().rsplit(' ').next().unwrap();
+    ok(&["export", &format!("{v}@{kept}"), &out]);
+    assert_eq!(sha256(Path::new(&out)), sha256(Path::new(&b)));
+    let err = fails(&["snapshot", "rollback", &v, "-2h"]);
+    assert!(err.contains("retention window"), "{err}");
+
     let json: serde_json::Value =
         serde_json::from_str(&ok(&["retain", &v, "off", "--json"])).unwrap();
     assert_eq!(json["retain_ms"], 0);

@@ -7,7 +7,7 @@ use hlfs_volume::{space, utc, View, Volume};
 use hlfs_device::control::Command;
 
 use super::change;
-use crate::args::{human, Settings};
+use crate::args::{human, now_ms, utc_ms, At, Settings};
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCommand {
@@ -22,9 +22,15 @@ pub enum SnapshotCommand {
     },
     /// Delete a snapshot.
     Delete { volume: String, name: String },
-    /// Make the volume equal to a snapshot again. The current state is kept
-    /// as an automatic snapshot, so nothing is lost.
-    Rollback { volume: String, name: String },
+    /// Make the volume equal to a snapshot again, or to a moment of its
+    /// retention window (NAME is then -10m, or a UTC time such as
+    /// 2026-12-07T10:00:00Z). The current state is kept as an automatic
+    /// snapshot, so nothing is lost.
+    Rollback {
+        volume: String,
+        #[arg(allow_hyphen_values = true)]
+        name: String,
+    },
 }
 
 pub async fn run(command: SnapshotCommand, settings: &Settings) -> Result<()> {
@@ -54,16 +60,48 @@ pub async fn run(command: SnapshotCommand, settings: &Settings) -> Result<()> {
             outln!("deleted snapshot {name} of {volume}");
         }
         SnapshotCommand::Rollback { volume, name } => {
-            let command = Command::Rollback { name: name.clone() };
+            let to = match At::parse(&name, now_ms()).map_err(anyhow::Error::msg)? {
+                At::Snapshot(name) => Ok(name),
+                At::Moment(t) => Err(t),
+                // A snapshot of that name if there is one, else the moment.
+                At::SnapshotOrMoment(name, t) => {
+                    let list = Volume::open_read_only(
+                        settings.backend(&volume, false)?,
+                        &settings.open,
+                        View::Head,
+                    )
+                    .await?;
+                    let named = list.snapshots().iter().any(|s| s.name == name);
+                    list.close().await?;
+                    if named {
+                        Ok(name)
+                    } else {
+                        Err(t)
+                    }
+                }
+            };
+            let (command, what) = match &to {
+                Ok(name) => (
+                    Command::Rollback { name: name.clone() },
+                    format!("snapshot {name}"),
+                ),
+                Err(t) => (
+                    Command::RollbackToMoment { at_ms: *t },
+                    format!("its moment {}", utc_ms(*t)),
+                ),
+            };
             let kept = change(
                 &volume,
                 settings,
                 command,
                 |answer| Ok(answer.into_name()?.unwrap_or_default()),
-                async |vol| vol.rollback(&name).await,
+                async |vol| match &to {
+                    Ok(name) => vol.rollback(name).await,
+                    Err(t) => vol.rollback_to_moment(*t).await,
+                },
             )
             .await?;
-            outln!("rolled {volume} back to snapshot {name}; its previous state is kept as snapshot {kept}");
+            outln!("rolled {volume} back to {what}; its previous state is kept as snapshot {kept}");
         }
         SnapshotCommand::List { volume, json } => list(&volume, json, settings).await?,
     }

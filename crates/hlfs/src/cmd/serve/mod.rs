@@ -441,6 +441,12 @@ impl control::Owner for Owned {
                 let _idle = self.hold_idle("a rollback")?;
                 Ok(Answer::Done(Some(self.volume.rollback(&name).await?)))
             }
+            Command::RollbackToMoment { at_ms } => {
+                let _idle = self.hold_idle("a rollback")?;
+                Ok(Answer::Done(Some(
+                    self.volume.rollback_to_moment(at_ms).await?,
+                )))
+            }
             Command::ImportDiff { path } => {
                 // As a rollback: it changes the disk under any client.
                 let _idle = self.hold_idle("an import")?;
