@@ -256,7 +256,7 @@ impl Manifest {
             }),
         };
         let retention = if version >= 3 {
-            decode_retention(&mut r, &snapshots)?
+            decode_retention(&mut r, &snapshots, replay_from_lsn)?
         } else {
             Retention::default()
         };
@@ -284,7 +284,11 @@ impl Manifest {
 
 /// The v3 retention fields. Each point names a snapshot entry with the
 /// reserved prefix, and each such entry is a point: the two lists agree.
-fn decode_retention(r: &mut Reader<'_>, snapshots: &[SnapshotEntry]) -> Result<Retention> {
+fn decode_retention(
+    r: &mut Reader<'_>,
+    snapshots: &[SnapshotEntry],
+    replay_from_lsn: u64,
+) -> Result<Retention> {
     let window_ms = r.u64()?;
     let count = r.u32()? as usize;
     let reserved = snapshots
@@ -298,8 +302,11 @@ fn decode_retention(r: &mut Reader<'_>, snapshots: &[SnapshotEntry]) -> Result<R
     for _ in 0..count {
         let name = get_str(r)?;
         let replay_seg = r.u32()?;
+        // A point's LSN is before the replay of any manifest after it.
         let known = name.starts_with(RETENTION_POINT_PREFIX)
-            && snapshots.iter().any(|s| s.name == name)
+            && snapshots
+                .iter()
+                .any(|s| s.name == name && s.lsn < replay_from_lsn)
             && !points.iter().any(|p| p.name == name);
         if !known || replay_seg == 0 {
             return Err(FormatError::Invalid("retention point"));

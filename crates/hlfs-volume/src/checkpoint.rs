@@ -201,14 +201,21 @@ impl Core {
             replay_from_seg: w.seg,
             replay_from_lsn: w.next_lsn,
         };
+        let mut reset_point = None;
         self.write_manifest(&*self.store.clone(), |m| {
             head.apply(m);
             edit(m, cp_at, cp_lsn)?;
-            // An edit that points the head at another tree reset it.
-            self.note_head(m, m.checkpoint != cp_at);
+            // An edit that points the head at another tree reset it: the
+            // writes after the reset follow a Mark no earlier than its
+            // point, so no moment before it replays across the reset.
+            let reset = m.checkpoint != cp_at;
+            reset_point = self.note_head(m, reset).filter(|_| reset);
             Ok(())
         })
         .await?;
+        if reset_point.is_some() {
+            w.mark_due_ms = reset_point;
+        }
         w.changed = false;
         w.sealed_since_checkpoint = 0;
         w.bytes_since_checkpoint = 0;

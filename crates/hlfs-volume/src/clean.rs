@@ -674,6 +674,11 @@ impl Core {
             trees.clear();
             self.snapshot_trees().await?
         };
+        // No checkpoint of the head may fall due before the commit's own:
+        // it would make the head's new places durable before the
+        // snapshots' (and, with a retention window, make a point these
+        // trees do not hold).
+        let _held = self.log.hold_checkpoints();
         if !gathered.blocks.is_empty() {
             self.allow_format(RecordKind::Copy.version()).await?;
             // Cold data starts a segment of its own.
@@ -681,10 +686,6 @@ impl Core {
                 self.seal_in_background(&mut w).await?;
             }
         }
-        // No checkpoint of the head may fall due before the commit's own:
-        // it would make the head's new places durable before the
-        // snapshots'.
-        let _held = self.log.hold_checkpoints();
         let mut moved_in_head = Vec::new();
         let committed = self
             .commit_locked(

@@ -55,8 +55,11 @@ pub(crate) struct Writer {
     pub bytes_since_checkpoint: u64,
     /// The last LSN in a retired journal file.
     pub sealed_lsn: u64,
-    /// The time of the last Mark this open appended (0: none yet).
+    /// The time of the last Mark in the log (0: none yet).
     pub last_mark_ms: u64,
+    /// A Mark of at least this time is due before the next client record:
+    /// the head was reset, with a point of this time.
+    pub mark_due_ms: Option<u64>,
 }
 
 /// Journal files not yet stored: the one appended to and those retired,
@@ -153,6 +156,7 @@ impl Log {
                 bytes_since_checkpoint: 0,
                 sealed_lsn: 0,
                 last_mark_ms: 0,
+                mark_due_ms: None,
             }),
             files: Mutex::new(OpenFiles::default()),
             sync_turn: tokio::sync::Mutex::new(()),

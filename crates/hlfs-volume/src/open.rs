@@ -235,6 +235,14 @@ pub(crate) async fn open_read_only(
         ),
         View::AsOf(t) => {
             if let Some(point) = crate::retain::point_for(&manifest, *t) {
+                let now = backend.clock.unix_ms();
+                if *t > now {
+                    return Err(VolumeError::InvalidArgument(format!(
+                        "{} is in the future (it is {} now)",
+                        utc(*t),
+                        utc(now)
+                    )));
+                }
                 return open_moment(backend, manifest, point, *t, opts).await;
             }
             Some(
@@ -291,7 +299,7 @@ async fn open_moment(
     loop {
         manifest.checkpoint = point.entry.checkpoint;
         manifest.replay_from_seg = point.replay_seg;
-        manifest.replay_from_lsn = point.entry.lsn + 1;
+        manifest.replay_from_lsn = point.entry.lsn.saturating_add(1);
         let shows = Shows::Moment {
             at_ms: t,
             point: point.entry.name.clone(),

@@ -172,6 +172,15 @@ impl Core {
         }
         w.next_lsn = expected;
         self.log.recovered_up_to(expected - 1);
+        // Points made from here on are no earlier than the newest one.
+        if let Some(t) = self.manifests.read(crate::retain::newest_point_ms) {
+            self.log.last_mark_ms.fetch_max(t, Ordering::Relaxed);
+        }
+        w.last_mark_ms = self.log.last_mark_ms.load(Ordering::Relaxed);
+        // This open's first client record follows a Mark of its own, no
+        // earlier than any point: one made by a reset just before a crash
+        // may have had none after it yet.
+        w.mark_due_ms = Some(w.last_mark_ms);
         if read_only {
             return Ok(());
         }
@@ -241,12 +250,16 @@ impl Core {
                         continue;
                     }
                     if h.lsn == *expected {
-                        if h.kind == RecordKind::Mark && until.is_some_and(|t| h.arg0 > t) {
-                            return Ok(Replayed {
-                                valid_len: off,
-                                ended: true,
-                                past_moment: true,
-                            });
+                        if h.kind == RecordKind::Mark {
+                            if until.is_some_and(|t| h.arg0 > t) {
+                                return Ok(Replayed {
+                                    valid_len: off,
+                                    ended: true,
+                                    past_moment: true,
+                                });
+                            }
+                            // Marks never go back, across reopens too.
+                            self.log.last_mark_ms.fetch_max(h.arg0, Ordering::Relaxed);
                         }
                         self.apply(seg, off, &h, &payload).await?;
                         *expected += 1;

@@ -24,18 +24,26 @@ use crate::error::{Result, VolumeError};
 use crate::lifecycle::Need;
 use crate::log::Writer;
 
-/// The most points a window keeps, about: one every window ÷ this.
+/// Points a window keeps, about: one every window ÷ this, or at least
+/// every minute (a moment's replay is then at most a minute of writes)
+/// up to `MAX_POINTS_PER_WINDOW`, which bounds the manifest.
 const POINTS_PER_WINDOW: u64 = 256;
-/// Bounds of the time between points.
-const MIN_POINT_EVERY_MS: u64 = 1;
 const MAX_POINT_EVERY_MS: u64 = 60_000;
+const MAX_POINTS_PER_WINDOW: u64 = 4096;
+const MIN_POINT_EVERY_MS: u64 = 1;
+/// The most snapshot entries a manifest holds, points included, leaving
+/// room below the format's bound.
+const MAX_ENTRIES: usize = (1 << 20) - 1024;
 
 /// The longest window: ten years, in milliseconds.
 pub const MAX_RETAIN_MS: u64 = 10 * 366 * 86_400_000;
 
 /// How long after a point the next one is due.
 fn point_every(window_ms: u64) -> u64 {
-    (window_ms / POINTS_PER_WINDOW).clamp(MIN_POINT_EVERY_MS, MAX_POINT_EVERY_MS)
+    (window_ms / POINTS_PER_WINDOW)
+        .min(MAX_POINT_EVERY_MS)
+        .max(window_ms / MAX_POINTS_PER_WINDOW)
+        .max(MIN_POINT_EVERY_MS)
 }
 
 /// Whether `name` is a retention point's snapshot entry.
@@ -70,6 +78,11 @@ pub(crate) fn point_for(m: &Manifest, t: u64) -> Option<Point> {
         .into_iter()
         .filter(|p| p.entry.created_ms <= t)
         .max_by_key(|p| (p.entry.created_ms, p.entry.lsn))
+}
+
+/// The time of the newest point, if any.
+pub(crate) fn newest_point_ms(m: &Manifest) -> Option<u64> {
+    points(m).iter().map(|p| p.entry.created_ms).max()
 }
 
 /// The first segment a moment of the window may replay: cleaning keeps it
@@ -107,23 +120,26 @@ impl Core {
             return Ok(());
         }
         let now = self.clock.unix_ms();
-        if w.last_mark_ms != 0 && now <= w.last_mark_ms {
+        let due = w.mark_due_ms.take();
+        if due.is_none() && w.last_mark_ms != 0 && now <= w.last_mark_ms {
             return Ok(());
         }
-        let header = encode_header(RecordKind::Mark, &self.uuid, w.next_lsn, now, 0, &[]);
+        let t = now.max(due.unwrap_or(0)).max(w.last_mark_ms);
+        let header = encode_header(RecordKind::Mark, &self.uuid, w.next_lsn, t, 0, &[]);
         self.append(w, &[&header])?;
-        w.last_mark_ms = now;
-        self.log.last_mark_ms.fetch_max(now, Ordering::Relaxed);
+        w.last_mark_ms = t;
+        self.log.last_mark_ms.fetch_max(t, Ordering::Relaxed);
         Ok(())
     }
 
     /// In the manifest that makes a head checkpoint (after its edit): a
     /// new point when one is due, always if the head was `reset` to an
     /// older tree; then the points no moment of the window needs dropped.
-    pub(crate) fn note_head(&self, m: &mut Manifest, reset: bool) {
+    /// Returns the new point's time, if one was made.
+    pub(crate) fn note_head(&self, m: &mut Manifest, reset: bool) -> Option<u64> {
         let window = m.retention.window_ms;
         if window == 0 || m.checkpoint.is_empty() {
-            return;
+            return None;
         }
         let newest = points(m).last().map(|p| p.entry.created_ms);
         // Never earlier than a Mark the point holds, nor than the last point.
@@ -133,7 +149,8 @@ impl Core {
             .max(self.log.last_mark_ms.load(Ordering::Relaxed))
             .max(newest.unwrap_or(0));
         let due = reset || newest.is_none_or(|t| now >= t.saturating_add(point_every(window)));
-        if due {
+        let made = (due && m.snapshots.len() < MAX_ENTRIES).then_some(now);
+        if made.is_some() {
             let lsn = m.replay_from_lsn - 1;
             let mut name = format!("{RETENTION_POINT_PREFIX}{lsn}");
             let mut k = 1;
@@ -166,6 +183,7 @@ impl Core {
             .collect();
         m.retention.points.drain(..keep_from);
         m.snapshots.retain(|s| !dropped.contains(&s.name));
+        made
     }
 
     /// Turns the retention window on (`window_ms` > 0, with a first point

@@ -39,6 +39,17 @@ pub fn validate_snapshot_name(name: &str) -> Result<()> {
 /// runs: a name no user can give (it starts with '-').
 pub const IMPORT_GUARD: &str = "-import-diff-in-progress";
 
+/// Retention points are the engine's: they go with the window, and a
+/// moment is rolled back to by its time.
+fn refuse_point(name: &str) -> Result<()> {
+    if crate::retain::is_point(name) {
+        return Err(VolumeError::InvalidArgument(format!(
+            "{name} is a retention point, kept by the retention window: turn the window off (hlfs retain VOLUME off), or roll back to a moment by its time"
+        )));
+    }
+    Ok(())
+}
+
 /// `base` (cut to fit) and `stamp`, with a number added if a snapshot has
 /// that name already.
 fn unused_name(m: &Manifest, base: &str, stamp: u64) -> String {
@@ -165,6 +176,7 @@ impl Core {
     }
 
     pub(crate) async fn snapshot_delete(&self, name: &str) -> Result<()> {
+        refuse_point(name)?;
         self.life.check(Need::Write)?;
         let _w = self.log.writer.lock().await;
         self.life.check(Need::Write)?;
@@ -205,6 +217,7 @@ impl Core {
     /// Makes the head equal to snapshot `name`. The abandoned head is kept
     /// as an automatic snapshot, whose name is returned.
     pub(crate) async fn rollback(&self, name: &str) -> Result<String> {
+        refuse_point(name)?;
         self.life.check(Need::Write)?;
         let mut w = self.log.writer.lock().await;
         self.life.check(Need::Write)?;

@@ -980,3 +980,64 @@ async fn every_moment_of_the_window_opens_as_it_was() {
     reopened.close().await.unwrap();
     assert_checks(&backend).await;
 }
+
+/// A writer whose clock is behind the volume's marks and points (a
+/// takeover by a host with a slower clock, or a clock stepped back across
+/// a restart) never puts its writes into moments already past: a moment
+/// between a write and a rollback stays what it was. Moments in the
+/// future, and retention points by name, are refused.
+#[tokio::test]
+async fn a_clock_behind_never_moves_writes_into_past_moments() {
+    let (clock, backend) = created_on_a_manual_clock(12).await;
+    let now = || clock.clock().unix_ms();
+    let vol = Volume::open(backend.clone(), &on_manual_clock())
+        .await
+        .unwrap();
+    vol.set_retention(3_600_000).await.unwrap();
+    let mut model = Image::new(SIZE);
+    clock.advance(Duration::from_millis(10));
+    vol.snapshot_create("empty").await.unwrap();
+    clock.advance(Duration::from_millis(10));
+    let a = pattern(8192, 1);
+    vol.write(0, &a).await.unwrap();
+    model.write(0, &a);
+    clock.advance(Duration::from_millis(10));
+    let between = now();
+    let at_between = model.clone();
+    clock.advance(Duration::from_millis(10));
+    vol.rollback("empty").await.unwrap();
+    clock.advance(Duration::from_millis(10));
+    let after_rollback = now();
+    assert!(vol.snapshot_delete("-retain-1").await.is_err());
+    assert!(Volume::open_read_only(
+        backend.clone(),
+        &on_manual_clock(),
+        View::AsOf(now() + 60_000)
+    )
+    .await
+    .is_err());
+    vol.close().await.unwrap();
+
+    // Another writer, 25 ms behind: before the rollback by its clock.
+    let behind = ManualClock::new(after_rollback - 25);
+    let slow = backend.clone().with_time(behind.clock(), Jitter::seeded(3));
+    let vol = Volume::open(slow, &on_manual_clock()).await.unwrap();
+    vol.write(0, &pattern(4096, 2)).await.unwrap();
+    vol.flush().await.unwrap();
+    assert_moment(
+        &backend,
+        between,
+        &at_between,
+        "between the write and the rollback",
+    )
+    .await;
+    assert_moment(
+        &backend,
+        after_rollback,
+        &Image::new(SIZE),
+        "after the rollback",
+    )
+    .await;
+    vol.close().await.unwrap();
+    assert_checks(&backend).await;
+}

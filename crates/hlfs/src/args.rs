@@ -206,6 +206,13 @@ impl At {
                 now_ms.saturating_sub(d.as_millis().min(u64::MAX as u128) as u64),
             ));
         }
+        // A date and an hour: a time, which must then parse.
+        let b = s.as_bytes();
+        let looks_like_time = b.len() >= 14
+            && b[..4].iter().all(u8::is_ascii_digit)
+            && b[4] == b'-'
+            && b[7] == b'-'
+            && matches!(b[10], b'T' | b't' | b' ');
         Ok(match humantime::parse_rfc3339_weak(s) {
             Ok(t) => {
                 let ms = t
@@ -213,6 +220,11 @@ impl At {
                     .map_err(|_| format!("@{s} is before 1970"))?
                     .as_millis() as u64;
                 At::SnapshotOrMoment(s.to_string(), ms)
+            }
+            Err(e) if looks_like_time => {
+                return Err(format!(
+                    "@{s}: {e}; write a moment in UTC, like 2026-12-07T10:00:00Z or 2026-12-07T10:00:00.250Z"
+                ))
             }
             Err(_) => At::Snapshot(s.to_string()),
         })
@@ -348,6 +360,13 @@ mod tests {
         assert_eq!(At::parse("-10m", now), Ok(At::Moment(now - 600_000)));
         assert!(At::parse("-ages", now).is_err());
         assert_eq!(At::parse("s1", now), Ok(At::Snapshot("s1".into())));
+        assert_eq!(
+            At::parse("2024-01-01", now),
+            Ok(At::Snapshot("2024-01-01".into()))
+        );
+        assert!(At::parse("2026-12-07T10:00:00+01:00", now)
+            .unwrap_err()
+            .contains("UTC"));
         assert_eq!(
             At::parse("2026-12-07T10:00:00Z", now),
             Ok(At::SnapshotOrMoment(

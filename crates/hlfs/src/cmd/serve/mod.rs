@@ -25,7 +25,8 @@ use prometheus_client::registry::Registry;
 
 use super::metrics;
 use crate::args::{
-    open_view, parse_size, parse_space_target, split_snapshot, GlobalArgs, Settings, MAX_GRACE_SECS,
+    open_view, parse_size, parse_space_target, split_snapshot, utc_ms, At, GlobalArgs, Settings,
+    MAX_GRACE_SECS,
 };
 
 mod config;
@@ -255,10 +256,10 @@ async fn open_exports(
         }
         let description = format!(
             "HLFS volume {volume}{}",
-            if snap.is_some() {
-                " (snapshot, read-only)"
-            } else {
-                ""
+            match (snap, vol.moment()) {
+                (Some(_), Some(t)) => format!(" (as of {}, read-only)", utc_ms(t)),
+                (Some(_), None) => " (snapshot, read-only)".to_string(),
+                (None, _) => String::new(),
             }
         );
         exports.push(Export {
@@ -314,11 +315,15 @@ impl Exports {
         Some((backend, (found.lsn, found.created_ms)))
     }
 
-    /// `name` split as EXPORT@SNAP, if EXPORT is a volume served writable:
-    /// such names are looked up live, never from the fixed exports.
+    /// `name` split as EXPORT@SNAP, if EXPORT is a volume served writable
+    /// and SNAP is no moment: such names are looked up live, never from the
+    /// fixed exports. A moment (EXPORT@TIME) is a fixed export, opened
+    /// when the server started.
     fn owned_snapshot<'n>(&self, name: &'n str) -> Option<(&'n str, &'n str)> {
-        name.rsplit_once('@')
-            .filter(|(export, _)| self.owned.iter().any(|(n, _, _)| n == export))
+        name.rsplit_once('@').filter(|(export, snap)| {
+            self.owned.iter().any(|(n, _, _)| n == export)
+                && matches!(At::parse(snap, 0), Ok(At::Snapshot(_)))
+        })
     }
 
     /// Closes the snapshot views opened on demand.
@@ -349,11 +354,7 @@ impl hlfs_nbd::Catalog for Exports {
         if let Some((_, stale, _)) = opened.remove(name) {
             let _ = stale.close().await;
         }
-        // Not a snapshot now: a moment of its retention window named when
-        // the server started (EXPORT@TIME), if it is one.
-        let Some((backend, id)) = current else {
-            return self.fixed.get(name).cloned();
-        };
+        let (backend, id) = current?;
         let view = View::Snapshot(snap.to_string());
         let vol = match Volume::open_read_only(backend.clone(), &self.open, view).await {
             Ok(vol) => vol,
