@@ -5,9 +5,10 @@
 //! a Mark record of the millisecond it was appended in, so a moment `T`
 //! holds exactly the records before the first Mark later than `T`. The
 //! manifest keeps head checkpoints as retention points (snapshot entries
-//! with a reserved name, and their replay segments): one every `R / 256`,
-//! one at every reset of the head, and none older than the newest at or
-//! before `now − R`. A moment is opened from the newest point at or before
+//! with a reserved name, and their replay segments): one every `R / 256`
+//! (at most a minute apart unless that would make over 4096), one at every
+//! reset of the head, and none older than the newest at or before
+//! `now − R`. A moment is opened from the newest point at or before
 //! it, replaying the log after the point up to the moment
 //! (`open::open_read_only`). Cleaning keeps every segment from the oldest
 //! point's replay segment on (`stats`). docs/design/retention.md has the

@@ -26,6 +26,7 @@ use crate::backend::Backend;
 use crate::cache::ReadCache;
 use crate::error::{Result, VolumeError};
 use crate::manifest::latest_manifest;
+use crate::retain;
 use crate::segments::Segments;
 
 /// A sealed segment's size and what of it is live.
@@ -71,6 +72,10 @@ pub struct SpaceStats {
     pub snapshots: Vec<SnapshotSpace>,
     /// Held by the head and by no snapshot.
     pub head_only_bytes: u64,
+    /// What the retention window alone keeps: what its points alone hold,
+    /// and the segments kept whole for moments to replay (those recovery
+    /// would not replay). Turning the window off makes it reclaimable.
+    pub retention_bytes: u64,
     /// Live bytes in sealed segments.
     pub live_bytes: u64,
     /// Bytes of sealed segments in the store.
@@ -331,7 +336,7 @@ pub async fn space(backend: Backend) -> Result<SpaceStats> {
             .snapshots
             .iter()
             .zip(&tally.only[1..])
-            .filter(|(s, _)| !crate::retain::is_point(&s.name))
+            .filter(|(s, _)| !retain::is_point(&s.name))
             .map(|(s, &only_bytes)| SnapshotSpace {
                 name: s.name.clone(),
                 only_bytes,
@@ -339,17 +344,26 @@ pub async fn space(backend: Backend) -> Result<SpaceStats> {
             .collect(),
         ..SpaceStats::default()
     };
+    stats.retention_bytes = manifest
+        .snapshots
+        .iter()
+        .zip(&tally.only[1..])
+        .filter(|(s, _)| retain::is_point(&s.name))
+        .map(|(_, &only)| only)
+        .sum();
     // What recovery replays, and what a moment of the retention window may.
-    let replay_floor = crate::retain::replay_floor(&manifest)
-        .map_or(manifest.replay_from_seg, |f| {
-            f.min(manifest.replay_from_seg)
-        });
+    let replay_floor = retain::replay_floor(&manifest).map_or(manifest.replay_from_seg, |f| {
+        f.min(manifest.replay_from_seg)
+    });
     for blob in store.list("segments/").await? {
         let Some(id) = parse_segment_name(&blob.name) else {
             continue;
         };
         let recent = id >= replay_floor;
         let counted = tally.live.remove(&id).unwrap_or(0);
+        if recent && id < manifest.replay_from_seg {
+            stats.retention_bytes += blob.size - counted.min(blob.size);
+        }
         let live_bytes = if recent { blob.size } else { counted };
         stats.segments.push(SegmentSpace {
             id,

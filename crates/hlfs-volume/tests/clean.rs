@@ -953,8 +953,15 @@ async fn every_moment_of_the_window_opens_as_it_was() {
     // Off: cleaning may take what only the window held.
     vol.flush().await.unwrap();
     let kept = vol.gc(&now_options(1.0), &|_| {}).await.unwrap();
+    vol.checkpoint().await.unwrap();
+    let held = space(backend.clone()).await.unwrap();
+    assert!(
+        held.retention_bytes > 256 << 10 && held.snapshots.iter().all(|s| !s.name.starts_with('-')),
+        "{held:?}"
+    );
     vol.set_retention(0).await.unwrap();
     assert_eq!(vol.retention().points, 0);
+    assert_eq!(space(backend.clone()).await.unwrap().retention_bytes, 0);
     let freed = vol.gc(&now_options(1.0), &|_| {}).await.unwrap();
     assert!(
         freed.stored_after < kept.stored_after * 3 / 4,

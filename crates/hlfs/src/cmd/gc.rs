@@ -184,6 +184,7 @@ fn stats_json(stats: &SpaceStats, now: u64) -> serde_json::Value {
         "manifests": stats.manifests,
         "journal_bytes": stats.journal_bytes,
         "head_only_bytes": stats.head_only_bytes,
+        "retention_bytes": stats.retention_bytes,
         "snapshots": stats.snapshots.iter().map(|s| serde_json::json!({
             "name": s.name,
             "only_bytes": s.only_bytes,
@@ -255,6 +256,12 @@ fn print_stats(volume: &str, stats: &SpaceStats, now: u64) {
         (None, _) => outln!("write amp.:    - (not counted: a format v1 volume counts from its first v2 feature on)"),
     }
     outln!("head only:     {}", bytes(stats.head_only_bytes));
+    if stats.retention_bytes > 0 {
+        outln!(
+            "retention:     {} kept for moments of the retention window alone",
+            bytes(stats.retention_bytes)
+        );
+    }
     for s in &stats.snapshots {
         outln!("snapshot {:?} alone holds {}", s.name, bytes(s.only_bytes));
     }
