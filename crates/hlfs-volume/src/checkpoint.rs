@@ -53,6 +53,19 @@ impl HeadUpdate {
     }
 }
 
+/// What a checkpoint record of `tree` (whose pages are all written back)
+/// says, for a volume of `size` bytes.
+pub(crate) fn checkpoint_of(tree: &Mutex<DirtyTree>, size: u64) -> Checkpoint {
+    let m = tree.lock();
+    Checkpoint {
+        root: m.root(),
+        depth: m.depth(),
+        size,
+        allocated_blocks: m.usage().allocated_blocks(),
+        usage: m.usage().live(),
+    }
+}
+
 impl Core {
     /// Seals a segment left full by an earlier append whose seal failed (the
     /// store was away), before appending more: the journal never grows
@@ -164,16 +177,7 @@ impl Core {
     /// map now; returns where the checkpoint is, its LSN and its contents.
     async fn append_checkpoint(&self, w: &mut Writer) -> Result<(Entry, u64, Checkpoint)> {
         self.write_back(w).await?;
-        let cp = {
-            let m = self.map.lock();
-            Checkpoint {
-                root: m.root(),
-                depth: m.depth(),
-                size: self.size(),
-                allocated_blocks: m.usage().allocated_blocks(),
-                usage: m.usage().live(),
-            }
-        };
+        let cp = checkpoint_of(&self.map, self.size());
         let (at, cp_lsn) = self.append_checkpoint_record(w, &cp)?;
         Ok((at, cp_lsn, cp))
     }

@@ -34,13 +34,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hlfs_format::{
-    parse_segment_name, segment_name, Checkpoint, Entry, RecordKind, SnapshotEntry, HEADER_LEN,
-};
+use hlfs_format::{parse_segment_name, segment_name, Entry, RecordKind, SnapshotEntry, HEADER_LEN};
 use hlfs_store::StoreError;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::SharedPages;
+use crate::checkpoint::{checkpoint_of, SharedPages};
 use crate::core::Core;
 use crate::error::{Result, VolumeError};
 use crate::lifecycle::Need;
@@ -763,16 +761,7 @@ impl Core {
             // A moved snapshot is a v2 feature: v1 said a snapshot's LSN
             // is its checkpoint record's.
             self.allow_format(2).await?;
-            let cp = {
-                let m = t.tree.lock();
-                Checkpoint {
-                    root: m.root(),
-                    depth: m.depth(),
-                    size: t.size,
-                    allocated_blocks: m.usage().allocated_blocks(),
-                    usage: m.usage().live(),
-                }
-            };
+            let cp = checkpoint_of(&t.tree, t.size);
             let (at, _) = self.append_checkpoint_record(w, &cp)?;
             rerooted.push((t.entry.clone(), at));
         }

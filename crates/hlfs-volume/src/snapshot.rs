@@ -8,8 +8,9 @@
 
 use std::sync::atomic::Ordering;
 
-use hlfs_format::{Checkpoint, Entry, Manifest, SnapshotEntry, MAX_NAME_LEN};
+use hlfs_format::{Entry, Manifest, SnapshotEntry, MAX_NAME_LEN};
 
+use crate::checkpoint::checkpoint_of;
 use crate::core::{Core, Shows};
 use crate::error::{Result, VolumeError};
 use crate::info::utc;
@@ -38,6 +39,21 @@ pub fn validate_snapshot_name(name: &str) -> Result<()> {
 /// The snapshot an import keeps of the head it started from, while it
 /// runs: a name no user can give (it starts with '-').
 pub const IMPORT_GUARD: &str = "-import-diff-in-progress";
+
+/// In a rollback's manifest: the head it abandons (checkpoint `at`, LSN
+/// `lsn`) as an automatic snapshot named after where the rollback went
+/// (`to`); returns its name.
+fn keep_abandoned_head(m: &mut Manifest, to: &str, at: Entry, lsn: u64, stamp: u64) -> String {
+    let name = unused_name(m, &format!("before-rollback-to-{to}"), stamp);
+    m.snapshots.push(SnapshotEntry {
+        name: name.clone(),
+        checkpoint: at,
+        lsn,
+        created_ms: stamp,
+        automatic: true,
+    });
+    name
+}
 
 /// Retention points are the engine's: they go with the window, and a
 /// moment is rolled back to by its time.
@@ -232,14 +248,7 @@ impl Core {
             if !m.snapshots.contains(&target) {
                 return Err(VolumeError::SnapshotNotFound(name.to_string()));
             }
-            auto_name = unused_name(m, &format!("before-rollback-to-{name}"), stamp);
-            m.snapshots.push(SnapshotEntry {
-                name: auto_name.clone(),
-                checkpoint: at,
-                lsn,
-                created_ms: stamp,
-                automatic: true,
-            });
+            auto_name = keep_abandoned_head(m, name, at, lsn, stamp);
             Ok(())
         })
         .await?;
@@ -270,16 +279,7 @@ impl Core {
             Err(e) => return Err(e),
         };
         self.write_back_tree(&mut w, &moment.map, None)?;
-        let cp = {
-            let m = moment.map.lock();
-            Checkpoint {
-                root: m.root(),
-                depth: m.depth(),
-                size: moment.size(),
-                allocated_blocks: m.usage().allocated_blocks(),
-                usage: m.usage().live(),
-            }
-        };
+        let cp = checkpoint_of(&moment.map, moment.size());
         let (at, lsn) = self.append_checkpoint_record(&mut w, &cp)?;
         let target = SnapshotEntry {
             name: String::new(),
@@ -292,14 +292,7 @@ impl Core {
         let label = utc(t).replace(' ', "_");
         let mut auto_name = String::new();
         self.reset_head_to(&mut w, &target, |m, at, lsn| {
-            auto_name = unused_name(m, &format!("before-rollback-to-{label}"), stamp);
-            m.snapshots.push(SnapshotEntry {
-                name: auto_name.clone(),
-                checkpoint: at,
-                lsn,
-                created_ms: stamp,
-                automatic: true,
-            });
+            auto_name = keep_abandoned_head(m, &label, at, lsn, stamp);
             Ok(())
         })
         .await?;
