@@ -874,10 +874,21 @@ pub(crate) async fn run(core: Arc<Core>, auto: AutoClean, mut cx: TaskContext<()
 
 /// After a run that could not reach its target (or failed), the automatic
 /// cleaner waits until more is stored or the snapshots change (a deleted
-/// snapshot makes what it held cleanable), rather than recount every tick.
+/// snapshot makes what it held cleanable), rather than recount every tick;
+/// or, if clients were busy when the run ended (it yielded to them, and
+/// their writes outran it), until they are not.
 struct Quiet {
     below: u64,
     snapshots: Vec<Entry>,
+    clients_were_busy: bool,
+}
+
+impl Quiet {
+    fn holds(&self, stored: u64, snapshots: &[Entry], clients_busy: bool) -> bool {
+        stored < self.below
+            && self.snapshots == snapshots
+            && (clients_busy || !self.clients_were_busy)
+    }
 }
 
 impl Core {
@@ -892,9 +903,10 @@ impl Core {
             .map(|b| b.size)
             .sum();
         let snapshots = self.snapshot_roots();
+        let busy = self.clients_busy(self.clock.now());
         if quiet
             .as_ref()
-            .is_some_and(|q| stored < q.below && q.snapshots == snapshots)
+            .is_some_and(|q| q.holds(stored, &snapshots, busy))
         {
             return Ok(());
         }
@@ -918,10 +930,12 @@ impl Core {
         *quiet = Some(Quiet {
             below: stored + 4 * self.segment_size,
             snapshots,
+            clients_were_busy: false,
         });
         let report = self.gc(&opts, &|_| {}).await;
         if let Some(q) = quiet.as_mut() {
             q.snapshots = self.snapshot_roots();
+            q.clients_were_busy = self.clients_busy(self.clock.now());
         }
         let report = report?;
         if report.passes > 0 || report.deleted_segments > 0 {
@@ -1018,6 +1032,24 @@ mod tests {
             made_ms,
             recent: false,
         }
+    }
+
+    /// A run that ended among busy clients is tried again once they are
+    /// idle, though nothing more was stored: idle, it no longer yields.
+    #[test]
+    fn the_cleaner_stays_quiet_until_something_changes() {
+        let snapshots = vec![Entry::EMPTY];
+        let quiet = |clients_were_busy| Quiet {
+            below: 1000,
+            snapshots: snapshots.clone(),
+            clients_were_busy,
+        };
+        assert!(quiet(false).holds(999, &snapshots, false));
+        assert!(quiet(false).holds(999, &snapshots, true));
+        assert!(!quiet(false).holds(1000, &snapshots, false), "more stored");
+        assert!(!quiet(false).holds(999, &[], false), "a snapshot went");
+        assert!(quiet(true).holds(999, &snapshots, true), "still busy");
+        assert!(!quiet(true).holds(999, &snapshots, false), "idle now");
     }
 
     #[test]
