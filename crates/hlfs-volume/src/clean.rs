@@ -253,6 +253,14 @@ impl Core {
         }
     }
 
+    /// Whether a client asked for a read or a write at `since` or later.
+    fn client_op_since(&self, since: Duration) -> bool {
+        match self.last_client_op.load(Ordering::Relaxed) {
+            0 => false,
+            last => Duration::from_nanos(last - 1) >= since,
+        }
+    }
+
     /// Cleans until stored ≤ `opts.target` × live, or until nothing more
     /// can be cleaned, then deletes the emptied segments once their grace
     /// period is over. One run at a time per volume.
@@ -875,8 +883,8 @@ pub(crate) async fn run(core: Arc<Core>, auto: AutoClean, mut cx: TaskContext<()
 /// After a run that could not reach its target (or failed), the automatic
 /// cleaner waits until more is stored or the snapshots change (a deleted
 /// snapshot makes what it held cleanable), rather than recount every tick;
-/// or, if clients were busy when the run ended (it yielded to them, and
-/// their writes outran it), until they are not.
+/// or, if clients were busy during the run (it yielded to them, and their
+/// writes may have outrun it), until they are idle.
 struct Quiet {
     below: u64,
     snapshots: Vec<Entry>,
@@ -932,10 +940,11 @@ impl Core {
             snapshots,
             clients_were_busy: false,
         });
+        let started = self.clock.now();
         let report = self.gc(&opts, &|_| {}).await;
         if let Some(q) = quiet.as_mut() {
             q.snapshots = self.snapshot_roots();
-            q.clients_were_busy = self.clients_busy(self.clock.now());
+            q.clients_were_busy = self.client_op_since(started);
         }
         let report = report?;
         if report.passes > 0 || report.deleted_segments > 0 {
