@@ -368,6 +368,8 @@ async fn a_failed_commit_puts_the_heads_blocks_back() {
 /// counters) opens, reads and is written, snapshotted and rolled back as
 /// before, and stays v1 while it needs nothing of v2. Cleaning, whose
 /// copies are v2 records, makes it v2, and its log is counted from then.
+/// It writes no Mark until its retention window is turned on, which makes
+/// it v3 first.
 #[tokio::test]
 async fn a_v1_volume_stays_v1_until_cleaning_copies() {
     let world = World::new();
@@ -421,6 +423,23 @@ async fn a_v1_volume_stays_v1_until_cleaning_copies() {
     let vol = open(&backend).await;
     assert_reads(&vol, &model, "the head").await;
     assert_snapshot(&backend, "s", &at_s).await;
+
+    // A v2 volume writes no Mark, and becomes v3 when its retention
+    // window is turned on, before its first Mark.
+    let has_marks = |kinds: Vec<(String, Vec<RecordKind>)>| {
+        kinds.iter().any(|(_, k)| k.contains(&RecordKind::Mark))
+    };
+    churn(&vol, &mut model, 1, 15).await;
+    vol.checkpoint().await.unwrap();
+    assert!(!has_marks(record_kinds(&backend).await));
+    vol.set_retention(3_600_000).await.unwrap();
+    assert_eq!(vol.info().await.unwrap().format_version, 3);
+    churn(&vol, &mut model, 1, 16).await;
+    vol.close().await.unwrap();
+    assert!(has_marks(record_kinds(&backend).await));
+    assert_checks(&backend).await;
+    let vol = open(&backend).await;
+    assert_reads(&vol, &model, "the head of the v3 volume").await;
     vol.close().await.unwrap();
 }
 
