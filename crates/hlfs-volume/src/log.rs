@@ -55,8 +55,6 @@ pub(crate) struct Writer {
     pub bytes_since_checkpoint: u64,
     /// The last LSN in a retired journal file.
     pub sealed_lsn: u64,
-    /// The time of the last Mark in the log (0: none yet).
-    pub last_mark_ms: u64,
     /// A Mark of at least this time is due before the next client record:
     /// the head was reset, with a point of this time.
     pub mark_due_ms: Option<u64>,
@@ -97,8 +95,8 @@ pub(crate) struct Log {
     checkpoints_held: AtomicBool,
     /// A retention window is on: client records follow time marks.
     pub marking: AtomicBool,
-    /// The time of the last Mark appended, for points made outside the
-    /// writer lock (`Core::note_head`).
+    /// The time of the last Mark in the log (0: none yet). Written under
+    /// the writer lock; read by points made outside it (`Core::note_head`).
     pub last_mark_ms: AtomicU64,
 }
 
@@ -155,7 +153,6 @@ impl Log {
                 sealed_since_checkpoint: 0,
                 bytes_since_checkpoint: 0,
                 sealed_lsn: 0,
-                last_mark_ms: 0,
                 mark_due_ms: None,
             }),
             files: Mutex::new(OpenFiles::default()),

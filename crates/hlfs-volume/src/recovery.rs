@@ -176,11 +176,10 @@ impl Core {
         if let Some(t) = self.manifests.read(crate::retain::newest_point_ms) {
             self.log.last_mark_ms.fetch_max(t, Ordering::Relaxed);
         }
-        w.last_mark_ms = self.log.last_mark_ms.load(Ordering::Relaxed);
         // This open's first client record follows a Mark of its own, no
         // earlier than any point: one made by a reset just before a crash
         // may have had none after it yet.
-        w.mark_due_ms = Some(w.last_mark_ms);
+        w.mark_due_ms = Some(self.log.last_mark_ms.load(Ordering::Relaxed));
         if read_only {
             return Ok(());
         }

@@ -121,14 +121,14 @@ impl Core {
             return Ok(());
         }
         let now = self.clock.unix_ms();
+        let last = self.log.last_mark_ms.load(Ordering::Relaxed);
         let due = w.mark_due_ms.take();
-        if due.is_none() && w.last_mark_ms != 0 && now <= w.last_mark_ms {
+        if due.is_none() && now <= last {
             return Ok(());
         }
-        let t = now.max(due.unwrap_or(0)).max(w.last_mark_ms);
+        let t = now.max(due.unwrap_or(0)).max(last);
         let header = encode_header(RecordKind::Mark, &self.uuid, w.next_lsn, t, 0, &[]);
         self.append(w, &[&header])?;
-        w.last_mark_ms = t;
         self.log.last_mark_ms.fetch_max(t, Ordering::Relaxed);
         Ok(())
     }
