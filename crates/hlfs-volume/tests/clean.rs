@@ -902,6 +902,7 @@ async fn every_moment_of_the_window_opens_as_it_was() {
     let mut moments: Vec<(u64, Image)> = vec![(now(), model.clone())];
     let mut snapshot = None;
     let mut deleted = 0;
+    let mut held = None;
     let mut x = 7u64;
     for round in 0..9u8 {
         for i in 0..48 {
@@ -952,7 +953,22 @@ async fn every_moment_of_the_window_opens_as_it_was() {
         for (t, image) in moments.iter().filter(|(t, _)| *t >= start) {
             assert_moment(&backend, *t, image, &format!("round {round}")).await;
         }
+        if round == 6 {
+            // A view kept open while later rounds clean beneath it.
+            let (t, image) = moments.last().unwrap().clone();
+            let view = Volume::open_read_only(backend.clone(), &on_manual_clock(), View::AsOf(t))
+                .await
+                .unwrap();
+            held = Some((view, image));
+        }
     }
+    let (view, image) = held.take().unwrap();
+    assert_reads(
+        &view,
+        &image,
+        "a view of a moment kept open through cleaning",
+    )
+    .await;
     assert!(deleted > 0, "cleaning never deleted what the window let go");
     let info = vol.retention();
     assert!(
