@@ -117,6 +117,11 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     /// Remove a blob. Removing a missing blob is not an error.
     async fn delete(&self, name: &str) -> Result<()>;
 
+    /// Removes what puts cut off by a crash left beside the blobs (never
+    /// a blob, nor what a put in flight still writes), and returns the
+    /// bytes freed. Every store says what it leaves, even if nothing.
+    async fn sweep_leftovers(&self) -> Result<u64>;
+
     /// A handle for many ranged reads of one blob (the local store keeps the
     /// file open).
     async fn open_reader(self: Arc<Self>, name: &str) -> Result<Arc<dyn BlobReader>>

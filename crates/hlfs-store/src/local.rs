@@ -299,6 +299,13 @@ impl BlobStore for LocalStore {
         .await
     }
 
+    /// Staging files of puts a crash cut off: in `.tmp`, of a process
+    /// that is gone, untouched for a minute.
+    async fn sweep_leftovers(&self) -> Result<u64> {
+        let dir = self.root.join(TMP_DIR);
+        blocking(move || sweep_stale_temps(&dir, STALE_TEMP_AGE)).await
+    }
+
     async fn open_reader(self: Arc<Self>, name: &str) -> Result<Arc<dyn BlobReader>> {
         let path = self.path_of(name)?;
         let name = name.to_string();
@@ -380,6 +387,66 @@ fn read_exact(file: &File, name: &str, offset: u64, buf: &mut [u8], size: u64) -
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(out_of_range()),
         Err(e) => Err(StoreError::io(name, e)),
     }
+}
+
+/// A staging file untouched for this long, of a process that is gone, is a
+/// leftover. (The age covers a directory shared between hosts, whose
+/// process ids say nothing here.)
+const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes the staging files in `dir` that no put will link any more:
+/// named after a process that is not running, and not modified for `age`.
+/// Returns their bytes.
+fn sweep_stale_temps(dir: &Path, age: std::time::Duration) -> Result<u64> {
+    let io_err = |e| StoreError::io(dir.display().to_string(), e);
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if is_missing(&e) => return Ok(0),
+        Err(e) => return Err(io_err(e)),
+    };
+    let mut freed = 0;
+    for entry in entries {
+        let entry = entry.map_err(io_err)?;
+        let pid = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.split('.').next())
+            .and_then(|p| p.parse::<i32>().ok());
+        let Some(pid) = pid else { continue };
+        if process_runs(pid) {
+            continue;
+        }
+        let meta = match entry.metadata() {
+            Ok(meta) => meta,
+            Err(e) if is_missing(&e) => continue,
+            Err(e) => return Err(io_err(e)),
+        };
+        let untouched = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|idle| idle >= age);
+        if !meta.is_file() || !untouched {
+            continue;
+        }
+        match fs::remove_file(entry.path()) {
+            Ok(()) => freed += meta.len(),
+            Err(e) if is_missing(&e) => {}
+            Err(e) => return Err(StoreError::io(entry.path().display().to_string(), e)),
+        }
+    }
+    Ok(freed)
+}
+
+/// Whether process `pid` exists here (signal 0 checks without sending;
+/// EPERM means it runs as another user).
+fn process_runs(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 sends nothing and touches no memory.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// A staging file in `.tmp`, removed when dropped: once linked its data lives

@@ -422,12 +422,31 @@ fn piece_name(name: &str, tag: &str, index: u64) -> String {
     format!("{PIECES_PREFIX}{name}/{tag}/{index}")
 }
 
+/// The blob and tag a piece's object belongs to: the inverse of
+/// [`piece_name`]. None for any other object.
+fn piece_of(oid: &str) -> Option<(&str, &str)> {
+    let rest = oid.strip_prefix(PIECES_PREFIX)?;
+    let mut parts = rest.rsplitn(3, '/');
+    let (index, tag, name) = (parts.next()?, parts.next()?, parts.next()?);
+    let valid = index.parse::<u64>().is_ok_and(|i| i >= 1)
+        && !tag.is_empty()
+        && tag.bytes().all(|b| b.is_ascii_hexdigit())
+        && !name.is_empty();
+    valid.then_some((name, tag))
+}
+
+/// Pieces untouched for this long, that no head names, are leftovers: a
+/// put writes its pieces before its head, within seconds.
+const STALE_PIECE_AGE: Duration = Duration::from_secs(600);
+
 /// A namespace of a RADOS pool, e.g. `rados://hlfs/vms/vm1`.
 pub struct RadosStore {
     io: Arc<IoCtx>,
     pool: String,
     namespace: String,
     piece: u64,
+    /// How long pieces no head names must stay untouched to be swept.
+    stale_after: Duration,
 }
 
 impl fmt::Debug for RadosStore {
@@ -449,7 +468,15 @@ impl RadosStore {
             pool,
             namespace,
             piece: PIECE_BYTES,
+            stale_after: STALE_PIECE_AGE,
         })
+    }
+
+    /// The same store, sweeping pieces no head names once untouched for
+    /// `age` (for tests, which cannot wait ten minutes).
+    pub fn with_stale_piece_age(mut self, age: Duration) -> RadosStore {
+        self.stale_after = age;
+        self
     }
 
     /// The same store, cutting blobs into pieces of `bytes` (for tests of
@@ -770,6 +797,63 @@ impl BlobStore for RadosStore {
             }
         }
         Ok(())
+    }
+
+    /// Pieces no head names, untouched for the stale age: of a put a
+    /// crash cut off between its pieces and its head, of a put whose head
+    /// never landed after a timeout, or of a delete that failed after
+    /// taking the head.
+    async fn sweep_leftovers(&self) -> Result<u64> {
+        let what = format!("listing {}/{PIECES_PREFIX}", self.describe());
+        let names = self
+            .blocking(|io| io.list())
+            .await?
+            .map_err(|e| classify(&what, e))?;
+        let mut by_blob: HashMap<(String, String), Vec<String>> = HashMap::new();
+        for oid in names {
+            if let Some((name, tag)) = piece_of(&oid) {
+                let key = (name.to_string(), tag.to_string());
+                by_blob.entry(key).or_default().push(oid);
+            }
+        }
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut freed = 0;
+        for ((name, tag), pieces) in by_blob {
+            // A blob name that is not valid has no head either; a head
+            // whose layout is damaged keeps what it may name.
+            let named = validate_blob_name(&name).is_ok()
+                && match self.describe_blob(&name).await {
+                    Ok(found) => found.and_then(|d| d.layout).is_some_and(|l| l.tag == tag),
+                    Err(StoreError::Io { .. }) => true,
+                    Err(e) => return Err(e),
+                };
+            if named {
+                continue;
+            }
+            for oid in pieces {
+                let c_oid = cstring("object name", &oid)?;
+                let stale_after = self.stale_after.as_secs();
+                let removed = self
+                    .blocking(move |io| -> std::result::Result<u64, Errno> {
+                        let (size, mtime) = match io.stat(&c_oid) {
+                            Ok(stat) => stat,
+                            Err(Errno(libc::ENOENT)) => return Ok(0),
+                            Err(e) => return Err(e),
+                        };
+                        if now_s.saturating_sub(mtime) < stale_after {
+                            return Ok(0);
+                        }
+                        io.remove(&c_oid)?;
+                        Ok(size)
+                    })
+                    .await?
+                    .map_err(|e| classify(&self.what(&oid), e))?;
+                freed += removed;
+            }
+        }
+        Ok(freed)
     }
 }
 

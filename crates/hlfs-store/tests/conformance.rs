@@ -95,6 +95,10 @@ async fn suite_catches_an_overwriting_store() {
         async fn delete(&self, name: &str) -> Result<()> {
             self.0.delete(name).await
         }
+
+        async fn sweep_leftovers(&self) -> Result<u64> {
+            self.0.sweep_leftovers().await
+        }
     }
 
     run_blob_store_suite(Arc::new(Overwriting(MemEnv::new().store()))).await;

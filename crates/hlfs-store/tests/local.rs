@@ -247,3 +247,48 @@ fn released_journal_bytes_leave_the_page_cache_and_still_read_back() {
     );
     assert_eq!(file.read_at(0, 2 * chunk).unwrap(), data);
 }
+
+/// What a put cut off by a crash leaves in `.tmp` goes at the next sweep;
+/// staging files of a running process, or touched within the last minute,
+/// and the blobs stay.
+#[tokio::test]
+async fn sweep_removes_staging_files_of_processes_that_are_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::new(dir.path());
+    store
+        .put_if_absent("segments/0000000001", Bytes::from_static(b"blob"))
+        .await
+        .unwrap();
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let gone = child.id();
+    child.wait().unwrap();
+    let tmp = dir.path().join(".tmp");
+    let stage = |name: String, len: usize, old: bool| {
+        let path = tmp.join(name);
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(len as u64).unwrap();
+        if old {
+            let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+            file.set_modified(hour_ago).unwrap();
+        }
+        path
+    };
+    let cut_off = stage(format!("{gone}.0.00000000000000aa"), 4096, true);
+    let fresh = stage(format!("{gone}.1.00000000000000bb"), 10, false);
+    let running = stage(
+        format!("{}.2.00000000000000cc", std::process::id()),
+        10,
+        true,
+    );
+    let foreign = stage("notes.txt".to_string(), 10, true);
+    assert_eq!(store.sweep_leftovers().await.unwrap(), 4096);
+    assert!(!cut_off.exists());
+    for kept in [&fresh, &running, &foreign] {
+        assert!(kept.exists(), "{}", kept.display());
+    }
+    assert_eq!(
+        store.get("segments/0000000001").await.unwrap(),
+        Bytes::from_static(b"blob")
+    );
+    assert_eq!(store.sweep_leftovers().await.unwrap(), 0);
+}

@@ -397,4 +397,9 @@ impl BlobStore for Leased {
         let (inner, name) = (self.inner.clone(), name.to_string());
         self.run(async move { inner.delete(&name).await }).await
     }
+
+    async fn sweep_leftovers(&self) -> hlfs_store::Result<u64> {
+        let inner = self.inner.clone();
+        self.run(async move { inner.sweep_leftovers().await }).await
+    }
 }

@@ -364,6 +364,10 @@ impl BlobStore for Watched {
     async fn delete(&self, name: &str) -> hlfs_store::Result<()> {
         self.inner.delete(name).await
     }
+
+    async fn sweep_leftovers(&self) -> hlfs_store::Result<u64> {
+        self.inner.sweep_leftovers().await
+    }
 }
 
 /// Creates still to lose the answer of, of segments and of manifests.

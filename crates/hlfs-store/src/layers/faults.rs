@@ -438,6 +438,10 @@ impl BlobStore for FaultyStore {
             .await
     }
 
+    async fn sweep_leftovers(&self) -> Result<u64> {
+        self.inner.sweep_leftovers().await
+    }
+
     async fn open_reader(self: Arc<Self>, name: &str) -> Result<Arc<dyn BlobReader>> {
         let open = self.inner.clone().open_reader(name);
         let reader = self

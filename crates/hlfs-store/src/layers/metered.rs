@@ -157,6 +157,10 @@ impl BlobStore for Metered {
         result
     }
 
+    async fn sweep_leftovers(&self) -> Result<u64> {
+        self.inner.sweep_leftovers().await
+    }
+
     async fn open_reader(self: Arc<Self>, name: &str) -> Result<Arc<dyn BlobReader>> {
         // The store's own reader (a local one keeps the file open), counted.
         let result = self.inner.clone().open_reader(name).await;

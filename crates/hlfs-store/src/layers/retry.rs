@@ -236,6 +236,11 @@ impl BlobStore for Retrying {
         let what = format!("deleting {name}");
         self.retry(&what, || self.inner.delete(name)).await
     }
+
+    async fn sweep_leftovers(&self) -> Result<u64> {
+        self.retry("sweeping leftovers", || self.inner.sweep_leftovers())
+            .await
+    }
 }
 
 #[cfg(test)]
