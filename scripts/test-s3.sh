@@ -8,7 +8,8 @@
 #  4. the CLI on an S3 volume: create, import, snapshot, export, check;
 #  5. faults: the gateway stopped mid-workload and restarted, a slow
 #     gateway, segment objects deleted or corrupted behind our back;
-#  6. fencing: a second "host" (another cache directory) is refused.
+#  6. cleaning: deleted segments leave the bucket, an orphan is swept;
+#  7. fencing: a second "host" (another cache directory) is refused.
 # Usage: scripts/test-s3.sh     (as root; CI runs it from .ci/run)
 # Env: MODEL_CASES (default 30) cases of the model test; S3_SUITES=0 skips
 # steps 1-3 (the cargo test suites), to rerun the rest quickly.
@@ -143,6 +144,48 @@ for damage in corrupt delete; do
     fi
     check_finds_damage "$vol" "$damage"
 done
+
+step "cleaning on S3: what it frees leaves the bucket, and an orphan object is swept"
+vol="s3://hlfs-test/gc-$run_id/vm"
+prefix="$AWS_ENDPOINT_URL/hlfs-test/gc-$run_id/vm/segments"
+$hlfs create "$vol" --size 64M --segment-size 1M
+# The second import overwrites the first: its segments hold nothing now.
+$hlfs import "$work/in.img" "$vol"
+$hlfs import "$work/in.img" "$vol"
+segment_ids() {
+    $hlfs gc "$vol" --stats --json |
+        python3 -c 'import json, sys; print(" ".join(str(s["id"]) for s in json.load(sys.stdin)["segments"]))'
+}
+object_of() { printf '%s/%010d' "$prefix" "$1"; }
+before=$(segment_ids)
+$hlfs gc "$vol" --grace 0 --json > "$work/gc.json"
+after=$(segment_ids)
+gone=()
+for id in $before; do
+    [[ " $after " == *" $id "* ]] || gone+=("$id")
+done
+# The first import's segments (4 MiB records, one to a segment): 4 at least.
+python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); assert r["deleted_segments"] == int(sys.argv[2]) >= 4, r' \
+    "$work/gc.json" "${#gone[@]}" || fail "cleaning deleted ${#gone[@]} segments: $(cat "$work/gc.json")"
+for id in "${gone[@]}"; do
+    if s3curl -o /dev/null -I "$(object_of "$id")" 2>/dev/null; then
+        fail "segment $id is still in the bucket"
+    fi
+done
+# An orphan: a segment object no manifest names (as an upload a crash
+# left, or a delete that did not land), here a live one's bytes.
+s3curl -o "$work/seg" "$(object_of "${after%% *}")"
+s3curl -X PUT --data-binary @"$work/seg" "$(object_of "${gone[0]}")" >/dev/null
+$hlfs gc "$vol" --grace 0 --target 100 --json > "$work/sweep.json"
+python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); assert r["passes"] == 0 and r["deleted_segments"] == 1, r' \
+    "$work/sweep.json"
+if s3curl -o /dev/null -I "$(object_of "${gone[0]}")" 2>/dev/null; then
+    fail "the orphan segment ${gone[0]} is still in the bucket"
+fi
+$hlfs export "$vol" "$work/gc.img"
+cmp <(head -c $((16 << 20)) "$work/gc.img") "$work/in.img"
+$hlfs check "$vol"
+echo "   ${#gone[@]} segments cleaned out of the bucket, and an orphan swept"
 
 step "fencing: a second host cannot write while the first does"
 fencing "s3://hlfs-test/fence-$run_id/vm"

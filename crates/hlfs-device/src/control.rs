@@ -534,6 +534,7 @@ mod tests {
             deleted_segments: 3,
             freed_bytes: 3 << 20,
             copied_bytes: 1 << 20,
+            swept_bytes: 4096,
             stored_before: 10 << 20,
             live_before: 5 << 20,
             stored_after: 7 << 20,

@@ -62,16 +62,22 @@ pub struct GcOptions {
     /// Live bytes one pass moves at most (it may take one victim more).
     pub pass_bytes: u64,
     /// Do nothing unless stored is above this × live (the automatic
-    /// cleaner's start mark). Such a run does not checkpoint first, so its
-    /// first recount counts what recovery would replay as live.
+    /// cleaner's start mark).
     pub start_above: Option<f64>,
     /// Live bytes copied per second at most; `None` copies as fast as the
     /// writer lock allows.
     pub copy_rate: Option<u64>,
     /// While clients are busy (a read or write in the last 100 ms),
     /// bytes scanned and copied per second at most, so that foreground
-    /// I/O keeps priority; `None` does not yield.
+    /// I/O keeps priority; `None` does not yield. With `start_above`, the
+    /// rate rises with stored ÷ live, from this at the target to the copy
+    /// rate at the start mark, and above the mark the cleaner does not
+    /// yield: steady writes cannot carry stored past it for long.
     pub busy_rate: Option<u64>,
+    /// Go on while clients' writes make garbage as fast as passes free it
+    /// (the automatic cleaner, which holds its target under steady
+    /// writes). Without it, a run stops once a pass gives nothing back.
+    pub keep_up: bool,
 }
 
 impl Default for GcOptions {
@@ -83,6 +89,7 @@ impl Default for GcOptions {
             start_above: None,
             copy_rate: None,
             busy_rate: None,
+            keep_up: false,
         }
     }
 }
@@ -144,6 +151,10 @@ pub struct GcReport {
     pub freed_bytes: u64,
     /// Live bytes appended again to empty the victims.
     pub copied_bytes: u64,
+    /// Bytes of what cut-off puts left beside the store's blobs (a local
+    /// store's staging files), removed.
+    #[serde(default)]
+    pub swept_bytes: u64,
     pub stored_before: u64,
     pub live_before: u64,
     pub stored_after: u64,
@@ -168,10 +179,6 @@ enum Pass {
 /// commit, stay bounded.
 const COMMIT_BYTES: usize = 16 << 20;
 
-/// The automatic cleaner stops yielding to busy clients once stored is
-/// this many times its start mark.
-const URGENT: f64 = 2.0;
-
 /// Clients count as busy for this long after a request of theirs.
 const BUSY_WINDOW: Duration = Duration::from_millis(100);
 
@@ -179,11 +186,14 @@ const BUSY_WINDOW: Duration = Duration::from_millis(100);
 /// nearly as large, and its own metadata garbage again.
 const MAX_VICTIM_USE: f64 = 0.9;
 
-/// A victim whose pass has committed.
-struct Condemned {
+/// A segment a recount found empty after the pass that emptied it
+/// committed (or that nothing reached at all), deleted once its grace is
+/// over.
+pub(crate) struct Condemned {
     id: u32,
     size: u64,
-    since_ms: u64,
+    /// When its grace is over (ms on the volume's clock).
+    due_ms: u64,
 }
 
 /// Blocks a pass found live in its victims, to copy at its next commit:
@@ -262,8 +272,9 @@ impl Core {
     }
 
     /// Cleans until stored ≤ `opts.target` × live, or until nothing more
-    /// can be cleaned, then deletes the emptied segments once their grace
-    /// period is over. One run at a time per volume.
+    /// can be cleaned, deleting the emptied segments once their grace
+    /// period is over, and, whatever the target, every segment nothing
+    /// reaches (the sweep). One run at a time per volume.
     pub(crate) async fn gc(
         &self,
         opts: &GcOptions,
@@ -279,8 +290,8 @@ impl Core {
         if *self.cleaning_stopped.borrow() {
             return Err(VolumeError::Closed);
         }
-        let _turn = self.cleaning.lock().await;
-        let report = self.gc_run(opts, progress).await?;
+        let mut condemned = self.cleaning.lock().await;
+        let report = self.gc_run(opts, progress, &mut condemned).await?;
         self.clean_counts.add(&report);
         Ok(report)
     }
@@ -289,22 +300,36 @@ impl Core {
         &self,
         opts: &GcOptions,
         progress: &(dyn Fn(&GcProgress) + Send + Sync),
+        condemned: &mut Vec<Condemned>,
     ) -> Result<GcReport> {
-        if opts.start_above.is_none() {
-            // Checkpointed first, the recounts are exact: nothing is left
-            // for recovery to replay, which would count as wholly live.
-            self.checkpoint_now().await?;
-        }
-        let mut condemned: Vec<Condemned> = Vec::new();
+        // Checkpointed first, the recounts are exact: nothing is left for
+        // recovery to replay, which would count as wholly live (and hide
+        // the garbage its writes made).
+        self.checkpoint_now().await?;
+        // Best effort: what a crashed put left is never read, and a store
+        // that cannot say now will be asked again by the next run.
+        let swept_bytes = match self.store.sweep_leftovers().await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::warn!(volume = %self.location(), error = %e, "cannot sweep the store's leftovers");
+                0
+            }
+        };
         // Victims a pass could not empty: not tried again in this run.
         let mut stuck: HashSet<u32> = HashSet::new();
         let mut passes = 0;
         let mut copied_bytes = 0;
+        let mut freed_bytes = 0;
+        // Of which deleted since the last recount (which still lists them).
+        let mut freed_since_recount;
+        let mut deleted_segments = 0;
         let mut before = None;
         let mut last_garbage = u64::MAX;
+        let mut last_pass_started = None;
+        let grace_ms = u64::try_from(opts.grace.as_millis()).unwrap_or(u64::MAX);
         let mut stop = self.cleaning_stopped.subscribe();
-        let (stats, stopped) = loop {
-            let stats = space(self.backend.clone()).await?;
+        let (stats, mut stopped) = loop {
+            let mut stats = space(self.backend.clone()).await?;
             self.life.check(Need::Write)?;
             // Every committed victim has now been through a recount made
             // after its commit: those still live are not deleted.
@@ -322,13 +347,36 @@ impl Core {
                 }
                 !live
             });
+            // The sweep: whatever target, segments nothing reaches go,
+            // such as those a crash left between an upload and the
+            // manifest that would have named them.
+            let now_ms = self.clock.unix_ms();
+            for s in &stats.segments {
+                let known = condemned.iter().any(|c| c.id == s.id) || stuck.contains(&s.id);
+                if s.live_bytes == 0 && !s.recent && s.view_bytes == 0 && !known {
+                    condemned.push(Condemned {
+                        id: s.id,
+                        size: s.size,
+                        due_ms: now_ms.saturating_add(grace_ms),
+                    });
+                }
+            }
+            // Those whose grace is over go now, so that a long run (one
+            // keeping up with writes) gives space back as it goes.
+            let due = self.delete_due_in(condemned).await?;
+            stats.segments.retain(|s| !due.iter().any(|c| c.id == s.id));
+            freed_since_recount = due.iter().map(|c| c.size).sum();
+            deleted_segments += due.len() as u32;
+            freed_bytes += freed_since_recount;
             // Only what is still listed: a listing may lag a delete.
             let waiting: u64 = condemned
                 .iter()
                 .filter(|c| stats.segments.iter().any(|s| s.id == c.id))
                 .map(|c| c.size)
                 .sum();
-            let stored = stats.stored_bytes.saturating_sub(waiting);
+            let stored = stats
+                .stored_bytes
+                .saturating_sub(waiting + freed_since_recount);
             let garbage = stored.saturating_sub(stats.live_bytes);
             let target_bytes = (opts.target * stats.live_bytes as f64) as u64;
             let first = before.is_none();
@@ -350,8 +398,12 @@ impl Core {
             }
             // A pass that gave nothing back would be followed by another
             // just like it. (Garbage, not stored bytes: clients may be
-            // writing meanwhile.)
-            if garbage >= last_garbage {
+            // writing meanwhile.) A run keeping up with writes goes on
+            // while they make garbage as fast as it frees it: each pass
+            // still empties its victims, or leaves them stuck.
+            let writing =
+                opts.keep_up && last_pass_started.is_some_and(|since| self.client_op_since(since));
+            if garbage >= last_garbage && !writing {
                 break (stats, GcStop::NothingCleanable);
             }
             last_garbage = garbage;
@@ -360,47 +412,47 @@ impl Core {
                 .map(|c| c.id)
                 .chain(stuck.iter().copied())
                 .collect();
-            let victims = choose_victims(&stats, &skip, opts.pass_bytes, self.clock.unix_ms());
+            let victims = choose_victims(&stats, &skip, opts.pass_bytes, now_ms);
             if victims.is_empty() {
                 break (stats, GcStop::NothingCleanable);
             }
-            // Empty ones need no pass: nothing reaches them now, so nothing
-            // ever will.
-            let (empty, full): (Vec<_>, Vec<_>) =
-                victims.into_iter().partition(|v| v.live_bytes == 0);
-            condemned.extend(empty.iter().map(|v| Condemned {
+            tracing::debug!(
+                volume = %self.location(),
+                stored,
+                live = stats.live_bytes,
+                victims = ?victims.iter().map(|v| (v.id, v.live_bytes * 100 / v.size.max(1))).collect::<Vec<_>>(),
+                "cleaning pass: victims (id, % live)"
+            );
+            last_pass_started = Some(self.clock.now());
+            let busy_rate = busy_rate_at(opts, stored, stats.live_bytes);
+            let mut deleted = Vec::new();
+            let pass = self
+                .clean_pass(&victims, opts.copy_rate, busy_rate, condemned, &mut deleted)
+                .await;
+            deleted_segments += deleted.len() as u32;
+            freed_bytes += deleted.iter().map(|c| c.size).sum::<u64>();
+            let copied = match pass? {
+                Pass::Committed(copied) => copied,
+                Pass::Stopped(copied) => {
+                    copied_bytes += copied;
+                    break (stats, GcStop::Interrupted);
+                }
+            };
+            copied_bytes += copied;
+            passes += 1;
+            let due_ms = self.clock.unix_ms().saturating_add(grace_ms);
+            condemned.extend(victims.iter().map(|v| Condemned {
                 id: v.id,
                 size: v.size,
-                since_ms: self.clock.unix_ms(),
+                due_ms,
             }));
-            if !full.is_empty() {
-                let copied = match self
-                    .clean_pass(&full, opts.copy_rate, opts.busy_rate)
-                    .await?
-                {
-                    Pass::Committed(copied) => copied,
-                    Pass::Stopped(copied) => {
-                        copied_bytes += copied;
-                        break (stats, GcStop::Interrupted);
-                    }
-                };
-                copied_bytes += copied;
-                passes += 1;
-                let since_ms = self.clock.unix_ms();
-                condemned.extend(full.iter().map(|v| Condemned {
-                    id: v.id,
-                    size: v.size,
-                    since_ms,
-                }));
-            }
         };
         let (stored_before, live_before) = before.expect("one recount at least");
-        let mut freed_bytes = 0;
-        let mut deleted_segments = 0;
-        let mut stopped = stopped;
-        let grace_ms = u64::try_from(opts.grace.as_millis()).unwrap_or(u64::MAX);
-        for c in &condemned {
-            let due = c.since_ms.saturating_add(grace_ms);
+        // A run keeping up with writes leaves what is not due yet to the
+        // cleaner's next ticks, rather than stand still through the grace
+        // while clients write. A user's run waits it out.
+        while !opts.keep_up && !condemned.is_empty() {
+            let due = condemned[0].due_ms;
             let now = self.clock.unix_ms();
             if due > now {
                 tokio::select! {
@@ -411,8 +463,10 @@ impl Core {
                     }
                 }
             }
+            let c = condemned.remove(0);
             self.delete_segment(c.id).await?;
             freed_bytes += c.size;
+            freed_since_recount += c.size;
             deleted_segments += 1;
         }
         Ok(GcReport {
@@ -420,12 +474,42 @@ impl Core {
             deleted_segments,
             freed_bytes,
             copied_bytes,
+            swept_bytes,
             stored_before,
             live_before,
-            stored_after: stats.stored_bytes.saturating_sub(freed_bytes),
+            stored_after: stats.stored_bytes.saturating_sub(freed_since_recount),
             live_after: stats.live_bytes,
             stopped,
         })
+    }
+
+    /// Deletes the condemned segments whose grace is over, and returns
+    /// them. Each was found empty by a recount after its pass committed,
+    /// and nothing can reach it since.
+    async fn delete_due_in(&self, condemned: &mut Vec<Condemned>) -> Result<Vec<Condemned>> {
+        let now = self.clock.unix_ms();
+        let (due, waiting) = std::mem::take(condemned)
+            .into_iter()
+            .partition(|c| c.due_ms <= now);
+        *condemned = waiting;
+        for c in &due {
+            self.delete_segment(c.id).await?;
+        }
+        Ok(due)
+    }
+
+    /// Deletes what runs keeping up with writes left condemned, once due.
+    async fn delete_left_behind(&self) -> Result<()> {
+        let mut condemned = self.cleaning.lock().await;
+        let due = self.delete_due_in(&mut condemned).await?;
+        let counts = &self.clean_counts;
+        counts
+            .deleted_segments
+            .fetch_add(due.len() as u64, Ordering::Relaxed);
+        counts
+            .freed_bytes
+            .fetch_add(due.iter().map(|c| c.size).sum(), Ordering::Relaxed);
+        Ok(())
     }
 
     /// Makes a cleaning run stop as soon as it safely can, and refuses
@@ -445,6 +529,8 @@ impl Core {
         victims: &[&SegmentSpace],
         copy_rate: Option<u64>,
         busy_rate: Option<u64>,
+        condemned: &mut Vec<Condemned>,
+        deleted: &mut Vec<Condemned>,
     ) -> Result<Pass> {
         let bs = self.block_size as usize;
         let mut copied = 0;
@@ -526,6 +612,8 @@ impl Core {
                     copied += self
                         .commit_moves(&mut gathered, &mut trees, &[], &[])
                         .await?;
+                    // Earlier passes' victims need no wait for this one.
+                    deleted.extend(self.delete_due_in(condemned).await?);
                 }
                 // Busy clients: this record's bytes at the busy rate.
                 // Otherwise its copies at the copy rate.
@@ -880,28 +968,27 @@ pub(crate) async fn run(core: Arc<Core>, auto: AutoClean, mut cx: TaskContext<()
     }
 }
 
-/// After a run that could not reach its target (or failed), the automatic
-/// cleaner waits until more is stored or the snapshots change (a deleted
-/// snapshot makes what it held cleanable), rather than recount every tick;
-/// or, if clients were busy during the run (it yielded to them, and their
-/// writes may have outrun it), until they are idle.
+/// After a run, the automatic cleaner waits until more is stored or the
+/// snapshots change (a deleted snapshot makes what it held cleanable),
+/// rather than recount every tick: at its target, until stored could pass
+/// the start mark; short of it (or failed), until four more segments'
+/// worth is stored. (A run among writing clients does not end for want of
+/// progress while they write: it keeps up with them.)
 struct Quiet {
     below: u64,
     snapshots: Vec<Entry>,
-    clients_were_busy: bool,
 }
 
 impl Quiet {
-    fn holds(&self, stored: u64, snapshots: &[Entry], clients_busy: bool) -> bool {
-        stored < self.below
-            && self.snapshots == snapshots
-            && (clients_busy || !self.clients_were_busy)
+    fn holds(&self, stored: u64, snapshots: &[Entry]) -> bool {
+        stored < self.below && self.snapshots == snapshots
     }
 }
 
 impl Core {
     /// One tick of the automatic cleaner.
     async fn auto_clean(&self, auto: &AutoClean, quiet: &mut Option<Quiet>) -> Result<()> {
+        self.delete_left_behind().await?;
         let stored: u64 = self
             .store
             .list("segments/")
@@ -911,11 +998,7 @@ impl Core {
             .map(|b| b.size)
             .sum();
         let snapshots = self.snapshot_roots();
-        let busy = self.clients_busy(self.clock.now());
-        if quiet
-            .as_ref()
-            .is_some_and(|q| q.holds(stored, &snapshots, busy))
-        {
+        if quiet.as_ref().is_some_and(|q| q.holds(stored, &snapshots)) {
             return Ok(());
         }
         // The head's data alone: about what is live or less (less what is
@@ -930,21 +1013,19 @@ impl Core {
             grace: auto.grace,
             start_above: Some(auto.start_above),
             copy_rate: Some(auto.copy_rate),
-            busy_rate: busy_rate(auto, stored, head_live),
+            busy_rate: Some(auto.busy_rate),
+            keep_up: true,
             ..GcOptions::default()
         };
-        // Quiet unless the run says otherwise, as of the snapshots it
-        // leaves (its passes move their checkpoints).
+        // Quiet if the run fails, as of the snapshots it leaves (its
+        // passes move their checkpoints).
         *quiet = Some(Quiet {
             below: stored + 4 * self.segment_size,
             snapshots,
-            clients_were_busy: false,
         });
-        let started = self.clock.now();
         let report = self.gc(&opts, &|_| {}).await;
         if let Some(q) = quiet.as_mut() {
             q.snapshots = self.snapshot_roots();
-            q.clients_were_busy = self.client_op_since(started);
         }
         let report = report?;
         if report.passes > 0 || report.deleted_segments > 0 {
@@ -958,20 +1039,34 @@ impl Core {
                 "cleaned"
             );
         }
-        if report.stopped == GcStop::TargetReached && report.passes + report.deleted_segments > 0 {
-            *quiet = None;
+        // At its target, the run counted what is live: no need to look
+        // again before stored could pass the start mark.
+        if let (GcStop::TargetReached, Some(q)) = (report.stopped, quiet.as_mut()) {
+            q.below = (auto.start_above * report.live_after as f64) as u64;
         }
         Ok(())
     }
 }
 
-/// The busy rate of an automatic run that starts with `stored` bytes in
-/// the store and `head_live` in the head. Far above its mark (clients
-/// writing faster than a yielding cleaner keeps up with) it does not
-/// yield: space must not grow without bound.
-fn busy_rate(auto: &AutoClean, stored: u64, head_live: u64) -> Option<u64> {
-    let urgent = stored as f64 > URGENT * auto.start_above * head_live as f64;
-    (!urgent).then_some(auto.busy_rate)
+/// The busy rate of a pass that starts with `stored` bytes in the store
+/// and `live` bytes live (see `GcOptions::busy_rate`).
+fn busy_rate_at(opts: &GcOptions, stored: u64, live: u64) -> Option<u64> {
+    let base = opts.busy_rate.filter(|&rate| rate > 0)?;
+    let Some(start) = opts.start_above else {
+        return Some(base);
+    };
+    let ratio = stored as f64 / live.max(1) as f64;
+    if ratio > start {
+        return None;
+    }
+    let band = start - opts.target;
+    let over = if band > 0.0 {
+        ((ratio - opts.target) / band).clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let top = opts.copy_rate.unwrap_or(u64::MAX).max(base);
+    Some(base + ((top - base) as f64 * over) as u64)
 }
 
 /// The victims of the next pass: sealed segments recovery does not
@@ -1022,13 +1117,36 @@ fn choose_victims<'a>(
 mod tests {
     use super::*;
 
+    /// Between the target and the start mark, the automatic cleaner
+    /// yields less the more is stored; above the mark, not at all.
     #[test]
-    fn the_automatic_cleaner_stops_yielding_past_twice_its_mark() {
+    fn the_automatic_cleaner_yields_less_as_stored_rises() {
         let auto = AutoClean::new(1.5);
+        let opts = GcOptions {
+            target: auto.target,
+            start_above: Some(auto.start_above),
+            copy_rate: Some(auto.copy_rate),
+            busy_rate: Some(auto.busy_rate),
+            ..GcOptions::default()
+        };
         let live = 100 << 20;
-        assert_eq!(busy_rate(&auto, live * 2, live), Some(8 << 20));
-        assert_eq!(busy_rate(&auto, live * 3, live), Some(8 << 20));
-        assert_eq!(busy_rate(&auto, live * 3 + 1, live), None);
+        let at = |ratio: f64| busy_rate_at(&opts, (ratio * live as f64) as u64, live);
+        assert_eq!(at(1.2), Some(8 << 20));
+        assert_eq!(at(1.45), Some(8 << 20));
+        let halfway = at(1.475).unwrap();
+        assert!(halfway > 30 << 20 && halfway < 40 << 20, "{halfway}");
+        assert_eq!(at(1.5), Some(64 << 20));
+        assert_eq!(at(1.51), None);
+        let manual = GcOptions {
+            busy_rate: Some(1 << 20),
+            ..GcOptions::default()
+        };
+        assert_eq!(busy_rate_at(&manual, 10 * live, live), Some(1 << 20));
+        let never = GcOptions {
+            busy_rate: Some(0),
+            ..opts
+        };
+        assert_eq!(busy_rate_at(&never, (1.4 * live as f64) as u64, live), None);
     }
 
     fn seg(id: u32, size: u64, live: u64, made_ms: u64) -> SegmentSpace {
@@ -1043,22 +1161,16 @@ mod tests {
         }
     }
 
-    /// A run that ended among busy clients is tried again once they are
-    /// idle, though nothing more was stored: idle, it no longer yields.
     #[test]
     fn the_cleaner_stays_quiet_until_something_changes() {
         let snapshots = vec![Entry::EMPTY];
-        let quiet = |clients_were_busy| Quiet {
+        let quiet = Quiet {
             below: 1000,
             snapshots: snapshots.clone(),
-            clients_were_busy,
         };
-        assert!(quiet(false).holds(999, &snapshots, false));
-        assert!(quiet(false).holds(999, &snapshots, true));
-        assert!(!quiet(false).holds(1000, &snapshots, false), "more stored");
-        assert!(!quiet(false).holds(999, &[], false), "a snapshot went");
-        assert!(quiet(true).holds(999, &snapshots, true), "still busy");
-        assert!(!quiet(true).holds(999, &snapshots, false), "idle now");
+        assert!(quiet.holds(999, &snapshots));
+        assert!(!quiet.holds(1000, &snapshots), "more stored");
+        assert!(!quiet.holds(999, &[]), "a snapshot went");
     }
 
     #[test]

@@ -50,7 +50,7 @@ use hlfs_store::BlobStore;
 use parking_lot::Mutex;
 
 use crate::backend::Backend;
-use crate::clean::CleanCounts;
+use crate::clean::{CleanCounts, Condemned};
 use crate::diff::{ChangesKey, Diff};
 use crate::error::{Result, VolumeError};
 use crate::lifecycle::Lifecycle;
@@ -112,8 +112,11 @@ pub(crate) struct Core {
     /// and appended bytes then: each manifest written carries the sum.
     pub counted: Mutex<Option<(LogCounters, u64, u64)>>,
     pub uploads: Uploads,
-    /// One cleaning run at a time.
-    pub cleaning: tokio::sync::Mutex<()>,
+    /// One cleaning run at a time; and the segments runs condemned, found
+    /// empty by a recount, whose grace is not over yet (a run that keeps
+    /// up with writes leaves them to the cleaner's next ticks). A crash
+    /// forgets them; the next run's sweep finds them again.
+    pub cleaning: tokio::sync::Mutex<Vec<Condemned>>,
     /// What cleaning has done since the volume was opened.
     pub clean_counts: CleanCounts,
     /// When a client last asked for a read or a write: nanoseconds on the

@@ -409,7 +409,7 @@ async fn load(
         counted: Mutex::new(manifest.counters.map(|c| (c, 0, 0))),
         manifests: ManifestLog::new(manifest),
         uploads,
-        cleaning: tokio::sync::Mutex::new(()),
+        cleaning: tokio::sync::Mutex::new(Vec::new()),
         clean_counts: Default::default(),
         last_client_op: AtomicU64::new(0),
         cleaning_stopped: tokio::sync::watch::Sender::new(false),

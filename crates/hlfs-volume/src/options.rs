@@ -83,8 +83,9 @@ impl Default for OpenOptions {
 pub struct AutoClean {
     /// A run starts once stored ÷ live is above this...
     pub start_above: f64,
-    /// ...and cleans down to this (a lower mark, so that runs are few and
-    /// worth their recount).
+    /// ...and cleans down to this (a lower mark, so that runs are worth
+    /// their checkpoint and recount; close to the start, as copying grows
+    /// the emptier the store is kept).
     pub target: f64,
     /// How often the task looks.
     pub every: Duration,
@@ -101,13 +102,13 @@ pub struct AutoClean {
 
 impl AutoClean {
     /// Starts above `space_target` (stored ÷ live, at least 1) and cleans
-    /// down to 60 % of the way from 1 to it (1.3 for 1.5), looking every
+    /// down to 90 % of the way from 1 to it (1.45 for 1.5), looking every
     /// minute, copying at most 64 MiB/s, and going through at most
-    /// 8 MiB/s while clients are busy.
+    /// 8 MiB/s while clients are busy at the lower mark (more above it).
     pub fn new(space_target: f64) -> AutoClean {
         AutoClean {
             start_above: space_target,
-            target: 1.0 + (space_target - 1.0) * 0.6,
+            target: 1.0 + (space_target - 1.0) * 0.9,
             every: Duration::from_secs(60),
             copy_rate: 64 << 20,
             busy_rate: 8 << 20,

@@ -250,7 +250,8 @@ impl Volume {
 
     /// Cleans segments until stored ≤ `opts.target` × live or nothing more
     /// can be cleaned, telling `progress` after each recount, and deletes
-    /// the emptied segments once `opts.grace` has passed.
+    /// the emptied segments once `opts.grace` has passed, as well as any
+    /// other segment nothing reaches, whatever the target.
     pub async fn gc(
         &self,
         opts: &GcOptions,

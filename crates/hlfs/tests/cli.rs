@@ -445,12 +445,26 @@ fn gc_shows_what_overwrites_free_and_what_snapshots_hold_and_gives_it_back() {
     assert!((said..said + 4096).contains(&stored), "{stats} {report}");
     assert_eq!(exported("after.img"), before);
     ok(&["check", v]);
-    // Met already: nothing to do, and said so.
+    // Met already: nothing to do but sweep, and said so. A crash in a
+    // put left a staging file: a process that is gone, an hour ago.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id();
+    gone.wait().unwrap();
+    let staged = dir
+        .path()
+        .join(format!("v.hlfs/.tmp/{gone_pid}.0.0000000000000001"));
+    let file = std::fs::File::create(&staged).unwrap();
+    file.set_len(3 << 20).unwrap();
+    file.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
+        .unwrap();
     let text = ok(&["gc", v, "--grace", "0"]);
     assert!(
-        text.contains("0 passes") && text.contains("target is met"),
+        text.contains("0 passes")
+            && text.contains("target is met")
+            && text.contains("3.0 MiB of staging files"),
         "{text}"
     );
+    assert!(!staged.exists());
     assert!(fails(&["gc", v, "--target", "0.5"]).contains("space target"));
     fails(&["gc", v, "--stats", "--target", "2"]);
 }

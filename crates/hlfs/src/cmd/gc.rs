@@ -28,7 +28,8 @@ pub struct GcArgs {
     #[arg(long)]
     stats: bool,
     /// Clean until stored bytes ≤ TARGET × live bytes. Lower means more
-    /// copying for less space.
+    /// copying for less space. Whatever the target, segments nothing
+    /// reaches any more are deleted (such as those a crash left).
     #[arg(long, default_value_t = GcOptions::default().target, value_parser = parse_space_target, conflicts_with = "stats")]
     target: f64,
     /// Keep emptied segments this long after the manifest that frees them,
@@ -107,6 +108,7 @@ fn report_json(r: &GcReport) -> serde_json::Value {
         "deleted_segments": r.deleted_segments,
         "freed_bytes": r.freed_bytes,
         "copied_bytes": r.copied_bytes,
+        "swept_bytes": r.swept_bytes,
         "stored_before": r.stored_before,
         "live_before": r.live_before,
         "space_ratio_before": ratio(r.stored_before, r.live_before),
@@ -127,6 +129,12 @@ fn print_report(volume: &str, r: &GcReport) {
         human(r.freed_bytes),
         human(r.copied_bytes)
     );
+    if r.swept_bytes > 0 {
+        outln!(
+            "{} of staging files that crashed writes left removed",
+            human(r.swept_bytes)
+        );
+    }
     outln!(
         "stored: {} -> {} (live {})",
         human(r.stored_before),

@@ -93,8 +93,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "[HOST:]PORT")]
     metrics: Option<String>,
     /// Clean each volume served writable by itself once its stored bytes
-    /// pass this many times its live bytes, down to 60 % of the way from 1
-    /// to it (1.3 for 1.5). Lower keeps less garbage for more copying.
+    /// pass this many times its live bytes, down to 90 % of the way from 1
+    /// to it (1.45 for 1.5). Lower keeps less garbage for more copying.
     #[arg(long, value_name = "RATIO", default_value_t = 1.5, value_parser = parse_space_target)]
     gc_target: f64,
     /// How often the automatic cleaner looks (one listing of the store
@@ -107,9 +107,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     gc_grace: u64,
     /// While clients have made a request in the last 100 ms, the automatic
-    /// cleaner goes through at most this many MiB of segments per second,
-    /// so that they keep priority (unless stored passes twice the target's
-    /// mark); 0 never yields.
+    /// cleaner goes through at most this many MiB of segments per second
+    /// at its lower mark, so that they keep priority; more as stored rises
+    /// to the target, and past it, as fast as it can copy. 0 never yields.
     #[arg(long, value_name = "MIB", default_value_t = 8)]
     gc_busy_rate: u64,
 }
