@@ -80,7 +80,7 @@ run() { # run NAME TARGET DISTRIBUTION
     # Stored bytes every 2 s during the writes, from the directory itself:
     # over live at the end, the highest stored ÷ live (the volume is
     # written whole before, so live hardly moves).
-    (while sleep 2; do du -sb --apparent-size "$vol/segments" | cut -f1; done) >"$work/$name.stored" &
+    (while sleep 2; do du -sb --apparent-size "$vol/segments" 2>/dev/null | cut -f1; done) >"$work/$name.stored" &
     local sampler=$!
     fio --name=overwrite --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth=32 \
         --norandommap --randrepeat=0 --io_size=$((bytes * passes)) "${skew[@]}" "${rate[@]}" \

@@ -29,7 +29,7 @@
 //! See docs/design/cleaning.md for the whole design and what is not built
 //! yet (cold segments, the persisted condemned list, retention).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -202,6 +202,9 @@ pub(crate) struct Condemned {
 struct Gathered {
     blocks: Vec<Moving>,
     data: Vec<u8>,
+    /// When their data was made, at the latest (ms since the epoch): the
+    /// age a segment of their copies has.
+    made_ms: u64,
 }
 
 impl Gathered {
@@ -412,7 +415,10 @@ impl Core {
                 .map(|c| c.id)
                 .chain(stuck.iter().copied())
                 .collect();
-            let victims = choose_victims(&stats, &skip, opts.pass_bytes, now_ms);
+            let victims = {
+                let ages = self.copy_ages.lock();
+                choose_victims(&stats, &skip, opts.pass_bytes, now_ms, &ages)
+            };
             if victims.is_empty() {
                 break (stats, GcStop::NothingCleanable);
             }
@@ -543,7 +549,18 @@ impl Core {
         // loaded again whenever they change, so that a block the head
         // gave up after a snapshot took it is gathered too.
         let mut trees = self.snapshot_trees().await?;
-        let mut gathered = Gathered::default();
+        let made_ms = {
+            let ages = self.copy_ages.lock();
+            victims
+                .iter()
+                .map(|v| ages.get(&v.id).copied().unwrap_or(v.made_ms))
+                .max()
+                .unwrap_or(0)
+        };
+        let mut gathered = Gathered {
+            made_ms,
+            ..Gathered::default()
+        };
         for v in victims {
             let source = self.segments.scan_source(v.id).await?;
             let mut scan = Scanner::new(source, v.size);
@@ -750,7 +767,11 @@ impl Core {
         victims: &[&SegmentSpace],
         pages: &[(u32, u64, Entry)],
     ) -> Result<u64> {
-        let gathered = std::mem::take(gathered);
+        let next = Gathered {
+            made_ms: gathered.made_ms,
+            ..Gathered::default()
+        };
+        let gathered = std::mem::replace(gathered, next);
         let mut w = self.log.writer.lock().await;
         self.life.check(Need::Write)?;
         // The snapshots as they are now: those taken since the pass began
@@ -908,6 +929,13 @@ impl Core {
                 let lba = moving[k].lba;
                 let copies =
                     self.append_blocks(w, RecordKind::Copy, lba, &data[k * bs..(k + n) * bs])?;
+                {
+                    let mut ages = self.copy_ages.lock();
+                    for copy in &copies {
+                        let made = ages.entry(copy.seg).or_insert(gathered.made_ms);
+                        *made = (*made).max(gathered.made_ms);
+                    }
+                }
                 for (i, copy) in copies.iter().enumerate() {
                     let block = lba + i as u64;
                     if by_head[k + i] {
@@ -944,6 +972,7 @@ impl Core {
             Err(e) => return Err(e.into()),
         }
         self.segments.deleted(id);
+        self.copy_ages.lock().remove(&id);
         Ok(())
     }
 }
@@ -1077,6 +1106,7 @@ fn choose_victims<'a>(
     skip: &HashSet<u32>,
     pass_bytes: u64,
     now_ms: u64,
+    copy_ages: &HashMap<u32, u64>,
 ) -> Vec<&'a SegmentSpace> {
     let mut candidates: Vec<(f64, &SegmentSpace)> = stats
         .segments
@@ -1096,7 +1126,8 @@ fn choose_victims<'a>(
             if u > MAX_VICTIM_USE {
                 return (f64::NEG_INFINITY, s);
             }
-            let age = now_ms.saturating_sub(s.made_ms) as f64 + 1.0;
+            let made_ms = copy_ages.get(&s.id).copied().unwrap_or(s.made_ms);
+            let age = now_ms.saturating_sub(made_ms) as f64 + 1.0;
             ((1.0 - u) * age / (1.0 + u), s)
         })
         .collect();
@@ -1200,12 +1231,28 @@ mod tests {
         // Empty first, then older before younger at equal use (snapshots'
         // too); full ones, those a view here holds and recent ones never.
         assert_eq!(
-            ids(choose_victims(&stats, &none, u64::MAX, 1000)),
+            ids(choose_victims(
+                &stats,
+                &none,
+                u64::MAX,
+                1000,
+                &HashMap::new()
+            )),
             [7, 3, 5, 2, 1]
         );
         // Until the pass has its bytes.
-        assert_eq!(ids(choose_victims(&stats, &none, 25, 1000)), [7, 3, 5, 2]);
+        assert_eq!(
+            ids(choose_victims(&stats, &none, 25, 1000, &HashMap::new())),
+            [7, 3, 5, 2]
+        );
         let skip: HashSet<u32> = [3].into();
-        assert_eq!(ids(choose_victims(&stats, &skip, 1, 1000)), [7, 5]);
+        assert_eq!(
+            ids(choose_victims(&stats, &skip, 1, 1000, &HashMap::new())),
+            [7, 5]
+        );
+        // A segment of cleaning's copies made at 500 holds data made at 0:
+        // it ranks as old as its data.
+        let copies: HashMap<u32, u64> = [(2, 0)].into();
+        assert_eq!(ids(choose_victims(&stats, &skip, 1, 1000, &copies)), [7, 2]);
     }
 }

@@ -119,6 +119,12 @@ pub(crate) struct Core {
     pub cleaning: tokio::sync::Mutex<Vec<Condemned>>,
     /// What cleaning has done since the volume was opened.
     pub clean_counts: CleanCounts,
+    /// When the data in the segments this process's cleaning copied into
+    /// was made (ms since the epoch): the newest of their victims'. The
+    /// segment's own making time would make old data look young to the
+    /// victims' score. Forgotten at close: a reopened volume scores them
+    /// by the store's time.
+    pub copy_ages: Mutex<std::collections::HashMap<u32, u64>>,
     /// When a client last asked for a read or a write: nanoseconds on the
     /// clock, plus one (0: never). The cleaner yields while it is recent.
     pub last_client_op: AtomicU64,

@@ -411,6 +411,7 @@ async fn load(
         uploads,
         cleaning: tokio::sync::Mutex::new(Vec::new()),
         clean_counts: Default::default(),
+        copy_ages: Default::default(),
         last_client_op: AtomicU64::new(0),
         cleaning_stopped: tokio::sync::watch::Sender::new(false),
         view_root,
