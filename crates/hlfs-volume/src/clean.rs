@@ -458,7 +458,7 @@ impl Core {
         // cleaner's next ticks, rather than stand still through the grace
         // while clients write. A user's run waits it out.
         while !opts.keep_up && !condemned.is_empty() {
-            let due = condemned[0].due_ms;
+            let due = condemned.iter().map(|c| c.due_ms).min().unwrap_or(0);
             let now = self.clock.unix_ms();
             if due > now {
                 tokio::select! {
@@ -469,11 +469,11 @@ impl Core {
                     }
                 }
             }
-            let c = condemned.remove(0);
-            self.delete_segment(c.id).await?;
-            freed_bytes += c.size;
-            freed_since_recount += c.size;
-            deleted_segments += 1;
+            let gone = self.delete_due_in(condemned).await?;
+            let bytes: u64 = gone.iter().map(|c| c.size).sum();
+            deleted_segments += gone.len() as u32;
+            freed_bytes += bytes;
+            freed_since_recount += bytes;
         }
         Ok(GcReport {
             passes,
