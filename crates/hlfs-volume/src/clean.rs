@@ -504,8 +504,9 @@ impl Core {
         Ok(due)
     }
 
-    /// Deletes what runs keeping up with writes left condemned, once due.
-    async fn delete_left_behind(&self) -> Result<()> {
+    /// Deletes what runs keeping up with writes left condemned, once due;
+    /// returns the bytes still waiting out their grace.
+    async fn delete_left_behind(&self) -> Result<u64> {
         let mut condemned = self.cleaning.lock().await;
         let due = self.delete_due_in(&mut condemned).await?;
         let counts = &self.clean_counts;
@@ -515,7 +516,7 @@ impl Core {
         counts
             .freed_bytes
             .fetch_add(due.iter().map(|c| c.size).sum(), Ordering::Relaxed);
-        Ok(())
+        Ok(condemned.iter().map(|c| c.size).sum())
     }
 
     /// Makes a cleaning run stop as soon as it safely can, and refuses
@@ -1017,7 +1018,9 @@ impl Quiet {
 impl Core {
     /// One tick of the automatic cleaner.
     async fn auto_clean(&self, auto: &AutoClean, quiet: &mut Option<Quiet>) -> Result<()> {
-        self.delete_left_behind().await?;
+        // Victims waiting out their grace are space given back already, as
+        // a run counts them.
+        let waiting = self.delete_left_behind().await?;
         let stored: u64 = self
             .store
             .list("segments/")
@@ -1025,7 +1028,8 @@ impl Core {
             .iter()
             .filter(|b| parse_segment_name(&b.name).is_some())
             .map(|b| b.size)
-            .sum();
+            .sum::<u64>()
+            .saturating_sub(waiting);
         let snapshots = self.snapshot_roots();
         if quiet.as_ref().is_some_and(|q| q.holds(stored, &snapshots)) {
             return Ok(());

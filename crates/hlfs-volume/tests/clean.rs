@@ -1173,3 +1173,59 @@ async fn a_run_keeping_up_goes_on_while_clients_write() {
     }
     assert!(passes_by[1] > passes_by[0], "passes {passes_by:?}");
 }
+
+/// The automatic cleaner's run does not stand still through its grace:
+/// it ends with its victims condemned, and a later tick deletes them once
+/// the grace is over, not before, without running again meanwhile.
+#[tokio::test]
+async fn the_automatic_cleaner_deletes_what_its_run_left_once_due() {
+    let (clock, backend) = created_on_a_manual_clock(6).await;
+    let every = Duration::from_secs(10);
+    let grace = Duration::from_secs(60);
+    let opts = OpenOptions {
+        auto_clean: Some(AutoClean {
+            start_above: 1.5,
+            target: 1.2,
+            every,
+            copy_rate: 1 << 40,
+            busy_rate: 1 << 40,
+            grace,
+        }),
+        ..on_manual_clock()
+    };
+    let vol = Volume::open(backend.clone(), &opts).await.unwrap();
+    let tick = || {
+        let (clock, vol) = (clock.clone(), vol.clone());
+        async move {
+            clock.advance(every);
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            vol.figures()
+        }
+    };
+    let mut model = Image::new(SIZE);
+    churn(&vol, &mut model, 6, 10).await;
+    let mut figures = tick().await;
+    let mut waited = every;
+    while figures.gc_runs == 0 {
+        assert!(waited < grace, "no run: {figures:?}");
+        figures = tick().await;
+        waited += every;
+    }
+    assert!(figures.gc_passes > 0, "{figures:?}");
+    assert_eq!(figures.gc_deleted_segments, 0, "deleted before its grace");
+    let (run_at, runs) = (waited, figures.gc_runs);
+    while figures.gc_deleted_segments == 0 {
+        assert!(waited < run_at + 3 * grace, "never deleted: {figures:?}");
+        figures = tick().await;
+        waited += every;
+    }
+    assert!(waited >= run_at + grace - every, "deleted after {waited:?}");
+    // By a tick, not by another run: the victims waiting out their grace
+    // do not count as stored, so the task stayed quiet.
+    assert_eq!(figures.gc_runs, runs, "{figures:?}");
+    assert_reads(&vol, &model, "the head after the deletes").await;
+    vol.close().await.unwrap();
+    assert_checks(&backend).await;
+}
