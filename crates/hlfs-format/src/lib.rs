@@ -1,5 +1,5 @@
-//! On-store encodings of HLFS formats v1 to v3: log records, map pages, checkpoints
-//! and manifests. Pure functions over byte slices, no I/O, so that every
+//! On-store encodings of HLFS formats v1 to v4: log records, map pages, checkpoints,
+//! manifests and clone pins. Pure functions over byte slices, no I/O, so that every
 //! decoder can be fuzzed. docs/FORMAT.md describes the same layouts byte by
 //! byte; keep the two in step.
 //!
@@ -8,14 +8,16 @@
 //! never a panic.
 
 mod manifest;
+mod pin;
 pub mod rbd_diff;
 mod record;
 pub mod wire;
 
 pub use manifest::{
-    LogCounters, Manifest, Retention, RetentionPoint, SnapshotEntry, WriterClaim, MAX_NAME_LEN,
-    RETENTION_POINT_PREFIX,
+    LogCounters, Manifest, ParentLink, Retention, RetentionPoint, SnapshotEntry, WriterClaim,
+    MAX_ADDRESS_LEN, MAX_NAME_LEN, RETENTION_POINT_PREFIX,
 };
+pub use pin::{parse_pin_name, pin_name, Pin, PINS_PREFIX};
 pub use record::{
     crc_of_record, decode_header, encode_header, encode_record, record_crc, verify_record,
     Checkpoint, RecordHeader, RecordKind, HEADER_LEN, MAX_DEPTH, MAX_PAYLOAD_LEN, RECORD_MAGIC,
@@ -23,9 +25,15 @@ pub use record::{
 
 /// The newest on-store format version this code writes and reads. It reads
 /// every older one too: each manifest and record says its own version.
-pub const FORMAT_VERSION: u16 = 3;
+pub const FORMAT_VERSION: u16 = 4;
 /// The first format. A volume stays v1 until it uses a v2 feature.
 pub const FORMAT_V1: u16 = 1;
+/// What a new volume is created as: the newest format a volume without a
+/// parent needs.
+pub const FORMAT_PLAIN: u16 = 3;
+/// Clones (a parent link in the manifest, zero entries in map pages) and
+/// pins.
+pub const FORMAT_CLONES: u16 = 4;
 
 /// Entries per map page; the map is a radix tree of this fanout.
 pub const MAP_FANOUT: usize = 512;
@@ -63,7 +71,10 @@ pub type Result<T> = std::result::Result<T, FormatError>;
 
 /// Where a block or a map page lives: segment id, byte offset in the segment
 /// and the CRC32C of what is there (the block's bytes, or the map page
-/// record's CRC). `seg == 0` means nothing: a hole, or an empty subtree.
+/// record's CRC). `seg == 0` means nothing is stored: [`Entry::EMPTY`], a
+/// block never written (a hole, or in a clone the parent's block) or an
+/// empty subtree; or, in a leaf (format v4), [`Entry::ZERO`], a block a
+/// clone zeroed or trimmed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Entry {
     pub seg: u32,
@@ -77,10 +88,26 @@ impl Entry {
         off: 0,
         crc: 0,
     };
+    /// A block zeroed in a clone: reads as zeros, not as the parent's.
+    pub const ZERO: Entry = Entry {
+        seg: 0,
+        off: 1,
+        crc: 0,
+    };
     pub const ENCODED_LEN: usize = 12;
 
+    /// Nothing stored: [`Entry::EMPTY`] or [`Entry::ZERO`].
     pub fn is_empty(&self) -> bool {
         self.seg == 0
+    }
+
+    /// Never written: in a clone, the parent's block; else a hole.
+    pub fn is_unwritten(&self) -> bool {
+        *self == Entry::EMPTY
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == Entry::ZERO
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -95,7 +122,7 @@ impl Entry {
             off: r.u32()?,
             crc: r.u32()?,
         };
-        if e.seg == 0 && (e.off != 0 || e.crc != 0) {
+        if e.seg == 0 && !e.is_unwritten() && !e.is_zero() {
             return Err(FormatError::Invalid("empty entry with nonzero fields"));
         }
         Ok(e)
@@ -121,11 +148,18 @@ const PAGE_DENSE: u8 = 0;
 const PAGE_SPARSE: u8 = 1;
 
 impl MapPage {
+    /// True when no entry was ever written: the page need not be stored.
     pub fn is_empty(&self) -> bool {
-        self.entries.iter().all(Entry::is_empty)
+        self.entries.iter().all(Entry::is_unwritten)
     }
 
+    /// Entries a sparse encoding lists (zero entries among them).
     pub fn used(&self) -> usize {
+        self.entries.iter().filter(|e| !e.is_unwritten()).count()
+    }
+
+    /// Entries that point at something stored.
+    pub fn stored(&self) -> usize {
         self.entries.iter().filter(|e| !e.is_empty()).count()
     }
 
@@ -152,7 +186,7 @@ impl MapPage {
             out.push(PAGE_SPARSE);
             out.extend_from_slice(&(used as u16).to_le_bytes());
             for (slot, e) in self.entries.iter().enumerate() {
-                if !e.is_empty() {
+                if !e.is_unwritten() {
                     out.extend_from_slice(&(slot as u16).to_le_bytes());
                     e.encode(&mut out);
                 }
@@ -189,7 +223,7 @@ impl MapPage {
                         return Err(FormatError::Invalid("sparse page slot order"));
                     }
                     let e = Entry::decode(&mut r)?;
-                    if e.is_empty() {
+                    if e.is_unwritten() {
                         return Err(FormatError::Invalid("sparse page lists an empty slot"));
                     }
                     page.entries[slot] = e;
@@ -255,7 +289,28 @@ mod tests {
     }
 
     fn entry() -> impl Strategy<Value = Entry> {
-        (1u32.., any::<u32>(), any::<u32>()).prop_map(|(seg, off, crc)| Entry { seg, off, crc })
+        prop_oneof![
+            9 => (1u32.., any::<u32>(), any::<u32>()).prop_map(|(seg, off, crc)| Entry { seg, off, crc }),
+            1 => Just(Entry::ZERO),
+        ]
+    }
+
+    #[test]
+    fn only_the_empty_and_the_zero_entry_store_nothing() {
+        let decode = |seg: u32, off: u32, crc: u32| {
+            let mut bytes = Vec::new();
+            Entry { seg, off, crc }.encode(&mut bytes);
+            Entry::decode(&mut wire::Reader::new(&bytes))
+        };
+        assert_eq!(decode(0, 0, 0), Ok(Entry::EMPTY));
+        assert_eq!(decode(0, 1, 0), Ok(Entry::ZERO));
+        assert!(decode(0, 2, 0).is_err());
+        assert!(decode(0, 1, 7).is_err());
+        assert!(Entry::ZERO.is_empty() && !Entry::ZERO.is_unwritten());
+        let mut page = MapPage::default();
+        page.entries[3] = Entry::ZERO;
+        assert!(!page.is_empty());
+        assert_eq!(MapPage::decode(&page.encode()).unwrap(), page);
     }
 
     proptest! {

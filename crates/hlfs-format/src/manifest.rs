@@ -3,13 +3,15 @@
 
 use crate::wire::Reader;
 use crate::{
-    Entry, FormatError, Result, FORMAT_V1, FORMAT_VERSION, MAX_BLOCK_SIZE, MAX_SEGMENT_SIZE,
-    MIN_BLOCK_SIZE, MIN_SEGMENT_SIZE,
+    Entry, FormatError, Result, FORMAT_CLONES, FORMAT_V1, FORMAT_VERSION, MAX_BLOCK_SIZE,
+    MAX_SEGMENT_SIZE, MIN_BLOCK_SIZE, MIN_SEGMENT_SIZE,
 };
 
 pub const MANIFEST_MAGIC: [u8; 4] = *b"HLMF";
 /// Snapshot names and host names are at most this many bytes.
 pub const MAX_NAME_LEN: usize = 255;
+/// Volume addresses (a path or a URI) are at most this many bytes.
+pub const MAX_ADDRESS_LEN: usize = 4096;
 const MAX_SNAPSHOTS: usize = 1 << 20;
 const FLAG_WRITER_OPEN: u16 = 1;
 const SNAP_AUTOMATIC: u32 = 1;
@@ -69,6 +71,24 @@ pub struct Retention {
     pub points: Vec<RetentionPoint>,
 }
 
+/// A clone's link to the snapshot it reads what it has not written from
+/// (format v4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParentLink {
+    /// Where the parent is, as any process would open it: an absolute
+    /// path or a URI, without credentials.
+    pub address: String,
+    /// The parent's volume id: a volume at the address with another id is
+    /// not the parent.
+    pub volume: [u8; 16],
+    /// The snapshot, by name and LSN (a later snapshot of the same name
+    /// has another LSN).
+    pub snapshot: String,
+    pub snapshot_lsn: u64,
+    /// The snapshot's size in bytes: blocks past it read as zeros.
+    pub size: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Manifest {
     /// The volume's format version: the newest whose features its store
@@ -97,6 +117,8 @@ pub struct Manifest {
     pub counters: Option<LogCounters>,
     /// Written in v3 manifests; before v3 it must be the default (off).
     pub retention: Retention,
+    /// A clone's parent (v4 manifests; before v4 it must be None).
+    pub parent: Option<ParentLink>,
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -105,11 +127,20 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 }
 
 fn get_str(r: &mut Reader<'_>) -> Result<String> {
+    get_str_up_to(r, MAX_NAME_LEN)
+}
+
+pub(crate) fn get_str_up_to(r: &mut Reader<'_>, max: usize) -> Result<String> {
     let len = r.u16()? as usize;
-    if len > MAX_NAME_LEN {
+    if len > max {
         return Err(FormatError::Invalid("name length"));
     }
     String::from_utf8(r.bytes(len)?.to_vec()).map_err(|_| FormatError::Invalid("name is not UTF-8"))
+}
+
+pub(crate) fn put_address(out: &mut Vec<u8>, address: &str) {
+    debug_assert!(address.len() <= MAX_ADDRESS_LEN);
+    put_str(out, address);
 }
 
 impl Manifest {
@@ -163,6 +194,21 @@ impl Manifest {
             }
         } else {
             debug_assert_eq!(self.retention, Retention::default(), "retention needs v3");
+        }
+        if self.version >= FORMAT_CLONES {
+            match &self.parent {
+                None => out.push(0),
+                Some(p) => {
+                    out.push(1);
+                    put_address(&mut out, &p.address);
+                    out.extend_from_slice(&p.volume);
+                    put_str(&mut out, &p.snapshot);
+                    out.extend_from_slice(&p.snapshot_lsn.to_le_bytes());
+                    out.extend_from_slice(&p.size.to_le_bytes());
+                }
+            }
+        } else {
+            debug_assert!(self.parent.is_none(), "a parent link needs v4");
         }
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
@@ -260,6 +306,11 @@ impl Manifest {
         } else {
             Retention::default()
         };
+        let parent = if version >= FORMAT_CLONES {
+            decode_parent(&mut r, size)?
+        } else {
+            None
+        };
         r.finish()?;
         Ok(Manifest {
             version,
@@ -278,7 +329,34 @@ impl Manifest {
             snapshots,
             counters,
             retention,
+            parent,
         })
+    }
+}
+
+/// The v4 parent link: a flag, then the link if it is 1.
+fn decode_parent(r: &mut Reader<'_>, size: u64) -> Result<Option<ParentLink>> {
+    match r.u8()? {
+        0 => Ok(None),
+        1 => {
+            let address = get_str_up_to(r, MAX_ADDRESS_LEN)?;
+            let volume = r.uuid()?;
+            let snapshot = get_str(r)?;
+            let snapshot_lsn = r.u64()?;
+            let parent_size = r.u64()?;
+            // A clone starts at its parent's size and never shrinks.
+            if address.is_empty() || snapshot.is_empty() || parent_size > size {
+                return Err(FormatError::Invalid("parent link"));
+            }
+            Ok(Some(ParentLink {
+                address,
+                volume,
+                snapshot,
+                snapshot_lsn,
+                size: parent_size,
+            }))
+        }
+        _ => Err(FormatError::Invalid("parent flag")),
     }
 }
 
@@ -380,6 +458,13 @@ mod tests {
                     replay_seg: 6,
                 }],
             },
+            parent: Some(ParentLink {
+                address: "s3://golden/base".into(),
+                volume: [8; 16],
+                snapshot: "v1".into(),
+                snapshot_lsn: 77,
+                size: 1 << 30,
+            }),
         }
     }
 
@@ -420,6 +505,27 @@ mod tests {
     }
 
     #[test]
+    fn a_parent_link_must_fit_its_clone() {
+        let with = |edit: &dyn Fn(&mut ParentLink)| {
+            let mut m = sample();
+            edit(m.parent.as_mut().unwrap());
+            Manifest::decode(&m.encode())
+        };
+        assert!(with(&|_| {}).is_ok());
+        assert!(with(&|p| p.address.clear()).is_err());
+        assert!(with(&|p| p.snapshot.clear()).is_err());
+        assert!(
+            with(&|p| p.size = (1 << 40) + 1).is_err(),
+            "larger than the clone"
+        );
+        let plain = Manifest {
+            parent: None,
+            ..sample()
+        };
+        assert_eq!(Manifest::decode(&plain.encode()).unwrap(), plain);
+    }
+
+    #[test]
     fn round_trip_and_every_flip_detected() {
         let m = sample();
         let bytes = m.encode();
@@ -457,6 +563,7 @@ mod tests {
             snapshots: Vec::new(),
             counters,
             retention: Retention::default(),
+            parent: None,
         };
         let hex = |m: &Manifest| {
             let bytes = m.encode();
@@ -494,24 +601,29 @@ mod tests {
     }
 
     #[test]
-    fn v1_to_v3_manifests_decode_and_later_ones_are_refused() {
+    fn v1_to_v4_manifests_decode_and_later_ones_are_refused() {
         let before_v3 = Manifest {
             snapshots: sample().snapshots[..1].to_vec(),
             retention: Retention::default(),
+            parent: None,
             ..sample()
         };
         for (version, counters) in [
             (FORMAT_V1, None),
             (2, sample().counters),
+            (3, sample().counters),
             (FORMAT_VERSION, sample().counters),
         ] {
             let m = Manifest {
                 version,
                 counters,
-                ..if version >= 3 {
-                    sample()
-                } else {
-                    before_v3.clone()
+                ..match version {
+                    4.. => sample(),
+                    3 => Manifest {
+                        parent: None,
+                        ..sample()
+                    },
+                    _ => before_v3.clone(),
                 }
             };
             let bytes = m.encode();

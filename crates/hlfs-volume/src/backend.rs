@@ -42,6 +42,36 @@ pub struct Backend {
     pub clock: Clock,
     /// The randomness that spreads retries.
     pub jitter: Jitter,
+    /// How the addresses of other volumes (a clone's parent, a pin's
+    /// clone) are opened: with the store options this one was made with.
+    pub others: Others,
+}
+
+/// Opens a volume address as a backend.
+type Opener = dyn Fn(&str) -> Result<Backend> + Send + Sync;
+
+/// How a backend opens the addresses of other volumes.
+#[derive(Clone)]
+pub struct Others(Arc<Opener>);
+
+impl Others {
+    /// Addresses parsed with these store options.
+    pub fn parsed_with(opts: StoreOptions) -> Others {
+        Others(Arc::new(move |address| {
+            Backend::parse(address, false, &opts)
+        }))
+    }
+
+    /// Addresses looked up by `open` (tests: volumes in memory).
+    pub fn from_fn(open: impl Fn(&str) -> Result<Backend> + Send + Sync + 'static) -> Others {
+        Others(Arc::new(open))
+    }
+}
+
+impl std::fmt::Debug for Others {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Others")
+    }
 }
 
 /// Settings for volumes whose store is remote.
@@ -100,7 +130,19 @@ impl Backend {
             metrics,
             clock: Clock::system(),
             jitter: Jitter::from_entropy(),
+            others: Others::parsed_with(StoreOptions::default()),
         }
+    }
+
+    /// The backend of another volume's address, opened as this one was.
+    pub fn open_other(&self, address: &str) -> Result<Backend> {
+        (self.others.0)(address)
+    }
+
+    /// The same backend, opening other volumes' addresses with `others`.
+    pub fn with_others(mut self, others: Others) -> Backend {
+        self.others = others;
+        self
     }
 
     /// The store for requests someone waits on: retried within
@@ -204,6 +246,11 @@ impl Backend {
     /// built with the `hdfs` or `rados` feature, `hdfs://` or `rados://`)
     /// URI, whose journal and read cache live in the local cache directory.
     pub fn parse(address: &str, create: bool, opts: &StoreOptions) -> Result<Backend> {
+        Ok(Backend::parse_only(address, create, opts)?
+            .with_others(Others::parsed_with(opts.clone())))
+    }
+
+    fn parse_only(address: &str, create: bool, opts: &StoreOptions) -> Result<Backend> {
         if let Some(path) = address.strip_prefix("file://") {
             return Backend::local(&PathBuf::from(path), create);
         }

@@ -273,7 +273,7 @@ async fn walk_tree(
             walk.descend(&node, &page);
             continue;
         }
-        *allocated += page.used() as u64;
+        *allocated += page.stored() as u64;
         if !fresh {
             continue;
         }

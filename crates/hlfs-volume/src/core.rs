@@ -47,10 +47,11 @@ use std::time::Duration;
 use hlfs_format::{LogCounters, Manifest};
 use hlfs_store::time::Clock;
 use hlfs_store::BlobStore;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::backend::Backend;
 use crate::clean::{CleanCounts, Condemned};
+use crate::clone::Parent;
 use crate::diff::{ChangesKey, Diff};
 use crate::error::{Result, VolumeError};
 use crate::lifecycle::Lifecycle;
@@ -137,6 +138,8 @@ pub(crate) struct Core {
     pub shows: Shows,
     /// Recent answers of `changes_since`, newest last.
     pub changes: Mutex<Vec<(ChangesKey, Arc<Diff>)>>,
+    /// A clone's parent: what its unwritten blocks read.
+    pub parent: RwLock<Option<Arc<Parent>>>,
 }
 
 impl Core {

@@ -171,7 +171,11 @@ pub async fn diff(
     let bs = manifest.block_size;
     let a = root_of(&segments, from_snap.checkpoint, 0, bs).await?;
     let b = root_of(&segments, to_checkpoint, to_size.unwrap_or(0), bs).await?;
-    walk(&segments, bs, a, b).await
+    let parent_blocks = manifest
+        .parent
+        .as_ref()
+        .map_or(0, |l| l.size.div_ceil(bs as u64));
+    walk(&segments, bs, a, b, parent_blocks).await
 }
 
 /// What identifies a diff's answer: the two roots it compares, and the
@@ -220,7 +224,7 @@ impl Core {
         let bs = self.block_size;
         let a = root_of(&self.segments, key.from, 0, bs).await?;
         let b = root_of(&self.segments, key.to, key.size, bs).await?;
-        let answer = Arc::new(walk(&self.segments, bs, a, b).await?);
+        let answer = Arc::new(walk(&self.segments, bs, a, b, self.parent_blocks()).await?);
         let mut kept = self.changes.lock();
         if kept.len() >= CHANGES_KEPT {
             kept.remove(0);
@@ -231,8 +235,9 @@ impl Core {
 }
 
 /// The blocks whose entries differ between roots `a` and `b`, as extents
-/// below `b`'s size.
-async fn walk(segments: &Segments, bs: u32, a: Root, b: Root) -> Result<Diff> {
+/// below `b`'s size. In a clone, blocks below `parent_blocks` that `b`
+/// has not written are its parent's data, not zeros.
+async fn walk(segments: &Segments, bs: u32, a: Root, b: Root, parent_blocks: u64) -> Result<Diff> {
     let depth = a.depth.max(b.depth);
     let from_size = a.size;
     let mut changes = Changes::new(bs as u64, b.size);
@@ -246,7 +251,9 @@ async fn walk(segments: &Segments, bs: u32, a: Root, b: Root) -> Result<Diff> {
             let (old, new) = (leaf(segments, a_side).await?, leaf(segments, b_side).await?);
             for (slot, (o, n)) in old.entries.iter().zip(new.entries.iter()).enumerate() {
                 if o != n {
-                    changes.block((index << MAP_SHIFT) + slot as u64, n.is_empty());
+                    let lba = (index << MAP_SHIFT) + slot as u64;
+                    let reads_parent = n.is_unwritten() && lba < parent_blocks;
+                    changes.block(lba, n.is_empty() && !reads_parent);
                 }
             }
             continue;

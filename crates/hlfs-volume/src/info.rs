@@ -51,6 +51,20 @@ impl Core {
             }
         }
         let m = self.manifests.get();
+        let clones = self.clones().await?;
+        let snapshots = m
+            .snapshots
+            .iter()
+            .filter(|s| !crate::retain::is_point(&s.name))
+            .map(|s| SnapshotInfo {
+                clones: clones
+                    .iter()
+                    .filter(|(name, lsn, _)| *name == s.name && *lsn == s.lsn)
+                    .map(|(_, _, address)| address.clone())
+                    .collect(),
+                ..SnapshotInfo::from(s)
+            })
+            .collect();
         Ok(VolumeInfo {
             uuid: uuid::Uuid::from_bytes(self.uuid).to_string(),
             size: self.size(),
@@ -59,12 +73,8 @@ impl Core {
             allocated_bytes: self.allocated_bytes(),
             stored_bytes: stored,
             format_version: m.version,
-            snapshots: m
-                .snapshots
-                .iter()
-                .filter(|s| !crate::retain::is_point(&s.name))
-                .map(SnapshotInfo::from)
-                .collect(),
+            snapshots,
+            parent: m.parent.as_ref().map(crate::ParentInfo::from),
             retention: crate::retain::info(&m),
             writer: m.writer.map(|w| format!("process {} on {}", w.pid, w.host)),
             created_ms: m.volume_created_ms,

@@ -23,6 +23,7 @@
 //! | `snapshot` | snapshots and rollback |
 //! | `retain` | the retention window: time marks, retention points |
 //! | `clean` | segment cleaning |
+//! | `clone` | clones: the parent view, the link, the pins |
 //! | `info`, `check` | what a volume says of itself, and verification |
 //! | `figures` | what an open volume is doing, for monitoring |
 //! | `stats` | where the space goes, from metadata alone |
@@ -35,6 +36,7 @@ mod cache;
 mod check;
 mod checkpoint;
 mod clean;
+mod clone;
 mod core;
 mod diff;
 mod diff_stream;
@@ -60,10 +62,11 @@ mod volume;
 mod window;
 mod write;
 
-pub use backend::{default_cache_dir, Backend, StoreOptions, LOCAL_JOURNAL_DIR};
+pub use backend::{default_cache_dir, Backend, Others, StoreOptions, LOCAL_JOURNAL_DIR};
 pub use cache::ReadCache;
 pub use check::{check, CheckReport};
 pub use clean::{GcOptions, GcProgress, GcReport, GcStop};
+pub use clone::{absolute_address, clone_volume, CloneInfo, ParentInfo, MAX_CHAIN_DEPTH};
 pub use diff::{diff, Diff, DiffExtent};
 pub use diff_stream::{export_diff, import_diff, DiffStreamReport};
 pub use error::{ErrorKind, Result, VolumeError};

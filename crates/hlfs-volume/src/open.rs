@@ -12,14 +12,15 @@ use std::time::Duration;
 
 use hlfs_format::{
     journal_name, manifest_name, Checkpoint, Entry, LogCounters, Manifest, Retention, WriterClaim,
-    FORMAT_VERSION, MAX_BLOCK_SIZE, MAX_SEGMENT_SIZE, MIN_BLOCK_SIZE, MIN_SEGMENT_SIZE,
+    FORMAT_PLAIN, MAX_BLOCK_SIZE, MAX_SEGMENT_SIZE, MIN_BLOCK_SIZE, MIN_SEGMENT_SIZE,
 };
 use hlfs_store::{JournalLock, StoreError};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::backend::Backend;
 use crate::cache::Reservation;
 use crate::clean;
+use crate::clone;
 use crate::core::{Core, Shows};
 use crate::error::{Result, VolumeError};
 use crate::info::utc;
@@ -104,7 +105,7 @@ pub(crate) async fn create(backend: &Backend, opts: &CreateOptions) -> Result<()
     }
     let now = backend.clock.unix_ms();
     let m = Manifest {
-        version: FORMAT_VERSION,
+        version: FORMAT_PLAIN,
         volume: *uuid::Uuid::new_v4().as_bytes(),
         seq: 1,
         written_ms: now,
@@ -123,6 +124,7 @@ pub(crate) async fn create(backend: &Backend, opts: &CreateOptions) -> Result<()
             ..LogCounters::default()
         }),
         retention: Retention::default(),
+        parent: None,
     };
     match store
         .put_if_absent(&manifest_name(1), m.encode().into())
@@ -161,7 +163,7 @@ pub(crate) async fn open(backend: Backend, opts: &OpenOptions) -> Result<(Arc<Co
         // Same host and we hold the journal lock: that writer is gone.
         tracing::warn!(volume = %backend.location, pid = w.pid, "taking over from a writer that did not close the volume");
     }
-    let core = load(backend, manifest, false, Shows::Head, opts).await?;
+    let core = load(backend, manifest, false, Shows::Head, opts, 0).await?;
     core.recover(None).await?;
     let held = Arc::new(Held::new(&core));
     let lock = Arc::new(lock);
@@ -221,6 +223,17 @@ pub(crate) async fn open_read_only(
     opts: &OpenOptions,
     view: View,
 ) -> Result<Arc<Core>> {
+    open_read_only_at(backend, opts, view, 0).await
+}
+
+/// `open_read_only` of a volume `depth` levels down a chain of clones
+/// (its parent is opened one level further down).
+pub(crate) async fn open_read_only_at(
+    backend: Backend,
+    opts: &OpenOptions,
+    view: View,
+    depth: u32,
+) -> Result<Arc<Core>> {
     let store = backend.requests();
     let mut manifest = latest_manifest(&*store, &backend.location).await?;
     let snap = match &view {
@@ -243,7 +256,7 @@ pub(crate) async fn open_read_only(
                         utc(now)
                     )));
                 }
-                return open_moment(backend, manifest, point, *t, opts).await;
+                return open_moment(backend, manifest, point, *t, opts, depth).await;
             }
             Some(
                 manifest
@@ -267,13 +280,21 @@ pub(crate) async fn open_read_only(
     };
     if let Some(s) = snap {
         manifest.checkpoint = s.checkpoint;
-        return load(backend, manifest, true, Shows::Snapshot(s.name), opts).await;
+        return load(
+            backend,
+            manifest,
+            true,
+            Shows::Snapshot(s.name),
+            opts,
+            depth,
+        )
+        .await;
     }
     // The head of a volume a writer is using: its journal can be sealed
     // and removed while we read it. Start again from the newer manifest.
     let mut attempt = 1;
     loop {
-        let core = load(backend.clone(), manifest, true, Shows::Head, opts).await?;
+        let core = load(backend.clone(), manifest, true, Shows::Head, opts, depth).await?;
         match core.recover(None).await {
             Err(VolumeError::Store(StoreError::NotFound(what))) if attempt < HEAD_OPEN_ATTEMPTS => {
                 tracing::debug!(%what, attempt, "the writer sealed a journal while we read it; retrying");
@@ -293,6 +314,7 @@ async fn open_moment(
     mut point: crate::retain::Point,
     t: u64,
     opts: &OpenOptions,
+    depth: u32,
 ) -> Result<Arc<Core>> {
     let store = backend.requests();
     let mut attempt = 1;
@@ -304,7 +326,7 @@ async fn open_moment(
             at_ms: t,
             point: point.entry.name.clone(),
         };
-        let opened = match load(backend.clone(), manifest, true, shows, opts).await {
+        let opened = match load(backend.clone(), manifest, true, shows, opts, depth).await {
             Ok(core) => core.recover(Some(t)).await.map(|()| core),
             Err(e) => Err(e),
         };
@@ -335,12 +357,14 @@ async fn open_moment(
 /// Builds the in-memory volume from a manifest and its checkpoint, which
 /// for a view of a snapshot is that snapshot's, and for a moment its
 /// retention point's (the manifest then says where its replay starts).
+/// A clone's parent is opened too, `depth + 1` levels down its chain.
 async fn load(
     backend: Backend,
     manifest: Manifest,
     read_only: bool,
     shows: Shows,
     opts: &OpenOptions,
+    depth: u32,
 ) -> Result<Arc<Core>> {
     let uuid = manifest.volume;
     let store = backend.requests();
@@ -361,6 +385,18 @@ async fn load(
     let pages = match &opts.page_cache {
         Some(shared) => shared.clone(),
         None => PageCache::new(opts.map_budget),
+    };
+    let parent = match &manifest.parent {
+        Some(link) => {
+            // The parent's pages share this open's budget.
+            let opts = OpenOptions {
+                page_cache: Some(pages.clone()),
+                ..opts.clone()
+            };
+            let parent = clone::open_parent(&backend, link, &opts, depth + 1, manifest.block_size);
+            Some(Arc::new(Box::pin(parent).await?))
+        }
+        None => None,
     };
     let usage = SegmentUsage::from_checkpoint(manifest.block_size, cp.allocated_blocks, &cp.usage);
     let map = DirtyTree::new(uuid, pages.clone(), cp.root, cp.depth, usage);
@@ -417,6 +453,7 @@ async fn load(
         view_root,
         shows,
         changes: Mutex::new(Vec::new()),
+        parent: RwLock::new(parent),
         clock: backend.clock.clone(),
         store,
         backend,

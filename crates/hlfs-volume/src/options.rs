@@ -152,6 +152,8 @@ pub struct SnapshotInfo {
     pub created_ms: u64,
     pub lsn: u64,
     pub automatic: bool,
+    /// Addresses of the clones made from it (filled in by `info`).
+    pub clones: Vec<String>,
 }
 
 impl From<&SnapshotEntry> for SnapshotInfo {
@@ -161,6 +163,7 @@ impl From<&SnapshotEntry> for SnapshotInfo {
             created_ms: s.created_ms,
             lsn: s.lsn,
             automatic: s.automatic,
+            clones: Vec::new(),
         }
     }
 }
@@ -187,4 +190,6 @@ pub struct VolumeInfo {
     pub writer: Option<String>,
     pub created_ms: u64,
     pub retention: RetentionInfo,
+    /// A clone's parent snapshot.
+    pub parent: Option<crate::ParentInfo>,
 }

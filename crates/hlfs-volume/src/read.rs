@@ -28,23 +28,45 @@ impl Core {
         let mut entries = vec![Entry::EMPTY; (last - first + 1) as usize];
         self.map_op(|m, pins| m.lookup(first, &mut entries, pins))
             .await?;
+        let parent = self.parent();
+        let parent_blocks = parent.as_ref().map_or(0, |p| p.blocks);
+        // In a clone, what it has not written is its parent's.
+        let from_parent =
+            |k: usize| first + (k as u64) < parent_blocks && entries[k].is_unwritten();
         let mut i = 0;
         while i < entries.len() {
-            // One read per run of blocks stored back to back.
+            // One read per run of blocks stored back to back, or read from
+            // the parent, or reading as zeros.
             let e = entries[i];
             let mut n = 1;
-            while i + n < entries.len()
-                && !e.is_empty()
-                && entries[i + n].seg == e.seg
-                && entries[i + n].off as u64 == e.off as u64 + n as u64 * bs
-            {
-                n += 1;
+            if from_parent(i) {
+                while i + n < entries.len() && from_parent(i + n) {
+                    n += 1;
+                }
+            } else if e.is_empty() {
+                while i + n < entries.len() && entries[i + n].is_empty() && !from_parent(i + n) {
+                    n += 1;
+                }
+            } else {
+                while i + n < entries.len()
+                    && entries[i + n].seg == e.seg
+                    && entries[i + n].off as u64 == e.off as u64 + n as u64 * bs
+                {
+                    n += 1;
+                }
             }
             let run_start = (first + i as u64) * bs;
             let lo = run_start.max(offset);
             let hi = (run_start + n as u64 * bs).min(end);
             let dst = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
-            if e.is_empty() {
+            if from_parent(i) {
+                let parent = parent.as_ref().expect("a clone has its parent");
+                // The rest of the parent's last, partial block reads as zeros.
+                let (below, past) =
+                    dst.split_at_mut((parent.link.size.clamp(lo, hi) - lo) as usize);
+                Box::pin(parent.view.read_into(lo, below)).await?;
+                past.fill(0);
+            } else if e.is_empty() {
                 dst.fill(0);
             } else {
                 let run_len = n * bs as usize;
@@ -88,6 +110,7 @@ impl Core {
     /// as maximal runs covering at most `len` bytes. The answer stops early
     /// once it has `limit` runs; ask again from where it ends. Empty
     /// subtrees of the map are skipped whole, so a huge hole costs one step.
+    /// In a clone, what it has not written is as its parent has it.
     pub(crate) async fn extents(&self, offset: u64, len: u64, limit: usize) -> Result<Vec<Extent>> {
         self.check_range(offset, len)?;
         let mut out: Vec<Extent> = Vec::new();
@@ -97,47 +120,97 @@ impl Core {
         let bs = self.block_size as u64;
         let end = offset + len;
         let end_block = end.div_ceil(bs);
-        // Blocks first..last_excl as a run, clipped to the asked range.
-        let push = |out: &mut Vec<Extent>, first: u64, last_excl: u64, data: bool| {
-            let lo = (first * bs).max(offset);
-            let hi = (last_excl * bs).min(end);
-            match out.last_mut() {
-                Some(x) if x.data == data && x.offset + x.len == lo => x.len += hi - lo,
-                _ => out.push(Extent {
-                    offset: lo,
-                    len: hi - lo,
-                    data,
-                }),
-            }
-        };
+        // Blocks first..last_excl, clipped to the asked range.
+        let bytes =
+            |first: u64, last_excl: u64| ((first * bs).max(offset), (last_excl * bs).min(end));
         let mut lba = offset / bs;
         let mut entries = vec![Entry::EMPTY; 512];
-        let mut runs = 0;
-        while lba < end_block && runs < limit {
+        while lba < end_block && out.len() < limit {
             let next = self.map_op(|m, pins| m.next_present(lba, pins)).await?;
             let Some(leaf_start) = next.filter(|&s| s < end_block) else {
-                push(&mut out, lba, end_block, false);
+                let (lo, hi) = bytes(lba, end_block);
+                self.push_unwritten(&mut out, lo, hi).await?;
                 break;
             };
             let start = leaf_start.max(lba);
             if start > lba {
-                push(&mut out, lba, start, false);
+                let (lo, hi) = bytes(lba, start);
+                self.push_unwritten(&mut out, lo, hi).await?;
             }
             let stop = ((start / 512 + 1) * 512).min(end_block);
             let n = (stop - start) as usize;
             self.map_op(|m, pins| m.lookup(start, &mut entries[..n], pins))
                 .await?;
-            for (k, e) in entries[..n].iter().enumerate() {
-                push(
-                    &mut out,
-                    start + k as u64,
-                    start + k as u64 + 1,
-                    !e.is_empty(),
-                );
+            let mut k = 0;
+            while k < n {
+                let unwritten = entries[k].is_unwritten();
+                let data = !entries[k].is_empty();
+                let mut run = 1;
+                while k + run < n
+                    && entries[k + run].is_unwritten() == unwritten
+                    && entries[k + run].is_empty() != data
+                {
+                    run += 1;
+                }
+                let first = start + k as u64;
+                let (lo, hi) = bytes(first, first + run as u64);
+                if unwritten {
+                    self.push_unwritten(&mut out, lo, hi).await?;
+                } else {
+                    push_extent(
+                        &mut out,
+                        Extent {
+                            offset: lo,
+                            len: hi - lo,
+                            data,
+                        },
+                    );
+                }
+                k += run;
             }
             lba = stop;
-            runs = out.len();
         }
         Ok(out)
+    }
+
+    /// Bytes `lo..hi`, all unwritten: holes, or in a clone its parent's.
+    async fn push_unwritten(&self, out: &mut Vec<Extent>, lo: u64, hi: u64) -> Result<()> {
+        let from_parent = match self.parent() {
+            Some(parent) => {
+                let parent_end = parent.link.size.min(hi);
+                if lo < parent_end {
+                    let asked = Box::pin(parent.view.extents(lo, parent_end - lo, usize::MAX));
+                    for x in asked.await? {
+                        push_extent(out, x);
+                    }
+                }
+                parent_end.max(lo)
+            }
+            None => lo,
+        };
+        if from_parent < hi {
+            push_extent(
+                out,
+                Extent {
+                    offset: from_parent,
+                    len: hi - from_parent,
+                    data: false,
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Appends `x`, merged into the last run if it continues it.
+fn push_extent(out: &mut Vec<Extent>, x: Extent) {
+    if x.len == 0 {
+        return;
+    }
+    match out.last_mut() {
+        Some(last) if last.data == x.data && last.offset + last.len == x.offset => {
+            last.len += x.len
+        }
+        _ => out.push(x),
     }
 }

@@ -345,8 +345,7 @@ impl Core {
                         at()
                     )));
                 }
-                self.map_op(|m, pins| m.zero(h.arg0, h.arg0 + h.arg1, pins))
-                    .await
+                self.zero_blocks(h.arg0, h.arg0 + h.arg1).await
             }
             RecordKind::Resize => {
                 if h.arg0 < self.size() || h.arg0 > i64::MAX as u64 {

@@ -91,7 +91,7 @@ impl Core {
         })
     }
 
-    fn find_snapshot(&self, name: &str) -> Option<SnapshotEntry> {
+    pub(crate) fn find_snapshot(&self, name: &str) -> Option<SnapshotEntry> {
         self.manifests
             .read(|m| m.snapshots.iter().find(|s| s.name == name).cloned())
     }
@@ -196,9 +196,10 @@ impl Core {
         self.life.check(Need::Write)?;
         let _w = self.log.writer.lock().await;
         self.life.check(Need::Write)?;
-        if self.find_snapshot(name).is_none() {
+        let Some(snapshot) = self.find_snapshot(name) else {
             return Err(VolumeError::SnapshotNotFound(name.to_string()));
-        }
+        };
+        self.refuse_if_cloned(name, snapshot.lsn).await?;
         self.write_manifest(&*self.store, |m| {
             m.snapshots.retain(|s| s.name != name);
             Ok(())

@@ -67,6 +67,20 @@ impl Volume {
         })
     }
 
+    /// A view of a volume `depth` levels down a chain of clones: a clone's
+    /// parent.
+    pub(crate) async fn open_view_in_chain(
+        backend: Backend,
+        opts: &OpenOptions,
+        view: View,
+        depth: u32,
+    ) -> Result<Volume> {
+        let core = open::open_read_only_at(backend.clone(), opts, view, depth).await?;
+        Ok(Volume {
+            engine: Engine::View(Arc::new(Follow::new(core, backend, opts.clone()))),
+        })
+    }
+
     /// The engine's state: for a view, as of its latest reopen.
     pub(crate) fn core(&self) -> Arc<Core> {
         match &self.engine {

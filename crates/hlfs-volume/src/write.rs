@@ -4,11 +4,12 @@
 //! Blocks only partly covered are read first (read-modify-write). Writes
 //! over 4 MiB become several records. Trim and write-zeroes append one zero
 //! record for the whole blocks, however many, and a data record for each
-//! partial block at either end.
+//! partial block at either end. In a clone, zeroed blocks its parent has
+//! get zero entries in the map, so that they no longer read the parent's.
 
 use std::sync::atomic::Ordering;
 
-use hlfs_format::{encode_header, Entry, RecordKind, HEADER_LEN};
+use hlfs_format::{encode_header, Entry, RecordKind, HEADER_LEN, MAP_FANOUT};
 
 use crate::core::Core;
 use crate::error::{Result, VolumeError};
@@ -173,12 +174,33 @@ impl Core {
             );
             self.append(&mut w, &[&header])?;
             w.changed = true;
-            self.map_op(|m, pins| m.zero(full_start, full_end, pins))
-                .await?;
+            self.zero_blocks(full_start, full_end).await?;
         } else {
             self.write_zero_bytes(&mut w, offset, end).await?;
         }
         self.after_append(&mut w).await
+    }
+
+    /// Makes blocks `first..end` read as zeros in the map: unwritten, or in
+    /// a clone, over its parent's blocks, zero entries (unwritten would
+    /// show the parent's).
+    pub(crate) async fn zero_blocks(&self, first: u64, end: u64) -> Result<()> {
+        let over_parent = end.min(self.parent_blocks()).max(first);
+        let zeros = [Entry::ZERO; MAP_FANOUT];
+        let mut at = first;
+        while at < over_parent {
+            // A leaf at a time, so a long range never needs all its paths
+            // dirty at once.
+            let n = (MAP_FANOUT as u64 - at % MAP_FANOUT as u64).min(over_parent - at);
+            self.map_op(|m, pins| m.set(at, &zeros[..n as usize], pins))
+                .await?;
+            at += n;
+        }
+        if over_parent < end {
+            self.map_op(|m, pins| m.zero(over_parent, end, pins))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Zeros within at most two partial blocks, by read-modify-write.

@@ -2,7 +2,8 @@
 //! write-zeroes, flush, FUA, grow, snapshot create/delete/rollback/read,
 //! cleaning runs (asked for, and in some cases the automatic cleaner racing
 //! every operation), reopen and crash, on volumes of odd sizes and every
-//! block size. Every read
+//! block size; in some cases the volume is a clone of a parent's snapshot,
+//! whose head is meanwhile overwritten and cleaned. Every read
 //! is compared with a plain model of the disk; after a crash the recovered
 //! image must be one of the states between the last durable point and the
 //! last write (a prefix of the writes, in order).
@@ -28,7 +29,8 @@ use std::time::Duration;
 use hlfs_store::layers::CrashMode;
 use hlfs_store::{BlobStore, S3Store};
 use hlfs_volume::{
-    AutoClean, Backend, CreateOptions, Durability, GcOptions, OpenOptions, Prewrite, View, Volume,
+    AutoClean, Backend, CreateOptions, Durability, GcOptions, OpenOptions, Others, Prewrite, View,
+    Volume,
 };
 use proptest::prelude::*;
 
@@ -101,6 +103,14 @@ enum Op {
         cut: bool,
         fresh: bool,
     },
+    /// In a clone's case: its parent's head is overwritten and cleaned
+    /// (the clone's snapshot's blocks move), and deleting the snapshot the
+    /// clone reads is refused.
+    ParentChurn {
+        at: Pos,
+        len: u32,
+        seed: u8,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -121,6 +131,9 @@ struct Config {
     /// A retention window (ms): an hour (points only at the first
     /// checkpoint and at resets), or short enough to be pruned as it goes.
     retain_ms: Option<u64>,
+    /// The case's volume is a clone of a snapshot of a parent whose
+    /// contents come from this seed (not on a real store).
+    clone_of: Option<u64>,
 }
 
 fn config() -> impl Strategy<Value = Config> {
@@ -133,6 +146,7 @@ fn config() -> impl Strategy<Value = Config> {
         (any::<bool>(), any::<bool>(), proptest::bool::weighted(0.3)),
         proptest::bool::weighted(0.3),
         prop_oneof![5 => Just(None), 3 => Just(Some(3_600_000)), 2 => Just(Some(25))],
+        prop_oneof![3 => Just(None), 1 => any::<u64>().prop_map(Some)],
     )
         .prop_map(
             |(
@@ -144,6 +158,7 @@ fn config() -> impl Strategy<Value = Config> {
                 (remote, durability, auto_clean),
                 prewrite,
                 retain_ms,
+                clone_of,
             )| {
                 Config {
                     block_shift,
@@ -156,6 +171,7 @@ fn config() -> impl Strategy<Value = Config> {
                     auto_clean,
                     prewrite,
                     retain_ms,
+                    clone_of,
                 }
             },
         )
@@ -186,6 +202,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (pos(), 1u32..100_000, any::<u8>(), 0u32..50_000, any::<bool>(), any::<bool>()).prop_map(
             |(at, len, seed, zero_len, cut, fresh)| Op::ImportDiff { at, len, seed, zero_len, cut, fresh }
         ),
+        1 => (pos(), 1u32..150_000, any::<u8>()).prop_map(|(at, len, seed)| Op::ParentChurn { at, len, seed }),
     ]
 }
 
@@ -246,6 +263,9 @@ struct Harness {
     /// With a retention window: the state at the end of each operation,
     /// and whether it is durable yet.
     moments: Vec<Moment>,
+    /// In a clone's case, its parent (open for writing) and how the
+    /// clone's backend finds it.
+    parent: Option<(Volume, Others)>,
 }
 
 struct Moment {
@@ -298,7 +318,11 @@ impl Harness {
     }
 
     fn backend(&self) -> Backend {
-        backend(&self.world, &self.remote_store, self.cfg.remote)
+        let b = backend(&self.world, &self.remote_store, self.cfg.remote);
+        match &self.parent {
+            Some((_, others)) => b.with_others(others.clone()),
+            None => b,
+        }
     }
 
     async fn open(&mut self) {
@@ -514,6 +538,27 @@ impl Harness {
                 };
                 self.vol.gc(&opts, &|_| {}).await.expect("gc");
             }
+            Op::ParentChurn { at, len, seed } => {
+                let Some((parent, _)) = &self.parent else {
+                    return;
+                };
+                let (off, len) = place(&self.cfg, at, *len, parent.size());
+                let data = common::pattern(len as usize, *seed);
+                parent.write(off, &data).await.expect("parent write");
+                let opts = GcOptions {
+                    target: 1.0,
+                    grace: Duration::ZERO,
+                    ..GcOptions::default()
+                };
+                parent.gc(&opts, &|_| {}).await.expect("parent gc");
+                let refused = parent.snapshot_delete(PARENT_SNAPSHOT).await;
+                assert!(
+                    refused
+                        .as_ref()
+                        .is_err_and(|e| e.to_string().contains("has clones")),
+                    "deleting a cloned snapshot: {refused:?}"
+                );
+            }
             Op::Reopen => self.reopen().await,
             Op::Crash { .. } if self.remote_store.is_some() => self.reopen().await,
             Op::Crash { mode, seed } => {
@@ -634,6 +679,59 @@ fn remote_store_for_case() -> Option<Arc<dyn BlobStore>> {
     Some(Arc::new(S3Store::from_uri(&uri).expect("S3 configuration")))
 }
 
+const PARENT_SNAPSHOT: &str = "golden";
+
+/// A parent volume in a world of its own, written from `seed`, with the
+/// snapshot the case's clone is made of; and its image at that snapshot.
+async fn parent_for_case(
+    cfg: &Config,
+    create: &CreateOptions,
+    seed: u64,
+) -> (Volume, Others, Image) {
+    let world = World::new();
+    let address = "memory://parent";
+    let parent_backend = move |w: &World| Backend {
+        location: address.into(),
+        ..w.backend()
+    };
+    Volume::create(&parent_backend(&world), create)
+        .await
+        .expect("create parent");
+    let parent = Volume::open(parent_backend(&world), &budget(cfg))
+        .await
+        .expect("open parent");
+    let mut image = Image::new(cfg.size);
+    let mut rng = seed;
+    let mut next = |below: u64| {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (rng >> 33) % below.max(1)
+    };
+    for i in 0..6 {
+        let off = next(cfg.size);
+        let len = next(200_000).min(cfg.size - off);
+        if i % 3 == 2 {
+            parent.write_zeroes(off, len).await.expect("parent zeroes");
+            image.zero(off, len);
+        } else {
+            let data = common::pattern(len as usize, (i as u8).wrapping_add(seed as u8));
+            parent.write(off, &data).await.expect("parent write");
+            image.write(off, &data);
+        }
+    }
+    parent
+        .snapshot_create(PARENT_SNAPSHOT)
+        .await
+        .expect("parent snapshot");
+    let env = world.env.clone();
+    let others = Others::from_fn(move |a| match a {
+        "memory://parent" => Ok(parent_backend(&World::over(env.clone()))),
+        _ => Err(hlfs_volume::VolumeError::NotFound(a.to_string())),
+    });
+    (parent, others, image)
+}
+
 async fn run_case(cfg: Config, ops: Vec<Op>) {
     let world = World::new();
     let remote_store = remote_store_for_case();
@@ -643,13 +741,38 @@ async fn run_case(cfg: Config, ops: Vec<Op>) {
         block_size: bs,
         segment_size: (cfg.segment_blocks * bs as u64).max(64 << 10),
     };
-    Volume::create(&backend(&world, &remote_store, cfg.remote), &create)
-        .await
-        .expect("create");
-    let vol = Volume::open(backend(&world, &remote_store, cfg.remote), &budget(&cfg))
+    let mut parent = None;
+    let mut model = Image::new(cfg.size);
+    match cfg.clone_of.filter(|_| remote_store.is_none()) {
+        Some(seed) => {
+            let (parent_vol, others, image) = parent_for_case(&cfg, &create, seed).await;
+            let clone_backend = Backend {
+                location: "memory://clone".into(),
+                ..backend(&world, &remote_store, cfg.remote).with_others(others.clone())
+            };
+            let parent_backend = clone_backend.open_other("memory://parent").unwrap();
+            hlfs_volume::clone_volume(
+                parent_backend,
+                PARENT_SNAPSHOT,
+                &clone_backend,
+                &budget(&cfg),
+            )
+            .await
+            .expect("clone");
+            model = image;
+            parent = Some((parent_vol, others));
+        }
+        None => Volume::create(&backend(&world, &remote_store, cfg.remote), &create)
+            .await
+            .expect("create"),
+    }
+    let mut open_backend = backend(&world, &remote_store, cfg.remote);
+    if let Some((_, others)) = &parent {
+        open_backend = open_backend.with_others(others.clone());
+    }
+    let vol = Volume::open(open_backend, &budget(&cfg))
         .await
         .expect("open");
-    let model = Image::new(cfg.size);
     let mut h = Harness {
         cfg,
         world,
@@ -660,6 +783,7 @@ async fn run_case(cfg: Config, ops: Vec<Op>) {
         snapshots: Vec::new(),
         next_snap: 0,
         moments: Vec::new(),
+        parent,
     };
     if let Some(window) = h.cfg.retain_ms {
         h.vol.set_retention(window).await.expect("retention on");
@@ -672,6 +796,9 @@ async fn run_case(cfg: Config, ops: Vec<Op>) {
     }
     h.verify_all().await;
     h.vol.close().await.expect("final close");
+    if let Some((parent, _)) = h.parent.take() {
+        parent.close().await.expect("close parent");
+    }
 }
 
 proptest! {

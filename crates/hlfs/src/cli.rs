@@ -32,8 +32,14 @@ pub struct Cli {
 pub enum Command {
     /// Create an empty thin volume.
     Create(cmd::create::CreateArgs),
-    /// Describe a volume: size, space used, snapshots.
+    /// Describe a volume: size, space used, snapshots, its parent and
+    /// clones.
     Info(cmd::info::InfoArgs),
+    /// Make a writable clone of a snapshot (VOLUME@SNAPSHOT) at a new
+    /// address, on the same backend or another, in O(1): nothing is
+    /// copied, the clone reads from the snapshot what it has not written.
+    /// The snapshot is pinned: it cannot be deleted while the clone exists.
+    Clone(cmd::clone::CloneArgs),
     /// Copy a raw disk image (FILE, or - for stdin) into a volume. All-zero
     /// blocks are not stored, so the volume stays thin, and the holes of a
     /// sparse FILE are not even read. Into a volume that has data, holes
@@ -90,6 +96,7 @@ pub async fn run(mut cli: Cli, given: Given, inherited: ListenFd) -> Result<Exit
     match cli.command {
         Command::Create(args) => cmd::create::run(args, &settings).await?,
         Command::Info(args) => cmd::info::run(args, &settings).await?,
+        Command::Clone(args) => cmd::clone::run(args, &settings).await?,
         Command::Import(args) => cmd::import::run(args, &settings).await?,
         Command::Export(args) => cmd::export::run(args, &settings).await?,
         Command::Resize(args) => cmd::resize::run(args, &settings).await?,

@@ -926,3 +926,87 @@ fn a_moment_of_the_retention_window_exports_as_it_was() {
     let err = fails(&["retain", &v, "whenever"]);
     assert!(err.contains("30m, 1h or 7d"), "{err}");
 }
+
+/// A clone reads its parent's snapshot until it writes, whatever the
+/// parent does next; the snapshot cannot be deleted under it; clones of
+/// clones chain.
+#[test]
+fn clones_read_their_snapshot_and_keep_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let size = 16 << 20;
+    let (golden, other) = (p("golden.img"), p("other.img"));
+    random_file(Path::new(&golden), size, 1);
+    // Data in the middle, holes (to be written as zeros) around it.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let mut middle = vec![0u8; 3 << 20];
+    rng.fill_bytes(&mut middle);
+    write_at(Path::new(&other), 5 << 20, &middle);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&other)
+        .unwrap()
+        .set_len(size as u64)
+        .unwrap();
+    let (base, c1, c2) = (p("base"), p("c1"), p("c2"));
+    ok(&["import", &golden, &base, "--create"]);
+    ok(&["snapshot", "create", &base, "gold"]);
+
+    let made: serde_json::Value =
+        serde_json::from_str(&ok(&["clone", &format!("{base}@gold"), &c1, "--json"])).unwrap();
+    assert_eq!(made["parent"]["address"], base.as_str());
+    assert_eq!(made["size"], size);
+    let out = p("out.img");
+    ok(&["export", &c1, &out]);
+    assert_eq!(sha256(Path::new(&out)), sha256(Path::new(&golden)));
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info", &c1, "--json"])).unwrap();
+    assert_eq!(info["parent"]["snapshot"], "gold");
+    assert_eq!(info["format_version"], 4);
+    assert_eq!(info["allocated_bytes"], 0, "nothing is copied");
+
+    // Writing the clone: its holes are written as zeros, over the parent's
+    // data, and the parent does not change.
+    ok(&["import", &other, &c1]);
+    ok(&["export", &c1, &out]);
+    assert_eq!(sha256(Path::new(&out)), sha256(Path::new(&other)));
+    ok(&["export", &format!("{base}@gold"), &out]);
+    assert_eq!(sha256(Path::new(&out)), sha256(Path::new(&golden)));
+
+    // The parent's head moves on and is cleaned; the clone reads the same.
+    let newer = p("newer.img");
+    random_file(Path::new(&newer), size, 3);
+    ok(&["snapshot", "create", &c1, "s1"]);
+    ok(&["clone", &format!("{c1}@s1"), &c2]);
+    ok(&["import", &newer, &base]);
+    ok(&["gc", &base, "--target", "1.0"]);
+    for clone in [&c1, &c2] {
+        ok(&["export", clone, &out]);
+        assert_eq!(
+            sha256(Path::new(&out)),
+            sha256(Path::new(&other)),
+            "{clone}"
+        );
+    }
+    ok(&["check", &c1]);
+
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info", &base, "--json"])).unwrap();
+    assert_eq!(info["clones"]["gold"], serde_json::json!([c1]));
+    let refused = fails(&["snapshot", "delete", &base, "gold"]);
+    assert!(
+        refused.contains("has clones") && refused.contains(&c1),
+        "{refused}"
+    );
+    let refused = fails(&["snapshot", "delete", &c1, "s1"]);
+    assert!(refused.contains(&c2), "{refused}");
+
+    let exists = fails(&["clone", &format!("{base}@gold"), &c2]);
+    assert!(exists.contains("already exists"), "{exists}");
+    let missing = fails(&["clone", &format!("{base}@nope"), &p("c3")]);
+    assert!(missing.contains("nope"), "{missing}");
+    assert!(
+        !Path::new(&p("c3")).exists(),
+        "a refused clone left a directory"
+    );
+    let unnamed = fails(&["clone", &base, &p("c3")]);
+    assert!(unnamed.contains("VOLUME@SNAPSHOT"), "{unnamed}");
+}

@@ -143,6 +143,19 @@ fn info_json(info: &VolumeInfo) -> serde_json::Value {
         "created": utc(info.created_ms),
         "writer": info.writer,
         "retention": retention_json(info),
+        "parent": info.parent.as_ref().map(|p| serde_json::json!({
+            "address": p.address,
+            "uuid": p.uuid,
+            "snapshot": p.snapshot,
+            "snapshot_lsn": p.snapshot_lsn,
+            "size": p.size,
+        })),
+        "clones": info
+            .snapshots
+            .iter()
+            .filter(|s| !s.clones.is_empty())
+            .map(|s| (s.name.clone(), serde_json::json!(s.clones)))
+            .collect::<serde_json::Map<_, _>>(),
     })
 }
 
@@ -193,6 +206,14 @@ fn print_info(volume: &str, info: &VolumeInfo) {
             r.points
         );
     }
+    if let Some(p) = &info.parent {
+        outln!(
+            "parent:         {}@{} ({}, a clone reads from it what it has not written)",
+            p.address,
+            p.snapshot,
+            human(p.size)
+        );
+    }
     let names: Vec<&str> = info.snapshots.iter().map(|s| s.name.as_str()).collect();
     outln!(
         "snapshots:      {}",
@@ -202,4 +223,7 @@ fn print_info(volume: &str, info: &VolumeInfo) {
             names.join(", ")
         }
     );
+    for s in info.snapshots.iter().filter(|s| !s.clones.is_empty()) {
+        outln!("clones of {}: {}", s.name, s.clones.join(", "));
+    }
 }

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod check;
+pub mod clone;
 pub mod create;
 pub mod diff;
 pub mod export;
