@@ -12,7 +12,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use hlfs_volume::{Backend, DiffStreamReport, ErrorKind, Figures, GcReport, VolumeError};
+use hlfs_volume::{
+    Backend, DiffStreamReport, ErrorKind, Figures, FlattenReport, GcReport, VolumeError,
+};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -74,6 +76,9 @@ pub enum Command {
     ImportDiff {
         path: String,
     },
+    /// Copy into a clone what it reads from its parent, and drop the link
+    /// (`hlfs flatten` of a served clone).
+    Flatten,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -91,6 +96,7 @@ pub enum Answer {
     Status(Live),
     Gc(GcReport),
     Imported(DiffStreamReport),
+    Flattened(FlattenReport),
 }
 
 impl Answer {
@@ -118,12 +124,21 @@ impl Answer {
         }
     }
 
+    /// The report a flatten answers with.
+    pub fn into_flatten_report(self) -> Result<FlattenReport, VolumeError> {
+        match self {
+            Answer::Flattened(report) => Ok(report),
+            other => Err(other.unexpected()),
+        }
+    }
+
     fn unexpected(&self) -> VolumeError {
         let what = match self {
             Answer::Done(_) => "a command's result",
             Answer::Status(_) => "its status",
             Answer::Gc(_) => "a cleaning report",
             Answer::Imported(_) => "an import's report",
+            Answer::Flattened(_) => "a flatten's report",
         };
         VolumeError::Owner {
             kind: ErrorKind::Io,
@@ -152,6 +167,7 @@ pub enum Reply {
     Status { live: Live },
     Gc { report: GcReport },
     Imported { report: DiffStreamReport },
+    Flattened { report: FlattenReport },
     Error { kind: String, message: String },
 }
 
@@ -198,6 +214,7 @@ impl Reply {
             Ok(Answer::Status(live)) => Reply::Status { live },
             Ok(Answer::Gc(report)) => Reply::Gc { report },
             Ok(Answer::Imported(report)) => Reply::Imported { report },
+            Ok(Answer::Flattened(report)) => Reply::Flattened { report },
             Err(e) => Reply::Error {
                 kind: kind_name(e.kind()).to_string(),
                 message: e.to_string(),
@@ -211,6 +228,7 @@ impl Reply {
             Reply::Status { live } => Ok(Answer::Status(live)),
             Reply::Gc { report } => Ok(Answer::Gc(report)),
             Reply::Imported { report } => Ok(Answer::Imported(report)),
+            Reply::Flattened { report } => Ok(Answer::Flattened(report)),
             Reply::Error { kind, message } => Err(VolumeError::Owner {
                 kind: kind_of(&kind),
                 message,

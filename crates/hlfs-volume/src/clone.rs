@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use hlfs_format::{
     manifest_name, parse_pin_name, pin_name, Entry, LogCounters, Manifest, ParentLink, Pin,
-    Retention, FORMAT_CLONES, MAX_ADDRESS_LEN, PINS_PREFIX,
+    RecordKind, Retention, FORMAT_CLONES, MAX_ADDRESS_LEN, PINS_PREFIX,
 };
 use hlfs_store::{BlobStore, StoreError};
+use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::core::Core;
@@ -386,4 +387,166 @@ pub fn absolute_address(address: &str) -> Result<String> {
     std::path::absolute(address)
         .map(|p| p.display().to_string())
         .map_err(|e| VolumeError::InvalidArgument(format!("volume address {address:?}: {e}")))
+}
+
+/// Blocks a flatten step copies at most (at 4 KiB blocks, 1 MiB).
+const FLATTEN_STEP_BLOCKS: u64 = 256;
+
+/// What a flatten did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FlattenReport {
+    /// Bytes read from the parent and written into the clone (blocks of
+    /// zeros need no copy: with the link gone, unwritten reads as zeros).
+    pub copied_bytes: u64,
+    /// The parent's size: what the flatten went through.
+    pub parent_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Where a flatten is: bytes of the parent gone through, of `total`.
+#[derive(Clone, Copy, Debug)]
+pub struct FlattenProgress {
+    pub done: u64,
+    pub total: u64,
+}
+
+impl Core {
+    /// Copies into the clone every block it still reads from its parent,
+    /// then drops the link (a checkpoint's manifest) and the pin. Guest
+    /// writes go on meanwhile: a copy is made, under the writer lock, only
+    /// of blocks still unwritten then. Refused while the clone has
+    /// snapshots or a retention window, which would still read the parent.
+    pub(crate) async fn flatten(
+        &self,
+        progress: &(dyn Fn(&FlattenProgress) + Send + Sync),
+    ) -> Result<FlattenReport> {
+        let started = std::time::Instant::now();
+        let Some(parent) = self.parent() else {
+            return Err(VolumeError::InvalidArgument(format!(
+                "{} is not a clone: nothing to flatten",
+                self.location()
+            )));
+        };
+        self.refuse_flatten_with_history()?;
+        let bs = self.block_size as u64;
+        let size = parent.link.size;
+        let mut copied = 0;
+        let mut entries = vec![Entry::EMPTY; FLATTEN_STEP_BLOCKS as usize];
+        let mut buf = vec![0u8; (FLATTEN_STEP_BLOCKS * bs) as usize];
+        // Only where the parent has data: its holes read the same without
+        // the link.
+        let mut pos = 0;
+        while pos < size {
+            let extents = parent.view.extents(pos, size - pos, 1024).await?;
+            let Some(last) = extents.last() else { break };
+            pos = last.offset + last.len;
+            for x in extents.iter().filter(|x| x.data) {
+                let mut block = x.offset / bs;
+                let end_block = (x.offset + x.len).div_ceil(bs);
+                while block < end_block {
+                    self.life.check(crate::lifecycle::Need::Write)?;
+                    let n = FLATTEN_STEP_BLOCKS.min(end_block - block) as usize;
+                    self.map_op(|m, pins| m.lookup(block, &mut entries[..n], pins))
+                        .await?;
+                    if entries[..n].iter().any(Entry::is_unwritten) {
+                        // The parent's last, partial block is zero-filled.
+                        let len = (n as u64 * bs).min(size - block * bs) as usize;
+                        buf[len..].fill(0);
+                        parent.view.read_into(block * bs, &mut buf[..len]).await?;
+                        copied += self.copy_unwritten(block, &buf[..n * bs as usize]).await?;
+                    }
+                    block += n as u64;
+                    progress(&FlattenProgress {
+                        done: (block * bs).min(size),
+                        total: size,
+                    });
+                }
+            }
+        }
+        progress(&FlattenProgress {
+            done: size,
+            total: size,
+        });
+        let mut w = self.log.writer.lock().await;
+        self.life.check(crate::lifecycle::Need::Write)?;
+        self.refuse_flatten_with_history()?;
+        // Nothing is unwritten below the parent's size any more but blocks
+        // of zeros, which read the same without the link.
+        self.checkpoint(&mut w, true, |m, _, _| {
+            m.parent = None;
+            Ok(())
+        })
+        .await?;
+        *self.parent.write() = None;
+        drop(w);
+        // The link is gone for good: the pin has nothing left to protect.
+        let parent_store = parent.view.core().store.clone();
+        if let Err(e) = parent_store.delete(&pin_name(&self.uuid)).await {
+            tracing::warn!(error = %e, parent = %parent.link.address, "flattened, but the pin in the parent's store stays (removed when the snapshot is next deleted)");
+        }
+        Ok(FlattenReport {
+            copied_bytes: copied,
+            parent_bytes: size,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn refuse_flatten_with_history(&self) -> Result<()> {
+        let (snapshots, retaining) = self.manifests.read(|m| {
+            let names: Vec<String> = m.snapshots.iter().map(|s| s.name.clone()).collect();
+            (names, m.retention.window_ms > 0)
+        });
+        if retaining {
+            return Err(VolumeError::InvalidArgument(format!(
+                "{} keeps a retention window, whose moments read from the parent: turn it off (hlfs retain VOLUME off) before flattening",
+                self.location()
+            )));
+        }
+        if !snapshots.is_empty() {
+            return Err(VolumeError::InvalidArgument(format!(
+                "{} has snapshots, which read from the parent: {}; delete them before flattening",
+                self.location(),
+                snapshots.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes, from block `first` on, the blocks of `data` that are still
+    /// unwritten and not all zeros; returns the bytes written.
+    async fn copy_unwritten(&self, first: u64, data: &[u8]) -> Result<u64> {
+        let bs = self.block_size as usize;
+        let n = data.len() / bs;
+        let mut w = self.log.writer.lock().await;
+        self.life.check(crate::lifecycle::Need::Write)?;
+        self.make_room(&mut w).await?;
+        let mut entries = vec![Entry::EMPTY; n];
+        self.map_op(|m, pins| m.lookup(first, &mut entries, pins))
+            .await?;
+        let wanted = |k: usize| {
+            entries[k].is_unwritten() && data[k * bs..(k + 1) * bs].iter().any(|&b| b != 0)
+        };
+        let mut copied = 0;
+        let mut k = 0;
+        while k < n {
+            if !wanted(k) {
+                k += 1;
+                continue;
+            }
+            let mut run = 1;
+            while k + run < n && wanted(k + run) {
+                run += 1;
+            }
+            let at = first + k as u64;
+            self.mark_time(&mut w)?;
+            let payload = &data[k * bs..(k + run) * bs];
+            let placed = self.append_blocks(&mut w, RecordKind::Data, at, payload)?;
+            w.changed = true;
+            self.map_op(|m, pins| m.set(at, &placed, pins)).await?;
+            self.after_append(&mut w).await?;
+            copied += payload.len() as u64;
+            k += run;
+        }
+        Ok(copied)
+    }
 }

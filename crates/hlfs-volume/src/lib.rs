@@ -66,7 +66,10 @@ pub use backend::{default_cache_dir, Backend, Others, StoreOptions, LOCAL_JOURNA
 pub use cache::ReadCache;
 pub use check::{check, CheckReport};
 pub use clean::{GcOptions, GcProgress, GcReport, GcStop};
-pub use clone::{absolute_address, clone_volume, CloneInfo, ParentInfo, MAX_CHAIN_DEPTH};
+pub use clone::{
+    absolute_address, clone_volume, CloneInfo, FlattenProgress, FlattenReport, ParentInfo,
+    MAX_CHAIN_DEPTH,
+};
 pub use diff::{diff, Diff, DiffExtent};
 pub use diff_stream::{export_diff, import_diff, DiffStreamReport};
 pub use error::{ErrorKind, Result, VolumeError};

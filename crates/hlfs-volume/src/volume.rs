@@ -10,6 +10,7 @@ use hlfs_store::layers::StoreCounts;
 
 use crate::backend::Backend;
 use crate::clean::{GcOptions, GcProgress, GcReport};
+use crate::clone::{FlattenProgress, FlattenReport};
 use crate::core::Core;
 use crate::diff::Diff;
 use crate::error::Result;
@@ -272,6 +273,24 @@ impl Volume {
         progress: &(dyn Fn(&GcProgress) + Send + Sync),
     ) -> Result<GcReport> {
         self.core().gc(opts, progress).await
+    }
+
+    /// Copies into a clone what it still reads from its parent, then
+    /// drops the link and the parent's pin. Writes go on meanwhile and are
+    /// never overwritten by a copy. Refused while the clone has snapshots
+    /// or a retention window.
+    pub async fn flatten(
+        &self,
+        progress: &(dyn Fn(&FlattenProgress) + Send + Sync),
+    ) -> Result<FlattenReport> {
+        self.core().flatten(progress).await
+    }
+
+    /// The parent of a clone, or None.
+    pub fn parent(&self) -> Option<crate::ParentInfo> {
+        self.core()
+            .parent()
+            .map(|p| crate::ParentInfo::from(&p.link))
     }
 
     /// Makes the manifest's head everything written so far, so that what

@@ -111,6 +111,9 @@ enum Op {
         len: u32,
         seed: u8,
     },
+    /// In a clone's case: flatten it (refused while it has snapshots or a
+    /// retention window); the parent's snapshot can then be deleted.
+    Flatten,
 }
 
 #[derive(Debug, Clone)]
@@ -203,6 +206,7 @@ fn op() -> impl Strategy<Value = Op> {
             |(at, len, seed, zero_len, cut, fresh)| Op::ImportDiff { at, len, seed, zero_len, cut, fresh }
         ),
         1 => (pos(), 1u32..150_000, any::<u8>()).prop_map(|(at, len, seed)| Op::ParentChurn { at, len, seed }),
+        1 => Just(Op::Flatten),
     ]
 }
 
@@ -266,6 +270,8 @@ struct Harness {
     /// In a clone's case, its parent (open for writing) and how the
     /// clone's backend finds it.
     parent: Option<(Volume, Others)>,
+    /// The clone was flattened: its parent's snapshot is gone.
+    flattened: bool,
 }
 
 struct Moment {
@@ -551,6 +557,9 @@ impl Harness {
                     ..GcOptions::default()
                 };
                 parent.gc(&opts, &|_| {}).await.expect("parent gc");
+                if self.flattened {
+                    return;
+                }
                 let refused = parent.snapshot_delete(PARENT_SNAPSHOT).await;
                 assert!(
                     refused
@@ -558,6 +567,36 @@ impl Harness {
                         .is_err_and(|e| e.to_string().contains("has clones")),
                     "deleting a cloned snapshot: {refused:?}"
                 );
+            }
+            Op::Flatten => {
+                let Some((parent, _)) = &self.parent else {
+                    return;
+                };
+                if self.flattened {
+                    return;
+                }
+                let flattened = self.vol.flatten(&|_| {}).await;
+                if !self.snapshots.is_empty() || self.cfg.retain_ms.is_some() {
+                    let e = flattened.expect_err("flattened a clone with snapshots or moments");
+                    assert!(e.to_string().contains("before flattening"), "{e}");
+                    return;
+                }
+                flattened.expect("flatten");
+                assert!(self.vol.parent().is_none(), "the link stays");
+                // Nothing of the clone needs the parent's snapshot now.
+                parent
+                    .snapshot_delete(PARENT_SNAPSHOT)
+                    .await
+                    .expect("delete the flattened clone's snapshot");
+                let opts = GcOptions {
+                    target: 1.0,
+                    grace: Duration::ZERO,
+                    ..GcOptions::default()
+                };
+                parent.gc(&opts, &|_| {}).await.expect("parent gc");
+                self.flattened = true;
+                // Flatten ends with a checkpoint.
+                self.durable();
             }
             Op::Reopen => self.reopen().await,
             Op::Crash { .. } if self.remote_store.is_some() => self.reopen().await,
@@ -784,6 +823,7 @@ async fn run_case(cfg: Config, ops: Vec<Op>) {
         next_snap: 0,
         moments: Vec::new(),
         parent,
+        flattened: false,
     };
     if let Some(window) = h.cfg.retain_ms {
         h.vol.set_retention(window).await.expect("retention on");

@@ -40,6 +40,10 @@ pub enum Command {
     /// copied, the clone reads from the snapshot what it has not written.
     /// The snapshot is pinned: it cannot be deleted while the clone exists.
     Clone(cmd::clone::CloneArgs),
+    /// Copy into a clone what it still reads from its parent, then drop the
+    /// link and the pin (the parent's snapshot can then be deleted). Works
+    /// while the clone is served; refused while the clone has snapshots.
+    Flatten(cmd::flatten::FlattenArgs),
     /// Copy a raw disk image (FILE, or - for stdin) into a volume. All-zero
     /// blocks are not stored, so the volume stays thin, and the holes of a
     /// sparse FILE are not even read. Into a volume that has data, holes
@@ -97,6 +101,7 @@ pub async fn run(mut cli: Cli, given: Given, inherited: ListenFd) -> Result<Exit
         Command::Create(args) => cmd::create::run(args, &settings).await?,
         Command::Info(args) => cmd::info::run(args, &settings).await?,
         Command::Clone(args) => cmd::clone::run(args, &settings).await?,
+        Command::Flatten(args) => cmd::flatten::run(args, &settings).await?,
         Command::Import(args) => cmd::import::run(args, &settings).await?,
         Command::Export(args) => cmd::export::run(args, &settings).await?,
         Command::Resize(args) => cmd::resize::run(args, &settings).await?,

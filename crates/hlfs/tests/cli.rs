@@ -978,7 +978,7 @@ fn clones_read_their_snapshot_and_keep_it() {
     ok(&["snapshot", "create", &c1, "s1"]);
     ok(&["clone", &format!("{c1}@s1"), &c2]);
     ok(&["import", &newer, &base]);
-    ok(&["gc", &base, "--target", "1.0"]);
+    ok(&["gc", &base, "--target", "1.0", "--grace", "0"]);
     for clone in [&c1, &c2] {
         ok(&["export", clone, &out]);
         assert_eq!(
@@ -1009,4 +1009,32 @@ fn clones_read_their_snapshot_and_keep_it() {
     );
     let unnamed = fails(&["clone", &base, &p("c3")]);
     assert!(unnamed.contains("VOLUME@SNAPSHOT"), "{unnamed}");
+
+    // Flatten, bottom of the chain first: then the snapshots can go.
+    let refused = fails(&["flatten", &c1]);
+    assert!(refused.contains("s1"), "{refused}");
+    let flat: serde_json::Value = serde_json::from_str(&ok(&["flatten", &c2, "--json"])).unwrap();
+    assert_eq!(
+        flat["copied_bytes"],
+        3 << 20,
+        "only the parent's data is copied"
+    );
+    ok(&["snapshot", "delete", &c1, "s1"]);
+    ok(&["flatten", &c1]);
+    ok(&["snapshot", "delete", &base, "gold"]);
+    ok(&["gc", &base, "--target", "1.0", "--grace", "0"]);
+    for clone in [&c1, &c2] {
+        ok(&["export", clone, &out]);
+        assert_eq!(
+            sha256(Path::new(&out)),
+            sha256(Path::new(&other)),
+            "{clone}"
+        );
+        let info: serde_json::Value =
+            serde_json::from_str(&ok(&["info", clone, "--json"])).unwrap();
+        assert!(info["parent"].is_null(), "{info}");
+        ok(&["check", clone]);
+    }
+    let not_clone = fails(&["flatten", &base]);
+    assert!(not_clone.contains("not a clone"), "{not_clone}");
 }

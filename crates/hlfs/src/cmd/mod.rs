@@ -7,6 +7,7 @@ pub mod clone;
 pub mod create;
 pub mod diff;
 pub mod export;
+pub mod flatten;
 pub mod gc;
 pub mod import;
 pub mod info;

@@ -459,6 +459,7 @@ impl control::Owner for Owned {
                     import_diff(&self.volume, input, &|_| {}).await?,
                 ))
             }
+            Command::Flatten => Ok(Answer::Flattened(self.volume.flatten(&|_| {}).await?)),
             Command::Resize { size } => {
                 self.volume.resize(size).await?;
                 Ok(Answer::Done(None))
