@@ -13,7 +13,8 @@ use hlfs_store::layers::CrashMode;
 use std::time::Duration;
 
 use hlfs_volume::{
-    check, space, CreateOptions, GcOptions, OpenOptions, Prewrite, View, Volume, VolumeError,
+    check, space, Backend, CreateOptions, GcOptions, OpenOptions, Others, Prewrite, View, Volume,
+    VolumeError,
 };
 
 #[derive(Clone, Debug)]
@@ -42,6 +43,8 @@ enum Step {
         to: &'static str,
         cut: bool,
     },
+    /// Flatten a clone (ends with a checkpoint).
+    Flatten,
 }
 
 /// What `import_stream` writes: data (offset, length, pattern seed) and
@@ -254,14 +257,14 @@ fn options(prewrite: Prewrite) -> OpenOptions {
 }
 
 /// Runs `steps` until the store dies; returns what must survive.
-async fn run(world: &World, steps: &[Step], prewrite: Prewrite) -> Expect {
+async fn run(world: &World, steps: &[Step], ctx: &Ctx) -> Expect {
     let mut e = Expect {
-        model: Image::new(SIZE),
-        history: vec![Image::new(SIZE)],
+        model: ctx.start(),
+        history: vec![ctx.start()],
         snapshots: Vec::new(),
         moments: None,
     };
-    let Ok(mut vol) = Volume::open(world.backend(), &options(prewrite)).await else {
+    let Ok(mut vol) = Volume::open(ctx.backend(world), &options(ctx.prewrite)).await else {
         return e;
     };
     for step in steps {
@@ -313,6 +316,7 @@ async fn run(world: &World, steps: &[Step], prewrite: Prewrite) -> Expect {
                 vol.gc(&opts, &|_| {}).await.map(drop)
             }
             Step::Retain => vol.set_retention(3_600_000).await,
+            Step::Flatten => vol.flatten(&|_| {}).await.map(drop),
             Step::RollbackToMoment(i) => {
                 let (at, image) = e.moments.as_ref().expect("scripted")[*i].clone();
                 after = image;
@@ -338,7 +342,7 @@ async fn run(world: &World, steps: &[Step], prewrite: Prewrite) -> Expect {
                 }
             }
             Step::Reopen => match vol.close().await {
-                Ok(()) => match Volume::open(world.backend(), &options(prewrite)).await {
+                Ok(()) => match Volume::open(ctx.backend(world), &options(ctx.prewrite)).await {
                     Ok(v) => {
                         vol = v;
                         Ok(())
@@ -361,6 +365,7 @@ async fn run(world: &World, steps: &[Step], prewrite: Prewrite) -> Expect {
                 e.moment().await;
             }
             Step::Fua(..)
+            | Step::Flatten
             | Step::Flush
             | Step::Reopen
             | Step::Rollback(_)
@@ -385,8 +390,8 @@ async fn run(world: &World, steps: &[Step], prewrite: Prewrite) -> Expect {
     e
 }
 
-async fn verify(after: World, e: &Expect, what: &str, prewrite: Prewrite) {
-    let vol = Volume::open(after.backend(), &options(prewrite))
+async fn verify(after: World, e: &Expect, what: &str, ctx: &Ctx) {
+    let vol = Volume::open(ctx.backend(&after), &options(ctx.prewrite))
         .await
         .unwrap_or_else(|err| panic!("{what}: crash image does not open: {err}"));
     let size = vol.size();
@@ -408,8 +413,8 @@ async fn verify(after: World, e: &Expect, what: &str, prewrite: Prewrite) {
     );
     for (name, image) in &e.snapshots {
         let snap = Volume::open_read_only(
-            after.backend(),
-            &options(prewrite),
+            ctx.backend(&after),
+            &options(ctx.prewrite),
             View::Snapshot(name.clone()),
         )
         .await
@@ -426,9 +431,10 @@ async fn verify(after: World, e: &Expect, what: &str, prewrite: Prewrite) {
         "{what}: an import guard outlived its open"
     );
     for (t, image) in e.moments.iter().flatten() {
-        let view = Volume::open_read_only(after.backend(), &options(prewrite), View::AsOf(*t))
-            .await
-            .unwrap_or_else(|err| panic!("{what}: moment {t} lost: {err}"));
+        let view =
+            Volume::open_read_only(ctx.backend(&after), &options(ctx.prewrite), View::AsOf(*t))
+                .await
+                .unwrap_or_else(|err| panic!("{what}: moment {t} lost: {err}"));
         assert_eq!(view.moment(), Some(*t), "{what}: {t} is no moment");
         assert_eq!(view.size(), image.size, "{what}: size at moment {t}");
         for (off, len) in common::touched_ranges(std::iter::once(image), image.size) {
@@ -447,7 +453,7 @@ async fn verify(after: World, e: &Expect, what: &str, prewrite: Prewrite) {
         ..GcOptions::default()
     };
     vol.gc(&sweep, &|_| {}).await.expect("sweep after recovery");
-    let leaked: Vec<u32> = space(after.backend())
+    let leaked: Vec<u32> = space(ctx.backend(&after))
         .await
         .expect("space after the sweep")
         .segments
@@ -457,7 +463,7 @@ async fn verify(after: World, e: &Expect, what: &str, prewrite: Prewrite) {
         .collect();
     assert!(leaked.is_empty(), "{what}: segments {leaked:?} leaked");
     vol.close().await.expect("close after recovery");
-    let report = check(after.backend()).await.expect("check");
+    let report = check(ctx.backend(&after)).await.expect("check");
     assert!(report.is_ok(), "{what}: check found {:?}", report.problems);
 }
 
@@ -471,12 +477,119 @@ async fn verify(after: World, e: &Expect, what: &str, prewrite: Prewrite) {
 async fn crash_at_every_sync_point() {
     for prewrite in [Prewrite::Off, Prewrite::Always] {
         for (name, steps) in scenarios() {
-            crash_scenario(&format!("{name} (prewrite {prewrite:?})"), &steps, prewrite).await;
+            let ctx = Ctx {
+                prewrite,
+                parent: None,
+            };
+            crash_scenario(&format!("{name} (prewrite {prewrite:?})"), &steps, &ctx).await;
         }
     }
 }
 
-async fn crash_scenario(name: &str, steps: &[Step], prewrite: Prewrite) {
+/// A clone of a parent's snapshot: partial writes over the parent's
+/// blocks, zeroes over them, a snapshot, then a flatten. The parent (in a
+/// world of its own) does not crash.
+#[tokio::test]
+async fn crash_of_a_clone_at_every_sync_point() {
+    use Step::*;
+    let ctx = Ctx {
+        prewrite: Prewrite::Off,
+        parent: Some(parent().await),
+    };
+    let steps = vec![
+        Write(10_000, 3000, 1),
+        Zero(200_000, 20_000),
+        Flush,
+        Snapshot("c1"),
+        Write(1 << 20, 70_000, 2),
+        Reopen,
+        Fua(3 << 20, 5000, 3),
+    ];
+    crash_scenario("a clone written and zeroed", &steps, &ctx).await;
+    let steps = vec![
+        Write(10_000, 3000, 1),
+        Zero(200_000, 20_000),
+        Flatten,
+        Write(1 << 20, 70_000, 2),
+        Flush,
+    ];
+    crash_scenario("a clone flattened", &steps, &ctx).await;
+}
+
+/// A parent volume with data over most of its snapshot `golden`, and how
+/// clones find it.
+async fn parent() -> (Others, Image) {
+    let world = World::new();
+    let at = |w: &World| Backend {
+        location: "memory://parent".into(),
+        ..w.backend()
+    };
+    let create = CreateOptions {
+        size: SIZE,
+        block_size: BS,
+        segment_size: 64 << 10,
+    };
+    Volume::create(&at(&world), &create).await.unwrap();
+    let vol = Volume::open(at(&world), &OpenOptions::default())
+        .await
+        .unwrap();
+    let mut image = Image::new(SIZE);
+    for (off, len, seed) in [
+        (0, 300_000, 41),
+        (1 << 20, 1 << 20, 42),
+        (3 << 20, 100_000, 43),
+    ] {
+        let data = pattern(len, seed);
+        vol.write(off, &data).await.unwrap();
+        image.write(off, &data);
+    }
+    vol.snapshot_create("golden").await.unwrap();
+    vol.close().await.unwrap();
+    let env = world.env.clone();
+    let others = Others::from_fn(move |address| match address {
+        "memory://parent" => Ok(at(&World::over(env.clone()))),
+        _ => Err(VolumeError::NotFound(address.to_string())),
+    });
+    (others, image)
+}
+
+/// How a scenario's volume is made and opened.
+struct Ctx {
+    prewrite: Prewrite,
+    /// For a clone: how it finds its parent, and the parent's snapshot.
+    parent: Option<(Others, Image)>,
+}
+
+impl Ctx {
+    fn backend(&self, world: &World) -> Backend {
+        match &self.parent {
+            Some((others, _)) => world.backend().with_others(others.clone()),
+            None => world.backend(),
+        }
+    }
+
+    fn start(&self) -> Image {
+        match &self.parent {
+            Some((_, image)) => image.clone(),
+            None => Image::new(SIZE),
+        }
+    }
+
+    async fn make(&self, world: &World, create: &CreateOptions) {
+        match &self.parent {
+            Some(_) => {
+                let backend = self.backend(world);
+                let parent = backend.open_other("memory://parent").unwrap();
+                hlfs_volume::clone_volume(parent, "golden", &backend, &options(self.prewrite))
+                    .await
+                    .unwrap();
+            }
+            None => Volume::create(&world.backend(), create).await.unwrap(),
+        }
+    }
+}
+
+async fn crash_scenario(name: &str, steps: &[Step], ctx: &Ctx) {
     // Count the durable operations a full run makes.
     let world = World::new();
     let create = CreateOptions {
@@ -484,9 +597,9 @@ async fn crash_scenario(name: &str, steps: &[Step], prewrite: Prewrite) {
         block_size: BS,
         segment_size: 64 << 10,
     };
-    Volume::create(&world.backend(), &create).await.unwrap();
+    ctx.make(&world, &create).await;
     let base = world.faults.durable_ops();
-    let e = run(&world, steps, prewrite).await;
+    let e = run(&world, steps, ctx).await;
     assert!(
         e.snapshots.len()
             == steps
@@ -506,15 +619,15 @@ async fn crash_scenario(name: &str, steps: &[Step], prewrite: Prewrite) {
         .enumerate()
         {
             let world = World::new();
-            Volume::create(&world.backend(), &create).await.unwrap();
+            ctx.make(&world, &create).await;
             world.faults.crash_after(base + n);
-            let e = run(&world, steps, prewrite).await;
+            let e = run(&world, steps, ctx).await;
             let image = world.power_cut(mode).await;
             verify(
                 image,
                 &e,
                 &format!("{name}: crash after sync point {n} (mode {k})"),
-                prewrite,
+                ctx,
             )
             .await;
         }
