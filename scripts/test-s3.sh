@@ -9,7 +9,9 @@
 #  5. faults: the gateway stopped mid-workload and restarted, a slow
 #     gateway, segment objects deleted or corrupted behind our back;
 #  6. cleaning: deleted segments leave the bucket, an orphan is swept;
-#  7. fencing: a second "host" (another cache directory) is refused.
+#  7. a clone on S3 of a local volume's snapshot: served, written, read
+#     back and flattened while served;
+#  8. fencing: a second "host" (another cache directory) is refused.
 # Usage: scripts/test-s3.sh     (as root; CI runs it from .ci/run)
 # Env: MODEL_CASES (default 30) cases of the model test; S3_SUITES=0 skips
 # steps 1-3 (the cargo test suites), to rerun the rest quickly.
@@ -186,6 +188,35 @@ $hlfs export "$vol" "$work/gc.img"
 cmp <(head -c $((16 << 20)) "$work/gc.img") "$work/in.img"
 $hlfs check "$vol"
 echo "   ${#gone[@]} segments cleaned out of the bucket, and an orphan swept"
+
+step "a clone on S3 of a local golden image: served, written, read back, flattened while served"
+golden="$work/golden"
+$hlfs import "$work/in.img" "$golden" --create
+$hlfs snapshot create "$golden" base
+clone="s3://hlfs-test/clone-$run_id/vm"
+$hlfs clone "$golden@base" "$clone"
+serve "$clone" "$work/clone.sock"
+qemu-io -f raw -c "write -P 0x5a 1M 64k" -c flush "$uri" >/dev/null
+cp "$work/in.img" "$work/clone.expected"
+python3 -c 'import sys; f = open(sys.argv[1], "r+b"); f.seek(1 << 20); f.write(b"\x5a" * (64 << 10))' \
+    "$work/clone.expected"
+qemu-img convert -f raw -O raw "$uri" "$work/clone.img"
+cmp "$work/clone.img" "$work/clone.expected" || fail "the clone does not read its parent and its writes"
+if $hlfs snapshot delete "$golden" base 2>/dev/null; then
+    fail "the snapshot a clone reads was deleted"
+fi
+$hlfs flatten "$clone" --json > "$work/flatten.json"
+python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); assert r["copied_bytes"] == (16 << 20) - (64 << 10), r' \
+    "$work/flatten.json"
+qemu-img convert -f raw -O raw "$uri" "$work/clone.img"
+cmp "$work/clone.img" "$work/clone.expected" || fail "the clone changed when flattened"
+stop_server
+$hlfs snapshot delete "$golden" base
+rm -rf "$golden"
+$hlfs export "$clone" "$work/clone.img"
+cmp "$work/clone.img" "$work/clone.expected" || fail "the flattened clone needs its parent"
+$hlfs check "$clone"
+echo "   a clone on S3 of a local volume read, written and flattened while served"
 
 step "fencing: a second host cannot write while the first does"
 fencing "s3://hlfs-test/fence-$run_id/vm"

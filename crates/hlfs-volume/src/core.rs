@@ -34,8 +34,9 @@
 //! 5. Short locks (`parking_lot`), never held across an await: `map` (the
 //!    head's tree), then the page cache inside it; `log.files`;
 //!    `manifests.current`; the lifecycle's state; `segments`' tables; the
-//!    read cache's state; `changes` (answers of `changes_since`). None is taken while holding another, except the
-//!    page cache under `map`.
+//!    read cache's state; `changes` (answers of `changes_since`); a clone's
+//!    `parent`. None is taken while holding another, except the page cache
+//!    under `map`.
 //!
 //! The upload backlog semaphore is acquired under the writer lock and
 //! released by the upload task, which needs only locks 2 and 3 to do so.
