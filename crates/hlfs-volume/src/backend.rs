@@ -66,6 +66,12 @@ impl Others {
     pub fn from_fn(open: impl Fn(&str) -> Result<Backend> + Send + Sync + 'static) -> Others {
         Others(Arc::new(open))
     }
+
+    /// The backend at `address`, opening the addresses it names the same
+    /// way.
+    pub fn open(&self, address: &str) -> Result<Backend> {
+        Ok((self.0)(address)?.with_others(self.clone()))
+    }
 }
 
 impl std::fmt::Debug for Others {
@@ -136,7 +142,7 @@ impl Backend {
 
     /// The backend of another volume's address, opened as this one was.
     pub fn open_other(&self, address: &str) -> Result<Backend> {
-        (self.others.0)(address)
+        self.others.open(address)
     }
 
     /// The same backend, opening other volumes' addresses with `others`.

@@ -32,6 +32,16 @@ pub const MAX_CHAIN_DEPTH: u32 = 16;
 /// made (the pin is put before the clone's first manifest).
 const STALE_PIN_AGE_MS: u64 = 60 * 1000;
 
+/// A deletion mark older than this is left by a deleter that died: it no
+/// longer refuses clones.
+const STALE_MARK_AGE_MS: u64 = 10 * 60 * 1000;
+
+/// The blob that says snapshot `lsn` is being deleted, beside the pins
+/// (a name no pin has).
+fn deletion_mark(lsn: u64) -> String {
+    format!("{PINS_PREFIX}deleting-{lsn}")
+}
+
 /// What an open clone reads its unwritten blocks from.
 pub(crate) struct Parent {
     /// The parent snapshot, open read-only (following the parent's
@@ -212,8 +222,18 @@ pub async fn clone_volume(
             )),
         })?;
     let made = async {
-        // The pin is in: a deletion from now on sees it. One that ran before
-        // has removed the snapshot from the newest manifest.
+        // The pin is in: a deletion that marks the snapshot from now on
+        // finds it. One that marked it before is refused here.
+        let mark = deletion_mark(entry.lsn);
+        let marks = parent_store.list(&mark).await.unwrap_or_default();
+        if let Some(m) = marks.iter().find(|b| b.name == mark) {
+            if now.saturating_sub(m.modified_ms) < STALE_MARK_AGE_MS {
+                return Err(VolumeError::Busy(format!(
+                    "snapshot {snapshot:?} of {} is being deleted",
+                    parent.location
+                )));
+            }
+        }
         let m = latest_manifest(&*parent_store, &parent.location).await?;
         if !m
             .snapshots
@@ -301,6 +321,22 @@ pub(crate) async fn pins(store: &dyn BlobStore) -> Result<Vec<(Result<Pin>, u64,
 }
 
 impl Core {
+    /// Marks snapshot `lsn` as being deleted (see `clone_volume`), and
+    /// returns the mark's name, for the caller to remove.
+    pub(crate) async fn mark_deletion(&self, lsn: u64) -> Result<String> {
+        let mark = deletion_mark(lsn);
+        let body = bytes::Bytes::from_static(b"HLFS snapshot deletion in progress\n");
+        match self.store.put_if_absent(&mark, body.clone()).await {
+            // Left by a deletion that died: ours now.
+            Err(StoreError::AlreadyExists(_)) => {
+                self.store.delete(&mark).await?;
+                self.store.put_if_absent(&mark, body).await?;
+            }
+            result => result?,
+        }
+        Ok(mark)
+    }
+
     pub(crate) fn parent(&self) -> Option<Arc<Parent>> {
         self.parent.read().clone()
     }

@@ -199,12 +199,22 @@ impl Core {
         let Some(snapshot) = self.find_snapshot(name) else {
             return Err(VolumeError::SnapshotNotFound(name.to_string()));
         };
-        self.refuse_if_cloned(name, snapshot.lsn).await?;
-        self.write_manifest(&*self.store, |m| {
-            m.snapshots.retain(|s| s.name != name);
-            Ok(())
-        })
-        .await
+        // A clone being made now either sees the mark and fails, or put
+        // its pin before the mark, which the listing then finds.
+        let mark = self.mark_deletion(snapshot.lsn).await?;
+        let deleted = async {
+            self.refuse_if_cloned(name, snapshot.lsn).await?;
+            self.write_manifest(&*self.store, |m| {
+                m.snapshots.retain(|s| s.name != name);
+                Ok(())
+            })
+            .await
+        }
+        .await;
+        if let Err(e) = self.store.delete(&mark).await {
+            tracing::warn!(error = %e, %mark, "could not remove a snapshot's deletion mark (clones of it are refused until it is 10 minutes old)");
+        }
+        deleted
     }
 
     /// Makes the head snapshot `target`'s (its tree and size) with a
