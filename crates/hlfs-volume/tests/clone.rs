@@ -169,3 +169,91 @@ async fn the_pin_of_a_clone_that_is_gone_goes_once_a_minute_old() {
     assert!(s.pins().await.is_empty(), "pin of {} left", made.uuid);
     parent.close().await.unwrap();
 }
+
+/// A boot storm: clones of one remote base, open in one process, read all
+/// at once with a cold cache. The base's data comes from its store once:
+/// the read cache is the process's, keyed by the base's id, and
+/// concurrent misses on a chunk wait for one fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clones_of_one_base_read_it_from_its_store_once() {
+    const CLONES: usize = 8;
+    const SIZE: u64 = 8 << 20;
+    let base = World::new();
+    let metrics = std::sync::Arc::new(hlfs_store::layers::StoreMetrics::default());
+    let cache = hlfs_volume::ReadCache::scratch(1 << 30).unwrap();
+    let (env, counted, shared) = (base.env.clone(), metrics.clone(), cache.clone());
+    let worlds: Vec<World> = (0..CLONES).map(|_| World::new()).collect();
+    let clone_envs: Vec<_> = worlds.iter().map(|w| w.env.clone()).collect();
+    let others = Others::from_fn(move |address| {
+        if address == PARENT {
+            // A remote store, behind the process's read cache, counted.
+            let plain = World::over(env.clone()).backend();
+            return Ok(Backend {
+                location: address.into(),
+                store: std::sync::Arc::new(hlfs_store::layers::Metered::new(
+                    plain.store.clone(),
+                    counted.clone(),
+                )),
+                remote: true,
+                cache: Some(shared.clone()),
+                ..plain
+            });
+        }
+        let i: usize = address
+            .strip_prefix("memory://clone-")
+            .and_then(|i| i.parse().ok())
+            .ok_or_else(|| hlfs_volume::VolumeError::NotFound(address.into()))?;
+        Ok(Backend {
+            location: address.into(),
+            ..World::over(clone_envs[i].clone()).backend()
+        })
+    });
+    let parent_backend = others.open(PARENT).unwrap();
+    let create = CreateOptions {
+        size: SIZE,
+        block_size: 4096,
+        segment_size: 1 << 20,
+    };
+    Volume::create(&parent_backend, &create).await.unwrap();
+    let vol = Volume::open(parent_backend.clone(), &OpenOptions::default())
+        .await
+        .unwrap();
+    let data = pattern(SIZE as usize, 3);
+    vol.write(0, &data).await.unwrap();
+    vol.snapshot_create("golden").await.unwrap();
+    vol.close().await.unwrap();
+
+    let mut clones = Vec::new();
+    for i in 0..CLONES {
+        let at = others.open(&format!("memory://clone-{i}")).unwrap();
+        clone_volume(
+            others.open(PARENT).unwrap(),
+            "golden",
+            &at,
+            &OpenOptions::default(),
+        )
+        .await
+        .unwrap();
+        clones.push(Volume::open(at, &OpenOptions::default()).await.unwrap());
+    }
+    let before = metrics.counts();
+    let reads = clones.iter().map(|c| async move {
+        let mut out = vec![0u8; SIZE as usize];
+        for (k, chunk) in out.chunks_mut(256 << 10).enumerate() {
+            c.read_into(k as u64 * (256 << 10), chunk).await.unwrap();
+        }
+        out
+    });
+    for got in futures::future::join_all(reads).await {
+        assert!(got == data, "a clone read something else");
+    }
+    let fetched = metrics.counts().get_bytes - before.get_bytes;
+    // One copy of the data, and its map pages and checkpoints.
+    assert!(
+        fetched >= SIZE && fetched < SIZE + SIZE / 8,
+        "{CLONES} clones fetched {fetched} bytes of a {SIZE}-byte base"
+    );
+    for c in clones {
+        c.close().await.unwrap();
+    }
+}
