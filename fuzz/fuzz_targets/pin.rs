@@ -8,21 +8,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = Pin::decode(data);
     let mut sealed = b"HLPN".to_vec();
     sealed.extend_from_slice(data);
-    let crc = crc32c(&sealed);
+    let crc = crc32c::crc32c(&sealed);
     sealed.extend_from_slice(&crc.to_le_bytes());
     if let Ok(p) = Pin::decode(&sealed) {
         assert_eq!(Pin::decode(&p.encode()).expect("re-decode"), p);
     }
 });
-
-fn crc32c(bytes: &[u8]) -> u32 {
-    // Bitwise CRC32C (Castagnoli), enough for a fuzz harness.
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
-        }
-    }
-    !crc
-}

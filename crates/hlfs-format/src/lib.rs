@@ -237,6 +237,31 @@ impl MapPage {
     }
 }
 
+/// The body of a blob that starts with `magic` and ends with the CRC32C
+/// of all before it (manifests, pins); errors for anything else.
+pub(crate) fn sealed_body<'a>(
+    bytes: &'a [u8],
+    magic: &[u8; 4],
+    min_len: usize,
+) -> Result<&'a [u8]> {
+    if bytes.len() < min_len {
+        return Err(FormatError::Truncated {
+            need: min_len,
+            have: bytes.len(),
+        });
+    }
+    if bytes[0..4] != *magic {
+        return Err(FormatError::BadMagic);
+    }
+    let (body, crc_bytes) = bytes.split_at(bytes.len() - 4);
+    let stored = u32::from_le_bytes(crc_bytes.try_into().expect("4 bytes"));
+    let computed = crc32c::crc32c(body);
+    if stored != computed {
+        return Err(FormatError::BadChecksum { stored, computed });
+    }
+    Ok(body)
+}
+
 /// Name of the manifest blob with sequence number `seq`.
 pub fn manifest_name(seq: u64) -> String {
     format!("manifest/{seq:020}")

@@ -216,21 +216,7 @@ impl Manifest {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Manifest> {
-        if bytes.len() < 8 {
-            return Err(FormatError::Truncated {
-                need: 8,
-                have: bytes.len(),
-            });
-        }
-        if bytes[0..4] != MANIFEST_MAGIC {
-            return Err(FormatError::BadMagic);
-        }
-        let (body, crc_bytes) = bytes.split_at(bytes.len() - 4);
-        let stored = u32::from_le_bytes(crc_bytes.try_into().expect("4 bytes"));
-        let computed = crc32c::crc32c(body);
-        if stored != computed {
-            return Err(FormatError::BadChecksum { stored, computed });
-        }
+        let body = crate::sealed_body(bytes, &MANIFEST_MAGIC, 8)?;
         let mut r = Reader::new(body);
         r.bytes(4)?;
         let version = r.u16()?;

@@ -57,21 +57,7 @@ impl Pin {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Pin> {
-        if bytes.len() < 10 {
-            return Err(FormatError::Truncated {
-                need: 10,
-                have: bytes.len(),
-            });
-        }
-        if bytes[0..4] != PIN_MAGIC {
-            return Err(FormatError::BadMagic);
-        }
-        let (body, crc_bytes) = bytes.split_at(bytes.len() - 4);
-        let stored = u32::from_le_bytes(crc_bytes.try_into().expect("4 bytes"));
-        let computed = crc32c::crc32c(body);
-        if stored != computed {
-            return Err(FormatError::BadChecksum { stored, computed });
-        }
+        let body = crate::sealed_body(bytes, &PIN_MAGIC, 10)?;
         let mut r = Reader::new(body);
         r.bytes(4)?;
         let version = r.u16()?;

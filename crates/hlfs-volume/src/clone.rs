@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use hlfs_format::{
-    manifest_name, parse_pin_name, pin_name, Entry, LogCounters, Manifest, ParentLink, Pin,
-    RecordKind, Retention, FORMAT_CLONES, MAX_ADDRESS_LEN, PINS_PREFIX,
+    manifest_name, parse_pin_name, pin_name, Entry, ParentLink, Pin, RecordKind, FORMAT_CLONES,
+    MAX_ADDRESS_LEN, PINS_PREFIX,
 };
 use hlfs_store::{BlobStore, StoreError};
 use serde::{Deserialize, Serialize};
@@ -17,6 +17,7 @@ use crate::core::Core;
 use crate::error::{Result, VolumeError};
 use crate::info::utc;
 use crate::manifest::latest_manifest;
+use crate::open::first_manifest;
 use crate::options::{OpenOptions, View};
 use crate::retain::is_point;
 use crate::snapshot::IMPORT_GUARD;
@@ -242,28 +243,13 @@ pub async fn clone_volume(
         {
             return Err(VolumeError::SnapshotNotFound(snapshot.to_string()));
         }
-        let manifest = Manifest {
-            version: FORMAT_CLONES,
-            volume: id,
-            seq: 1,
-            written_ms: now,
-            volume_created_ms: now,
-            block_size: core.block_size,
-            segment_size: core.segment_size,
-            size: link.size,
-            checkpoint: Entry::EMPTY,
-            replay_from_seg: 1,
-            replay_from_lsn: 1,
-            next_seg: 1,
-            writer: None,
-            snapshots: Vec::new(),
-            counters: Some(LogCounters {
-                since_ms: now,
-                ..LogCounters::default()
-            }),
-            retention: Retention::default(),
-            parent: Some(link.clone()),
-        };
+        let manifest = first_manifest(
+            FORMAT_CLONES,
+            id,
+            now,
+            (core.block_size, core.segment_size, link.size),
+            Some(link.clone()),
+        );
         clone_store
             .put_if_absent(&manifest_name(1), manifest.encode().into())
             .await

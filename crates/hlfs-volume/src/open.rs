@@ -103,16 +103,43 @@ pub(crate) async fn create(backend: &Backend, opts: &CreateOptions) -> Result<()
         }
         Err(e) => return Err(e),
     }
-    let now = backend.clock.unix_ms();
-    let m = Manifest {
-        version: FORMAT_PLAIN,
-        volume: *uuid::Uuid::new_v4().as_bytes(),
+    let m = first_manifest(
+        FORMAT_PLAIN,
+        *uuid::Uuid::new_v4().as_bytes(),
+        backend.clock.unix_ms(),
+        (bs, opts.segment_size, opts.size),
+        None,
+    );
+    match store
+        .put_if_absent(&manifest_name(1), m.encode().into())
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(StoreError::AlreadyExists(_)) => {
+            Err(VolumeError::AlreadyExists(backend.location.clone()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The first manifest of a new volume (a clone, with `parent`): nothing
+/// written yet, `(block size, segment size, size)` as given.
+pub(crate) fn first_manifest(
+    version: u16,
+    volume: [u8; 16],
+    now: u64,
+    (block_size, segment_size, size): (u32, u64, u64),
+    parent: Option<hlfs_format::ParentLink>,
+) -> Manifest {
+    Manifest {
+        version,
+        volume,
         seq: 1,
         written_ms: now,
         volume_created_ms: now,
-        block_size: bs,
-        segment_size: opts.segment_size,
-        size: opts.size,
+        block_size,
+        segment_size,
+        size,
         checkpoint: Entry::EMPTY,
         replay_from_seg: 1,
         replay_from_lsn: 1,
@@ -124,17 +151,7 @@ pub(crate) async fn create(backend: &Backend, opts: &CreateOptions) -> Result<()
             ..LogCounters::default()
         }),
         retention: Retention::default(),
-        parent: None,
-    };
-    match store
-        .put_if_absent(&manifest_name(1), m.encode().into())
-        .await
-    {
-        Ok(()) => Ok(()),
-        Err(StoreError::AlreadyExists(_)) => {
-            Err(VolumeError::AlreadyExists(backend.location.clone()))
-        }
-        Err(e) => Err(e.into()),
+        parent,
     }
 }
 
