@@ -54,7 +54,7 @@ export_secs() { # best of RUNS exports of $1, in seconds
     local best= t0 t1 s
     for ((r = 0; r < runs; r++)); do
         t0=$(date +%s%N)
-        "$hlfs" export "$1" "$work/out.img" >/dev/null
+        "$hlfs" export "$1" "$work/out.img" >/dev/null 2>&1
         t1=$(date +%s%N)
         s=$(( (t1 - t0) / 1000 ))
         [[ -z $best || $s -lt $best ]] && best=$s
