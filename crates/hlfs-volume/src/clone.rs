@@ -226,7 +226,12 @@ pub async fn clone_volume(
         // The pin is in: a deletion that marks the snapshot from now on
         // finds it. One that marked it before is refused here.
         let mark = deletion_mark(entry.lsn);
-        let marks = parent_store.list(&mark).await.unwrap_or_default();
+        let marks = match parent_store.list(&mark).await {
+            Ok(l) => l,
+            Err(StoreError::NotFound(_)) => Vec::new(),
+            // Not knowing is not a green light.
+            Err(e) => return Err(e.into()),
+        };
         if let Some(m) = marks.iter().find(|b| b.name == mark) {
             if now.saturating_sub(m.modified_ms) < STALE_MARK_AGE_MS {
                 return Err(VolumeError::Busy(format!(
