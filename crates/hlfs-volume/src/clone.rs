@@ -338,7 +338,9 @@ impl Core {
     }
 
     /// The clones of this volume's snapshots, by snapshot name and LSN:
-    /// their addresses. Pins whose clone is gone are left out.
+    /// their addresses, as the pins say (a pin outlives a clone deleted
+    /// behind its parent's back until a deletion of its snapshot removes
+    /// it).
     pub(crate) async fn clones(&self) -> Result<Vec<(String, u64, String)>> {
         let mut out = Vec::new();
         for (pin, _, _) in pins(&*self.store).await? {
