@@ -257,3 +257,55 @@ async fn clones_of_one_base_read_it_from_its_store_once() {
         c.close().await.unwrap();
     }
 }
+
+/// A flatten never overwrites what the guest writes meanwhile: a writer
+/// keeps writing blocks the parent has while the flatten copies them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flatten_never_overwrites_a_write_made_meanwhile() {
+    let s = Setup::new().await;
+    // A parent with data everywhere, so every step of the flatten copies.
+    let parent = Volume::open(s.parent_backend(), &OpenOptions::default())
+        .await
+        .unwrap();
+    let base = pattern(4 << 20, 11);
+    parent.write(0, &base).await.unwrap();
+    parent.snapshot_delete("golden").await.unwrap();
+    parent.snapshot_create("golden").await.unwrap();
+    parent.close().await.unwrap();
+    s.make_clone().await.unwrap();
+    let clone = Volume::open(s.clone_backend(), &OpenOptions::default())
+        .await
+        .unwrap();
+    // Blocks written before the flatten starts, and while it runs: one
+    // 4 KiB write in every 64 KiB, from the end back, so that writes land
+    // ahead of the flatten's steps, among them and behind them.
+    let mut expected = base.clone();
+    let mut write = async |k: u64| {
+        let off = (4 << 20) - (k % 64 + 1) * (64 << 10) + 4096 * (k % 16);
+        let data = pattern(4096, (k % 200) as u8 + 20);
+        clone.write(off, &data).await.unwrap();
+        expected[off as usize..off as usize + 4096].copy_from_slice(&data);
+    };
+    for k in 0..8 {
+        write(k).await;
+    }
+    let flattening = {
+        let clone = clone.clone();
+        tokio::spawn(async move { clone.flatten(&|_| {}).await })
+    };
+    let mut k = 8;
+    while !flattening.is_finished() || k < 72 {
+        write(k).await;
+        k += 1;
+        tokio::task::yield_now().await;
+    }
+    flattening.await.unwrap().expect("flatten");
+    assert!(clone.parent().is_none());
+    let got = clone.read(0, 4 << 20).await.unwrap();
+    let wrong = got
+        .chunks(4096)
+        .zip(expected.chunks(4096))
+        .position(|(g, e)| g != e);
+    assert_eq!(wrong, None, "block lost to a copy ({k} writes)");
+    clone.close().await.unwrap();
+}
