@@ -127,6 +127,23 @@ async fn created_and_opened() -> (World, Backend, Volume, Image) {
 }
 
 /// Overwrites scattered runs of blocks `rounds` times, in the model too.
+/// `n` ticks of the automatic cleaner on `clock` (each given time to run),
+/// then the volume's figures.
+async fn ticks_of(
+    clock: &hlfs_store::time::ManualClock,
+    vol: &Volume,
+    every: Duration,
+    n: u32,
+) -> hlfs_volume::Figures {
+    for _ in 0..n {
+        clock.advance(every);
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    vol.figures()
+}
+
 async fn churn(vol: &Volume, model: &mut Image, rounds: u8, seed: u64) {
     let mut x = seed;
     for round in 0..rounds {
@@ -612,18 +629,7 @@ async fn the_automatic_cleaner_cleans_by_itself_above_its_start_mark() {
         ..on_manual_clock()
     };
     let vol = Volume::open(backend.clone(), &opts).await.unwrap();
-    let ticks = |n: u32| {
-        let (clock, vol) = (clock.clone(), vol.clone());
-        async move {
-            for _ in 0..n {
-                clock.advance(every);
-                for _ in 0..20 {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-            vol.figures()
-        }
-    };
+    let ticks = |n: u32| ticks_of(&clock, &vol, every, n);
     // Written once: below the start mark, the looks cost no run.
     let mut model = Image::new(SIZE);
     churn(&vol, &mut model, 1, 7).await;
@@ -1194,16 +1200,7 @@ async fn the_automatic_cleaner_deletes_what_its_run_left_once_due() {
         ..on_manual_clock()
     };
     let vol = Volume::open(backend.clone(), &opts).await.unwrap();
-    let tick = || {
-        let (clock, vol) = (clock.clone(), vol.clone());
-        async move {
-            clock.advance(every);
-            for _ in 0..20 {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            vol.figures()
-        }
-    };
+    let tick = || ticks_of(&clock, &vol, every, 1);
     let mut model = Image::new(SIZE);
     churn(&vol, &mut model, 6, 10).await;
     let mut figures = tick().await;
