@@ -127,6 +127,23 @@ async fn created_and_opened() -> (World, Backend, Volume, Image) {
 }
 
 /// Overwrites scattered runs of blocks `rounds` times, in the model too.
+/// Options for an automatic cleaner on the manual clock that looks every
+/// `every`, starts above 1.5, cleans to 1.2 at any rate and deletes after
+/// `grace`.
+fn cleaning_by_itself(every: Duration, grace: Duration) -> OpenOptions {
+    OpenOptions {
+        auto_clean: Some(AutoClean {
+            start_above: 1.5,
+            target: 1.2,
+            every,
+            copy_rate: 1 << 40,
+            busy_rate: 1 << 40,
+            grace,
+        }),
+        ..on_manual_clock()
+    }
+}
+
 /// `n` ticks of the automatic cleaner on `clock` (each given time to run),
 /// then the volume's figures.
 async fn ticks_of(
@@ -617,17 +634,7 @@ async fn a_stopped_run_leaves_its_emptied_segments_to_the_next() {
 async fn the_automatic_cleaner_cleans_by_itself_above_its_start_mark() {
     let (clock, backend) = created_on_a_manual_clock(3).await;
     let every = Duration::from_secs(10);
-    let opts = OpenOptions {
-        auto_clean: Some(AutoClean {
-            start_above: 1.5,
-            target: 1.2,
-            every,
-            copy_rate: 1 << 40,
-            busy_rate: 1 << 40,
-            grace: Duration::ZERO,
-        }),
-        ..on_manual_clock()
-    };
+    let opts = cleaning_by_itself(every, Duration::ZERO);
     let vol = Volume::open(backend.clone(), &opts).await.unwrap();
     let ticks = |n: u32| ticks_of(&clock, &vol, every, n);
     // Written once: below the start mark, the looks cost no run.
@@ -1188,17 +1195,7 @@ async fn the_automatic_cleaner_deletes_what_its_run_left_once_due() {
     let (clock, backend) = created_on_a_manual_clock(6).await;
     let every = Duration::from_secs(10);
     let grace = Duration::from_secs(60);
-    let opts = OpenOptions {
-        auto_clean: Some(AutoClean {
-            start_above: 1.5,
-            target: 1.2,
-            every,
-            copy_rate: 1 << 40,
-            busy_rate: 1 << 40,
-            grace,
-        }),
-        ..on_manual_clock()
-    };
+    let opts = cleaning_by_itself(every, grace);
     let vol = Volume::open(backend.clone(), &opts).await.unwrap();
     let tick = || ticks_of(&clock, &vol, every, 1);
     let mut model = Image::new(SIZE);
