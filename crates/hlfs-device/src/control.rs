@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use hlfs_volume::{
-    Backend, DiffStreamReport, ErrorKind, Figures, FlattenReport, GcReport, VolumeError,
+    Backend, CloneSource, DiffStreamReport, ErrorKind, Figures, FlattenProgress, FlattenReport,
+    GcReport, VolumeError,
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -77,8 +78,18 @@ pub enum Command {
         path: String,
     },
     /// Copy into a clone what it reads from its parent, and drop the link
-    /// (`hlfs flatten` of a served clone).
-    Flatten,
+    /// (`hlfs flatten` of a served clone), copying at most `copy_rate`
+    /// bytes per second; answered when the flatten ends. If one runs
+    /// already, the answer waits for it.
+    Flatten {
+        #[serde(default)]
+        copy_rate: Option<u64>,
+    },
+    /// Make the volume ready to be cloned from `source` (`hlfs clone` of a
+    /// served volume): answers with the snapshot the clone links to.
+    OfferForClone {
+        source: CloneSource,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -157,6 +168,9 @@ pub struct Live {
     pub export: String,
     pub connections: u64,
     pub figures: Figures,
+    /// Where a flatten of the volume is, while one runs.
+    #[serde(default)]
+    pub flatten: Option<FlattenProgress>,
 }
 
 /// The owner's answer, or an error with its kind.
@@ -522,6 +536,10 @@ mod tests {
                 journal_sync_seconds: 0.25,
                 ..Figures::default()
             },
+            flatten: Some(FlattenProgress {
+                done: 1 << 20,
+                total: 4 << 20,
+            }),
         };
         let reply = Reply::of(Ok(Answer::Status(live.clone())));
         let back = decode_reply(&serde_json::to_vec(&reply).unwrap()).unwrap();
@@ -531,6 +549,7 @@ mod tests {
             export: String::new(),
             connections: 0,
             figures: Figures::default(),
+            flatten: None,
         })
         .into_name()
         .is_err());
@@ -617,6 +636,44 @@ mod tests {
             .command,
             Command::RollbackToMoment {
                 at_ms: 1_796_637_600_000
+            }
+        );
+        assert_eq!(
+            decode_request(
+                br#"{"version":1,"command":{"op":"offer_for_clone","source":{"moment":1796637600000}}}"#
+            )
+            .unwrap()
+            .command,
+            Command::OfferForClone {
+                source: CloneSource::Moment(1_796_637_600_000)
+            }
+        );
+        assert_eq!(
+            decode_request(
+                br#"{"version":1,"command":{"op":"offer_for_clone","source":{"snapshot":"gold"}}}"#
+            )
+            .unwrap()
+            .command,
+            Command::OfferForClone {
+                source: CloneSource::Snapshot("gold".into())
+            }
+        );
+        assert!(decode_request(
+            br#"{"version":1,"command":{"op":"offer_for_clone","source":{"head":0}}}"#
+        )
+        .is_err());
+        assert_eq!(
+            decode_request(br#"{"version":1,"command":{"op":"flatten"}}"#)
+                .unwrap()
+                .command,
+            Command::Flatten { copy_rate: None }
+        );
+        assert_eq!(
+            decode_request(br#"{"version":1,"command":{"op":"flatten","copy_rate":1048576}}"#)
+                .unwrap()
+                .command,
+            Command::Flatten {
+                copy_rate: Some(1 << 20)
             }
         );
         assert!(decode_request(br#"{"version":1,"command":{"op":"format_disk"}}"#).is_err());

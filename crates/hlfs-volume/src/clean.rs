@@ -259,7 +259,7 @@ impl Core {
 
     /// Whether a client asked for a read or a write within the last
     /// [`BUSY_WINDOW`], before the pass started as well as during it.
-    fn clients_busy(&self, now: Duration) -> bool {
+    pub(crate) fn clients_busy(&self, now: Duration) -> bool {
         match self.last_client_op.load(Ordering::Relaxed) {
             0 => false,
             last => now.saturating_sub(Duration::from_nanos(last - 1)) < BUSY_WINDOW,

@@ -20,8 +20,10 @@ use crate::manifest::latest_manifest;
 use crate::open::first_manifest;
 use crate::options::{OpenOptions, View};
 use crate::retain::is_point;
+use crate::runner::{Runner, StopSignal, TaskContext};
 use crate::snapshot::IMPORT_GUARD;
 use crate::volume::Volume;
+use tokio::sync::watch;
 
 /// Clones of clones may go this deep, counting from a volume that is no
 /// clone; each level adds a map lookup to a read of what no level above
@@ -241,6 +243,12 @@ pub async fn clone_volume(
             }
         }
         let m = latest_manifest(&*parent_store, &parent.location).await?;
+        if m.version < FORMAT_CLONES {
+            return Err(VolumeError::InvalidArgument(format!(
+                "{} is a format v{} volume: its writer must make it v{FORMAT_CLONES} before it is cloned, or a binary that knows no clones could delete the snapshot (hlfs clone does this)",
+                parent.location, m.version
+            )));
+        }
         if !m
             .snapshots
             .iter()
@@ -274,6 +282,46 @@ pub async fn clone_volume(
         size: link.size,
         parent: ParentInfo::from(&link),
     })
+}
+
+/// Whether `clone_volume` can make a clone of snapshot `snapshot` of the
+/// volume at `parent` as it is, without its writer: the snapshot is there
+/// and the volume's format is v4 at least (else `Volume::offer_for_clone`
+/// must run first).
+pub async fn ready_for_clone(parent: &Backend, snapshot: &str) -> Result<bool> {
+    let m = latest_manifest(&*parent.requests(), &parent.location).await?;
+    Ok(m.version >= FORMAT_CLONES
+        && !is_point(snapshot)
+        && m.snapshots.iter().any(|s| s.name == snapshot))
+}
+
+/// What a clone is made from: a snapshot, or a moment of the retention
+/// window (ms since the epoch), which is kept as a snapshot first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum CloneSource {
+    Snapshot(String),
+    Moment(u64),
+}
+
+impl Core {
+    /// Makes this volume ready to be cloned from `source` and returns the
+    /// snapshot the clone is to link to. Its format becomes v4 at least,
+    /// so that a binary that knows no pins refuses the volume rather than
+    /// delete a snapshot a clone reads; a moment is kept as a snapshot.
+    pub(crate) async fn offer_for_clone(&self, source: &CloneSource) -> Result<String> {
+        let name = match source {
+            CloneSource::Snapshot(name) => {
+                if is_point(name) || name == IMPORT_GUARD || self.find_snapshot(name).is_none() {
+                    return Err(VolumeError::SnapshotNotFound(name.clone()));
+                }
+                name.clone()
+            }
+            CloneSource::Moment(t) => self.keep_moment(*t).await?,
+        };
+        self.allow_format(FORMAT_CLONES).await?;
+        Ok(name)
+    }
 }
 
 /// The pins in a volume's store, with their blob times. A pin that does
@@ -421,6 +469,10 @@ pub fn absolute_address(address: &str) -> Result<String> {
 /// Blocks a flatten step copies at most (at 4 KiB blocks, 1 MiB).
 const FLATTEN_STEP_BLOCKS: u64 = 256;
 
+/// The blob in a clone's store that says a flatten was asked for and has
+/// not ended: a writable open of the clone goes on with it.
+pub(crate) const FLATTEN_INTENT: &str = "clones/flattening";
+
 /// What a flatten did.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct FlattenReport {
@@ -433,21 +485,151 @@ pub struct FlattenReport {
 }
 
 /// Where a flatten is: bytes of the parent gone through, of `total`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct FlattenProgress {
     pub done: u64,
     pub total: u64,
 }
 
+/// How fast a flatten copies.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FlattenOptions {
+    /// Bytes copied per second at most; `None` copies as fast as the
+    /// writer lock allows.
+    pub copy_rate: Option<u64>,
+    /// While clients are busy (a read or write in the last 100 ms), bytes
+    /// copied per second at most, so that foreground I/O keeps priority.
+    pub busy_rate: Option<u64>,
+}
+
+impl Default for FlattenOptions {
+    /// As fast as it can while clients are quiet, 8 MiB/s while they are
+    /// busy (the automatic cleaner's busy rate).
+    fn default() -> Self {
+        FlattenOptions {
+            copy_rate: None,
+            busy_rate: Some(8 << 20),
+        }
+    }
+}
+
+/// A flatten task's state, as those who wait on it see it.
+#[derive(Clone, Debug)]
+pub(crate) enum FlattenState {
+    Running(FlattenProgress),
+    /// Ended: its report, or its error's kind and message.
+    Ended(std::result::Result<FlattenReport, (crate::ErrorKind, String)>),
+}
+
+/// Starts a flatten of `core` as a task of `runner` (the volume's), unless
+/// one runs already, and returns its state to wait on. Refusals (not a
+/// clone, snapshots, a retention window) come back at once.
+pub(crate) fn start_flatten(
+    core: &Arc<Core>,
+    runner: &Runner,
+    opts: FlattenOptions,
+) -> Result<watch::Receiver<FlattenState>> {
+    let mut job = core.flattening.lock();
+    if let Some(running) = job
+        .as_ref()
+        .filter(|rx| matches!(*rx.borrow(), FlattenState::Running(_)))
+    {
+        return Ok(running.clone());
+    }
+    if core.parent().is_none() {
+        return Err(VolumeError::InvalidArgument(format!(
+            "{} is not a clone: nothing to flatten",
+            core.location()
+        )));
+    }
+    core.refuse_flatten_with_history()?;
+    let (tx, rx) = watch::channel(FlattenState::Running(FlattenProgress::default()));
+    *job = Some(rx.clone());
+    let core = core.clone();
+    runner.spawn("flatten", None, move |cx: TaskContext<()>| async move {
+        let ended = core.flatten(opts, &tx, cx.stop).await;
+        match &ended {
+            Ok(report) => tracing::info!(volume = %core.location(), copied_bytes = report.copied_bytes, "flattened"),
+            Err(e) => tracing::warn!(volume = %core.location(), error = %e, "flatten stopped"),
+        }
+        tx.send_replace(FlattenState::Ended(
+            ended.map_err(|e| (e.kind(), e.to_string())),
+        ));
+        // Its failure is the flatten's, not the volume's.
+        Ok(())
+    });
+    Ok(rx)
+}
+
+/// At a writable open: goes on with a flatten a stop or a crash cut off
+/// (its intent blob is there), or removes the blob of one that ended
+/// between dropping the link and removing the blob.
+pub(crate) async fn resume_flatten(core: &Arc<Core>, runner: &Runner) -> Result<()> {
+    if core.store.head(FLATTEN_INTENT).await?.is_none() {
+        return Ok(());
+    }
+    if core.parent().is_none() {
+        return remove_intent(core).await;
+    }
+    tracing::info!(volume = %core.location(), "going on with a flatten that was cut off");
+    match start_flatten(core, runner, FlattenOptions::default()) {
+        Ok(_) => Ok(()),
+        // Snapshots or a window since: it cannot end; the user is told
+        // when they ask again.
+        Err(e) => {
+            tracing::warn!(volume = %core.location(), error = %e, "a flatten that was cut off cannot go on");
+            remove_intent(core).await
+        }
+    }
+}
+
+async fn remove_intent(core: &Core) -> Result<()> {
+    match core.store.delete(FLATTEN_INTENT).await {
+        Ok(()) | Err(StoreError::NotFound(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 impl Core {
+    /// The flatten task's body: its intent is put first, and removed once
+    /// it ends, unless it stopped for a reason it can go on after.
+    async fn flatten(
+        &self,
+        opts: FlattenOptions,
+        state: &watch::Sender<FlattenState>,
+        mut stop: StopSignal,
+    ) -> Result<FlattenReport> {
+        let body = bytes::Bytes::from_static(b"HLFS flatten in progress\n");
+        match self.store.put_if_absent(FLATTEN_INTENT, body).await {
+            // Resumed: it is there already.
+            Ok(()) | Err(StoreError::AlreadyExists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let ended = self.flatten_steps(opts, state, &mut stop).await;
+        match &ended {
+            // A stop (close), or the store or the log failing: the next
+            // open goes on.
+            Err(VolumeError::Closed) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    crate::ErrorKind::Io | crate::ErrorKind::Unavailable
+                ) => {}
+            _ => remove_intent(self).await?,
+        }
+        ended
+    }
+
     /// Copies into the clone every block it still reads from its parent,
     /// then drops the link (a checkpoint's manifest) and the pin. Guest
     /// writes go on meanwhile: a copy is made, under the writer lock, only
     /// of blocks still unwritten then. Refused while the clone has
     /// snapshots or a retention window, which would still read the parent.
-    pub(crate) async fn flatten(
+    async fn flatten_steps(
         &self,
-        progress: &(dyn Fn(&FlattenProgress) + Send + Sync),
+        opts: FlattenOptions,
+        state: &watch::Sender<FlattenState>,
+        stop: &mut StopSignal,
     ) -> Result<FlattenReport> {
         let started = std::time::Instant::now();
         let Some(parent) = self.parent() else {
@@ -459,6 +641,9 @@ impl Core {
         self.refuse_flatten_with_history()?;
         let bs = self.block_size as u64;
         let size = parent.link.size;
+        let report = |done: u64| {
+            state.send_replace(FlattenState::Running(FlattenProgress { done, total: size }));
+        };
         let mut copied = 0;
         let mut entries = vec![Entry::EMPTY; FLATTEN_STEP_BLOCKS as usize];
         let mut buf = vec![0u8; (FLATTEN_STEP_BLOCKS * bs) as usize];
@@ -473,29 +658,31 @@ impl Core {
                 let mut block = x.offset / bs;
                 let end_block = (x.offset + x.len).div_ceil(bs);
                 while block < end_block {
+                    if stop.is_stopped() {
+                        return Err(VolumeError::Closed);
+                    }
                     self.life.check(crate::lifecycle::Need::Write)?;
+                    let step_started = self.clock.now();
                     let n = FLATTEN_STEP_BLOCKS.min(end_block - block) as usize;
                     self.map_op(|m, pins| m.lookup(block, &mut entries[..n], pins))
                         .await?;
+                    let mut step_bytes = 0;
                     if entries[..n].iter().any(Entry::is_unwritten) {
                         // The parent's last, partial block is zero-filled.
                         let len = (n as u64 * bs).min(size - block * bs) as usize;
                         buf[len..].fill(0);
                         parent.view.read_into(block * bs, &mut buf[..len]).await?;
-                        copied += self.copy_unwritten(block, &buf[..n * bs as usize]).await?;
+                        step_bytes = self.copy_unwritten(block, &buf[..n * bs as usize]).await?;
+                        copied += step_bytes;
                     }
                     block += n as u64;
-                    progress(&FlattenProgress {
-                        done: (block * bs).min(size),
-                        total: size,
-                    });
+                    report((block * bs).min(size));
+                    self.pace_flatten(&opts, step_bytes, step_started, stop)
+                        .await?;
                 }
             }
         }
-        progress(&FlattenProgress {
-            done: size,
-            total: size,
-        });
+        report(size);
         let mut w = self.log.writer.lock().await;
         self.life.check(crate::lifecycle::Need::Write)?;
         self.refuse_flatten_with_history()?;
@@ -518,6 +705,35 @@ impl Core {
             parent_bytes: size,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Waits, after a step that copied `bytes` from `step_started` on, for
+    /// as long as the rate the clients' business calls for says.
+    async fn pace_flatten(
+        &self,
+        opts: &FlattenOptions,
+        bytes: u64,
+        step_started: std::time::Duration,
+        stop: &mut StopSignal,
+    ) -> Result<()> {
+        let now = self.clock.now();
+        let rate = match (self.clients_busy(now), opts.busy_rate, opts.copy_rate) {
+            (true, Some(busy), Some(copy)) => Some(busy.min(copy)),
+            (true, Some(busy), None) => Some(busy),
+            (_, _, copy) => copy,
+        };
+        let Some(rate) = rate.filter(|&r| r > 0) else {
+            return Ok(());
+        };
+        let due = std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
+        let wait = due.saturating_sub(now.saturating_sub(step_started));
+        if wait.is_zero() {
+            return Ok(());
+        }
+        tokio::select! {
+            () = self.clock.sleep(wait) => Ok(()),
+            () = stop.stopped() => Err(VolumeError::Closed),
+        }
     }
 
     fn refuse_flatten_with_history(&self) -> Result<()> {

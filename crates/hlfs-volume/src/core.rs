@@ -141,6 +141,8 @@ pub(crate) struct Core {
     pub changes: Mutex<Vec<(ChangesKey, Arc<Diff>)>>,
     /// A clone's parent: what its unwritten blocks read.
     pub parent: RwLock<Option<Arc<Parent>>>,
+    /// The flatten task's state, once one has started.
+    pub flattening: Mutex<Option<tokio::sync::watch::Receiver<crate::clone::FlattenState>>>,
 }
 
 impl Core {

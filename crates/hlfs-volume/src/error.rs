@@ -77,7 +77,8 @@ pub enum VolumeError {
     #[error("the volume is closed")]
     Closed,
     /// An error the volume's owner answered a command sent to it with (see
-    /// `hlfs_device::control`): its kind and message as the owner gave them.
+    /// `hlfs_device::control`), or a task of the volume's (a flatten) ended
+    /// with: its kind and message as the owner gave them.
     #[error("{message}")]
     Owner { kind: ErrorKind, message: String },
 }

@@ -67,8 +67,8 @@ pub use cache::ReadCache;
 pub use check::{check, CheckReport};
 pub use clean::{GcOptions, GcProgress, GcReport, GcStop};
 pub use clone::{
-    absolute_address, clone_volume, CloneInfo, FlattenProgress, FlattenReport, ParentInfo,
-    MAX_CHAIN_DEPTH,
+    absolute_address, clone_volume, ready_for_clone, CloneInfo, CloneSource, FlattenOptions,
+    FlattenProgress, FlattenReport, ParentInfo, MAX_CHAIN_DEPTH,
 };
 pub use diff::{diff, Diff, DiffExtent};
 pub use diff_stream::{export_diff, import_diff, DiffStreamReport};

@@ -215,6 +215,9 @@ pub(crate) async fn open(backend: Backend, opts: &OpenOptions) -> Result<(Arc<Co
         held.runner
             .spawn("clean", Some(every), |cx| clean::run(cleaner, auto, cx));
     }
+    if core.parent().is_some() {
+        crate::clone::resume_flatten(&core, &held.runner).await?;
+    }
     if core.snapshots().iter().any(|s| s.name == IMPORT_GUARD) {
         tracing::warn!(volume = %core.location(), "an import-diff was cut off; rolling back what it wrote");
         core.end_import(None).await?;
@@ -471,6 +474,7 @@ async fn load(
         shows,
         changes: Mutex::new(Vec::new()),
         parent: RwLock::new(parent),
+        flattening: Mutex::new(None),
         clock: backend.clock.clone(),
         store,
         backend,

@@ -8,8 +8,8 @@
 //! the volume, which fails. Each task owns what it works on (shared state
 //! behind `Arc`s); none holds the volume's handle.
 //!
-//! The tasks: uploads, and the automatic cleaner (`clean.rs`); flatten is
-//! to run the same way.
+//! The tasks: uploads, the automatic cleaner (`clean.rs`) and flatten
+//! (`clone.rs`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -75,6 +75,12 @@ impl StopSignal {
     pub async fn stopped(&mut self) {
         // An error means the runner is gone: stop as well.
         let _ = self.stop.wait_for(|stop| *stop).await;
+    }
+
+    /// Whether the task has been told to stop (for a task that checks
+    /// between steps rather than waiting).
+    pub fn is_stopped(&self) -> bool {
+        *self.stop.borrow()
     }
 }
 

@@ -266,15 +266,10 @@ impl Core {
         Ok(auto_name)
     }
 
-    /// Makes the head what it was at moment `t` of the retention window:
-    /// the moment's tree (its point's, with the log after it replayed up
-    /// to `t`) is written to the log as a checkpoint record, and the head
-    /// is reset to it as to a snapshot. The abandoned head is kept as an
-    /// automatic snapshot, whose name is returned.
-    pub(crate) async fn rollback_to_moment(&self, t: u64) -> Result<String> {
-        self.life.check(Need::Write)?;
-        let mut w = self.log.writer.lock().await;
-        self.life.check(Need::Write)?;
+    /// Writes the tree of moment `t` of the retention window (its point's,
+    /// with the log after it replayed up to `t`) to the log, with a
+    /// checkpoint record of it: a snapshot entry for the moment, unnamed.
+    async fn write_moment(&self, w: &mut Writer, t: u64) -> Result<SnapshotEntry> {
         let not_in_window = || {
             VolumeError::SnapshotNotFound(format!("(no moment {} in the retention window)", utc(t)))
         };
@@ -289,18 +284,28 @@ impl Core {
             Ok(_) | Err(VolumeError::SnapshotNotFound(_)) => return Err(not_in_window()),
             Err(e) => return Err(e),
         };
-        self.write_back_tree(&mut w, &moment.map, None)?;
+        self.write_back_tree(w, &moment.map, None)?;
         let cp = checkpoint_of(&moment.map, moment.size());
-        let (at, lsn) = self.append_checkpoint_record(&mut w, &cp)?;
-        let target = SnapshotEntry {
+        let (at, lsn) = self.append_checkpoint_record(w, &cp)?;
+        Ok(SnapshotEntry {
             name: String::new(),
             checkpoint: at,
             lsn,
             created_ms: t,
             automatic: true,
-        };
+        })
+    }
+
+    /// Makes the head what it was at moment `t` of the retention window,
+    /// resetting it to the moment's tree as to a snapshot. The abandoned
+    /// head is kept as an automatic snapshot, whose name is returned.
+    pub(crate) async fn rollback_to_moment(&self, t: u64) -> Result<String> {
+        self.life.check(Need::Write)?;
+        let mut w = self.log.writer.lock().await;
+        self.life.check(Need::Write)?;
+        let target = self.write_moment(&mut w, t).await?;
         let stamp = self.clock.unix_ms();
-        let label = utc(t).replace(' ', "_");
+        let label = moment_label(t);
         let mut auto_name = String::new();
         self.reset_head_to(&mut w, &target, |m, at, lsn| {
             auto_name = keep_abandoned_head(m, &label, at, lsn, stamp);
@@ -309,4 +314,51 @@ impl Core {
         .await?;
         Ok(auto_name)
     }
+
+    /// Keeps moment `t` of the retention window as an automatic snapshot
+    /// (named `moment-` and its time), so that it outlives the window;
+    /// returns its name. A moment kept so before is not kept twice.
+    pub(crate) async fn keep_moment(&self, t: u64) -> Result<String> {
+        self.life.check(Need::Write)?;
+        let mut w = self.log.writer.lock().await;
+        self.life.check(Need::Write)?;
+        let name = format!("moment-{}", moment_label(t));
+        let kept = |m: &Manifest| {
+            m.snapshots
+                .iter()
+                .any(|s| s.name == name && s.automatic && s.created_ms == t)
+        };
+        if self.manifests.read(kept) {
+            return Ok(name);
+        }
+        if self.find_snapshot(&name).is_some() {
+            return Err(VolumeError::SnapshotExists(name));
+        }
+        let mut snapshot = self.write_moment(&mut w, t).await?;
+        snapshot.name = name.clone();
+        self.checkpoint(&mut w, true, |m, _, _| {
+            // Again on the manifest written: an earlier attempt whose
+            // answer was lost may have kept it already.
+            if kept(m) {
+                return Ok(());
+            }
+            if m.snapshots.iter().any(|s| s.name == name) {
+                return Err(VolumeError::SnapshotExists(name.clone()));
+            }
+            m.snapshots.push(snapshot.clone());
+            Ok(())
+        })
+        .await?;
+        Ok(name)
+    }
+}
+
+/// Moment `t` in a snapshot name: its UTC time to the millisecond, in
+/// the characters a name may hold.
+fn moment_label(t: u64) -> String {
+    format!(
+        "{}.{:03}Z",
+        utc(t).trim_end_matches(" UTC").replace(' ', "T"),
+        t % 1000
+    )
 }

@@ -10,10 +10,10 @@ use hlfs_store::layers::StoreCounts;
 
 use crate::backend::Backend;
 use crate::clean::{GcOptions, GcProgress, GcReport};
-use crate::clone::{FlattenProgress, FlattenReport};
+use crate::clone::{FlattenOptions, FlattenProgress, FlattenReport, FlattenState};
 use crate::core::Core;
 use crate::diff::Diff;
-use crate::error::Result;
+use crate::error::{Result, VolumeError};
 use crate::follow::Follow;
 use crate::open::{self, Held};
 use crate::options::{
@@ -276,14 +276,55 @@ impl Volume {
     }
 
     /// Copies into a clone what it still reads from its parent, then
-    /// drops the link and the parent's pin. Writes go on meanwhile and are
-    /// never overwritten by a copy. Refused while the clone has snapshots
-    /// or a retention window.
+    /// drops the link and the parent's pin, telling `progress` as it goes.
+    /// Writes go on meanwhile and are never overwritten by a copy. Refused
+    /// while the clone has snapshots or a retention window.
+    ///
+    /// The flatten is a task of the volume's: if one runs, this waits for
+    /// it (at its own rates). If the caller stops waiting, it goes on; if
+    /// the volume closes or crashes first, the next writable open goes on
+    /// with it, at the default rates.
     pub async fn flatten(
         &self,
+        opts: FlattenOptions,
         progress: &(dyn Fn(&FlattenProgress) + Send + Sync),
     ) -> Result<FlattenReport> {
-        self.core().flatten(progress).await
+        let Engine::Writable { core, held } = &self.engine else {
+            return Err(VolumeError::ReadOnly);
+        };
+        let mut state = crate::clone::start_flatten(core, &held.runner, opts)?;
+        loop {
+            let now = state.borrow_and_update().clone();
+            match now {
+                FlattenState::Running(p) => progress(&p),
+                FlattenState::Ended(ended) => {
+                    return ended.map_err(|(kind, message)| VolumeError::Owner { kind, message })
+                }
+            }
+            if state.changed().await.is_err() {
+                // The task was dropped unended: the volume closed.
+                return Err(VolumeError::Closed);
+            }
+        }
+    }
+
+    /// Where a running flatten is; None if none runs.
+    pub fn flatten_progress(&self) -> Option<FlattenProgress> {
+        let Engine::Writable { core, .. } = &self.engine else {
+            return None;
+        };
+        let state = core.flattening.lock().as_ref()?.borrow().clone();
+        match state {
+            FlattenState::Running(p) => Some(p),
+            FlattenState::Ended(_) => None,
+        }
+    }
+
+    /// Makes this volume ready to be cloned from `source` (its format v4
+    /// at least; a moment kept as a snapshot) and returns the snapshot a
+    /// clone is to link to (`clone_volume`).
+    pub async fn offer_for_clone(&self, source: &crate::CloneSource) -> Result<String> {
+        self.core().offer_for_clone(source).await
     }
 
     /// The parent of a clone, or None.

@@ -3,6 +3,13 @@
 
 mod common;
 
+/// A flatten that never waits: these tests are about what it copies, on
+/// clocks that may not move.
+const UNTHROTTLED: hlfs_volume::FlattenOptions = hlfs_volume::FlattenOptions {
+    copy_rate: None,
+    busy_rate: None,
+};
+
 use std::time::Duration;
 
 use common::{pattern, World};
@@ -46,6 +53,19 @@ impl Setup {
             .unwrap();
         vol.write(8192, &pattern(100_000, 7)).await.unwrap();
         vol.snapshot_create("golden").await.unwrap();
+        // A v3 volume is no parent until its writer makes it v4: a binary
+        // that knows no pins could delete the snapshot under a clone.
+        let refused = s.make_clone().await;
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("format v3")),
+            "{refused:?}"
+        );
+        assert!(s.pins().await.is_empty(), "a refused clone's pin stays");
+        vol.offer_for_clone(&hlfs_volume::CloneSource::Snapshot("golden".into()))
+            .await
+            .unwrap();
         vol.close().await.unwrap();
         s
     }
@@ -221,6 +241,9 @@ async fn clones_of_one_base_read_it_from_its_store_once() {
     let data = pattern(SIZE as usize, 3);
     vol.write(0, &data).await.unwrap();
     vol.snapshot_create("golden").await.unwrap();
+    vol.offer_for_clone(&hlfs_volume::CloneSource::Snapshot("golden".into()))
+        .await
+        .unwrap();
     vol.close().await.unwrap();
 
     let mut clones = Vec::new();
@@ -271,6 +294,10 @@ async fn a_flatten_never_overwrites_a_write_made_meanwhile() {
     parent.write(0, &base).await.unwrap();
     parent.snapshot_delete("golden").await.unwrap();
     parent.snapshot_create("golden").await.unwrap();
+    parent
+        .offer_for_clone(&hlfs_volume::CloneSource::Snapshot("golden".into()))
+        .await
+        .unwrap();
     parent.close().await.unwrap();
     s.make_clone().await.unwrap();
     let clone = Volume::open(s.clone_backend(), &OpenOptions::default())
@@ -291,7 +318,7 @@ async fn a_flatten_never_overwrites_a_write_made_meanwhile() {
     }
     let flattening = {
         let clone = clone.clone();
-        tokio::spawn(async move { clone.flatten(&|_| {}).await })
+        tokio::spawn(async move { clone.flatten(UNTHROTTLED, &|_| {}).await })
     };
     let mut k = 8;
     while !flattening.is_finished() || k < 72 {
@@ -308,4 +335,96 @@ async fn a_flatten_never_overwrites_a_write_made_meanwhile() {
         .position(|(g, e)| g != e);
     assert_eq!(wrong, None, "block lost to a copy ({k} writes)");
     clone.close().await.unwrap();
+}
+
+/// A flatten copies no faster than its rate, is a task of the volume
+/// (closing the volume stops it, its intent stays in the clone's store),
+/// and goes on by itself at the clone's next writable open, to the end:
+/// the link, the pin and the intent go, and the clone reads the same.
+#[tokio::test]
+async fn a_flatten_keeps_its_rate_and_goes_on_after_a_stop() {
+    let s = Setup::new().await;
+    let parent = Volume::open(s.parent_backend(), &OpenOptions::default())
+        .await
+        .unwrap();
+    let base = pattern(4 << 20, 12);
+    parent.write(0, &base).await.unwrap();
+    parent.snapshot_delete("golden").await.unwrap();
+    parent.snapshot_create("golden").await.unwrap();
+    parent.close().await.unwrap();
+    s.make_clone().await.unwrap();
+    let intent = || async {
+        let store = s.clone_backend().store;
+        store.head("clones/flattening").await.unwrap().is_some()
+    };
+    let settle = async |clone: &Volume, done: u64| {
+        for _ in 0..2000 {
+            if clone.flatten_progress().map(|p| p.done) == Some(done) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!(
+            "the flatten did not get to {done}: {:?}",
+            clone.flatten_progress()
+        );
+    };
+
+    let clone = Volume::open(s.clone_backend(), &OpenOptions::default())
+        .await
+        .unwrap();
+    let slow = hlfs_volume::FlattenOptions {
+        copy_rate: Some(1 << 20),
+        busy_rate: None,
+    };
+    let flattening = {
+        let clone = clone.clone();
+        tokio::spawn(async move { clone.flatten(slow, &|_| {}).await })
+    };
+    // A step of 1 MiB, then a second's wait on a clock that stands still.
+    settle(&clone, 1 << 20).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(clone.flatten_progress().unwrap().done, 1 << 20, "too fast");
+    s.clock.advance(Duration::from_secs(1));
+    settle(&clone, 2 << 20).await;
+    assert!(intent().await, "no intent while flattening");
+
+    clone.close().await.unwrap();
+    let stopped = flattening.await.unwrap();
+    assert!(
+        stopped
+            .as_ref()
+            .is_err_and(|e| e.kind() == ErrorKind::Closed),
+        "{stopped:?}"
+    );
+    assert!(intent().await, "the intent of a flatten cut off went");
+
+    // Reopened: it goes on by itself, at the default rates.
+    let clone = Volume::open(s.clone_backend(), &OpenOptions::default())
+        .await
+        .unwrap();
+    for _ in 0..5000 {
+        if clone.parent().is_none() && !intent().await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(clone.parent().is_none(), "the flatten did not go on");
+    assert!(!intent().await, "the intent of a flatten that ended stays");
+    assert!(s.pins().await.is_empty(), "the pin stays");
+    assert_eq!(clone.read(0, 4 << 20).await.unwrap(), base);
+    let refused = clone.flatten(UNTHROTTLED, &|_| {}).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("not a clone")),
+        "{refused:?}"
+    );
+    clone.close().await.unwrap();
+    // The parent's snapshot is free to go.
+    let parent = Volume::open(s.parent_backend(), &OpenOptions::default())
+        .await
+        .unwrap();
+    parent.snapshot_delete("golden").await.unwrap();
+    parent.close().await.unwrap();
 }

@@ -8,6 +8,13 @@
 
 mod common;
 
+/// A flatten that never waits: these tests are about what it copies, on
+/// clocks that may not move.
+const UNTHROTTLED: hlfs_volume::FlattenOptions = hlfs_volume::FlattenOptions {
+    copy_rate: None,
+    busy_rate: None,
+};
+
 use common::{pattern, zero_steps, Image, World};
 use hlfs_store::layers::CrashMode;
 use std::time::Duration;
@@ -34,6 +41,9 @@ enum Step {
     Retain,
     /// A rollback to the durable moment of this index (since `Retain`).
     RollbackToMoment(usize),
+    /// The durable moment of this index kept as a snapshot, as a clone of
+    /// it does first (`offer_for_clone`).
+    KeepMoment(usize),
     /// `import_diff` of the stream `import_stream` makes, from snapshot
     /// `from` (the head must not have changed since) to snapshot `to`;
     /// with `cut`, of the stream cut short, which must fail and change
@@ -179,6 +189,7 @@ fn scenarios() -> Vec<(&'static str, Vec<Step>)> {
                 Rollback("a"),
                 Write(8192, 4096, 9),
                 Flush,
+                KeepMoment(2),
                 RollbackToMoment(3),
                 Gc(1.0),
                 Write(0, 100_000, 10),
@@ -270,6 +281,7 @@ async fn run(world: &World, steps: &[Step], ctx: &Ctx) -> Expect {
     for step in steps {
         // What the state is if this step lands, whether or not it is acknowledged.
         let mut after = e.model.clone();
+        let mut kept = None;
         let result: Result<(), VolumeError> = match step {
             Step::Write(off, len, seed) | Step::Fua(off, len, seed) => {
                 let data = pattern(*len, *seed);
@@ -316,12 +328,19 @@ async fn run(world: &World, steps: &[Step], ctx: &Ctx) -> Expect {
                 vol.gc(&opts, &|_| {}).await.map(drop)
             }
             Step::Retain => vol.set_retention(3_600_000).await,
-            Step::Flatten => vol.flatten(&|_| {}).await.map(drop),
+            Step::Flatten => vol.flatten(UNTHROTTLED, &|_| {}).await.map(drop),
             Step::RollbackToMoment(i) => {
                 let (at, image) = e.moments.as_ref().expect("scripted")[*i].clone();
                 after = image;
                 e.history.push(after.clone());
                 vol.rollback_to_moment(at).await.map(drop)
+            }
+            Step::KeepMoment(i) => {
+                let (at, image) = e.moments.as_ref().expect("scripted")[*i].clone();
+                let source = hlfs_volume::CloneSource::Moment(at);
+                vol.offer_for_clone(&source).await.map(|name| {
+                    kept = Some((name, image));
+                })
             }
             Step::ImportDiff { from, to, cut } => {
                 let mut stream = import_stream(from, to);
@@ -359,6 +378,11 @@ async fn run(world: &World, steps: &[Step], ctx: &Ctx) -> Expect {
         }
         e.model = after;
         match step {
+            Step::KeepMoment(_) => {
+                e.snapshots.extend(kept);
+                e.durable();
+                e.moment().await;
+            }
             Step::Retain => {
                 e.moments = Some(Vec::new());
                 e.durable();
@@ -544,6 +568,9 @@ async fn parent() -> (Others, Image) {
         image.write(off, &data);
     }
     vol.snapshot_create("golden").await.unwrap();
+    vol.offer_for_clone(&hlfs_volume::CloneSource::Snapshot("golden".into()))
+        .await
+        .unwrap();
     vol.close().await.unwrap();
     let env = world.env.clone();
     let others = Others::from_fn(move |address| match address {
@@ -600,12 +627,16 @@ async fn crash_scenario(name: &str, steps: &[Step], ctx: &Ctx) {
     ctx.make(&world, &create).await;
     let base = world.faults.durable_ops();
     let e = run(&world, steps, ctx).await;
-    assert!(
-        e.snapshots.len()
-            == steps
-                .iter()
-                .filter(|s| matches!(s, Step::Snapshot(_) | Step::ImportDiff { cut: false, .. }))
-                .count()
+    assert_eq!(
+        e.snapshots.len(),
+        steps
+            .iter()
+            .filter(|s| matches!(
+                s,
+                Step::Snapshot(_) | Step::KeepMoment(_) | Step::ImportDiff { cut: false, .. }
+            ))
+            .count(),
+        "{name}: a full run did not take every snapshot"
     );
     let total = world.faults.durable_ops() - base;
     assert!(total > 10, "{name}: only {total} sync points");

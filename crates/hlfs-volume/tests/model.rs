@@ -29,8 +29,8 @@ use std::time::Duration;
 use hlfs_store::layers::CrashMode;
 use hlfs_store::{BlobStore, S3Store};
 use hlfs_volume::{
-    AutoClean, Backend, CreateOptions, Durability, GcOptions, OpenOptions, Others, Prewrite, View,
-    Volume,
+    AutoClean, Backend, CloneSource, CreateOptions, Durability, GcOptions, OpenOptions, Others,
+    Prewrite, View, Volume,
 };
 use proptest::prelude::*;
 
@@ -74,6 +74,9 @@ enum Op {
     },
     /// A rollback to a moment inside the retention window, if it is on.
     RollbackMoment(u8),
+    /// A moment inside the retention window, if it is on, kept as a
+    /// snapshot (as a clone of it does first).
+    KeepMoment(u8),
     /// A read of a moment inside the retention window, if it is on.
     ReadMoment {
         which: u8,
@@ -199,6 +202,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<u8>(), pos(), 1u32..100_000).prop_map(|(which, at, len)| Op::ReadSnapshot { which, at, len }),
         2 => (any::<u8>(), pos(), 1u32..100_000).prop_map(|(which, at, len)| Op::ReadMoment { which, at, len }),
         1 => any::<u8>().prop_map(Op::RollbackMoment),
+        1 => any::<u8>().prop_map(Op::KeepMoment),
         1 => (10u8..30).prop_map(|target_tenths| Op::Gc { target_tenths }),
         1 => Just(Op::Reopen),
         1 => (0u8..3, any::<u64>()).prop_map(|(mode, seed)| Op::Crash { mode, seed }),
@@ -518,6 +522,24 @@ impl Harness {
                 self.model = image;
                 self.durable();
             }
+            Op::KeepMoment(which) => {
+                let Some((at_ms, image)) = self
+                    .moment_inside(*which)
+                    .map(|m| (m.at_ms, m.image.clone()))
+                else {
+                    return;
+                };
+                let name = self
+                    .vol
+                    .offer_for_clone(&CloneSource::Moment(at_ms))
+                    .await
+                    .expect("keep a moment");
+                // Kept before: the same snapshot, and no checkpoint.
+                if !self.snapshots.iter().any(|(n, _)| *n == name) {
+                    self.snapshots.push((name, image));
+                    self.durable();
+                }
+            }
             Op::ReadMoment { which, at, len } => {
                 let Some(m) = self.moment_inside(*which) else {
                     return;
@@ -575,7 +597,10 @@ impl Harness {
                 if self.flattened {
                     return;
                 }
-                let flattened = self.vol.flatten(&|_| {}).await;
+                let flattened = self
+                    .vol
+                    .flatten(hlfs_volume::FlattenOptions::default(), &|_| {})
+                    .await;
                 if !self.snapshots.is_empty() || self.cfg.retain_ms.is_some() {
                     let e = flattened.expect_err("flattened a clone with snapshots or moments");
                     assert!(e.to_string().contains("before flattening"), "{e}");
@@ -763,6 +788,10 @@ async fn parent_for_case(
         .snapshot_create(PARENT_SNAPSHOT)
         .await
         .expect("parent snapshot");
+    parent
+        .offer_for_clone(&CloneSource::Snapshot(PARENT_SNAPSHOT.into()))
+        .await
+        .expect("parent made v4");
     let env = world.env.clone();
     let others = Others::from_fn(move |a| match a {
         "memory://parent" => Ok(parent_backend(&World::over(env.clone()))),

@@ -863,9 +863,10 @@ fn output_into_a_closed_pipe_is_not_a_panic() {
 /// A volume created with a retention window exports as it was at a UTC
 /// moment between two imports (to the millisecond), and at a moment
 /// before now; before the window began, "as of" has no snapshot to give.
-/// Turned off, the window is gone and the moment too.
+/// Clones of the moment read it, and keep it when the window is turned
+/// off.
 #[test]
-fn a_moment_of_the_retention_window_exports_as_it_was() {
+fn a_moment_of_the_retention_window_exports_and_clones_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     let (a, b) = (path("a.img"), path("b.img"));
@@ -907,6 +908,28 @@ fn a_moment_of_the_retention_window_exports_as_it_was() {
     let err = fails(&["export", &format!("{v}@-soon"), &out]);
     assert!(err.contains("@-10m"), "{err}");
 
+    // A clone of a moment: the moment is kept as a snapshot, which the
+    // clone reads; v becomes v4, which binaries that know no clones refuse.
+    let clone_of_between = |clone: &str| -> serde_json::Value {
+        let made = ok(&["clone", &format!("{v}@{between}"), clone, "--json"]);
+        serde_json::from_str(&made).unwrap()
+    };
+    let (c1, c2) = (path("c1.hlfs"), path("c2.hlfs"));
+    let made = clone_of_between(&c1);
+    let kept_as = made["parent"]["snapshot"].as_str().unwrap().to_string();
+    assert!(kept_as.starts_with("moment-"), "{made}");
+    ok(&["export", &c1, &out]);
+    assert_eq!(sha256(Path::new(&out)), sha256(Path::new(&a)));
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info", &v, "--json"])).unwrap();
+    assert_eq!(info["format_version"], 4, "{info}");
+    assert_eq!(
+        clone_of_between(&c2)["parent"]["snapshot"],
+        kept_as.as_str(),
+        "one moment is kept once"
+    );
+    let refused = fails(&["snapshot", "delete", &v, &kept_as]);
+    assert!(refused.contains("has clones"), "{refused}");
+
     // Back to the moment between the imports; the head it left is kept.
     let said = ok(&["snapshot", "rollback", &v, &between]);
     assert!(said.contains("back to its moment"), "{said}");
@@ -922,7 +945,11 @@ fn a_moment_of_the_retention_window_exports_as_it_was() {
         serde_json::from_str(&ok(&["retain", &v, "off", "--json"])).unwrap();
     assert_eq!(json["retain_ms"], 0);
     assert!(ok(&["info", &v]).contains("retention:      off"));
-    fails(&["export", &format!("{v}@{between}"), &out]);
+    // Outside the window, the moment the clones keep is still there.
+    ok(&["export", &format!("{v}@{between}"), &out]);
+    assert_eq!(sha256(Path::new(&out)), sha256(Path::new(&a)));
+    let err = fails(&["clone", &format!("{v}@-1s"), &path("c3.hlfs")]);
+    assert!(err.contains("retention window"), "{err}");
     let err = fails(&["retain", &v, "whenever"]);
     assert!(err.contains("30m, 1h or 7d"), "{err}");
 }

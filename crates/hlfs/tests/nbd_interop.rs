@@ -1450,6 +1450,8 @@ fn every_command_answers_the_same_served_or_not() {
         &["snapshot", "delete", "{v}", "none"],
         &["snapshot", "rollback", "{v}", "none"],
         &["snapshot", "rollback", "{v}", "s1"],
+        // A v3 volume: its writer makes it v4 first.
+        &["clone", "{v}@s1", "{v}-clone"],
         &["snapshot", "delete", "{v}", "s2"],
         &["snapshot", "list", "{v}"],
     ] {
@@ -1477,6 +1479,7 @@ fn every_command_answers_the_same_served_or_not() {
         .map(|key| info[key].clone())
     };
     assert_eq!(info(&alone), info(&served));
+    assert_eq!(info(&served)[4], 4, "cloned, so v4");
     for vol in [&alone, &served] {
         check_volume(vol);
         let stats = gc_stats_of(vol);

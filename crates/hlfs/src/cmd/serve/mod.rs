@@ -12,8 +12,8 @@ use hlfs_device::VolumeDevice;
 use hlfs_nbd::proto::MAX_PAYLOAD;
 use hlfs_nbd::{Export, ExportHold, Limits, Server};
 use hlfs_volume::{
-    import_diff, AutoClean, Backend, CreateOptions, GcOptions, OpenOptions, SnapshotInfo, View,
-    Volume, VolumeError,
+    import_diff, AutoClean, Backend, CreateOptions, FlattenOptions, GcOptions, OpenOptions,
+    SnapshotInfo, View, Volume, VolumeError,
 };
 use listenfd::ListenFd;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -459,7 +459,16 @@ impl control::Owner for Owned {
                     import_diff(&self.volume, input, &|_| {}).await?,
                 ))
             }
-            Command::Flatten => Ok(Answer::Flattened(self.volume.flatten(&|_| {}).await?)),
+            Command::Flatten { copy_rate } => {
+                let opts = FlattenOptions {
+                    copy_rate,
+                    ..FlattenOptions::default()
+                };
+                Ok(Answer::Flattened(self.volume.flatten(opts, &|_| {}).await?))
+            }
+            Command::OfferForClone { source } => Ok(Answer::Done(Some(
+                self.volume.offer_for_clone(&source).await?,
+            ))),
             Command::Resize { size } => {
                 self.volume.resize(size).await?;
                 Ok(Answer::Done(None))
@@ -487,6 +496,7 @@ impl control::Owner for Owned {
                 export: self.export.clone(),
                 connections: self.server.connections_to(&self.export) as u64,
                 figures: self.volume.figures(),
+                flatten: self.volume.flatten_progress(),
             })),
         }
     }
