@@ -215,9 +215,6 @@ pub(crate) async fn open(backend: Backend, opts: &OpenOptions) -> Result<(Arc<Co
         held.runner
             .spawn("clean", Some(every), |cx| clean::run(cleaner, auto, cx));
     }
-    if core.parent().is_some() {
-        crate::clone::resume_flatten(&core, &held.runner).await?;
-    }
     if core.snapshots().iter().any(|s| s.name == IMPORT_GUARD) {
         tracing::warn!(volume = %core.location(), "an import-diff was cut off; rolling back what it wrote");
         core.end_import(None).await?;
@@ -232,6 +229,10 @@ pub(crate) async fn open(backend: Backend, opts: &OpenOptions) -> Result<(Arc<Co
             let mut w = core.log.writer.lock().await;
             core.checkpoint(&mut w, true, |_, _, _| Ok(())).await?;
         }
+    }
+    if core.parent().is_some() {
+        // Last: a cut-off import is undone first (its guard is a snapshot).
+        crate::clone::resume_flatten(&core, &held.runner).await?;
     }
     Ok((core, held))
 }

@@ -105,6 +105,23 @@ impl Setup {
         .await
     }
 
+    /// A setup whose golden snapshot has data in every block (pattern
+    /// `seed`, returned), so that every step of a flatten copies, and a
+    /// clone of it.
+    async fn cloned_full_parent(seed: u8) -> (Setup, Vec<u8>) {
+        let s = Setup::new().await;
+        let parent = Volume::open(s.parent_backend(), &OpenOptions::default())
+            .await
+            .unwrap();
+        let base = pattern(4 << 20, seed);
+        parent.write(0, &base).await.unwrap();
+        parent.snapshot_delete("golden").await.unwrap();
+        parent.snapshot_create("golden").await.unwrap();
+        parent.close().await.unwrap();
+        s.make_clone().await.unwrap();
+        (s, base)
+    }
+
     async fn pins(&self) -> Vec<String> {
         let store = self.parent_backend().store;
         store
@@ -285,21 +302,7 @@ async fn clones_of_one_base_read_it_from_its_store_once() {
 /// keeps writing blocks the parent has while the flatten copies them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flatten_never_overwrites_a_write_made_meanwhile() {
-    let s = Setup::new().await;
-    // A parent with data everywhere, so every step of the flatten copies.
-    let parent = Volume::open(s.parent_backend(), &OpenOptions::default())
-        .await
-        .unwrap();
-    let base = pattern(4 << 20, 11);
-    parent.write(0, &base).await.unwrap();
-    parent.snapshot_delete("golden").await.unwrap();
-    parent.snapshot_create("golden").await.unwrap();
-    parent
-        .offer_for_clone(&hlfs_volume::CloneSource::Snapshot("golden".into()))
-        .await
-        .unwrap();
-    parent.close().await.unwrap();
-    s.make_clone().await.unwrap();
+    let (s, base) = Setup::cloned_full_parent(11).await;
     let clone = Volume::open(s.clone_backend(), &OpenOptions::default())
         .await
         .unwrap();
@@ -343,16 +346,7 @@ async fn a_flatten_never_overwrites_a_write_made_meanwhile() {
 /// the link, the pin and the intent go, and the clone reads the same.
 #[tokio::test]
 async fn a_flatten_keeps_its_rate_and_goes_on_after_a_stop() {
-    let s = Setup::new().await;
-    let parent = Volume::open(s.parent_backend(), &OpenOptions::default())
-        .await
-        .unwrap();
-    let base = pattern(4 << 20, 12);
-    parent.write(0, &base).await.unwrap();
-    parent.snapshot_delete("golden").await.unwrap();
-    parent.snapshot_create("golden").await.unwrap();
-    parent.close().await.unwrap();
-    s.make_clone().await.unwrap();
+    let (s, base) = Setup::cloned_full_parent(12).await;
     let intent = || async {
         let store = s.clone_backend().store;
         store.head("clones/flattening").await.unwrap().is_some()

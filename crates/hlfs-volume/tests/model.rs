@@ -507,10 +507,7 @@ impl Harness {
                 );
             }
             Op::RollbackMoment(which) => {
-                let Some((at_ms, image)) = self
-                    .moment_inside(*which)
-                    .map(|m| (m.at_ms, m.image.clone()))
-                else {
+                let Some((at_ms, image)) = self.moment_inside(*which) else {
                     return;
                 };
                 let auto = self
@@ -523,10 +520,7 @@ impl Harness {
                 self.durable();
             }
             Op::KeepMoment(which) => {
-                let Some((at_ms, image)) = self
-                    .moment_inside(*which)
-                    .map(|m| (m.at_ms, m.image.clone()))
-                else {
+                let Some((at_ms, image)) = self.moment_inside(*which) else {
                     return;
                 };
                 let name = self
@@ -541,21 +535,20 @@ impl Harness {
                 }
             }
             Op::ReadMoment { which, at, len } => {
-                let Some(m) = self.moment_inside(*which) else {
+                let Some((at_ms, image)) = self.moment_inside(*which) else {
                     return;
                 };
                 let view =
-                    Volume::open_read_only(self.backend(), &budget(&self.cfg), View::AsOf(m.at_ms))
+                    Volume::open_read_only(self.backend(), &budget(&self.cfg), View::AsOf(at_ms))
                         .await
                         .expect("open a moment");
-                assert_eq!(view.moment(), Some(m.at_ms), "not opened as a moment");
-                assert_eq!(view.size(), m.image.size, "size at moment {}", m.at_ms);
-                let (off, len) = place(&self.cfg, at, *len, m.image.size);
+                assert_eq!(view.moment(), Some(at_ms), "not opened as a moment");
+                assert_eq!(view.size(), image.size, "size at moment {at_ms}");
+                let (off, len) = place(&self.cfg, at, *len, image.size);
                 let got = view.read(off, len as usize).await.expect("read moment");
                 assert!(
-                    got == m.image.read(off, len),
-                    "moment {} read {off}+{len} differs",
-                    m.at_ms
+                    got == image.read(off, len),
+                    "moment {at_ms} read {off}+{len} differs"
                 );
             }
             Op::Gc { target_tenths } => {
@@ -646,10 +639,11 @@ impl Harness {
 
     /// A moment at or after the window's start (the volume keeps those),
     /// chosen by `which`.
-    fn moment_inside(&self, which: u8) -> Option<&Moment> {
+    fn moment_inside(&self, which: u8) -> Option<(u64, Image)> {
         let start = unix_ms().saturating_sub(self.cfg.retain_ms?);
         let inside: Vec<&Moment> = self.moments.iter().filter(|m| m.at_ms >= start).collect();
-        (!inside.is_empty()).then(|| inside[which as usize % inside.len()])
+        let m = inside.get(which as usize % inside.len().max(1))?;
+        Some((m.at_ms, m.image.clone()))
     }
 
     /// Which history state the reopened volume holds; panics if none.
