@@ -741,43 +741,70 @@ const PARENT_SNAPSHOT: &str = "golden";
 
 /// A parent volume in a world of its own, written from `seed`, with the
 /// snapshot the case's clone is made of; and its image at that snapshot.
+/// For a third of the seeds the parent is itself a clone, of a
+/// grandparent written from the same seed: the case's clone is then a
+/// clone of a clone, and the parent's writes and zeroes fall over its own
+/// parent's data.
 async fn parent_for_case(
     cfg: &Config,
     create: &CreateOptions,
     seed: u64,
 ) -> (Volume, Others, Image) {
-    let world = World::new();
-    let address = "memory://parent";
-    let parent_backend = move |w: &World| Backend {
+    let (parent_world, grand_world) = (World::new(), World::new());
+    let at = |address: &'static str, env: &World| Backend {
         location: address.into(),
-        ..w.backend()
+        ..env.backend()
     };
-    Volume::create(&parent_backend(&world), create)
-        .await
-        .expect("create parent");
-    let parent = Volume::open(parent_backend(&world), &budget(cfg))
-        .await
-        .expect("open parent");
+    let (parent_env, grand_env) = (parent_world.env.clone(), grand_world.env.clone());
+    let others = Others::from_fn(move |a| match a {
+        "memory://parent" => Ok(at("memory://parent", &World::over(parent_env.clone()))),
+        "memory://grand" => Ok(at("memory://grand", &World::over(grand_env.clone()))),
+        _ => Err(hlfs_volume::VolumeError::NotFound(a.to_string())),
+    });
     let mut image = Image::new(cfg.size);
     let mut rng = seed;
-    let mut next = |below: u64| {
+    let mut next = move |below: u64| {
         rng = rng
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         (rng >> 33) % below.max(1)
     };
-    for i in 0..6 {
-        let off = next(cfg.size);
-        let len = next(200_000).min(cfg.size - off);
-        if i % 3 == 2 {
-            parent.write_zeroes(off, len).await.expect("parent zeroes");
-            image.zero(off, len);
-        } else {
-            let data = common::pattern(len as usize, (i as u8).wrapping_add(seed as u8));
-            parent.write(off, &data).await.expect("parent write");
-            image.write(off, &data);
-        }
+    let parent_backend = others.open("memory://parent").unwrap();
+    if seed.is_multiple_of(3) {
+        let grand_backend = others.open("memory://grand").unwrap();
+        Volume::create(&grand_backend, create)
+            .await
+            .expect("create grandparent");
+        let grand = Volume::open(grand_backend.clone(), &budget(cfg))
+            .await
+            .expect("open grandparent");
+        write_at_random(&grand, &mut image, &mut next, seed).await;
+        grand
+            .snapshot_create(PARENT_SNAPSHOT)
+            .await
+            .expect("grandparent snapshot");
+        grand
+            .offer_for_clone(&CloneSource::Snapshot(PARENT_SNAPSHOT.into()))
+            .await
+            .expect("grandparent made v4");
+        grand.close().await.expect("close grandparent");
+        hlfs_volume::clone_volume(
+            grand_backend,
+            PARENT_SNAPSHOT,
+            &parent_backend,
+            &budget(cfg),
+        )
+        .await
+        .expect("clone of the grandparent");
+    } else {
+        Volume::create(&parent_backend, create)
+            .await
+            .expect("create parent");
     }
+    let parent = Volume::open(parent_backend, &budget(cfg))
+        .await
+        .expect("open parent");
+    write_at_random(&parent, &mut image, &mut next, seed + 1).await;
     parent
         .snapshot_create(PARENT_SNAPSHOT)
         .await
@@ -786,12 +813,30 @@ async fn parent_for_case(
         .offer_for_clone(&CloneSource::Snapshot(PARENT_SNAPSHOT.into()))
         .await
         .expect("parent made v4");
-    let env = world.env.clone();
-    let others = Others::from_fn(move |a| match a {
-        "memory://parent" => Ok(parent_backend(&World::over(env.clone()))),
-        _ => Err(hlfs_volume::VolumeError::NotFound(a.to_string())),
-    });
     (parent, others, image)
+}
+
+/// Six writes or zeroes (every third) at places `next` picks, with
+/// patterns from `seed`, on `vol` and `image`.
+async fn write_at_random(
+    vol: &Volume,
+    image: &mut Image,
+    next: &mut impl FnMut(u64) -> u64,
+    seed: u64,
+) {
+    let size = image.size;
+    for i in 0..6 {
+        let off = next(size);
+        let len = next(200_000).min(size - off);
+        if i % 3 == 2 {
+            vol.write_zeroes(off, len).await.expect("zeroes");
+            image.zero(off, len);
+        } else {
+            let data = common::pattern(len as usize, (i as u8).wrapping_add(seed as u8));
+            vol.write(off, &data).await.expect("write");
+            image.write(off, &data);
+        }
+    }
 }
 
 async fn run_case(cfg: Config, ops: Vec<Op>) {
