@@ -139,6 +139,32 @@ for s in s1 s2; do
 done
 echo "   rbd's diffs rebuild both snapshots in HLFS, and HLFS's rebuild them in RBD (sha256 equal)"
 
+step "RBD images with their snapshots both ways: rbd export --export-format 2 into HLFS, and back"
+# img (s1, s2, and a head written after s2) as one file, imported whole.
+rbd bench --io-type write --io-size 4K --io-pattern rand --io-total 256K "$rbd_pool/img" >/dev/null
+rbd export --no-progress --export-format 2 "$rbd_pool/img" "$work/img.v2"
+vol="$work/from-rbd-image.hlfs"
+$hlfs create "$vol" --size 1M
+$hlfs import-diff "$work/img.v2" "$vol" --json > "$work/img-import.json"
+grep -q '"diffs": 3' "$work/img-import.json" || fail "not three diffs: $(cat "$work/img-import.json")"
+for s in @s1 @s2 ""; do
+    want=$(rbd export --no-progress "$rbd_pool/img$s" - | sha)
+    got=$($hlfs export "$vol$s" - | sha)
+    [ "$want" = "$got" ] || fail "img$s imported from rbd export --export-format 2 differs: rbd $want, hlfs $got"
+done
+# The reverse: src.hlfs (s1, s2, and a head past s2) made an RBD image.
+head -c $((512 << 10)) /dev/urandom > "$work/rbd-c.img"
+$hlfs import "$work/rbd-c.img" "$work/src.hlfs"
+$hlfs export-diff "$work/src.hlfs" "$work/src.v2" --all-snapshots
+rbd import --no-progress --export-format 2 "$work/src.v2" "$rbd_pool/img3"
+for s in @s1 @s2 ""; do
+    want=$($hlfs export "$work/src.hlfs$s" - | sha)
+    got=$(rbd export --no-progress "$rbd_pool/img3$s" - | sha)
+    [ "$want" = "$got" ] || fail "src.hlfs$s imported by rbd import --export-format 2 differs: hlfs $want, rbd $got"
+done
+[ "$(rbd snap ls "$rbd_pool/img3" | grep -cE ' s[12] ')" = 2 ] || fail "img3 lacks s1 or s2: $(rbd snap ls "$rbd_pool/img3")"
+echo "   an RBD image with two snapshots moves into HLFS whole, and an HLFS volume into RBD (sha256 of each snapshot and head equal)"
+
 osd_pid="$state/run/osd.0.pid"
 osd_stop() {
     kill "$(cat "$osd_pid")"

@@ -601,6 +601,7 @@ mod tests {
             size: 4 << 20,
             data_bytes: 1 << 20,
             zero_bytes: 4096,
+            diffs: 1,
         };
         let reply = Reply::of(Ok(Answer::Imported(imported.clone())));
         let back = decode_reply(&serde_json::to_vec(&reply).unwrap()).unwrap();

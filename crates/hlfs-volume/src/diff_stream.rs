@@ -4,7 +4,10 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use hlfs_format::rbd_diff::{DiffDecoder, DiffEvent, DiffRecord};
+use hlfs_format::rbd_diff::{
+    DiffDecoder, DiffEvent, DiffRecord, DiffStreamError, ImageHeader, BANNER, BANNER_V2,
+    IMAGE_BANNER,
+};
 
 use hlfs_store::StoreError;
 
@@ -26,6 +29,10 @@ pub struct DiffStreamReport {
     /// Bytes of data records, and bytes the zero records cover.
     pub data_bytes: u64,
     pub zero_bytes: u64,
+    /// Diff streams moved: 1, or for an RBD image one per snapshot and
+    /// one for the head (`to` is then its last snapshot).
+    #[serde(default)]
+    pub diffs: u64,
 }
 
 /// Writes to `out` the changes of `vol` since snapshot `from` (or, without
@@ -36,6 +43,71 @@ pub async fn export_diff<W: AsyncWrite + Unpin>(
     vol: &Volume,
     from: Option<&str>,
     mut out: W,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<DiffStreamReport> {
+    let report = write_diff(vol, from, &mut out, 1, progress).await?;
+    out.flush().await.map_err(stream_io)?;
+    Ok(report)
+}
+
+/// Writes to `out` the volume `vol` (a writable one's head, as of the
+/// call) with all its snapshots, as `rbd export --export-format 2` writes
+/// an image: a header, then a version 2 diff per snapshot, each from the
+/// one before (the first from nothing), then one from the last snapshot
+/// to the head. `rbd import --export-format 2` makes an image of it with
+/// the same snapshots, and `import_diff` a volume. Snapshot views are
+/// opened with `opts`. `progress` hears each diff's bytes in turn.
+pub async fn export_image<W: AsyncWrite + Unpin>(
+    vol: &Volume,
+    opts: &crate::OpenOptions,
+    mut out: W,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<DiffStreamReport> {
+    let names: Vec<String> = vol
+        .snapshots()
+        .into_iter()
+        .map(|s| s.name)
+        .filter(|n| n != IMPORT_GUARD)
+        .collect();
+    // RBD's default object size, 4 MiB: it only shapes the image made.
+    let header = ImageHeader::encode(22, names.len() as u64 + 1);
+    out.write_all(&header).await.map_err(stream_io)?;
+    let backend = vol.core().backend.clone();
+    let mut total = DiffStreamReport::default();
+    let mut from: Option<String> = None;
+    for name in &names {
+        let view =
+            Volume::open_read_only(backend.clone(), opts, crate::View::Snapshot(name.clone()))
+                .await?;
+        let report = write_diff(&view, from.as_deref(), &mut out, 2, progress).await?;
+        total.add(&report);
+        from = Some(name.clone());
+    }
+    let report = write_diff(vol, from.as_deref(), &mut out, 2, progress).await?;
+    total.add(&report);
+    out.flush().await.map_err(stream_io)?;
+    Ok(total)
+}
+
+impl DiffStreamReport {
+    /// Adds the next diff of an image: its bytes, and what it ends at.
+    fn add(&mut self, next: &DiffStreamReport) {
+        if next.to.is_some() {
+            self.to.clone_from(&next.to);
+        }
+        self.size = next.size;
+        self.diffs += next.diffs;
+        self.data_bytes += next.data_bytes;
+        self.zero_bytes += next.zero_bytes;
+    }
+}
+
+/// Writes one diff stream of `version` (1 or 2); see `export_diff`.
+async fn write_diff<W: AsyncWrite + Unpin>(
+    vol: &Volume,
+    from: Option<&str>,
+    out: &mut W,
+    version: u8,
     progress: &(dyn Fn(u64, u64) + Send + Sync),
 ) -> Result<DiffStreamReport> {
     let size = vol.size();
@@ -58,16 +130,23 @@ pub async fn export_diff<W: AsyncWrite + Unpin>(
         from: from.map(str::to_string),
         to: vol.snapshot().map(str::to_string),
         size,
+        diffs: 1,
         ..DiffStreamReport::default()
     };
-    let mut head = hlfs_format::rbd_diff::BANNER.to_vec();
+    let mut head = match version {
+        1 => BANNER.to_vec(),
+        _ => BANNER_V2.to_vec(),
+    };
     if let Some(from) = &report.from {
-        head.extend(DiffRecord::FromSnapshot(from.clone()).encode());
+        head.extend(DiffRecord::FromSnapshot(from.clone()).encode_for(version));
     }
     if let Some(to) = &report.to {
-        head.extend(DiffRecord::ToSnapshot(to.clone()).encode());
+        head.extend(DiffRecord::ToSnapshot(to.clone()).encode_for(version));
+        if version == 2 {
+            head.extend(DiffRecord::protection_v2(false));
+        }
     }
-    head.extend(DiffRecord::Size(size).encode());
+    head.extend(DiffRecord::Size(size).encode_for(version));
     out.write_all(&head).await.map_err(stream_io)?;
     let mut buf = vec![0u8; CHUNK as usize];
     let mut done = 0;
@@ -77,7 +156,9 @@ pub async fn export_diff<W: AsyncWrite + Unpin>(
                 offset: x.offset,
                 len: x.len,
             };
-            out.write_all(&record.encode()).await.map_err(stream_io)?;
+            out.write_all(&record.encode_for(version))
+                .await
+                .map_err(stream_io)?;
             report.zero_bytes += x.len;
             done += x.len;
             progress(done, total);
@@ -89,7 +170,9 @@ pub async fn export_diff<W: AsyncWrite + Unpin>(
             let data = &mut buf[..n as usize];
             vol.read_into(at, data).await?;
             let record = DiffRecord::DataHeader { offset: at, len: n };
-            out.write_all(&record.encode()).await.map_err(stream_io)?;
+            out.write_all(&record.encode_for(version))
+                .await
+                .map_err(stream_io)?;
             out.write_all(data).await.map_err(stream_io)?;
             at += n;
             report.data_bytes += n;
@@ -100,7 +183,6 @@ pub async fn export_diff<W: AsyncWrite + Unpin>(
     out.write_all(&DiffRecord::End.encode())
         .await
         .map_err(stream_io)?;
-    out.flush().await.map_err(stream_io)?;
     Ok(report)
 }
 
@@ -121,35 +203,154 @@ fn stream_io(source: std::io::Error) -> VolumeError {
 /// after a crash, the next writable open does that. On success the head
 /// holds the stream's changes and, if the stream names one, snapshot `to`
 /// holds the same. `progress` hears the stream's bytes read so far.
+///
+/// `input` may also be an image as `rbd export --export-format 2` writes
+/// it (`export_image`): its diffs are applied in turn, each all or
+/// nothing, to a volume that holds no data, which ends with the image's
+/// snapshots and head. If one fails, those before it stay, and the error
+/// names them.
 pub async fn import_diff<R: AsyncRead + Unpin>(
     vol: &Volume,
-    mut input: R,
+    input: R,
     progress: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<DiffStreamReport> {
-    let mut report = DiffStreamReport::default();
+    let mut src = Source::new(input);
+    // Enough to tell an image from a diff.
+    while src.pending().len() < IMAGE_BANNER.len() && src.fill(progress).await? {}
+    if src.pending().starts_with(IMAGE_BANNER) {
+        return import_image(vol, &mut src, progress).await;
+    }
+    import_one(vol, &mut src, progress, true).await
+}
+
+/// The stream being read: its reader, and bytes read not yet decoded.
+struct Source<R> {
+    input: R,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    read: u64,
+}
+
+impl<R: AsyncRead + Unpin> Source<R> {
+    fn new(input: R) -> Self {
+        Source {
+            input,
+            buf: vec![0u8; 256 << 10],
+            start: 0,
+            end: 0,
+            read: 0,
+        }
+    }
+
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+    }
+
+    /// Reads more after what is pending; false at the stream's end.
+    async fn fill(&mut self, progress: &(dyn Fn(u64) + Send + Sync)) -> Result<bool> {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            // A header longer than the buffer (ImageHeader bounds it).
+            self.buf.resize(self.buf.len() * 2, 0);
+        }
+        let n = self
+            .input
+            .read(&mut self.buf[self.end..])
+            .await
+            .map_err(stream_io)?;
+        self.end += n;
+        self.read += n as u64;
+        progress(self.read);
+        Ok(n > 0)
+    }
+}
+
+/// Applies an image's diffs in turn (see `import_diff`).
+async fn import_image<R: AsyncRead + Unpin>(
+    vol: &Volume,
+    src: &mut Source<R>,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<DiffStreamReport> {
+    let header = loop {
+        match ImageHeader::parse(src.pending()).map_err(bad_stream)? {
+            Some((len, header)) => {
+                src.consume(len);
+                break header;
+            }
+            None if src.fill(progress).await? => {}
+            None => return Err(bad_stream(DiffStreamError::CutOff(src.read))),
+        }
+    };
+    if header.diffs == 0 {
+        return Err(VolumeError::InvalidArgument(
+            "bad RBD image: it holds no diff".into(),
+        ));
+    }
+    let mut total = DiffStreamReport::default();
+    let mut kept: Vec<String> = Vec::new();
+    for k in 1..=header.diffs {
+        let report = match import_one(vol, src, progress, false).await {
+            Ok(report) => report,
+            Err(VolumeError::InvalidArgument(e)) if k > 1 => {
+                return Err(VolumeError::InvalidArgument(format!(
+                    "diff {k} of the image's {}: {e}; the {} before it were imported (snapshots {})",
+                    header.diffs,
+                    k - 1,
+                    kept.join(", ")
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        kept.extend(report.to.clone());
+        total.add(&report);
+    }
+    while src.pending().is_empty() && src.fill(progress).await? {}
+    if !src.pending().is_empty() {
+        return Err(VolumeError::InvalidArgument(format!(
+            "bad RBD image: bytes after its last diff, at byte {} (its {} diffs were imported)",
+            src.read - src.pending().len() as u64,
+            header.diffs
+        )));
+    }
+    Ok(total)
+}
+
+/// Applies one diff stream of `src`, all or nothing (see `import_diff`).
+/// With `whole`, the stream is all of `src`: nothing may follow its end.
+async fn import_one<R: AsyncRead + Unpin>(
+    vol: &Volume,
+    src: &mut Source<R>,
+    progress: &(dyn Fn(u64) + Send + Sync),
+    whole: bool,
+) -> Result<DiffStreamReport> {
+    let mut report = DiffStreamReport {
+        diffs: 1,
+        ..DiffStreamReport::default()
+    };
     let mut decoder = DiffDecoder::new();
-    let mut buf = vec![0u8; 256 << 10];
-    let mut read = 0u64;
-    // Stream bytes not yet decoded.
-    let (mut start, mut end) = (0, 0);
     let mut guard = Guard::None;
     let mut sized = false;
     let mut pending = Pending::default();
     let applied: Result<()> = async {
         loop {
-            if start == end {
-                let n = input.read(&mut buf).await.map_err(stream_io)?;
-                if n == 0 {
-                    decoder.finish().map_err(bad_stream)?;
-                    break;
-                }
-                (start, end) = (0, n);
-                read += n as u64;
-                progress(read);
+            if src.pending().is_empty() && !src.fill(progress).await? {
+                decoder.finish().map_err(bad_stream)?;
+                break;
             }
-            let (used, event) = decoder.next(&buf[start..end]).map_err(bad_stream)?;
-            start += used;
-            let Some(event) = event else { continue };
+            let (used, event) = decoder.next(src.pending()).map_err(bad_stream)?;
+            let Some(event) = event else {
+                src.consume(used);
+                continue;
+            };
             // The first change, or the end: the metadata is all there.
             let metadata_done = matches!(
                 event,
@@ -179,7 +380,13 @@ pub async fn import_diff<R: AsyncRead + Unpin>(
                     vol.resize(report.size).await?;
                 }
             }
+            let ended = event == DiffEvent::End;
             apply(vol, &mut pending, event, &mut report).await?;
+            // The event borrowed the pending bytes until now.
+            src.consume(used);
+            if ended && !whole {
+                break;
+            }
         }
         pending.write(vol).await?;
         vol.flush().await?;
@@ -411,6 +618,68 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, VolumeError::SnapshotExists(_)), "{err}");
         assert_eq!(image(&b).await, s2);
+    }
+
+    /// A volume exported as an RBD image (format 2: a diff per snapshot,
+    /// then the head's) imports as a volume with the same snapshots and
+    /// head. An image cut off in a later diff keeps the diffs before it,
+    /// and says which; bytes after the last diff are refused.
+    #[tokio::test]
+    async fn a_volume_moves_whole_as_an_rbd_image() {
+        let env = MemEnv::new();
+        let (src, a) = volume(&env, 4 * MIB).await;
+        a.write(0, &vec![0x11; 3 * MIB as usize]).await.unwrap();
+        a.snapshot_create("s1").await.unwrap();
+        a.write(12345, &[0x22; 7000]).await.unwrap();
+        a.trim(MIB, 256 << 10).await.unwrap();
+        a.resize(6 * MIB).await.unwrap();
+        a.snapshot_create("s2").await.unwrap();
+        a.write_zeroes(512, 5000).await.unwrap();
+        a.write(5 * MIB, &[0x33; 4096]).await.unwrap();
+        let mut stream = Vec::new();
+        let r = export_image(&a, &OpenOptions::default(), &mut stream, &|_, _| {})
+            .await
+            .unwrap();
+        assert_eq!((r.to.as_deref(), r.size), (Some("s2"), 6 * MIB));
+        assert!(stream.starts_with(IMAGE_BANNER));
+        let head = image(&a).await;
+        a.close().await.unwrap();
+
+        let (_, b) = volume(&MemEnv::new(), 4 * MIB).await;
+        let r = import_diff(&b, &stream[..], &|_| {}).await.unwrap();
+        assert_eq!((r.to.as_deref(), r.size), (Some("s2"), 6 * MIB));
+        assert_eq!(names(&b), ["s1", "s2"]);
+        assert_eq!(image(&b).await, head);
+        let b_backend = b.core().backend.clone();
+        b.close().await.unwrap();
+        for s in ["s1", "s2"] {
+            assert_eq!(
+                snapshot_image(&b_backend, s).await,
+                snapshot_image(&src, s).await,
+                "{s}"
+            );
+        }
+
+        // Cut inside the last diff (the head's): s1 and s2 stay.
+        let (_, c) = volume(&MemEnv::new(), 4 * MIB).await;
+        let err = import_diff(&c, &stream[..stream.len() - 100], &|_| {})
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("diff 3 of the image's 3"), "{err}");
+        assert!(err.to_string().contains("s1, s2"), "{err}");
+        assert_eq!(names(&c), ["s1", "s2"]);
+        // Trailing bytes.
+        let (_, d) = volume(&MemEnv::new(), 4 * MIB).await;
+        let mut trailing = stream.clone();
+        trailing.push(0);
+        let err = import_diff(&d, &trailing[..], &|_| {}).await.unwrap_err();
+        assert!(err.to_string().contains("after its last diff"), "{err}");
+        // Into a volume that holds data: refused at the first diff.
+        let (_, e) = volume(&MemEnv::new(), 4 * MIB).await;
+        e.write(0, &[1; 4096]).await.unwrap();
+        let err = import_diff(&e, &stream[..], &|_| {}).await.unwrap_err();
+        assert!(err.to_string().contains("holds data"), "{err}");
+        assert!(names(&e).is_empty());
     }
 
     #[tokio::test]

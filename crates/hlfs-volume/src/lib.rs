@@ -71,7 +71,7 @@ pub use clone::{
     FlattenProgress, FlattenReport, ParentInfo, MAX_CHAIN_DEPTH,
 };
 pub use diff::{diff, Diff, DiffExtent};
-pub use diff_stream::{export_diff, import_diff, DiffStreamReport};
+pub use diff_stream::{export_diff, export_image, import_diff, DiffStreamReport};
 pub use error::{ErrorKind, Result, VolumeError};
 pub use figures::{Figures, ReadCacheFigures};
 pub use hlfs_format::LogCounters;

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use hlfs_device::control::{Answer, Client, Command};
-use hlfs_volume::{export_diff, import_diff, DiffStreamReport, View, Volume};
+use hlfs_volume::{export_diff, export_image, import_diff, DiffStreamReport, View, Volume};
 use tokio::io::AsyncRead;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -27,6 +27,12 @@ pub struct ExportDiffArgs {
     /// data (the start of a new replica).
     #[arg(long, value_name = "SNAPSHOT")]
     from: Option<String>,
+    /// Every snapshot and the head, as `rbd export --export-format 2`
+    /// writes an image (a diff per snapshot, in the v2 diff format):
+    /// `rbd import --export-format 2 FILE IMAGE` makes an RBD image with
+    /// the same snapshots, and `hlfs import-diff FILE NEWVOLUME` a volume.
+    #[arg(long, conflicts_with = "from")]
+    all_snapshots: bool,
     /// Print a JSON summary: {"from", "to", "size", "data_bytes",
     /// "zero_bytes"}.
     #[arg(long)]
@@ -53,6 +59,12 @@ pub async fn export(args: ExportDiffArgs, settings: &Settings) -> Result<()> {
         bail!("--json prints to stdout, where the stream goes: write the stream to a file");
     }
     let (volume, snap) = split_snapshot(&args.volume);
+    if args.all_snapshots && snap.is_some() {
+        bail!(
+            "--all-snapshots exports every snapshot and the head: name the volume alone, not {}",
+            args.volume
+        );
+    }
     let backend = settings.backend(volume, false)?;
     let vol = match snap {
         Some(s) => {
@@ -75,10 +87,14 @@ pub async fn export(args: ExportDiffArgs, settings: &Settings) -> Result<()> {
         bar.set_length(total);
         bar.set_position(done);
     };
+    let what = match args.all_snapshots {
+        true => Export::Image(&settings.open),
+        false => Export::Diff(args.from.as_deref()),
+    };
     let exported = async {
         match args.file.as_str() {
-            "-" => export_diff(&vol, args.from.as_deref(), tokio::io::stdout(), &tell).await,
-            path => export_to_file(&vol, args.from.as_deref(), path, &tell).await,
+            "-" => what.write(&vol, tokio::io::stdout(), &tell).await,
+            path => export_to_file(&vol, what, path, &tell).await,
         }
     }
     .await;
@@ -201,12 +217,35 @@ impl Drop for Spool {
     }
 }
 
+/// What `hlfs export-diff` writes.
+#[derive(Clone, Copy)]
+enum Export<'a> {
+    /// A diff stream since this snapshot, or of all the data.
+    Diff(Option<&'a str>),
+    /// Every snapshot and the head as an RBD image; views opened so.
+    Image(&'a hlfs_volume::OpenOptions),
+}
+
+impl Export<'_> {
+    async fn write<W: tokio::io::AsyncWrite + Unpin>(
+        self,
+        vol: &Volume,
+        out: W,
+        tell: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> hlfs_volume::Result<DiffStreamReport> {
+        match self {
+            Export::Diff(from) => export_diff(vol, from, out, tell).await,
+            Export::Image(opts) => export_image(vol, opts, out, tell).await,
+        }
+    }
+}
+
 /// Exports into `path` all or nothing: the stream goes to a temporary
 /// file beside it, synced, then renamed over `path`; a failed export
 /// leaves `path` as it was (an earlier backup of the same name included).
 async fn export_to_file(
     vol: &Volume,
-    from: Option<&str>,
+    what: Export<'_>,
     path: &str,
     tell: &(dyn Fn(u64, u64) + Send + Sync),
 ) -> hlfs_volume::Result<DiffStreamReport> {
@@ -225,7 +264,7 @@ async fn export_to_file(
         .map_err(|e| io("create", e))?;
     let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
     let written = async {
-        let report = export_diff(vol, from, &mut out, tell).await?;
+        let report = what.write(vol, &mut out, tell).await?;
         out.get_ref().sync_all().await.map_err(|e| io("sync", e))?;
         std::fs::rename(&temp, target).map_err(|e| io("rename", e))?;
         Ok(report)
@@ -251,11 +290,17 @@ fn summary(
             "size": r.size,
             "data_bytes": r.data_bytes,
             "zero_bytes": r.zero_bytes,
+            "diffs": r.diffs,
         });
         outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     let span = match (&r.from, &r.to) {
+        _ if r.diffs > 1 => format!(
+            "an RBD image of {} diffs (its snapshots up to {}, then its head)",
+            r.diffs,
+            r.to.as_deref().unwrap_or("-")
+        ),
         (Some(f), Some(t)) => format!("from {f} to {t}"),
         (Some(f), None) => format!("from {f} to the head"),
         (None, Some(t)) => format!("all of {t}"),
