@@ -779,14 +779,7 @@ async fn parent_for_case(
             .await
             .expect("open grandparent");
         write_at_random(&grand, &mut image, &mut next, seed).await;
-        grand
-            .snapshot_create(PARENT_SNAPSHOT)
-            .await
-            .expect("grandparent snapshot");
-        grand
-            .offer_for_clone(&CloneSource::Snapshot(PARENT_SNAPSHOT.into()))
-            .await
-            .expect("grandparent made v4");
+        take_golden(&grand).await;
         grand.close().await.expect("close grandparent");
         hlfs_volume::clone_volume(
             grand_backend,
@@ -805,15 +798,18 @@ async fn parent_for_case(
         .await
         .expect("open parent");
     write_at_random(&parent, &mut image, &mut next, seed + 1).await;
-    parent
-        .snapshot_create(PARENT_SNAPSHOT)
-        .await
-        .expect("parent snapshot");
-    parent
-        .offer_for_clone(&CloneSource::Snapshot(PARENT_SNAPSHOT.into()))
-        .await
-        .expect("parent made v4");
+    take_golden(&parent).await;
     (parent, others, image)
+}
+
+/// Takes the snapshot a clone is made of, and makes `vol` ready for it.
+async fn take_golden(vol: &Volume) {
+    vol.snapshot_create(PARENT_SNAPSHOT)
+        .await
+        .expect("snapshot to clone");
+    vol.offer_for_clone(&CloneSource::Snapshot(PARENT_SNAPSHOT.into()))
+        .await
+        .expect("made v4");
 }
 
 /// Six writes or zeroes (every third) at places `next` picks, with
