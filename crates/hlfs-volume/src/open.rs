@@ -230,8 +230,10 @@ pub(crate) async fn open(backend: Backend, opts: &OpenOptions) -> Result<(Arc<Co
             core.checkpoint(&mut w, true, |_, _, _| Ok(())).await?;
         }
     }
-    if core.parent().is_some() {
+    if core.manifests.read(|m| m.version) >= hlfs_format::FORMAT_CLONES {
         // Last: a cut-off import is undone first (its guard is a snapshot).
+        // A v4 volume that is no clone may have been one, and left its
+        // intent behind when its flatten ended.
         crate::clone::resume_flatten(&core, &held.runner).await?;
     }
     Ok((core, held))

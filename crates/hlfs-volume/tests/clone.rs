@@ -422,3 +422,43 @@ async fn a_flatten_keeps_its_rate_and_goes_on_after_a_stop() {
     parent.snapshot_delete("golden").await.unwrap();
     parent.close().await.unwrap();
 }
+
+/// An intent a writable open cannot act on is removed, not kept: one on a
+/// clone that has since taken a snapshot (the flatten would be refused),
+/// and one left on a volume whose flatten ended before its removal.
+#[tokio::test]
+async fn a_flatten_intent_that_cannot_go_on_is_removed_at_open() {
+    let (s, _) = Setup::cloned_full_parent(13).await;
+    let put_intent = || async {
+        let store = s.clone_backend().store;
+        store
+            .put_if_absent("clones/flattening", bytes::Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+    };
+    let intent = || async {
+        let store = s.clone_backend().store;
+        store.head("clones/flattening").await.unwrap().is_some()
+    };
+    let opts = OpenOptions::default();
+    let open = || Volume::open(s.clone_backend(), &opts);
+
+    let clone = open().await.unwrap();
+    clone.snapshot_create("c1").await.unwrap();
+    clone.close().await.unwrap();
+    put_intent().await;
+    let clone = open().await.unwrap();
+    assert!(!intent().await, "the intent of a refused flatten stays");
+    assert!(
+        clone.parent().is_some(),
+        "a refused flatten dropped the link"
+    );
+
+    clone.snapshot_delete("c1").await.unwrap();
+    clone.flatten(UNTHROTTLED, &|_| {}).await.unwrap();
+    clone.close().await.unwrap();
+    put_intent().await;
+    let clone = open().await.unwrap();
+    assert!(!intent().await, "the intent of an ended flatten stays");
+    clone.close().await.unwrap();
+}
