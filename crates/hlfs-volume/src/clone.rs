@@ -632,13 +632,14 @@ impl Core {
         stop: &mut StopSignal,
     ) -> Result<FlattenReport> {
         let started = std::time::Instant::now();
+        // `start_flatten` checked it is a clone without history; only it
+        // drops the link, and the history is checked again at the end.
         let Some(parent) = self.parent() else {
             return Err(VolumeError::InvalidArgument(format!(
                 "{} is not a clone: nothing to flatten",
                 self.location()
             )));
         };
-        self.refuse_flatten_with_history()?;
         let bs = self.block_size as u64;
         let size = parent.link.size;
         let report = |done: u64| {
