@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use hlfs_format::{crc_of_record, encode_record, Checkpoint, Entry, Manifest, MapPage, RecordKind};
+use hlfs_format::{
+    crc_of_record, encode_record, Checkpoint, Entry, Manifest, MapPage, RecordKind, MAP_FANOUT,
+};
 use parking_lot::Mutex;
 
 use crate::core::Core;
@@ -29,6 +31,14 @@ pub(crate) type SharedPages = HashMap<(u32, u64), Vec<(Arc<MapPage>, Entry)>>;
 /// dense random writes, while recovery only replays the log since the last
 /// checkpoint.
 const CHECKPOINT_EVERY: u64 = 4;
+
+/// And once the log since the last checkpoint is this many times the map
+/// pages a checkpoint would write: random writes dirty a whole map (3 MiB
+/// per GiB of volume), which with small segments cost a tenth of the log.
+const LOG_PER_DIRTY_PAGE_BYTES: u64 = 64;
+
+/// Whatever the map, a checkpoint once this much log would be replayed.
+const MAX_LOG_BETWEEN_CHECKPOINTS: u64 = 1 << 30;
 
 /// Segments sealed since the last checkpoint, at most. FLUSH with remote
 /// durability seals short segments; this bounds how many recovery reads.
@@ -241,6 +251,16 @@ impl Core {
         self.wait_stored(w.sealed_lsn).await
     }
 
+    /// How much log a seal lets pass before it checkpoints: a few
+    /// segments, or more while the map pages a checkpoint would write are
+    /// many, so that they stay a small part of what is written.
+    fn log_between_checkpoints(&self) -> u64 {
+        let dirty = self.map.lock().dirty_pages() as u64;
+        let pages = dirty * (MAP_FANOUT * Entry::ENCODED_LEN) as u64;
+        (CHECKPOINT_EVERY * self.segment_size)
+            .max((LOG_PER_DIRTY_PAGE_BYTES * pages).min(MAX_LOG_BETWEEN_CHECKPOINTS))
+    }
+
     /// Seals the open segment without stopping writes for long: it is
     /// switched for a new journal here (with a checkpoint when one is due),
     /// and synced, put in the store and made the head in the background.
@@ -249,7 +269,7 @@ impl Core {
     pub(crate) async fn seal_in_background(&self, w: &mut Writer) -> Result<()> {
         let slot = self.upload_slot().await?;
         let due = !self.log.checkpoints_held()
-            && (w.bytes_since_checkpoint + w.pos >= CHECKPOINT_EVERY * self.segment_size
+            && (w.bytes_since_checkpoint + w.pos >= self.log_between_checkpoints()
                 || w.sealed_since_checkpoint + 1 >= MAX_SEGMENTS_BETWEEN_CHECKPOINTS);
         let head = if due {
             let (checkpoint, _, cp) = self.append_checkpoint(w).await?;

@@ -10,7 +10,9 @@
 //! dirty in every root that reaches them, gives each snapshot that changed
 //! a checkpoint record of its own, writes pages equal between roots once,
 //! and checkpoints the head with the snapshots' new checkpoints in its
-//! manifest. A commit that fails puts the head's blocks back.
+//! manifest (a commit within a pass that moved the head alone does not:
+//! the pass's last one does). A commit that fails puts the head's blocks
+//! back.
 //!
 //! Which segments are deleted is decided by the recount alone, never by
 //! what a pass believes it moved: a victim is deleted once a recount made
@@ -60,7 +62,11 @@ pub struct GcOptions {
     /// longer needs it, for readers that opened an older one.
     pub grace: Duration,
     /// Live bytes one pass moves at most (it may take one victim more).
+    /// Each pass ends with a checkpoint, which writes every dirty map page.
     pub pass_bytes: u64,
+    /// Bytes of blocks a pass gathers before it copies them, under the
+    /// writer lock, in one go: bounds its memory and that hold.
+    pub commit_bytes: usize,
     /// Do nothing unless stored is above this × live (the automatic
     /// cleaner's start mark).
     pub start_above: Option<f64>,
@@ -86,6 +92,7 @@ impl Default for GcOptions {
             target: 1.2,
             grace: Duration::from_secs(60),
             pass_bytes: 64 << 20,
+            commit_bytes: 16 << 20,
             start_above: None,
             copy_rate: None,
             busy_rate: None,
@@ -174,11 +181,6 @@ enum Pass {
     Stopped(u64),
 }
 
-/// A pass commits once it has gathered this many bytes of blocks to copy,
-/// so that what it holds in memory, and the writer lock's hold at each
-/// commit, stay bounded.
-const COMMIT_BYTES: usize = 16 << 20;
-
 /// Clients count as busy for this long after a request of theirs.
 const BUSY_WINDOW: Duration = Duration::from_millis(100);
 
@@ -241,6 +243,14 @@ struct SnapshotTree {
     /// Its root page when the commit began: the tree changed if its root
     /// moved.
     root: Entry,
+}
+
+impl SnapshotTree {
+    /// Whether a commit pointed it at a copy.
+    fn changed(&self) -> bool {
+        let tree = self.tree.lock();
+        tree.is_dirty() || tree.root() != self.root
+    }
 }
 
 /// A block found in a victim.
@@ -433,7 +443,7 @@ impl Core {
             let busy_rate = busy_rate_at(opts, stored, stats.live_bytes);
             let mut deleted = Vec::new();
             let pass = self
-                .clean_pass(&victims, opts.copy_rate, busy_rate, condemned, &mut deleted)
+                .clean_pass(&victims, opts, busy_rate, condemned, &mut deleted)
                 .await;
             deleted_segments += deleted.len() as u32;
             freed_bytes += deleted.iter().map(|c| c.size).sum::<u64>();
@@ -534,12 +544,13 @@ impl Core {
     async fn clean_pass(
         &self,
         victims: &[&SegmentSpace],
-        copy_rate: Option<u64>,
+        opts: &GcOptions,
         busy_rate: Option<u64>,
         condemned: &mut Vec<Condemned>,
         deleted: &mut Vec<Condemned>,
     ) -> Result<Pass> {
         let bs = self.block_size as usize;
+        let (copy_rate, commit_bytes) = (opts.copy_rate, opts.commit_bytes.max(bs));
         let mut copied = 0;
         let mut pages = Vec::new();
         let started = self.clock.now();
@@ -626,7 +637,7 @@ impl Core {
                     // no root points at anything new.
                     return Ok(Pass::Stopped(copied));
                 }
-                if gathered.data.len() >= COMMIT_BYTES {
+                if gathered.data.len() >= commit_bytes {
                     copied += self
                         .commit_moves(&mut gathered, &mut trees, &[], &[])
                         .await?;
@@ -760,7 +771,9 @@ impl Core {
     /// LSN the same, only its place changes), pages equal between roots
     /// are written once (`SharedPages`), and a checkpoint of the head
     /// whose manifest points the snapshots at their new records commits.
-    /// Returns the bytes copied.
+    /// A commit within a pass (no `victims` yet) that moved the head's
+    /// blocks alone leaves that checkpoint to a later one. Returns the
+    /// bytes copied.
     async fn commit_moves(
         &self,
         gathered: &mut Gathered,
@@ -867,6 +880,19 @@ impl Core {
                 self.tree_op(&t.tree, |m, pins| m.move_page(level, index, at, pins))
                     .await?;
             }
+        }
+        // A commit within a pass (no victims yet) whose copies only the
+        // head took needs no checkpoint: recovery, which never replays
+        // copies, finds the head where it was, in victims that stay until
+        // the pass's last commit checkpoints and a recount finds them
+        // empty. A checkpoint writes every dirty map page, a whole map
+        // under random writes, so one per commit cost as much as the copies.
+        // The copies' segment is sealed, so that fresh writes do not join it.
+        if victims.is_empty() && pages.is_empty() && !trees.iter().any(SnapshotTree::changed) {
+            if w.pos > 0 {
+                self.seal_in_background(w).await?;
+            }
+            return Ok(copied);
         }
         let victim_ids: HashSet<u32> = victims.iter().map(|v| v.id).collect();
         let mut rerooted = Vec::new();

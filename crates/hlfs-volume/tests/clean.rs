@@ -10,7 +10,7 @@ use common::{pattern, Image, World};
 use hlfs_format::{
     decode_header, manifest_name, parse_segment_name, segment_name, Manifest, RecordKind,
 };
-use hlfs_store::layers::{Fault, FaultOp};
+use hlfs_store::layers::{CrashMode, Fault, FaultOp};
 use hlfs_store::time::{Jitter, ManualClock};
 use hlfs_volume::{
     check, space, AutoClean, Backend, CreateOptions, GcOptions, GcReport, GcStop, OpenOptions,
@@ -1220,6 +1220,84 @@ async fn the_automatic_cleaner_deletes_what_its_run_left_once_due() {
     // do not count as stored, so the task stayed quiet.
     assert_eq!(figures.gc_runs, runs, "{figures:?}");
     assert_reads(&vol, &model, "the head after the deletes").await;
+    vol.close().await.unwrap();
+    assert_checks(&backend).await;
+}
+
+/// A pass that copies what it gathers one block at a time commits once per
+/// block. Those commits, within the pass and moving the head alone, write
+/// no map pages and no checkpoint: beside its copies (and a header each)
+/// the log grows as for a pass that commits once, while the head reads the
+/// same, before and after a reopen.
+#[tokio::test]
+async fn commits_within_a_pass_leave_the_map_to_its_end() {
+    let mut appended = Vec::new();
+    for commit_bytes in [usize::MAX, BS as usize] {
+        let (_world, backend, vol, mut model) = created_and_opened().await;
+        churn(&vol, &mut model, 6, 21).await;
+        let before = vol.figures().log_appended_bytes;
+        let opts = GcOptions {
+            commit_bytes,
+            ..now_options(1.0)
+        };
+        let report = vol.gc(&opts, &|_| {}).await.unwrap();
+        assert!(report.copied_bytes >= 8 * BS, "{report:?}");
+        appended.push((
+            vol.figures().log_appended_bytes - before,
+            report.copied_bytes,
+        ));
+        assert_reads(&vol, &model, "the head after cleaning").await;
+        vol.close().await.unwrap();
+        assert_reads(&open(&backend).await, &model, "the head reopened").await;
+        assert_checks(&backend).await;
+    }
+    // What the runs appended beside their copies.
+    let [(once, copied), (per_block, commits)] = appended[..] else {
+        unreachable!()
+    };
+    let commits = commits / BS;
+    let (once, per_block) = (once - copied, per_block - commits * BS);
+    assert!(
+        per_block < once + commits * 2 * hlfs_format::HEADER_LEN as u64,
+        "{commits} commits appended {per_block} bytes beside their copies, against {once} for one"
+    );
+}
+
+/// A power cut after commits within a pass, before its last: recovery
+/// finds the head where it was (copies are never replayed), in victims
+/// that are still there, and the next run cleans them.
+#[tokio::test]
+async fn a_crash_between_the_commits_of_a_pass_loses_nothing() {
+    let (world, _, vol, mut model) = created_and_opened().await;
+    churn(&vol, &mut model, 6, 22).await;
+    let opts = GcOptions {
+        commit_bytes: BS as usize,
+        copy_rate: Some(64 * BS),
+        ..now_options(1.0)
+    };
+    let cleaner = spawn_gc(&vol, opts);
+    // At 64 blocks a second the pass has made a few commits, not its last.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!cleaner.is_finished(), "the pass ended early");
+    let after = world.power_cut(CrashMode::DropUnsynced).await;
+    let copies = record_kinds(&after.backend())
+        .await
+        .into_iter()
+        .filter(|(_, kinds)| kinds.contains(&RecordKind::Copy))
+        .count();
+    assert!(copies > 0, "no commit made it to the store before the cut");
+    vol.stop_cleaning();
+    cleaner.await.unwrap().unwrap();
+    drop(vol);
+    let backend = after.backend();
+    let vol = open(&backend).await;
+    assert_reads(&vol, &model, "the head after the crash").await;
+    let report = vol.gc(&now_options(1.0), &|_| {}).await.unwrap();
+    assert!(
+        report.stored_after * 10 < report.live_after * 11,
+        "{report:?}"
+    );
+    assert_reads(&vol, &model, "the head cleaned again").await;
     vol.close().await.unwrap();
     assert_checks(&backend).await;
 }

@@ -34,7 +34,8 @@ enum Step {
     Grow(u64),
     Rollback(&'static str),
     Reopen,
-    /// A cleaning run down to this space target, deleting at once.
+    /// A cleaning run down to this space target, deleting at once,
+    /// copying what it gathers every three blocks.
     Gc(f64),
     /// Retention on, with a window of an hour: every durable state after
     /// it is a moment that must open as it was.
@@ -323,6 +324,10 @@ async fn run(world: &World, steps: &[Step], ctx: &Ctx) -> Expect {
                 let opts = GcOptions {
                     target: *target,
                     grace: Duration::ZERO,
+                    // Several commits per pass, each a sync point: those
+                    // within a pass that moved the head alone do not
+                    // checkpoint.
+                    commit_bytes: 3 * BS as usize,
                     ..GcOptions::default()
                 };
                 vol.gc(&opts, &|_| {}).await.map(drop)

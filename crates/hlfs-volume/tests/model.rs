@@ -84,9 +84,11 @@ enum Op {
         len: u32,
     },
     /// A cleaning run down to this space target (in tenths), deleting at
-    /// once.
+    /// once, copying what it gathers every `commit_blocks` blocks (0: at
+    /// the end of each pass).
     Gc {
         target_tenths: u8,
+        commit_blocks: u8,
     },
     Reopen,
     Crash {
@@ -203,7 +205,12 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<u8>(), pos(), 1u32..100_000).prop_map(|(which, at, len)| Op::ReadMoment { which, at, len }),
         1 => any::<u8>().prop_map(Op::RollbackMoment),
         1 => any::<u8>().prop_map(Op::KeepMoment),
-        1 => (10u8..30).prop_map(|target_tenths| Op::Gc { target_tenths }),
+        1 => (10u8..30, prop_oneof![Just(0u8), 1u8..8]).prop_map(
+            |(target_tenths, commit_blocks)| Op::Gc {
+                target_tenths,
+                commit_blocks
+            }
+        ),
         1 => Just(Op::Reopen),
         1 => (0u8..3, any::<u64>()).prop_map(|(mode, seed)| Op::Crash { mode, seed }),
         1 => (pos(), 1u32..100_000, any::<u8>(), 0u32..50_000, any::<bool>(), any::<bool>()).prop_map(
@@ -551,10 +558,17 @@ impl Harness {
                     "moment {at_ms} read {off}+{len} differs"
                 );
             }
-            Op::Gc { target_tenths } => {
+            Op::Gc {
+                target_tenths,
+                commit_blocks,
+            } => {
                 let opts = GcOptions {
                     target: *target_tenths as f64 / 10.0,
                     grace: Duration::ZERO,
+                    commit_bytes: match commit_blocks {
+                        0 => usize::MAX,
+                        n => (*n as usize) << self.cfg.block_shift,
+                    },
                     ..GcOptions::default()
                 };
                 self.vol.gc(&opts, &|_| {}).await.expect("gc");

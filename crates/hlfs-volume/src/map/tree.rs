@@ -336,6 +336,14 @@ impl DirtyTree {
         }
     }
 
+    pub fn is_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    pub fn dirty_pages(&self) -> usize {
+        self.dirty.len()
+    }
+
     /// The next dirty page to write back: leaves first, and a parent only
     /// once its children are clean (keys sort by level).
     pub fn next_dirty(&self) -> Option<(u32, u64, Arc<MapPage>)> {
