@@ -889,7 +889,7 @@ impl Core {
         // under random writes, so one per commit cost as much as the copies.
         // The copies' segment is sealed, so that fresh writes do not join it.
         if victims.is_empty() && pages.is_empty() && !trees.iter().any(SnapshotTree::changed) {
-            if w.pos > 0 {
+            if copied > 0 {
                 self.seal_in_background(w).await?;
             }
             return Ok(copied);
