@@ -64,7 +64,11 @@ impl Core {
                 // The rest of the parent's last, partial block reads as zeros.
                 let (below, past) =
                     dst.split_at_mut((parent.link.size.clamp(lo, hi) - lo) as usize);
-                Box::pin(parent.view.read_into(lo, below)).await?;
+                // (A read that starts past the parent's end asks it for
+                // nothing: the parent would refuse the offset.)
+                if !below.is_empty() {
+                    Box::pin(parent.view.read_into(lo, below)).await?;
+                }
                 past.fill(0);
             } else if e.is_empty() {
                 dst.fill(0);

@@ -32,6 +32,12 @@ struct Setup {
 
 impl Setup {
     async fn new() -> Setup {
+        Setup::with_parent_of(4 << 20).await
+    }
+
+    /// A parent of `size` bytes (at least 108 192) whose snapshot
+    /// "golden" holds `pattern(100_000, 7)` at 8192, offered for clones.
+    async fn with_parent_of(size: u64) -> Setup {
         let s = Setup {
             parent: World::new(),
             clone: World::new(),
@@ -43,7 +49,7 @@ impl Setup {
             ),
         };
         let create = CreateOptions {
-            size: 4 << 20,
+            size,
             block_size: 4096,
             segment_size: 64 << 10,
         };
@@ -132,6 +138,28 @@ impl Setup {
             .map(|b| b.name)
             .collect()
     }
+}
+
+/// A parent whose size ends inside a block: a clone grown past it reads
+/// the rest of that block, and what follows, as zeros, wherever a read
+/// starts (one starting just past the parent's end asked the parent for
+/// nothing at an offset it refused).
+#[tokio::test]
+async fn a_grown_clone_reads_zeros_past_its_parents_end_inside_a_block() {
+    let parent_size = 110_000;
+    let s = Setup::with_parent_of(parent_size).await;
+    s.make_clone().await.unwrap();
+    let clone = Volume::open(s.clone_backend(), &OpenOptions::default())
+        .await
+        .unwrap();
+    clone.resize(200_000).await.unwrap();
+    let golden = pattern(100_000, 7);
+    let got = clone.read(parent_size + 1, 1000).await.unwrap();
+    assert!(got.iter().all(|&b| b == 0), "past the parent's end");
+    let got = clone.read(100_000, 20_000).await.unwrap();
+    assert_eq!(&got[..8192], &golden[100_000 - 8192..], "the parent's data");
+    assert!(got[8192..].iter().all(|&b| b == 0), "then zeros");
+    clone.close().await.unwrap();
 }
 
 #[tokio::test]
