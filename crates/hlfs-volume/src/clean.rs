@@ -174,8 +174,9 @@ const PACE_SLACK: Duration = Duration::from_millis(10);
 
 /// How a pass ended.
 enum Pass {
-    /// With its checkpoint; the data bytes it copied.
-    Committed(u64),
+    /// The data bytes it copied, and the LSN after its last commit: a
+    /// recount judges its victims once the head's checkpoint follows it.
+    Committed { copied: u64, judge_after_lsn: u64 },
     /// Cleaning was stopped: what it gathered since its last commit is
     /// dropped, and its victims stay; the bytes its commits copied.
     Stopped(u64),
@@ -188,14 +189,25 @@ const BUSY_WINDOW: Duration = Duration::from_millis(100);
 /// nearly as large, and its own metadata garbage again.
 const MAX_VICTIM_USE: f64 = 0.9;
 
-/// A segment a recount found empty after the pass that emptied it
-/// committed (or that nothing reached at all), deleted once its grace is
-/// over.
+/// A segment a pass emptied, or that nothing reached at all: deleted once
+/// a recount has found it empty and its grace is over.
 pub(crate) struct Condemned {
     id: u32,
     size: u64,
-    /// When its grace is over (ms on the volume's clock).
+    /// When its grace is over (ms on the volume's clock); never while it
+    /// is not judged yet.
     due_ms: u64,
+    /// A pass's victim not judged yet, and the LSN after that pass's last
+    /// commit: recounts read the store's head, so one judges it only once
+    /// the manifest's head checkpoint follows that LSN (the head's moves
+    /// out of it are durable). 0 once judged.
+    judge_after_lsn: u64,
+}
+
+impl Condemned {
+    fn judged(&self) -> bool {
+        self.judge_after_lsn == 0
+    }
 }
 
 /// Blocks a pass found live in its victims, to copy at its next commit:
@@ -341,25 +353,13 @@ impl Core {
         let mut last_pass_started = None;
         let grace_ms = u64::try_from(opts.grace.as_millis()).unwrap_or(u64::MAX);
         let mut stop = self.cleaning_stopped.subscribe();
-        let (stats, mut stopped) = loop {
-            let mut stats = space(self.backend.clone()).await?;
-            self.life.check(Need::Write)?;
-            // Every committed victim has now been through a recount made
-            // after its commit: those still live are not deleted.
-            condemned.retain(|c| {
-                let live = stats
-                    .segments
-                    .iter()
-                    .any(|s| s.id == c.id && s.live_bytes > 0);
-                if live {
-                    tracing::warn!(
-                        segment = c.id,
-                        "a cleaning pass left items in its victim; it is kept"
-                    );
-                    stuck.insert(c.id);
-                }
-                !live
-            });
+        // A user's run checkpoints once before it ends, so that its last
+        // passes' victims are judged (and deleted after their grace).
+        let mut settled = false;
+        let (stats, mut stopped) = 'passes: loop {
+            let mut stats = self
+                .recount_and_judge(condemned, &mut stuck, grace_ms)
+                .await?;
             // The sweep: whatever target, segments nothing reaches go,
             // such as those a crash left between an upload and the
             // manifest that would have named them.
@@ -371,6 +371,7 @@ impl Core {
                         id: s.id,
                         size: s.size,
                         due_ms: now_ms.saturating_add(grace_ms),
+                        judge_after_lsn: 0,
                     });
                 }
             }
@@ -403,35 +404,46 @@ impl Core {
             let below_start = opts
                 .start_above
                 .is_some_and(|start| stored as f64 <= start * stats.live_bytes as f64);
-            if stored <= target_bytes || (first && below_start) {
-                break (stats, GcStop::TargetReached);
-            }
-            if *stop.borrow_and_update() {
-                break (stats, GcStop::Interrupted);
-            }
-            // A pass that gave nothing back would be followed by another
-            // just like it. (Garbage, not stored bytes: clients may be
-            // writing meanwhile.) A run keeping up with writes goes on
-            // while they make garbage as fast as it frees it: each pass
-            // still empties its victims, or leaves them stuck.
-            let writing =
-                opts.keep_up && last_pass_started.is_some_and(|since| self.client_op_since(since));
-            if garbage >= last_garbage && !writing {
-                break (stats, GcStop::NothingCleanable);
-            }
-            last_garbage = garbage;
-            let skip: HashSet<u32> = condemned
-                .iter()
-                .map(|c| c.id)
-                .chain(stuck.iter().copied())
-                .collect();
-            let victims = {
+            let chosen = 'choose: {
+                if stored <= target_bytes || (first && below_start) {
+                    break 'choose Err(GcStop::TargetReached);
+                }
+                if *stop.borrow_and_update() {
+                    break 'passes (stats, GcStop::Interrupted);
+                }
+                // A pass that gave nothing back would be followed by
+                // another just like it. (Garbage, not stored bytes: clients
+                // may be writing meanwhile.) A run keeping up with writes
+                // goes on while they make garbage as fast as it frees it:
+                // each pass still empties its victims, or leaves them stuck.
+                let writing = opts.keep_up
+                    && last_pass_started.is_some_and(|since| self.client_op_since(since));
+                if garbage >= last_garbage && !writing {
+                    break 'choose Err(GcStop::NothingCleanable);
+                }
+                last_garbage = garbage;
+                let skip: HashSet<u32> = condemned
+                    .iter()
+                    .map(|c| c.id)
+                    .chain(stuck.iter().copied())
+                    .collect();
                 let ages = self.copy_ages.lock();
-                choose_victims(&stats, &skip, opts.pass_bytes, now_ms, &ages)
+                match choose_victims(&stats, &skip, opts.pass_bytes, now_ms, &ages) {
+                    victims if victims.is_empty() => Err(GcStop::NothingCleanable),
+                    victims => Ok(victims),
+                }
             };
-            if victims.is_empty() {
-                break (stats, GcStop::NothingCleanable);
-            }
+            let victims = match chosen {
+                Ok(victims) => victims,
+                // A run keeping up with writes leaves its last victims to
+                // the cleaner's next tick, whose run judges them.
+                Err(_) if !opts.keep_up && !settled && condemned.iter().any(|c| !c.judged()) => {
+                    settled = true;
+                    self.checkpoint_now().await?;
+                    continue;
+                }
+                Err(end) => break (stats, end),
+            };
             tracing::debug!(
                 volume = %self.location(),
                 stored,
@@ -447,8 +459,11 @@ impl Core {
                 .await;
             deleted_segments += deleted.len() as u32;
             freed_bytes += deleted.iter().map(|c| c.size).sum::<u64>();
-            let copied = match pass? {
-                Pass::Committed(copied) => copied,
+            let (copied, judge_after_lsn) = match pass? {
+                Pass::Committed {
+                    copied,
+                    judge_after_lsn,
+                } => (copied, judge_after_lsn),
                 Pass::Stopped(copied) => {
                     copied_bytes += copied;
                     break (stats, GcStop::Interrupted);
@@ -456,19 +471,24 @@ impl Core {
             };
             copied_bytes += copied;
             passes += 1;
-            let due_ms = self.clock.unix_ms().saturating_add(grace_ms);
             condemned.extend(victims.iter().map(|v| Condemned {
                 id: v.id,
                 size: v.size,
-                due_ms,
+                due_ms: u64::MAX,
+                judge_after_lsn,
             }));
         };
         let (stored_before, live_before) = before.expect("one recount at least");
         // A run keeping up with writes leaves what is not due yet to the
         // cleaner's next ticks, rather than stand still through the grace
         // while clients write. A user's run waits it out.
-        while !opts.keep_up && !condemned.is_empty() {
-            let due = condemned.iter().map(|c| c.due_ms).min().unwrap_or(0);
+        while !opts.keep_up && condemned.iter().any(Condemned::judged) {
+            let due = condemned
+                .iter()
+                .filter(|c| c.judged())
+                .map(|c| c.due_ms)
+                .min()
+                .unwrap_or(0);
             let now = self.clock.unix_ms();
             if due > now {
                 tokio::select! {
@@ -499,6 +519,46 @@ impl Core {
         })
     }
 
+    /// A recount, which judges the victims whose passes' moves the
+    /// store's head holds: one that still holds something some root
+    /// reaches is kept, and not tried again in this run (`stuck`); the
+    /// others wait out their grace from now.
+    async fn recount_and_judge(
+        &self,
+        condemned: &mut Vec<Condemned>,
+        stuck: &mut HashSet<u32>,
+        grace_ms: u64,
+    ) -> Result<SpaceStats> {
+        // Read before the recount, whose manifest is then as new or newer.
+        let covered = self.manifests.read(|m| m.replay_from_lsn);
+        let stats = space(self.backend.clone()).await?;
+        self.life.check(Need::Write)?;
+        let now_ms = self.clock.unix_ms();
+        condemned.retain_mut(|c| {
+            if c.judge_after_lsn > covered {
+                return true;
+            }
+            let live = stats
+                .segments
+                .iter()
+                .any(|s| s.id == c.id && s.live_bytes > 0);
+            if live {
+                tracing::warn!(
+                    segment = c.id,
+                    "a cleaning pass left items in its victim; it is kept"
+                );
+                stuck.insert(c.id);
+                return false;
+            }
+            if !c.judged() {
+                c.judge_after_lsn = 0;
+                c.due_ms = now_ms.saturating_add(grace_ms);
+            }
+            true
+        });
+        Ok(stats)
+    }
+
     /// Deletes the condemned segments whose grace is over, and returns
     /// them. Each was found empty by a recount after its pass committed,
     /// and nothing can reach it since.
@@ -515,8 +575,9 @@ impl Core {
     }
 
     /// Deletes what runs keeping up with writes left condemned, once due;
-    /// returns the bytes still waiting out their grace.
-    async fn delete_left_behind(&self) -> Result<u64> {
+    /// returns the bytes still waiting to go, and whether some of them
+    /// wait for a run to judge them.
+    async fn delete_left_behind(&self) -> Result<(u64, bool)> {
         let mut condemned = self.cleaning.lock().await;
         let due = self.delete_due_in(&mut condemned).await?;
         let counts = &self.clean_counts;
@@ -526,7 +587,10 @@ impl Core {
         counts
             .freed_bytes
             .fetch_add(due.iter().map(|c| c.size).sum(), Ordering::Relaxed);
-        Ok(condemned.iter().map(|c| c.size).sum())
+        Ok((
+            condemned.iter().map(|c| c.size).sum(),
+            condemned.iter().any(|c| !c.judged()),
+        ))
     }
 
     /// Makes a cleaning run stop as soon as it safely can, and refuses
@@ -640,7 +704,8 @@ impl Core {
                 if gathered.data.len() >= commit_bytes {
                     copied += self
                         .commit_moves(&mut gathered, &mut trees, &[], &[])
-                        .await?;
+                        .await?
+                        .0;
                     // Earlier passes' victims need no wait for this one.
                     deleted.extend(self.delete_due_in(condemned).await?);
                 }
@@ -669,10 +734,13 @@ impl Core {
                 }
             }
         }
-        copied += self
+        let (last, judge_after_lsn) = self
             .commit_moves(&mut gathered, &mut trees, victims, &pages)
             .await?;
-        Ok(Pass::Committed(copied))
+        Ok(Pass::Committed {
+            copied: copied + last,
+            judge_after_lsn,
+        })
     }
 
     /// The checkpoints of the snapshots, as the manifest lists them now.
@@ -771,16 +839,16 @@ impl Core {
     /// LSN the same, only its place changes), pages equal between roots
     /// are written once (`SharedPages`), and a checkpoint of the head
     /// whose manifest points the snapshots at their new records commits.
-    /// A commit within a pass (no `victims` yet) that moved the head's
-    /// blocks alone leaves that checkpoint to a later one. Returns the
-    /// bytes copied.
+    /// A commit that moved the head's items alone leaves them to the
+    /// head's next checkpoint. Returns the bytes copied, and the LSN after
+    /// the commit.
     async fn commit_moves(
         &self,
         gathered: &mut Gathered,
         trees: &mut Vec<SnapshotTree>,
         victims: &[&SegmentSpace],
         pages: &[(u32, u64, Entry)],
-    ) -> Result<u64> {
+    ) -> Result<(u64, u64)> {
         let next = Gathered {
             made_ms: gathered.made_ms,
             ..Gathered::default()
@@ -829,7 +897,7 @@ impl Core {
         if let Err(e) = &committed {
             self.undo_head_moves(&moved_in_head, e).await;
         }
-        committed
+        committed.map(|copied| (copied, w.next_lsn))
     }
 
     /// Puts the head's blocks a failed commit moved (block, old place,
@@ -881,20 +949,25 @@ impl Core {
                     .await?;
             }
         }
-        // A commit within a pass (no victims yet) whose copies only the
-        // head took needs no checkpoint: recovery, which never replays
-        // copies, finds the head where it was, in victims that stay until
-        // the pass's last commit checkpoints and a recount finds them
-        // empty. A checkpoint writes every dirty map page, a whole map
-        // under random writes, so one per commit cost as much as the copies.
-        // The copies' segment is sealed, so that fresh writes do not join it.
-        if victims.is_empty() && pages.is_empty() && !trees.iter().any(SnapshotTree::changed) {
+        // Only the snapshots' moves need a checkpoint now, whose manifest
+        // points them at their new records. The head's are made durable by
+        // its next checkpoint, as its writes are: until then recovery,
+        // which never replays copies, finds the head where it was, in
+        // victims that no recount judges before that checkpoint. (A
+        // checkpoint writes every dirty map page, a whole map under random
+        // writes: one per commit cost as much as the copies.) The copies'
+        // segment is sealed, so that fresh writes do not join it.
+        let victim_ids: HashSet<u32> = victims.iter().map(|v| v.id).collect();
+        let snapshots_moved = trees
+            .iter()
+            .any(|t| t.changed() || victim_ids.contains(&t.entry.checkpoint.seg));
+        if !snapshots_moved {
             if copied > 0 {
                 self.seal_in_background(w).await?;
             }
+            w.changed |= !pages.is_empty();
             return Ok(copied);
         }
-        let victim_ids: HashSet<u32> = victims.iter().map(|v| v.id).collect();
         let mut rerooted = Vec::new();
         for t in trees {
             self.write_back_tree(w, &t.tree, Some(&mut shared))?;
@@ -1045,8 +1118,9 @@ impl Core {
     /// One tick of the automatic cleaner.
     async fn auto_clean(&self, auto: &AutoClean, quiet: &mut Option<Quiet>) -> Result<()> {
         // Victims waiting out their grace are space given back already, as
-        // a run counts them.
-        let waiting = self.delete_left_behind().await?;
+        // a run counts them. Those the last run could not judge yet need a
+        // run (its checkpoint, then its recount) whatever is stored.
+        let (waiting, unjudged) = self.delete_left_behind().await?;
         let stored: u64 = self
             .store
             .list("segments/")
@@ -1057,14 +1131,14 @@ impl Core {
             .sum::<u64>()
             .saturating_sub(waiting);
         let snapshots = self.snapshot_roots();
-        if quiet.as_ref().is_some_and(|q| q.holds(stored, &snapshots)) {
+        if !unjudged && quiet.as_ref().is_some_and(|q| q.holds(stored, &snapshots)) {
             return Ok(());
         }
         // The head's data alone: about what is live or less (less what is
         // not stored yet), so a look that finds stored within the mark of
         // it needs no recount.
         let head_live = self.map.lock().usage().live_bytes();
-        if stored as f64 <= auto.start_above * head_live as f64 {
+        if !unjudged && stored as f64 <= auto.start_above * head_live as f64 {
             return Ok(());
         }
         let opts = GcOptions {
