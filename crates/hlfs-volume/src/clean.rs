@@ -7,18 +7,19 @@
 //! looks every gathered block up again in every root, appends those still
 //! held as copy records (format v2, never replayed) into segments of their
 //! own, points every root that held one at its one copy, makes the pages
-//! dirty in every root that reaches them, gives each snapshot that changed
-//! a checkpoint record of its own, writes pages equal between roots once,
-//! and checkpoints the head with the snapshots' new checkpoints in its
-//! manifest (a commit within a pass that moved the head alone does not:
-//! the pass's last one does). A commit that fails puts the head's blocks
-//! back.
+//! dirty in every root that reaches them, and, if a snapshot changed,
+//! gives it a checkpoint record of its own, writes pages equal between
+//! roots once, and checkpoints the head with the snapshots' new
+//! checkpoints in its manifest. The head's own moves wait for its next
+//! checkpoint, as its writes do. A commit that fails puts the head's
+//! blocks back.
 //!
 //! Which segments are deleted is decided by the recount alone, never by
-//! what a pass believes it moved: a victim is deleted once a recount made
-//! after its pass committed finds nothing in it that any root reaches, and
-//! a grace period on the volume's clock has passed since that commit (for
-//! readers of older manifests, which then reopen: `follow.rs`). That is
+//! what a pass believes it moved: a victim is deleted once a recount whose
+//! head checkpoint follows its pass's last commit finds nothing in it that
+//! any root reaches, and a grace period on the volume's clock has passed
+//! since (for readers of older manifests, which then reopen: `follow.rs`).
+//! That is
 //! safe because reachability only shrinks: every root made later (a
 //! snapshot, a rollback's head, the head as it is written) is made of
 //! items some root held then and of items in newer segments. A pass that
