@@ -63,7 +63,6 @@ pub struct GcOptions {
     /// longer needs it, for readers that opened an older one.
     pub grace: Duration,
     /// Live bytes one pass moves at most (it may take one victim more).
-    /// Each pass ends with a checkpoint, which writes every dirty map page.
     pub pass_bytes: u64,
     /// Bytes of blocks a pass gathers before it copies them, under the
     /// writer lock, in one go: bounds its memory and that hold.
