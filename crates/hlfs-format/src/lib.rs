@@ -165,12 +165,11 @@ impl MapPage {
 
     /// The length of [`MapPage::encode`]'s bytes.
     pub fn encoded_len(&self) -> usize {
-        Self::dense_len().min(Self::sparse_len(self.used()))
+        Self::MAX_ENCODED_LEN.min(Self::sparse_len(self.used()))
     }
 
-    fn dense_len() -> usize {
-        1 + MAP_FANOUT * Entry::ENCODED_LEN
-    }
+    /// The most bytes an encoded page takes (dense).
+    pub const MAX_ENCODED_LEN: usize = 1 + MAP_FANOUT * Entry::ENCODED_LEN;
 
     fn sparse_len(used: usize) -> usize {
         3 + used * (2 + Entry::ENCODED_LEN)
@@ -179,7 +178,7 @@ impl MapPage {
     /// Encodes densely or sparsely, whichever is smaller.
     pub fn encode(&self) -> Vec<u8> {
         let used = self.used();
-        let dense_len = Self::dense_len();
+        let dense_len = Self::MAX_ENCODED_LEN;
         let sparse_len = Self::sparse_len(used);
         if sparse_len < dense_len {
             let mut out = Vec::with_capacity(sparse_len);

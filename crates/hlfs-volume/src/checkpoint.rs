@@ -10,9 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use hlfs_format::{
-    crc_of_record, encode_record, Checkpoint, Entry, Manifest, MapPage, RecordKind, MAP_FANOUT,
-};
+use hlfs_format::{crc_of_record, encode_record, Checkpoint, Entry, Manifest, MapPage, RecordKind};
 use parking_lot::Mutex;
 
 use crate::core::Core;
@@ -255,8 +253,8 @@ impl Core {
     /// segments, or more while the map pages a checkpoint would write are
     /// many, so that they stay a small part of what is written.
     fn log_between_checkpoints(&self) -> u64 {
-        let dirty = self.map.lock().dirty_pages() as u64;
-        let pages = dirty * (MAP_FANOUT * Entry::ENCODED_LEN) as u64;
+        // At most: sparse pages take less.
+        let pages = (self.map.lock().dirty_pages() * MapPage::MAX_ENCODED_LEN) as u64;
         (CHECKPOINT_EVERY * self.segment_size)
             .max((LOG_PER_DIRTY_PAGE_BYTES * pages).min(MAX_LOG_BETWEEN_CHECKPOINTS))
     }

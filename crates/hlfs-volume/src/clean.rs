@@ -194,19 +194,32 @@ const MAX_VICTIM_USE: f64 = 0.9;
 pub(crate) struct Condemned {
     id: u32,
     size: u64,
-    /// When its grace is over (ms on the volume's clock); never while it
-    /// is not judged yet.
-    due_ms: u64,
-    /// A pass's victim not judged yet, and the LSN after that pass's last
-    /// commit: recounts read the store's head, so one judges it only once
-    /// the manifest's head checkpoint follows that LSN (the head's moves
-    /// out of it are durable). 0 once judged.
-    judge_after_lsn: u64,
+    waits: Wait,
+}
+
+/// What a condemned segment waits for.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// A pass's victim, not judged yet: recounts read the store's head, so
+    /// one judges it only once the manifest's head checkpoint follows this
+    /// LSN, the one after the pass's last commit (the head's moves out of
+    /// it are durable then).
+    Judgement { after_lsn: u64 },
+    /// Found empty: deleted once this time (ms on the volume's clock) is
+    /// past.
+    Grace { due_ms: u64 },
 }
 
 impl Condemned {
     fn judged(&self) -> bool {
-        self.judge_after_lsn == 0
+        matches!(self.waits, Wait::Grace { .. })
+    }
+
+    fn due_ms(&self) -> Option<u64> {
+        match self.waits {
+            Wait::Grace { due_ms } => Some(due_ms),
+            Wait::Judgement { .. } => None,
+        }
     }
 }
 
@@ -370,8 +383,9 @@ impl Core {
                     condemned.push(Condemned {
                         id: s.id,
                         size: s.size,
-                        due_ms: now_ms.saturating_add(grace_ms),
-                        judge_after_lsn: 0,
+                        waits: Wait::Grace {
+                            due_ms: now_ms.saturating_add(grace_ms),
+                        },
                     });
                 }
             }
@@ -474,8 +488,9 @@ impl Core {
             condemned.extend(victims.iter().map(|v| Condemned {
                 id: v.id,
                 size: v.size,
-                due_ms: u64::MAX,
-                judge_after_lsn,
+                waits: Wait::Judgement {
+                    after_lsn: judge_after_lsn,
+                },
             }));
         };
         let (stored_before, live_before) = before.expect("one recount at least");
@@ -485,8 +500,7 @@ impl Core {
         while !opts.keep_up && condemned.iter().any(Condemned::judged) {
             let due = condemned
                 .iter()
-                .filter(|c| c.judged())
-                .map(|c| c.due_ms)
+                .filter_map(Condemned::due_ms)
                 .min()
                 .unwrap_or(0);
             let now = self.clock.unix_ms();
@@ -535,7 +549,7 @@ impl Core {
         self.life.check(Need::Write)?;
         let now_ms = self.clock.unix_ms();
         condemned.retain_mut(|c| {
-            if c.judge_after_lsn > covered {
+            if matches!(c.waits, Wait::Judgement { after_lsn } if after_lsn > covered) {
                 return true;
             }
             let live = stats
@@ -551,8 +565,9 @@ impl Core {
                 return false;
             }
             if !c.judged() {
-                c.judge_after_lsn = 0;
-                c.due_ms = now_ms.saturating_add(grace_ms);
+                c.waits = Wait::Grace {
+                    due_ms: now_ms.saturating_add(grace_ms),
+                };
             }
             true
         });
@@ -560,13 +575,13 @@ impl Core {
     }
 
     /// Deletes the condemned segments whose grace is over, and returns
-    /// them. Each was found empty by a recount after its pass committed,
-    /// and nothing can reach it since.
+    /// them. Each was found empty by a recount whose head checkpoint
+    /// followed its pass, and nothing can reach it since.
     async fn delete_due_in(&self, condemned: &mut Vec<Condemned>) -> Result<Vec<Condemned>> {
         let now = self.clock.unix_ms();
         let (due, waiting) = std::mem::take(condemned)
             .into_iter()
-            .partition(|c| c.due_ms <= now);
+            .partition(|c| c.due_ms().is_some_and(|due| due <= now));
         *condemned = waiting;
         for c in &due {
             self.delete_segment(c.id).await?;
