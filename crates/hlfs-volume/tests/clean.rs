@@ -1309,3 +1309,56 @@ async fn a_crash_between_the_commits_of_a_pass_loses_nothing() {
     vol.close().await.unwrap();
     assert_checks(&backend).await;
 }
+
+/// A seal checkpoints once the log since the last checkpoint is four
+/// segments and also 64 times the dirty map pages: scattered writes, which
+/// dirty every leaf of a 256 MiB volume's map (about 0.8 MiB), run 32 MiB
+/// of 1 MiB segments with no checkpoint, where writes to one region (few
+/// dirty pages) checkpoint every few segments.
+#[tokio::test]
+async fn checkpoints_wait_for_log_worth_their_dirty_map() {
+    async fn checkpoints_after(scattered: bool) -> usize {
+        let world = World::new();
+        let backend = world.backend();
+        let size = 256 << 20;
+        let create = CreateOptions {
+            size,
+            block_size: BS as u32,
+            segment_size: 1 << 20,
+        };
+        Volume::create(&backend, &create).await.unwrap();
+        let vol = open(&backend).await;
+        let data = pattern(BS as usize, 3);
+        let mut x = 7u64;
+        for i in 0..(32 << 20) / BS {
+            let block = if scattered {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 20) % (size / BS)
+            } else {
+                i
+            };
+            vol.write(block * BS, &data).await.unwrap();
+        }
+        vol.flush().await.unwrap();
+        // Before the close, whose own checkpoint would count.
+        let segments = record_kinds(&backend).await;
+        let with_checkpoint = segments
+            .iter()
+            .filter(|(_, kinds)| kinds.contains(&RecordKind::Checkpoint))
+            .count();
+        vol.close().await.unwrap();
+        with_checkpoint
+    }
+    let scattered = checkpoints_after(true).await;
+    let one_region = checkpoints_after(false).await;
+    assert!(
+        scattered <= 1,
+        "{scattered} checkpoints under scattered writes"
+    );
+    assert!(
+        one_region >= 3,
+        "{one_region} checkpoints under writes to one region"
+    );
+}
