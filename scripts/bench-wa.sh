@@ -12,6 +12,10 @@
 #   - write amplification from outside: the bytes the server made the
 #     kernel write (write_bytes in /proc/PID/io, from the end of the fill to
 #     the end of the settling) over the bytes fio overwrote;
+#   - over the same span, from the server's metrics, what it appended to
+#     the log per byte clients wrote, split into cleaning's copies
+#     (hlfs_gc_copied_bytes) and the rest beside the data (map pages,
+#     checkpoint records, headers);
 #   - stored ÷ live during the writes (the segments' bytes in the volume's
 #     directory, sampled every 2 s, over live at the end): the median of
 #     the second half, where the cleaner holds it, and the highest; and at
@@ -57,6 +61,13 @@ cleanup() {
 }
 trap cleanup EXIT
 written() { awk '/^write_bytes/ {print $2}' "/proc/$server/io"; }
+metrics_port=$((20000 + RANDOM % 20000))
+# A counter of the server's metrics (summed over its labels).
+counter() {
+    curl -s "127.0.0.1:$metrics_port/metrics" |
+        awk -v k="$1" 'index($1, k "{") == 1 || $1 == k { sum += $2 } END { printf "%.0f\n", sum }'
+}
+counters() { echo "$(counter hlfs_volume_written_bytes_total) $(counter hlfs_log_appended_bytes_total) $(counter hlfs_gc_copied_bytes_total)"; }
 ratio() { "$hlfs" gc "$1" --stats --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["space_ratio"])'; }
 
 run() { # run NAME TARGET DISTRIBUTION
@@ -65,7 +76,7 @@ run() { # run NAME TARGET DISTRIBUTION
     local gc=(--gc-every 0)
     [[ $target != - ]] && gc=(--gc-every 2 --gc-grace 5 --gc-target "$target")
     rm -f "$work/uri"
-    "$hlfs" serve "$vol" --socket "$work/$name.sock" "${gc[@]}" >"$work/uri" 2>"$work/$name.log" &
+    "$hlfs" serve "$vol" --socket "$work/$name.sock" --metrics "$metrics_port" "${gc[@]}" >"$work/uri" 2>"$work/$name.log" &
     server=$!
     local i uri
     for ((i = 0; i < 300; i++)); do [[ -s $work/uri ]] && break; sleep 0.1; done
@@ -75,6 +86,8 @@ run() { # run NAME TARGET DISTRIBUTION
     local bytes before start
     bytes=$("$hlfs" info "$vol" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["size"])')
     before=$(written)
+    local counted_before counted_after
+    counted_before=$(counters)
     local skew=()
     [[ $dist != uniform ]] && skew=(--random_distribution="$dist")
     # Stored bytes every 2 s during the writes, from the directory itself:
@@ -99,12 +112,15 @@ run() { # run NAME TARGET DISTRIBUTION
     fi
     local after settled
     after=$(written)
+    counted_after=$(counters)
     settled=$(($(date +%s) - start))
     kill -TERM "$server"; wait "$server"; server=
     "$hlfs" gc "$vol" --stats --json >"$work/$name.stats.json"
-    python3 - "$work" "$name" "$before" "$after" "$settled" >>"$work/results" <<'PY'
+    python3 - "$work" "$name" "$before" "$after" "$settled" "$counted_before" "$counted_after" >>"$work/results" <<'PY'
 import json, sys
 work, name, before, after, settled = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+c0, c1 = ([int(x) for x in a.split()] for a in sys.argv[6:8])
+client, appended, copies = (c1[i] - c0[i] for i in range(3))
 text = open(f"{work}/{name}.fio.json").read()
 fio = json.loads(text[text.index("{"):])["jobs"][0]["write"]
 stats = json.load(open(f"{work}/{name}.stats.json"))
@@ -120,6 +136,8 @@ print(json.dumps({
     "ratio": stats["space_ratio"],
     "settled_s": int(settled),
     "inside_wa": stats["write_amplification"],
+    "copies": copies / max(client, 1),
+    "beside": (appended - client - copies) / max(client, 1),
 }))
 PY
     rm -rf "$vol"
@@ -138,9 +156,9 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 off = next((r["iops"] for r in rows if r["name"] == "off"), None)
 print(f"{sys.argv[2]} volume filled, then {sys.argv[3]} volumes of random 4 KiB overwrites (QD 32):")
-print("| run | IOPS | ÷ cleaner off | write amplification (from /proc) | stored ÷ live during the writes: median of the second half | highest | at the end | settling after the writes, s | write amplification (hlfs gc --stats, since creation) |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| run | IOPS | ÷ cleaner off | write amplification (from /proc) | of which copies (metrics) | map pages, checkpoints, headers (metrics) | stored ÷ live during the writes: median of the second half | highest | at the end | settling after the writes, s | write amplification (hlfs gc --stats, since creation) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     rel = f"{r['iops'] / off:.2f}" if off and r["name"] != "off" else "-"
-    print(f"| {r['name']} | {r['iops']:.0f} | {rel} | {r['server_bytes'] / r['fio_bytes']:.2f} | {r['held']:.2f} | {r['peak']:.2f} | {r['ratio']:.2f} | {r['settled_s']} | {r['inside_wa']:.2f} |")
+    print(f"| {r['name']} | {r['iops']:.0f} | {rel} | {r['server_bytes'] / r['fio_bytes']:.2f} | {r['copies']:.2f} | {r['beside']:.2f} | {r['held']:.2f} | {r['peak']:.2f} | {r['ratio']:.2f} | {r['settled_s']} | {r['inside_wa']:.2f} |")
 PY
